@@ -1,0 +1,134 @@
+"""DuckDB over one committed lake snapshot.
+
+An in-memory DuckDB connection gets one view per table, reading the Delta
+version pinned by the lake snapshot (so queries never see a run in progress,
+and no database file is locked), with TIME columns cast back from their ISO
+string storage. Analytics views from ``catalog/views/*.sql`` are added on top.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from importlib import resources
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+import pyarrow as pa
+
+from catalog.config import CatalogConfig
+from catalog.errors import QueryError
+from lakehouse.errors import UnknownTableError
+from lakehouse.schemas import RESEARCH, TABLES, VAULT
+from lakehouse.tables import Lake, Snapshot
+
+log = logging.getLogger(__name__)
+
+_MISSING_TABLE = re.compile(r"Table with name (\S+) does not exist")
+
+
+class Catalog:
+    """The lake as SQL. ``Catalog(path)`` or :func:`open_lake`; close when done."""
+
+    def __init__(self, lake: Lake | Path | str, snapshot: int | None = None,
+                 config: CatalogConfig | None = None):
+        self.lake = lake if isinstance(lake, Lake) else Lake.open(lake)
+        self.config = config or CatalogConfig()
+        self.snapshot: Snapshot = self.lake.snapshot(snapshot)
+        self.con = duckdb.connect(":memory:")
+        if self.config.threads:
+            self.con.execute(f"SET threads TO {int(self.config.threads)}")
+        if self.config.memory_limit:
+            self.con.execute("SET memory_limit = ?", [self.config.memory_limit])
+        self._tables: list[str] = []
+        self._attach_tables()
+        self._views: list[str] = []
+        self._create_views()
+
+    # -- setup -------------------------------------------------------------------
+    def _attach_tables(self) -> None:
+        zones = (RESEARCH, VAULT) if self.config.vault else (RESEARCH,)
+        for name, spec in TABLES.items():
+            if spec.zone not in zones:
+                continue
+            dataset = self.lake.dataset(name, self.snapshot)
+            raw = f"_delta_{name}"
+            self.con.register(raw, dataset)
+            casts = [f'CAST("{c}" AS TIME) AS "{c}"' for c in spec.time_columns(self.lake.profile)]
+            select = f"* REPLACE ({', '.join(casts)})" if casts else "*"
+            self.con.execute(f'CREATE VIEW "{name}" AS SELECT {select} FROM "{raw}"')
+            self._tables.append(name)
+
+    def _create_views(self) -> None:
+        folder = resources.files("catalog").joinpath("views")
+        for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+            if entry.name.endswith(".sql"):
+                self.con.execute(entry.read_text(encoding="utf-8"))
+                self._views.append(entry.name.removesuffix(".sql"))
+
+    # -- queries -------------------------------------------------------------------
+    @property
+    def tables(self) -> list[str]:
+        return list(self._tables)
+
+    @property
+    def views(self) -> list[str]:
+        return list(self._views)
+
+    def relation(self, sql: str, params: list | dict | None = None) -> duckdb.DuckDBPyRelation:
+        try:
+            return self.con.sql(sql, params=params)
+        except duckdb.CatalogException as exc:
+            m = _MISSING_TABLE.search(str(exc))
+            if m:
+                raise UnknownTableError(m.group(1).strip('"'),
+                                        self._tables + self._views) from None
+            raise QueryError(_first_line(exc)) from None
+        except duckdb.Error as exc:
+            raise QueryError(_first_line(exc)) from None
+
+    def arrow(self, sql: str, params: list | dict | None = None) -> pa.Table:
+        rel = self.relation(sql, params)
+        if rel is None:  # a statement without a result (SET, CREATE VIEW, ...)
+            return pa.table({})
+        try:
+            return rel.to_arrow_table()
+        except duckdb.Error as exc:
+            raise QueryError(_first_line(exc)) from None
+
+    def df(self, sql: str, params: list | dict | None = None) -> pd.DataFrame:
+        return self.arrow(sql, params).to_pandas()
+
+    def table(self, name: str) -> duckdb.DuckDBPyRelation:
+        if name not in self._tables and name not in self._views:
+            raise UnknownTableError(name, self._tables + self._views)
+        return self.con.table(name)
+
+    def counts(self) -> dict[str, int]:
+        return {t: self.con.execute(f'SELECT count(*) FROM "{t}"').fetchall()[0][0]
+                for t in self._tables}
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Catalog({str(self.lake.root)!r}, snapshot={self.snapshot.number}, "
+                f"profile={self.lake.profile!r})")
+
+
+def open_lake(path: Path | str, snapshot: int | None = None, *, vault: bool = False,
+              threads: int | None = None) -> Catalog:
+    """Open the lake at ``path`` for SQL, at its latest (or a given) snapshot."""
+    return Catalog(path, snapshot, CatalogConfig(threads=threads, vault=vault))
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,36 @@
+"""Ingest configuration: typed, documented, one place."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    #: Files per Dask task. Per-task overhead is milliseconds, so batches are
+    #: hundreds of files (never one task per file).
+    batch_files: int = 256
+    #: A batch also closes once its files add up to this many bytes.
+    batch_bytes: int = 128 * 1024 * 1024
+    #: Batches in flight per worker; a wave is ``workers * batches_per_worker``.
+    batches_per_worker: int = 4
+    #: Buffered instance rows before they are committed to the lake.
+    flush_rows: int = 50_000
+    #: Buffered DICOM JSON bytes before a commit (bounds the driver's memory).
+    flush_bytes: int = 256 * 1024 * 1024
+    #: Local worker processes (default: CPU count).
+    workers: int | None = None
+    #: ``processes`` (default), ``threads``, ``synchronous``, ``local-cluster`` or the
+    #: address of a running distributed scheduler (``tcp://host:8786``).
+    scheduler: str = "processes"
+    #: Deepest sequence nesting accepted before a file is quarantined.
+    max_depth: int = 64
+    #: Binary values (OB/OW/UN/...) longer than this are left out of the DICOM JSON.
+    bulk_data_threshold: int = 1024
+
+    def resolved_workers(self) -> int:
+        return self.workers or os.cpu_count() or 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,63 @@
+"""Reason codes and errors of the ETL.
+
+A problem with one input file is never raised out of a batch: it becomes a
+:class:`FileRejected` carrying a reason code, which the job turns into a
+quarantine (or skipped) row. Errors that stop a run derive from
+:class:`lakehouse.errors.LakeError`.
+"""
+
+from __future__ import annotations
+
+from lakehouse.errors import LakeError
+
+#: Quarantine reason codes: code -> what it means and what to do.
+REASONS: dict[str, str] = {
+    "empty_file": "the file has zero bytes",
+    "unreadable": "the file could not be opened or read (permissions, I/O error)",
+    "not_dicom": "no DICM magic and no recognisable DICOM data set at the start",
+    "truncated": "an element or its value extends beyond the end of the file",
+    "too_deep": "sequences are nested deeper than the configured limit",
+    "parse_error": "pydicom could not parse the header",
+    "missing_study_uid": "StudyInstanceUID is absent or empty",
+    "missing_series_uid": "SeriesInstanceUID is absent or empty",
+    "missing_sop_instance_uid": "SOPInstanceUID is absent or empty",
+    "missing_sop_class_uid": "SOPClassUID is absent or empty (also in the file meta)",
+    "invalid_uid": "a required UID is not a valid DICOM UID (digits and dots, <= 64 chars)",
+}
+
+#: Reasons for files skipped on purpose (not errors).
+SKIP_REASONS: dict[str, str] = {
+    "dicomdir": "a DICOMDIR media directory, not an image: indexed files are ingested directly",
+}
+
+
+class FileRejected(LakeError):
+    """One input file cannot be ingested; ``reason`` is a key of REASONS or SKIP_REASONS."""
+
+    def __init__(self, reason: str, message: str):
+        if reason not in REASONS and reason not in SKIP_REASONS:
+            raise ValueError(f"unknown reason code {reason!r}")
+        self.reason = reason
+        self.message = message
+        super().__init__(f"{reason}: {message}")
+
+    @property
+    def skipped(self) -> bool:
+        return self.reason in SKIP_REASONS
+
+
+class SourceError(LakeError):
+    def __init__(self, source: str, detail: str):
+        self.source = source
+        self.detail = detail
+        super().__init__(f"cannot read source {source}: {detail}")
+
+
+class SchedulerError(LakeError):
+    def __init__(self, address: str, detail: str):
+        self.address = address
+        self.detail = detail
+        super().__init__(
+            f"cannot use Dask scheduler {address}: {detail}; start one with "
+            "`dask scheduler` or leave out --scheduler to run locally"
+        )

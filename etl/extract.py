@@ -1,0 +1,59 @@
+"""The work of one Dask task: a batch of files in, one Arrow table out.
+
+Pure with respect to the lake: it reads files and returns rows, nothing else.
+Every file gives exactly one row, whatever happens to it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import pyarrow as pa
+
+from etl.config import IngestConfig
+from etl.discover import FoundFile
+from etl.headers import FileResult, read_file
+from lakehouse.schemas import INSTANCES
+
+log = logging.getLogger(__name__)
+
+#: Columns describing the file itself and what happened to it.
+FILE_FIELDS = [
+    pa.field("path", pa.string()),
+    pa.field("mtime_ns", pa.int64()),
+    pa.field("status", pa.string()),
+    pa.field("reason", pa.string()),
+    pa.field("message", pa.string()),
+]
+#: One row per file: the file fields, then every instances column (null unless ok).
+BATCH_SCHEMA = pa.schema(FILE_FIELDS + [f.remove_metadata() for f in INSTANCES.schema()])
+
+
+def extract_batch(files: Sequence[FoundFile], config: IngestConfig, run_id: str) -> pa.Table:
+    rows = []
+    for f in files:
+        rows.append(_row(_read_one(f, config), run_id))
+    return pa.Table.from_pylist(rows, schema=BATCH_SCHEMA)
+
+
+def _read_one(f: FoundFile, config: IngestConfig) -> FileResult:
+    if f.error is not None:
+        return FileResult(f.path, f.size, f.mtime_ns, status="quarantined", reason="unreadable",
+                          message=f.error)
+    try:
+        return read_file(f.path, f.size, f.mtime_ns, max_depth=config.max_depth,
+                         bulk_data_threshold=config.bulk_data_threshold)
+    except (Exception, RecursionError, MemoryError) as exc:  # one file never ends a batch
+        log.warning("unexpected failure reading %s: %r", f.path, exc)
+        return FileResult(f.path, f.size, f.mtime_ns, status="quarantined",
+                          reason="parse_error", message=f"{type(exc).__name__}: {exc}"[:300])
+
+
+def _row(r: FileResult, run_id: str) -> dict:
+    row = dict(r.record) if r.status == "ok" else {}
+    row.update(
+        path=r.path, mtime_ns=r.mtime_ns, status=r.status, reason=r.reason, message=r.message,
+        file_size=r.size, file_sha256=r.sha256, ingest_run_id=run_id,
+    )
+    return row

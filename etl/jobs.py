@@ -1,0 +1,333 @@
+"""The ingest job: discover → extract in Dask batches → classify → commit.
+
+Files are discovered in walk order, filtered against the vault's file index
+(unchanged files are not read again), grouped into batches and computed in
+waves by Dask workers. The driver classifies each file in walk order (new
+instance, exact duplicate, conflict, skipped, quarantined), buffers rows and
+commits them in large appends, publishing a lake snapshot after each commit.
+At the end the summary tables are rebuilt and the run is recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from etl import summarize
+from etl.config import IngestConfig
+from etl.discover import FoundFile, WalkStats, walk
+from etl.runners import make_runner
+from lakehouse.provenance import code_version, config_hash, new_run_id
+from lakehouse.schemas import SCHEMA_VERSION
+from lakehouse.tables import Lake, LakeWriter
+
+log = logging.getLogger(__name__)
+
+OUTCOMES = ("ingested", "duplicate", "conflict", "skipped", "quarantined")
+#: Discovered files are checked against the file index this many at a time.
+INDEX_CHUNK = 20_000
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    files_seen: int = 0
+    files_unchanged: int = 0
+    outcomes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
+    quarantine_reasons: dict[str, int] = field(default_factory=dict)
+    skipped_reasons: dict[str, int] = field(default_factory=dict)
+    bytes_read: int = 0
+    snapshot: int | None = None
+    seconds: float = 0.0
+    scheduler: str = ""
+    workers: int = 0
+    folders_unreadable: int = 0
+
+    @property
+    def files_read(self) -> int:
+        return sum(self.outcomes.values())
+
+    def to_dict(self) -> dict:
+        return {
+            "run_id": self.run_id, "files_seen": self.files_seen,
+            "files_unchanged": self.files_unchanged, "outcomes": self.outcomes,
+            "quarantine_reasons": self.quarantine_reasons,
+            "skipped_reasons": self.skipped_reasons, "bytes_read": self.bytes_read,
+            "snapshot": self.snapshot, "seconds": round(self.seconds, 3),
+            "scheduler": self.scheduler, "workers": self.workers,
+            "folders_unreadable": self.folders_unreadable,
+        }
+
+
+Progress = Callable[[str, int, int], None]
+"""``progress(stage, done, total)``; total is 0 while unknown."""
+
+
+def ingest(lake: Lake, source: Path | str, config: IngestConfig | None = None,
+           progress: Progress | None = None) -> RunSummary:
+    """Ingest every DICOM file below ``source`` into ``lake``; return what happened."""
+    config = config or IngestConfig()
+    run_id = new_run_id()
+    started = datetime.now(UTC)
+    t0 = time.perf_counter()
+    summary = RunSummary(run_id)
+    with lake.writer(run_id) as writer:
+        job = _Job(lake, writer, config, summary, progress or (lambda *_: None))
+        try:
+            job.run(Path(source))
+        except BaseException as exc:
+            summary.seconds = time.perf_counter() - t0
+            job.record_run(started, "failed", f"{type(exc).__name__}: {exc}"[:500])
+            writer.publish(note=f"ingest {run_id} failed")
+            raise
+        summary.seconds = time.perf_counter() - t0
+        job.record_run(started, "completed", None)
+        summary.snapshot = writer.publish(note=f"ingest {run_id}").number
+    return summary
+
+
+class _Job:
+    def __init__(self, lake: Lake, writer: LakeWriter, config: IngestConfig,
+                 summary: RunSummary, progress: Progress):
+        self.lake = lake
+        self.w = writer
+        self.config = config
+        self.summary = summary
+        self.progress = progress
+        self.timings = {"discover": 0.0, "extract": 0.0, "summarize": 0.0}
+        self.runner = None
+        # rows not yet committed
+        self._ingested: list[pa.Table] = []
+        self._files: list[pa.Table] = []
+        self._conflicts: list[dict] = []
+        self._pending: dict[str, tuple[str, str, int]] = {}  # uid -> (sha, run, buffer index)
+        self._buffer_rows = 0
+        self._buffer_bytes = 0
+
+    # -- the run ---------------------------------------------------------------
+    def run(self, source: Path) -> None:
+        t = time.perf_counter()
+        stats = WalkStats()
+        found = list(walk(source, stats))
+        self.summary.files_seen = len(found)
+        self.summary.folders_unreadable = stats.folders_unreadable
+        todo = list(self._changed(found))
+        self.summary.files_unchanged = len(found) - len(todo)
+        self.timings["discover"] = time.perf_counter() - t
+        log.info("%d files found, %d unchanged, %d to read", len(found),
+                 self.summary.files_unchanged, len(todo))
+
+        t = time.perf_counter()
+        if todo:
+            self._extract(todo)
+        self.timings["extract"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        self._summarize_if_stale()
+        self.timings["summarize"] = time.perf_counter() - t
+
+    def _changed(self, found: list[FoundFile]) -> Iterator[FoundFile]:
+        """Files not already read with the same path, size and mtime."""
+        index = self.w.dataset("files")
+        for i in range(0, len(found), INDEX_CHUNK):
+            chunk = found[i:i + INDEX_CHUNK]
+            known = index.to_table(
+                columns=["path", "file_size", "mtime_ns", "reason"],
+                filter=ds.field("path").isin([f.path for f in chunk]),
+            )
+            seen = {
+                (p, s, m) for p, s, m, r in zip(
+                    known.column("path").to_pylist(), known.column("file_size").to_pylist(),
+                    known.column("mtime_ns").to_pylist(), known.column("reason").to_pylist(),
+                    strict=True)
+                if r != "unreadable"  # retry files that could not be read before
+            }
+            for f in chunk:
+                if f.error is not None or (f.path, f.size, f.mtime_ns) not in seen:
+                    yield f
+
+    def _batches(self, files: list[FoundFile]) -> Iterator[list[FoundFile]]:
+        batch: list[FoundFile] = []
+        size = 0
+        for f in files:
+            batch.append(f)
+            size += f.size
+            if len(batch) >= self.config.batch_files or size >= self.config.batch_bytes:
+                yield batch
+                batch, size = [], 0
+        if batch:
+            yield batch
+
+    def _extract(self, files: list[FoundFile]) -> None:
+        runner = make_runner(self.config, self.summary.run_id)
+        self.summary.scheduler = runner.description
+        self.summary.workers = runner.workers
+        wave_size = max(1, runner.workers * self.config.batches_per_worker)
+        batches = list(self._batches(files))
+        waves = [batches[i:i + wave_size] for i in range(0, len(batches), wave_size)]
+        total, done = len(files), 0
+        self.progress("extract", 0, total)
+        try:
+            pending = runner.submit(waves[0]) if waves else None
+            for k in range(len(waves)):
+                tables = pending.result()
+                pending = runner.submit(waves[k + 1]) if k + 1 < len(waves) else None
+                wave = pa.concat_tables(tables)
+                self._classify(wave)
+                done += wave.num_rows
+                self.progress("extract", done, total)
+                if (self._buffer_rows >= self.config.flush_rows
+                        or self._buffer_bytes >= self.config.flush_bytes):
+                    self._flush()
+            self._flush()
+        finally:
+            runner.close()
+
+    # -- classification --------------------------------------------------------
+    def _known(self, uids: list[str]) -> dict[str, tuple[str, str]]:
+        """SOPInstanceUID -> (sha256, run id) of instances already committed."""
+        if not uids:
+            return {}
+        t = self.w.dataset("instances").to_table(
+            columns=["SOPInstanceUID", "file_sha256", "ingest_run_id"],
+            filter=ds.field("SOPInstanceUID").isin(uids),
+        )
+        return {u: (s, r) for u, s, r in zip(t.column(0).to_pylist(), t.column(1).to_pylist(),
+                                             t.column(2).to_pylist(), strict=True)}
+
+    def _classify(self, wave: pa.Table) -> None:
+        status = wave.column("status").to_pylist()
+        uids = wave.column("SOPInstanceUID").to_pylist()
+        shas = wave.column("file_sha256").to_pylist()
+        reasons = wave.column("reason").to_pylist()
+        sizes = wave.column("file_size").to_pylist()
+        ok_uids = [u for u, s in zip(uids, status, strict=True) if s == "ok"]
+        known = self._known(ok_uids)
+        outcome: list[str] = []
+        take: list[int] = []
+        for i, (st, uid, sha) in enumerate(zip(status, uids, shas, strict=True)):
+            self.summary.bytes_read += sizes[i] or 0
+            if st == "skipped":
+                outcome.append("skipped")
+                self.summary.skipped_reasons[reasons[i]] = \
+                    self.summary.skipped_reasons.get(reasons[i], 0) + 1
+            elif st == "quarantined":
+                outcome.append("quarantined")
+                self.summary.quarantine_reasons[reasons[i]] = \
+                    self.summary.quarantine_reasons.get(reasons[i], 0) + 1
+            elif uid in self._pending or uid in known:
+                kept_sha, kept_run, *_ = self._pending.get(uid) or known[uid]
+                if kept_sha == sha:
+                    outcome.append("duplicate")
+                else:
+                    outcome.append("conflict")
+                    self._conflicts.append(self._conflict(wave, i, kept_sha, kept_run))
+            else:
+                outcome.append("ingested")
+                self._pending[uid] = (sha, self.summary.run_id, len(take))
+                take.append(i)
+        for o in outcome:
+            self.summary.outcomes[o] += 1
+        files = wave.select(["path", "file_size", "mtime_ns", "file_sha256", "reason", "message",
+                             "SOPInstanceUID", "ingest_run_id", "status"])
+        files = files.append_column("outcome", pa.array(outcome, pa.string()))
+        self._files.append(files)
+        if take:
+            rows = wave.take(pa.array(take, pa.int64()))
+            self._ingested.append(rows)
+            self._buffer_rows += rows.num_rows
+            self._buffer_bytes += rows.column("dicom_json").nbytes
+
+    def _conflict(self, wave: pa.Table, i: int, kept_sha: str, kept_run: str) -> dict:
+        row = wave.slice(i, 1).to_pylist()[0]
+        kept_json = self._kept_json(row["SOPInstanceUID"])
+        return {
+            "SOPInstanceUID": row["SOPInstanceUID"],
+            "StudyInstanceUID": row["StudyInstanceUID"],
+            "SeriesInstanceUID": row["SeriesInstanceUID"],
+            "kept_sha256": kept_sha,
+            "rejected_sha256": row["file_sha256"],
+            "kept_ingest_run_id": kept_run,
+            "ingest_run_id": self.summary.run_id,
+            "differing_keywords": _differing_keywords(kept_json, row["dicom_json"]),
+            "detected_at": datetime.now(UTC),
+        }
+
+    def _kept_json(self, uid: str) -> str | None:
+        for t in self._ingested:
+            hit = t.filter(pc.equal(t.column("SOPInstanceUID"), uid))
+            if hit.num_rows:
+                return hit.column("dicom_json")[0].as_py()
+        t = self.w.dataset("instances").to_table(
+            columns=["dicom_json"], filter=ds.field("SOPInstanceUID") == uid)
+        return t.column(0)[0].as_py() if t.num_rows else None
+
+    # -- commits ---------------------------------------------------------------
+    def _flush(self) -> None:
+        if not self._files:
+            return
+        files = pa.concat_tables(self._files)
+        if self._ingested:
+            self.w.append("instances", pa.concat_tables(self._ingested))
+        quarantined = files.filter(pc.equal(files.column("outcome"), "quarantined"))
+        if quarantined.num_rows:
+            now = pa.array([datetime.now(UTC)] * quarantined.num_rows, pa.timestamp("us", "UTC"))
+            self.w.append("quarantine", quarantined.append_column("quarantined_at", now))
+        if self._conflicts:
+            self.w.append("conflicts", pa.Table.from_pylist(self._conflicts))
+        self.w.append("files", files)
+        self.w.publish(note=f"ingest {self.summary.run_id}: {files.num_rows} files")
+        self._files, self._ingested, self._conflicts = [], [], []
+        self._pending.clear()
+        self._buffer_rows = self._buffer_bytes = 0
+
+    def _summarize_if_stale(self) -> None:
+        """Rebuild series/studies/patients unless they were built from this instances version
+        (also repairs the summaries after a run that died before rebuilding them)."""
+        current = self.w.versions["instances"]
+        if self.w.extra.get("summaries_from") == current:
+            return
+        for name, table in summarize.build(self.w.dataset("instances")).items():
+            self.w.overwrite(name, table)
+        self.w.extra["summaries_from"] = current
+
+    def record_run(self, started: datetime, status: str, message: str | None) -> None:
+        s = self.summary
+        cfg = {k: v for k, v in self.config.to_dict().items()}
+        row = {
+            "ingest_run_id": s.run_id, "started_at": started,
+            "finished_at": datetime.now(UTC), "code_version": code_version(),
+            "schema_version": SCHEMA_VERSION, "config_hash": config_hash(cfg),
+            "config_json": json.dumps(cfg, sort_keys=True), "source_kind": "folder",
+            "files_seen": s.files_seen, "files_unchanged": s.files_unchanged,
+            **{f"files_{k}": v for k, v in s.outcomes.items()},
+            "bytes_read": s.bytes_read,
+            "discover_seconds": self.timings["discover"],
+            "extract_seconds": self.timings["extract"],
+            "summarize_seconds": self.timings["summarize"],
+            "total_seconds": s.seconds, "workers": s.workers, "scheduler": s.scheduler,
+            "status": status, "message": message,
+        }
+        self.w.append("ingest_runs", pa.Table.from_pylist([row]))
+
+
+def _differing_keywords(a: str | None, b: str | None) -> list[str]:
+    """Keywords of top-level DICOM JSON attributes whose values differ."""
+    from pydicom.datadict import keyword_for_tag
+
+    da = json.loads(a) if a else {}
+    db = json.loads(b) if b else {}
+    out = []
+    for tag in sorted(set(da) | set(db)):
+        if da.get(tag) != db.get(tag):
+            out.append(keyword_for_tag(int(tag, 16)) or tag)
+    return out

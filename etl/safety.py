@@ -1,0 +1,264 @@
+"""Look before parsing: sniff the format, walk the element structure, bound it.
+
+pydicom reads a truncated file without complaint and will try to allocate
+whatever length an element declares. So before pydicom sees a file, this
+module walks its elements (tags and lengths only, no value decoding), checks
+every length against the bytes that are really there, limits the nesting
+depth, and finds where the pixel data starts so that only the header is
+handed to pydicom.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+from etl.errors import FileRejected
+
+PREAMBLE = 128
+MAGIC = b"DICM"
+
+IMPLICIT_LE = "1.2.840.10008.1.2"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+DEFLATED_LE = "1.2.840.10008.1.2.1.99"
+EXPLICIT_BE = "1.2.840.10008.1.2.2"
+
+# VRs with a 2-byte reserved field and a 4-byte length in explicit VR encoding
+LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC",
+                      b"UN", b"UR", b"UT", b"UV"})
+VALID_VRS = LONG_VRS | frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL",
+                                  b"FD", b"IS", b"LO", b"LT", b"PN", b"SH", b"SL", b"SS",
+                                  b"ST", b"TM", b"UI", b"UL", b"US"})
+UNDEFINED = 0xFFFFFFFF
+ITEM = 0xFFFEE000
+ITEM_END = 0xFFFEE00D
+SEQ_END = 0xFFFEE0DD
+PIXEL_DATA = 0x7FE00010
+#: A deflated data set is inflated to at most this many bytes.
+MAX_INFLATED = 1 << 30
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """What the walk learnt about a file."""
+
+    #: ``part10`` (preamble + DICM) or ``raw`` (a bare data set, no file meta).
+    kind: str
+    transfer_syntax: str | None
+    #: Offset where the data set (after the file meta) starts.
+    dataset_offset: int
+    #: Offset of the Pixel Data element (the end of the header), or the file size.
+    header_end: int
+    #: True when the data set is deflated (the walk ran on the inflated bytes).
+    deflated: bool = False
+    elements: int = 0
+
+
+def sniff(buf: bytes) -> str:
+    """``part10``, ``raw`` or ``not_dicom`` from the first bytes of a file."""
+    if len(buf) >= PREAMBLE + 4 and buf[PREAMBLE:PREAMBLE + 4] == MAGIC:
+        return "part10"
+    if len(buf) >= 8:
+        group = struct.unpack_from("<H", buf, 0)[0]
+        if group in (0x0002, 0x0008) and (buf[4:6] in VALID_VRS or _plausible_implicit(buf)):
+            return "raw"
+        if struct.unpack_from(">H", buf, 0)[0] == 0x0008 and buf[4:6] in VALID_VRS:
+            return "raw"  # explicit VR big endian without file meta
+    return "not_dicom"
+
+
+def _plausible_implicit(buf: bytes) -> bool:
+    length = struct.unpack_from("<I", buf, 4)[0]
+    return length < len(buf) or length == UNDEFINED
+
+
+def check(buf: bytes, max_depth: int = 64) -> Layout:
+    """Walk the whole element structure of ``buf`` (a complete file).
+
+    Raises :class:`FileRejected` (``not_dicom``, ``truncated``, ``too_deep``).
+    """
+    kind = sniff(buf)
+    if kind == "not_dicom":
+        raise FileRejected("not_dicom", "no DICM magic and no DICOM data set at the start")
+    size = len(buf)
+    ts: str | None = None
+    if kind == "part10":
+        pos, ts = _walk_meta(buf, PREAMBLE + 4)
+    else:
+        pos = 0
+        if struct.unpack_from("<H", buf, 0)[0] == 0x0002:
+            pos, ts = _walk_meta(buf, 0)
+    dataset_offset = pos
+    if ts == DEFLATED_LE:
+        try:
+            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+            body = inflater.decompress(buf[pos:], MAX_INFLATED)
+        except zlib.error as exc:
+            raise FileRejected("truncated", f"deflated data set is corrupt: {exc}") from None
+        if inflater.unconsumed_tail:
+            raise FileRejected("truncated", "deflated data set inflates beyond 1 GiB")
+        walker = _Walker(body, 0, explicit=True, little=True, max_depth=max_depth)
+        walker.walk_dataset(0, len(body), depth=0, top=True)
+        return Layout(kind, ts, dataset_offset, size, deflated=True, elements=walker.count)
+    if ts is None:  # no transfer syntax given: guess the encoding from the first element
+        explicit = len(buf) >= pos + 6 and buf[pos + 4:pos + 6] in VALID_VRS
+        little = not (struct.unpack_from("<H", buf, pos)[0] not in (0x0002, 0x0008)
+                      and struct.unpack_from(">H", buf, pos)[0] in (0x0002, 0x0008))
+    else:
+        explicit = ts != IMPLICIT_LE
+        little = ts != EXPLICIT_BE
+    walker = _Walker(buf, pos, explicit=explicit, little=little, max_depth=max_depth)
+    walker.walk_dataset(pos, size, depth=0, top=True)
+    header_end = walker.pixel_offset if walker.pixel_offset is not None else size
+    return Layout(kind, ts, dataset_offset, header_end, elements=walker.count)
+
+
+def _walk_meta(buf: bytes, pos: int) -> tuple[int, str | None]:
+    """Walk the group 0002 file meta (always explicit VR little endian)."""
+    size = len(buf)
+    ts = None
+    while pos + 8 <= size:
+        group, elem = struct.unpack_from("<HH", buf, pos)
+        if group != 0x0002:
+            break
+        vr = buf[pos + 4:pos + 6]
+        if vr in LONG_VRS:
+            if pos + 12 > size:
+                raise FileRejected("truncated", "file ends inside a file meta element header")
+            length = struct.unpack_from("<I", buf, pos + 8)[0]
+            start = pos + 12
+        elif vr in VALID_VRS:
+            length = struct.unpack_from("<H", buf, pos + 6)[0]
+            start = pos + 8
+        else:
+            raise FileRejected("not_dicom", f"file meta element (0002,{elem:04X}) has no valid VR")
+        if length == UNDEFINED or start + length > size:
+            raise FileRejected("truncated", f"file meta element (0002,{elem:04X}) declares "
+                               f"{length} bytes, {size - start} remain")
+        if elem == 0x0010:
+            ts = buf[start:start + length].decode("ascii", "replace").strip("\x00 ")
+        pos = start + length
+    else:
+        if pos < size:
+            raise FileRejected("truncated", "file ends inside the file meta")
+    if pos >= size:
+        raise FileRejected("truncated", "file ends after the file meta: no data set")
+    return pos, ts
+
+
+class _Walker:
+    __slots__ = ("buf", "count", "explicit", "fmt_len2", "fmt_len4", "fmt_tag", "max_depth",
+                 "pixel_offset", "size")
+
+    def __init__(self, buf: bytes, start: int, *, explicit: bool, little: bool, max_depth: int):
+        self.buf = buf
+        self.size = len(buf)
+        self.explicit = explicit
+        e = "<" if little else ">"
+        self.fmt_tag = e + "HH"
+        self.fmt_len2 = e + "H"
+        self.fmt_len4 = e + "I"
+        self.max_depth = max_depth
+        self.pixel_offset: int | None = None
+        self.count = 0
+
+    def _tag(self, pos: int) -> int:
+        g, e = struct.unpack_from(self.fmt_tag, self.buf, pos)
+        return (g << 16) | e
+
+    def walk_dataset(self, pos: int, end: int, depth: int, top: bool = False) -> int:
+        """Walk elements from ``pos`` to ``end`` (or an item delimiter); return the end."""
+        buf, size = self.buf, self.size
+        while pos < end:
+            if pos + 8 > size:
+                if top and not buf[pos:].strip(b"\x00"):
+                    return size  # trailing zero padding, as some writers leave
+                raise FileRejected("truncated", f"file ends inside an element header at "
+                                   f"offset {pos}")
+            tag = self._tag(pos)
+            if tag == ITEM_END:
+                return pos + 8
+            if tag in (ITEM, SEQ_END):
+                raise FileRejected("truncated", f"unexpected delimiter at offset {pos}")
+            vr = buf[pos + 4:pos + 6] if self.explicit else None
+            if vr is not None and vr not in VALID_VRS:
+                vr = None  # an implicit VR element inside an explicit data set (tolerated)
+            if vr is not None and vr in LONG_VRS:
+                if pos + 12 > size:
+                    raise FileRejected("truncated", f"file ends inside an element header at "
+                                       f"offset {pos}")
+                length = struct.unpack_from(self.fmt_len4, buf, pos + 8)[0]
+                start = pos + 12
+            elif vr is not None:
+                length = struct.unpack_from(self.fmt_len2, buf, pos + 6)[0]
+                start = pos + 8
+            else:
+                length = struct.unpack_from(self.fmt_len4, buf, pos + 4)[0]
+                start = pos + 8
+            self.count += 1
+            if top and tag == PIXEL_DATA and self.pixel_offset is None:
+                self.pixel_offset = pos
+            if length == UNDEFINED:
+                if tag == PIXEL_DATA or vr == b"SQ" or vr is None or vr == b"UN":
+                    pos = self.walk_items(start, depth + 1, tag)
+                    continue
+                raise FileRejected("truncated", f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) "
+                                   f"has an undefined length with VR {vr!r}")
+            if start + length > size:
+                raise FileRejected(
+                    "truncated",
+                    f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) declares {length} bytes, "
+                    f"{size - start} remain",
+                )
+            if vr == b"SQ" and length:
+                self.walk_items_defined(start, start + length, depth + 1)
+            pos = start + length
+        return pos
+
+    def walk_items(self, pos: int, depth: int, tag: int) -> int:
+        """Items of an undefined-length sequence (or encapsulated pixel fragments)."""
+        if depth > self.max_depth:
+            raise FileRejected("too_deep", f"sequences nested deeper than {self.max_depth}")
+        buf, size = self.buf, self.size
+        while True:
+            if pos + 8 > size:
+                raise FileRejected("truncated", "file ends inside a sequence")
+            item_tag = self._tag(pos)
+            length = struct.unpack_from(self.fmt_len4, buf, pos + 4)[0]
+            if item_tag == SEQ_END:
+                return pos + 8
+            if item_tag != ITEM:
+                raise FileRejected("truncated", f"expected an item tag at offset {pos}")
+            start = pos + 8
+            if length == UNDEFINED:
+                if tag == PIXEL_DATA:
+                    raise FileRejected("truncated", "pixel data fragment of undefined length")
+                pos = self.walk_dataset(start, size, depth)
+                continue
+            if start + length > size:
+                raise FileRejected("truncated", f"item at offset {pos} declares {length} bytes, "
+                                   f"{size - start} remain")
+            if tag != PIXEL_DATA and length:
+                self.walk_dataset(start, start + length, depth)
+            pos = start + length
+
+    def walk_items_defined(self, pos: int, end: int, depth: int) -> None:
+        if depth > self.max_depth:
+            raise FileRejected("too_deep", f"sequences nested deeper than {self.max_depth}")
+        buf = self.buf
+        while pos < end:
+            if pos + 8 > end:
+                raise FileRejected("truncated", f"sequence ends inside an item header at {pos}")
+            item_tag = self._tag(pos)
+            length = struct.unpack_from(self.fmt_len4, buf, pos + 4)[0]
+            if item_tag != ITEM:
+                raise FileRejected("truncated", f"expected an item tag at offset {pos}")
+            start = pos + 8
+            if length == UNDEFINED:
+                pos = self.walk_dataset(start, end, depth)
+                continue
+            if start + length > end:
+                raise FileRejected("truncated", f"item at offset {pos} overruns its sequence")
+            self.walk_dataset(start, start + length, depth)
+            pos = start + length

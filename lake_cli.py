@@ -1,0 +1,431 @@
+"""The ``lake`` command: a thin shell over lakehouse, etl and catalog.
+
+Each subcommand parses its options, calls the packages and prints. Errors of
+the project (``LakeError``) and CLI mistakes print one line and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import decimal
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+DEFAULT_LAKE = "lake"
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, says what to do
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+class CliError(Exception):
+    """A mistake in how the command was called; printed as one line."""
+
+
+def _lake_dir(args) -> Path:
+    return Path(args.lake or os.environ.get("LAKE_DIR") or DEFAULT_LAKE)
+
+
+# --- init ---------------------------------------------------------------------
+
+def cmd_init(args) -> int:
+    from lakehouse import Lake
+
+    path = Path(args.path) if args.path else _lake_dir(args)
+    if args.profile == "research":
+        raise CliError(
+            "the research profile (pseudonymized tables, keyed vault) is not implemented yet; "
+            "create an identified lake with --profile identified (synthetic or governed data only)")
+    lake = Lake.create(path, profile=args.profile)
+    print(f"created {lake.profile} lake at {lake.root}")
+    print(f"next: lake ingest /path/to/dicom --lake {lake.root}")
+    return 0
+
+
+# --- ingest -------------------------------------------------------------------
+
+def cmd_ingest(args) -> int:
+    from etl import IngestConfig, ingest
+    from lakehouse import Lake
+
+    lake = Lake.open(_lake_dir(args))
+    scheduler = args.scheduler or ("local-cluster" if args.workers else "processes")
+    config = IngestConfig(workers=args.workers, scheduler=scheduler,
+                          batch_files=args.batch_files)
+    show = args.progress and sys.stderr.isatty()
+    bar = None
+
+    def progress(stage: str, done: int, total: int) -> None:
+        nonlocal bar
+        if not show:
+            return
+        from tqdm import tqdm
+
+        if bar is None:
+            bar = tqdm(total=total, unit="file", desc="ingest", file=sys.stderr)
+        bar.n = done
+        bar.refresh()
+
+    try:
+        summary = ingest(lake, args.source, config, progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.json:
+        print(json.dumps(summary.to_dict(), indent=2))
+    else:
+        _print_run(summary)
+    return 0
+
+
+def _print_run(s) -> None:
+    o = s.outcomes
+    print(f"run {s.run_id}: {s.files_seen} files seen in {s.seconds:.1f} s "
+          f"({s.scheduler or 'nothing to read'}{f', {s.workers} workers' if s.workers else ''})")
+    print(f"  unchanged {s.files_unchanged}, ingested {o['ingested']}, duplicate "
+          f"{o['duplicate']}, conflict {o['conflict']}, skipped {o['skipped']}, "
+          f"quarantined {o['quarantined']}")
+    for reason, n in sorted(s.quarantine_reasons.items()):
+        print(f"  quarantined {reason}: {n}")
+    for reason, n in sorted(s.skipped_reasons.items()):
+        print(f"  skipped {reason}: {n}")
+    if s.folders_unreadable:
+        print(f"  warning: {s.folders_unreadable} folders could not be listed")
+    print(f"  lake snapshot {s.snapshot}")
+
+
+# --- sql ----------------------------------------------------------------------
+
+def cmd_sql(args) -> int:
+    from catalog import open_lake
+
+    query = sys.stdin.read() if args.query == "-" else args.query
+    with open_lake(_lake_dir(args), args.snapshot) as cat:
+        table = cat.arrow(query)
+        if cat.lake.profile == "identified" and args.format != "json":
+            print("# identified lake: results may contain patient identifiers", file=sys.stderr)
+    rows = table.to_pylist()
+    cols = table.column_names
+    out = sys.stdout
+    if args.format == "json":
+        json.dump(rows, out, default=_json_default, ensure_ascii=False)
+        out.write("\n")
+    elif args.format == "csv":
+        w = csv.writer(out, lineterminator="\n")
+        w.writerow(cols)
+        for r in rows:
+            w.writerow([_plain(r[c]) for c in cols])
+    else:
+        _print_table(cols, rows, out)
+    return 0
+
+
+def _json_default(v):
+    if isinstance(v, dt.date | dt.time | dt.datetime):
+        return v.isoformat()
+    if isinstance(v, decimal.Decimal):
+        return float(v)
+    if isinstance(v, bytes):
+        return v.hex()
+    return str(v)
+
+
+def _plain(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, list | dict):
+        return json.dumps(v, default=_json_default, ensure_ascii=False)
+    if isinstance(v, dt.date | dt.time | dt.datetime):
+        return v.isoformat()
+    return str(v)
+
+
+def _print_table(cols: list[str], rows: list[dict], out, max_width: int = 60) -> None:
+    cells = [[_plain(r[c]) for c in cols] for r in rows]
+    cells = [[v if len(v) <= max_width else v[:max_width - 1] + "…" for v in row]
+             for row in cells]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
+    out.write("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip() + "\n")
+    out.write("  ".join("-" * w for w in widths) + "\n")
+    for row in cells:
+        out.write("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() + "\n")
+    out.write(f"({len(rows)} row{'s' if len(rows) != 1 else ''})\n")
+
+
+# --- status -------------------------------------------------------------------
+
+def cmd_status(args) -> int:
+    from catalog import open_lake
+
+    with open_lake(_lake_dir(args)) as cat:
+        status = {
+            "lake": str(cat.lake.root.absolute()),
+            "profile": cat.lake.profile,
+            "snapshot": cat.snapshot.number,
+            "snapshot_created_at": cat.snapshot.created_at,
+            "tables": cat.counts(),
+            "quarantine_by_reason": dict(cat.con.execute(
+                "SELECT reason, count(*) FROM quarantine GROUP BY 1 ORDER BY 1").fetchall()),
+            "last_runs": cat.df(
+                "SELECT ingest_run_id, status, files_seen, files_unchanged, files_ingested, "
+                "files_duplicate, files_conflict, files_skipped, files_quarantined, "
+                "round(total_seconds, 2) AS seconds FROM ingest_runs "
+                "ORDER BY started_at DESC LIMIT 5").to_dict("records"),
+        }
+    if args.json:
+        print(json.dumps(status, indent=2, default=_json_default))
+        return 0
+    print(f"lake      {status['lake']}")
+    warn = "  (identified: contains patient identifiers)" if status["profile"] == "identified" \
+        else ""
+    print(f"profile   {status['profile']}{warn}")
+    print(f"snapshot  {status['snapshot']} ({status['snapshot_created_at']})")
+    print("tables")
+    for name, n in status["tables"].items():
+        print(f"  {name:<12} {n:>10,}")
+    if status["quarantine_by_reason"]:
+        print("quarantined files by reason")
+        for reason, n in status["quarantine_by_reason"].items():
+            print(f"  {reason:<26} {n:>6,}")
+    if status["last_runs"]:
+        print("last runs")
+        for r in status["last_runs"]:
+            print(f"  {r['ingest_run_id']}  {r['status']:<9} seen {r['files_seen']}, "
+                  f"unchanged {r['files_unchanged']}, ingested {r['files_ingested']}, "
+                  f"quarantined {r['files_quarantined']}  ({r['seconds']} s)")
+    return 0
+
+
+# --- demo ---------------------------------------------------------------------
+
+def cmd_demo(args) -> int:
+    from catalog import open_lake
+    from etl import IngestConfig, ingest
+    from lakehouse import Lake
+    from synth import generate_archive
+
+    root = Path(args.dir)
+    archive, lake_dir, truth = root / "archive", root / "lake", root / "ground_truth.json"
+    if args.fresh and root.exists():
+        shutil.rmtree(root)
+    if not archive.exists():
+        print(f"generating a sample hospital archive ({args.preset} preset, seed {args.seed}) "
+              f"in {archive} ...")
+        generate_archive(archive, seed=args.seed, preset=args.preset, truth_path=truth)
+    else:
+        print(f"using the sample archive already in {archive} (--fresh to regenerate)")
+    lake = Lake.open(lake_dir) if (lake_dir / "_lake").exists() else \
+        Lake.create(lake_dir, profile="identified")
+    show = args.progress and sys.stderr.isatty()
+    bar = None
+
+    def progress(stage: str, done: int, total: int) -> None:
+        nonlocal bar
+        if show:
+            from tqdm import tqdm
+
+            if bar is None:
+                bar = tqdm(total=total, unit="file", desc="ingest", file=sys.stderr)
+            bar.n = done
+            bar.refresh()
+
+    summary = ingest(lake, archive, IngestConfig(), progress)
+    if bar is not None:
+        bar.close()
+    _print_run(summary)
+    with open_lake(lake_dir) as cat:
+        print("\nrows per table")
+        for name, n in cat.counts().items():
+            print(f"  {name:<12} {n:>8,}")
+        print("\nstudies per modality and year")
+        _print_table(*_pivot(cat), sys.stdout)
+        q = cat.con.execute(
+            "SELECT reason, count(*) FROM quarantine GROUP BY 1 ORDER BY 1").fetchall()
+        print("\nfiles quarantined by reason")
+        for reason, n in q:
+            print(f"  {reason:<26} {n}")
+    where = lake_dir.absolute()
+    print(f"\nthe lake is at {where} (identified profile: synthetic patients only)")
+    print("try next:")
+    print(f'  lake sql "SELECT Modality, count(*) AS n FROM studies GROUP BY 1" --lake {where}')
+    print(f"  lake status --lake {where}")
+    print(f"  lake notebook --lake {where}")
+    return 0
+
+
+def _pivot(cat) -> tuple[list[str], list[dict]]:
+    rows = cat.con.execute(
+        "SELECT Modality, study_year, count(*) FROM studies GROUP BY ALL ORDER BY ALL"
+    ).fetchall()
+    years = sorted({y for _, y, _ in rows if y is not None})
+    mods = sorted({m or "?" for m, _, _ in rows})
+    table = {m: {str(y): 0 for y in years} for m in mods}
+    for m, y, n in rows:
+        if y is not None:
+            table[m or "?"][str(y)] = n
+    cols = ["Modality", *[str(y) for y in years], "total"]
+    out = [{"Modality": m, **counts, "total": sum(counts.values())}
+           for m, counts in table.items()]
+    return cols, out
+
+
+# --- notebook -----------------------------------------------------------------
+
+def cmd_notebook(args) -> int:
+    lake = _lake_dir(args)
+    from lakehouse import Lake
+
+    Lake.open(lake)  # fail early, in one line, when there is no lake
+    if shutil.which("jupyter") is None and not _has_module("jupyterlab"):
+        raise CliError("JupyterLab is not installed: pip install 'imaging-lakehouse[notebooks]'")
+    folder = Path(args.notebooks) if args.notebooks else _notebooks_dir()
+    env = {**os.environ, "LAKE_DIR": str(lake.absolute()), "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
+    cmd = [sys.executable, "-m", "jupyterlab", f"--notebook-dir={folder}",
+           f"--ServerApp.port={args.port}", "--ServerApp.ip=127.0.0.1"]
+    if args.no_browser:
+        cmd.append("--no-browser")
+    print(f"JupyterLab on http://127.0.0.1:{args.port} with LAKE_DIR={lake.absolute()} "
+          f"(notebooks in {folder}); Ctrl-C to stop")
+    return subprocess.call(cmd, env=env)
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def _notebooks_dir() -> Path:
+    here = Path(__file__).resolve().parent / "notebooks"
+    if here.is_dir():
+        return here
+    raise CliError("no notebooks folder found next to the package; pass --notebooks DIR")
+
+
+# --- dictionary ---------------------------------------------------------------
+
+def cmd_dictionary(args) -> int:
+    from lakehouse.dictionary import markdown
+
+    print(markdown())
+    return 0
+
+
+# --- wiring -------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="lake", description="A local, SQL-queryable lake of a DICOM archive.")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def lake_opt(sp):
+        sp.add_argument("--lake", help="lake folder (default: $LAKE_DIR, then ./lake)")
+
+    sp = sub.add_parser("init", help="create an empty lake")
+    sp.add_argument("path", nargs="?", help="lake folder (default: --lake, $LAKE_DIR, ./lake)")
+    lake_opt(sp)
+    sp.add_argument("--profile", choices=["identified", "research"], default="identified",
+                    help="identified (originals kept; the only profile implemented so far)")
+    sp.set_defaults(func=cmd_init)
+
+    sp = sub.add_parser("ingest", help="ingest a folder of DICOM files")
+    sp.add_argument("source", help="folder (or file) to ingest, walked recursively")
+    lake_opt(sp)
+    sp.add_argument("--workers", type=_positive, help="start a local Dask cluster of N worker "
+                    "processes (default: Dask's local process scheduler, one per core)")
+    sp.add_argument("--scheduler", help="address of a running Dask scheduler "
+                    "(tcp://host:8786), or processes / threads / synchronous")
+    sp.add_argument("--batch-files", type=_positive, default=256,
+                    help="files per Dask task (default 256)")
+    sp.add_argument("--no-progress", dest="progress", action="store_false",
+                    help="no progress bar (also off when stderr is not a terminal)")
+    sp.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    sp.set_defaults(func=cmd_ingest)
+
+    sp = sub.add_parser("sql", help="run a SQL query (DuckDB) against the lake")
+    sp.add_argument("query", help="the query, or - to read it from stdin")
+    lake_opt(sp)
+    sp.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    sp.add_argument("--snapshot", type=_non_negative, help="query an earlier lake snapshot")
+    sp.set_defaults(func=cmd_sql)
+
+    sp = sub.add_parser("status", help="tables, snapshot, quarantine and recent runs")
+    lake_opt(sp)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_status)
+
+    sp = sub.add_parser("demo", help="generate a sample archive, ingest it, print a summary")
+    sp.add_argument("--dir", default="lake-demo",
+                    help="folder for the archive and the lake (default ./lake-demo)")
+    sp.add_argument("--preset", choices=["test", "demo", "bench"], default="demo")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--fresh", action="store_true", help="delete --dir first")
+    sp.add_argument("--no-progress", dest="progress", action="store_false")
+    sp.set_defaults(func=cmd_demo)
+
+    sp = sub.add_parser("notebook", help="JupyterLab with the lake attached (LAKE_DIR)")
+    lake_opt(sp)
+    sp.add_argument("--port", type=_positive, default=8888)
+    sp.add_argument("--notebooks", help="notebook folder (default: the project's notebooks/)")
+    sp.add_argument("--no-browser", action="store_true")
+    sp.set_defaults(func=cmd_notebook)
+
+    sp = sub.add_parser("dictionary", help="print the data dictionary (Markdown)")
+    sp.set_defaults(func=cmd_dictionary)
+    return p
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
+def _non_negative(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return n
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lakehouse.errors import LakeError
+
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose < 2:
+        import warnings
+
+        warnings.filterwarnings("ignore", module="pydicom")
+    try:
+        return args.func(args)
+    except (LakeError, CliError) as exc:
+        print(f"lake {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"lake {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

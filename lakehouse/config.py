@@ -1,0 +1,33 @@
+"""Lake-level settings, stored in the lake's own manifest (``_lake/lake.json``)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+PROFILES = ("research", "identified")
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LakeConfig:
+    """What a lake is; written once by ``lake init``, read by every command."""
+
+    #: ``research`` (pseudonymized tables only) or ``identified`` (originals kept,
+    #: for hospital-internal quality work).
+    profile: str = "identified"
+    #: On-disk format of the lake folder; bumped when the layout changes.
+    format_version: int = FORMAT_VERSION
+    #: Schema version of the tables (see ``lakehouse.schemas.SCHEMA_VERSION``).
+    schema_version: int = 1
+    #: Creation time, ISO 8601 UTC.
+    created_at: str = ""
+    #: Free-form labels the user gave at init (site name, ...).
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LakeConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})

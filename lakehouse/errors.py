@@ -1,0 +1,68 @@
+"""One exception base for the lake; subclasses carry the data a caller needs.
+
+Every error pickles (it may cross a Dask worker boundary) and its message says
+what to do next, so the CLI can print it as a single line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class LakeError(Exception):
+    """Base class of every error raised by the project's packages."""
+
+    def __reduce__(self):  # keep subclasses with keyword-only fields picklable
+        return (_rebuild, (type(self), self.__dict__.copy(), self.args))
+
+
+def _rebuild(cls, state, args):
+    err = cls.__new__(cls)
+    Exception.__init__(err, *args)
+    err.__dict__.update(state)
+    return err
+
+
+class NoLakeError(LakeError):
+    def __init__(self, path: Path | str):
+        self.path = str(path)
+        super().__init__(
+            f"no lake at {self.path}: create one with `lake init {self.path}` "
+            "or point --lake / LAKE_DIR at an existing lake"
+        )
+
+
+class LakeExistsError(LakeError):
+    def __init__(self, path: Path | str):
+        self.path = str(path)
+        super().__init__(f"a lake already exists at {self.path}; choose another folder")
+
+
+class LakeFormatError(LakeError):
+    def __init__(self, path: Path | str, detail: str):
+        self.path = str(path)
+        self.detail = detail
+        super().__init__(f"the lake at {self.path} is not readable: {detail}")
+
+
+class UnknownTableError(LakeError):
+    def __init__(self, name: str, known: list[str]):
+        self.name = name
+        self.known = known
+        super().__init__(f"unknown table {name!r}; tables are: {', '.join(known)}")
+
+
+class LakeBusyError(LakeError):
+    def __init__(self, path: Path | str):
+        self.path = str(path)
+        super().__init__(
+            f"another process is writing to the lake at {self.path}; "
+            "wait for it to finish (readers are not blocked)"
+        )
+
+
+class SnapshotNotFoundError(LakeError):
+    def __init__(self, snapshot: int, latest: int):
+        self.snapshot = snapshot
+        self.latest = latest
+        super().__init__(f"snapshot {snapshot} does not exist; the latest is {latest}")

@@ -1,0 +1,58 @@
+"""Where things are in a lake folder.
+
+```
+<lake>/
+  _lake/lake.json          what the lake is (profile, format version)
+  _lake/snapshots/N.json   lake snapshot N: the Delta version of every table
+  _lake/write.lock         held by the one writer
+  research/<table>/        pseudonymized Delta tables (what researchers query)
+  vault/<table>/           identified material, owner-only permissions
+```
+
+A lake snapshot pins one version of every table, so readers see all tables as
+of the same committed moment even though Delta commits are per table.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lakehouse.schemas import TABLES, VAULT
+
+META_DIR = "_lake"
+MANIFEST = "lake.json"
+SNAPSHOTS = "snapshots"
+LOCK = "write.lock"
+
+
+def meta_dir(root: Path) -> Path:
+    return root / META_DIR
+
+
+def manifest_path(root: Path) -> Path:
+    return meta_dir(root) / MANIFEST
+
+
+def snapshots_dir(root: Path) -> Path:
+    return meta_dir(root) / SNAPSHOTS
+
+
+def snapshot_path(root: Path, number: int) -> Path:
+    return snapshots_dir(root) / f"{number:010d}.json"
+
+
+def lock_path(root: Path) -> Path:
+    return meta_dir(root) / LOCK
+
+
+def table_path(root: Path, name: str) -> Path:
+    spec = TABLES[name]
+    return root / spec.zone / name
+
+
+def zone_path(root: Path, zone: str) -> Path:
+    return root / zone
+
+
+def is_vault(name: str) -> bool:
+    return TABLES[name].zone == VAULT

@@ -1,0 +1,399 @@
+"""The table contract: one Arrow schema per table, every column described.
+
+This module is the single source of truth for column names, types and
+descriptions. The data dictionary (``lake dictionary``, README), the DuckDB
+views and the ETL extraction are generated from it, and it is the allow-list
+of what enters a table: an attribute not named here is not extracted.
+
+Naming: DICOM attributes keep their keyword (``StudyInstanceUID``); derived
+columns are snake_case (``study_year``); columns shared with the NCI Imaging
+Data Commons series index (``idc_index``) use its names (``instanceCount``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+RESEARCH = "research"
+VAULT = "vault"
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: pa.DataType
+    description: str
+    #: The DICOM keyword the value comes from, when it is a header attribute.
+    keyword: str | None = None
+    #: Present only in lakes of the ``identified`` profile.
+    identified_only: bool = False
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    name: str
+    zone: str
+    grain: str
+    description: str
+    columns: tuple[Column, ...]
+    partition_by: tuple[str, ...] = ()
+
+    def columns_for(self, profile: str = "identified") -> list[Column]:
+        return [c for c in self.columns if profile == "identified" or not c.identified_only]
+
+    def schema(self, profile: str = "identified") -> pa.Schema:
+        """The logical schema: what queries see (TIME columns are TIME)."""
+        fields = [pa.field(c.name, c.type, metadata={"description": c.description})
+                  for c in self.columns_for(profile)]
+        return pa.schema(fields, metadata={"table": self.name, "grain": self.grain})
+
+    def storage_schema(self, profile: str = "identified") -> pa.Schema:
+        """The schema of the Parquet files: Delta Lake has no TIME type, so times
+        are stored as ISO strings (``HH:MM:SS.ffffff``) and cast back by the views."""
+        fields = [pa.field(c.name, storage_type(c.type),
+                           metadata={"description": c.description})
+                  for c in self.columns_for(profile)]
+        return pa.schema(fields, metadata={"table": self.name, "grain": self.grain})
+
+    def time_columns(self, profile: str = "identified") -> list[str]:
+        return [c.name for c in self.columns_for(profile) if pa.types.is_time(c.type)]
+
+    def column_names(self, profile: str = "identified") -> list[str]:
+        return self.schema(profile).names
+
+
+def _dicom(name: str, typ: pa.DataType, description: str, **kw) -> Column:
+    return Column(name, typ, description, keyword=name, **kw)
+
+
+STR = pa.string()
+F64 = pa.float64()
+I64 = pa.int64()
+I32 = pa.int32()
+DATE = pa.date32()
+TIME = pa.time64("us")
+TS = pa.timestamp("us", tz="UTC")
+LIST_F64 = pa.list_(pa.float64())
+LIST_STR = pa.list_(pa.string())
+
+# --- per-instance attributes extracted from the DICOM header -----------------
+# Order matters only for display. ``keyword`` columns are read from the header
+# with the value representation mapped to the Arrow type given here.
+HEADER_COLUMNS: tuple[Column, ...] = (
+    _dicom("PatientID", STR, "Patient identifier (a keyed pseudonym in research lakes)."),
+    _dicom("IssuerOfPatientID", STR, "Assigning authority of PatientID."),
+    _dicom("PatientName", STR, "Patient name, decoded to Unicode per SpecificCharacterSet; "
+           "identified lakes only.", identified_only=True),
+    _dicom("PatientBirthDate", DATE, "Date of birth; identified lakes only.",
+           identified_only=True),
+    _dicom("PatientSex", STR, "M, F or O."),
+    _dicom("PatientAge", STR, "Age string as in the header, e.g. 045Y."),
+    _dicom("StudyInstanceUID", STR, "Study UID."),
+    _dicom("SeriesInstanceUID", STR, "Series UID."),
+    _dicom("SOPInstanceUID", STR, "Instance UID; the key of this table."),
+    _dicom("SOPClassUID", STR, "SOP class (storage class) UID."),
+    _dicom("FrameOfReferenceUID", STR, "Frame of reference UID (spatial registration)."),
+    _dicom("AccessionNumber", STR, "RIS accession number (a keyed pseudonym in research lakes)."),
+    _dicom("StudyID", STR, "Scanner-assigned study id."),
+    _dicom("Modality", STR, "Modality of the series (CT, MR, CR, DX, US, MG, PT, NM, SR, ...)."),
+    _dicom("BodyPartExamined", STR, "Body part examined, as coded by the device."),
+    _dicom("StudyDate", DATE, "Study start date."),
+    _dicom("StudyTime", TIME, "Study start time."),
+    _dicom("SeriesDate", DATE, "Series start date."),
+    _dicom("SeriesTime", TIME, "Series start time."),
+    _dicom("AcquisitionDate", DATE, "Acquisition date."),
+    _dicom("ContentDate", DATE, "Content (image) date."),
+    _dicom("SeriesNumber", I64, "Series number within the study."),
+    _dicom("InstanceNumber", I64, "Instance number within the series."),
+    _dicom("StudyDescription", STR, "Study description."),
+    _dicom("SeriesDescription", STR, "Series description."),
+    _dicom("ProtocolName", STR, "Acquisition protocol name."),
+    _dicom("Manufacturer", STR, "Device manufacturer."),
+    _dicom("ManufacturerModelName", STR, "Device model."),
+    _dicom("StationName", STR, "Station (device) name."),
+    _dicom("InstitutionName", STR, "Institution name."),
+    _dicom("InstitutionalDepartmentName", STR, "Department name."),
+    _dicom("ImageType", LIST_STR, "Image type values (ORIGINAL/DERIVED, PRIMARY/SECONDARY, ...)."),
+    _dicom("SliceThickness", F64, "Nominal slice thickness in mm."),
+    _dicom("SpacingBetweenSlices", F64, "Spacing between slices in mm."),
+    _dicom("SliceLocation", F64, "Relative slice position in mm."),
+    _dicom("PixelSpacing", LIST_F64, "Row and column spacing in mm."),
+    _dicom("ImageOrientationPatient", LIST_F64, "Direction cosines of the first row and column."),
+    _dicom("ImagePositionPatient", LIST_F64, "Position of the first pixel in mm."),
+    _dicom("Rows", I64, "Rows of the image matrix."),
+    _dicom("Columns", I64, "Columns of the image matrix."),
+    _dicom("NumberOfFrames", I64, "Frames in a multi-frame instance."),
+    _dicom("BitsAllocated", I64, "Bits allocated per pixel sample."),
+    _dicom("PhotometricInterpretation", STR, "Photometric interpretation (MONOCHROME2, RGB, ...)."),
+    _dicom("RescaleSlope", F64, "Rescale slope to modality units."),
+    _dicom("RescaleIntercept", F64, "Rescale intercept to modality units."),
+    _dicom("KVP", F64, "Peak kilovoltage."),
+    _dicom("XRayTubeCurrent", F64, "X-ray tube current in mA."),
+    _dicom("Exposure", F64, "Exposure in mAs."),
+    _dicom("CTDIvol", F64, "Volume CT dose index in mGy (from the image header)."),
+    _dicom("ConvolutionKernel", LIST_STR, "Reconstruction kernel(s)."),
+    _dicom("ViewPosition", STR, "Radiographic view (PA, AP, LAT, CC, MLO, ...)."),
+    _dicom("ImageLaterality", STR, "Laterality of the image (L, R, B, U)."),
+    _dicom("Laterality", STR, "Laterality of the paired body part examined."),
+    _dicom("BurnedInAnnotation", STR, "YES when identifying text is burned into the pixels."),
+    _dicom("TransferSyntaxUID", STR, "Transfer syntax of the file."),
+    _dicom("SpecificCharacterSet", LIST_STR, "Character set(s) the text values were encoded in."),
+)
+
+INSTANCES = TableSpec(
+    name="instances",
+    zone=RESEARCH,
+    grain="one row per unique SOPInstanceUID",
+    description="Every DICOM instance of the archive, typed header attributes plus the full header.",
+    columns=(
+        *HEADER_COLUMNS,
+        Column("patient_age_years", F64, "Age at the study in years, from PatientAge "
+               "(or birth date and study date when PatientAge is absent)."),
+        Column("study_year", I32, "Year of StudyDate (partition key; null when undated)."),
+        Column("file_size", I64, "Size of the DICOM file in bytes."),
+        Column("file_sha256", STR, "SHA-256 of the whole file, hex."),
+        Column("ingest_run_id", STR, "The ingest run that added this row."),
+        Column("dicom_json", STR, "The full header as DICOM JSON (PS3.18 F.2); pixel data and "
+               "other bulk data left out."),
+    ),
+    partition_by=("Modality", "study_year"),
+)
+
+SERIES = TableSpec(
+    name="series",
+    zone=RESEARCH,
+    grain="one row per SeriesInstanceUID",
+    description="Series summary with the column names of IDC's idc_index where they exist.",
+    columns=(
+        Column("SeriesInstanceUID", STR, "Series UID.", "SeriesInstanceUID"),
+        Column("StudyInstanceUID", STR, "Study UID.", "StudyInstanceUID"),
+        Column("PatientID", STR, "Patient identifier.", "PatientID"),
+        Column("PatientAge", STR, "Age string at the study.", "PatientAge"),
+        Column("PatientSex", STR, "Patient sex.", "PatientSex"),
+        Column("StudyDate", DATE, "Study date.", "StudyDate"),
+        Column("StudyDescription", STR, "Study description.", "StudyDescription"),
+        Column("BodyPartExamined", STR, "Body part examined.", "BodyPartExamined"),
+        Column("Modality", STR, "Modality.", "Modality"),
+        Column("Manufacturer", STR, "Manufacturer.", "Manufacturer"),
+        Column("ManufacturerModelName", STR, "Device model.", "ManufacturerModelName"),
+        Column("StationName", STR, "Station name.", "StationName"),
+        Column("SeriesDate", DATE, "Series date.", "SeriesDate"),
+        Column("SeriesTime", TIME, "Series time.", "SeriesTime"),
+        Column("SeriesDescription", STR, "Series description.", "SeriesDescription"),
+        Column("SeriesNumber", I64, "Series number.", "SeriesNumber"),
+        Column("SOPClassUID", STR, "SOP class of the instances (the most frequent one).",
+               "SOPClassUID"),
+        Column("instanceCount", I64, "Number of instances in the series (idc_index name)."),
+        Column("series_size_MB", F64, "Total size of the series' files in MB (10^6 bytes)."),
+        Column("frame_count", I64, "Total frames (NumberOfFrames, 1 when absent)."),
+        Column("instance_number_min", I64, "Smallest InstanceNumber."),
+        Column("instance_number_max", I64, "Largest InstanceNumber."),
+        Column("slice_thickness_min", F64, "Smallest SliceThickness in mm."),
+        Column("slice_thickness_max", F64, "Largest SliceThickness in mm."),
+        Column("pixel_spacing_min", F64, "Smallest in-plane pixel spacing in mm."),
+        Column("pixel_spacing_max", F64, "Largest in-plane pixel spacing in mm."),
+        Column("kvp_min", F64, "Smallest KVP."),
+        Column("kvp_max", F64, "Largest KVP."),
+        Column("ctdivol_min", F64, "Smallest header CTDIvol in mGy."),
+        Column("ctdivol_max", F64, "Largest header CTDIvol in mGy."),
+        Column("acquisition_date_min", DATE, "Earliest AcquisitionDate."),
+        Column("acquisition_date_max", DATE, "Latest AcquisitionDate."),
+        Column("distinct_orientations", I64, "Distinct ImageOrientationPatient values "
+               "(rounded to 1e-4); more than 1 means mixed orientations."),
+        Column("distinct_dimensions", I64, "Distinct Rows x Columns; more than 1 means mixed "
+               "matrix sizes."),
+        Column("distinct_positions", I64, "Distinct slice positions along the slice normal."),
+        Column("slice_spacing_min", F64, "Smallest gap between consecutive slice positions "
+               "along the normal, in mm."),
+        Column("slice_spacing_max", F64, "Largest gap between consecutive slice positions."),
+        Column("uneven_spacing", pa.bool_(), "True when slice gaps differ by more than 1% "
+               "(missing slices or a variable-spacing acquisition)."),
+        Column("study_year", I32, "Year of StudyDate (partition key)."),
+        Column("first_ingest_run_id", STR, "Run that added the first instance of the series."),
+        Column("last_ingest_run_id", STR, "Run that added the latest instance of the series."),
+    ),
+    partition_by=("Modality", "study_year"),
+)
+
+STUDIES = TableSpec(
+    name="studies",
+    zone=RESEARCH,
+    grain="one row per StudyInstanceUID",
+    description="Study summary: patient, date/time, modalities, body parts, counts.",
+    columns=(
+        Column("StudyInstanceUID", STR, "Study UID.", "StudyInstanceUID"),
+        Column("PatientID", STR, "Patient identifier.", "PatientID"),
+        Column("PatientName", STR, "Patient name; identified lakes only.", "PatientName",
+               identified_only=True),
+        Column("PatientSex", STR, "Patient sex.", "PatientSex"),
+        Column("PatientAge", STR, "Age string at the study.", "PatientAge"),
+        Column("patient_age_years", F64, "Age at the study in years."),
+        Column("AccessionNumber", STR, "Accession number.", "AccessionNumber"),
+        Column("StudyID", STR, "Study id.", "StudyID"),
+        Column("StudyDate", DATE, "Study date.", "StudyDate"),
+        Column("StudyTime", TIME, "Study time.", "StudyTime"),
+        Column("StudyDescription", STR, "Study description.", "StudyDescription"),
+        Column("Modality", STR, "Main modality: the modality with most instances (ties by "
+               "name), so that each study has one (partition key)."),
+        Column("modalities", LIST_STR, "All modalities in the study, sorted."),
+        Column("body_parts", LIST_STR, "All BodyPartExamined values in the study, sorted."),
+        Column("BodyPartExamined", STR, "Main body part: the most frequent one."),
+        Column("InstitutionName", STR, "Institution.", "InstitutionName"),
+        Column("InstitutionalDepartmentName", STR, "Department.", "InstitutionalDepartmentName"),
+        Column("StationName", STR, "Station of the first series.", "StationName"),
+        Column("Manufacturer", STR, "Manufacturer of the first series.", "Manufacturer"),
+        Column("ManufacturerModelName", STR, "Model of the first series.",
+               "ManufacturerModelName"),
+        Column("series_count", I64, "Number of series."),
+        Column("instance_count", I64, "Number of instances."),
+        Column("study_size_MB", F64, "Total size of the study's files in MB (10^6 bytes)."),
+        Column("study_year", I32, "Year of StudyDate (partition key)."),
+    ),
+    partition_by=("Modality", "study_year"),
+)
+
+PATIENTS = TableSpec(
+    name="patients",
+    zone=RESEARCH,
+    grain="one row per PatientID",
+    description="Patient summary: sex, age range, first and last study.",
+    columns=(
+        Column("PatientID", STR, "Patient identifier.", "PatientID"),
+        Column("PatientName", STR, "Patient name; identified lakes only.", "PatientName",
+               identified_only=True),
+        Column("PatientSex", STR, "Patient sex (the most frequent value across studies).",
+               "PatientSex"),
+        Column("age_min_years", F64, "Youngest age at a study, in years."),
+        Column("age_max_years", F64, "Oldest age at a study, in years."),
+        Column("first_study_date", DATE, "Date of the first study."),
+        Column("last_study_date", DATE, "Date of the latest study."),
+        Column("study_count", I64, "Number of studies."),
+        Column("series_count", I64, "Number of series."),
+        Column("instance_count", I64, "Number of instances."),
+        Column("modalities", LIST_STR, "All modalities, sorted."),
+    ),
+)
+
+QUARANTINE = TableSpec(
+    name="quarantine",
+    zone=RESEARCH,
+    grain="one row per rejected input file and run",
+    description="Files that could not be ingested, with a reason code (paths are in the vault).",
+    columns=(
+        Column("file_sha256", STR, "SHA-256 of the rejected file (null when unreadable)."),
+        Column("file_size", I64, "Size of the file in bytes."),
+        Column("reason", STR, "Reason code (see etl.errors.REASONS)."),
+        Column("message", STR, "What was wrong, without the path."),
+        Column("ingest_run_id", STR, "The run that rejected it."),
+        Column("quarantined_at", TS, "When it was rejected."),
+    ),
+)
+
+CONFLICTS = TableSpec(
+    name="conflicts",
+    zone=RESEARCH,
+    grain="one row per file whose SOPInstanceUID is already in the lake with other content",
+    description="Same SOPInstanceUID, different bytes: the first version is kept, the other "
+    "recorded here.",
+    columns=(
+        Column("SOPInstanceUID", STR, "The contested instance UID.", "SOPInstanceUID"),
+        Column("StudyInstanceUID", STR, "Study of the rejected version.", "StudyInstanceUID"),
+        Column("SeriesInstanceUID", STR, "Series of the rejected version.", "SeriesInstanceUID"),
+        Column("kept_sha256", STR, "Checksum of the version kept in instances."),
+        Column("rejected_sha256", STR, "Checksum of the version not ingested."),
+        Column("kept_ingest_run_id", STR, "Run that ingested the kept version."),
+        Column("ingest_run_id", STR, "Run that met the rejected version."),
+        Column("differing_keywords", LIST_STR, "Header attributes whose values differ "
+               "(top level, bulk data excluded)."),
+        Column("detected_at", TS, "When the conflict was found."),
+    ),
+)
+
+INGEST_RUNS = TableSpec(
+    name="ingest_runs",
+    zone=RESEARCH,
+    grain="one row per ingest run",
+    description="Every run, even a no-op: version, configuration, counts, durations.",
+    columns=(
+        Column("ingest_run_id", STR, "Run id (UTC time + random suffix)."),
+        Column("started_at", TS, "Start time."),
+        Column("finished_at", TS, "End time."),
+        Column("code_version", STR, "Version of the imaging-lakehouse package."),
+        Column("schema_version", I64, "Table schema version."),
+        Column("config_hash", STR, "SHA-256 of the ingest configuration (JSON, sorted keys)."),
+        Column("config_json", STR, "The ingest configuration (source location excluded)."),
+        Column("source_kind", STR, "folder, dicomweb, ..."),
+        Column("files_seen", I64, "Files found by discovery."),
+        Column("files_unchanged", I64, "Files already ingested in an earlier run with the same "
+               "path, size and mtime; not re-read."),
+        Column("files_ingested", I64, "Files that added a new instance row."),
+        Column("files_duplicate", I64, "Files byte-identical to an instance already in the lake."),
+        Column("files_conflict", I64, "Files with a known SOPInstanceUID but other content."),
+        Column("files_skipped", I64, "Files skipped on purpose (DICOMDIR)."),
+        Column("files_quarantined", I64, "Files rejected with a reason code."),
+        Column("bytes_read", I64, "Bytes of the files read."),
+        Column("discover_seconds", F64, "Time spent discovering files."),
+        Column("extract_seconds", F64, "Time spent reading headers and committing rows."),
+        Column("summarize_seconds", F64, "Time spent rebuilding series/studies/patients."),
+        Column("total_seconds", F64, "Wall time of the run."),
+        Column("workers", I64, "Dask workers used."),
+        Column("scheduler", STR, "Dask scheduler: processes, threads, synchronous or an address."),
+        Column("status", STR, "completed, or failed with the reason in message."),
+        Column("message", STR, "Error message of a failed run."),
+    ),
+)
+
+FILES = TableSpec(
+    name="files",
+    zone=VAULT,
+    grain="one row per file path and run that read it",
+    description="Vault: source paths with their outcome; drives incremental ingest.",
+    columns=(
+        Column("path", STR, "Absolute source path (identifying: vault only)."),
+        Column("file_size", I64, "Size in bytes when read."),
+        Column("mtime_ns", I64, "Modification time in ns when read."),
+        Column("file_sha256", STR, "SHA-256 of the file (null when unreadable)."),
+        Column("outcome", STR, "ingested, duplicate, conflict, skipped or quarantined."),
+        Column("reason", STR, "Reason code for skipped / quarantined files."),
+        Column("message", STR, "Detail of the reason."),
+        Column("SOPInstanceUID", STR, "Instance UID found in the file, when any."),
+        Column("ingest_run_id", STR, "The run that read the file."),
+    ),
+)
+
+TABLES: dict[str, TableSpec] = {
+    t.name: t for t in (INSTANCES, SERIES, STUDIES, PATIENTS, QUARANTINE, CONFLICTS,
+                        INGEST_RUNS, FILES)
+}
+
+
+def table(name: str) -> TableSpec:
+    from lakehouse.errors import UnknownTableError
+
+    try:
+        return TABLES[name]
+    except KeyError:
+        raise UnknownTableError(name, sorted(TABLES)) from None
+
+
+def storage_type(logical: pa.DataType) -> pa.DataType:
+    return pa.string() if pa.types.is_time(logical) else logical
+
+
+def conform(spec: TableSpec, data: pa.Table, profile: str) -> pa.Table:
+    """Select and cast ``data`` to the table's storage schema; missing columns are null."""
+    schema = spec.storage_schema(profile)
+    arrays = []
+    for f in schema:
+        if f.name in data.column_names:
+            col = data.column(f.name)
+            if pa.types.is_time(col.type):
+                col = col.cast(pa.time64("us")).cast(pa.string())
+            arrays.append(col.cast(f.type))
+        else:
+            arrays.append(pa.nulls(data.num_rows, f.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
