@@ -109,7 +109,8 @@ class _Job:
         self._ingested: list[pa.Table] = []
         self._files: list[pa.Table] = []
         self._conflicts: list[dict] = []
-        self._pending: dict[str, tuple[str, str, int]] = {}  # uid -> (sha, run, buffer index)
+        # uid -> (sha, run id, wave table, row) of instances buffered in this run
+        self._pending: dict[str, tuple[str, str, pa.Table, int]] = {}
         self._buffer_rows = 0
         self._buffer_bytes = 0
 
@@ -225,15 +226,18 @@ class _Job:
                 self.summary.quarantine_reasons[reasons[i]] = \
                     self.summary.quarantine_reasons.get(reasons[i], 0) + 1
             elif uid in self._pending or uid in known:
-                kept_sha, kept_run, *_ = self._pending.get(uid) or known[uid]
+                kept_sha, kept_run, *where = self._pending.get(uid) or known[uid]
                 if kept_sha == sha:
                     outcome.append("duplicate")
                 else:
                     outcome.append("conflict")
-                    self._conflicts.append(self._conflict(wave, i, kept_sha, kept_run))
+                    kept_json = (where[0].column("dicom_json")[where[1]].as_py() if where
+                                 else self._committed_json(uid))
+                    self._conflicts.append(self._conflict(wave, i, kept_sha, kept_run,
+                                                          kept_json))
             else:
                 outcome.append("ingested")
-                self._pending[uid] = (sha, self.summary.run_id, len(take))
+                self._pending[uid] = (sha, self.summary.run_id, wave, i)
                 take.append(i)
         for o in outcome:
             self.summary.outcomes[o] += 1
@@ -247,9 +251,9 @@ class _Job:
             self._buffer_rows += rows.num_rows
             self._buffer_bytes += rows.column("dicom_json").nbytes
 
-    def _conflict(self, wave: pa.Table, i: int, kept_sha: str, kept_run: str) -> dict:
+    def _conflict(self, wave: pa.Table, i: int, kept_sha: str, kept_run: str,
+                  kept_json: str | None) -> dict:
         row = wave.slice(i, 1).to_pylist()[0]
-        kept_json = self._kept_json(row["SOPInstanceUID"])
         return {
             "SOPInstanceUID": row["SOPInstanceUID"],
             "StudyInstanceUID": row["StudyInstanceUID"],
@@ -262,11 +266,7 @@ class _Job:
             "detected_at": datetime.now(UTC),
         }
 
-    def _kept_json(self, uid: str) -> str | None:
-        for t in self._ingested:
-            hit = t.filter(pc.equal(t.column("SOPInstanceUID"), uid))
-            if hit.num_rows:
-                return hit.column("dicom_json")[0].as_py()
+    def _committed_json(self, uid: str) -> str | None:
         t = self.w.dataset("instances").to_table(
             columns=["dicom_json"], filter=ds.field("SOPInstanceUID") == uid)
         return t.column(0)[0].as_py() if t.num_rows else None

@@ -1,0 +1,58 @@
+"""Session fixtures: one generated archive and one lake built from it, reused by all tests.
+
+Tests that change a lake copy it first (``lake_copy``) so the shared one stays
+as built.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from catalog import open_lake
+from etl import IngestConfig, ingest
+from lakehouse import Lake
+from synth import generate_archive
+
+
+@pytest.fixture(scope="session")
+def archive(tmp_path_factory) -> tuple[Path, object]:
+    root = tmp_path_factory.mktemp("archive") / "pacs"
+    truth = generate_archive(root, seed=0, preset="test")
+    return root, truth
+
+
+@pytest.fixture(scope="session")
+def truth(archive):
+    return archive[1]
+
+
+@pytest.fixture(scope="session")
+def built_lake(archive, tmp_path_factory):
+    """(lake path, run summary) of the sample archive ingested with Dask processes."""
+    path = tmp_path_factory.mktemp("lakes") / "lake"
+    lake = Lake.create(path)
+    summary = ingest(lake, archive[0], IngestConfig(scheduler="processes", workers=2,
+                                                    batch_files=64))
+    return path, summary
+
+
+@pytest.fixture()
+def lake_copy(built_lake, tmp_path) -> Path:
+    dest = tmp_path / "lake"
+    shutil.copytree(built_lake[0], dest, symlinks=True)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def cat(built_lake):
+    with open_lake(built_lake[0]) as c:
+        yield c
+
+
+def fast_config(**kw) -> IngestConfig:
+    """In-process Dask scheduler for tests that run many small ingests."""
+    kw.setdefault("scheduler", "synchronous")
+    return IngestConfig(**kw)

@@ -1,0 +1,115 @@
+import datetime as dt
+import pickle
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from deltalake import DeltaTable
+
+from lakehouse import Lake, NoLakeError
+from lakehouse.errors import LakeBusyError, LakeExistsError, SnapshotNotFoundError
+from lakehouse.layout import table_path
+from lakehouse.schemas import TABLES, conform
+
+
+def test_create_makes_every_table_and_snapshot_zero(tmp_path):
+    lake = Lake.create(tmp_path / "lk")
+    snap = lake.snapshot()
+    assert snap.number == 0
+    assert set(snap.versions) == set(TABLES)
+    assert all(lake.count(t) == 0 for t in TABLES)
+    assert (tmp_path / "lk" / "vault").stat().st_mode & 0o777 == 0o700
+
+
+def test_create_refuses_existing_lake_and_open_refuses_missing(tmp_path):
+    Lake.create(tmp_path / "lk")
+    with pytest.raises(LakeExistsError):
+        Lake.create(tmp_path / "lk")
+    with pytest.raises(NoLakeError, match="lake init"):
+        Lake.open(tmp_path / "nothing")
+
+
+def test_writes_are_invisible_until_published(tmp_path):
+    lake = Lake.create(tmp_path / "lk")
+    with lake.writer("r1") as w:
+        w.append("quarantine", pa.table({"reason": ["empty_file"], "file_size": [0]}))
+        assert lake.count("quarantine") == 0  # readers still on snapshot 0
+        snap = w.publish("one row")
+    assert snap.number == 1
+    assert lake.count("quarantine") == 1
+    assert lake.count("quarantine", lake.snapshot(0)) == 0
+    with pytest.raises(SnapshotNotFoundError):
+        lake.snapshot(7)
+
+
+def test_unpublished_commits_are_rolled_back_by_the_next_writer(tmp_path):
+    lake = Lake.create(tmp_path / "lk")
+    with lake.writer("r1") as w:
+        w.append("quarantine", pa.table({"reason": ["a"]}))
+        w.publish()
+    with lake.writer("r2") as w:  # dies before publishing
+        w.append("quarantine", pa.table({"reason": ["b", "c"]}))
+    path = str(table_path(lake.root, "quarantine"))
+    assert DeltaTable(path).to_pyarrow_table().num_rows == 3  # the log has it...
+    with lake.writer("r3") as w:  # ...until the next writer starts
+        assert DeltaTable(path).to_pyarrow_table().column("reason").to_pylist() == ["a"]
+        w.publish()
+    assert lake.read("quarantine").column("reason").to_pylist() == ["a"]
+
+
+def test_one_writer_at_a_time(tmp_path):
+    lake = Lake.create(tmp_path / "lk")
+    with lake.writer("r1"), pytest.raises(LakeBusyError), lake.writer("r2"):
+        pass
+
+
+def test_time_columns_round_trip_and_partitions_are_safe(tmp_path):
+    lake = Lake.create(tmp_path / "lk")
+    data = pa.table({
+        "SOPInstanceUID": ["1.2", "1.3", "1.4"],
+        "Modality": ["CT", "../../evil", None],
+        "study_year": pa.array([2020, 2021, None], pa.int32()),
+        "StudyTime": pa.array([dt.time(14, 30, 1, 5), None, dt.time(0, 0)]),
+        "PixelSpacing": pa.array([[0.5, 0.5], None, [1.0, 2.0]]),
+    })
+    with lake.writer("r1") as w:
+        w.append("instances", data)
+        w.publish()
+    got = lake.read("instances", columns=["SOPInstanceUID", "Modality", "StudyTime",
+                                          "PixelSpacing"]).sort_by("SOPInstanceUID")
+    assert got.column("Modality").to_pylist() == ["CT", "../../evil", None]
+    assert got.column("StudyTime").to_pylist() == ["14:30:01.000005", None, "00:00:00.000000"]
+    assert got.column("PixelSpacing").to_pylist() == [[0.5, 0.5], None, [1.0, 2.0]]
+    files = list((tmp_path / "lk" / "research" / "instances").rglob("*.parquet"))
+    assert len(files) == 3
+    assert all(str(f.resolve()).startswith(str((tmp_path / "lk").resolve())) for f in files)
+
+
+def test_every_parquet_file_carries_provenance(tmp_path):
+    lake = Lake.create(tmp_path / "lk")
+    with lake.writer("run-42") as w:
+        w.append("ingest_runs", pa.table({"ingest_run_id": ["run-42"]}), param_hash="abc")
+        w.publish()
+    (f,) = (tmp_path / "lk" / "research" / "ingest_runs").glob("*.parquet")
+    meta = pq.read_metadata(f).metadata
+    assert meta[b"lake.run_id"] == b"run-42"
+    assert meta[b"lake.table"] == b"ingest_runs"
+    assert meta[b"lake.param_hash"] == b"abc"
+    assert meta[b"lake.schema_version"] == b"1"
+
+
+def test_conform_fills_missing_columns_and_drops_unknown():
+    t = conform(TABLES["quarantine"], pa.table({"reason": ["x"], "bogus": [1]}), "identified")
+    assert t.column_names == TABLES["quarantine"].column_names()
+    assert t.column("file_size").to_pylist() == [None]
+
+
+def test_research_profile_schema_has_no_identified_only_columns():
+    names = TABLES["instances"].column_names("research")
+    assert "PatientName" not in names and "PatientBirthDate" not in names
+    assert "PatientName" in TABLES["instances"].column_names("identified")
+
+
+def test_errors_pickle_with_their_data(tmp_path):
+    err = pickle.loads(pickle.dumps(NoLakeError(tmp_path)))
+    assert err.path == str(tmp_path) and "lake init" in str(err)
