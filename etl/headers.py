@@ -142,8 +142,8 @@ def extract(ds: Dataset) -> dict[str, Any]:
     rec: dict[str, Any] = {}
     for col in HEADER_COLUMNS:
         try:
-            elem = ds[col.keyword] if col.keyword in ds else None
-        except Exception:  # noqa: BLE001 - an undecodable element is an absent value
+            elem = ds.data_element(col.keyword or col.name)
+        except Exception:  # an undecodable element is an absent value
             elem = None
         value = None if elem is None else elem.value
         try:

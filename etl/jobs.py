@@ -180,6 +180,7 @@ class _Job:
         try:
             pending = runner.submit(waves[0]) if waves else None
             for k in range(len(waves)):
+                assert pending is not None
                 tables = pending.result()
                 pending = runner.submit(waves[k + 1]) if k + 1 < len(waves) else None
                 wave = pa.concat_tables(tables)

@@ -148,7 +148,8 @@ INSTANCES = TableSpec(
     name="instances",
     zone=RESEARCH,
     grain="one row per unique SOPInstanceUID",
-    description="Every DICOM instance of the archive, typed header attributes plus the full header.",
+    description="Every DICOM instance of the archive: typed header attributes and the full "
+    "header.",
     columns=(
         *HEADER_COLUMNS,
         Column("patient_age_years", F64, "Age at the study in years, from PatientAge "

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import IO
 from urllib.parse import quote
 
 import pyarrow as pa
@@ -28,7 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
-from deltalake.transaction import AddAction, CommitProperties
+from deltalake.transaction import AddAction, CommitProperties, RemoveAction
 
 from lakehouse import layout
 from lakehouse.config import PROFILES, LakeConfig
@@ -203,7 +204,7 @@ class LakeWriter:
     def __init__(self, lake: Lake, run_id: str):
         self.lake = lake
         self.run_id = run_id
-        self._lock_fh = None
+        self._lock_fh: IO[str] | None = None
         self.base: Snapshot | None = None
         self.versions: dict[str, int] = {}
         #: Free-form state carried from snapshot to snapshot (e.g. what the
@@ -211,7 +212,7 @@ class LakeWriter:
         self.extra: dict = {}
 
     def __enter__(self) -> LakeWriter:
-        fh = open(layout.lock_path(self.lake.root), "a+")  # noqa: SIM115 - held until exit
+        fh = open(layout.lock_path(self.lake.root), "a+")
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -266,7 +267,7 @@ class LakeWriter:
             return self.versions[name]
         root = layout.table_path(self.lake.root, name)
         meta = file_metadata(self.run_id, name, param_hash)
-        actions = [self._stage(root, spec, part, values, meta)
+        actions: list[AddAction | RemoveAction] = [self._stage(root, spec, part, values, meta)
                    for values, part in _partitions(table, spec)]
         dt = DeltaTable(str(root))
         dt.create_write_transaction(

@@ -12,7 +12,7 @@ def test_views_and_tables(cat):
 
 
 def test_bound_parameters(cat, truth):
-    (pid, name), *_ = truth.names.items()
+    (pid, _name), *_ = truth.names.items()
     got = cat.arrow("SELECT count(*) AS n FROM patients WHERE PatientID = $pid", {"pid": pid})
     assert got.column("n").to_pylist() == [1]
 

@@ -1,6 +1,7 @@
 import struct
 import zlib
 from io import BytesIO
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -41,7 +42,7 @@ def test_sniff():
     assert sniff(b"hello world, this is text") == "not_dicom"
     assert sniff(b"\x89PNG\r\n\x1a\n" + bytes(200)) == "not_dicom"
     assert sniff(bytes(128) + b"DICM" + bytes(10)) == "part10"
-    assert sniff(open(get_testdata_file("ExplVR_BigEndNoMeta.dcm"), "rb").read()) == "raw"
+    assert sniff(Path(get_testdata_file("ExplVR_BigEndNoMeta.dcm")).read_bytes()) == "raw"
 
 
 def test_a_good_file_passes_and_the_header_ends_at_pixel_data():
