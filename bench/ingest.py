@@ -1,0 +1,502 @@
+"""Benchmark: ``lake ingest`` against a naive single-process pydicom baseline.
+
+For each archive size this script
+
+1. generates a synthetic archive with ``synth.generate_archive(preset="bench")``
+   (a large share of 512x512 int16 CT slices, so files have realistic sizes);
+2. warms the page cache by reading every file once (both contenders then read
+   from memory, and neither pays the cold-cache cost for the other);
+3. runs the baseline in this process: walk, ``pydicom.dcmread(path,
+   stop_before_pixels=True)`` per file, the ``lakehouse.schemas.HEADER_COLUMNS``
+   keywords with simple conversion, rows into a pandas DataFrame, ``to_parquet``;
+4. runs ``etl.jobs.ingest`` on a fresh lake in a child process (default
+   ``IngestConfig()``, and optionally ``scheduler="local-cluster"``), timed end
+   to end inside the child, while this process samples the memory of the child
+   and all its descendants;
+5. runs ``ingest`` a second time on the same lake (nothing changed: a no-op).
+
+Figures are ratios against the baseline measured in the same run (machines
+are shared and noisy). This is a benchmark, not a timed test.
+
+    python bench/ingest.py [--files 20000] [--sizes 5000,20000] [--workdir DIR]
+                           [--keep] [--repeat 1] [--schedulers processes,local-cluster]
+                           [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+MiB = 1024 * 1024
+SAMPLE_SECONDS = 0.05
+CHILD_FLAG = "--_child"
+
+
+# --- archive -------------------------------------------------------------------
+def archive_files(root: Path) -> list[Path]:
+    """Every regular file below ``root``, in sorted walk order."""
+    out: list[Path] = []
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        out.extend(Path(folder) / f for f in sorted(files))
+    return out
+
+
+def prepare_archive(workdir: Path, n: int, seed: int, log) -> tuple[Path, dict | None, float]:
+    """Generate (or reuse) the archive of about ``n`` files; return root, truth outcomes,
+    seconds spent generating (0 when reused)."""
+    from synth import GroundTruth, generate_archive
+
+    root = workdir / f"archive-{n}"
+    truth_path = workdir / f"archive-{n}.truth.json"
+    done = workdir / f"archive-{n}.done"
+    if done.exists() and root.is_dir():
+        log(f"reusing archive {root}")
+        truth = GroundTruth.from_json(truth_path.read_text(encoding="utf-8"))
+        return root, dict(truth.outcomes), 0.0
+    if root.exists():
+        shutil.rmtree(root)
+    log(f"generating archive of ~{n} files in {root} ...")
+    t = time.perf_counter()
+    truth = generate_archive(root, seed=seed, preset="bench", target_files=n,
+                             truth_path=truth_path)
+    seconds = time.perf_counter() - t
+    done.write_text("ok\n", encoding="utf-8")
+    log(f"  generated in {seconds:.1f} s")
+    return root, dict(truth.outcomes), seconds
+
+
+def warm_cache(files: list[Path]) -> tuple[int, float]:
+    """Read every file once (page cache warming); return total bytes and seconds."""
+    total = 0
+    t = time.perf_counter()
+    buf = bytearray(4 * MiB)
+    view = memoryview(buf)
+    for p in files:
+        with open(p, "rb", buffering=0) as fh:
+            while k := fh.readinto(view):
+                total += k
+    return total, time.perf_counter() - t
+
+
+# --- baseline ------------------------------------------------------------------
+def _converter(arrow_type):
+    import pyarrow as pa
+
+    def scalar(fn):
+        def conv(v):
+            if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue":
+                v = v[0] if len(v) else None
+            if v is None or v == "":
+                return None
+            try:
+                return fn(v)
+            except (TypeError, ValueError):
+                return None
+        return conv
+
+    def listing(fn):
+        def conv(v):
+            if v is None or v == "":
+                return None
+            items = list(v) if isinstance(v, (list, tuple)) or \
+                type(v).__name__ == "MultiValue" else [v]
+            try:
+                return [fn(x) for x in items]
+            except (TypeError, ValueError):
+                return None
+        return conv
+
+    if pa.types.is_list(arrow_type):
+        inner = arrow_type.value_type
+        return listing(float if pa.types.is_floating(inner) else
+                       int if pa.types.is_integer(inner) else str)
+    if pa.types.is_floating(arrow_type):
+        return scalar(float)
+    if pa.types.is_integer(arrow_type):
+        return scalar(int)
+    return scalar(str)  # strings, and DA/TM values kept as their header strings
+
+
+def run_baseline(root: Path, out: Path) -> dict:
+    """One process: dcmread(stop_before_pixels=True) per file, header columns, Parquet."""
+    import pandas as pd
+    import pydicom
+
+    from lakehouse.schemas import HEADER_COLUMNS
+
+    columns = [(c.keyword, _converter(c.type)) for c in HEADER_COLUMNS if c.keyword]
+    t = time.perf_counter()
+    files = archive_files(root)
+    rows: list[dict] = []
+    failed = 0
+    for p in files:
+        try:
+            ds = pydicom.dcmread(p, stop_before_pixels=True)
+            row = {}
+            for kw, conv in columns:
+                if kw == "TransferSyntaxUID":
+                    v = ds.file_meta.get(kw) if getattr(ds, "file_meta", None) else None
+                else:
+                    v = ds.get(kw)
+                row[kw] = conv(v)
+        except Exception:
+            failed += 1
+            continue
+        row["path"] = str(p)
+        rows.append(row)
+    df = pd.DataFrame(rows, columns=[kw for kw, _ in columns] + ["path"])
+    df.to_parquet(out, index=False)
+    seconds = time.perf_counter() - t
+    return {"seconds": seconds, "files": len(files), "rows": len(rows), "failed": failed,
+            "parquet_bytes": out.stat().st_size}
+
+
+# --- lake ingest in a child process -------------------------------------------------
+def child_main(argv: list[str]) -> None:
+    """``ingest.py --_child LAKE ARCHIVE SCHEDULER WORKERS RESULT [create]``."""
+    import logging
+
+    from etl.config import IngestConfig
+    from etl.jobs import ingest
+    from lakehouse.tables import Lake
+
+    logging.basicConfig(level=logging.WARNING)
+    lake_dir, archive, scheduler, workers, result, mode = argv
+    config = IngestConfig(scheduler=scheduler, workers=int(workers) or None)
+    t = time.perf_counter()
+    lake = Lake.create(lake_dir) if mode == "create" else Lake.open(lake_dir)
+    t_open = time.perf_counter() - t
+    t = time.perf_counter()
+    summary = ingest(lake, archive, config)
+    seconds = time.perf_counter() - t
+    Path(result).write_text(json.dumps({"seconds": seconds, "open_seconds": t_open,
+                                        "summary": summary.to_dict()}), encoding="utf-8")
+
+
+def _hwm_bytes(pid: int) -> int:
+    """VmHWM (peak resident set) of a process, from /proc; 0 if unavailable."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+class TreeMemorySampler:
+    """Samples the summed RSS of a process and all its descendants (psutil).
+
+    ``peak_sum``: the largest summed RSS seen at one sampling instant (what the
+    machine had to hold at once, give or take the sampling interval).
+    ``hwm_sum``: the sum over processes of each one's own peak (VmHWM, read
+    while it was alive); an upper bound, since those peaks need not coincide.
+    """
+
+    def __init__(self, pid: int, interval: float = SAMPLE_SECONDS):
+        import psutil
+
+        self._psutil = psutil
+        self.root = psutil.Process(pid)
+        self.interval = interval
+        self.peak_sum = 0
+        self.peak_procs = 0
+        self.hwm: dict[tuple[int, float], int] = {}
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> TreeMemorySampler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        ps = self._psutil
+        try:
+            procs = [self.root, *self.root.children(recursive=True)]
+        except ps.Error:
+            return
+        total = 0
+        alive = 0
+        for p in procs:
+            try:
+                total += p.memory_info().rss
+                key = (p.pid, p.create_time())
+            except ps.Error:
+                continue
+            alive += 1
+            hwm = _hwm_bytes(p.pid)
+            if hwm > self.hwm.get(key, 0):
+                self.hwm[key] = hwm
+        self.samples += 1
+        if total > self.peak_sum:
+            self.peak_sum, self.peak_procs = total, alive
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.interval)
+
+    @property
+    def hwm_sum(self) -> int:
+        return sum(self.hwm.values())
+
+
+def run_ingest_child(lake_dir: Path, archive: Path, scheduler: str, workers: int,
+                     create: bool) -> dict:
+    result = lake_dir.parent / f"{lake_dir.name}.{'full' if create else 'rerun'}.json"
+    cmd = [sys.executable, os.path.abspath(__file__), CHILD_FLAG, str(lake_dir), str(archive),
+           scheduler, str(workers), str(result), "create" if create else "open"]
+    t = time.perf_counter()
+    env = {**os.environ, "DASK_LOGGING__DISTRIBUTED": "warning"}
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env)
+    sampler = TreeMemorySampler(proc.pid).start()
+    rc = proc.wait()
+    sampler.stop()
+    wall = time.perf_counter() - t
+    if rc != 0:
+        raise RuntimeError(f"ingest child failed with exit code {rc}: {' '.join(cmd)}")
+    out = json.loads(result.read_text(encoding="utf-8"))
+    out.update(wall_seconds=wall, peak_rss_sum=sampler.peak_sum,
+               peak_rss_procs=sampler.peak_procs, hwm_sum=sampler.hwm_sum,
+               processes_seen=len(sampler.hwm), samples=sampler.samples)
+    return out
+
+
+# --- the benchmark ---------------------------------------------------------------
+def bench_size(workdir: Path, n: int, args, log) -> dict:
+    root, truth, gen_seconds = prepare_archive(workdir, n, args.seed, log)
+    files = archive_files(root)
+    log(f"warming the page cache: reading {len(files)} files once ...")
+    total_bytes, warm_seconds = warm_cache(files)
+    log(f"  {total_bytes / MiB:,.0f} MiB in {warm_seconds:.1f} s")
+
+    base_runs = []
+    for r in range(args.repeat):
+        out = workdir / f"baseline-{n}.parquet"
+        log(f"baseline (single-process pydicom -> pandas -> Parquet), run {r + 1} ...")
+        base_runs.append(run_baseline(root, out))
+        out.unlink()
+        log(f"  {base_runs[-1]['seconds']:.1f} s, {base_runs[-1]['failed']} files failed")
+    baseline = min(base_runs, key=lambda b: b["seconds"])
+    baseline_fps = len(files) / baseline["seconds"]
+
+    results = {}
+    for sched in args.schedulers:
+        workers = args.cluster_workers if sched == "local-cluster" else 0
+        runs = []
+        for r in range(args.repeat):
+            lake_dir = workdir / f"lake-{n}-{sched}"
+            if lake_dir.exists():
+                shutil.rmtree(lake_dir)
+            log(f"lake ingest ({sched}), run {r + 1} ...")
+            full = run_ingest_child(lake_dir, root, sched, workers, create=True)
+            log(f"  {full['seconds']:.1f} s, peak {full['peak_rss_sum'] / MiB:,.0f} MiB, "
+                f"outcomes {full['summary']['outcomes']}")
+            rerun = run_ingest_child(lake_dir, root, sched, workers, create=False)
+            log(f"  no-op rerun {rerun['seconds']:.2f} s")
+            runs.append({"full": full, "rerun": rerun})
+            shutil.rmtree(lake_dir)
+        best = min(runs, key=lambda x: x["full"]["seconds"])
+        full, rerun = best["full"], best["rerun"]
+        outcomes = full["summary"]["outcomes"]
+        fps = len(files) / full["seconds"]
+        results[sched] = {
+            "scheduler": full["summary"]["scheduler"] or sched,
+            "workers": full["summary"]["workers"],
+            "seconds": full["seconds"],
+            "files_per_s": fps,
+            "ratio_vs_baseline": fps / baseline_fps,
+            "peak_mib": max(x["full"]["peak_rss_sum"] for x in runs) / MiB,
+            "peak_mib_upper_bound": max(x["full"]["hwm_sum"] for x in runs) / MiB,
+            "processes": full["processes_seen"],
+            "child_wall_seconds": full["wall_seconds"],
+            "rerun_seconds": rerun["seconds"],
+            "rerun_ratio": rerun["seconds"] / full["seconds"],
+            "rerun_unchanged": rerun["summary"]["files_unchanged"],
+            "outcomes": outcomes,
+            "matches_truth": truth is None or outcomes == truth,
+            "all_seconds": [x["full"]["seconds"] for x in runs],
+        }
+        if truth is not None and outcomes != truth:
+            log(f"  WARNING: outcomes {outcomes} differ from the ground truth {truth}")
+    return {
+        "files": len(files),
+        "total_bytes": total_bytes,
+        "generate_seconds": gen_seconds,
+        "warm_read_seconds": warm_seconds,
+        "baseline": {"seconds": baseline["seconds"], "files_per_s": baseline_fps,
+                     "rows": baseline["rows"], "failed": baseline["failed"],
+                     "all_seconds": [b["seconds"] for b in base_runs]},
+        "ingest": results,
+    }
+
+
+def render_table(report: dict) -> str:
+    head = ("files", "GiB", "baseline f/s", "scheduler", "ingest f/s", "ingest/base",
+            "peak MiB", "rerun s", "rerun/full", "truth")
+    rows = []
+    for size in report["sizes"]:
+        for res in size["ingest"].values():
+            rows.append((f"{size['files']:,}", f"{size['total_bytes'] / 1024**3:.2f}",
+                         f"{size['baseline']['files_per_s']:.0f}", res["scheduler"],
+                         f"{res['files_per_s']:.0f}", f"{res['ratio_vs_baseline']:.2f}",
+                         f"{res['peak_mib']:,.0f}", f"{res['rerun_seconds']:.2f}",
+                         f"{res['rerun_ratio']:.3f}",
+                         "ok" if res["matches_truth"] else "DIFF"))
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
+
+
+def code_revision() -> str:
+    """Git commit of the code under test (``+dirty`` with uncommitted changes), if known."""
+    import etl
+
+    repo = Path(etl.__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--",
+                                "etl", "lakehouse"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return f"unknown ({repo})"
+    return rev + ("+dirty" if dirty else "")
+
+
+def render(report: dict) -> str:
+    out = [f"ingest benchmark  {report['date']}  {report['cpus']} CPUs  "
+           f"python {report['python']}  code {report['code']}  "
+           f"repeat={report['repeat']} (best run shown)",
+           "", render_table(report), ""]
+    for size in report["sizes"]:
+        b = size["baseline"]
+        out.append(f"{size['files']:,} files: baseline {b['seconds']:.1f} s "
+                   f"({b['rows']:,} rows, {b['failed']} unreadable files skipped); "
+                   f"cache warm-up read {size['total_bytes'] / MiB:,.0f} MiB "
+                   f"in {size['warm_read_seconds']:.2f} s")
+        for res in size["ingest"].values():
+            out.append(f"  {res['scheduler']}: {res['seconds']:.1f} s, peak {res['peak_mib']:,.0f} "
+                       f"MiB (upper bound {res['peak_mib_upper_bound']:,.0f} MiB, "
+                       f"{res['processes']} processes), outcomes {res['outcomes']}"
+                       f"{'' if res['matches_truth'] else '  (DIFFER FROM GROUND TRUTH)'}")
+    flat = report.get("flatness")
+    if flat:
+        out.append("")
+        for sched, f in flat.items():
+            out.append(f"peak memory flatness ({sched}): "
+                       + ", ".join(f"{n:,} files {m:,.0f} MiB" for n, m in f["peak_mib"])
+                       + f"; largest/smallest = {f['ratio']:.2f} "
+                       f"for {f['files_ratio']:.1f}x the files")
+    out += ["", "method: page cache warmed by reading every file once before timing; baseline "
+            "(one process) runs first, then lake ingest in a child process; peak memory = "
+            "largest summed RSS of the ingest child and all its descendants, sampled every "
+            f"{SAMPLE_SECONDS * 1000:.0f} ms with psutil; rerun = second ingest on the same "
+            "lake (unchanged archive)."]
+    return "\n".join(out)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--files", type=int, default=20_000, help="archive size (default 20000)")
+    ap.add_argument("--sizes", help="comma-separated archive sizes (overrides --files), "
+                    "e.g. 5000,20000 to check that peak memory stays flat")
+    ap.add_argument("--workdir", type=Path, help="working folder (default: a temp folder "
+                    "under /tmp, deleted at the end unless --keep)")
+    ap.add_argument("--keep", action="store_true", help="keep the workdir; a later run with "
+                    "the same --workdir reuses the generated archives")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each contender; the "
+                    "fastest is reported (default 1)")
+    ap.add_argument("--schedulers", default="processes,local-cluster",
+                    help="IngestConfig.scheduler values to run (default processes,local-cluster)")
+    ap.add_argument("--cluster-workers", type=int, default=2,
+                    help="workers of the local-cluster run (default 2)")
+    ap.add_argument("--seed", type=int, default=0, help="archive seed (default 0)")
+    ap.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = ap.parse_args(argv)
+    args.sizes = sorted([int(s) for s in args.sizes.split(",") if s.strip()] if args.sizes
+                  else [args.files])
+    args.schedulers = [s.strip() for s in args.schedulers.split(",") if s.strip()]
+    if args.repeat < 1 or any(s < 1 for s in args.sizes):
+        ap.error("--repeat and sizes must be positive")
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+
+    def log(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    made_temp = args.workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="bench-ingest-", dir="/tmp")) if made_temp \
+        else args.workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    log(f"workdir {workdir}")
+    code = code_revision()
+    try:
+        sizes = [bench_size(workdir, n, args, log) for n in args.sizes]
+    finally:
+        if not args.keep:
+            if made_temp:
+                shutil.rmtree(workdir, ignore_errors=True)
+            else:  # remove only what this script created
+                for n in args.sizes:
+                    shutil.rmtree(workdir / f"archive-{n}", ignore_errors=True)
+                    for suffix in (".truth.json", ".done"):
+                        (workdir / f"archive-{n}{suffix}").unlink(missing_ok=True)
+        else:
+            log(f"kept {workdir}")
+    report = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(), "python": platform.python_version(),
+        "code": code, "repeat": args.repeat, "sizes": sizes,
+        "method": {
+            "cache": "every file read once before timing; baseline runs first, then ingest",
+            "peak_memory": "max summed RSS of the ingest child process and its descendants, "
+                           f"psutil sampling every {SAMPLE_SECONDS}s; upper bound = sum of "
+                           "each process's VmHWM",
+            "timing": "ingest(): timed inside the child around the call (discover, extract, "
+                      "Delta commits, summary tables, run record); baseline: walk + read + "
+                      "DataFrame + Parquet",
+        },
+    }
+    if len(sizes) > 1:
+        small, large = sizes[0], sizes[-1]
+        report["flatness"] = {
+            sched: {"peak_mib": [(s["files"], s["ingest"][sched]["peak_mib"]) for s in sizes],
+                    "ratio": large["ingest"][sched]["peak_mib"]
+                    / small["ingest"][sched]["peak_mib"],
+                    "files_ratio": large["files"] / small["files"]}
+            for sched in args.schedulers
+        }
+    print(json.dumps(report, indent=2) if args.json else render(report))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == CHILD_FLAG:
+        child_main(sys.argv[2:])
+    else:
+        sys.exit(main(sys.argv[1:]))

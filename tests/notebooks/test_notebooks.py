@@ -1,0 +1,23 @@
+"""Every notebook runs top to bottom with a real kernel against the session's lake."""
+
+from pathlib import Path
+
+import pytest
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[2] / "notebooks").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_executes(path, built_lake, monkeypatch, tmp_path):
+    jupytext = pytest.importorskip("jupytext")
+    nbclient = pytest.importorskip("nbclient")
+    monkeypatch.setenv("LAKE_DIR", str(built_lake[0]))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    nb = jupytext.read(path)
+    client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=180,
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if o.get("output_type") == "error"]
+    assert errors == []
+    assert any(c.get("outputs") for c in nb.cells if c.cell_type == "code")

@@ -1,0 +1,124 @@
+"""The `lake` command, in process (main(argv)) and once as the installed console script."""
+
+import csv
+import io
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from pydicom.data import get_testdata_file
+
+from lake_cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_sql_formats(capsys, built_lake, truth):
+    lake = str(built_lake[0])
+    q = "SELECT Modality, count(*) AS n, min(StudyDate) AS first FROM studies GROUP BY 1 ORDER BY 1"
+    code, out, _ = run(capsys, "sql", q, "--lake", lake, "--format", "json")
+    assert code == 0
+    rows = json.loads(out)
+    assert {r["Modality"]: r["n"] for r in rows} == truth.studies_by_modality
+    assert all(len(r["first"]) == 10 and r["first"][4] == "-" for r in rows)  # ISO dates
+
+    code, out, _ = run(capsys, "sql", q, "--lake", lake, "--format", "csv")
+    parsed = list(csv.reader(io.StringIO(out)))
+    assert parsed[0] == ["Modality", "n", "first"]
+    assert {r[0]: int(r[1]) for r in parsed[1:]} == truth.studies_by_modality
+
+    code, out, _ = run(capsys, "sql", q, "--lake", lake)
+    lines = out.splitlines()
+    assert lines[0].split() == ["Modality", "n", "first"]
+    assert lines[-1] == f"({len(truth.studies_by_modality)} rows)"
+
+
+def test_lake_dir_from_environment(capsys, built_lake, monkeypatch):
+    monkeypatch.setenv("LAKE_DIR", str(built_lake[0]))
+    code, out, _ = run(capsys, "sql", "SELECT count(*) AS n FROM instances", "--format", "json")
+    assert code == 0 and json.loads(out)[0]["n"] > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sql", "SELECT * FROM nope"], "unknown table 'nope'"),
+    (["sql", "SELEC 1"], "SQL error"),
+    (["sql", "SELECT 1", "--lake", "/nonexistent/lake"], "no lake at /nonexistent/lake"),
+    (["ingest", "/nonexistent/source"], "cannot read source /nonexistent/source"),
+    (["status", "--lake", "/nonexistent/lake"], "lake init"),
+])
+def test_errors_are_one_line(capsys, built_lake, argv, message):
+    if "--lake" not in argv:
+        argv = [*argv, "--lake", str(built_lake[0])]
+    code, _out, err = run(capsys, *argv)
+    assert code == 1
+    assert message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_usage_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["ingest", "--workers", "0", "x"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "positive integer" in err
+
+
+def test_init_ingest_status(capsys, tmp_path):
+    lake = tmp_path / "lk"
+    code, out, _ = run(capsys, "init", str(lake))
+    assert code == 0 and "created identified lake" in out
+    code, _, err = run(capsys, "init", str(lake))
+    assert code == 1 and "already exists" in err
+    code, _, err = run(capsys, "init", str(tmp_path / "r"), "--profile", "research")
+    assert code == 1 and "not implemented yet" in err
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(get_testdata_file("CT_small.dcm"), src / "a.dcm")
+    (src / "junk.txt").write_text("hello")
+    code, out, _ = run(capsys, "ingest", str(src), "--lake", str(lake), "--scheduler",
+                       "synchronous", "--json", "--no-progress")
+    summary = json.loads(out)
+    assert summary["outcomes"]["ingested"] == 1
+    assert summary["quarantine_reasons"] == {"not_dicom": 1}
+    code, out, _ = run(capsys, "status", "--lake", str(lake), "--json")
+    status = json.loads(out)
+    assert status["tables"]["instances"] == 1
+    assert status["quarantine_by_reason"] == {"not_dicom": 1}
+    assert status["profile"] == "identified"
+    code, out, _ = run(capsys, "status", "--lake", str(lake))
+    assert "instances" in out and "not_dicom" in out
+
+
+def test_dictionary_matches_the_readme(capsys):
+    from pathlib import Path
+
+    _code, out, _ = run(capsys, "dictionary")
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    assert out.strip() in readme, "README data dictionary is stale: run `lake dictionary`"
+
+
+def test_installed_command_end_to_end(tmp_path):
+    """The console script, as a user runs it (a fresh process, a real Dask process pool)."""
+    exe = shutil.which("lake") or str(__import__("pathlib").Path(sys.executable).parent / "lake")
+    lake = tmp_path / "lk"
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("CT_small.dcm", "MR_small.dcm"):
+        shutil.copy(get_testdata_file(name), src / name)
+    subprocess.run([exe, "init", str(lake)], check=True, capture_output=True)
+    r = subprocess.run([exe, "ingest", str(src), "--lake", str(lake)], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "ingested 2" in r.stdout
+    r = subprocess.run([exe, "sql", "SELECT Modality FROM studies ORDER BY 1", "--lake",
+                        str(lake), "--format", "json"], capture_output=True, text=True)
+    assert json.loads(r.stdout) == [{"Modality": "CT"}, {"Modality": "MR"}]
+    r = subprocess.run([exe, "sql", "SELECT * FROM nope", "--lake", str(lake)],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "unknown table" in r.stderr
