@@ -136,7 +136,7 @@ def generate_archive(
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
     config = PRESETS[preset].replace(**overrides)
-    root = Path(root)
+    root = Path(root).absolute()
     if root.exists() and any(root.iterdir()):
         raise ValueError(f"archive root {root} is not empty; give a new or empty folder")
     if truth_path is not None:

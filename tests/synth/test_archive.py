@@ -383,3 +383,10 @@ def test_bench_preset_small_target(tmp_path: Path) -> None:
             assert 524_288 < (tmp_path / "bench" / rel).stat().st_size < 530_000
             ct_512 += 1
     assert ct_512 >= truth.files_total * 0.4
+
+
+def test_a_relative_root_works(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    truth = generate_archive("rel/archive", seed=3, preset="test")
+    assert sum(1 for p in (tmp_path / "rel" / "archive").rglob("*") if p.is_file()) == \
+        truth.files_total
