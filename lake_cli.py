@@ -218,12 +218,19 @@ def cmd_demo(args) -> int:
     archive, lake_dir, truth = root / "archive", root / "lake", root / "ground_truth.json"
     if args.fresh and root.exists():
         shutil.rmtree(root)
-    if not archive.exists():
+    if truth.exists() and archive.is_dir():
+        print(f"using the sample archive already in {archive} (--fresh to regenerate)")
+    else:  # generate aside, then rename: an interrupted run never leaves half an archive
         print(f"generating a sample hospital archive ({args.preset} preset, seed {args.seed}) "
               f"in {archive} ...")
-        generate_archive(archive, seed=args.seed, preset=args.preset, truth_path=truth)
-    else:
-        print(f"using the sample archive already in {archive} (--fresh to regenerate)")
+        partial = root / "archive.partial"
+        for leftover in (partial, archive):
+            if leftover.exists():
+                shutil.rmtree(leftover)
+        generate_archive(partial, seed=args.seed, preset=args.preset,
+                         truth_path=root / "ground_truth.partial")
+        partial.rename(archive)
+        (root / "ground_truth.partial").rename(truth)
     lake = Lake.open(lake_dir) if (lake_dir / "_lake").exists() else \
         Lake.create(lake_dir, profile="identified")
     show = args.progress and sys.stderr.isatty()
