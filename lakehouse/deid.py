@@ -309,3 +309,61 @@ def _private_creators(ds: dict) -> dict[tuple[int, int], str]:
                 out[(group, e)] = v
     return out
 
+
+
+# --- de-identified DICOM copies ------------------------------------------------
+
+#: Binary attributes too large for the JSON header that a copy must still carry.
+_BULK_KEPT = ("PixelData", "FloatPixelData", "DoubleFloatPixelData",
+              "RedPaletteColorLookupTableDescriptor", "GreenPaletteColorLookupTableDescriptor",
+              "BluePaletteColorLookupTableDescriptor", "RedPaletteColorLookupTableData",
+              "GreenPaletteColorLookupTableData", "BluePaletteColorLookupTableData")
+
+
+def deidentify_dataset(ds, policy: Policy, bulk_data_threshold: int = 1024):
+    """A de-identified copy of a pydicom Dataset under the same policy as the tables.
+
+    The header is filtered through the DICOM JSON model exactly as at ingest, so
+    the copy's UIDs, pseudonyms and dates are those of the research tables; pixel
+    data (and palette tables) are carried over unchanged, with the transfer
+    syntax of the original. PS3.15 E.1.1: Patient Identity Removed = YES and the
+    de-identification method codes are added.
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+
+    def drop(_elem) -> str:
+        return ""
+
+    header = ds.to_json_dict(bulk_data_threshold=bulk_data_threshold,
+                             bulk_data_element_handler=drop, suppress_invalid_tags=True)
+    header = {t: v for t, v in header.items() if "BulkDataURI" not in v}
+    result = policy.apply(header)
+    out = Dataset.from_json(result.json)
+    for keyword in _BULK_KEPT:
+        if keyword in ds:
+            out[keyword] = ds[keyword]
+    out.PatientIdentityRemoved = "YES"
+    out.LongitudinalTemporalInformationModified = "MODIFIED"
+    out.DeidentificationMethod = "imaging-lakehouse research profile (PS3.15 Annex E allow-list)"
+    codes = []
+    for value, meaning in (("113100", "Basic Application Confidentiality Profile"),
+                           ("113106", "Retain Longitudinal Temporal Information Modified "
+                                      "Dates Option"),
+                           ("113107", "Retain Patient Characteristics Option"),
+                           ("113109", "Retain Device Identity Option"),
+                           ("113112", "Retain Institution Identity Option")):
+        item = Dataset()
+        item.CodeValue = value
+        item.CodingSchemeDesignator = "DCM"
+        item.CodeMeaning = meaning
+        codes.append(item)
+    out.DeidentificationMethodCodeSequence = Sequence(codes)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = out.get("SOPClassUID", "")
+    meta.MediaStorageSOPInstanceUID = out.get("SOPInstanceUID", "")
+    original_meta = getattr(ds, "file_meta", None)
+    ts = original_meta.get("TransferSyntaxUID") if original_meta is not None else None
+    meta.TransferSyntaxUID = ts or "1.2.840.10008.1.2.1"
+    out.file_meta = meta
+    return out
