@@ -331,6 +331,7 @@ def deidentify_dataset(ds, policy: Policy, bulk_data_threshold: int = 1024):
     """
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.sequence import Sequence
+    from pydicom.uid import UID
 
     def drop(_elem) -> str:
         return ""
@@ -364,6 +365,6 @@ def deidentify_dataset(ds, policy: Policy, bulk_data_threshold: int = 1024):
     meta.MediaStorageSOPInstanceUID = out.get("SOPInstanceUID", "")
     original_meta = getattr(ds, "file_meta", None)
     ts = original_meta.get("TransferSyntaxUID") if original_meta is not None else None
-    meta.TransferSyntaxUID = ts or "1.2.840.10008.1.2.1"
+    meta.TransferSyntaxUID = UID(str(ts or "1.2.840.10008.1.2.1"))
     out.file_meta = meta
     return out
