@@ -25,16 +25,11 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
-from etl import safety
-from etl.errors import FileRejected
+from etl import quality, safety
+from etl.errors import REQUIRED_UIDS, FileRejected
 from lakehouse.schemas import HEADER_COLUMNS
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
-REQUIRED_UIDS = (
-    ("StudyInstanceUID", "missing_study_uid"),
-    ("SeriesInstanceUID", "missing_series_uid"),
-    ("SOPInstanceUID", "missing_sop_instance_uid"),
-)
 _DATE_RE = re.compile(r"^(\d{4})\.?(\d{2})\.?(\d{2})$")
 _TIME_RE = re.compile(r"^(\d{2}):?(?:(\d{2}):?(?:(\d{2})(?:\.(\d{1,6}))?)?)?$")
 _AGE_RE = re.compile(r"^(\d{1,3})([DWMY])$")
@@ -63,7 +58,7 @@ def read_file(path: str, size: int = -1, mtime_ns: int = 0, *, max_depth: int = 
         with open(path, "rb") as fh:
             buf = fh.read()
     except OSError as exc:
-        return _reject(result, FileRejected("unreadable", exc.strerror or type(exc).__name__))
+        return _reject(result, FileRejected("io_error", exc.strerror or type(exc).__name__))
     result.size = len(buf)
     result.sha256 = hashlib.sha256(buf).hexdigest()
     try:
@@ -121,35 +116,31 @@ def _dcmread(buf: bytes, layout: safety.Layout) -> Dataset:
 
 def _required_uids(ds: Dataset, media_class: str) -> dict[str, str]:
     out = {}
-    for keyword, reason in REQUIRED_UIDS:
+    for keyword in REQUIRED_UIDS:
         value = _str(ds.get(keyword))
+        if keyword == "SOPClassUID":
+            value = value or media_class
         if not value:
-            raise FileRejected(reason, f"{keyword} is absent or empty")
+            raise FileRejected(f"missing_uid:{keyword}", f"{keyword} is absent or empty")
         if not UID(value).is_valid:
-            raise FileRejected("invalid_uid", f"{keyword} {value[:80]!r} is not a valid UID")
+            raise FileRejected(f"invalid_uid:{keyword}",
+                               f"{keyword} {value[:80]!r} is not a valid UID")
         out[keyword] = value
-    sop_class = _str(ds.get("SOPClassUID")) or media_class
-    if not sop_class:
-        raise FileRejected("missing_sop_class_uid", "SOPClassUID is absent or empty")
-    out["SOPClassUID"] = sop_class
     return out
 
 
 # --- value conversion ---------------------------------------------------------
 
 def extract(ds: Dataset) -> dict[str, Any]:
-    """Typed values of the schema's header columns (absent or invalid -> None)."""
+    """Typed values of the schema's header columns (absent or invalid -> None; the invalid
+    ones named in ``invalid_attributes``)."""
     rec: dict[str, Any] = {}
+    invalid = []
     for col in HEADER_COLUMNS:
-        try:
-            elem = ds.data_element(col.keyword or col.name)
-        except Exception:  # an undecodable element is an absent value
-            elem = None
-        value = None if elem is None else elem.value
-        try:
-            rec[col.name] = convert(value, col.type)
-        except (ValueError, TypeError, OverflowError, AttributeError):
-            rec[col.name] = None
+        rec[col.name], ok = quality.typed_value(ds, col.keyword or col.name, col.type, convert)
+        if not ok:
+            invalid.append(col.name)
+    rec["invalid_attributes"] = invalid or None
     rec["patient_age_years"] = age_years(rec.get("PatientAge"), rec.get("PatientBirthDate"),
                                          rec.get("StudyDate"))
     rec["study_year"] = rec["StudyDate"].year if rec.get("StudyDate") else None

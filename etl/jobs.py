@@ -150,7 +150,7 @@ class _Job:
                     known.column("path").to_pylist(), known.column("file_size").to_pylist(),
                     known.column("mtime_ns").to_pylist(), known.column("reason").to_pylist(),
                     strict=True)
-                if r != "unreadable"  # retry files that could not be read before
+                if r != "io_error"  # retry files that could not be read before
             }
             for f in chunk:
                 if f.error is not None or (f.path, f.size, f.mtime_ns) not in seen:

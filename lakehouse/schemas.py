@@ -155,6 +155,10 @@ INSTANCES = TableSpec(
         Column("patient_age_years", F64, "Age at the study in years, from PatientAge "
                "(or birth date and study date when PatientAge is absent)."),
         Column("study_year", I32, "Year of StudyDate (partition key; null when undated)."),
+        Column("invalid_attributes", LIST_STR, "Data-quality flag: the attributes present in "
+               "the header whose value did not parse or check (non-numeric DS/IS, impossible "
+               "date, control characters, too long for its VR, malformed UID); their typed "
+               "columns are null, the raw values stay in dicom_json. Null when all are valid."),
         Column("file_size", I64, "Size of the DICOM file in bytes."),
         Column("file_sha256", STR, "SHA-256 of the whole file, hex."),
         Column("ingest_run_id", STR, "The ingest run that added this row."),
