@@ -78,8 +78,10 @@ def valid_string(vr: str, value: Any) -> bool:
 def _blank(value: Any) -> bool:
     if value is None:
         return True
-    if isinstance(value, bytes | str):
-        return not value.strip(b"\x00 " if isinstance(value, bytes) else "\x00 ")
+    if isinstance(value, bytes):
+        return not value.strip(b"\x00 ")
+    if isinstance(value, str):
+        return not value.strip("\x00 ")
     if isinstance(value, MultiValue | list | tuple):
         return all(_blank(v) for v in value)
     return str(value).strip() == ""
