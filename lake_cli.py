@@ -322,9 +322,11 @@ def _notebooks_dir() -> Path:
 # --- dictionary ---------------------------------------------------------------
 
 def cmd_dictionary(args) -> int:
+    from etl.errors import REASONS, SKIP_REASONS
     from lakehouse.dictionary import markdown
 
-    print(markdown())
+    print(markdown({"Quarantine reason codes (`quarantine.reason`, `files.reason`)": REASONS,
+                    "Skip reason codes (`files.reason` of skipped files)": SKIP_REASONS}))
     return 0
 
 

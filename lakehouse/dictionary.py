@@ -31,6 +31,16 @@ def table_markdown(spec: TableSpec) -> str:
     return "\n".join(lines)
 
 
-def markdown() -> str:
-    body = "\n\n".join(table_markdown(spec) for spec in TABLES.values())
+def codes_markdown(title: str, codes: dict[str, str]) -> str:
+    lines = [f"### {title}", "", "| code | meaning |", "|---|---|"]
+    lines += [f"| `{code}` | {text} |" for code, text in codes.items()]
+    return "\n".join(lines)
+
+
+def markdown(code_lists: dict[str, dict[str, str]] | None = None) -> str:
+    """The dictionary; ``code_lists`` adds one table of codes per title (e.g. the ETL's
+    quarantine reason codes, which this package cannot import)."""
+    parts = [table_markdown(spec) for spec in TABLES.values()]
+    parts += [codes_markdown(title, codes) for title, codes in (code_lists or {}).items()]
+    body = "\n\n".join(parts)
     return f"{BEGIN}\n\n{body}\n\n{END}"
