@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from etl import summarize
+from etl import replay, summarize
 from etl.config import IngestConfig
 from etl.discover import FoundFile, WalkStats, walk
 from etl.runners import make_runner
@@ -285,6 +285,7 @@ class _Job:
             self.w.append("quarantine", quarantined.append_column("quarantined_at", now))
         if self._conflicts:
             self.w.append("conflicts", pa.Table.from_pylist(self._conflicts))
+        replay.resolve_fixed(self.w, files, self.summary.run_id)
         self.w.append("files", files)
         self.w.publish(note=f"ingest {self.summary.run_id}: {files.num_rows} files")
         self._files, self._ingested, self._conflicts = [], [], []

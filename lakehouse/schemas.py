@@ -295,6 +295,9 @@ QUARANTINE = TableSpec(
         Column("message", STR, "What was wrong, without the path."),
         Column("ingest_run_id", STR, "The run that rejected it."),
         Column("quarantined_at", TS, "When it was rejected."),
+        Column("resolved_by_run_id", STR, "The run that ingested a fixed version of the file "
+               "(same path); null while unresolved."),
+        Column("resolved_at", TS, "When it was marked resolved."),
     ),
 )
 
