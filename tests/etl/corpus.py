@@ -291,6 +291,16 @@ def build(root: Path) -> list[Kind]:
         label = charset if isinstance(charset, str) else "+".join(c or "ASCII" for c in charset)
         put(f"charset_{n:02d}_{label.replace(' ', '_')}.dcm", part10(ds), "ingested",
             values={"PatientName": name})
+    # ISO 2022 IR 58 (GB2312), encoded by hand: pydicom 3.0.2 writes it without its
+    # escape sequence, and on reading leaves ESC $ ) A in the text. The row is kept and
+    # the name, which still holds control characters, is flagged.
+    ds = base(uid)
+    ds.SpecificCharacterSet = ["", "ISO 2022 IR 58"]
+    raw = b"Zhang^San=\x1b$)A" + "张".encode("gb2312") + b"^\x1b$)A" + "三".encode("gb2312")
+    placeholder = "Zhang^San=" + "X" * (len(raw) - 10)
+    ds.PatientName = placeholder
+    put("charset_ISO_2022_IR_58.dcm", part10(ds).replace(placeholder.encode(), raw), "ingested",
+        invalid=["PatientName"], values={"PatientName": None, "PatientID": "P1"})
     ds = base(uid)
     ds.SpecificCharacterSet = "ISO_IR 100"  # but the bytes below are UTF-8
     name = "Zë^Jür"  # 8 bytes in UTF-8, as many as Doe^Jane
