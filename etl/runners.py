@@ -148,7 +148,13 @@ class DistributedRunner:
     def _compute(self, batches: list[list[FoundFile]]) -> list[pa.Table]:
         futures = self.client.map(extract_batch, batches, config=self.config,
                                   run_id=self.run_id, pure=False)
-        return list(self.client.gather(futures))
+        try:
+            return list(self.client.gather(futures))
+        except BaseException:
+            # forget the wave's tasks: a poisoned one left running would kill the
+            # workers the retries run on
+            self.client.cancel(futures, force=True)
+            raise
 
     def submit(self, batches):
         # a worker that dies is restarted by its nanny; the scheduler gives up on a

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 
+import dask
+import pytest
+
 from catalog import open_lake
 from etl import IngestConfig, ingest
 from lakehouse import Lake
@@ -89,3 +92,21 @@ def test_memory_error_in_one_file_keeps_the_rest_of_the_batch(tmp_path):
                        text=True, cwd=Path(__file__).parents[2], timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "['out_of_memory', None]"
+
+
+@pytest.mark.slow
+def test_a_worker_crash_on_a_distributed_cluster(tmp_path, monkeypatch):
+    """distributed restarts the dead worker, gives up on the task (KilledWorker) after a few
+    deaths; the batch is then bisected like on the local pool."""
+    src = tmp_path / "src"
+    src.mkdir()
+    uid = corpus._Uids()
+    names = [f"f{i}.dcm" for i in range(5)] + ["f5_poison_crash.dcm"]
+    for name in names:
+        (src / name).write_bytes(corpus.part10(corpus.base(uid)))
+    monkeypatch.setenv("LAKE_TEST_CRASH_MARKER", "poison_crash")
+    lake = Lake.create(tmp_path / "lake")
+    # one death is enough to give up on a task (the default, 3, only makes this slower)
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        s = ingest(lake, src, IngestConfig(scheduler="local-cluster", workers=2, batch_files=3))
+    assert s.outcomes["ingested"] == 5 and s.quarantine_reasons == {"worker_crash": 1}
