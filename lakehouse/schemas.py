@@ -155,8 +155,6 @@ INSTANCES = TableSpec(
         Column("patient_age_years", F64, "Age at the study in years, from PatientAge "
                "(or birth date and study date when PatientAge is absent); at most 90 in "
                "research lakes."),
-        Column("invalid_attributes", LIST_STR, "Data-quality flag: columns whose header value "
-               "was present but could not be converted (the column is then null)."),
         Column("study_year", I32, "Year of StudyDate (partition key; null when undated)."),
         Column("invalid_attributes", LIST_STR, "Data-quality flag: the attributes present in "
                "the header whose value did not parse or check (non-numeric DS/IS, impossible "
