@@ -47,7 +47,18 @@ def cmd_init(args) -> int:
     from lakehouse import Lake
 
     path = Path(args.path) if args.path else _lake_dir(args)
-    lake = Lake.create(path, profile=args.profile, key_file=_key_file(args))
+    private = []
+    for spec in args.private_tag or []:
+        parts = [p.strip() for p in spec.split(",")]
+        if len(parts) != 3:
+            raise CliError(f"--private-tag {spec!r}: expected GROUP,CREATOR,ELEMENT "
+                           "(e.g. 0x0019,GEMS_ACQU_01,0x23)")
+        private.append({"group": parts[0], "creator": parts[1], "element": parts[2]})
+    try:
+        lake = Lake.create(path, profile=args.profile, key_file=_key_file(args),
+                           private_allowlist=private)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     print(f"created {lake.profile} lake at {lake.root}")
     if lake.research:
         key = _key_file(args) or lake.default_key_path()
@@ -441,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="research (default: pseudonymized tables, identifiers only in the "
                     "vault) or identified (originals kept, for internal quality work)")
     key_opt(sp)
+    sp.add_argument("--private-tag", action="append", metavar="GROUP,CREATOR,ELEMENT",
+                    help="keep this private attribute in a research lake (repeatable), e.g. "
+                    "0x0019,GEMS_ACQU_01,0x23 (ELEMENT: the low byte); all others are dropped")
     sp.set_defaults(func=cmd_init)
 
     sp = sub.add_parser("ingest", help="ingest a folder of DICOM files")
