@@ -52,9 +52,11 @@ class Catalog:
         for name, spec in TABLES.items():
             if spec.zone not in zones:
                 continue
-            dataset = self.lake.dataset(name, self.snapshot)
             raw = f"_delta_{name}"
-            self.con.register(raw, dataset)
+            if name in self.snapshot.versions:
+                self.con.register(raw, self.lake.dataset(name, self.snapshot))
+            else:  # a table added after this lake was created: empty until written
+                self.con.register(raw, spec.storage_schema(self.lake.profile).empty_table())
             casts = [f'CAST("{c}" AS TIME) AS "{c}"' for c in spec.time_columns(self.lake.profile)]
             select = f"* REPLACE ({', '.join(casts)})" if casts else "*"
             self.con.execute(f'CREATE VIEW "{name}" AS SELECT {select} FROM "{raw}"')
