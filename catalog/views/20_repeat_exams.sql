@@ -80,7 +80,7 @@ SELECT * EXCLUDE (previous_uid, previous_date, previous_time, matched_values),
            AS days_since_prior,
        match AS matched_keys,
        matched_values,
-       window_days
+       window_days::INTEGER AS window_days
 FROM flagged;
 
 -- repeat_exams: repeat_exams_for() with the default definition.

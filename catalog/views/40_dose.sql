@@ -57,32 +57,6 @@ LEFT JOIN reported r USING (StudyInstanceUID)
 LEFT JOIN header h USING (StudyInstanceUID)
 WHERE u.Modality = 'CT' OR h.StudyInstanceUID IS NOT NULL OR r.StudyInstanceUID IS NOT NULL;
 
--- dose_summary_for(group_cols, date_from, date_to): CTDIvol and DLP
--- distributions grouped by the dose_by_study columns named in `group_cols`.
---   <group columns>     the grouping columns, in dose_by_study order
---   studies             CT studies
---   from_report         of those, with a dose report
---   from_header         of those, with header CTDIvol only
---   CTDIvol_median, CTDIvol_p75, CTDIvol_max   of the studies' CTDIvol_max, mGy
---   DLP_median, DLP_p75, DLP_max               of the studies' DLP_total, mGy.cm
-CREATE MACRO dose_summary_for(group_cols, date_from := NULL, date_to := NULL) AS TABLE
-SELECT
-    COLUMNS(lambda c: list_contains(group_cols, c)),
-    count(*) AS studies,
-    count(*) FILTER (WHERE dose_source = 'report') AS from_report,
-    count(*) FILTER (WHERE dose_source = 'header') AS from_header,
-    median(CTDIvol_max) AS CTDIvol_median,
-    quantile_cont(CTDIvol_max, 0.75) AS CTDIvol_p75,
-    max(CTDIvol_max) AS CTDIvol_max,
-    median(DLP_total) AS DLP_median,
-    quantile_cont(DLP_total, 0.75) AS DLP_p75,
-    max(DLP_total) AS DLP_max
-FROM dose_by_study
-WHERE (date_from IS NULL OR StudyDate >= date_from)
-  AND (date_to IS NULL OR StudyDate <= date_to)
-GROUP BY ALL
-ORDER BY ALL;
-
 -- drl_levels: the diagnostic reference levels compared with; empty until
 -- catalog.reports.load_drl() fills it from a CSV (see catalog/drl_default.csv).
 --   body_region    matched case-insensitively with the study's BodyPartExamined
@@ -141,3 +115,49 @@ SELECT StudyInstanceUID, PatientID, StudyDate, Modality, BodyPartExamined, Study
 FROM matches
 WHERE pick = 1
 ORDER BY StudyDate, StudyInstanceUID;
+
+-- dose_studies_for(date_from, date_to): dose_by_study rows dated
+-- date_from..date_to with their reference level (NULL when none applies).
+--   (all dose_by_study columns)
+--   drl_body_region, drl_protocol, drl_CTDIvol, drl_DLP, CTDIvol_ratio, DLP_ratio,
+--   exceeds_CTDIvol, exceeds_DLP, exceeds   as in dose_vs_drl_for (exceeds is
+--                   false without a level)
+CREATE MACRO dose_studies_for(date_from := NULL, date_to := NULL) AS TABLE
+SELECT d.*, v.drl_body_region, v.drl_protocol, v.drl_CTDIvol, v.drl_DLP,
+       v.CTDIvol_ratio, v.DLP_ratio,
+       coalesce(v.exceeds_CTDIvol, false) AS exceeds_CTDIvol,
+       coalesce(v.exceeds_DLP, false) AS exceeds_DLP,
+       coalesce(v.exceeds, false) AS exceeds
+FROM dose_by_study d
+LEFT JOIN dose_vs_drl_for(date_from := date_from, date_to := date_to) v USING (StudyInstanceUID)
+WHERE (date_from IS NULL OR d.StudyDate >= date_from)
+  AND (date_to IS NULL OR d.StudyDate <= date_to)
+ORDER BY d.StudyDate, d.StudyInstanceUID;
+
+-- dose_summary_for(group_cols, date_from, date_to): CTDIvol and DLP
+-- distributions grouped by the dose_by_study columns named in `group_cols`.
+--   <group columns>     the grouping columns, in dose_by_study order
+--   studies             CT studies
+--   from_report         of those, with a dose report
+--   from_header         of those, with header CTDIvol only
+--   CTDIvol_median, CTDIvol_p75, CTDIvol_max   of the studies' CTDIvol_max, mGy
+--   DLP_median, DLP_p75, DLP_max               of the studies' DLP_total, mGy.cm
+--   above_drl           studies above their reference level (drl_levels)
+CREATE MACRO dose_summary_for(group_cols, date_from := NULL, date_to := NULL) AS TABLE
+SELECT
+    COLUMNS(lambda c: list_contains(group_cols, c)),
+    count(*) AS studies,
+    count(*) FILTER (WHERE dose_source = 'report') AS from_report,
+    count(*) FILTER (WHERE dose_source = 'header') AS from_header,
+    median(CTDIvol_max) AS CTDIvol_median,
+    quantile_cont(CTDIvol_max, 0.75) AS CTDIvol_p75,
+    max(CTDIvol_max) AS CTDIvol_max,
+    median(DLP_total) AS DLP_median,
+    quantile_cont(DLP_total, 0.75) AS DLP_p75,
+    max(DLP_total) AS DLP_max,
+    count(*) FILTER (WHERE exceeds) AS above_drl
+FROM dose_studies_for(date_from := date_from, date_to := date_to)
+WHERE (date_from IS NULL OR StudyDate >= date_from)
+  AND (date_to IS NULL OR StudyDate <= date_to)
+GROUP BY ALL
+ORDER BY ALL;
