@@ -67,7 +67,14 @@ class Catalog:
         for entry in sorted(folder.iterdir(), key=lambda p: p.name):
             if entry.name.endswith(".sql"):
                 self.con.execute(entry.read_text(encoding="utf-8"))
-                self._views.append(entry.name.removesuffix(".sql"))
+        # every view and table the files created (not the files' names: one file may
+        # define several views, table macros and working tables)
+        created = self.con.execute(
+            "SELECT view_name FROM duckdb_views() WHERE NOT internal AND schema_name = 'main' "
+            "UNION SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main' "
+            "ORDER BY 1").fetchall()
+        self._views = [name for (name,) in created
+                       if name not in self._tables and not name.startswith("_delta_")]
 
     # -- queries -------------------------------------------------------------------
     @property

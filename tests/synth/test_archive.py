@@ -399,3 +399,51 @@ def test_a_relative_root_works(tmp_path, monkeypatch):
     truth = generate_archive("rel/archive", seed=3, preset="test")
     assert sum(1 for p in (tmp_path / "rel" / "archive").rglob("*") if p.is_file()) == \
         truth.files_total
+
+
+def test_retakes_and_dose_reports(archive: tuple[Path, GroundTruth], headers: dict) -> None:
+    """Retake and dose truth, read back with pydicom from the files."""
+    _, truth = archive
+    views: Counter[tuple] = Counter()
+    for ds in headers.values():
+        if ds.Modality in ("CR", "DX", "MG"):
+            views[(ds.StudyInstanceUID, ds.ViewPosition, ds.ImageLaterality,
+                   ds.BodyPartExamined)] += 1
+    retakes: Counter[str] = Counter()
+    for (study, *_), n in views.items():
+        if n > 1:
+            retakes[study] += n - 1
+    assert dict(retakes) == truth.retakes and len(truth.retakes) >= 2
+
+    def concept(item) -> str:
+        return item.ConceptNameCodeSequence[0].CodeValue
+
+    reports = {ds.StudyInstanceUID: ds for ds in headers.values() if ds.Modality == "SR"}
+    assert set(reports) == set(truth.dose_reports)
+    ct_studies = {ds.StudyInstanceUID for ds in headers.values() if ds.Modality == "CT"}
+    assert set(truth.dose_reports) | set(truth.ct_header_ctdivol) == ct_studies
+    assert not set(truth.dose_reports) & set(truth.ct_header_ctdivol)
+    for study, ds in reports.items():
+        assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.67"
+        assert concept(ds) == "113701"
+        (total,) = [i for i in ds.ContentSequence if concept(i) == "113811"]
+        dlp_total = [float(c.MeasuredValueSequence[0].NumericValue)
+                     for c in total.ContentSequence if concept(c) == "113813"]
+        assert dlp_total == [truth.dose_reports[study]["accumulated_dlp"]]
+        got = []
+        for acq in (i for i in ds.ContentSequence if concept(i) == "113819"):
+            (ct_dose,) = [c for c in acq.ContentSequence if concept(c) == "113829"]
+            nums = {concept(c): float(c.MeasuredValueSequence[0].NumericValue)
+                    for c in ct_dose.ContentSequence if c.ValueType == "NUM"}
+            got.append((nums["113830"], nums["113838"]))
+        events = truth.dose_reports[study]["events"]
+        assert got == [(e["ctdivol"], e["dlp"]) for e in events]
+        assert truth.dose_reports[study]["accumulated_dlp"] == \
+            round(sum(e["dlp"] for e in events), 2)
+        # the images' header CTDIvol is the spiral acquisition's
+        header_ctdivol = {float(h.CTDIvol) for h in headers.values()
+                          if h.StudyInstanceUID == study and "AXIAL" in h.get("ImageType", [])}
+        assert header_ctdivol == {events[-1]["ctdivol"]}
+    for study, ctdivol in truth.ct_header_ctdivol.items():
+        assert max(float(h.CTDIvol) for h in headers.values()
+                   if h.StudyInstanceUID == study and h.Modality == "CT") == ctdivol
