@@ -20,10 +20,10 @@ CREATE MACRO exam_studies(exclude_localizers := true, exclude_derived := true,
 WITH excluded AS (
     SELECT StudyInstanceUID, count(*) AS n
     FROM instances
-    WHERE (exclude_localizers AND list_contains(ImageType, 'LOCALIZER'))
-       OR (exclude_derived AND list_contains(ImageType, 'DERIVED'))
-       OR (exclude_secondary AND (is_secondary_capture(SOPClassUID)
-                                  OR list_contains(ImageType, 'SECONDARY')))
+    WHERE list_has_any(ImageType, [CASE WHEN exclude_localizers THEN 'LOCALIZER' END,
+                                   CASE WHEN exclude_derived THEN 'DERIVED' END,
+                                   CASE WHEN exclude_secondary THEN 'SECONDARY' END])
+       OR (exclude_secondary AND is_secondary_capture(SOPClassUID))
        OR (exclude_non_image AND Modality IN ('SR', 'KO', 'PR', 'REG', 'SEG', 'RTSTRUCT', 'DOC'))
     GROUP BY StudyInstanceUID
 )
@@ -40,13 +40,13 @@ WHERE u.instance_count > coalesce(e.n, 0);
 --   prior_study_time     StudyTime of that prior
 --   days_since_prior     calendar days between the prior's and this StudyDate (0 = same day)
 --   matched_keys         the matching keys used (besides PatientID)
---   matched_values       this study's values of those keys, as a JSON array
+--   matched_values       this study's values of those keys, as a JSON object
 --   window_days          the window used
 CREATE MACRO repeat_exams_for(window_days := 30, match := ['Modality', 'BodyPartExamined'],
                               exclude_localizers := true, exclude_derived := true,
                               exclude_secondary := true, exclude_non_image := true) AS TABLE
 WITH exams AS (
-    SELECT *, row(*COLUMNS(lambda c: list_contains(match, c))) AS match_key
+    SELECT *, struct_pack(*COLUMNS(lambda c: list_contains(match, c))) AS match_key
     FROM exam_studies(exclude_localizers := exclude_localizers,
                       exclude_derived := exclude_derived,
                       exclude_secondary := exclude_secondary,
@@ -129,7 +129,7 @@ ORDER BY ALL;
 --   prior_study_time    time of the prior
 --   days_since_prior    days between them
 --   matched_keys        the matching keys
---   matched_values      their values, as a JSON array
+--   matched_values      their values, as a JSON object
 --   (then the other utilization_studies columns of the repeat, for grouping)
 CREATE MACRO repeat_pairs_for(date_from := NULL, date_to := NULL, window_days := 30,
                               match := ['Modality', 'BodyPartExamined'],
