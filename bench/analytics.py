@@ -322,9 +322,8 @@ def run(args, log) -> dict:
             duck_util_s, duck_util = best(
                 lambda: reports.utilization(cat, by=["month", *ROLLUP]), args.repeat)
         log("pandas: repeat rate by Modality and month ...")
-        load_rep_s, (inst, studies) = best(lambda: pandas_load_repeats(lake), args.repeat)
-        pd_rep_s, pd_rep = best(lambda: pandas_repeats(inst, studies), args.repeat)
-        del inst, studies
+        load_rep_s, loaded = best(lambda: pandas_load_repeats(lake), args.repeat)
+        pd_rep_s, pd_rep = best(lambda: pandas_repeats(*loaded), args.repeat)
         log("pandas: utilization rollup ...")
         load_util_s, st = best(lambda: pandas_load_rollup(lake), args.repeat)
         pd_util_s, pd_util = best(lambda: pandas_rollup(st), args.repeat)

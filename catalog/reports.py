@@ -22,7 +22,7 @@ import datetime as dt
 import io
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -180,7 +180,7 @@ def _date(value: dt.date | str | None, name: str) -> dt.date | None:
         raise ReportError(f"{name} {value!r} is not a date; use YYYY-MM-DD") from None
 
 
-def _range(date_from, date_to) -> dict[str, dt.date | None]:
+def _range(date_from, date_to) -> dict[str, object]:
     start, end = _date(date_from, "--from"), _date(date_to, "--to")
     if start and end and start > end:
         raise ReportError(f"--from {start} is after --to {end}")
@@ -199,10 +199,10 @@ def _definition(cat: Catalog, d: RepeatDefinition) -> dict[str, object]:
     return d.params()
 
 
-def _run(cat: Catalog, call: str, params: dict[str, object], first: Sequence[str] = (),
+def _run(cat: Catalog, call: str, params: Mapping[str, object], first: Sequence[str] = (),
          where: Sequence[Filter] = ()) -> pa.Table:
     try:
-        rel = cat.con.sql(_CALLS[call], params=params)
+        rel = cat.con.sql(_CALLS[call], params=dict(params))
         if where:
             unknown = [f.column for f in where if f.column not in rel.columns]
             if unknown:

@@ -74,7 +74,7 @@ def events(header: dict[str, Any]) -> list[dict[str, Any]]:
     for item in _children(header):
         if _concept(item) == ACCUMULATED:
             accumulated = _first_num(item, DLP_TOTAL)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for item in _children(header):
         if _concept(item) != ACQUISITION:
             continue
