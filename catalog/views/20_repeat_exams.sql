@@ -17,13 +17,20 @@
 --   exclude_non_image    Modality SR, KO, PR, REG, SEG, RTSTRUCT, DOC (reports, markup)
 CREATE MACRO exam_studies(exclude_localizers := true, exclude_derived := true,
                           exclude_secondary := true, exclude_non_image := true) AS TABLE
-WITH excluded AS (
-    SELECT StudyInstanceUID, count(*) AS n
+WITH candidates AS (  -- any image some exclusion may set aside (a cheap, constant test)
+    SELECT StudyInstanceUID, ImageType, SOPClassUID, Modality
     FROM instances
-    WHERE list_has_any(ImageType, [CASE WHEN exclude_localizers THEN 'LOCALIZER' END,
-                                   CASE WHEN exclude_derived THEN 'DERIVED' END,
-                                   CASE WHEN exclude_secondary THEN 'SECONDARY' END])
-       OR (exclude_secondary AND is_secondary_capture(SOPClassUID))
+    WHERE list_contains(ImageType, 'LOCALIZER') OR list_contains(ImageType, 'DERIVED')
+       OR list_contains(ImageType, 'SECONDARY') OR is_secondary_capture(SOPClassUID)
+       OR Modality IN ('SR', 'KO', 'PR', 'REG', 'SEG', 'RTSTRUCT', 'DOC')
+),
+excluded AS (  -- the exclusions asked for, tested on those few rows only
+    SELECT StudyInstanceUID, count(*) AS n
+    FROM candidates
+    WHERE (exclude_localizers AND list_contains(ImageType, 'LOCALIZER'))
+       OR (exclude_derived AND list_contains(ImageType, 'DERIVED'))
+       OR (exclude_secondary AND (list_contains(ImageType, 'SECONDARY')
+                                  OR is_secondary_capture(SOPClassUID)))
        OR (exclude_non_image AND Modality IN ('SR', 'KO', 'PR', 'REG', 'SEG', 'RTSTRUCT', 'DOC'))
     GROUP BY StudyInstanceUID
 )
