@@ -184,6 +184,50 @@ def _print_table(cols: list[str], rows: list[dict], out, max_width: int = 60) ->
     out.write(f"({len(rows)} row{'s' if len(rows) != 1 else ''})\n")
 
 
+# --- report -------------------------------------------------------------------
+
+def cmd_report(args) -> int:
+    from catalog import open_lake, reports
+
+    definition = reports.RepeatDefinition(
+        window_days=args.window,
+        match=tuple(_names(args.match)) if args.match else reports.DEFAULT_REPEATS.match,
+        exclude_localizers=not args.keep_localizers,
+        exclude_derived=not args.keep_derived,
+        exclude_secondary=not args.keep_secondary,
+    )
+    request = reports.ReportRequest(
+        kind=args.kind, by=tuple(_names(args.by)), date_from=args.date_from,
+        date_to=args.date_to, studies=args.studies, repeats=definition, drl=args.drl,
+        exceedances=args.exceedances,
+        where=tuple(reports.Filter.parse(w) for w in args.where or ()))
+    with open_lake(_lake_dir(args), args.snapshot) as cat:
+        table = reports.run(cat, request)
+        if cat.lake.profile == "identified" and args.format != "json" and args.studies:
+            print("# identified lake: results may contain patient identifiers", file=sys.stderr)
+    rows = table.to_pylist()
+    cols = table.column_names
+    if args.format == "json":
+        json.dump(rows, sys.stdout, default=_json_default, ensure_ascii=False)
+        sys.stdout.write("\n")
+    elif args.format == "csv":
+        w = csv.writer(sys.stdout, lineterminator="\n")
+        w.writerow(cols)
+        for r in rows:
+            w.writerow([_plain(_rounded(r[c])) for c in cols])
+    else:
+        _print_table(cols, [{c: _rounded(r[c], 4) for c in cols} for r in rows], sys.stdout)
+    return 0
+
+
+def _names(text: str | None) -> list[str]:
+    return [n.strip() for n in (text or "").split(",") if n.strip()]
+
+
+def _rounded(v, digits: int = 6):
+    return round(v, digits) if isinstance(v, float) else v
+
+
 # --- status -------------------------------------------------------------------
 
 def cmd_status(args) -> int:
@@ -478,6 +522,44 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--format", choices=["table", "json", "csv"], default="table")
     sp.add_argument("--snapshot", type=_non_negative, help="query an earlier lake snapshot")
     sp.set_defaults(func=cmd_sql)
+
+    sp = sub.add_parser(
+        "report", help="quality reports: utilization, repeat exams, retakes, CT dose",
+        description="Figures grouped by --by (any column of the report's study view, e.g. "
+        "month, week, day, weekday, hour, Modality, BodyPartExamined, StationName, "
+        "Manufacturer, ManufacturerModelName, InstitutionalDepartmentName); --studies lists "
+        "the studies (repeats: the study pairs; retakes: the retaken views) behind them.")
+    sp.add_argument("kind", choices=["utilization", "repeats", "retakes", "dose"])
+    lake_opt(sp)
+    sp.add_argument("--from", dest="date_from", metavar="YYYY-MM-DD",
+                    help="first study date (inclusive)")
+    sp.add_argument("--to", dest="date_to", metavar="YYYY-MM-DD",
+                    help="last study date (inclusive)")
+    sp.add_argument("--by", metavar="COLS", help="comma-separated grouping columns (default: "
+                    "utilization month,Modality; repeats Modality; retakes StationName; "
+                    "dose BodyPartExamined)")
+    sp.add_argument("--window", type=_non_negative, default=30, metavar="DAYS",
+                    help="repeats: a study within DAYS days of an earlier matching one is a "
+                    "repeat (default 30)")
+    sp.add_argument("--match", metavar="COLS", help="repeats: columns that must match besides "
+                    "the patient (default Modality,BodyPartExamined)")
+    sp.add_argument("--keep-localizers", action="store_true",
+                    help="repeats: count studies of localizer images only as exams")
+    sp.add_argument("--keep-derived", action="store_true",
+                    help="repeats: count studies of derived images only as exams")
+    sp.add_argument("--keep-secondary", action="store_true",
+                    help="repeats: count studies of secondary captures only as exams")
+    sp.add_argument("--drl", metavar="FILE", help="dose: diagnostic reference levels CSV "
+                    "(default: the example levels shipped in catalog/drl_default.csv)")
+    sp.add_argument("--exceedances", action="store_true",
+                    help="dose: list the studies above their reference level")
+    sp.add_argument("--where", action="append", metavar="COL=VALUE",
+                    help="keep rows whose COL equals VALUE (as text); repeatable")
+    sp.add_argument("--studies", action="store_true",
+                    help="list the studies behind the figures instead of the figures")
+    sp.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    sp.add_argument("--snapshot", type=_non_negative, help="report on an earlier lake snapshot")
+    sp.set_defaults(func=cmd_report)
 
     sp = sub.add_parser("status", help="tables, snapshot, quarantine and recent runs")
     lake_opt(sp)

@@ -269,6 +269,7 @@ class LakeWriter:
         self.versions = dict(self.base.versions)
         self.extra = dict(self.base.extra)
         self._recover()
+        self._add_new_tables()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -287,6 +288,19 @@ class LakeWriter:
                 self.versions[name] = DeltaTable(
                     str(layout.table_path(self.lake.root, name))).version()
         self._discard_staged_files()
+
+    def _add_new_tables(self) -> None:
+        """Create the tables the schema gained after this lake was made (empty; they join
+        the next published snapshot)."""
+        for name, spec in TABLES.items():
+            if name in self.versions:
+                continue
+            path = str(layout.table_path(self.lake.root, name))
+            DeltaTable.create(path, spec.storage_schema(self.lake.profile),
+                              partition_by=list(spec.partition_by) or None, mode="ignore",
+                              name=spec.name, description=spec.description)
+            self.versions[name] = DeltaTable(path).version()
+            log.info("added table %s to the lake at %s", name, self.lake.root)
 
     def _discard_staged_files(self) -> None:
         for name in TABLES:

@@ -6,8 +6,8 @@ from lakehouse import UnknownTableError
 
 def test_views_and_tables(cat):
     assert set(cat.tables) == {"instances", "series", "studies", "patients", "quarantine",
-                               "conflicts", "ingest_runs"}
-    assert "utilization_monthly" in cat.views
+                               "conflicts", "ingest_runs", "dose_events"}
+    assert {"utilization_monthly", "repeat_exams", "dose_by_study"} <= set(cat.views)
     assert "files" not in cat.tables  # the vault is not attached by default
 
 
