@@ -250,7 +250,7 @@ def _sql(node: dict, a: str, params: list[Any], depth: int) -> str:
         return (f"(contains(lower({a}.StudyDescription), lower(?)) "
                 f"OR contains(lower({a}.SeriesDescription), lower(?)))")
     if key == "has_segmentation":
-        exists = (f"EXISTS (SELECT 1 FROM series seg WHERE seg.StudyInstanceUID = "
+        exists = (f"EXISTS (SELECT 1 FROM cohort_base seg WHERE seg.StudyInstanceUID = "
                   f"{a}.StudyInstanceUID AND seg.Modality = 'SEG')")
         return exists if value else f"NOT {exists}"
     if key == "geometry":
