@@ -252,7 +252,7 @@ def idc_queries():
         ("CT chest, follow-up 90-400 d",
          "Modality = 'CT' AND list_contains($bp, BodyPartExamined) AND EXISTS (SELECT 1 "
          "FROM idc l WHERE l.PatientID = idc.PatientID AND l.collection_id = idc.collection_id "
-         "AND l.Modality = 'CT' AND l.list_contains($bp, BodyPartExamined) "
+         "AND l.Modality = 'CT' AND list_contains($bp, l.BodyPartExamined) "
          "AND l.StudyInstanceUID <> idc.StudyInstanceUID AND date_diff('day', "
          "TRY_CAST(idc.StudyDate AS DATE), TRY_CAST(l.StudyDate AS DATE)) BETWEEN 90 AND 400)",
          {"bp": chest}, followed),

@@ -46,8 +46,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from catalog.cohorts import Cohort, open_cohort
-from catalog.connect import Catalog
 from catalog.config import CatalogConfig
+from catalog.connect import Catalog
 from catalog.errors import ExportError
 from lakehouse.tables import Lake
 

@@ -115,7 +115,7 @@ print(first.name, volume.GetSize(), volume.GetSpacing())
 array = sitk.GetArrayFromImage(volume)
 plt.imshow(array[array.shape[0] // 2], cmap="gray")
 plt.title("middle slice of the first exported volume")
-plt.axis("off");
+plt.axis("off")
 
 # %%
 cohorts.delete(LAKE, "notebook_chest_ct")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -127,8 +128,7 @@ def test_sql_cohorts_must_be_one_row_per_series_or_study(cat):
 
 def test_save_ingest_more_reopen_gives_the_saved_rows(lake_copy, tmp_path):
     saved = cohorts.save(lake_copy, "ct", spec={"modality": "CT"}, description="all CT")
-    sql_saved = cohorts.save(lake_copy, "ct_sql",
-                             sql="SELECT * FROM series WHERE Modality = 'CT'")
+    cohorts.save(lake_copy, "ct_sql", sql="SELECT * FROM series WHERE Modality = 'CT'")
     before = cohorts.open_cohort(lake_copy, "ct").rows()
     assert saved.row_count == before.num_rows > 0
     assert cohorts.names(lake_copy) == ["ct", "ct_sql"]
@@ -204,3 +204,28 @@ def test_series_idc_has_the_columns_and_types_of_idc_index(cat):
     ct = cat.con.execute("SELECT StudyDate, SeriesNumber, sop_class_name FROM series_idc "
                          "WHERE Modality = 'CT' LIMIT 1").fetchall()[0]
     assert len(ct[0]) == 10 and ct[0][4] == "-" and ct[2] == "CT Image Storage"
+
+
+DCMQI = Path(__file__).resolve().parents[3] / "shared" / "data" / "dcmqi-ct-seg"
+
+
+def test_has_segmentation_on_a_real_ct_and_seg(lake_copy, tmp_path):
+    if not DCMQI.is_dir():
+        pytest.skip(f"the dcmqi CT + SEG test data is not at {DCMQI} (shared/data)")
+    src = tmp_path / "dcmqi"
+    shutil.copytree(DCMQI / "ct-3slice", src / "ct")
+    shutil.copy(DCMQI / "liver.dcm", src / "liver.dcm")
+    ingest(Lake.open(lake_copy), src, fast_config())
+    with open_lake(lake_copy) as c:
+        seg_study = c.con.execute("SELECT StudyInstanceUID FROM series WHERE Modality = 'SEG'"
+                                  ).fetchall()
+        assert len(seg_study) == 1
+        ct_with_seg = cohorts.run(c, cohorts.Definition.of(
+            spec=where.modality("CT") & where.has_segmentation())).rows
+        assert ct_with_seg.column("StudyInstanceUID").to_pylist() == [seg_study[0][0]]
+        assert ct_with_seg.column("instanceCount").to_pylist() == [3]
+        without = cohorts.run(c, cohorts.Definition.of(
+            spec=where.modality("CT") & where.has_segmentation(False))).members
+        all_ct = c.con.execute("SELECT count(*) FROM series WHERE Modality = 'CT'"
+                               ).fetchall()[0][0]
+        assert len(without) == all_ct - 1

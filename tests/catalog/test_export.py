@@ -149,7 +149,7 @@ def test_nifti_geometry_matches_the_series(cohort_lake, tmp_path):
 def test_dicom_export_of_a_research_lake_refuses(tmp_path):
     lake = Lake.create(tmp_path / "research", profile="research")
     cohorts.save(lake, "empty", sql="SELECT SeriesInstanceUID FROM series")
-    with pytest.raises(ExportError, match="de-identification .*--as manifest"):
+    with pytest.raises(ExportError, match=r"de-identification .*--as manifest"):
         export(lake, "empty", tmp_path / "out", "dicom")
     assert not (tmp_path / "out").exists()
     assert export(lake, "empty", tmp_path / "m", "manifest").series == 0
