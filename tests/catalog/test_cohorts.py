@@ -229,3 +229,19 @@ def test_has_segmentation_on_a_real_ct_and_seg(lake_copy, tmp_path):
         all_ct = c.con.execute("SELECT count(*) FROM series WHERE Modality = 'CT'"
                                ).fetchall()[0][0]
         assert len(without) == all_ct - 1
+
+
+def test_a_saved_result_that_no_longer_reproduces_is_an_error(lake_copy):
+    from catalog.errors import CohortIntegrityError
+
+    cohorts.save(lake_copy, "ct", spec={"modality": "CT"})
+    cohorts.save(lake_copy, "ct_studies",
+                 sql="SELECT DISTINCT StudyInstanceUID FROM series WHERE Modality = 'CT'")
+    with pytest.raises(CohortQueryError, match="compare cohorts of the same grain"):
+        cohorts.diff(lake_copy, "ct", "ct_studies")
+    path = lake_copy / "_lake" / "cohorts" / "ct.json"
+    data = json.loads(path.read_text())
+    data["rows_sha256"] = "0" * 64  # as if the snapshot's data had been rewritten
+    path.write_text(json.dumps(data))
+    with pytest.raises(CohortIntegrityError, match="cannot be reproduced"):
+        cohorts.open_cohort(lake_copy, "ct").rows()
