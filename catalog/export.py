@@ -49,6 +49,7 @@ from catalog.cohorts import Cohort, open_cohort
 from catalog.config import CatalogConfig
 from catalog.connect import Catalog
 from catalog.errors import ExportError
+from lakehouse.provenance import code_version
 from lakehouse.tables import Lake
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class ExportSummary:
     #: {SeriesInstanceUID or SOPInstanceUID: why it was not exported}
     not_exported: dict[str, str] = field(default_factory=dict)
     files: int = 0
+    code_version: str = ""
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -108,13 +110,17 @@ def export(lake: Lake | Path | str, name: str, to: Path | str, as_: str = "manif
         instances = cat.arrow(_sql("cohort_instances"))
         summary.series, summary.instances = series.num_rows, instances.num_rows
         _write_json(to / "cohort.json", cohort.saved.to_dict())
-        _write_table(to / "manifest" / "series", series)
-        _write_table(to / "manifest" / "instances", instances)
+        meta = {"lake.cohort": name, "lake.snapshot": str(cohort.saved.snapshot),
+                "lake.cohort_rows_sha256": cohort.saved.rows_sha256,
+                "lake.code_version": code_version(), "lake.profile": lake.profile}
+        _write_table(to / "manifest" / "series", series, meta)
+        _write_table(to / "manifest" / "instances", instances, meta)
         if as_ == "dicom":
             _export_dicom(cat.arrow(_sql("cohort_sources")), to / "dicom", summary, progress)
         elif as_ == "nifti":
             _export_nifti(cohort, series, cat.arrow(_sql("cohort_sources")), to / "nifti",
                           summary, progress)
+    summary.code_version = code_version()
     summary.files = _write_checksums(to)
     _write_json(to / "export.json", summary.to_dict())
     return summary
@@ -134,11 +140,13 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _write_table(stem: Path, table: pa.Table) -> None:
+def _write_table(stem: Path, table: pa.Table, meta: dict[str, str]) -> None:
+    """Parquet (with provenance in its key-value metadata) and CSV of ``table``."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     parquet = stem.with_suffix(".parquet")
     tmp = _tmp(parquet)
-    pq.write_table(table, tmp, compression="zstd")
+    pq.write_table(table.replace_schema_metadata({**(table.schema.metadata or {}), **meta}),
+                   tmp, compression="zstd")
     os.replace(tmp, parquet)
     text = stem.with_suffix(".csv")
     tmp = _tmp(text)

@@ -56,6 +56,11 @@ def test_manifest(cohort_lake, truth, tmp_path):
     assert summary.series == len(expected)
     assert summary.instances == sum(expected.values())
     inst = pq.read_table(out / "manifest" / "instances.parquet")
+    meta = inst.schema.metadata
+    assert meta[b"lake.cohort"] == b"ctmr"
+    assert meta[b"lake.snapshot"] == str(summary.snapshot).encode()
+    assert meta[b"lake.cohort_rows_sha256"] == cohorts.load(
+        cohort_lake, "ctmr").rows_sha256.encode()
     per_series: dict[str, int] = {}
     for uid in inst.column("SeriesInstanceUID").to_pylist():
         per_series[uid] = per_series.get(uid, 0) + 1
@@ -85,7 +90,7 @@ def test_dicom_export_reingested_gives_the_same_counts(cohort_lake, tmp_path):
     assert len(dicoms) == summary.instances
     _check_sums(out)
 
-    fresh = Lake.create(tmp_path / "fresh")
+    fresh = Lake.create(tmp_path / "fresh", profile="identified")
     run = ingest(fresh, out / "dicom", fast_config())
     assert run.outcomes["ingested"] == summary.instances
     assert run.outcomes["quarantined"] == 0
