@@ -221,7 +221,8 @@ def cmd_cohort(args) -> int:
         query = sys.stdin.read() if args.sql == "-" else args.sql
         definition = specs.load(args.spec) if args.spec else None
         saved = cohorts.save(lake, args.name, sql=query, spec=definition,
-                             description=args.description or "", replace=args.replace)
+                             description=args.description or "", replace=args.replace,
+                             snapshot=args.snapshot)
         print(f"saved cohort {saved.name}: {saved.row_count} {saved.grain} rows at lake "
               f"snapshot {saved.snapshot} (sha256 {saved.rows_sha256[:12]})")
         return 0
@@ -473,6 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--spec", help="a declarative spec file (YAML)")
     c.add_argument("--description", help="free text saved with the cohort")
     c.add_argument("--replace", action="store_true", help="overwrite a saved cohort")
+    c.add_argument("--snapshot", type=_non_negative,
+                   help="pin to an earlier lake snapshot (default: the latest)")
     c = csub.add_parser("list", help="saved cohorts")
     c.add_argument("--json", action="store_true")
     c = csub.add_parser("show", help="a saved cohort, reproduced at its snapshot, and drift")

@@ -12,10 +12,10 @@ at the saved snapshot (Delta time travel), checks the hash, and can compare
 with what the latest snapshot gives now.
 
 >>> from catalog import cohorts
->>> saved = cohorts.save("lake", "chest_ct", spec={"all": [{"modality": "CT"}]})
->>> cohort = cohorts.open_cohort("lake", "chest_ct")       # doctest: +SKIP
->>> cohort.rows()           # exactly the rows of the saved snapshot
->>> cohort.drift()          # what the latest snapshot would add or remove
+>>> saved = cohorts.save("lake", "chest_ct", spec={"modality": "CT"})  # doctest: +SKIP
+>>> cohort = cohorts.open_cohort("lake", "chest_ct")                    # doctest: +SKIP
+>>> cohort.rows()       # exactly the rows of the saved snapshot         # doctest: +SKIP
+>>> cohort.drift()      # what the latest snapshot would add or remove   # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -45,9 +45,8 @@ from lakehouse.schemas import SERIES
 #: Columns of ``cohort_base`` a ``threshold`` criterion may name: the numeric
 #: columns of the series table, plus the study's age.
 NUMERIC_COLUMNS: frozenset[str] = frozenset(
-    c.name for c in SERIES.columns
-    if str(c.type) in ("double", "int64", "int32") and c.name != "study_year"
-) | {"patient_age_years", "study_year"}
+    c.name for c in SERIES.columns if str(c.type) in ("double", "int64", "int32")
+) | {"patient_age_years"}
 
 #: Leaf criteria: name -> what its value is.
 LEAVES = {

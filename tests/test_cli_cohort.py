@@ -43,6 +43,15 @@ def test_cohort_commands(capsys, lake_copy, tmp_path):
     d = json.loads(out)
     assert d["grain"] == "series" and d["removed"] and d["added"]  # CR/DX chest vs CT
 
+    # pinned to the empty first snapshot: everything CT is "added" since
+    code, out, _ = run(capsys, "cohort", "save", "ct0", "--snapshot", "0", "--sql",
+                       "SELECT SeriesInstanceUID FROM series WHERE Modality = 'CT'",
+                       "--lake", lake)
+    assert "0 series rows at lake snapshot 0 " in out
+    code, out, _ = run(capsys, "cohort", "diff", "ct0", "--json", "--lake", lake)
+    drift = json.loads(out)
+    assert drift["removed"] == [] and len(drift["added"]) == listed[1]["row_count"] > 0
+
     code, out, _ = run(capsys, "cohort", "export", "ct", "--to", str(tmp_path / "out"),
                        "--as", "manifest", "--json", "--lake", lake)
     summary = json.loads(out)
