@@ -295,7 +295,8 @@ def cmd_cohort(args) -> int:
             bar.refresh()
 
     try:
-        summary = export(lake, args.name, args.to, args.as_, progress)
+        summary = export(lake, args.name, args.to, args.as_, progress,
+                         key_file=_key_file(args))
     finally:
         for bar in bars.values():
             bar.close()
@@ -551,6 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
                    default="manifest")
     c.add_argument("--no-progress", dest="progress", action="store_false")
     c.add_argument("--json", action="store_true")
+    key_opt(c)
     for c in csub.choices.values():
         lake_opt(c)
     sp.set_defaults(func=cmd_cohort)

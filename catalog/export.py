@@ -14,26 +14,27 @@ leaves only whole files; running it again skips what is already there (a DICOM
 copy whose checksum matches, a NIfTI volume whose sidecar exists) and finishes
 the rest.
 
-DICOM copies come from the source files listed in the vault (``files``), and
-each copy is checked against the checksum recorded at ingest. Research lakes:
-a DICOM export must de-identify every copy exactly as the ingest did, with the
-lake's key; that function (``lakehouse.deid``) is not part of this version, so
-``as_="dicom"`` on a research lake raises :class:`ExportError` instead of
-writing anything. The manifest and NIfTI exports work for both profiles: NIfTI
-keeps only pixels and geometry, its sidecar only values of the research tables,
-and series flagged ``BurnedInAnnotation = YES`` are left out of a research
-lake's NIfTI export.
+DICOM copies come from the source files listed in the vault (``files``); each
+source is checked against the checksum recorded at ingest first. From an
+identified lake the copy is the source file, byte for byte. From a research
+lake it is the de-identified copy of ``lakehouse.deid.deidentify_dataset``: the
+same policy as the tables (pseudonyms, ``2.25.`` UID map, per-patient date
+shift, allow-list), with the lake's key, so the copies' identifiers are those of
+the research tables; originals never leave the vault. The manifest and NIfTI
+exports work for both profiles: NIfTI keeps only pixels and geometry, its
+sidecar only values of the research tables, and series flagged
+``BurnedInAnnotation = YES`` are left out of a research lake's NIfTI export.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import os
 import re
-import shutil
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -44,11 +45,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pydicom
 
 from catalog.cohorts import Cohort, open_cohort
 from catalog.config import CatalogConfig
 from catalog.connect import Catalog
 from catalog.errors import ExportError
+from lakehouse.deid import Policy, deidentify_dataset
 from lakehouse.provenance import code_version
 from lakehouse.tables import Lake
 
@@ -87,17 +90,19 @@ def _sql(name: str) -> str:
 
 
 def export(lake: Lake | Path | str, name: str, to: Path | str, as_: str = "manifest",
-           progress: Progress | None = None) -> ExportSummary:
-    """Export saved cohort ``name`` of ``lake`` to folder ``to`` (see the module doc)."""
+           progress: Progress | None = None, key_file: Path | str | None = None
+           ) -> ExportSummary:
+    """Export saved cohort ``name`` of ``lake`` to folder ``to`` (see the module doc).
+
+    ``key_file``: the key of a research lake, for a DICOM export (default: the key
+    `lake init` created for the lake).
+    """
     if as_ not in FORMATS:
         raise ExportError(f"unknown format {as_!r}; use one of {', '.join(FORMATS)}")
     lake = lake if isinstance(lake, Lake) else Lake.open(lake)
     cohort = open_cohort(lake, name)
-    if as_ == "dicom" and lake.profile == "research":
-        raise ExportError(
-            "DICOM export from a research lake needs the ingest's de-identification "
-            "(lakehouse.deid), which this version does not have yet; export --as manifest "
-            "or --as nifti instead")
+    # a research lake's DICOM copies are de-identified with the lake's key: check it first
+    policy = lake.policy(key_file) if as_ == "dicom" and lake.research else None
     to = Path(to)
     to.mkdir(parents=True, exist_ok=True)
     summary = ExportSummary(name, cohort.saved.snapshot, as_, str(to))
@@ -116,7 +121,8 @@ def export(lake: Lake | Path | str, name: str, to: Path | str, as_: str = "manif
         _write_table(to / "manifest" / "series", series, meta)
         _write_table(to / "manifest" / "instances", instances, meta)
         if as_ == "dicom":
-            _export_dicom(cat.arrow(_sql("cohort_sources")), to / "dicom", summary, progress)
+            _export_dicom(cat.arrow(_sql("cohort_sources")), to / "dicom", summary, progress,
+                          policy)
         elif as_ == "nifti":
             _export_nifti(cohort, series, cat.arrow(_sql("cohort_sources")), to / "nifti",
                           summary, progress)
@@ -199,7 +205,8 @@ def _safe(uid: str) -> str:
 # --- DICOM ------------------------------------------------------------------------------
 
 def _export_dicom(sources: pa.Table, out: Path, summary: ExportSummary,
-                  progress: Progress | None) -> None:
+                  progress: Progress | None, policy: Policy | None) -> None:
+    """Copies (identified lake) or de-identified copies (research lake, ``policy``)."""
     rows = sources.to_pylist()
     for i, r in enumerate(rows):
         sop = r["SOPInstanceUID"]
@@ -208,30 +215,33 @@ def _export_dicom(sources: pa.Table, out: Path, summary: ExportSummary,
         if r["path"] is None:
             summary.not_exported[sop] = "no ingested source file in the vault"
             continue
+        expected = r["source_sha256"] or r["file_sha256"]
         dest = (out / _safe(r["StudyInstanceUID"]) / _safe(r["SeriesInstanceUID"])
                 / f"{_safe(sop)}.dcm")
-        if dest.exists() and sha256_file(dest) == r["file_sha256"]:
+        # written under a temporary name and renamed: an existing file is complete
+        if dest.exists() and (policy is not None or sha256_file(dest) == expected):
             summary.skipped_existing += 1
             continue
-        src = Path(r["path"])
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _tmp(dest)
-        h = hashlib.sha256()
         try:
-            with open(src, "rb") as fin, open(tmp, "wb") as fout:
-                while chunk := fin.read(_CHUNK):
-                    h.update(chunk)
-                    fout.write(chunk)
+            data = Path(r["path"]).read_bytes()
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             summary.not_exported[sop] = f"source unreadable: {exc.strerror}"
             continue
-        if h.hexdigest() != r["file_sha256"]:
-            tmp.unlink()
+        if hashlib.sha256(data).hexdigest() != expected:
             summary.not_exported[sop] = "source file changed since ingest (checksum differs)"
             continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _tmp(dest)
+        if policy is None:
+            tmp.write_bytes(data)
+        else:
+            copy = deidentify_dataset(pydicom.dcmread(io.BytesIO(data)), policy)
+            if copy.get("SOPInstanceUID") != sop:  # the policy is not the one of the tables
+                summary.not_exported[sop] = ("the de-identified copy's SOPInstanceUID is not "
+                                             "the table's: was the lake ingested with this key?")
+                continue
+            pydicom.dcmwrite(tmp, copy, enforce_file_format=True)
         os.replace(tmp, dest)
-        shutil.copystat(src, dest, follow_symlinks=True)
         summary.written += 1
     if progress:
         progress("dicom", len(rows), len(rows))
@@ -264,7 +274,7 @@ def _export_nifti(cohort: Cohort, series: pa.Table, sources: pa.Table, out: Path
     by_series: dict[str, list[dict]] = {}
     for r in sources.to_pylist():
         by_series.setdefault(r["SeriesInstanceUID"], []).append(r)
-    research = cohort.lake.profile == "research"
+    research = cohort.lake.research
     rows = series.to_pylist()
     out.mkdir(parents=True, exist_ok=True)
     for n, s in enumerate(rows):

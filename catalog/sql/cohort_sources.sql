@@ -3,7 +3,9 @@
 --   StudyInstanceUID         study UID
 --   SeriesInstanceUID        series UID
 --   SOPInstanceUID           instance UID
---   file_sha256              checksum of the ingested file (the copy must match it)
+--   file_sha256              checksum of the ingested file as the tables hold it (keyed in
+--                            research lakes)
+--   source_sha256            plain SHA-256 of the source file (a copy must match it)
 --   file_size                size in bytes
 --   path                     source path of the ingested file
 --   InstanceNumber           instance number
@@ -14,6 +16,7 @@ SELECT
     i.SeriesInstanceUID,
     i.SOPInstanceUID,
     i.file_sha256,
+    f.source_sha256,
     i.file_size,
     f.path,
     i.InstanceNumber,
@@ -21,7 +24,7 @@ SELECT
     i.ImageOrientationPatient
 FROM instances i
 LEFT JOIN (
-    SELECT SOPInstanceUID, file_sha256, path
+    SELECT SOPInstanceUID, file_sha256, source_sha256, path
     FROM files
     WHERE outcome = 'ingested'
     QUALIFY row_number() OVER (PARTITION BY SOPInstanceUID, file_sha256

@@ -5,17 +5,22 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
+import re
 import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
+import pydicom
 import pytest
 
 from catalog import cohorts, open_lake
-from catalog.errors import ExportError
 from catalog.export import export, sha256_file
 from etl import ingest
 from lakehouse import Lake
+from lakehouse.privacy import KeyError_
+from synth import generate_archive
+from synth.phi import MARKER_PREFIX, plant_phi
 from tests.conftest import fast_config
 
 CT_MR = "SELECT SeriesInstanceUID FROM series WHERE Modality IN ('CT', 'MR')"
@@ -151,10 +156,80 @@ def test_nifti_geometry_matches_the_series(cohort_lake, tmp_path):
     assert (again.written, again.skipped_existing) == (0, summary.written)
 
 
-def test_dicom_export_of_a_research_lake_refuses(tmp_path):
-    lake = Lake.create(tmp_path / "research", profile="research")
-    cohorts.save(lake, "empty", sql="SELECT SeriesInstanceUID FROM series")
-    with pytest.raises(ExportError, match=r"de-identification .*--as manifest"):
-        export(lake, "empty", tmp_path / "out", "dicom")
-    assert not (tmp_path / "out").exists()
-    assert export(lake, "empty", tmp_path / "m", "manifest").series == 0
+@pytest.fixture(scope="module")
+def research_lake(tmp_path_factory):
+    """A research lake of a generated archive full of planted PHI, with a saved cohort of
+    every series."""
+    root = tmp_path_factory.mktemp("research-export")
+    truth = generate_archive(root / "archive", seed=7, preset="test")
+    phi = plant_phi(root / "archive", truth)
+    key = root / "lake.key"
+    lake = Lake.create(root / "lake", profile="research", key_file=key)
+    ingest(lake, root / "archive", fast_config(), key_file=key)
+    cohorts.save(lake, "everything", sql="SELECT SeriesInstanceUID FROM series")
+    # the check below can fail: the originals do carry the markers
+    first = next(p for p in sorted((root / "archive").rglob("*.dcm")))
+    assert MARKER_PREFIX in first.read_bytes().decode("latin-1")
+    return lake, key, phi, truth
+
+
+def test_research_dicom_export_is_deidentified_like_the_tables(research_lake, tmp_path):
+    lake, key, phi, truth = research_lake
+    with pytest.raises(KeyError_):  # another key: refused before anything is written
+        export(lake, "everything", tmp_path / "wrong", "dicom",
+               key_file=_other_key(tmp_path / "other.key"))
+    assert not (tmp_path / "wrong" / "dicom").exists()
+
+    out = tmp_path / "out"
+    summary = export(lake, "everything", out, "dicom", key_file=key)
+    assert summary.not_exported == {} and summary.written == summary.instances > 100
+    _check_sums(out)
+
+    # no planted marker, original identifier or name anywhere in the exported files
+    names = [n for n in phi.name_parts if len(n) >= 3]
+    for path in sorted(out.rglob("*")):
+        if not path.is_file():
+            continue
+        raw = path.read_bytes().decode("latin-1")
+        assert MARKER_PREFIX not in raw, path
+        assert [i for i in phi.identifiers if len(i) >= 4 and i in raw] == [], path
+        text = raw
+        if path.suffix == ".dcm":  # names are checked in the header, not in random pixels
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            assert ds.PatientIdentityRemoved == "YES"
+            text = json.dumps(ds.to_json_dict(bulk_data_threshold=1 << 30,
+                                              suppress_invalid_tags=True), ensure_ascii=False)
+        assert [n for n in names if re.search(rf"(?<!\w){re.escape(n)}(?!\w)", text)] == [], \
+            path
+        assert [n for n in truth.names.values() if n in text] == [], path
+
+    # re-ingested into a fresh lake: the same counts, and the research tables' pseudonyms,
+    # UIDs and shifted dates
+    fresh = Lake.create(tmp_path / "fresh", profile="identified")
+    run = ingest(fresh, out / "dicom", fast_config())
+    assert run.outcomes["ingested"] == summary.instances
+    q = ("SELECT PatientID, StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID, StudyDate, "
+         "Modality FROM instances ORDER BY SOPInstanceUID")
+    with open_lake(lake.root) as old, open_lake(fresh.root) as new:
+        assert new.arrow(q).to_pylist() == old.arrow(q).to_pylist()
+        assert new.counts()["series"] == old.counts()["series"] == summary.series
+        assert new.counts()["studies"] == old.counts()["studies"]
+
+    again = export(lake, "everything", out, "dicom", key_file=key)
+    assert (again.written, again.skipped_existing) == (0, summary.instances)
+
+
+def _other_key(path):
+    path.write_bytes(os.urandom(32).hex().encode())
+    os.chmod(path, 0o600)
+    return path
+
+
+def test_research_nifti_and_manifest(research_lake, tmp_path):
+    lake, _key, phi, _truth = research_lake
+    summary = export(lake, "everything", tmp_path / "n", "nifti")
+    assert summary.written > 0
+    for path in (tmp_path / "n").rglob("*.json"):
+        text = path.read_text(encoding="utf-8")
+        assert MARKER_PREFIX not in text
+        assert [i for i in phi.identifiers if len(i) >= 4 and i in text] == []
