@@ -273,6 +273,101 @@ def cmd_status(args) -> int:
     return 0
 
 
+# --- cohort -------------------------------------------------------------------
+
+def cmd_cohort(args) -> int:
+    from catalog import cohorts
+
+    lake = _lake_dir(args)
+    action = args.cohort_command
+    if action == "save":
+        if (args.sql is None) == (args.spec is None):
+            raise CliError("give the cohort as --sql QUERY or --spec FILE (exactly one)")
+        from catalog import spec as specs
+
+        query = sys.stdin.read() if args.sql == "-" else args.sql
+        definition = specs.load(args.spec) if args.spec else None
+        saved = cohorts.save(lake, args.name, sql=query, spec=definition,
+                             description=args.description or "", replace=args.replace,
+                             snapshot=args.snapshot)
+        print(f"saved cohort {saved.name}: {saved.row_count} {saved.grain} rows at lake "
+              f"snapshot {saved.snapshot} (sha256 {saved.rows_sha256[:12]})")
+        return 0
+    if action == "list":
+        rows = [cohorts.load(lake, n) for n in cohorts.names(lake)]
+        if args.json:
+            print(json.dumps([r.to_dict() for r in rows], indent=2))
+        else:
+            _print_table(["name", "grain", "rows", "snapshot", "kind", "created_at"],
+                         [{"name": r.name, "grain": r.grain, "rows": r.row_count,
+                           "snapshot": r.snapshot, "kind": r.definition.kind,
+                           "created_at": r.created_at} for r in rows], sys.stdout)
+        return 0
+    if action == "show":
+        cohort = cohorts.open_cohort(lake, args.name)
+        drift = cohort.drift()
+        info = {**cohort.saved.to_dict(), "reproduced": True, "latest": drift.to_dict()}
+        if args.json:
+            print(json.dumps(info, indent=2, default=_json_default))
+            return 0
+        s = cohort.saved
+        print(f"cohort    {s.name} ({s.definition.kind}, one row per {s.grain})")
+        print(f"snapshot  {s.snapshot}: {s.row_count} rows, sha256 {s.rows_sha256} "
+              "(reproduced)")
+        print(f"definition\n  {s.definition.sql or json.dumps(s.definition.spec)}")
+        print(f"latest    {drift.b}: " + ("same result" if drift.same else
+              f"+{len(drift.added)} -{len(drift.removed)} {s.grain} rows"
+              f"{', rows changed' if drift.rows_changed else ''}"))
+        if args.rows:
+            _print_table(cohort.rows().column_names, cohort.rows().to_pylist(), sys.stdout)
+        return 0
+    if action == "diff":
+        d = cohorts.diff(lake, args.name, args.other)
+        if args.json:
+            print(json.dumps(d.to_dict(), indent=2))
+            return 0
+        print(f"{d.a} -> {d.b}: {d.unchanged} unchanged, {len(d.added)} added, "
+              f"{len(d.removed)} removed{', rows changed' if d.rows_changed else ''}")
+        for uid in d.added:
+            print(f"+ {uid}")
+        for uid in d.removed:
+            print(f"- {uid}")
+        return 0
+    # export
+    from catalog.export import export
+
+    show = args.progress and sys.stderr.isatty()
+    bars: dict = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if show:
+            from tqdm import tqdm
+
+            bar = bars.get(stage) or bars.setdefault(
+                stage, tqdm(total=total, unit="file" if stage == "dicom" else "series",
+                            desc=stage, file=sys.stderr))
+            bar.n = done
+            bar.refresh()
+
+    try:
+        summary = export(lake, args.name, args.to, args.as_, progress,
+                         key_file=_key_file(args))
+    finally:
+        for bar in bars.values():
+            bar.close()
+    if args.json:
+        print(json.dumps(summary.to_dict(), indent=2))
+    else:
+        print(f"exported cohort {summary.cohort} (snapshot {summary.snapshot}) as "
+              f"{summary.as_} to {summary.to}: {summary.series} series, {summary.instances} "
+              f"instances; {summary.written} written, {summary.skipped_existing} already "
+              f"there, {len(summary.not_exported)} not exported; {summary.files} files in "
+              "SHA256SUMS")
+        for uid, why in sorted(summary.not_exported.items()):
+            print(f"  not exported {uid}: {why}")
+    return 0
+
+
 # --- demo ---------------------------------------------------------------------
 
 def cmd_demo(args) -> int:
@@ -565,6 +660,40 @@ def build_parser() -> argparse.ArgumentParser:
     lake_opt(sp)
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_status)
+
+    sp = sub.add_parser("cohort", help="save, list, show, diff and export reproducible cohorts")
+    csub = sp.add_subparsers(dest="cohort_command", required=True, parser_class=_Parser)
+    c = csub.add_parser("save", help="run a cohort definition and pin it to the lake snapshot")
+    c.add_argument("name", help="cohort name (letters, digits, _ - .)")
+    c.add_argument("--sql", help="a query returning one row per series (SeriesInstanceUID) "
+                   "or per study (StudyInstanceUID); - reads it from stdin")
+    c.add_argument("--spec", help="a declarative spec file (YAML)")
+    c.add_argument("--description", help="free text saved with the cohort")
+    c.add_argument("--replace", action="store_true", help="overwrite a saved cohort")
+    c.add_argument("--snapshot", type=_non_negative,
+                   help="pin to an earlier lake snapshot (default: the latest)")
+    c = csub.add_parser("list", help="saved cohorts")
+    c.add_argument("--json", action="store_true")
+    c = csub.add_parser("show", help="a saved cohort, reproduced at its snapshot, and drift")
+    c.add_argument("name")
+    c.add_argument("--rows", action="store_true", help="also print the rows")
+    c.add_argument("--json", action="store_true")
+    c = csub.add_parser("diff", help="members of a cohort versus another (default: now)")
+    c.add_argument("name")
+    c.add_argument("other", nargs="?", help="another saved cohort (default: the same "
+                   "definition at the latest snapshot)")
+    c.add_argument("--json", action="store_true")
+    c = csub.add_parser("export", help="export a saved cohort (manifest, DICOM or NIfTI)")
+    c.add_argument("name")
+    c.add_argument("--to", required=True, help="output folder (resumable)")
+    c.add_argument("--as", dest="as_", choices=["manifest", "dicom", "nifti"],
+                   default="manifest")
+    c.add_argument("--no-progress", dest="progress", action="store_false")
+    c.add_argument("--json", action="store_true")
+    key_opt(c)
+    for c in csub.choices.values():
+        lake_opt(c)
+    sp.set_defaults(func=cmd_cohort)
 
     sp = sub.add_parser("demo", help="generate a sample archive, ingest it, print a summary")
     sp.add_argument("--dir", default="lake-demo",

@@ -1,5 +1,6 @@
-"""Every notebook runs top to bottom with a real kernel against the session's lake."""
+"""Every notebook runs top to bottom with a real kernel against a copy of the session's lake."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,9 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[2] / "notebooks").glob("*.p
 def test_notebook_executes(path, built_lake, monkeypatch, tmp_path):
     jupytext = pytest.importorskip("jupytext")
     nbclient = pytest.importorskip("nbclient")
-    monkeypatch.setenv("LAKE_DIR", str(built_lake[0]))
+    lake = tmp_path / "lake"  # a copy: notebooks may save cohorts into the lake
+    shutil.copytree(built_lake[0], lake, symlinks=True)
+    monkeypatch.setenv("LAKE_DIR", str(lake))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = jupytext.read(path)
     client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=180,
