@@ -1,0 +1,67 @@
+"""The extractor: one image, one segment mask, one parameter set -> feature values."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from etl.radiomics import firstorder, shape
+from etl.radiomics.params import Params, ParamsError
+
+#: Version of the lake's extractor, written to every radiomics_features row.
+EXTRACTOR_VERSION = "lake-radiomics 1.0 (firstorder, shape; pyradiomics 3 definitions)"
+
+#: Implemented classes and their feature names, in output order.
+FEATURE_CLASSES: dict[str, tuple[str, ...]] = {
+    "firstorder": firstorder.NAMES,
+    "shape": shape.NAMES,
+}
+
+
+def _bbox(mask: np.ndarray) -> tuple[slice, ...]:
+    where = np.argwhere(mask)
+    lo, hi = where.min(axis=0), where.max(axis=0) + 1
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+
+
+def extract(image, mask: np.ndarray, params: Params | None = None
+            ) -> dict[tuple[str, str], float]:
+    """Features of the region ``mask`` (bool, numpy order) of ``image`` (a SimpleITK image).
+
+    Returns {(feature class, feature name): value}. The mask must have the
+    image's array shape; an empty mask raises ValueError.
+    """
+    import SimpleITK as sitk
+
+    params = params or Params.default()
+    setting = params.setting
+    if setting.get("resampledPixelSpacing") is not None:
+        raise ParamsError(params.source, "resampling is not implemented")
+    if setting.get("normalize"):
+        image = sitk.Normalize(image) * float(setting.get("normalizeScale", 1))
+    arr = sitk.GetArrayViewFromImage(image)
+    if arr.shape != mask.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from image shape {arr.shape}")
+    if not mask.any():
+        raise ValueError("empty mask")
+    box = _bbox(mask)
+    m = np.ascontiguousarray(mask[box])
+    spacing = tuple(float(s) for s in image.GetSpacing()[::-1])  # (slice, row, column)
+    out: dict[tuple[str, str], float] = {}
+    computed: dict[str, Callable[[], dict[str, float]]] = {
+        "firstorder": lambda: firstorder.features(
+            np.asarray(arr[box], dtype=np.float64)[m], float(np.prod(spacing)),
+            bin_width=float(setting.get("binWidth", 25)), bin_count=setting.get("binCount"),
+            shift=float(setting.get("voxelArrayShift", 0))),
+        "shape": lambda: shape.features(m, spacing),
+    }
+    for cls, wanted in params.feature_classes.items():
+        values = computed[cls]()
+        names = wanted or list(FEATURE_CLASSES[cls])
+        for name in names:
+            if name not in values:
+                raise ParamsError(params.source, f"{cls} has no feature {name!r}; it has "
+                                  f"{', '.join(FEATURE_CLASSES[cls])}")
+            out[(cls, name)] = values[name]
+    return out
