@@ -1,0 +1,48 @@
+-- radiomics_wide: one row per (image series, mask, segment, parameter set), one column per
+-- implemented feature ("<class>_<name>", as pyradiomics names them without the image type).
+-- Columns: SeriesInstanceUID, mask_SOPInstanceUID, mask_source, segment_number,
+-- segment_label, param_hash, voxel_count, then the features (NULL when not computed).
+CREATE VIEW radiomics_wide AS
+SELECT
+    SeriesInstanceUID,
+    mask_SOPInstanceUID,
+    mask_source,
+    segment_number,
+    segment_label,
+    param_hash,
+    max(voxel_count) AS voxel_count,
+    max(value) FILTER (WHERE feature_class = 'firstorder' AND feature_name = 'Energy') AS "firstorder_Energy",
+    max(value) FILTER (WHERE feature_class = 'firstorder' AND feature_name = 'TotalEnergy') AS "firstorder_TotalEnergy",
+    max(value) FILTER (WHERE feature_class = 'firstorder' AND feature_name = 'Entropy') AS "firstorder_Entropy",
+    max(value) FILTER (WHERE feature_class = 'firstorder' AND feature_name = 'Minimum') AS "firstorder_Minimum",
+    max(value) FILTER (WHERE feature_class = 'firstorder' AND feature_name = '10Percentile') AS "firstorder_10Percentile",
+    max(value) FILTER (WHERE feature_class = 'firstorder' AND feature_name = '90Percentile') AS "firstorder_90Percentile",
+    max(value) FILTER (WHERE feature_class = 'firstorder' AND feature_name = 'Maximum') AS "firstorder_Maximum",
+    max(value) FILTER (WHERE feature_class = 'firstorder' AND feature_name = 'Mean') AS "firstorder_Mean",
+    max(value) FILTER (WHERE feature_class = 'firstorder' AND feature_name = 'Median') AS "firstorder_Median",
+    max(value) FILTER (WHERE feature_class = 'firstorder' AND feature_name = 'InterquartileRange') AS "firstorder_InterquartileRange",
+    max(value) FILTER (WHERE feature_class = 'firstorder' AND feature_name = 'Range') AS "firstorder_Range",
+    max(value) FILTER (WHERE feature_class = 'firstorder' AND feature_name = 'MeanAbsoluteDeviation') AS "firstorder_MeanAbsoluteDeviation",
+    max(value) FILTER (WHERE feature_class = 'firstorder' AND feature_name = 'RobustMeanAbsoluteDeviation') AS "firstorder_RobustMeanAbsoluteDeviation",
+    max(value) FILTER (WHERE feature_class = 'firstorder' AND feature_name = 'RootMeanSquared') AS "firstorder_RootMeanSquared",
+    max(value) FILTER (WHERE feature_class = 'firstorder' AND feature_name = 'Skewness') AS "firstorder_Skewness",
+    max(value) FILTER (WHERE feature_class = 'firstorder' AND feature_name = 'Kurtosis') AS "firstorder_Kurtosis",
+    max(value) FILTER (WHERE feature_class = 'firstorder' AND feature_name = 'Variance') AS "firstorder_Variance",
+    max(value) FILTER (WHERE feature_class = 'firstorder' AND feature_name = 'Uniformity') AS "firstorder_Uniformity",
+    max(value) FILTER (WHERE feature_class = 'shape' AND feature_name = 'MeshVolume') AS "shape_MeshVolume",
+    max(value) FILTER (WHERE feature_class = 'shape' AND feature_name = 'VoxelVolume') AS "shape_VoxelVolume",
+    max(value) FILTER (WHERE feature_class = 'shape' AND feature_name = 'SurfaceArea') AS "shape_SurfaceArea",
+    max(value) FILTER (WHERE feature_class = 'shape' AND feature_name = 'SurfaceVolumeRatio') AS "shape_SurfaceVolumeRatio",
+    max(value) FILTER (WHERE feature_class = 'shape' AND feature_name = 'Sphericity') AS "shape_Sphericity",
+    max(value) FILTER (WHERE feature_class = 'shape' AND feature_name = 'Maximum3DDiameter') AS "shape_Maximum3DDiameter",
+    max(value) FILTER (WHERE feature_class = 'shape' AND feature_name = 'Maximum2DDiameterSlice') AS "shape_Maximum2DDiameterSlice",
+    max(value) FILTER (WHERE feature_class = 'shape' AND feature_name = 'Maximum2DDiameterColumn') AS "shape_Maximum2DDiameterColumn",
+    max(value) FILTER (WHERE feature_class = 'shape' AND feature_name = 'Maximum2DDiameterRow') AS "shape_Maximum2DDiameterRow",
+    max(value) FILTER (WHERE feature_class = 'shape' AND feature_name = 'MajorAxisLength') AS "shape_MajorAxisLength",
+    max(value) FILTER (WHERE feature_class = 'shape' AND feature_name = 'MinorAxisLength') AS "shape_MinorAxisLength",
+    max(value) FILTER (WHERE feature_class = 'shape' AND feature_name = 'LeastAxisLength') AS "shape_LeastAxisLength",
+    max(value) FILTER (WHERE feature_class = 'shape' AND feature_name = 'Elongation') AS "shape_Elongation",
+    max(value) FILTER (WHERE feature_class = 'shape' AND feature_name = 'Flatness') AS "shape_Flatness"
+FROM radiomics_features
+GROUP BY SeriesInstanceUID, mask_SOPInstanceUID, mask_source, segment_number, segment_label,
+    param_hash;
