@@ -36,6 +36,36 @@ def _lake_dir(args) -> Path:
     return Path(args.lake or os.environ.get("LAKE_DIR") or DEFAULT_LAKE)
 
 
+# --- features -----------------------------------------------------------------
+
+def cmd_features(args) -> int:
+    from etl.features import FeaturesConfig, compute_features
+    from etl.radiomics import Params
+    from lakehouse import Lake
+
+    lake = Lake.open(_lake_dir(args))
+    params = Params.load(args.params) if args.params else Params.default()
+    mask_files = []
+    for spec in args.mask_file or []:
+        uid, sep, path = spec.partition("=")
+        if not sep or not uid or not path:
+            raise CliError(f"--mask-file expects SERIES_UID=PATH, got {spec!r}")
+        if not Path(path).is_file():
+            raise CliError(f"mask file {path} does not exist")
+        mask_files.append((uid, path))
+    config = FeaturesConfig(series=tuple(args.series or ()), params=params,
+                            mask_files=tuple(mask_files),
+                            scheduler=args.scheduler or "processes", workers=args.workers)
+    s = compute_features(lake, config)
+    print(f"features run {s.run_id}: {s.series} series ({s.volumes_ok} regular volumes, "
+          f"{s.image_stats} with image statistics), {s.masks} masks, {s.segments} segments, "
+          f"{s.feature_rows} feature values, {s.failures} failures in {s.seconds:.1f} s; "
+          f"snapshot {s.snapshot}")
+    for reason, n in sorted(s.failure_reasons.items()):
+        print(f"  {reason}: {n}")
+    return 0
+
+
 # --- init ---------------------------------------------------------------------
 
 def cmd_init(args) -> int:
@@ -386,6 +416,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--notebooks", help="notebook folder (default: the project's notebooks/)")
     sp.add_argument("--no-browser", action="store_true")
     sp.set_defaults(func=cmd_notebook)
+
+    sp = sub.add_parser("features", help="series geometry, image statistics and radiomics")
+    lake_opt(sp)
+    sp.add_argument("--series", action="append", metavar="UID",
+                    help="image series to compute (repeatable; default: all)")
+    sp.add_argument("--params", metavar="FILE", help="radiomics parameter YAML "
+                    "(default: the extractor's default.yaml)")
+    sp.add_argument("--mask-file", action="append", metavar="SERIES_UID=PATH",
+                    help="a NIfTI/NRRD label map on the grid of that series (repeatable)")
+    sp.add_argument("--workers", type=_positive)
+    sp.add_argument("--scheduler", help="processes (default), threads, synchronous, "
+                    "local-cluster or a Dask scheduler address")
+    sp.set_defaults(func=cmd_features)
 
     sp = sub.add_parser("dictionary", help="print the data dictionary (Markdown)")
     sp.set_defaults(func=cmd_dictionary)
