@@ -83,7 +83,8 @@ def test_sphere_matches_analytic_volume_and_surface():
     assert 1.10 * 4 * math.pi * r ** 2 < area < 1.15 * 4 * math.pi * r ** 2
     assert 0.87 < v[("shape", "Sphericity")] < 0.91
     assert v[("shape", "Elongation")] == pytest.approx(1.0, abs=0.01)
-    assert v[("shape", "Maximum3DDiameter")] == pytest.approx(2 * r, rel=0.03)
+    # mesh vertices lie half a voxel outside the voxel centres
+    assert 2 * r < v[("shape", "Maximum3DDiameter")] <= 2 * r + max(spacing)
 
 
 def test_box_axis_lengths_and_volume_are_exact():
