@@ -1,0 +1,172 @@
+"""The features job end to end: real CT + SEG, an RTSTRUCT, a NRRD label map, a real lake."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from catalog import open_lake
+from etl import IngestConfig, ingest
+from etl.errors import GeometryMismatchError
+from etl.features import FeaturesConfig, compute_features
+from etl.imagestats import series_stats
+from etl.masks import read_mask_file
+from etl.volumes import series_geometry
+from lake_cli import main
+from lakehouse import Lake
+from tests.etl.features_data import CT_SERIES, DCMQI, RT_COLS, RT_ROWS, SKIP_DCMQI, \
+    ct_headers, write_rtstruct
+
+pytestmark = pytest.mark.skipif(not (DCMQI / "liver.dcm").is_file(), reason=SKIP_DCMQI)
+
+
+@pytest.fixture(scope="module")
+def feature_lake(tmp_path_factory):
+    root = tmp_path_factory.mktemp("features")
+    src = root / "src"
+    shutil.copytree(DCMQI / "ct-3slice", src / "ct")
+    shutil.copy(DCMQI / "liver.dcm", src / "liver.dcm")
+    shutil.copy(DCMQI / "partial_overlaps.dcm", src / "partial_overlaps.dcm")
+    rt = write_rtstruct(src / "rtstruct.dcm", ct_headers())
+    lake = Lake.create(root / "lake")
+    ingest(lake, src, IngestConfig(scheduler="synchronous"))
+    summary = compute_features(lake, FeaturesConfig(
+        scheduler="processes", workers=2,
+        mask_files=((CT_SERIES, str(DCMQI / "liver_seg.nrrd")),)))
+    return root / "lake", summary, rt
+
+
+@pytest.mark.slow  # about 35 s together: real 512 x 512 CT, eight segments
+def test_summary(feature_lake):
+    _, s, _ = feature_lake
+    assert (s.series, s.volumes_ok, s.image_stats, s.masks) == (1, 1, 1, 4)
+    # liver (1) + partial overlaps (5) + RTSTRUCT box (1) + NRRD liver (1)
+    assert s.segments == 8
+    assert s.feature_rows == 8 * 32
+    assert s.failures == 0
+
+
+@pytest.mark.slow  # about 35 s together: real 512 x 512 CT, eight segments
+def test_tables(feature_lake):
+    path, s, rt = feature_lake
+    with open_lake(path) as cat:
+        g = cat.df("SELECT * FROM series_geometry").iloc[0]
+        assert g.SeriesInstanceUID == CT_SERIES
+        assert (g.slice_count, g.Rows, g.Columns, g.orientation) == (3, 512, 512, "axial")
+        assert g.row_spacing == 0.810547
+        assert g.slice_spacing_median == 1.0
+        assert bool(g.volume_ok) and list(g.issues) == []
+        st = cat.df("SELECT * FROM image_stats").iloc[0]
+        assert (st.units, st.status, st.instances_read, st.pixel_failures) == ("HU", "ok", 3, 0)
+        assert st.voxel_count == 3 * 512 * 512
+        assert (st.p01, st.p25, st.p50, st.p75, st.p99) == (-3024.0, -1024.0, -807.0, -13.0,
+                                                              395.0)
+        assert (st["min"], st["max"]) == (-3024.0, 1381.0)
+        assert st.saturated_fraction == 0.0
+        assert not st.burned_in_annotation
+        seg = cat.df("""SELECT mask_source, segment_number, segment_label, voxel_count
+                        FROM radiomics_wide ORDER BY mask_source, voxel_count""")
+        assert seg.values.tolist() == [
+            ["file:liver_seg.nrrd", 1, "1", 107098],
+            ["rtstruct", 7, "Box", (RT_COLS[1] - RT_COLS[0]) * (RT_ROWS[1] - RT_ROWS[0]) * 3],
+            ["seg", 5, seg.segment_label[2], 4713],
+            ["seg", 4, seg.segment_label[3], 6693],
+            ["seg", 1, seg.segment_label[4], 9602],
+            ["seg", 3, seg.segment_label[5], 10743],
+            ["seg", 2, seg.segment_label[6], 11888],
+            ["seg", 1, "Liver", 107098],
+        ]
+        # the NRRD and the SEG of the liver are the same mask: the same features
+        same = cat.df("""SELECT count(*) AS n FROM radiomics_features a JOIN radiomics_features b
+                         USING (feature_class, feature_name)
+                         WHERE a.mask_source = 'seg' AND a.segment_label = 'Liver'
+                           AND b.mask_source = 'file:liver_seg.nrrd' AND a.value = b.value""")
+        assert same.n[0] == 32
+        box = cat.df("""SELECT "shape_VoxelVolume" AS v FROM radiomics_wide
+                        WHERE mask_SOPInstanceUID = $u""", {"u": rt.SOPInstanceUID})
+        assert box.v[0] == pytest.approx(100 * 80 * 3 * 0.810547 ** 2 * 1.0, rel=1e-12)
+        hashes = cat.df("SELECT DISTINCT param_hash, extractor_version FROM radiomics_features")
+        assert len(hashes) == 1
+
+
+@pytest.mark.slow  # about 35 s together: real 512 x 512 CT, eight segments
+def test_rerun_replaces_rows_of_the_series(feature_lake, tmp_path):
+    dest = tmp_path / "lake"
+    shutil.copytree(feature_lake[0], dest)
+    s = compute_features(Lake.open(dest), FeaturesConfig(series=(CT_SERIES,),
+                                                         scheduler="synchronous"))
+    assert s.segments == 7  # without the mask file this time
+    with open_lake(dest) as cat:
+        assert cat.df("SELECT count(*) AS n FROM radiomics_features").n[0] == 7 * 32
+        assert cat.df("SELECT count(*) AS n FROM series_geometry").n[0] == 1
+
+
+@pytest.mark.slow  # about 35 s together: real 512 x 512 CT, eight segments
+def test_geometry_mismatch_is_a_failure_row(feature_lake, tmp_path):
+    img = sitk.ReadImage(str(DCMQI / "liver_seg.nrrd"))
+    img.SetSpacing((0.8, 0.8, 1.0))
+    bad = tmp_path / "bad.nrrd"
+    sitk.WriteImage(img, str(bad))
+    dest = tmp_path / "lake"
+    shutil.copytree(feature_lake[0], dest)
+    code = main(["features", "--lake", str(dest), "--scheduler", "synchronous",
+                 "--mask-file", f"{CT_SERIES}={bad}"])
+    assert code == 0
+    with open_lake(dest) as cat:
+        f = cat.df("SELECT stage, reason, message FROM feature_failures")
+    assert f.values.tolist()[0][:2] == ["mask", "geometry_mismatch"]
+    assert "never resamples" in f.message[0]
+    assert len(f) == 1
+
+
+def test_mask_file_flipped_is_reindexed_not_resampled(tmp_path):
+    rows = [{"SOPInstanceUID": h.SOPInstanceUID, "SeriesInstanceUID": h.SeriesInstanceUID,
+             "ImagePositionPatient": [float(v) for v in h.ImagePositionPatient],
+             "ImageOrientationPatient": [float(v) for v in h.ImageOrientationPatient],
+             "PixelSpacing": [float(v) for v in h.PixelSpacing], "Rows": h.Rows,
+             "Columns": h.Columns} for h in ct_headers()]
+    geo = series_geometry(rows)
+    original = read_mask_file(DCMQI / "liver_seg.nrrd", geo).segments[0].mask
+    img = sitk.ReadImage(str(DCMQI / "liver_seg.nrrd"))
+    flipped = sitk.Flip(img, [False, True, True])  # same grid, y and z reversed
+    path = tmp_path / "flipped.nii.gz"
+    sitk.WriteImage(flipped, str(path))
+    again = read_mask_file(path, geo).segments[0].mask
+    assert np.array_equal(original, again)
+    shifted = sitk.ReadImage(str(DCMQI / "liver_seg.nrrd"))
+    shifted.SetOrigin((-235.2, -226.8, -128.19))  # half a slice off
+    sitk.WriteImage(shifted, str(tmp_path / "shifted.nrrd"))
+    with pytest.raises(GeometryMismatchError, match="grid extent"):
+        read_mask_file(tmp_path / "shifted.nrrd", geo)
+
+
+def test_undecodable_pixels_are_recorded(tmp_path):
+    from pydicom.data import get_testdata_file
+
+    good = str(sorted((DCMQI / "ct-3slice").glob("*.dcm"))[0])
+    bad = tmp_path / "bad.dcm"
+    data = Path(good).read_bytes()
+    bad.write_bytes(data[: len(data) - 1000])  # pixel data cut short
+    row = series_stats("1.2.3", [("a", good), ("b", str(bad)), ("c", None)], "CT")
+    assert (row["instances_read"], row["pixel_failures"], row["status"]) == (1, 2, "partial")
+    assert row["failure_message"].startswith("b (transfer syntax 1.2.840.10008.1.2): ValueError")
+    assert row["voxel_count"] == 512 * 512
+    mono = get_testdata_file("US1_J2KR.dcm")  # colour JPEG 2000: not greyscale
+    row = series_stats("1.2.4", [("u", mono)], "US")
+    assert row["status"] == "failed" and row["voxel_count"] == 0
+
+
+@pytest.mark.slow  # about 35 s together: real 512 x 512 CT, eight segments
+def test_cli_errors_are_one_line(feature_lake, tmp_path, capsys):
+    bad = tmp_path / "p.yaml"
+    bad.write_text("version: 1\nfeatureClass: {glcm: []}\n")
+    assert main(["features", "--lake", str(feature_lake[0]), "--params", str(bad)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "implemented feature classes: firstorder, shape" in err[0]
+    assert main(["features", "--lake", str(feature_lake[0]), "--series", "1.2.3"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "series 1.2.3 is not an image series" in err[0]
