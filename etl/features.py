@@ -26,8 +26,15 @@ import pyarrow.compute as pc
 
 from etl.errors import FeatureError, SchedulerError
 from etl.imagestats import series_stats
-from etl.masks import MASK_SOP_CLASSES, RTSTRUCT_SOP_CLASS, MaskSet, read_mask_file, \
-    read_rtstruct, read_seg, referenced_series
+from etl.masks import (
+    MASK_SOP_CLASSES,
+    RTSTRUCT_SOP_CLASS,
+    MaskSet,
+    read_mask_file,
+    read_rtstruct,
+    read_seg,
+    referenced_series,
+)
 from etl.radiomics import EXTRACTOR_VERSION, Params, extract
 from etl.volumes import load_volume, series_geometry
 from lakehouse.provenance import new_run_id
@@ -190,7 +197,7 @@ def plan(lake: Lake, config: FeaturesConfig) -> list[SeriesTask]:
                             d = pydicom.dcmread(p, stop_before_pixels=True,
                                                 specific_tags=["SeriesInstanceUID"])
                             original_to_lake[str(d.SeriesInstanceUID)] = uid
-                        except Exception:  # noqa: BLE001 - skip an unreadable file
+                        except Exception:
                             continue
             ref = original_to_lake.get(ref)
         if ref in tasks:

@@ -47,7 +47,8 @@ def extract(image, mask: np.ndarray, params: Params | None = None
         raise ValueError("empty mask")
     box = _bbox(mask)
     m = np.ascontiguousarray(mask[box])
-    spacing = tuple(float(s) for s in image.GetSpacing()[::-1])  # (slice, row, column)
+    sx, sy, sz = (float(s) for s in image.GetSpacing())
+    spacing = (sz, sy, sx)  # array order: slice, row, column
     out: dict[tuple[str, str], float] = {}
     computed: dict[str, Callable[[], dict[str, float]]] = {
         "firstorder": lambda: firstorder.features(

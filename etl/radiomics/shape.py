@@ -9,6 +9,8 @@ of the covariance of the voxel centres.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 NAMES = (
@@ -77,10 +79,8 @@ def _max_distance(points: np.ndarray) -> float:
                 d = centred @ vt[0]
                 return float(d.max() - d.min())
             if rank < points.shape[1]:
-                try:
+                with contextlib.suppress(QhullError, ValueError):
                     points = points[ConvexHull(centred @ vt[:rank].T).vertices]
-                except (QhullError, ValueError):
-                    pass
     best = 0.0
     for i in range(0, len(points), 2048):  # bounded memory
         diff = points[i:i + 2048, None, :] - points[None, :, :]

@@ -18,8 +18,15 @@ from etl.masks import read_mask_file
 from etl.volumes import series_geometry
 from lake_cli import main
 from lakehouse import Lake
-from tests.etl.features_data import CT_SERIES, DCMQI, RT_COLS, RT_ROWS, SKIP_DCMQI, \
-    ct_headers, write_rtstruct
+from tests.etl.features_data import (
+    CT_SERIES,
+    DCMQI,
+    RT_COLS,
+    RT_ROWS,
+    SKIP_DCMQI,
+    ct_headers,
+    write_rtstruct,
+)
 
 pytestmark = pytest.mark.skipif(not (DCMQI / "liver.dcm").is_file(), reason=SKIP_DCMQI)
 
@@ -52,7 +59,7 @@ def test_summary(feature_lake):
 
 @pytest.mark.slow  # about 35 s together: real 512 x 512 CT, eight segments
 def test_tables(feature_lake):
-    path, s, rt = feature_lake
+    path, _s, rt = feature_lake
     with open_lake(path) as cat:
         g = cat.df("SELECT * FROM series_geometry").iloc[0]
         assert g.SeriesInstanceUID == CT_SERIES
