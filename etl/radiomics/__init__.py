@@ -1,9 +1,11 @@
 """IBSI radiomics features of a segmented region, checked against pyradiomics.
 
-Implemented feature classes: ``firstorder`` and ``shape`` (3-D), with the
-definitions and default settings of pyradiomics 3 (fixed bin width 25, no
-resampling). The texture classes (GLCM, GLRLM, GLSZM, GLDM, NGTDM) are not
-implemented yet; a parameter file that asks for them is rejected.
+Feature classes: ``firstorder``, ``shape`` (3-D), ``glcm``, ``glrlm``,
+``glszm``, ``gldm`` and ``ngtdm``, with the definitions and default settings
+of pyradiomics 3 (fixed bin width 25, distance 1 in 3-D, no resampling); the
+tests compare every feature with pyradiomics. Not implemented: resampling,
+2-D (``force2D``) texture, distances other than 1, voxel-based maps, image
+filters (wavelet, LoG); a parameter file that asks for them is rejected.
 
 >>> from etl.radiomics import Params, extract
 >>> values = extract(image, mask, Params.default())   # {(class, name): value}

@@ -6,16 +6,21 @@ from collections.abc import Callable
 
 import numpy as np
 
-from etl.radiomics import firstorder, shape
+from etl.radiomics import firstorder, shape, texture
 from etl.radiomics.params import Params, ParamsError
 
 #: Version of the lake's extractor, written to every radiomics_features row.
-EXTRACTOR_VERSION = "lake-radiomics 1.0 (firstorder, shape; pyradiomics 3 definitions)"
+EXTRACTOR_VERSION = "lake-radiomics 1.1 (pyradiomics 3 definitions)"
 
 #: Implemented classes and their feature names, in output order.
 FEATURE_CLASSES: dict[str, tuple[str, ...]] = {
     "firstorder": firstorder.NAMES,
     "shape": shape.NAMES,
+    "glcm": texture.GLCM_NAMES,
+    "glrlm": texture.GLRLM_NAMES,
+    "glszm": texture.GLSZM_NAMES,
+    "gldm": texture.GLDM_NAMES,
+    "ngtdm": texture.NGTDM_NAMES,
 }
 
 
@@ -50,12 +55,22 @@ def extract(image, mask: np.ndarray, params: Params | None = None
     sx, sy, sz = (float(s) for s in image.GetSpacing())
     spacing = (sz, sy, sx)  # array order: slice, row, column
     out: dict[tuple[str, str], float] = {}
+    values_in = np.asarray(arr[box], dtype=np.float64)[m]
+    bin_width = float(setting.get("binWidth", 25))
+    bin_count = setting.get("binCount")
+    q = np.zeros(m.shape, dtype=np.intp)
+    q[m] = firstorder.discretize(values_in, bin_width, bin_count)
+    levels = np.unique(q[m])
     computed: dict[str, Callable[[], dict[str, float]]] = {
         "firstorder": lambda: firstorder.features(
-            np.asarray(arr[box], dtype=np.float64)[m], float(np.prod(spacing)),
-            bin_width=float(setting.get("binWidth", 25)), bin_count=setting.get("binCount"),
+            values_in, float(np.prod(spacing)), bin_width=bin_width, bin_count=bin_count,
             shift=float(setting.get("voxelArrayShift", 0))),
         "shape": lambda: shape.features(m, spacing),
+        "glcm": lambda: texture.glcm(q, m, levels),
+        "glrlm": lambda: texture.glrlm(q, m, levels),
+        "glszm": lambda: texture.glszm(q, m, levels),
+        "gldm": lambda: texture.gldm(q, m, levels, int(setting.get("gldm_a", 0))),
+        "ngtdm": lambda: texture.ngtdm(q, m, levels),
     }
     for cls, wanted in params.feature_classes.items():
         values = computed[cls]()

@@ -53,7 +53,7 @@ def test_summary(feature_lake):
     assert (s.series, s.volumes_ok, s.image_stats, s.masks) == (1, 1, 1, 4)
     # liver (1) + partial overlaps (5) + RTSTRUCT box (1) + NRRD liver (1)
     assert s.segments == 8
-    assert s.feature_rows == 8 * 32
+    assert s.feature_rows == 8 * 107
     assert s.failures == 0
 
 
@@ -92,7 +92,7 @@ def test_tables(feature_lake):
                          USING (feature_class, feature_name)
                          WHERE a.mask_source = 'seg' AND a.segment_label = 'Liver'
                            AND b.mask_source = 'file:liver_seg.nrrd' AND a.value = b.value""")
-        assert same.n[0] == 32
+        assert same.n[0] == 107
         box = cat.df("""SELECT "shape_VoxelVolume" AS v FROM radiomics_wide
                         WHERE mask_SOPInstanceUID = $u""", {"u": rt.SOPInstanceUID})
         assert box.v[0] == pytest.approx(100 * 80 * 3 * 0.810547 ** 2 * 1.0, rel=1e-12)
@@ -108,7 +108,7 @@ def test_rerun_replaces_rows_of_the_series(feature_lake, tmp_path):
                                                          scheduler="synchronous"))
     assert s.segments == 7  # without the mask file this time
     with open_lake(dest) as cat:
-        assert cat.df("SELECT count(*) AS n FROM radiomics_features").n[0] == 7 * 32
+        assert cat.df("SELECT count(*) AS n FROM radiomics_features").n[0] == 7 * 107
         assert cat.df("SELECT count(*) AS n FROM series_geometry").n[0] == 1
 
 
@@ -170,10 +170,10 @@ def test_undecodable_pixels_are_recorded(tmp_path):
 @pytest.mark.slow  # about 35 s together: real 512 x 512 CT, eight segments
 def test_cli_errors_are_one_line(feature_lake, tmp_path, capsys):
     bad = tmp_path / "p.yaml"
-    bad.write_text("version: 1\nfeatureClass: {glcm: []}\n")
+    bad.write_text("version: 1\nfeatureClass: {gldzm: []}\n")
     assert main(["features", "--lake", str(feature_lake[0]), "--params", str(bad)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "implemented feature classes: firstorder, shape" in err[0]
+    assert len(err) == 1 and "implemented feature classes: firstorder, shape, glcm" in err[0]
     assert main(["features", "--lake", str(feature_lake[0]), "--series", "1.2.3"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "series 1.2.3 is not an image series" in err[0]
