@@ -45,7 +45,8 @@ class Params:
             where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
             detail = f"{where}: {exc.message}"
             if exc.validator == "additionalProperties" and "featureClass" in where:
-                detail += " (implemented feature classes: firstorder, shape, glcm, glrlm, glszm, gldm, ngtdm)"
+                detail += (" (implemented feature classes: firstorder, shape, glcm, glrlm, "
+                           "glszm, gldm, ngtdm)")
             raise ParamsError(source, detail) from None
         return cls(copy.deepcopy(data), source)
 
