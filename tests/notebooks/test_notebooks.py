@@ -8,10 +8,13 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[2] / "notebooks").glob("*.p
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_executes(path, built_lake, monkeypatch, tmp_path):
+def test_notebook_executes(path, request, monkeypatch, tmp_path):
     jupytext = pytest.importorskip("jupytext")
     nbclient = pytest.importorskip("nbclient")
-    monkeypatch.setenv("LAKE_DIR", str(built_lake[0]))
+    # notebooks about image features need a lake where `lake features` has run
+    lake = (request.getfixturevalue("features_lake") if "radiomics" in path.name
+            else request.getfixturevalue("built_lake")[0])
+    monkeypatch.setenv("LAKE_DIR", str(lake))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = jupytext.read(path)
     client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=180,
