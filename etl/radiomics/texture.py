@@ -173,35 +173,33 @@ def _mcc(p: np.ndarray, px: np.ndarray, py: np.ndarray) -> np.ndarray:
 
 # --- GLRLM ----------------------------------------------------------------------------
 
-def _runs(q: np.ndarray, mask: np.ndarray, d: tuple[int, int, int], ng: int,
-          nr: int) -> np.ndarray | None:
-    """Run-length counts (Ng, Nr) along direction d; None when no line holds two voxels."""
-    sa, sb = _pairs(mask, d)
-    # a voxel starts a run when its predecessor (at -d) is outside the mask or differs
-    pred_same = np.zeros(mask.shape, dtype=bool)
-    pred_same[sb] = mask[sa] & mask[sb] & (q[sa] == q[sb])
-    starts = mask & ~pred_same
-    pos = np.argwhere(starts)
-    gl = q[starts]
-    length = np.ones(len(pos), dtype=np.intp)
-    active = np.ones(len(pos), dtype=bool)
-    step = np.array(d)
-    shape = np.array(mask.shape)
-    cur = pos.copy()
-    while active.any():
-        cur = cur + step
-        inside = np.all((cur >= 0) & (cur < shape), axis=1) & active
-        idx = np.flatnonzero(inside)
-        c = cur[idx]
-        cont = mask[c[:, 0], c[:, 1], c[:, 2]] & (q[c[:, 0], c[:, 1], c[:, 2]] == gl[idx])
-        length[idx[cont]] += 1
-        active[:] = False
-        active[idx[cont]] = True
-    if not _line_has_two(mask, d):
-        return None
-    counts = np.zeros((ng, nr), dtype=np.float64)
-    np.add.at(counts, (gl - 1, length - 1), 1)
-    return counts
+def _runs(qp: np.ndarray, mp: np.ndarray, d: tuple[int, int, int], ng: int,
+          nr: int) -> np.ndarray:
+    """Run-length counts (Ng, Nr) along direction d.
+
+    ``qp`` and ``mp`` are the grey levels and the region padded by one voxel of
+    background, so a step along d never leaves the array before leaving the region.
+    """
+    _, ny, nx = mp.shape
+    off = d[0] * ny * nx + d[1] * nx + d[2]
+    mf = mp.ravel()
+    qf = qp.ravel()
+    idx = np.flatnonzero(mf)
+    prev = idx - off
+    # a voxel starts a run when its predecessor is outside the region or differs
+    starts = idx[~(mf[prev] & (qf[prev] == qf[idx]))]
+    gl = qf[starts]
+    length = np.ones(len(starts), dtype=np.intp)
+    alive = np.arange(len(starts))
+    cur = starts
+    while alive.size:
+        cur = cur + off
+        cont = mf[cur] & (qf[cur] == gl[alive])
+        alive = alive[cont]
+        cur = cur[cont]
+        length[alive] += 1
+    flat = np.bincount((gl - 1) * nr + (length - 1), minlength=ng * nr)
+    return flat.reshape(ng, nr).astype(np.float64)
 
 
 def _line_has_two(mask: np.ndarray, d: tuple[int, int, int]) -> bool:
@@ -219,7 +217,9 @@ def _line_has_two(mask: np.ndarray, d: tuple[int, int, int]) -> bool:
 def glrlm(q: np.ndarray, mask: np.ndarray, levels: np.ndarray) -> dict[str, float]:
     ng = int(levels.max())
     nr = int(max(mask.shape))
-    mats = [m for d in DIRECTIONS if (m := _runs(q, mask, d, ng, nr)) is not None]
+    qp = np.pad(q, 1)
+    mp = np.pad(mask, 1)
+    mats = [_runs(qp, mp, d, ng, nr) for d in DIRECTIONS if _line_has_two(mask, d)]
     if not mats:  # no line holds two voxels (a single voxel): undefined
         return dict.fromkeys(GLRLM_NAMES, float("nan"))
     p = np.stack(mats, axis=-1)[levels - 1]  # (Ng', Nr, Na)

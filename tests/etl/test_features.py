@@ -177,3 +177,52 @@ def test_cli_errors_are_one_line(feature_lake, tmp_path, capsys):
     assert main(["features", "--lake", str(feature_lake[0]), "--series", "1.2.3"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "series 1.2.3 is not an image series" in err[0]
+
+
+@pytest.mark.slow  # pyradiomics on a 512 x 512 CT: about a minute
+def test_every_feature_of_every_real_segment_agrees_with_pyradiomics(tmp_path):
+    """The real CT with its two SEGs (6 segments) and an RTSTRUCT, all 107 features."""
+    from etl.masks import read_rtstruct, read_seg
+    from etl.radiomics import Params, extract
+    from etl.volumes import load_volume
+    from tests.etl.test_radiomics import assert_agree, pyradiomics_values
+
+    headers = ct_headers()
+    files = sorted((DCMQI / "ct-3slice").glob("*.dcm"))
+    rows = [{"SOPInstanceUID": h.SOPInstanceUID, "SeriesInstanceUID": h.SeriesInstanceUID,
+             "ImagePositionPatient": [float(v) for v in h.ImagePositionPatient],
+             "ImageOrientationPatient": [float(v) for v in h.ImageOrientationPatient],
+             "PixelSpacing": [float(v) for v in h.PixelSpacing], "Rows": h.Rows,
+             "Columns": h.Columns} for h in headers]
+    geo = series_geometry(rows)
+    image = load_volume(geo, {h.SOPInstanceUID: str(p) for h, p in zip(headers, files,
+                                                                       strict=True)})
+    write_rtstruct(tmp_path / "rt.dcm", headers)
+    segments = (read_seg(DCMQI / "liver.dcm", geo).segments
+                + read_seg(DCMQI / "partial_overlaps.dcm", geo).segments
+                + read_rtstruct(tmp_path / "rt.dcm", geo).segments)
+    assert len(segments) == 7
+    params = Params.default()
+    for seg in segments:
+        assert_agree(extract(image, seg.mask, params),
+                     pyradiomics_values(image, seg.mask, params))
+
+
+def test_a_lake_made_before_the_feature_tables_gets_them(tmp_path):
+    import json
+
+    from lakehouse import layout
+
+    lake = Lake.create(tmp_path / "lake")
+    snap_path = layout.snapshot_path(lake.root, 0)
+    snap = json.loads(snap_path.read_text())
+    for name in ("series_geometry", "image_stats", "radiomics_features", "feature_failures"):
+        del snap["versions"][name]
+        shutil.rmtree(layout.table_path(lake.root, name))
+    snap_path.write_text(json.dumps(snap))
+    with open_lake(lake.root) as cat:  # an older lake reads as empty feature tables
+        assert cat.df("SELECT count(*) AS n FROM radiomics_wide").n[0] == 0
+    s = compute_features(lake, FeaturesConfig(scheduler="synchronous"))
+    assert (s.series, s.feature_rows, s.snapshot) == (0, 0, 1)
+    assert set(Lake.open(lake.root).snapshot().versions) >= {"radiomics_features",
+                                                             "feature_failures"}
