@@ -30,6 +30,7 @@ from etl.masks import (
     MASK_SOP_CLASSES,
     RTSTRUCT_SOP_CLASS,
     MaskSet,
+    labels_from_json,
     read_mask_file,
     read_rtstruct,
     read_seg,
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 GEOMETRY_COLUMNS = ["SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "Modality",
                     "SOPClassUID", "ImagePositionPatient", "ImageOrientationPatient",
                     "PixelSpacing", "Rows", "Columns", "BurnedInAnnotation"]
+MASK_COLUMNS = ["SOPInstanceUID", "dicom_json"]
 OUTPUT_TABLES = ("series_geometry", "image_stats", "radiomics_features", "feature_failures")
 
 
@@ -88,6 +90,8 @@ class SeriesTask:
     paths: dict[str, str]
     #: (mask kind 'seg'/'rtstruct'/'file', SOPInstanceUID or None, path)
     masks: list[tuple[str, str | None, str]]
+    #: segment labels of lake masks as the lake holds them {mask SOPInstanceUID: {n: label}}
+    labels: dict[str, dict[int, str]] = field(default_factory=dict)
 
 
 def _failure(series: str | None, stage: str, err: FeatureError) -> dict:
@@ -120,10 +124,13 @@ def process_series(task: SeriesTask, params: Params) -> dict[str, list[dict]]:
         try:
             mask_set: MaskSet = readers[kind](path, geo)
         except FeatureError as err:
-            err.mask_uid = err.mask_uid or mask_uid
+            err.mask_uid = mask_uid  # the lake's UID, never the one inside the file
             out["feature_failures"].append(_failure(uid, "mask", err))
             continue
+        mask_set.sop_uid = mask_uid
+        lake_labels = task.labels.get(mask_uid or "", {})
         for seg in mask_set.segments:
+            seg.label = lake_labels.get(seg.number, seg.label) if mask_uid else seg.label
             n = seg.voxel_count
             if n == 0:
                 out["feature_failures"].append(_failure(uid, "radiomics", FeatureError(
@@ -175,7 +182,13 @@ def plan(lake: Lake, config: FeaturesConfig) -> list[SeriesTask]:
                              {r["SOPInstanceUID"]: paths[r["SOPInstanceUID"]]
                               for r in by_series[uid] if r["SOPInstanceUID"] in paths}, [])
              for uid in sorted(wanted)}
-    # masks: the series they reference, read from the mask file's header
+    # masks: the series they reference, read from the mask file's header; their labels
+    # from the lake's header (cleaned by the privacy policy in research lakes)
+    mask_labels: dict[str, dict[int, str]] = {}
+    if masks:
+        rows = lake.read("instances", columns=MASK_COLUMNS, filter=pc.field(
+            "SOPInstanceUID").isin([m["SOPInstanceUID"] for m in masks])).to_pylist()
+        mask_labels = {r["SOPInstanceUID"]: labels_from_json(r["dicom_json"]) for r in rows}
     original_to_lake: dict[str, str] | None = None
     for m in masks:
         path = paths.get(m["SOPInstanceUID"])
@@ -203,6 +216,7 @@ def plan(lake: Lake, config: FeaturesConfig) -> list[SeriesTask]:
         if ref in tasks:
             kind = "rtstruct" if m["SOPClassUID"] == RTSTRUCT_SOP_CLASS else "seg"
             tasks[ref].masks.append((kind, m["SOPInstanceUID"], path))
+            tasks[ref].labels[m["SOPInstanceUID"]] = mask_labels.get(m["SOPInstanceUID"], {})
     for series_uid, mask_path in config.mask_files:
         if series_uid not in tasks:
             raise FeatureError("missing_file", series_uid,

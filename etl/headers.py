@@ -27,6 +27,7 @@ from pydicom.uid import UID
 
 from etl import safety
 from etl.errors import FileRejected
+from lakehouse.deid import Policy
 from lakehouse.schemas import HEADER_COLUMNS
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
@@ -57,7 +58,7 @@ class FileResult:
 
 
 def read_file(path: str, size: int = -1, mtime_ns: int = 0, *, max_depth: int = 64,
-              bulk_data_threshold: int = 1024) -> FileResult:
+              bulk_data_threshold: int = 1024, policy: Policy | None = None) -> FileResult:
     result = FileResult(path, size, mtime_ns)
     try:
         with open(path, "rb") as fh:
@@ -68,7 +69,7 @@ def read_file(path: str, size: int = -1, mtime_ns: int = 0, *, max_depth: int = 
     result.sha256 = hashlib.sha256(buf).hexdigest()
     try:
         result.record = parse(buf, os.path.basename(path), max_depth=max_depth,
-                              bulk_data_threshold=bulk_data_threshold)
+                              bulk_data_threshold=bulk_data_threshold, policy=policy)
     except FileRejected as exc:
         return _reject(result, exc)
     return result
@@ -82,8 +83,13 @@ def _reject(result: FileResult, exc: FileRejected) -> FileResult:
 
 
 def parse(buf: bytes, name: str = "", *, max_depth: int = 64,
-          bulk_data_threshold: int = 1024) -> dict[str, Any]:
-    """Typed header record of a complete DICOM file held in ``buf``."""
+          bulk_data_threshold: int = 1024, policy: Policy | None = None) -> dict[str, Any]:
+    """Typed header record of a complete DICOM file held in ``buf``.
+
+    With a ``policy`` (research lakes) the record and its DICOM JSON are those of
+    the de-identified header, and ``record["id_map"]`` lists the original ↔
+    pseudonym pairs used (for the vault).
+    """
     if not buf:
         raise FileRejected("empty_file", "the file has zero bytes")
     layout = safety.check(buf, max_depth=max_depth)
@@ -96,13 +102,38 @@ def parse(buf: bytes, name: str = "", *, max_depth: int = 64,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         uids = _required_uids(ds, media_class)
-        record = extract(ds)
-        record.update(uids)
         ts = layout.transfer_syntax or (str(meta.TransferSyntaxUID)
                                         if meta is not None and "TransferSyntaxUID" in meta
                                         else None)
+        header = to_json_dict(ds, bulk_data_threshold)
+        if policy is None:
+            record = extract(ds)
+            record.update(uids)
+            record["dicom_json"] = _dumps(header)
+        else:
+            record = _deidentified_record(ds, header, uids, policy)
         record["TransferSyntaxUID"] = ts
-        record["dicom_json"] = to_json(ds, bulk_data_threshold)
+    return record
+
+
+def _deidentified_record(ds: Dataset, header: dict, uids: dict[str, str],
+                         policy: Policy) -> dict[str, Any]:
+    """The record of the de-identified header: every value comes from the filtered JSON."""
+    original_age = age_years(_str(ds.get("PatientAge")),
+                             parse_date(_str(ds.get("PatientBirthDate"))),
+                             parse_date(_str(ds.get("StudyDate"))))
+    result = policy.apply(header)
+    clean = Dataset.from_json(result.json)
+    record = extract(clean)
+    for keyword in uids:
+        if keyword == "SOPClassUID":
+            record[keyword] = uids[keyword]  # a class, not an instance: never remapped
+        else:
+            record[keyword] = _str(clean.get(keyword))
+    record["patient_age_years"] = None if original_age is None else min(original_age, 90.0)
+    record["dicom_json"] = _dumps(result.json)
+    record["id_map"] = [{"kind": k, "original": o, "pseudonym": p}
+                        for k, o, p in dict.fromkeys(result.mapping)]
     return record
 
 
@@ -235,7 +266,7 @@ def age_years(age: str | None, birth: dt.date | None, study: dt.date | None) -> 
 
 # --- DICOM JSON ---------------------------------------------------------------
 
-def to_json(ds: Dataset, bulk_data_threshold: int) -> str:
+def to_json_dict(ds: Dataset, bulk_data_threshold: int) -> dict:
     """The header as DICOM JSON (PS3.18 F.2) with bulk data left out."""
 
     def drop_bulk(_elem) -> str:
@@ -244,7 +275,11 @@ def to_json(ds: Dataset, bulk_data_threshold: int) -> str:
     data = ds.to_json_dict(bulk_data_threshold=bulk_data_threshold,
                            bulk_data_element_handler=drop_bulk, suppress_invalid_tags=True)
     _strip_bulk(data)
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return data
+
+
+def _dumps(header: dict) -> str:
+    return json.dumps(header, ensure_ascii=False, separators=(",", ":"))
 
 
 def _strip_bulk(obj: dict) -> None:

@@ -67,6 +67,36 @@ def referenced_series(ds) -> str | None:
     return None
 
 
+def labels_from_json(dicom_json: str | None) -> dict[int, str]:
+    """Segment number -> label from the lake's own DICOM JSON of a SEG or RTSTRUCT.
+
+    In research lakes that header went through the privacy policy (labels
+    cleaned of identifiers), so the lake's labels are used, not the file's.
+    """
+    import json
+
+    if not dicom_json:
+        return {}
+    try:
+        ds = json.loads(dicom_json)
+    except ValueError:
+        return {}
+
+    def first(item: dict, tag: str):
+        values = (item.get(tag) or {}).get("Value") or []
+        return values[0] if values else None
+
+    out: dict[int, str] = {}
+    # SegmentSequence / SegmentNumber, SegmentLabel; StructureSetROISequence / ROINumber, ROIName
+    for seq, num, name in (("00620002", "00620004", "00620005"),
+                           ("30060020", "30060022", "30060026")):
+        for item in (ds.get(seq) or {}).get("Value") or []:
+            n, label = first(item, num), first(item, name)
+            if n is not None:
+                out[int(n)] = "" if label is None else str(label)
+    return out
+
+
 def _index_of(geometry: Geometry, points: np.ndarray) -> np.ndarray:
     """Patient mm (N, 3) -> continuous voxel index (N, 3) as (column, row, slice)."""
     assert geometry.affine is not None
@@ -128,7 +158,7 @@ def read_seg(path: str | Path, geometry: Geometry) -> MaskSet:
         frames = seg.pixel_array
     except Exception as exc:
         raise FeatureError("unsupported_mask", series,
-                           f"cannot read SEG {Path(path).name}: {type(exc).__name__}: {exc}"
+                           f"cannot read the SEG: {type(exc).__name__}: {exc}"
                            ) from None
     uid = str(seg.SOPInstanceUID)
     if frames.ndim == 2:
@@ -155,7 +185,7 @@ def read_seg(path: str | Path, geometry: Geometry) -> MaskSet:
         pos = group(item, "PlanePositionSequence")
         if pos is None:
             raise FeatureError("unsupported_mask", series,
-                               f"SEG {uid} frame {i + 1} has no PlanePositionSequence", uid)
+                               f"SEG frame {i + 1} has no PlanePositionSequence", uid)
         k = _slice_index(geometry, pos.ImagePositionPatient, uid)
         seg_id = group(item, "SegmentIdentificationSequence")
         number = int(seg_id.ReferencedSegmentNumber)
@@ -176,7 +206,7 @@ def read_rtstruct(path: str | Path, geometry: Geometry) -> MaskSet:
         contours = list(ds.ROIContourSequence)
     except Exception as exc:
         raise FeatureError("unsupported_mask", series,
-                           f"cannot read RTSTRUCT {Path(path).name}: {type(exc).__name__}: {exc}"
+                           f"cannot read the RTSTRUCT: {type(exc).__name__}: {exc}"
                            ) from None
     uid = str(ds.SOPInstanceUID)
     nz, ny, nx = geometry.shape

@@ -19,6 +19,7 @@ from etl.config import IngestConfig
 from etl.discover import FoundFile
 from etl.errors import SchedulerError
 from etl.extract import extract_batch
+from lakehouse.deid import Policy
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +38,10 @@ class Runner(Protocol):
 class LocalRunner:
     """Dask's local scheduler (``processes`` by default: pydicom holds the GIL)."""
 
-    def __init__(self, config: IngestConfig, run_id: str):
+    def __init__(self, config: IngestConfig, run_id: str, policy: Policy | None = None):
         self.config = config
         self.run_id = run_id
+        self.policy = policy
         self.scheduler = config.scheduler
         self.workers = 1 if self.scheduler == "synchronous" else config.resolved_workers()
         self.description = self.scheduler
@@ -51,7 +53,8 @@ class LocalRunner:
         self._driver = ThreadPoolExecutor(1, thread_name_prefix="lake-wave")
 
     def submit(self, batches):
-        tasks = [dask.delayed(extract_batch, pure=False)(list(b), self.config, self.run_id)
+        tasks = [dask.delayed(extract_batch, pure=False)(list(b), self.config, self.run_id,
+                                                          self.policy)
                  for b in batches]
         kwargs: dict = {"scheduler": self.scheduler}
         if self._pool is not None:
@@ -69,11 +72,12 @@ class LocalRunner:
 class DistributedRunner:
     """A ``distributed`` cluster: a running scheduler, or a LocalCluster we start."""
 
-    def __init__(self, config: IngestConfig, run_id: str):
+    def __init__(self, config: IngestConfig, run_id: str, policy: Policy | None = None):
         from distributed import Client, LocalCluster
 
         self.config = config
         self.run_id = run_id
+        self.policy = policy
         self._cluster = None
         if config.scheduler == "local-cluster":
             n = config.resolved_workers()
@@ -92,7 +96,8 @@ class DistributedRunner:
 
     def submit(self, batches):
         futures = self.client.map(extract_batch, [list(b) for b in batches],
-                                  config=self.config, run_id=self.run_id, pure=False)
+                                  config=self.config, run_id=self.run_id, policy=self.policy,
+                                  pure=False)
         return self._driver.submit(lambda: list(self.client.gather(futures)))
 
     def close(self) -> None:
@@ -102,7 +107,9 @@ class DistributedRunner:
             self._cluster.close()
 
 
-def make_runner(config: IngestConfig, run_id: str) -> Runner:
+def make_runner(config: IngestConfig, run_id: str, policy: Policy | None = None) -> Runner:
+    """The runner for ``config.scheduler``. The policy (with the lake key) travels to the
+    workers with each task: use TLS between distributed scheduler and workers."""
     if config.scheduler in LOCAL_SCHEDULERS:
-        return LocalRunner(config, run_id)
-    return DistributedRunner(config, run_id)
+        return LocalRunner(config, run_id, policy)
+    return DistributedRunner(config, run_id, policy)

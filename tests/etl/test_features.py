@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 import SimpleITK as sitk
 
@@ -39,17 +40,20 @@ def feature_lake(tmp_path_factory):
     shutil.copy(DCMQI / "liver.dcm", src / "liver.dcm")
     shutil.copy(DCMQI / "partial_overlaps.dcm", src / "partial_overlaps.dcm")
     rt = write_rtstruct(src / "rtstruct.dcm", ct_headers())
-    lake = Lake.create(root / "lake")
+    lake = Lake.create(root / "lake")  # a research lake: UIDs remapped, labels cleaned
     ingest(lake, src, IngestConfig(scheduler="synchronous"))
+    ct = lake.read("instances", columns=["SeriesInstanceUID", "Modality"]).to_pylist()
+    (ct_uid,) = {r["SeriesInstanceUID"] for r in ct if r["Modality"] == "CT"}
+    assert ct_uid.startswith("2.25.") and ct_uid != CT_SERIES
     summary = compute_features(lake, FeaturesConfig(
         scheduler="processes", workers=2,
-        mask_files=((CT_SERIES, str(DCMQI / "liver_seg.nrrd")),)))
-    return root / "lake", summary, rt
+        mask_files=((ct_uid, str(DCMQI / "liver_seg.nrrd")),)))
+    return root / "lake", summary, rt, ct_uid
 
 
 @pytest.mark.slow  # about 35 s together: real 512 x 512 CT, eight segments
 def test_summary(feature_lake):
-    _, s, _ = feature_lake
+    _, s, _, _ = feature_lake
     assert (s.series, s.volumes_ok, s.image_stats, s.masks) == (1, 1, 1, 4)
     # liver (1) + partial overlaps (5) + RTSTRUCT box (1) + NRRD liver (1)
     assert s.segments == 8
@@ -59,10 +63,10 @@ def test_summary(feature_lake):
 
 @pytest.mark.slow  # about 35 s together: real 512 x 512 CT, eight segments
 def test_tables(feature_lake):
-    path, _s, rt = feature_lake
+    path, _, rt, ct_uid = feature_lake
     with open_lake(path) as cat:
         g = cat.df("SELECT * FROM series_geometry").iloc[0]
-        assert g.SeriesInstanceUID == CT_SERIES
+        assert g.SeriesInstanceUID == ct_uid
         assert (g.slice_count, g.Rows, g.Columns, g.orientation) == (3, 512, 512, "axial")
         assert g.row_spacing == 0.810547
         assert g.slice_spacing_median == 1.0
@@ -94,17 +98,29 @@ def test_tables(feature_lake):
                            AND b.mask_source = 'file:liver_seg.nrrd' AND a.value = b.value""")
         assert same.n[0] == 107
         box = cat.df("""SELECT "shape_VoxelVolume" AS v FROM radiomics_wide
-                        WHERE mask_SOPInstanceUID = $u""", {"u": rt.SOPInstanceUID})
+                        WHERE mask_source = 'rtstruct'""")
         assert box.v[0] == pytest.approx(100 * 80 * 3 * 0.810547 ** 2 * 1.0, rel=1e-12)
         hashes = cat.df("SELECT DISTINCT param_hash, extractor_version FROM radiomics_features")
         assert len(hashes) == 1
+        # privacy: the feature tables hold the lake's UIDs, never those inside the files
+        originals = {CT_SERIES, rt.SOPInstanceUID, pydicom.dcmread(
+            DCMQI / "liver.dcm", stop_before_pixels=True).SOPInstanceUID}
+        for table in ("series_geometry", "image_stats", "radiomics_features",
+                      "feature_failures"):
+            text = cat.df(f"SELECT * FROM {table}").to_csv()
+            assert not any(uid in text for uid in originals), table
+        masks = cat.df("""SELECT DISTINCT mask_SOPInstanceUID AS u FROM radiomics_features
+                          WHERE mask_SOPInstanceUID IS NOT NULL""").u.tolist()
+        lake_masks = cat.df("""SELECT SOPInstanceUID AS u FROM instances
+                               WHERE Modality IN ('SEG', 'RTSTRUCT')""").u.tolist()
+        assert sorted(masks) == sorted(lake_masks) and len(masks) == 3
 
 
 @pytest.mark.slow  # about 35 s together: real 512 x 512 CT, eight segments
 def test_rerun_replaces_rows_of_the_series(feature_lake, tmp_path):
     dest = tmp_path / "lake"
     shutil.copytree(feature_lake[0], dest)
-    s = compute_features(Lake.open(dest), FeaturesConfig(series=(CT_SERIES,),
+    s = compute_features(Lake.open(dest), FeaturesConfig(series=(feature_lake[3],),
                                                          scheduler="synchronous"))
     assert s.segments == 7  # without the mask file this time
     with open_lake(dest) as cat:
@@ -121,7 +137,7 @@ def test_geometry_mismatch_is_a_failure_row(feature_lake, tmp_path):
     dest = tmp_path / "lake"
     shutil.copytree(feature_lake[0], dest)
     code = main(["features", "--lake", str(dest), "--scheduler", "synchronous",
-                 "--mask-file", f"{CT_SERIES}={bad}"])
+                 "--mask-file", f"{feature_lake[3]}={bad}"])
     assert code == 0
     with open_lake(dest) as cat:
         f = cat.df("SELECT stage, reason, message FROM feature_failures")
