@@ -29,7 +29,7 @@ from tests.etl.features_data import (
     write_rtstruct,
 )
 
-pytestmark = pytest.mark.skipif(not (DCMQI / "liver.dcm").is_file(), reason=SKIP_DCMQI)
+needs_dcmqi = pytest.mark.skipif(not (DCMQI / "liver.dcm").is_file(), reason=SKIP_DCMQI)
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,7 @@ def feature_lake(tmp_path_factory):
 
 
 @pytest.mark.slow  # about 35 s together: real 512 x 512 CT, eight segments
+@needs_dcmqi
 def test_summary(feature_lake):
     _, s, _, _ = feature_lake
     assert (s.series, s.volumes_ok, s.image_stats, s.masks) == (1, 1, 1, 4)
@@ -62,6 +63,7 @@ def test_summary(feature_lake):
 
 
 @pytest.mark.slow  # about 35 s together: real 512 x 512 CT, eight segments
+@needs_dcmqi
 def test_tables(feature_lake):
     path, _, rt, ct_uid = feature_lake
     with open_lake(path) as cat:
@@ -117,6 +119,7 @@ def test_tables(feature_lake):
 
 
 @pytest.mark.slow  # about 35 s together: real 512 x 512 CT, eight segments
+@needs_dcmqi
 def test_rerun_replaces_rows_of_the_series(feature_lake, tmp_path):
     dest = tmp_path / "lake"
     shutil.copytree(feature_lake[0], dest)
@@ -129,6 +132,7 @@ def test_rerun_replaces_rows_of_the_series(feature_lake, tmp_path):
 
 
 @pytest.mark.slow  # about 35 s together: real 512 x 512 CT, eight segments
+@needs_dcmqi
 def test_geometry_mismatch_is_a_failure_row(feature_lake, tmp_path):
     img = sitk.ReadImage(str(DCMQI / "liver_seg.nrrd"))
     img.SetSpacing((0.8, 0.8, 1.0))
@@ -146,6 +150,7 @@ def test_geometry_mismatch_is_a_failure_row(feature_lake, tmp_path):
     assert len(f) == 1
 
 
+@needs_dcmqi
 def test_mask_file_flipped_is_reindexed_not_resampled(tmp_path):
     rows = [{"SOPInstanceUID": h.SOPInstanceUID, "SeriesInstanceUID": h.SeriesInstanceUID,
              "ImagePositionPatient": [float(v) for v in h.ImagePositionPatient],
@@ -167,6 +172,7 @@ def test_mask_file_flipped_is_reindexed_not_resampled(tmp_path):
         read_mask_file(tmp_path / "shifted.nrrd", geo)
 
 
+@needs_dcmqi
 def test_undecodable_pixels_are_recorded(tmp_path):
     from pydicom.data import get_testdata_file
 
@@ -183,7 +189,22 @@ def test_undecodable_pixels_are_recorded(tmp_path):
     assert row["status"] == "failed" and row["voxel_count"] == 0
 
 
+def test_compressed_transfer_syntaxes_give_the_same_statistics():
+    from pydicom.data import get_testdata_file
+
+    names = ["MR_small.dcm", "MR_small_jp2klossless.dcm", "MR_small_RLE.dcm",
+             "MR_small_jpeg_ls_lossless.dcm"]
+    rows = [series_stats("1.2.5", [("x", get_testdata_file(n))], "MR") for n in names]
+    assert [r["status"] for r in rows] == ["ok"] * 4
+    keys = ["voxel_count", "p01", "p50", "p99", "mean", "std", "noise_sigma",
+            "saturated_fraction"]
+    assert all({k: r[k] for k in keys} == {k: rows[0][k] for k in keys} for r in rows)
+    assert (rows[0]["voxel_count"], rows[0]["p50"], rows[0]["units"]) == (64 * 64, 327.0,
+                                                                          "stored")
+
+
 @pytest.mark.slow  # about 35 s together: real 512 x 512 CT, eight segments
+@needs_dcmqi
 def test_cli_errors_are_one_line(feature_lake, tmp_path, capsys):
     bad = tmp_path / "p.yaml"
     bad.write_text("version: 1\nfeatureClass: {gldzm: []}\n")
@@ -196,6 +217,7 @@ def test_cli_errors_are_one_line(feature_lake, tmp_path, capsys):
 
 
 @pytest.mark.slow  # pyradiomics on a 512 x 512 CT: about a minute
+@needs_dcmqi
 def test_every_feature_of_every_real_segment_agrees_with_pyradiomics(tmp_path):
     """The real CT with its two SEGs (6 segments) and an RTSTRUCT, all 107 features."""
     from etl.masks import read_rtstruct, read_seg
