@@ -38,6 +38,7 @@ from etl.masks import (
 )
 from etl.radiomics import EXTRACTOR_VERSION, Params, extract
 from etl.volumes import load_volume, series_geometry
+from lakehouse import audit
 from lakehouse.provenance import new_run_id
 from lakehouse.schemas import TABLES, conform
 from lakehouse.tables import Lake
@@ -264,6 +265,9 @@ def compute_features(lake: Lake, config: FeaturesConfig | None = None) -> Featur
     started = time.monotonic()
     summary = FeaturesSummary(run_id)
     tasks = plan(lake, config)
+    # the source paths come from the vault: say so in its audit log
+    audit.record(lake.root, "features", text=f"source paths of {len(tasks)} series",
+                 snapshot=lake.snapshot().number, extra={"features_run_id": run_id})
     summary.series = len(tasks)
     summary.masks = sum(len(t.masks) for t in tasks)
     size = max(1, config.batch_series)

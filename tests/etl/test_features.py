@@ -184,6 +184,13 @@ def test_undecodable_pixels_are_recorded(tmp_path):
     assert (row["instances_read"], row["pixel_failures"], row["status"]) == (1, 2, "partial")
     assert row["failure_message"].startswith("b (transfer syntax 1.2.840.10008.1.2): ValueError")
     assert row["voxel_count"] == 512 * 512
+    burned = tmp_path / "burned.dcm"
+    ds = pydicom.dcmread(good)
+    ds.BurnedInAnnotation = "YES"
+    ds.save_as(burned)
+    row = series_stats("1.2.6", [("a", good), ("d", str(burned))], "CT")
+    assert row["burned_in_annotation"] is True and row["status"] == "ok"
+    assert series_stats("1.2.6", [("a", good)], "CT")["burned_in_annotation"] is False
     mono = get_testdata_file("US1_J2KR.dcm")  # colour JPEG 2000: not greyscale
     row = series_stats("1.2.4", [("u", mono)], "US")
     assert row["status"] == "failed" and row["voxel_count"] == 0
@@ -262,5 +269,8 @@ def test_a_lake_made_before_the_feature_tables_gets_them(tmp_path):
         assert cat.df("SELECT count(*) AS n FROM radiomics_wide").n[0] == 0
     s = compute_features(lake, FeaturesConfig(scheduler="synchronous"))
     assert (s.series, s.feature_rows, s.snapshot) == (0, 0, 1)
+    from lakehouse import audit
+
+    assert [e["action"] for e in audit.read(lake.root)][-1] == "features"
     assert set(Lake.open(lake.root).snapshot().versions) >= {"radiomics_features",
                                                              "feature_failures"}
