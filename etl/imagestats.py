@@ -10,6 +10,7 @@ with the Modality LUT / Rescale Slope and Intercept.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -58,17 +59,95 @@ def _units(ds, modality: str | None) -> str:
     return "stored"
 
 
+class ValueCounts:
+    """A histogram of exact values (value -> count): percentiles, mean and standard
+    deviation of every pixel of a series without holding the pixels.
+
+    Stored pixel values are integers, so one instance adds at most 2**BitsStored
+    distinct values however large it is; memory stays bounded for series of
+    thousands of slices.
+    """
+
+    #: merge the pending per-instance histograms when they hold this many entries
+    COMPACT_AT = 1 << 20
+
+    def __init__(self) -> None:
+        self.values = np.empty(0, dtype=np.float64)
+        self.counts = np.empty(0, dtype=np.int64)
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._pending_size = 0
+
+    def add(self, values: np.ndarray, counts: np.ndarray) -> None:
+        self._pending.append((values.astype(np.float64), counts.astype(np.int64)))
+        self._pending_size += len(values)
+        if self._pending_size >= self.COMPACT_AT:
+            self._compact()
+
+    def _compact(self) -> None:
+        if not self._pending:
+            return
+        v = np.concatenate([self.values, *(p[0] for p in self._pending)])
+        c = np.concatenate([self.counts, *(p[1] for p in self._pending)])
+        self.values, inverse = np.unique(v, return_inverse=True)
+        self.counts = np.bincount(inverse, weights=c).astype(np.int64)
+        self._pending, self._pending_size = [], 0
+
+    @property
+    def n(self) -> int:
+        self._compact()
+        return int(self.counts.sum())
+
+    def percentiles(self, qs: Sequence[float]) -> list[float]:
+        """As ``numpy.percentile`` (linear interpolation) over the expanded values."""
+        self._compact()
+        ends = np.cumsum(self.counts)  # sorted position k is values[searchsorted(ends, k, right)]
+        n = int(ends[-1])
+
+        def at(k: int) -> float:
+            return float(self.values[np.searchsorted(ends, k, side="right")])
+
+        out = []
+        for q in qs:
+            h = (n - 1) * q / 100.0
+            lo = math.floor(h)
+            hi = min(lo + 1, n - 1)
+            a, b = at(lo), at(hi)
+            out.append(a + (h - lo) * (b - a))
+        return out
+
+    def mean_std(self) -> tuple[float, float]:
+        self._compact()
+        n = self.counts.sum()
+        mean = float((self.values * self.counts).sum() / n)
+        var = float((self.counts * (self.values - mean) ** 2).sum() / n)
+        return mean, math.sqrt(var)
+
+
+def stored_value_counts(stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct stored values, their counts) of one instance's pixels."""
+    flat = stored.ravel()
+    if flat.dtype.kind in "iu" and flat.size:
+        lo, hi = int(flat.min()), int(flat.max())
+        if hi - lo < (1 << 24):
+            counts = np.bincount((flat.astype(np.int64) - lo), minlength=hi - lo + 1)
+            nz = np.flatnonzero(counts)
+            return nz + lo, counts[nz]
+    return np.unique(flat, return_counts=True)
+
+
 def series_stats(series_uid: str, files: Sequence[tuple[str, str | None]],
                  modality: str | None = None, study_uid: str | None = None,
                  burned_in: bool = False) -> dict:
     """Statistics over every pixel of the series' instances.
 
     ``files`` is a list of (SOPInstanceUID, path or None). Returns an
-    ``image_stats`` row (without the run id).
+    ``image_stats`` row (without the run id). Memory is bounded by the number
+    of distinct values, not by the size of the series (see :class:`ValueCounts`).
     """
     import pydicom
 
-    values: list[np.ndarray] = []
+    hist = ValueCounts()
+    read = 0
     noise: list[float] = []
     saturated = 0
     failures = 0
@@ -94,39 +173,42 @@ def series_stats(series_uid: str, files: Sequence[tuple[str, str | None]],
                 ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "?")
                 first_failure = f"{sop} (transfer syntax {ts}): {type(exc).__name__}: {exc}"
             continue
+        read += 1
+        stored_values, counts = stored_value_counts(stored)
         rng = _stored_range(ds)
         if rng is not None:
-            saturated += int(np.count_nonzero((stored <= rng[0]) | (stored >= rng[1])))
-        vals = to_modality_units(ds, stored)
+            at_limit = (stored_values <= rng[0]) | (stored_values >= rng[1])
+            saturated += int(counts[at_limit].sum())
+        hist.add(to_modality_units(ds, stored_values), counts)
         units = units or _units(ds, modality)
-        planes = vals.reshape((-1, *vals.shape[-2:]))
+        planes = stored.reshape((-1, *stored.shape[-2:]))
         for p in planes:
-            sigma = immerkaer_sigma(p)
+            sigma = immerkaer_sigma(to_modality_units(ds, p))
             if sigma is not None:
                 noise.append(sigma)
-        values.append(vals.ravel())
         burned_in = burned_in or str(getattr(ds, "BurnedInAnnotation", "")).upper() == "YES"
     row: dict = {
         "SeriesInstanceUID": series_uid,
         "StudyInstanceUID": study_uid,
         "Modality": modality,
         "units": units,
-        "instances_read": len(values),
+        "instances_read": read,
         "pixel_failures": failures,
         "failure_message": first_failure,
         "burned_in_annotation": burned_in,
     }
-    if not values:
+    n = hist.n
+    if not n:
         row.update(voxel_count=0, status="failed")
         return row
-    allv = np.concatenate(values)
-    pct = np.percentile(allv, PERCENTILES)
-    row.update({f"p{p:02d}": float(v) for p, v in zip(PERCENTILES, pct, strict=True)})
+    pct = hist.percentiles(PERCENTILES)
+    mean, std = hist.mean_std()
+    row.update({f"p{p:02d}": v for p, v in zip(PERCENTILES, pct, strict=True)})
     row.update(
-        voxel_count=int(allv.size), mean=float(allv.mean()), std=float(allv.std()),
-        min=float(allv.min()), max=float(allv.max()),
+        voxel_count=n, mean=mean, std=std,
+        min=float(hist.values[0]), max=float(hist.values[-1]),
         noise_sigma=float(np.median(noise)) if noise else None,
-        saturated_fraction=saturated / allv.size,
+        saturated_fraction=saturated / n,
         status="partial" if failures else "ok",
     )
     return row
