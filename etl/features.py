@@ -243,7 +243,7 @@ def _compute(batches: list[list[SeriesTask]], params: Params, config: FeaturesCo
     try:
         if config.scheduler == "local-cluster":
             cluster = LocalCluster(n_workers=config.workers or 2, threads_per_worker=1,
-                                   processes=True, host="127.0.0.1", dashboard_address=None)
+                                   processes=True, host="127.0.0.1", dashboard_address=":0")
             client = Client(cluster)
         else:
             client = Client(config.scheduler, timeout="10s")

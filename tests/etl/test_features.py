@@ -274,3 +274,18 @@ def test_a_lake_made_before_the_feature_tables_gets_them(tmp_path):
     assert [e["action"] for e in audit.read(lake.root)][-1] == "features"
     assert set(Lake.open(lake.root).snapshot().versions) >= {"radiomics_features",
                                                              "feature_failures"}
+
+
+@needs_dcmqi
+@pytest.mark.slow  # starts a distributed LocalCluster of two worker processes
+def test_a_distributed_cluster_gives_the_same_rows(feature_lake, tmp_path):
+    dest = tmp_path / "lake"
+    shutil.copytree(feature_lake[0], dest)
+    s = compute_features(Lake.open(dest), FeaturesConfig(
+        scheduler="local-cluster", workers=2,
+        mask_files=((feature_lake[3], str(DCMQI / "liver_seg.nrrd")),)))
+    assert (s.segments, s.feature_rows, s.failures) == (8, 8 * 107, 0)
+    query = """SELECT mask_source, segment_number, feature_class, feature_name, value
+               FROM radiomics_features ORDER BY ALL"""
+    with open_lake(feature_lake[0]) as a, open_lake(dest) as b:
+        assert a.df(query).equals(b.df(query))
