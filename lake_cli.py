@@ -53,9 +53,14 @@ def cmd_features(args) -> int:
         if not Path(path).is_file():
             raise CliError(f"mask file {path} does not exist")
         mask_files.append((uid, path))
-    config = FeaturesConfig(series=tuple(args.series or ()), params=params,
-                            mask_files=tuple(mask_files),
-                            scheduler=args.scheduler or "processes", workers=args.workers)
+    series = tuple(args.series or ())
+    if args.cohort:
+        series = _cohort_series(lake.root, args.cohort)
+        if not series:
+            raise CliError(f"cohort {args.cohort!r} has no series")
+    config = FeaturesConfig(series=series, params=params, mask_files=tuple(mask_files),
+                            scheduler=args.scheduler or "processes", workers=args.workers,
+                            image_series_only=bool(args.cohort))
     s = compute_features(lake, config)
     print(f"features run {s.run_id}: {s.series} series ({s.volumes_ok} regular volumes, "
           f"{s.image_stats} with image statistics), {s.masks} masks, {s.segments} segments, "
@@ -64,6 +69,25 @@ def cmd_features(args) -> int:
     for reason, n in sorted(s.failure_reasons.items()):
         print(f"  {reason}: {n}")
     return 0
+
+
+def _cohort_series(lake_root: Path, name: str) -> tuple[str, ...]:
+    """The series of a saved cohort (a study cohort gives all series of its studies)."""
+    try:
+        from catalog import cohorts  # type: ignore[attr-defined]
+    except ImportError:
+        raise CliError("--cohort needs saved cohorts (catalog.cohorts), which this version of "
+                       "the lake does not have; pass the series with --series") from None
+    from catalog import open_lake
+
+    result = cohorts.open_cohort(lake_root, name).result()
+    if result.key == "SeriesInstanceUID":
+        return tuple(result.members)
+    with open_lake(lake_root) as cat:
+        rows = cat.arrow("SELECT SeriesInstanceUID FROM series "
+                         "WHERE list_contains($s, StudyInstanceUID) ORDER BY 1",
+                         {"s": list(result.members)})
+    return tuple(rows.column(0).to_pylist())
 
 
 # --- init ---------------------------------------------------------------------
@@ -476,8 +500,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("features", help="series geometry, image statistics and radiomics")
     lake_opt(sp)
-    sp.add_argument("--series", action="append", metavar="UID",
-                    help="image series to compute (repeatable; default: all)")
+    which = sp.add_mutually_exclusive_group()
+    which.add_argument("--series", action="append", metavar="UID",
+                       help="image series to compute (repeatable; default: all)")
+    which.add_argument("--cohort", metavar="NAME", help="the image series of a saved cohort")
     sp.add_argument("--params", metavar="FILE", help="radiomics parameter YAML "
                     "(default: the extractor's default.yaml)")
     sp.add_argument("--mask-file", action="append", metavar="SERIES_UID=PATH",

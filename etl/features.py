@@ -65,6 +65,8 @@ class FeaturesConfig:
     workers: int | None = None
     #: series per Dask task
     batch_series: int = 4
+    #: skip the non-image series among ``series`` (a cohort's SR, SEG...) instead of failing
+    image_series_only: bool = False
 
 
 @dataclass
@@ -175,7 +177,10 @@ def plan(lake: Lake, config: FeaturesConfig) -> list[SeriesTask]:
             by_series[row["SeriesInstanceUID"]].append(row)
     wanted = set(config.series) or set(by_series)
     unknown = sorted(wanted - set(by_series))
-    if unknown:
+    if unknown and config.image_series_only:
+        log.info("skipping %d series without images", len(unknown))
+        wanted -= set(unknown)
+    elif unknown:
         raise FeatureError("missing_file", unknown[0],
                            f"series {unknown[0]} is not an image series of this lake "
                            "(list them with `lake sql \"SELECT SeriesInstanceUID FROM series\"`)")

@@ -289,3 +289,30 @@ def test_a_distributed_cluster_gives_the_same_rows(feature_lake, tmp_path):
                FROM radiomics_features ORDER BY ALL"""
     with open_lake(feature_lake[0]) as a, open_lake(dest) as b:
         assert a.df(query).equals(b.df(query))
+
+
+@needs_dcmqi
+@pytest.mark.slow  # recomputes the real CT's seven segments
+def test_features_of_a_saved_cohort(feature_lake, tmp_path, capsys):
+    cohorts = pytest.importorskip("catalog.cohorts",
+                                  reason="saved cohorts (catalog.cohorts) are not in this "
+                                  "version of the lake")
+    dest = tmp_path / "lake"
+    shutil.copytree(feature_lake[0], dest)
+    # a cohort with the CT and its SEG series: the SEGs have no image to compute
+    cohorts.save(dest, "ct_and_seg", sql="SELECT SeriesInstanceUID FROM series "
+                 "WHERE Modality IN ('CT', 'SEG')")
+    assert main(["features", "--lake", str(dest), "--cohort", "ct_and_seg",
+                 "--scheduler", "synchronous"]) == 0
+    assert "1 series (1 regular volumes" in capsys.readouterr().out
+
+
+def test_cohort_option_without_saved_cohorts(tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("catalog.cohorts") is not None:
+        pytest.skip("this version has saved cohorts: test_features_of_a_saved_cohort runs")
+    Lake.create(tmp_path / "lake", profile="identified")
+    assert main(["features", "--lake", str(tmp_path / "lake"), "--cohort", "x"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--cohort needs saved cohorts" in err[0]
