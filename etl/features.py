@@ -241,6 +241,9 @@ def _compute(batches: list[list[SeriesTask]], params: Params, config: FeaturesCo
         kwargs: dict = {"scheduler": config.scheduler}
         if config.workers and config.scheduler != "synchronous":
             kwargs["num_workers"] = config.workers
+        if config.scheduler == "processes":
+            # one batch per hand-out: Dask's default chunks of 6 would idle a worker
+            kwargs["chunksize"] = 1
         return list(dask.compute(*delayed, **kwargs))
     from distributed import Client, LocalCluster
 

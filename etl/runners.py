@@ -58,7 +58,8 @@ class LocalRunner:
                  for b in batches]
         kwargs: dict = {"scheduler": self.scheduler}
         if self._pool is not None:
-            kwargs["pool"] = self._pool
+            # one task at a time per worker: Dask's default chunks of 6 leave a worker idle
+            kwargs.update(pool=self._pool, chunksize=1)
         elif self.scheduler == "threads":
             kwargs["num_workers"] = self.workers
         return self._driver.submit(lambda: list(dask.compute(*tasks, **kwargs)))

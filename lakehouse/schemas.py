@@ -153,7 +153,10 @@ INSTANCES = TableSpec(
     columns=(
         *HEADER_COLUMNS,
         Column("patient_age_years", F64, "Age at the study in years, from PatientAge "
-               "(or birth date and study date when PatientAge is absent)."),
+               "(or birth date and study date when PatientAge is absent); at most 90 in "
+               "research lakes."),
+        Column("invalid_attributes", LIST_STR, "Data-quality flag: columns whose header value "
+               "was present but could not be converted (the column is then null)."),
         Column("study_year", I32, "Year of StudyDate (partition key; null when undated)."),
         Column("file_size", I64, "Size of the DICOM file in bytes."),
         Column("file_sha256", STR, "SHA-256 of the whole file, hex (in research lakes keyed "
