@@ -74,6 +74,8 @@ FEATURE_REASONS: dict[str, str] = {
     "geometry_mismatch": "the mask's grid differs from the image's; it is never resampled",
     "unsupported_mask": "the mask object cannot be read as a segmentation",
     "empty_segment": "the segment has no voxel on the image grid",
+    "feature_error": "an unexpected error while computing a segment's features (the message "
+                     "names it; please report it with the parameter file)",
 }
 
 

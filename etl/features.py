@@ -130,6 +130,11 @@ def process_series(task: SeriesTask, params: Params) -> dict[str, list[dict]]:
             err.mask_uid = mask_uid  # the lake's UID, never the one inside the file
             out["feature_failures"].append(_failure(uid, "mask", err))
             continue
+        except Exception as exc:  # a malformed object the readers did not foresee
+            out["feature_failures"].append(_failure(uid, "mask", FeatureError(
+                "unsupported_mask", uid, f"the {kind} mask cannot be placed on the image: "
+                f"{type(exc).__name__}: {exc}", mask_uid)))
+            continue
         mask_set.sop_uid = mask_uid
         lake_labels = task.labels.get(mask_uid or "", {})
         for seg in mask_set.segments:
@@ -140,7 +145,13 @@ def process_series(task: SeriesTask, params: Params) -> dict[str, list[dict]]:
                     "empty_segment", uid, f"segment {seg.number} ({seg.label}) has no voxel",
                     mask_set.sop_uid)))
                 continue
-            values = extract(image, seg.mask, params)
+            try:
+                values = extract(image, seg.mask, params)
+            except Exception as exc:  # recorded, so one segment never stops the run
+                out["feature_failures"].append(_failure(uid, "radiomics", FeatureError(
+                    "feature_error", uid, f"segment {seg.number} ({seg.label}): "
+                    f"{type(exc).__name__}: {exc}", mask_set.sop_uid)))
+                continue
             for (cls, name), value in values.items():
                 out["radiomics_features"].append({
                     "SeriesInstanceUID": uid, "mask_SOPInstanceUID": mask_set.sop_uid,

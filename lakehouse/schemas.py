@@ -500,7 +500,7 @@ FEATURE_FAILURES = TableSpec(
         Column("mask_SOPInstanceUID", STR, "Mask instance concerned, if any."),
         Column("stage", STR, "volume, image_stats, mask or radiomics."),
         Column("reason", STR, "Reason code: no_geometry, not_a_volume, pixel_decode, "
-               "geometry_mismatch, unsupported_mask, empty_segment, missing_file."),
+               "geometry_mismatch, unsupported_mask, empty_segment, missing_file, feature_error."),
         Column("message", STR, "What was wrong and what to do."),
         Column("features_run_id", STR, "The features run."),
     ),

@@ -316,3 +316,33 @@ def test_cohort_option_without_saved_cohorts(tmp_path, capsys):
     assert main(["features", "--lake", str(tmp_path / "lake"), "--cohort", "x"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--cohort needs saved cohorts" in err[0]
+
+
+@needs_dcmqi
+def test_a_malformed_rtstruct_is_a_failure_row_not_a_crash(tmp_path):
+    from etl.features import SeriesTask, process_series
+    from etl.radiomics import Params
+
+    headers = ct_headers()
+    files = sorted((DCMQI / "ct-3slice").glob("*.dcm"))
+    rows = [{"SOPInstanceUID": h.SOPInstanceUID, "SeriesInstanceUID": h.SeriesInstanceUID,
+             "Modality": "CT", "ImagePositionPatient": [float(v) for v in h.ImagePositionPatient],
+             "ImageOrientationPatient": [float(v) for v in h.ImageOrientationPatient],
+             "PixelSpacing": [float(v) for v in h.PixelSpacing], "Rows": h.Rows,
+             "Columns": h.Columns} for h in headers]
+    rt = write_rtstruct(tmp_path / "rt.dcm", headers)
+    rt.ROIContourSequence[0].ContourSequence[0].ContourData = ["1.0", "2.0", "3.0", "4.0"]
+    rt.save_as(tmp_path / "rt.dcm", enforce_file_format=True)
+    task = SeriesTask("2.25.1", rows, {h.SOPInstanceUID: str(p) for h, p in
+                                       zip(headers, files, strict=True)},
+                      [("rtstruct", "2.25.2", str(tmp_path / "rt.dcm")),
+                       ("seg", "2.25.3", str(DCMQI / "liver.dcm"))])
+    out = process_series(task, Params.from_dict({"version": 1,
+                                                 "featureClass": {"firstorder": ["Mean"]}}))
+    (failure,) = out["feature_failures"]
+    assert (failure["stage"], failure["reason"], failure["mask_SOPInstanceUID"]) == (
+        "mask", "unsupported_mask", "2.25.2")
+    assert "ValueError" in failure["message"]
+    # the other mask of the series is still computed
+    assert [(r["mask_SOPInstanceUID"], r["feature_name"]) for r in out["radiomics_features"]] \
+        == [("2.25.3", "Mean")]
