@@ -166,7 +166,14 @@ def process_series(task: SeriesTask, params: Params) -> dict[str, list[dict]]:
 def process_batch(tasks: list[SeriesTask], params: Params) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {t: [] for t in OUTPUT_TABLES}
     for task in tasks:
-        for name, rows in process_series(task, params).items():
+        try:
+            result = process_series(task, params)
+        except Exception as exc:  # one odd series never stops the batch
+            log.exception("series %s", task.series_uid)
+            result = {t: [] for t in OUTPUT_TABLES}
+            result["feature_failures"].append(_failure(task.series_uid, "volume", FeatureError(
+                "feature_error", task.series_uid, f"{type(exc).__name__}: {exc}")))
+        for name, rows in result.items():
             out[name].extend(rows)
     return out
 

@@ -346,3 +346,18 @@ def test_a_malformed_rtstruct_is_a_failure_row_not_a_crash(tmp_path):
     # the other mask of the series is still computed
     assert [(r["mask_SOPInstanceUID"], r["feature_name"]) for r in out["radiomics_features"]] \
         == [("2.25.3", "Mean")]
+
+
+def test_an_unexpected_error_in_one_series_is_recorded_and_the_batch_goes_on():
+    from etl.features import SeriesTask, process_batch
+    from etl.radiomics import Params
+
+    broken = SeriesTask("2.25.9", [], {}, [])  # no instance rows at all
+    empty = SeriesTask("2.25.10", [{"SOPInstanceUID": "2.25.11", "Modality": "OT"}], {}, [])
+    out = process_batch([broken, empty], Params.default())
+    (failure,) = out["feature_failures"]
+    assert (failure["SeriesInstanceUID"], failure["reason"]) == ("2.25.9", "feature_error")
+    assert failure["message"].startswith("IndexError")
+    assert [r["SeriesInstanceUID"] for r in out["series_geometry"]] == ["2.25.10"]
+    assert out["series_geometry"][0]["issues"] == ["no_geometry"]
+    assert out["image_stats"][0]["status"] == "failed"
