@@ -36,6 +36,60 @@ def _lake_dir(args) -> Path:
     return Path(args.lake or os.environ.get("LAKE_DIR") or DEFAULT_LAKE)
 
 
+# --- features -----------------------------------------------------------------
+
+def cmd_features(args) -> int:
+    from etl.features import FeaturesConfig, compute_features
+    from etl.radiomics import Params
+    from lakehouse import Lake
+
+    lake = Lake.open(_lake_dir(args))
+    params = Params.load(args.params) if args.params else Params.default()
+    mask_files = []
+    for spec in args.mask_file or []:
+        uid, sep, path = spec.partition("=")
+        if not sep or not uid or not path:
+            raise CliError(f"--mask-file expects SERIES_UID=PATH, got {spec!r}")
+        if not Path(path).is_file():
+            raise CliError(f"mask file {path} does not exist")
+        mask_files.append((uid, path))
+    series = tuple(args.series or ())
+    if args.cohort:
+        series = _cohort_series(lake.root, args.cohort)
+        if not series:
+            raise CliError(f"cohort {args.cohort!r} has no series")
+    config = FeaturesConfig(series=series, params=params, mask_files=tuple(mask_files),
+                            scheduler=args.scheduler or "processes", workers=args.workers,
+                            image_series_only=bool(args.cohort))
+    s = compute_features(lake, config)
+    print(f"features run {s.run_id}: {s.series} series ({s.volumes_ok} regular volumes, "
+          f"{s.image_stats} with image statistics), {s.masks} masks, {s.segments} segments, "
+          f"{s.feature_rows} feature values, {s.failures} failures in {s.seconds:.1f} s; "
+          f"snapshot {s.snapshot}")
+    for reason, n in sorted(s.failure_reasons.items()):
+        print(f"  {reason}: {n}")
+    return 0
+
+
+def _cohort_series(lake_root: Path, name: str) -> tuple[str, ...]:
+    """The series of a saved cohort (a study cohort gives all series of its studies)."""
+    try:
+        from catalog import cohorts  # type: ignore[attr-defined]
+    except ImportError:
+        raise CliError("--cohort needs saved cohorts (catalog.cohorts), which this version of "
+                       "the lake does not have; pass the series with --series") from None
+    from catalog import open_lake
+
+    result = cohorts.open_cohort(lake_root, name).result()
+    if result.key == "SeriesInstanceUID":
+        return tuple(result.members)
+    with open_lake(lake_root) as cat:
+        rows = cat.arrow("SELECT SeriesInstanceUID FROM series "
+                         "WHERE list_contains($s, StudyInstanceUID) ORDER BY 1",
+                         {"s": list(result.members)})
+    return tuple(rows.column(0).to_pylist())
+
+
 # --- init ---------------------------------------------------------------------
 
 def _key_file(args) -> Path | None:
@@ -710,6 +764,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--notebooks", help="notebook folder (default: the project's notebooks/)")
     sp.add_argument("--no-browser", action="store_true")
     sp.set_defaults(func=cmd_notebook)
+
+    sp = sub.add_parser("features", help="series geometry, image statistics and radiomics")
+    lake_opt(sp)
+    which = sp.add_mutually_exclusive_group()
+    which.add_argument("--series", action="append", metavar="UID",
+                       help="image series to compute (repeatable; default: all)")
+    which.add_argument("--cohort", metavar="NAME", help="the image series of a saved cohort")
+    sp.add_argument("--params", metavar="FILE", help="radiomics parameter YAML "
+                    "(default: the extractor's default.yaml)")
+    sp.add_argument("--mask-file", action="append", metavar="SERIES_UID=PATH",
+                    help="a NIfTI/NRRD label map on the grid of that series (repeatable)")
+    sp.add_argument("--workers", type=_positive)
+    sp.add_argument("--scheduler", help="processes (default), threads, synchronous, "
+                    "local-cluster or a Dask scheduler address")
+    sp.set_defaults(func=cmd_features)
 
     sp = sub.add_parser("reidentify", help="map pseudonyms back to identifiers (vault holders "
                         "only; audited)")

@@ -225,7 +225,12 @@ class Lake:
         return DeltaTable(str(layout.table_path(self.root, name)), version=version)
 
     def dataset(self, name: str, snapshot: Snapshot | None = None) -> ds.Dataset:
-        return self.delta(name, snapshot).to_pyarrow_dataset()
+        snap = snapshot or self.snapshot()
+        if name not in snap.versions:
+            # a table added to the schemas after this snapshot was published: empty
+            spec = TABLES[name]
+            return ds.dataset(spec.storage_schema(self.profile).empty_table())
+        return self.delta(name, snap).to_pyarrow_dataset()
 
     def read(self, name: str, snapshot: Snapshot | None = None, columns: list[str] | None = None,
              filter: ds.Expression | None = None) -> pa.Table:
@@ -269,7 +274,7 @@ class LakeWriter:
         self.versions = dict(self.base.versions)
         self.extra = dict(self.base.extra)
         self._recover()
-        self._add_new_tables()
+        self._create_missing_tables()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -289,18 +294,22 @@ class LakeWriter:
                     str(layout.table_path(self.lake.root, name))).version()
         self._discard_staged_files()
 
-    def _add_new_tables(self) -> None:
-        """Create the tables the schema gained after this lake was made (empty; they join
-        the next published snapshot)."""
-        for name, spec in TABLES.items():
-            if name in self.versions:
+    def _create_missing_tables(self) -> None:
+        """Create tables added to the schemas after this lake was made (empty until written)."""
+        for spec in TABLES.values():
+            if spec.name in self.versions:
                 continue
-            path = str(layout.table_path(self.lake.root, name))
-            DeltaTable.create(path, spec.storage_schema(self.lake.profile),
-                              partition_by=list(spec.partition_by) or None, mode="ignore",
-                              name=spec.name, description=spec.description)
-            self.versions[name] = DeltaTable(path).version()
-            log.info("added table %s to the lake at %s", name, self.lake.root)
+            path = layout.table_path(self.lake.root, spec.name)
+            if (path / "_delta_log").is_dir():
+                dt = DeltaTable(str(path))
+                if dt.version() > 0:
+                    dt.restore(0)  # unpublished writes of a run that died
+            else:
+                dt = DeltaTable.create(str(path), spec.storage_schema(self.lake.profile),
+                                       partition_by=list(spec.partition_by) or None,
+                                       name=spec.name, description=spec.description)
+            self.versions[spec.name] = DeltaTable(str(path)).version()
+            log.info("created table %s, new in this version", spec.name)
 
     def _discard_staged_files(self) -> None:
         for name in TABLES:
