@@ -402,6 +402,8 @@ DOSE_EVENTS = TableSpec(
         Column("DLP", F64, "Dose length product (113838) of the acquisition in mGy.cm."),
         Column("accumulated_DLP", F64, "CT Dose Length Product Total (113813) of the whole "
                "report in mGy.cm (the same on every row of one report)."),
+    ),
+)
 
 
 # --- image-derived features (etl.features; issue 6) ---------------------------
