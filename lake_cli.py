@@ -68,7 +68,7 @@ def cmd_ingest(args) -> int:
     lake = Lake.open(_lake_dir(args))
     scheduler = args.scheduler or ("local-cluster" if args.workers else "processes")
     config = IngestConfig(workers=args.workers, scheduler=scheduler,
-                          batch_files=args.batch_files)
+                          batch_files=args.batch_files, scheduler_timeout=args.scheduler_timeout)
     show = args.progress and sys.stderr.isatty()
     bar = None
 
@@ -408,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "processes (default: Dask's local process scheduler, one per core)")
     sp.add_argument("--scheduler", help="address of a running Dask scheduler "
                     "(tcp://host:8786), or processes / threads / synchronous")
+    sp.add_argument("--scheduler-timeout", type=_positive_float, default=10.0,
+                    help="seconds to wait for a --scheduler (and its first worker) "
+                    "before giving up (default 10)")
     sp.add_argument("--batch-files", type=_positive, default=256,
                     help="files per Dask task (default 256)")
     sp.add_argument("--no-progress", dest="progress", action="store_false",
@@ -469,6 +472,16 @@ def _positive(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return n
+
+
+def _positive_float(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return x
 
 
 def _non_negative(text: str) -> int:
