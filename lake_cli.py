@@ -83,8 +83,13 @@ def cmd_ingest(args) -> int:
         bar.n = done
         bar.refresh()
 
+    from etl.sources import ingest_remote, parse_filters, resolve
+
+    source = resolve(args.source, parse_filters(args.filter, args.since))
+    if not isinstance(source, Path):
+        return _ingest_remote(args, lake, source, config, progress, ingest_remote)
     try:
-        summary = ingest(lake, args.source, config, progress, key_file=_key_file(args))
+        summary = ingest(lake, source, config, progress, key_file=_key_file(args))
     finally:
         if bar is not None:
             bar.close()
@@ -92,6 +97,26 @@ def cmd_ingest(args) -> int:
         print(json.dumps(summary.to_dict(), indent=2))
     else:
         _print_run(summary)
+    return 0
+
+
+def _ingest_remote(args, lake, source, config, progress, ingest_remote) -> int:
+    # client libraries log request URLs, which carry original UIDs: not on the console
+    for name in ("dicomweb_client", "pynetdicom"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    pulled = ingest_remote(lake, source, config, progress, key_file=_key_file(args))
+    if args.json:
+        print(json.dumps(pulled.to_dict(), indent=2))
+        return 0
+    print(f"{source.kind} {pulled.listed} instances listed, {pulled.already_fetched} fetched "
+          f"before, {pulled.fetched} fetched now in {pulled.fetch_seconds:.1f} s")
+    if pulled.failed:
+        print(f"  warning: {pulled.failed} instances could not be fetched; the next run retries "
+              f"them (listed in {pulled.state_file})")
+    if pulled.kept_in_staging:
+        print(f"  {pulled.kept_in_staging} fetched files not ingested (quarantined, conflict or "
+              f"skipped) are kept in {pulled.staging}")
+    _print_run(pulled.run)
     return 0
 
 
@@ -401,8 +426,14 @@ def build_parser() -> argparse.ArgumentParser:
     key_opt(sp)
     sp.set_defaults(func=cmd_init)
 
-    sp = sub.add_parser("ingest", help="ingest a folder of DICOM files")
-    sp.add_argument("source", help="folder (or file) to ingest, walked recursively")
+    sp = sub.add_parser("ingest", help="ingest a folder of DICOM files, or a PACS")
+    sp.add_argument("source", help="folder (or file) to ingest, walked recursively; or a PACS: "
+                    "dicomweb+http://HOST:PORT/dicom-web, dimse://AE_TITLE@HOST:PORT")
+    sp.add_argument("--since", metavar="DATE", help="PACS sources: studies from this date "
+                    "(YYYY-MM-DD) on")
+    sp.add_argument("--filter", action="append", metavar="KEY=VALUE",
+                    help="PACS sources: a query key (DICOM keyword), e.g. Modality=CT; "
+                    "repeatable")
     lake_opt(sp)
     sp.add_argument("--workers", type=_positive, help="start a local Dask cluster of N worker "
                     "processes (default: Dask's local process scheduler, one per core)")
