@@ -136,6 +136,59 @@ def _print_run(s) -> None:
     print(f"  lake snapshot {s.snapshot}")
 
 
+# --- listen -------------------------------------------------------------------
+
+def cmd_listen(args) -> int:
+    import signal
+    import threading
+
+    from etl import IngestConfig
+    from etl.sources.listen import Listener
+    from lakehouse import Lake
+
+    lake = Lake.open(_lake_dir(args))
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # it logs UIDs at INFO
+    config = IngestConfig(scheduler=args.scheduler or "processes", workers=args.workers,
+                          scheduler_timeout=args.scheduler_timeout)
+
+    def report(run) -> None:
+        o = run.outcomes
+        print(f"batch {run.run_id}: {run.files_seen} received files, ingested {o['ingested']}, "
+              f"duplicate {o['duplicate']}, conflict {o['conflict']}, "
+              f"quarantined {o['quarantined']}, skipped {o['skipped']}", flush=True)
+
+    listener = Listener(lake, args.ae_title, args.port, host=args.host, config=config,
+                        key_file=_key_file(args), batch_seconds=args.batch_seconds,
+                        batch_files=args.batch_files, on_batch=report)
+    stop = threading.Event()
+
+    def on_signal(signum, frame) -> None:
+        stop.set()
+        listener.wake()
+
+    try:
+        listener.start()
+    except OSError as exc:
+        raise CliError(f"cannot listen on {args.host}:{args.port}: "
+                       f"{exc.strerror or exc}") from None
+    print(f"listening as {args.ae_title} on {args.host}:{args.port}, ingesting every "
+          f"{args.batch_seconds:g} s or {args.batch_files} instances; Ctrl-C to stop",
+          flush=True)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        stats = listener.run(stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print(f"stopped: {stats.received} instances received, {stats.refused} refused "
+          f"(not stored; the senders keep them), {stats.associations} associations, "
+          f"{stats.associations_rejected} rejected, {stats.associations_aborted} aborted; "
+          f"{stats.batches} batches, ingested {stats.ingested}, duplicate {stats.duplicate}, "
+          f"quarantined {stats.quarantined}, kept in staging {stats.kept_in_staging}",
+          flush=True)
+    return 0
+
+
 # --- sql ----------------------------------------------------------------------
 
 def cmd_sql(args) -> int:
@@ -449,6 +502,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print the run summary as JSON")
     key_opt(sp)
     sp.set_defaults(func=cmd_ingest)
+
+    sp = sub.add_parser("listen", help="receive DICOM instances (C-STORE) and ingest them in "
+                        "micro-batches")
+    sp.add_argument("--port", type=_positive, required=True, help="TCP port to listen on")
+    sp.add_argument("--ae-title", required=True, help="our AE title (what senders call)")
+    sp.add_argument("--host", default="0.0.0.0", help="address to bind (default: all)")
+    sp.add_argument("--batch-seconds", type=_positive_float, default=10.0,
+                    help="ingest what was received every N seconds (default 10)")
+    sp.add_argument("--batch-files", type=_positive, default=1000,
+                    help="... or as soon as N instances are waiting (default 1000)")
+    sp.add_argument("--workers", type=_positive, help="worker processes per batch")
+    sp.add_argument("--scheduler", help="a Dask scheduler address, or processes / threads / "
+                    "synchronous")
+    sp.add_argument("--scheduler-timeout", type=_positive_float, default=10.0)
+    lake_opt(sp)
+    key_opt(sp)
+    sp.set_defaults(func=cmd_listen)
 
     sp = sub.add_parser("sql", help="run a SQL query (DuckDB) against the lake")
     sp.add_argument("query", help="the query, or - to read it from stdin")

@@ -77,8 +77,23 @@ class Orthanc:
                 n += self.upload(Path(folder, name).read_bytes())
         return n
 
-    def instance_uids(self) -> set[str]:
-        ids = self.get("/instances")
+    def post(self, path: str, body) -> object:
+        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+                                     method="POST", headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return json.loads(r.read() or b"null")
+
+    def put(self, path: str, body) -> None:
+        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+                                     method="PUT", headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(req, timeout=30).close()
+
+    def find(self, **query: str) -> list[str]:
+        """Orthanc ids of the instances matching ``query`` (DICOM keywords)."""
+        return self.post("/tools/find", {"Level": "Instance", "Query": query})  # type: ignore
+
+    def instance_uids(self, **query: str) -> set[str]:
+        ids = self.find(**query) if query else self.get("/instances")
         return {self.get(f"/instances/{i}/simplified-tags")["SOPInstanceUID"] for i in ids}
 
 

@@ -79,25 +79,14 @@ class Staging:
             raise
         return dest
 
-    def write_from(self, study: str, series: str, instance: str, writer) -> Path:
-        """Like :meth:`write`, with ``writer(binary_file)`` producing the content."""
-        dest = self.path_for(study, series, instance)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.tmp, suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                writer(fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, dest)
-        except BaseException:
+    @staticmethod
+    def remove_empty(root: Path) -> None:
+        """Remove a staging folder's temporary files and empty folders (and the folder
+        itself when nothing is left in it)."""
+        shutil.rmtree(root / "tmp", ignore_errors=True)
+        for folder, _dirs, _names in os.walk(root, topdown=False):
             with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        return dest
-
-    def count(self) -> int:
-        return sum(len(files) for _, _, files in os.walk(self.files))
+                os.rmdir(folder)
 
     def clean(self, done_paths: set[str]) -> int:
         """Delete the staged files in ``done_paths`` (their content is in the lake), the

@@ -30,7 +30,7 @@ def _uids(lake: Path, where: str = "TRUE", params: list | None = None) -> set[st
 def test_dicomweb_ingest_equals_the_folder_ingest_and_is_incremental(orthanc, built_lake,
                                                                      tmp_path):
     in_pacs = orthanc.instance_uids()
-    assert len(in_pacs) == orthanc.stored > 100
+    assert len(in_pacs) > 100
     path = tmp_path / "lake"
     lake = Lake.create(path, profile="identified")
     pulled = ingest_remote(lake, resolve(f"dicomweb+{orthanc.dicomweb}"), CONFIG)
