@@ -140,3 +140,76 @@ def test_research_lake_from_dicomweb_keeps_originals_in_the_vault(orthanc, tmp_p
                         for f in fs)
     assert not any(uid.encode() in research for uid in originals)
     assert all(u.startswith("2.25.") for u in _uids(path))
+
+
+class _FlakyProxy:
+    """A real HTTP server on loopback in front of Orthanc: answers 503 to the first
+    ``unavailable`` requests, 500 to every retrieval of instance ``broken``, and forwards
+    everything else."""
+
+    def __init__(self, target: str, unavailable: int = 0, broken: str | None = None):
+        import http.server
+        import threading
+        import urllib.request
+
+        self.requests = 0
+        self.unavailable, self.broken = unavailable, broken
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                proxy.requests += 1
+                if proxy.requests <= proxy.unavailable:
+                    self.send_error(503)
+                    return
+                if proxy.broken and self.path.endswith(f"/instances/{proxy.broken}"):
+                    self.send_error(500)
+                    return
+                req = urllib.request.Request(target + self.path,
+                                             headers={"Accept": self.headers["Accept"] or "*/*"})
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    body = r.read()
+                    self.send_response(r.status)
+                    self.send_header("Content-Type", r.headers["Content-Type"])
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_retries_with_backoff_and_failed_instances_are_retried_next_run(orthanc, tmp_path):
+    uids = sorted(orthanc.instance_uids(Modality="PT"))
+    assert len(uids) == 11
+    proxy = _FlakyProxy(orthanc.url, unavailable=2, broken=uids[0])
+    try:
+        path = tmp_path / "lake"
+        lake = Lake.create(path, profile="identified")
+        source = resolve(f"dicomweb+{proxy.url}/dicom-web", parse_filters(["Modality=PT"]))
+        t0 = time.monotonic()
+        pulled = ingest_remote(lake, source, CONFIG)
+        # two 503s were retried (0.25 s, then 0.5 s later); the broken instance failed
+        # after 4 attempts and is not lost: listed for the next run
+        assert time.monotonic() - t0 >= 0.75
+        assert (pulled.listed, pulled.fetched, pulled.failed) == (11, 10, 1)
+        assert pulled.run.outcomes["ingested"] == 10
+        state = json.loads(Path(pulled.state_file).read_text())
+        assert list(state["failed"]) == [uids[0]] and "HTTP 500" in state["failed"][uids[0]]
+        proxy.broken = None  # the server recovers
+        again = ingest_remote(lake, source, CONFIG)
+        assert (again.listed, again.already_fetched, again.fetched, again.failed) == \
+            (11, 10, 1, 0)
+        assert again.run.outcomes["ingested"] == 1
+        assert json.loads(Path(again.state_file).read_text())["failed"] == {}
+        assert _uids(path) == set(uids)
+    finally:
+        proxy.close()
