@@ -83,9 +83,10 @@ def cmd_ingest(args) -> int:
         bar.n = done
         bar.refresh()
 
-    from etl.sources import ingest_remote, parse_filters, resolve
+    from etl.sources import ingest_remote, load_storage_options, parse_filters, resolve
 
-    source = resolve(args.source, parse_filters(args.filter, args.since))
+    options = load_storage_options(args.storage_options or os.environ.get("LAKE_STORAGE_OPTIONS"))
+    source = resolve(args.source, parse_filters(args.filter, args.since), options)
     if not isinstance(source, Path):
         return _ingest_remote(args, lake, source, config, progress, ingest_remote)
     try:
@@ -108,10 +109,10 @@ def _ingest_remote(args, lake, source, config, progress, ingest_remote) -> int:
     if args.json:
         print(json.dumps(pulled.to_dict(), indent=2))
         return 0
-    print(f"{source.kind} {pulled.listed} instances listed, {pulled.already_fetched} fetched "
-          f"before, {pulled.fetched} fetched now in {pulled.fetch_seconds:.1f} s")
+    print(f"{source.kind} {source.key}: {pulled.listed} listed, {pulled.already_fetched} "
+          f"fetched before, {pulled.fetched} fetched now in {pulled.fetch_seconds:.1f} s")
     if pulled.failed:
-        print(f"  warning: {pulled.failed} instances could not be fetched; the next run retries "
+        print(f"  warning: {pulled.failed} could not be fetched; the next run retries "
               f"them (listed in {pulled.state_file})")
     if pulled.kept_in_staging:
         print(f"  {pulled.kept_in_staging} fetched files not ingested (quarantined, conflict or "
@@ -480,8 +481,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_init)
 
     sp = sub.add_parser("ingest", help="ingest a folder of DICOM files, or a PACS")
-    sp.add_argument("source", help="folder (or file) to ingest, walked recursively; or a PACS: "
-                    "dicomweb+http://HOST:PORT/dicom-web, dimse://AE_TITLE@HOST:PORT")
+    sp.add_argument("source", help="folder (or file) to ingest, walked recursively; a PACS: "
+                    "dicomweb+http://HOST:PORT/dicom-web, dimse://AE_TITLE@HOST:PORT; or an "
+                    "object store prefix: s3://BUCKET/PREFIX")
+    sp.add_argument("--storage-options", metavar="FILE", help="object-store sources: fsspec "
+                    "storage options as JSON (default: $LAKE_STORAGE_OPTIONS, else s3fs' "
+                    "environment: AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...)")
     sp.add_argument("--since", metavar="DATE", help="PACS sources: studies from this date "
                     "(YYYY-MM-DD) on")
     sp.add_argument("--filter", action="append", metavar="KEY=VALUE",

@@ -64,7 +64,16 @@ class Staging:
 
     def write(self, study: str, series: str, instance: str, data: bytes) -> Path:
         """Write one instance atomically (temporary file, fsync, rename)."""
-        dest = self.path_for(study, series, instance)
+        return self._write(self.path_for(study, series, instance), data)
+
+    def write_relative(self, rel: str, data: bytes) -> Path:
+        """Write a file under ``files/`` at the relative path ``rel`` (an object key)."""
+        parts = [p for p in rel.split("/") if p not in ("", ".")]
+        if not parts or ".." in parts or any("\0" in p for p in parts):
+            raise ValueError(f"unsafe relative path {rel!r}")
+        return self._write(self.files.joinpath(*parts), data)
+
+    def _write(self, dest: Path, data: bytes) -> Path:
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.tmp, suffix=".part")
         try:
