@@ -8,6 +8,7 @@ import os
 import time
 from pathlib import Path
 
+import pytest
 from pydicom.data import get_testdata_file
 
 from catalog import open_lake
@@ -128,6 +129,7 @@ def test_a_refusing_server_is_one_line(orthanc, tmp_path, capsys):
     assert "HTTP 404" in err and "no DICOMweb service at this URL" in err
 
 
+@pytest.mark.slow
 def test_research_lake_from_dicomweb_keeps_originals_in_the_vault(orthanc, tmp_path):
     path = tmp_path / "lake"
     key = tmp_path / "lake.key"
@@ -187,6 +189,7 @@ class _FlakyProxy:
         self.server.server_close()
 
 
+@pytest.mark.slow
 def test_retries_with_backoff_and_failed_instances_are_retried_next_run(orthanc, tmp_path):
     uids = sorted(orthanc.instance_uids(Modality="PT"))
     assert len(uids) == 11

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pydicom
+import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
@@ -161,6 +162,7 @@ def test_listen_cli_refuses_a_port_in_use(tmp_path, capsys):
     assert code == 1 and err.count("\n") == 1 and "cannot listen on 127.0.0.1" in err
 
 
+@pytest.mark.slow
 def test_lake_listen_command_until_sigterm(tmp_path):
     """The installed command in its own process: receive, ingest, stop on SIGTERM."""
     import os

@@ -36,6 +36,7 @@ def s3(archive):
         server.stop()
 
 
+@pytest.mark.slow
 def test_ingest_from_s3_equals_the_folder_ingest(s3, archive, truth, built_lake, tmp_path,
                                                  capsys):
     fs, options = s3
@@ -70,6 +71,7 @@ def test_ingest_from_s3_equals_the_folder_ingest(s3, archive, truth, built_lake,
     assert third["fetched"] == 1 and third["run"]["quarantine_reasons"] == {"not_dicom": 1}
 
 
+@pytest.mark.slow
 def test_object_store_errors_are_one_line(s3, tmp_path, capsys):
     _fs, options = s3
     path = tmp_path / "lake"
