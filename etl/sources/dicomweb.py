@@ -3,7 +3,8 @@
 Series are searched with QIDO-RS (the filters and ``since`` apply there: study
 and series attributes both work at the series level), then the instances of
 each series; only instances not fetched by an earlier run are retrieved with
-WADO-RS, in the transfer syntax they are stored in (``transfer-syntax=*``), as
+WADO-RS (a whole series in one request when all of it is new, else instance by
+instance), in the transfer syntax they are stored in (``transfer-syntax=*``), as
 the exact bytes the server holds (so the same file ingested from a folder is a
 duplicate, not a conflict). HTTP requests are retried with exponential backoff
 (connection errors, 429, 500, 502, 503, 504).
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -102,39 +104,83 @@ class DicomWebSource:
 
     # -- fetching --------------------------------------------------------------
     def fetch(self, todo: list[tuple[str, str, str]], staging: Staging,
-              progress: Callable[[int, int], None] | None = None) -> dict[str, str]:
+              progress: Callable[[int, int], None] | None = None,
+              listed: list[tuple[str, str, str]] | None = None) -> dict[str, str]:
         """Retrieve ``todo`` into ``staging``; return {instance UID: error} of failures.
 
-        A failure of one instance (after retries) does not stop the others. When the
-        server cannot be reached at all, the first error is raised as SourceError.
+        A series whose listed instances are all in ``todo`` is retrieved with one
+        series-level request (a multipart answer, streamed part by part to disk);
+        the others instance by instance. A failure (after retries) does not stop the
+        others; when nothing at all could be fetched, the first error is raised.
         """
+        per_series = Counter((st, se) for st, se, _sop in (listed or todo))
+        groups: dict[tuple[str, str], list[str]] = defaultdict(list)
+        for st, se, sop in todo:
+            groups[(st, se)].append(sop)
+        jobs: list[tuple[bool, str, str, list[str]]] = []
+        for (st, se), sops in groups.items():
+            if len(sops) > 1 and len(sops) == per_series[(st, se)]:
+                jobs.append((True, st, se, sops))
+            else:
+                jobs.extend((False, st, se, [sop]) for sop in sops)
         local = threading.local()
         failed: dict[str, str] = {}
         done = 0
         lock = threading.Lock()
 
-        def one(item: tuple[str, str, str]) -> None:
+        def one(job: tuple[bool, str, str, list[str]]) -> None:
             nonlocal done
             if not hasattr(local, "client"):
                 local.client = self._client()
-            study, series, sop = item
+            whole, study, series, sops = job
             try:
-                _retrieve_raw(local.client, staging, study, series, sop)
+                if whole:
+                    n = _retrieve_series_raw(local.client, staging, study, series)
+                    if n != len(sops):  # the series changed since it was listed
+                        raise _SeriesChanged(f"the series answer held {n} instances, "
+                                             f"{len(sops)} were listed; retried next run")
+                else:
+                    _retrieve_raw(local.client, staging, study, series, sops[0])
+            except _SeriesChanged as exc:
+                with lock:
+                    failed.update(dict.fromkeys(sops, str(exc)))
             except Exception as exc:
                 err = self._explain(exc)
                 with lock:
-                    failed[sop] = err.detail
+                    failed.update(dict.fromkeys(sops, err.detail))
             with lock:
-                done += 1
+                done += len(sops)
                 if progress:
                     progress(done, len(todo))
 
         with ThreadPoolExecutor(self.threads, thread_name_prefix="wado") as pool:
-            list(pool.map(one, todo))
+            list(pool.map(one, jobs))
         if todo and len(failed) == len(todo):
             raise SourceError(self.url, f"no instance could be fetched "
                                         f"({next(iter(failed.values()))})")
         return failed
+
+
+class _SeriesChanged(Exception):
+    pass
+
+
+_ACCEPT_ANY = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+
+
+def _retrieve_series_raw(client, staging: Staging, study: str, series: str) -> int:
+    """WADO-RS Retrieve Series, each part written byte for byte as it arrives (memory
+    holds one instance at a time); returns the number of instances written. The
+    files are named by their position in the answer (the pipeline reads the UIDs)."""
+    from dicomweb_client.web import _Transaction
+
+    url = client._get_series_url(_Transaction.RETRIEVE, study, series)
+    response = client._http_get(url, headers={"Accept": _ACCEPT_ANY}, stream=True)
+    n = 0
+    for part in client._decode_multipart_message(response, stream=True):
+        staging.write(study, series, f"part-{n:06d}", part)
+        n += 1
+    return n
 
 
 def _retrieve_raw(client, staging: Staging, study: str, series: str, sop: str) -> None:
@@ -147,9 +193,7 @@ def _retrieve_raw(client, staging: Staging, study: str, series: str, sop: str) -
     from dicomweb_client.web import _Transaction
 
     url = client._get_instances_url(_Transaction.RETRIEVE, study, series, sop)
-    response = client._http_get(
-        url, headers={"Accept": 'multipart/related; type="application/dicom"; '
-                                "transfer-syntax=*"})
+    response = client._http_get(url, headers={"Accept": _ACCEPT_ANY})
     if response.headers.get("Content-Type", "").startswith("application/dicom"):
         parts = [response.content]  # a non-compliant single-part answer
     else:

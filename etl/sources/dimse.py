@@ -130,7 +130,8 @@ class DimseSource:
 
     # -- fetching --------------------------------------------------------------
     def fetch(self, todo: list[tuple[str, str, str]], staging: Staging,
-              progress: Callable[[int, int], None] | None = None) -> dict[str, str]:
+              progress: Callable[[int, int], None] | None = None,
+              listed: list[tuple[str, str, str]] | None = None) -> dict[str, str]:
         """C-GET ``todo`` into ``staging``; return {instance UID: error} of instances that
         did not arrive (they are retried by the next run)."""
         from pydicom.dataset import Dataset

@@ -71,7 +71,8 @@ class ObjectStoreSource:
             yield posixpath.dirname(rel), posixpath.basename(rel), f"{key}\t{version}"
 
     def fetch(self, todo: list[tuple[str, str, str]], staging: Staging,
-              progress: Callable[[int, int], None] | None = None) -> dict[str, str]:
+              progress: Callable[[int, int], None] | None = None,
+              listed: list[tuple[str, str, str]] | None = None) -> dict[str, str]:
         fs, _root = self._fs()
         failed: dict[str, str] = {}
         done = 0

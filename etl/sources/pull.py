@@ -65,7 +65,11 @@ class RemoteSource(Protocol):
     def list_instances(self) -> Iterable[tuple[str, str, str]]: ...
 
     def fetch(self, todo: list[tuple[str, str, str]], staging: Staging,
-              progress: Callable[[int, int], None] | None = None) -> dict[str, str]: ...
+              progress: Callable[[int, int], None] | None = None,
+              listed: list[tuple[str, str, str]] | None = None) -> dict[str, str]:
+        """Copy ``todo`` into ``staging`` (``listed``: everything listed, for sources
+        that can fetch whole series); return {id: error} of what could not be fetched."""
+        ...
 
 
 def ingest_remote(lake: Lake, source: RemoteSource, config: IngestConfig | None = None,
@@ -85,7 +89,8 @@ def ingest_remote(lake: Lake, source: RemoteSource, config: IngestConfig | None 
              out.already_fetched, len(todo))
     staging = Staging(lake, source.kind)
     out.staging = str(staging.root)
-    failed = source.fetch(todo, staging, lambda d, t: progress("fetch", d, t)) if todo else {}
+    failed = source.fetch(todo, staging, lambda d, t: progress("fetch", d, t),
+                          listed=listed) if todo else {}
     out.fetch_seconds = time.perf_counter() - t0
     out.failed = len(failed)
     out.fetched = len(todo) - len(failed)

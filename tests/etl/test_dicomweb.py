@@ -146,7 +146,7 @@ def test_research_lake_from_dicomweb_keeps_originals_in_the_vault(orthanc, tmp_p
 
 class _FlakyProxy:
     """A real HTTP server on loopback in front of Orthanc: answers 503 to the first
-    ``unavailable`` requests, 500 to every retrieval of instance ``broken``, and forwards
+    ``unavailable`` requests, 500 to the retrieval of series ``broken``, and forwards
     everything else."""
 
     def __init__(self, target: str, unavailable: int = 0, broken: str | None = None):
@@ -164,7 +164,7 @@ class _FlakyProxy:
                 if proxy.requests <= proxy.unavailable:
                     self.send_error(503)
                     return
-                if proxy.broken and self.path.endswith(f"/instances/{proxy.broken}"):
+                if proxy.broken and self.path.endswith(f"/series/{proxy.broken}"):
                     self.send_error(500)
                     return
                 req = urllib.request.Request(target + self.path,
@@ -191,28 +191,34 @@ class _FlakyProxy:
 
 @pytest.mark.slow
 def test_retries_with_backoff_and_failed_instances_are_retried_next_run(orthanc, tmp_path):
-    uids = sorted(orthanc.instance_uids(Modality="PT"))
-    assert len(uids) == 11
-    proxy = _FlakyProxy(orthanc.url, unavailable=2, broken=uids[0])
+    uids = orthanc.instance_uids(Modality="MR")
+    n = len(uids)
+    series = orthanc.post("/tools/find", {"Level": "Series", "Query": {"Modality": "MR"},
+                                          "Expand": True})
+    broken = series[0]["MainDicomTags"]["SeriesInstanceUID"]
+    k = len(series[0]["Instances"])
+    assert 1 < k < n
+    proxy = _FlakyProxy(orthanc.url, unavailable=2, broken=broken)
     try:
         path = tmp_path / "lake"
         lake = Lake.create(path, profile="identified")
-        source = resolve(f"dicomweb+{proxy.url}/dicom-web", parse_filters(["Modality=PT"]))
+        source = resolve(f"dicomweb+{proxy.url}/dicom-web", parse_filters(["Modality=MR"]))
         t0 = time.monotonic()
         pulled = ingest_remote(lake, source, CONFIG)
-        # two 503s were retried (0.25 s, then 0.5 s later); the broken instance failed
-        # after 4 attempts and is not lost: listed for the next run
+        # two 503s were retried (0.25 s, then 0.5 s later); the broken series failed
+        # after 4 attempts and is not lost: its instances are listed for the next run
         assert time.monotonic() - t0 >= 0.75
-        assert (pulled.listed, pulled.fetched, pulled.failed) == (11, 10, 1)
-        assert pulled.run.outcomes["ingested"] == 10
+        assert (pulled.listed, pulled.fetched, pulled.failed) == (n, n - k, k)
+        assert pulled.run.outcomes["ingested"] == n - k
         state = json.loads(Path(pulled.state_file).read_text())
-        assert list(state["failed"]) == [uids[0]] and "HTTP 500" in state["failed"][uids[0]]
+        assert len(state["failed"]) == k
+        assert all("HTTP 500" in e for e in state["failed"].values())
         proxy.broken = None  # the server recovers
         again = ingest_remote(lake, source, CONFIG)
         assert (again.listed, again.already_fetched, again.fetched, again.failed) == \
-            (11, 10, 1, 0)
-        assert again.run.outcomes["ingested"] == 1
+            (n, n - k, k, 0)
+        assert again.run.outcomes["ingested"] == k
         assert json.loads(Path(again.state_file).read_text())["failed"] == {}
-        assert _uids(path) == set(uids)
+        assert _uids(path) == uids
     finally:
         proxy.close()
