@@ -63,6 +63,7 @@ def cmd_init(args) -> int:
 
 def cmd_ingest(args) -> int:
     from etl import IngestConfig, ingest
+    from etl.sources import ingest_remote, load_storage_options, parse_filters, resolve
     from lakehouse import Lake
 
     lake = Lake.open(_lake_dir(args))
@@ -71,29 +72,36 @@ def cmd_ingest(args) -> int:
                           batch_files=args.batch_files, scheduler_timeout=args.scheduler_timeout)
     show = args.progress and sys.stderr.isatty()
     bar = None
+    bar_stage = ""
 
     def progress(stage: str, done: int, total: int) -> None:
-        nonlocal bar
+        nonlocal bar, bar_stage
         if not show:
             return
         from tqdm import tqdm
 
+        if bar is not None and stage != bar_stage:  # fetch (PACS sources), then extract
+            bar.close()
+            bar = None
         if bar is None:
-            bar = tqdm(total=total, unit="file", desc="ingest", file=sys.stderr)
+            bar_stage = stage
+            bar = tqdm(total=total, unit="file", desc="fetch" if stage == "fetch" else "ingest",
+                       file=sys.stderr)
         bar.n = done
         bar.refresh()
 
-    from etl.sources import ingest_remote, load_storage_options, parse_filters, resolve
+    def close_bar() -> None:
+        if bar is not None:
+            bar.close()
 
     options = load_storage_options(args.storage_options or os.environ.get("LAKE_STORAGE_OPTIONS"))
     source = resolve(args.source, parse_filters(args.filter, args.since), options)
     if not isinstance(source, Path):
-        return _ingest_remote(args, lake, source, config, progress, ingest_remote)
+        return _ingest_remote(args, lake, source, config, progress, ingest_remote, close_bar)
     try:
         summary = ingest(lake, source, config, progress, key_file=_key_file(args))
     finally:
-        if bar is not None:
-            bar.close()
+        close_bar()
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2))
     else:
@@ -101,11 +109,14 @@ def cmd_ingest(args) -> int:
     return 0
 
 
-def _ingest_remote(args, lake, source, config, progress, ingest_remote) -> int:
+def _ingest_remote(args, lake, source, config, progress, ingest_remote, close_bar) -> int:
     # client libraries log request URLs, which carry original UIDs: not on the console
     for name in ("dicomweb_client", "pynetdicom"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    pulled = ingest_remote(lake, source, config, progress, key_file=_key_file(args))
+    try:
+        pulled = ingest_remote(lake, source, config, progress, key_file=_key_file(args))
+    finally:
+        close_bar()
     if args.json:
         print(json.dumps(pulled.to_dict(), indent=2))
         return 0

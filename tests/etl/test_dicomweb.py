@@ -90,6 +90,14 @@ def test_cli_filters_and_since(orthanc, built_lake, tmp_path, capsys):
     assert out["listed"] == out["fetched"] == len(expected)
     assert out["run"]["outcomes"]["ingested"] == len(expected)
     assert _uids(path) == expected
+    code = main(["ingest", f"dicomweb+{orthanc.dicomweb}", "--lake", str(path),
+                 "--filter", "Modality=CT", "--since", "2022-01-01", "--no-progress"])
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 0
+    assert lines[0] == (f"dicomweb dicomweb+{orthanc.dicomweb}: {len(expected)} listed, "
+                        f"{len(expected)} fetched before, 0 fetched now in "
+                        f"{lines[0].rsplit(' in ', 1)[1]}")
+    assert lines[1].startswith("run ") and " 0 files seen " in lines[1]
 
 
 def test_filters_are_validated():
