@@ -40,6 +40,8 @@ from pathlib import Path
 
 MiB = 1024 * 1024
 SAMPLE_SECONDS = 0.05
+#: the process tree is re-listed (and CPU times, VmHWM read) every this many samples
+REFRESH_EVERY = 10
 CHILD_FLAG = "--_child"
 
 
@@ -208,6 +210,11 @@ def _hwm_bytes(pid: int) -> int:
 class TreeMemorySampler:
     """Samples the summed RSS of a process and all its descendants (psutil).
 
+    Every ``SAMPLE_SECONDS`` the RSS of the known processes is summed; every
+    ``REFRESH_EVERY`` samples the tree is listed again (new workers show up
+    within that time). Listing the tree scans /proc, so it is kept rare: the
+    sampler shares the CPUs with the ingest it measures.
+
     ``peak_sum``: the largest summed RSS seen at one sampling instant (what the
     machine had to hold at once, give or take the sampling interval).
     ``hwm_sum``: the sum over processes of each one's own peak (VmHWM, read
@@ -227,6 +234,7 @@ class TreeMemorySampler:
         self.cpu: dict[tuple[int, float], float] = {}
         self.root_key = (pid, self.root.create_time())
         self.samples = 0
+        self._procs = [self.root]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -238,34 +246,49 @@ class TreeMemorySampler:
         self._stop.set()
         self._thread.join()
 
-    def _sample(self) -> None:
+    def _refresh(self) -> None:
+        """Re-list the process tree; record CPU seconds and VmHWM (the costly part)."""
         ps = self._psutil
         try:
             procs = [self.root, *self.root.children(recursive=True)]
         except ps.Error:
             return
-        total = 0
-        alive = 0
+        keep = []
         for p in procs:
             try:
-                total += p.memory_info().rss
                 key = (p.pid, p.create_time())
                 t = p.cpu_times()
-                self.cpu[key] = t.user + t.system
             except ps.Error:
                 continue
-            alive += 1
+            self.cpu[key] = t.user + t.system
             hwm = _hwm_bytes(p.pid)
             if hwm > self.hwm.get(key, 0):
                 self.hwm[key] = hwm
+            keep.append(p)
+        self._procs = keep
+
+    def _sample(self) -> None:
+        """Sum the current RSS of the known processes (cheap: /proc/<pid>/statm)."""
+        total = alive = 0
+        for p in self._procs:
+            try:
+                total += p.memory_info().rss
+            except self._psutil.Error:
+                continue
+            alive += 1
         self.samples += 1
         if total > self.peak_sum:
             self.peak_sum, self.peak_procs = total, alive
 
     def _run(self) -> None:
+        tick = 0
         while not self._stop.is_set():
+            if tick % REFRESH_EVERY == 0:
+                self._refresh()
             self._sample()
+            tick += 1
             self._stop.wait(self.interval)
+        self._refresh()
 
     @property
     def cpu_driver(self) -> float:

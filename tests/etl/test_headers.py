@@ -5,7 +5,8 @@ import os
 import pytest
 from pydicom.data import get_charset_files, get_testdata_file
 
-from etl.headers import age_years, parse_date, parse_time, read_file
+from etl.headers import read_file
+from etl.record import age_years, parse_date, parse_time
 
 # decoded PatientName of pydicom's character set test files (PS3.5 Annex H-K examples)
 CHARSET_NAMES = {
@@ -70,7 +71,7 @@ def test_unreadable_and_empty_files(tmp_path):
     empty = tmp_path / "empty"
     empty.write_bytes(b"")
     assert read_file(str(empty)).reason == "empty_file"
-    assert read_file(str(tmp_path / "missing")).reason == "unreadable"
+    assert read_file(str(tmp_path / "missing")).reason == "io_error"
     text = tmp_path / "notes.txt"
     text.write_text("not an image at all")
     r = read_file(str(text))
