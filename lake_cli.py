@@ -128,35 +128,72 @@ def cmd_init(args) -> int:
 
 def cmd_ingest(args) -> int:
     from etl import IngestConfig, ingest
+    from etl.sources import ingest_remote, load_storage_options, parse_filters, resolve
     from lakehouse import Lake
 
     lake = Lake.open(_lake_dir(args))
     scheduler = args.scheduler or ("local-cluster" if args.workers else "processes")
     config = IngestConfig(workers=args.workers, scheduler=scheduler,
-                          batch_files=args.batch_files)
+                          batch_files=args.batch_files, scheduler_timeout=args.scheduler_timeout)
     show = args.progress and sys.stderr.isatty()
     bar = None
+    bar_stage = ""
 
     def progress(stage: str, done: int, total: int) -> None:
-        nonlocal bar
+        nonlocal bar, bar_stage
         if not show:
             return
         from tqdm import tqdm
 
+        if bar is not None and stage != bar_stage:  # fetch (PACS sources), then extract
+            bar.close()
+            bar = None
         if bar is None:
-            bar = tqdm(total=total, unit="file", desc="ingest", file=sys.stderr)
+            bar_stage = stage
+            bar = tqdm(total=total, unit="file", desc="fetch" if stage == "fetch" else "ingest",
+                       file=sys.stderr)
         bar.n = done
         bar.refresh()
 
-    try:
-        summary = ingest(lake, args.source, config, progress, key_file=_key_file(args))
-    finally:
+    def close_bar() -> None:
         if bar is not None:
             bar.close()
+
+    options = load_storage_options(args.storage_options or os.environ.get("LAKE_STORAGE_OPTIONS"))
+    source = resolve(args.source, parse_filters(args.filter, args.since), options)
+    if not isinstance(source, Path):
+        return _ingest_remote(args, lake, source, config, progress, ingest_remote, close_bar)
+    try:
+        summary = ingest(lake, source, config, progress, key_file=_key_file(args))
+    finally:
+        close_bar()
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2))
     else:
         _print_run(summary)
+    return 0
+
+
+def _ingest_remote(args, lake, source, config, progress, ingest_remote, close_bar) -> int:
+    # client libraries log request URLs, which carry original UIDs: not on the console
+    for name in ("dicomweb_client", "pynetdicom"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        pulled = ingest_remote(lake, source, config, progress, key_file=_key_file(args))
+    finally:
+        close_bar()
+    if args.json:
+        print(json.dumps(pulled.to_dict(), indent=2))
+        return 0
+    print(f"{source.kind} {source.key}: {pulled.listed} listed, {pulled.already_fetched} "
+          f"fetched before, {pulled.fetched} fetched now in {pulled.fetch_seconds:.1f} s")
+    if pulled.failed:
+        print(f"  warning: {pulled.failed} could not be fetched; the next run retries "
+              f"them (listed in {pulled.state_file})")
+    if pulled.kept_in_staging:
+        print(f"  {pulled.kept_in_staging} fetched files not ingested (quarantined, conflict or "
+              f"skipped) are kept in {pulled.staging}")
+    _print_run(pulled.run)
     return 0
 
 
@@ -174,6 +211,59 @@ def _print_run(s) -> None:
     if s.folders_unreadable:
         print(f"  warning: {s.folders_unreadable} folders could not be listed")
     print(f"  lake snapshot {s.snapshot}")
+
+
+# --- listen -------------------------------------------------------------------
+
+def cmd_listen(args) -> int:
+    import signal
+    import threading
+
+    from etl import IngestConfig
+    from etl.sources.listen import Listener
+    from lakehouse import Lake
+
+    lake = Lake.open(_lake_dir(args))
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # it logs UIDs at INFO
+    config = IngestConfig(scheduler=args.scheduler or "processes", workers=args.workers,
+                          scheduler_timeout=args.scheduler_timeout)
+
+    def report(run) -> None:
+        o = run.outcomes
+        print(f"batch {run.run_id}: {run.files_seen} received files, ingested {o['ingested']}, "
+              f"duplicate {o['duplicate']}, conflict {o['conflict']}, "
+              f"quarantined {o['quarantined']}, skipped {o['skipped']}", flush=True)
+
+    listener = Listener(lake, args.ae_title, args.port, host=args.host, config=config,
+                        key_file=_key_file(args), batch_seconds=args.batch_seconds,
+                        batch_files=args.batch_files, on_batch=report)
+    stop = threading.Event()
+
+    def on_signal(signum, frame) -> None:
+        stop.set()
+        listener.wake()
+
+    try:
+        listener.start()
+    except OSError as exc:
+        raise CliError(f"cannot listen on {args.host}:{args.port}: "
+                       f"{exc.strerror or exc}") from None
+    print(f"listening as {args.ae_title} on {args.host}:{args.port}, ingesting every "
+          f"{args.batch_seconds:g} s or {args.batch_files} instances; Ctrl-C to stop",
+          flush=True)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        stats = listener.run(stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print(f"stopped: {stats.received} instances received, {stats.refused} refused "
+          f"(not stored; the senders keep them), {stats.associations} associations, "
+          f"{stats.associations_rejected} rejected, {stats.associations_aborted} aborted; "
+          f"{stats.batches} batches, ingested {stats.ingested}, duplicate {stats.duplicate}, "
+          f"quarantined {stats.quarantined}, kept in staging {stats.kept_in_staging}",
+          flush=True)
+    return 0
 
 
 # --- sql ----------------------------------------------------------------------
@@ -650,13 +740,26 @@ def build_parser() -> argparse.ArgumentParser:
                     "0x0019,GEMS_ACQU_01,0x23 (ELEMENT: the low byte); all others are dropped")
     sp.set_defaults(func=cmd_init)
 
-    sp = sub.add_parser("ingest", help="ingest a folder of DICOM files")
-    sp.add_argument("source", help="folder (or file) to ingest, walked recursively")
+    sp = sub.add_parser("ingest", help="ingest a folder of DICOM files, or a PACS")
+    sp.add_argument("source", help="folder (or file) to ingest, walked recursively; a PACS: "
+                    "dicomweb+http://HOST:PORT/dicom-web, dimse://AE_TITLE@HOST:PORT; or an "
+                    "object store prefix: s3://BUCKET/PREFIX")
+    sp.add_argument("--storage-options", metavar="FILE", help="object-store sources: fsspec "
+                    "storage options as JSON (default: $LAKE_STORAGE_OPTIONS, else s3fs' "
+                    "environment: AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...)")
+    sp.add_argument("--since", metavar="DATE", help="PACS sources: studies from this date "
+                    "(YYYY-MM-DD) on")
+    sp.add_argument("--filter", action="append", metavar="KEY=VALUE",
+                    help="PACS sources: a query key (DICOM keyword), e.g. Modality=CT; "
+                    "repeatable")
     lake_opt(sp)
     sp.add_argument("--workers", type=_positive, help="start a local Dask cluster of N worker "
                     "processes (default: Dask's local process scheduler, one per core)")
     sp.add_argument("--scheduler", help="address of a running Dask scheduler "
                     "(tcp://host:8786), or processes / threads / synchronous")
+    sp.add_argument("--scheduler-timeout", type=_positive_float, default=10.0,
+                    help="seconds to wait for a --scheduler (and its first worker) "
+                    "before giving up (default 10)")
     sp.add_argument("--batch-files", type=_positive, default=256,
                     help="files per Dask task (default 256)")
     sp.add_argument("--no-progress", dest="progress", action="store_false",
@@ -664,6 +767,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print the run summary as JSON")
     key_opt(sp)
     sp.set_defaults(func=cmd_ingest)
+
+    sp = sub.add_parser("listen", help="receive DICOM instances (C-STORE) and ingest them in "
+                        "micro-batches")
+    sp.add_argument("--port", type=_positive, required=True, help="TCP port to listen on")
+    sp.add_argument("--ae-title", required=True, help="our AE title (what senders call)")
+    sp.add_argument("--host", default="0.0.0.0", help="address to bind (default: all)")
+    sp.add_argument("--batch-seconds", type=_positive_float, default=10.0,
+                    help="ingest what was received every N seconds (default 10)")
+    sp.add_argument("--batch-files", type=_positive, default=1000,
+                    help="... or as soon as N instances are waiting (default 1000)")
+    sp.add_argument("--workers", type=_positive, help="worker processes per batch")
+    sp.add_argument("--scheduler", help="a Dask scheduler address, or processes / threads / "
+                    "synchronous")
+    sp.add_argument("--scheduler-timeout", type=_positive_float, default=10.0)
+    lake_opt(sp)
+    key_opt(sp)
+    sp.set_defaults(func=cmd_listen)
 
     sp = sub.add_parser("sql", help="run a SQL query (DuckDB) against the lake")
     sp.add_argument("query", help="the query, or - to read it from stdin")
@@ -821,6 +941,16 @@ def _positive(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return n
+
+
+def _positive_float(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return x
 
 
 def _non_negative(text: str) -> int:

@@ -24,6 +24,9 @@ class IngestConfig:
     #: ``processes`` (default), ``threads``, ``synchronous``, ``local-cluster`` or the
     #: address of a running distributed scheduler (``tcp://host:8786``).
     scheduler: str = "processes"
+    #: Seconds to wait for a distributed scheduler to answer before giving up
+    #: (an unreachable ``tcp://`` address fails with SchedulerError after this long).
+    scheduler_timeout: float = 10.0
     #: Deepest sequence nesting accepted before a file is quarantined.
     max_depth: int = 64
     #: Binary values (OB/OW/UN/...) longer than this are left out of the DICOM JSON.

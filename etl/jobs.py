@@ -76,8 +76,12 @@ Progress = Callable[[str, int, int], None]
 
 
 def ingest(lake: Lake, source: Path | str, config: IngestConfig | None = None,
-           progress: Progress | None = None, key_file: Path | str | None = None) -> RunSummary:
+           progress: Progress | None = None, key_file: Path | str | None = None,
+           source_kind: str = "folder") -> RunSummary:
     """Ingest every DICOM file below ``source`` into ``lake``; return what happened.
+
+    ``source_kind`` is recorded in ``ingest_runs`` (``folder``, or the kind of remote
+    source whose instances were staged into ``source`` by :mod:`etl.sources`).
 
     A research lake needs its key (``key_file``, default: the lake's default key
     path); a missing or different key stops the run before anything is read.
@@ -90,6 +94,7 @@ def ingest(lake: Lake, source: Path | str, config: IngestConfig | None = None,
     summary = RunSummary(run_id)
     with lake.writer(run_id) as writer:
         job = _Job(lake, writer, config, summary, progress or (lambda *_: None), policy)
+        job.source_kind = source_kind
         try:
             job.run(Path(source))
         except BaseException as exc:
@@ -114,6 +119,7 @@ class _Job:
         self.progress = progress
         self.timings = {"discover": 0.0, "extract": 0.0, "summarize": 0.0}
         self.runner = None
+        self.source_kind = "folder"
         # rows not yet committed
         self._ingested: list[pa.Table] = []
         self._files: list[pa.Table] = []
@@ -348,7 +354,7 @@ class _Job:
             "ingest_run_id": s.run_id, "started_at": started,
             "finished_at": datetime.now(UTC), "code_version": code_version(),
             "schema_version": SCHEMA_VERSION, "config_hash": config_hash(cfg),
-            "config_json": json.dumps(cfg, sort_keys=True), "source_kind": "folder",
+            "config_json": json.dumps(cfg, sort_keys=True), "source_kind": self.source_kind,
             "files_seen": s.files_seen, "files_unchanged": s.files_unchanged,
             **{f"files_{k}": v for k, v in s.outcomes.items()},
             "bytes_read": s.bytes_read,

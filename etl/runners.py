@@ -144,10 +144,16 @@ class DistributedRunner:
             self.description = f"local-cluster({n})"
         else:
             try:
-                self.client = Client(config.scheduler, timeout="10s")
+                self.client = Client(config.scheduler, timeout=f"{config.scheduler_timeout}s")
             except (OSError, TimeoutError, ValueError) as exc:
                 raise SchedulerError(config.scheduler, str(exc) or type(exc).__name__) from None
             self.description = config.scheduler
+            try:  # a scheduler without workers would leave the run waiting forever
+                self.client.wait_for_workers(1, timeout=config.scheduler_timeout)
+            except (OSError, TimeoutError) as exc:
+                self.client.close()
+                raise SchedulerError(config.scheduler, "no worker joined within "
+                                     f"{config.scheduler_timeout:g} s ({exc})") from None
         self.workers = max(1, len(self.client.scheduler_info().get("workers", {})))
         self._driver = ThreadPoolExecutor(1, thread_name_prefix="lake-wave")
 

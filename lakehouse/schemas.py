@@ -337,7 +337,8 @@ INGEST_RUNS = TableSpec(
         Column("schema_version", I64, "Table schema version."),
         Column("config_hash", STR, "SHA-256 of the ingest configuration (JSON, sorted keys)."),
         Column("config_json", STR, "The ingest configuration (source location excluded)."),
-        Column("source_kind", STR, "folder, dicomweb, ..."),
+        Column("source_kind", STR, "Where the files came from: folder, dicomweb, dimse "
+               "(C-GET), dimse-listen (received by `lake listen`) or s3 (an object store)."),
         Column("files_seen", I64, "Files found by discovery."),
         Column("files_unchanged", I64, "Files already ingested in an earlier run with the same "
                "path, size and mtime; not re-read."),

@@ -1,0 +1,212 @@
+"""A PACS over DIMSE as a source: C-FIND lists, C-GET retrieves (pynetdicom).
+
+``dimse://AE@HOST:PORT``: series are found with a Study Root C-FIND at SERIES
+level (the filters apply there), their instances with a C-FIND at IMAGE level;
+instances not fetched before are retrieved with C-GET over the same kind of
+association (the PACS sends them back as C-STORE sub-operations, which land in
+the staging folder: written, fsync'ed and renamed before we answer Success).
+A series whose instances are all new is retrieved with one SERIES-level C-GET,
+otherwise instance by instance. C-GET needs no inbound port on our side (C-MOVE
+would need the PACS to know us as a destination: use ``lake listen`` for that).
+
+The file meta information is written by the receiver (DIMSE does not carry the
+sender's), so a DIMSE copy of a file differs from the file in its first bytes:
+the lake's checksum of the same instance differs between a folder and a DIMSE
+ingest.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from etl.errors import SourceError
+from etl.sources.staging import Staging
+
+log = logging.getLogger(__name__)
+
+#: Our AE title when we call the PACS.
+CALLING_AE = "LAKE"
+#: Presentation contexts an association may propose (DICOM limit: 128).
+MAX_CONTEXTS = 128
+#: Study Root Query/Retrieve Information Model - FIND and - GET (PS3.4 C.6.2)
+FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+GET = "1.2.840.10008.5.1.4.1.2.2.3"
+
+
+@dataclass(frozen=True)
+class DimseSource:
+    kind = "dimse"
+    #: the PACS' AE title
+    ae_title: str
+    host: str
+    port: int
+    #: C-FIND keys (DICOM keyword -> value), ``since`` included
+    filters: tuple[tuple[str, str], ...] = ()
+    calling_ae: str = CALLING_AE
+    #: seconds to wait for an association, a response, or network activity
+    timeout: float = 30.0
+
+    @property
+    def key(self) -> str:
+        return f"dimse://{self.ae_title}@{self.host}:{self.port}"
+
+    def _fail(self, what: str, assoc) -> SourceError:
+        import socket
+
+        try:  # pynetdicom reports a refused connection as an abort: tell them apart
+            socket.create_connection((self.host, self.port), timeout=self.timeout).close()
+            reachable = ""
+        except OSError as exc:
+            reachable = exc.strerror or type(exc).__name__
+        if reachable:
+            detail = f"{what}: no association, cannot connect ({reachable}); is the PACS " \
+                     "running and reachable?"
+        elif assoc.is_rejected:
+            detail = f"{what}: the association was rejected (check the AE titles: we call " \
+                     f"{self.ae_title} as {self.calling_ae})"
+        else:
+            detail = f"{what}: the association was aborted by the peer"
+        return SourceError(self.key, detail)
+
+    def _ae(self):
+        from pynetdicom import AE
+
+        ae = AE(ae_title=self.calling_ae)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
+        ae.connection_timeout = self.timeout
+        return ae
+
+    # -- listing ---------------------------------------------------------------
+    def list_instances(self) -> Iterator[tuple[str, str, str]]:
+        for study, series, sop, _cls in self._find():
+            yield study, series, sop
+
+    def _find(self) -> list[tuple[str, str, str, str]]:
+        """(study, series, instance, SOP class) of every instance the filters select."""
+        from pydicom.dataset import Dataset
+        ae = self._ae()
+        ae.add_requested_context(FIND)
+        assoc = ae.associate(self.host, self.port, ae_title=self.ae_title)
+        if not assoc.is_established:
+            raise self._fail("C-FIND", assoc)
+        out = []
+        try:
+            q = Dataset()
+            q.QueryRetrieveLevel = "SERIES"
+            q.StudyInstanceUID = ""
+            q.SeriesInstanceUID = ""
+            for k, v in self.filters:
+                setattr(q, k, v)
+            series = [(ds.StudyInstanceUID, ds.SeriesInstanceUID)
+                      for ds in self._responses(assoc.send_c_find(q, FIND), "C-FIND series")]
+            for study, ser in series:
+                q = Dataset()
+                q.QueryRetrieveLevel = "IMAGE"
+                q.StudyInstanceUID = study
+                q.SeriesInstanceUID = ser
+                q.SOPInstanceUID = ""
+                q.SOPClassUID = ""
+                for ds in self._responses(assoc.send_c_find(q, FIND), "C-FIND instances"):
+                    out.append((study, ser, str(ds.SOPInstanceUID), str(ds.SOPClassUID)))
+        finally:
+            assoc.release()
+        return out
+
+    def _responses(self, responses, what: str):
+        for status, identifier in responses:
+            if status is None:  # timeout, abort or invalid response
+                raise SourceError(self.key, f"{what}: no response within {self.timeout:g} s "
+                                            "or the association was aborted")
+            code = int(status.Status)
+            if code in (0xFF00, 0xFF01):
+                if identifier is not None:
+                    yield identifier
+            elif code != 0x0000:
+                raise SourceError(self.key, f"{what} failed with status 0x{code:04X}")
+
+    # -- fetching --------------------------------------------------------------
+    def fetch(self, todo: list[tuple[str, str, str]], staging: Staging,
+              progress: Callable[[int, int], None] | None = None,
+              listed: list[tuple[str, str, str]] | None = None) -> dict[str, str]:
+        """C-GET ``todo`` into ``staging``; return {instance UID: error} of instances that
+        did not arrive (they are retried by the next run)."""
+        from pydicom.dataset import Dataset
+        from pynetdicom import ALL_TRANSFER_SYNTAXES, build_role, evt
+        listing = self._find()  # again: SOP classes, and which series are wholly new
+        found = {sop: cls for _st, _se, sop, cls in listing}
+        listed_per_series = Counter((st, se) for st, se, _sop, _cls in listing)
+        wanted = {sop: (st, se) for st, se, sop in todo}
+        classes = sorted({found[sop] for sop in wanted if sop in found})
+        if len(classes) + 1 > MAX_CONTEXTS:
+            classes = classes[:MAX_CONTEXTS - 1]
+            log.warning("more SOP classes than one association can carry; the instances "
+                        "of the others are retried by the next run")
+        received: set[str] = set()
+        errors: dict[str, str] = {}
+        lock = threading.Lock()
+
+        def on_store(event) -> int:
+            sop = str(event.request.AffectedSOPInstanceUID)
+            where = wanted.get(sop)
+            if where is None:  # not asked for (a series C-GET of a partly known series)
+                return 0x0000
+            try:
+                staging.write(where[0], where[1], sop, event.encoded_dataset())
+            except OSError as exc:
+                with lock:
+                    errors[sop] = f"could not be written: {exc.strerror or exc}"
+                return 0xA700  # out of resources: the PACS keeps it and reports the failure
+            with lock:
+                received.add(sop)
+                if progress:
+                    progress(len(received), len(todo))
+            return 0x0000
+
+        ae = self._ae()
+        ae.add_requested_context(GET)
+        for c in classes:
+            ae.add_requested_context(c, ALL_TRANSFER_SYNTAXES)
+        roles = [build_role(c, scp_role=True) for c in classes]
+        assoc = ae.associate(self.host, self.port, ae_title=self.ae_title, ext_neg=roles,
+                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        if not assoc.is_established:
+            raise self._fail("C-GET", assoc)
+        try:
+            by_series: dict[tuple[str, str], list[str]] = defaultdict(list)
+            for st, se, sop in todo:
+                by_series[(st, se)].append(sop)
+            for (st, se), sops in by_series.items():
+                q = Dataset()
+                q.StudyInstanceUID = st
+                q.SeriesInstanceUID = se
+                if len(sops) == listed_per_series[(st, se)]:
+                    q.QueryRetrieveLevel = "SERIES"
+                    self._get(assoc, q, GET, errors, sops)
+                else:
+                    for sop in sops:
+                        q.QueryRetrieveLevel = "IMAGE"
+                        q.SOPInstanceUID = sop
+                        self._get(assoc, q, GET, errors, [sop])
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        failed = {sop: errors.get(sop, "not received") for sop in wanted if sop not in received}
+        if todo and len(failed) == len(todo):
+            raise SourceError(self.key, f"no instance could be retrieved "
+                                        f"({next(iter(failed.values()))})")
+        return failed
+
+    def _get(self, assoc, query, model, errors: dict[str, str], sops: list[str]) -> None:
+        for status, _identifier in assoc.send_c_get(query, model):
+            if status is None:
+                for sop in sops:
+                    errors.setdefault(sop, "C-GET: no response or association aborted")
+                return
+            code = int(status.Status)
+            if code not in (0x0000, 0xFF00, 0xFF01, 0xB000):
+                for sop in sops:
+                    errors.setdefault(sop, f"C-GET failed with status 0x{code:04X}")

@@ -1,0 +1,214 @@
+"""A DICOM C-STORE receiver that ingests what it receives in micro-batches (pynetdicom).
+
+Modalities and PACS send to it (C-STORE, or C-MOVE with it as destination).
+Each instance is written to ``vault/staging/listen-incoming-*/files/`` (temporary
+name, fsync, rename) *before* the sender is told Success; if it cannot be written
+the sender gets 0xA700 (out of resources) and keeps the instance. Every
+``batch_seconds`` (or ``batch_files`` instances) the received files are moved
+to a batch folder and ingested by the folder pipeline; quarantined ones stay
+there. Files left by a listener that was killed are picked up by the next one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow.compute as pc
+
+from etl.config import IngestConfig
+from etl.jobs import RunSummary, ingest
+from etl.sources.pull import DONE_OUTCOMES
+from etl.sources.staging import Staging
+from lakehouse import Lake
+from lakehouse.schemas import VAULT
+
+log = logging.getLogger(__name__)
+
+SOURCE_KIND = "dimse-listen"
+VERIFICATION = "1.2.840.10008.1.1"  # C-ECHO
+
+
+@dataclass
+class ListenStats:
+    received: int = 0
+    #: instances refused because they could not be stored (the sender keeps them)
+    refused: int = 0
+    associations: int = 0
+    associations_rejected: int = 0
+    associations_aborted: int = 0
+    batches: int = 0
+    ingested: int = 0
+    duplicate: int = 0
+    conflict: int = 0
+    quarantined: int = 0
+    skipped: int = 0
+    kept_in_staging: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class Listener:
+    """``start()`` opens the port; ``run(stop)`` ingests micro-batches until ``stop`` is set;
+    then the server is shut down and a last batch ingests everything received."""
+
+    def __init__(self, lake: Lake, ae_title: str, port: int, *, host: str = "0.0.0.0",
+                 config: IngestConfig | None = None, key_file: Path | str | None = None,
+                 batch_seconds: float = 10.0, batch_files: int = 1000,
+                 on_batch: Callable[[RunSummary], None] | None = None):
+        lake.policy(key_file)  # a missing or wrong key stops before anything is received
+        self.lake = lake
+        self.ae_title = ae_title
+        self.host, self.port = host, port
+        self.config = config or IngestConfig()
+        self.key_file = key_file
+        self.batch_seconds = batch_seconds
+        self.batch_files = batch_files
+        self.on_batch = on_batch
+        self.stats = ListenStats()
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._wake = threading.Event()
+        self._server: Any = None
+        self.incoming = Staging(lake, "listen-incoming")
+
+    # -- the DICOM side --------------------------------------------------------
+    def start(self) -> None:
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+        ae = AE(ae_title=self.ae_title)
+        for cx in AllStoragePresentationContexts:
+            if cx.abstract_syntax:
+                ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(VERIFICATION)
+        handlers: list = [(evt.EVT_C_STORE, self._on_store),
+                    (evt.EVT_ACCEPTED, self._on_accepted),
+                    (evt.EVT_REJECTED, self._on_rejected),
+                    (evt.EVT_ABORTED, self._on_aborted)]
+        self._server = ae.start_server((self.host, self.port), block=False,
+                                       evt_handlers=handlers)
+        log.info("listening as %s on %s:%d", self.ae_title, self.host, self.port)
+
+    def _on_store(self, event) -> int:
+        sop = str(event.request.AffectedSOPInstanceUID or "") or f"no-uid-{time.time_ns()}"
+        calling = str(event.assoc.requestor.ae_title).strip() or "unknown"
+        day = datetime.now(UTC).strftime("%Y%m%d")
+        try:
+            self.incoming.write(calling, day, sop, event.encoded_dataset())
+        except Exception as exc:  # never answer Success for what we could not keep
+            with self._lock:
+                self.stats.refused += 1
+                self.stats.errors.append(f"could not store an instance: {type(exc).__name__}")
+            log.error("could not store a received instance (%s); the sender was told "
+                      "0xA700 and keeps it", type(exc).__name__)
+            return 0xA700
+        with self._lock:
+            self.stats.received += 1
+            self._pending += 1
+            if self._pending >= self.batch_files:
+                self._wake.set()
+        return 0x0000
+
+    def _on_accepted(self, event) -> None:
+        with self._lock:
+            self.stats.associations += 1
+
+    def _on_rejected(self, event) -> None:
+        with self._lock:
+            self.stats.associations_rejected += 1
+        log.warning("rejected an association from %s", event.address[0])
+
+    def _on_aborted(self, event) -> None:
+        with self._lock:
+            self.stats.associations_aborted += 1
+        log.warning("an association from %s was aborted; instances it had not completed "
+                    "were not acknowledged and stay with the sender", event.address[0])
+
+    # -- the ingest side -------------------------------------------------------
+    def run(self, stop: threading.Event) -> ListenStats:
+        if self._server is None:
+            self.start()
+        self._recover_leftovers()
+        try:
+            while not stop.is_set():
+                self._wake.wait(self.batch_seconds)
+                self._wake.clear()
+                self.ingest_pending()
+        finally:
+            if self._server is not None:
+                self._server.shutdown()
+                self._server = None
+            self.ingest_pending()
+            self.incoming.clean(set())
+        return self.stats
+
+    def wake(self) -> None:
+        """Make ``run`` look at its stop event now (e.g. from a signal handler)."""
+        self._wake.set()
+
+    def ingest_pending(self) -> RunSummary | None:
+        """Move the received files to a batch folder and ingest them."""
+        files = [Path(d, n) for d, _, names in os.walk(self.incoming.files) for n in names]
+        if not files:
+            return None
+        batch = Staging(self.lake, "listen-batch")
+        for f in files:
+            dest = batch.files / f.relative_to(self.incoming.files)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(f, dest)
+        with self._lock:
+            self._pending = max(0, self._pending - len(files))
+        return self._ingest_batch(batch)
+
+    def _ingest_batch(self, batch: Staging) -> RunSummary:
+        run = ingest(self.lake, batch.files, self.config, key_file=self.key_file,
+                     source_kind=SOURCE_KIND)
+        table = self.lake.read("files", columns=["path", "outcome", "ingest_run_id"])
+        mine = table.filter(pc.equal(table.column("ingest_run_id"), run.run_id))
+        done = {p for p, o in zip(mine.column("path").to_pylist(),
+                                  mine.column("outcome").to_pylist(), strict=True)
+                if o in DONE_OUTCOMES}
+        kept = batch.clean(done)
+        if kept:  # what the pipeline did not take stays, out of the way of recovery
+            batch.root.rename(batch.root.with_name(batch.root.name.replace("listen-batch",
+                                                                            "listen-kept")))
+        with self._lock:
+            s = self.stats
+            s.batches += 1
+            s.kept_in_staging += kept
+            for k in ("ingested", "duplicate", "conflict", "quarantined", "skipped"):
+                setattr(s, k, getattr(s, k) + run.outcomes[k])
+        log.info("batch %s: %d files, %d ingested", run.run_id, run.files_seen,
+                 run.outcomes["ingested"])
+        if self.on_batch:
+            self.on_batch(run)
+        return run
+
+    def _recover_leftovers(self) -> None:
+        """Files of an earlier listener that died before ingesting them."""
+        base = self.lake.root / VAULT / "staging"
+        for old in sorted(base.glob("listen-*")):
+            if old == self.incoming.root or old.name.startswith("listen-kept"):
+                continue
+            n = 0
+            for d, _, names in os.walk(old / "files"):
+                for name in names:
+                    src = Path(d, name)
+                    dest = self.incoming.files / src.relative_to(old / "files")
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(src, dest)
+                    n += 1
+            Staging.remove_empty(old)
+            if n:
+                log.warning("recovered %d received files an earlier listener had not "
+                            "ingested", n)
+                with self._lock:
+                    self._pending += n

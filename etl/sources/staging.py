@@ -1,0 +1,150 @@
+"""Where instances pulled from a PACS land before the folder pipeline reads them.
+
+Each pull gets its own folder under the lake's vault (owner-only; never under
+``research/``)::
+
+    vault/staging/<kind>-<UTC time>-<random>/files/<study>/<series>/<instance>.dcm
+    vault/staging/<kind>-<UTC time>-<random>/tmp/          partial downloads
+
+A file is written under ``tmp/`` and renamed into ``files/`` once complete, so the
+walker never sees half a file. After the run, files whose content is in the
+lake (ingested, duplicate) are deleted; the others (quarantined, conflict,
+skipped) stay for inspection, their outcome recorded in the vault file index.
+
+What was already pulled from a source is remembered in
+``vault/sources/<source id>.json`` (original UIDs: vault only), so the next run
+fetches only new instances; instances that could not be fetched are listed
+there too and retried by the next run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from lakehouse import Lake
+from lakehouse.schemas import VAULT
+
+log = logging.getLogger(__name__)
+
+_SAFE = re.compile(r"[^0-9A-Za-z._-]")
+
+
+def _safe_name(text: str) -> str:
+    """A file name from a UID (digits and dots); anything else becomes ``_``."""
+    name = _SAFE.sub("_", text)[:100].lstrip(".")
+    return name or "_"
+
+
+class Staging:
+    """One pull's staging folder (created on construction, owner-only)."""
+
+    def __init__(self, lake: Lake, kind: str):
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        base = lake.root / VAULT / "staging"
+        base.mkdir(mode=0o700, exist_ok=True)
+        self.root = base / f"{kind}-{stamp}-{secrets.token_hex(4)}"
+        self.files = self.root / "files"
+        self.tmp = self.root / "tmp"
+        self.files.mkdir(parents=True, mode=0o700)
+        self.tmp.mkdir(mode=0o700)
+
+    def path_for(self, study: str, series: str, instance: str) -> Path:
+        return self.files / _safe_name(study) / _safe_name(series) / f"{_safe_name(instance)}.dcm"
+
+    def write(self, study: str, series: str, instance: str, data: bytes) -> Path:
+        """Write one instance atomically (temporary file, fsync, rename)."""
+        return self._write(self.path_for(study, series, instance), data)
+
+    def write_relative(self, rel: str, data: bytes) -> Path:
+        """Write a file under ``files/`` at the relative path ``rel`` (an object key)."""
+        parts = [p for p in rel.split("/") if p not in ("", ".")]
+        if not parts or ".." in parts or any("\0" in p for p in parts):
+            raise ValueError(f"unsafe relative path {rel!r}")
+        return self._write(self.files.joinpath(*parts), data)
+
+    def _write(self, dest: Path, data: bytes) -> Path:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.tmp, suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, dest)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return dest
+
+    @staticmethod
+    def remove_empty(root: Path) -> None:
+        """Remove a staging folder's temporary files and empty folders (and the folder
+        itself when nothing is left in it)."""
+        shutil.rmtree(root / "tmp", ignore_errors=True)
+        for folder, _dirs, _names in os.walk(root, topdown=False):
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+
+    def clean(self, done_paths: set[str]) -> int:
+        """Delete the staged files in ``done_paths`` (their content is in the lake), the
+        temporary folder and empty folders; return how many files are kept."""
+        kept = 0
+        for folder, _dirs, names in os.walk(self.files, topdown=False):
+            for name in names:
+                p = os.path.join(folder, name)
+                if p in done_paths:
+                    os.unlink(p)
+                else:
+                    kept += 1
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)  # only succeeds when empty
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        if kept == 0:
+            shutil.rmtree(self.root, ignore_errors=True)
+        return kept
+
+
+@dataclass
+class FetchState:
+    """What one source has delivered so far (kept in the vault)."""
+
+    path: Path
+    source: str
+    #: SOPInstanceUID (as the source knows it) -> run id that fetched it
+    fetched: dict[str, str] = field(default_factory=dict)
+    #: SOPInstanceUID -> last error, for instances to retry next time
+    failed: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, lake: Lake, source: str) -> FetchState:
+        sid = hashlib.sha256(source.encode()).hexdigest()[:16]
+        folder = lake.root / VAULT / "sources"
+        folder.mkdir(mode=0o700, exist_ok=True)
+        path = folder / f"{sid}.json"
+        if not path.exists():
+            return cls(path, source)
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return cls(path, source, dict(data.get("fetched", {})), dict(data.get("failed", {})))
+
+    def save(self) -> None:
+        data = {"source": self.source, "updated_at": datetime.now(UTC).isoformat(),
+                "fetched": dict(sorted(self.fetched.items())),
+                "failed": dict(sorted(self.failed.items()))}
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".part")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=0)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
