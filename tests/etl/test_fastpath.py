@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.data import get_charset_files, get_testdata_files
+from pydicom.data import get_charset_files
 
 from etl import rawjson, safety
 from etl.errors import FileRejected
@@ -15,8 +15,20 @@ from lakehouse.deid import Policy
 from lakehouse.privacy import Pseudonymizer
 
 
+def local_test_files() -> set[Path]:
+    """pydicom's bundled files and those of the pydicom-data package, listed from disk:
+    ``get_testdata_files`` would try to download the ones that are not installed."""
+    import pydicom.data
+    from pydicom.data.data_manager import external_data_sources
+
+    roots = [Path(pydicom.data.__file__).parent / "test_files"]
+    roots += [Path(src.data_path) for src in external_data_sources().values()
+              if hasattr(src, "data_path")]
+    return {p for root in roots if root.is_dir() for p in root.rglob("*") if p.is_file()}
+
+
 def corpus(extra: Path | None = None) -> list[Path]:
-    files = {Path(f) for f in get_testdata_files("*") + get_charset_files("*")}
+    files = local_test_files() | {Path(f) for f in get_charset_files("*")}
     if extra is not None:
         files |= {p for p in extra.rglob("*") if p.is_file()}
     return sorted(p for p in files if p.is_file())
