@@ -418,17 +418,59 @@ def cmd_reidentify(args) -> int:
 # --- dictionary ---------------------------------------------------------------
 
 def cmd_dictionary(args) -> int:
+    from etl.errors import REASONS, SKIP_REASONS
     from lakehouse.dictionary import markdown, update
 
+    codes = {"Quarantine reason codes (`quarantine.reason`, `files.reason`)": REASONS,
+             "Skip reason codes (`files.reason` of skipped files)": SKIP_REASONS}
     if args.update:
         path = Path(args.update)
         try:
-            path.write_text(update(path.read_text(encoding="utf-8")), encoding="utf-8")
+            path.write_text(update(path.read_text(encoding="utf-8"), codes), encoding="utf-8")
         except (OSError, ValueError) as exc:
             raise CliError(f"cannot update {path}: {exc}") from None
         print(f"updated the data dictionary in {path}")
         return 0
-    print(markdown())
+    print(markdown(codes))
+    return 0
+
+
+# --- verify -------------------------------------------------------------------
+
+def cmd_verify(args) -> int:
+    from lakehouse import Lake
+    from lakehouse.verify import verify
+
+    report = verify(Lake.open(_lake_dir(args)), sources=args.sources)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(f"snapshot {report.snapshot}: {report.files_checked} data files checked"
+              + (f", {report.sources_checked} source files" if args.sources else ""))
+        if report.files_without_checksum:
+            print(f"  {report.files_without_checksum} data files have no recorded checksum "
+                  "(size checked only)")
+        for p in report.problems:
+            print(f"  {p}")
+        print("ok" if report.ok else f"{len(report.problems)} problems: restore the files "
+              "named from a backup (or ingest the sources again)")
+    return 0 if report.ok else EXIT_ERROR
+
+
+# --- vacuum -------------------------------------------------------------------
+
+def cmd_vacuum(args) -> int:
+    from lakehouse import Lake
+    from lakehouse.vacuum import vacuum
+
+    report = vacuum(Lake.open(_lake_dir(args)), args.retention_hours, args.dry_run)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    n = sum(len(v) for v in report.removed.values())
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {n} unreferenced files ({report.bytes_removed:,} bytes); "
+          f"{report.kept_recent} younger than {args.retention_hours} h kept")
     return 0
 
 
@@ -522,6 +564,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--columns", help="comma-separated columns of --csv to look up")
     sp.add_argument("--format", choices=["table", "json"], default="table")
     sp.set_defaults(func=cmd_reidentify)
+
+    sp = sub.add_parser("verify", help="check every data file against the commit log")
+    lake_opt(sp)
+    sp.add_argument("--sources", action="store_true",
+                    help="also check every source file against its recorded file_sha256")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_verify)
+
+    sp = sub.add_parser("vacuum", help="delete files no snapshot references (left by killed "
+                        "runs) once older than the retention period")
+    lake_opt(sp)
+    sp.add_argument("--retention-hours", type=float, default=168.0,
+                    help="keep unreferenced files younger than this (default 168)")
+    sp.add_argument("--dry-run", action="store_true", help="list, do not delete")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_vacuum)
 
     sp = sub.add_parser("dictionary", help="print the data dictionary (Markdown)")
     sp.add_argument("--update", metavar="FILE", help="rewrite the section between the "

@@ -10,19 +10,32 @@ from __future__ import annotations
 
 from lakehouse.errors import LakeError
 
+#: The UIDs every instance must carry; each has a ``missing_uid:`` and an
+#: ``invalid_uid:`` reason code.
+REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+
 #: Quarantine reason codes: code -> what it means and what to do.
 REASONS: dict[str, str] = {
     "empty_file": "the file has zero bytes",
-    "unreadable": "the file could not be opened or read (permissions, I/O error)",
+    "io_error": "the file could not be opened or read (permissions, I/O error); it is read "
+    "again by the next run",
     "not_dicom": "no DICM magic and no recognisable DICOM data set at the start",
-    "truncated": "an element or its value extends beyond the end of the file",
-    "too_deep": "sequences are nested deeper than the configured limit",
-    "parse_error": "pydicom could not parse the header",
-    "missing_study_uid": "StudyInstanceUID is absent or empty",
-    "missing_series_uid": "SeriesInstanceUID is absent or empty",
-    "missing_sop_instance_uid": "SOPInstanceUID is absent or empty",
-    "missing_sop_class_uid": "SOPClassUID is absent or empty (also in the file meta)",
-    "invalid_uid": "a required UID is not a valid DICOM UID (digits and dots, <= 64 chars)",
+    "truncated": "the file ends inside the file meta, an element header, a value or the pixel "
+    "data (element offsets checked against the file size)",
+    "element_too_large": "an element declares a value larger than the per-element limit "
+    "(1 GiB), whether or not the file holds it; nothing is allocated for it",
+    "too_deep": "sequences are nested deeper than the configured limit (64)",
+    "unsupported_transfer_syntax": "the transfer syntax UID is not a DICOM transfer syntax "
+    "this reader knows",
+    "parse_error": "pydicom could not parse the header after the structure checks passed",
+    "out_of_memory": "reading the file raised MemoryError; the rest of its batch was kept",
+    "worker_crash": "reading the file crashed its worker process (a segfault or an exit); the "
+    "rest of its batch was read again without it",
+    **{f"missing_uid:{k}": f"{k} is absent or empty"
+       + (" (also in the file meta)" if k in ("SOPInstanceUID", "SOPClassUID") else "")
+       for k in REQUIRED_UIDS},
+    **{f"invalid_uid:{k}": f"{k} is not a valid DICOM UID (digits and dots, no leading "
+       "zeros, at most 64 characters)" for k in REQUIRED_UIDS},
 }
 
 #: Reasons for files skipped on purpose (not errors).

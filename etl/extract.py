@@ -7,6 +7,7 @@ Every file gives exactly one row, whatever happens to it.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 
 import pyarrow as pa
@@ -18,6 +19,10 @@ from lakehouse.deid import Policy
 from lakehouse.schemas import INSTANCES
 
 log = logging.getLogger(__name__)
+
+#: Test hook (never set in production): a worker reading a file whose name contains
+#: this string exits at once, as a segfault in a parser would.
+_CRASH_MARKER = os.environ.get("LAKE_TEST_CRASH_MARKER", "")
 
 #: Columns describing the file itself and what happened to it.
 FILE_FIELDS = [
@@ -46,17 +51,31 @@ def extract_batch(files: Sequence[FoundFile], config: IngestConfig, run_id: str,
 
 def _read_one(f: FoundFile, config: IngestConfig, policy: Policy | None) -> FileResult:
     if f.error is not None:
-        return FileResult(f.path, f.size, f.mtime_ns, status="quarantined", reason="unreadable",
+        return FileResult(f.path, f.size, f.mtime_ns, status="quarantined", reason="io_error",
                           message=f.error)
+    if _CRASH_MARKER and _CRASH_MARKER in os.path.basename(f.path):
+        os._exit(70)  # test hook: this file kills its worker process
     try:
         return read_file(f.path, f.size, f.mtime_ns, max_depth=config.max_depth,
                          bulk_data_threshold=config.bulk_data_threshold, policy=policy)
     except (Exception, RecursionError, MemoryError) as exc:  # one file never ends a batch
+        reason = {RecursionError: "too_deep", MemoryError: "out_of_memory"}.get(
+            type(exc), "parse_error")
         # no path and no value in the log: both may identify a patient
-        log.warning("unexpected %s while reading a file; it is quarantined (parse_error)",
-                    type(exc).__name__)
+        log.warning("unexpected %s while reading a file; it is quarantined (%s)",
+                    type(exc).__name__, reason)
         return FileResult(f.path, f.size, f.mtime_ns, status="quarantined",
-                          reason="parse_error", message=f"{type(exc).__name__}: {exc}"[:300])
+                          reason=reason, message=f"{type(exc).__name__}: {exc}"[:300])
+
+
+def crashed_batch(files: Sequence[FoundFile], run_id: str) -> pa.Table:
+    """Rows for a file whose reading crashed its worker (found by retrying its batch)."""
+    rows = [_row(FileResult(f.path, f.size, f.mtime_ns, status="quarantined",
+                            reason="worker_crash",
+                            message="reading this file crashed the worker process; the rest "
+                            "of its batch was read again without it"), run_id, None)
+            for f in files]
+    return pa.Table.from_pylist(rows, schema=BATCH_SCHEMA)
 
 
 def _row(r: FileResult, run_id: str, policy: Policy | None) -> dict:

@@ -23,18 +23,17 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from etl import rawjson, safety
-from etl.errors import FileRejected
+from etl.errors import REQUIRED_UIDS, FileRejected
 from etl.record import age_years, parse_date, record_from_json, text
 from lakehouse.deid import Policy
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 DIRECTORY_RECORD_SEQUENCE = "00041220"
-REQUIRED_UIDS = (
-    ("StudyInstanceUID", "0020000D", "missing_study_uid"),
-    ("SeriesInstanceUID", "0020000E", "missing_series_uid"),
-    ("SOPInstanceUID", "00080018", "missing_sop_instance_uid"),
-)
-SOP_CLASS_TAG = "00080016"
+#: the required UIDs and their tags in DICOM JSON
+UID_TAGS = {"StudyInstanceUID": "0020000D", "SeriesInstanceUID": "0020000E",
+            "SOPInstanceUID": "00080018", "SOPClassUID": "00080016"}
+#: UIDs that identify an instance (remapped in research lakes)
+INSTANCE_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 _AGE, _BIRTH, _STUDY_DATE = "00101010", "00100030", "00080020"
 
 
@@ -61,7 +60,7 @@ def read_file(path: str, size: int = -1, mtime_ns: int = 0, *, max_depth: int = 
         with open(path, "rb") as fh:
             buf = fh.read()
     except OSError as exc:
-        return _reject(result, FileRejected("unreadable", exc.strerror or type(exc).__name__))
+        return _reject(result, FileRejected("io_error", exc.strerror or type(exc).__name__))
     result.size = len(buf)
     result.sha256 = hashlib.sha256(buf).hexdigest()
     try:
@@ -128,8 +127,8 @@ def _deidentified_record(header: dict, uids: dict[str, str],
                              parse_date(_first(header, _STUDY_DATE)))
     result = policy.apply(header)
     record, invalid = record_from_json(result.json)
-    for keyword, tag, _ in REQUIRED_UIDS:
-        record[keyword] = _first(result.json, tag)
+    for keyword in INSTANCE_UIDS:
+        record[keyword] = _first(result.json, UID_TAGS[keyword])
     record["SOPClassUID"] = uids["SOPClassUID"]  # a class, not an instance: never remapped
     record["patient_age_years"] = None if original_age is None else min(original_age, 90.0)
     record["dicom_json"] = _dumps(result.json)
@@ -159,18 +158,16 @@ def _dcmread(buf: bytes, layout: safety.Layout) -> Dataset:
 
 def _required_uids(header: dict, media_class: str) -> dict[str, str]:
     out = {}
-    for keyword, tag, reason in REQUIRED_UIDS:
-        value = _first(header, tag)
+    for keyword in REQUIRED_UIDS:
+        value = _first(header, UID_TAGS[keyword])
+        if keyword == "SOPClassUID":
+            value = value or media_class or None
         if not value:
-            raise FileRejected(reason, f"{keyword} is absent or empty")
-        if not UID(value).is_valid:
-            raise FileRejected("invalid_uid", f"{keyword} is not a valid UID "
-                                              f"({len(value)} characters)")
+            raise FileRejected(f"missing_uid:{keyword}", f"{keyword} is absent or empty")
+        if not UID(value).is_valid:  # no value in the message: it may identify a patient
+            raise FileRejected(f"invalid_uid:{keyword}", f"{keyword} is not a valid UID "
+                                                         f"({len(value)} characters)")
         out[keyword] = value
-    sop_class = _first(header, SOP_CLASS_TAG) or media_class
-    if not sop_class:
-        raise FileRejected("missing_sop_class_uid", "SOPClassUID is absent or empty")
-    out["SOPClassUID"] = sop_class
     return out
 
 

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from etl import summarize
+from etl import replay, summarize
 from etl.config import IngestConfig
 from etl.discover import FoundFile, WalkStats, walk
 from etl.errors import REASONS
@@ -160,7 +160,7 @@ class _Job:
                     known.column("path").to_pylist(), known.column("file_size").to_pylist(),
                     known.column("mtime_ns").to_pylist(), known.column("reason").to_pylist(),
                     strict=True)
-                if r != "unreadable"  # retry files that could not be read before
+                if r != "io_error"  # retry files that could not be read before
             }
             for f in chunk:
                 if f.error is not None or (f.path, f.size, f.mtime_ns) not in seen:
@@ -305,6 +305,7 @@ class _Job:
             self._append_identifiers()
         if self._conflicts:
             self.w.append("conflicts", pa.Table.from_pylist(self._conflicts))
+        replay.resolve_fixed(self.w, files, self.summary.run_id)
         self.w.append("files", files)
         self.w.publish(note=f"ingest {self.summary.run_id}: {files.num_rows} files")
         self._files, self._ingested, self._conflicts, self._id_maps = [], [], [], []

@@ -16,6 +16,7 @@ from typing import Any
 import pyarrow as pa
 from pydicom.datadict import tag_for_keyword
 
+from etl.quality import valid_string
 from lakehouse.schemas import HEADER_COLUMNS, Column
 
 _DATE_RE = re.compile(r"^(\d{4})\.?(\d{2})\.?(\d{2})$")
@@ -46,16 +47,32 @@ def record_from_json(header: dict) -> tuple[dict[str, Any], list[str]]:
         if not elem or not values:
             rec[col.name] = None
             continue
+        vr = elem.get("vr")
+        wanted = [v for v in values if not _blank(v)]
         try:
-            rec[col.name] = convert(values, col.type, elem.get("vr"))
+            typed = convert(values, col.type, vr)
         except (ValueError, TypeError, OverflowError):
-            rec[col.name] = None
-        if rec[col.name] is None and any(v not in (None, "") for v in values):
+            typed = None
+        ok = typed is not None or not wanted
+        if ok and pa.types.is_list(col.type) and typed is not None and len(typed) < len(wanted):
+            ok = False
+        if ok and vr and any(not valid_string(vr, text(v) or "") for v in wanted):
+            ok = False  # control characters, over-long values, malformed UIDs
+        rec[col.name] = typed if ok else None
+        if not ok:
             invalid.append(col.name)
     rec["patient_age_years"] = age_years(rec.get("PatientAge"), rec.get("PatientBirthDate"),
                                          rec.get("StudyDate"))
     rec["study_year"] = rec["StudyDate"].year if rec.get("StudyDate") else None
     return rec, invalid
+
+
+def _blank(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, dict):
+        return not any(str(v).strip("\x00 =") for v in value.values())
+    return str(value).strip("\x00 ") == ""
 
 
 def convert(values: list, typ: pa.DataType, vr: str | None = None) -> Any:

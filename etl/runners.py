@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Protocol
 
 import dask
+import pyarrow as pa
 
 from etl.config import IngestConfig
 from etl.discover import FoundFile
 from etl.errors import SchedulerError
-from etl.extract import extract_batch
+from etl.extract import crashed_batch, extract_batch
 from lakehouse.deid import Policy
 
 log = logging.getLogger(__name__)
@@ -45,15 +47,17 @@ class LocalRunner:
         self.scheduler = config.scheduler
         self.workers = 1 if self.scheduler == "synchronous" else config.resolved_workers()
         self.description = self.scheduler
-        self._pool = None
+        self._pool: ProcessPoolExecutor | None = None
         if self.scheduler == "processes":
-            # spawn: the driver holds DuckDB and Delta (Rust) threads; forking them is unsafe
-            self._pool = ProcessPoolExecutor(self.workers,
-                                             mp_context=multiprocessing.get_context("spawn"))
+            self._pool = self._new_pool()
         self._driver = ThreadPoolExecutor(1, thread_name_prefix="lake-wave")
 
-    def submit(self, batches):
-        tasks = [dask.delayed(extract_batch, pure=False)(list(b), self.config, self.run_id,
+    def _new_pool(self) -> ProcessPoolExecutor:
+        # spawn: the driver holds DuckDB and Delta (Rust) threads; forking them is unsafe
+        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+
+    def _compute(self, batches: list[list[FoundFile]]) -> list[pa.Table]:
+        tasks = [dask.delayed(extract_batch, pure=False)(b, self.config, self.run_id,
                                                           self.policy)
                  for b in batches]
         kwargs: dict = {"scheduler": self.scheduler}
@@ -62,12 +66,64 @@ class LocalRunner:
             kwargs.update(pool=self._pool, chunksize=1)
         elif self.scheduler == "threads":
             kwargs["num_workers"] = self.workers
-        return self._driver.submit(lambda: list(dask.compute(*tasks, **kwargs)))
+        return list(dask.compute(*tasks, **kwargs))
+
+    def _reset(self) -> None:
+        """A worker died: the pool is broken; start a new one."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = self._new_pool()
+
+    def submit(self, batches):
+        batches = [list(b) for b in batches]
+        return self._driver.submit(survive_crashes, self._compute, self._reset, batches,
+                                   self.run_id)
 
     def close(self) -> None:
         self._driver.shutdown(wait=True)
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _is_crash(exc: BaseException) -> bool:
+    """A worker process died (not an exception raised by our code in a worker)."""
+    return isinstance(exc, BrokenProcessPool) or type(exc).__name__ == "KilledWorker"
+
+
+def survive_crashes(compute: Callable[[list[list[FoundFile]]], list[pa.Table]],
+                    reset: Callable[[], None], batches: list[list[FoundFile]],
+                    run_id: str) -> list[pa.Table]:
+    """``compute(batches)``; when a worker process dies, find the file that killed it.
+
+    The wave is computed again batch by batch; a batch that crashes again is
+    split in halves until the poisoned file is alone. That file becomes a
+    ``worker_crash`` quarantine row; every other file of the batch is read
+    normally. Rows keep their order.
+    """
+    try:
+        return compute(batches)
+    except BaseException as exc:
+        if not _is_crash(exc):
+            raise
+        log.warning("a worker process died (%s); retrying its wave batch by batch",
+                    type(exc).__name__)
+        reset()
+
+    def one(batch: list[FoundFile]) -> pa.Table:
+        try:
+            return compute([batch])[0]
+        except BaseException as exc:
+            if not _is_crash(exc):
+                raise
+            reset()
+        if len(batch) == 1:
+            # no path in the log: it may identify a patient (the vault has it)
+            log.warning("reading a file crashed its worker: quarantined as worker_crash")
+            return crashed_batch(batch, run_id)
+        mid = len(batch) // 2
+        return pa.concat_tables([one(batch[:mid]), one(batch[mid:])])
+
+    return [one(b) for b in batches]
 
 
 class DistributedRunner:
@@ -95,11 +151,22 @@ class DistributedRunner:
         self.workers = max(1, len(self.client.scheduler_info().get("workers", {})))
         self._driver = ThreadPoolExecutor(1, thread_name_prefix="lake-wave")
 
+    def _compute(self, batches: list[list[FoundFile]]) -> list[pa.Table]:
+        futures = self.client.map(extract_batch, batches, config=self.config,
+                                  run_id=self.run_id, policy=self.policy, pure=False)
+        try:
+            return list(self.client.gather(futures))
+        except BaseException:
+            # forget the wave's tasks: a poisoned one left running would kill the
+            # workers the retries run on
+            self.client.cancel(futures, force=True)
+            raise
+
     def submit(self, batches):
-        futures = self.client.map(extract_batch, [list(b) for b in batches],
-                                  config=self.config, run_id=self.run_id, policy=self.policy,
-                                  pure=False)
-        return self._driver.submit(lambda: list(self.client.gather(futures)))
+        # a worker that dies is restarted by its nanny; the scheduler gives up on a
+        # task after a few deaths (KilledWorker), and the batch is then bisected
+        return self._driver.submit(survive_crashes, self._compute, lambda: None,
+                                   [list(b) for b in batches], self.run_id)
 
     def close(self) -> None:
         self._driver.shutdown(wait=True)

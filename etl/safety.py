@@ -14,6 +14,8 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+from pydicom.uid import UID
+
 from etl.errors import FileRejected
 
 PREAMBLE = 128
@@ -37,6 +39,9 @@ SEQ_END = 0xFFFEE0DD
 PIXEL_DATA = 0x7FE00010
 #: A deflated data set is inflated to at most this many bytes.
 MAX_INFLATED = 1 << 30
+#: No element may declare a value longer than this (``element_too_large``), whether or
+#: not the file holds it: nothing is ever allocated from a length field.
+MAX_ELEMENT = 1 << 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +98,9 @@ def check(buf: bytes, max_depth: int = 64) -> Layout:
         if struct.unpack_from("<H", buf, 0)[0] == 0x0002:
             pos, ts, media = _walk_meta(buf, 0)
     dataset_offset = pos
+    if ts is not None and not UID(ts).is_transfer_syntax:
+        raise FileRejected("unsupported_transfer_syntax",
+                           f"transfer syntax {ts[:70]!r} is not a known DICOM transfer syntax")
     if ts == DEFLATED_LE:
         try:
             inflater = zlib.decompressobj(-zlib.MAX_WBITS)
@@ -139,6 +147,8 @@ def _walk_meta(buf: bytes, pos: int) -> tuple[int, str | None, str | None]:
             start = pos + 8
         else:
             raise FileRejected("not_dicom", f"file meta element (0002,{elem:04X}) has no valid VR")
+        if length != UNDEFINED:
+            _bound(length, (0x0002 << 16) | elem)
         if length == UNDEFINED or start + length > size:
             raise FileRejected("truncated", f"file meta element (0002,{elem:04X}) declares "
                                f"{length} bytes, {size - start} remain")
@@ -153,6 +163,13 @@ def _walk_meta(buf: bytes, pos: int) -> tuple[int, str | None, str | None]:
     if pos >= size:
         raise FileRejected("truncated", "file ends after the file meta: no data set")
     return pos, ts, media
+
+
+def _bound(length: int, tag: int) -> None:
+    if length > MAX_ELEMENT:
+        raise FileRejected("element_too_large",
+                           f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) declares {length} "
+                           f"bytes, more than the {MAX_ELEMENT}-byte limit")
 
 
 class _Walker:
@@ -207,6 +224,8 @@ class _Walker:
             self.count += 1
             if top and tag == PIXEL_DATA and self.pixel_offset is None:
                 self.pixel_offset = pos
+            if length != UNDEFINED:
+                _bound(length, tag)
             if length == UNDEFINED:
                 if tag == PIXEL_DATA or vr == b"SQ" or vr is None or vr == b"UN":
                     pos = self.walk_items(start, depth + 1, tag)
@@ -239,6 +258,8 @@ class _Walker:
             if item_tag != ITEM:
                 raise FileRejected("truncated", f"expected an item tag at offset {pos}")
             start = pos + 8
+            if length != UNDEFINED:
+                _bound(length, ITEM)
             if length == UNDEFINED:
                 if tag == PIXEL_DATA:
                     raise FileRejected("truncated", "pixel data fragment of undefined length")
@@ -263,6 +284,8 @@ class _Walker:
             if item_tag != ITEM:
                 raise FileRejected("truncated", f"expected an item tag at offset {pos}")
             start = pos + 8
+            if length != UNDEFINED:
+                _bound(length, ITEM)
             if length == UNDEFINED:
                 pos = self.walk_dataset(start, end, depth)
                 continue

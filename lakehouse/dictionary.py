@@ -41,14 +41,25 @@ def allowlist_markdown() -> str:
     return "\n".join(lines)
 
 
-def markdown() -> str:
-    body = "\n\n".join(table_markdown(spec) for spec in TABLES.values())
-    return f"{BEGIN}\n\n{body}\n\n{allowlist_markdown()}\n\n{END}"
+def codes_markdown(title: str, codes: dict[str, str]) -> str:
+    lines = [f"### {title}", "", "| code | meaning |", "|---|---|"]
+    lines += [f"| `{code}` | {text} |" for code, text in codes.items()]
+    return "\n".join(lines)
 
 
-def update(text: str) -> str:
+def markdown(code_lists: dict[str, dict[str, str]] | None = None) -> str:
+    """The dictionary; ``code_lists`` adds one table of codes per title (e.g. the ETL's
+    quarantine reason codes, which this package cannot import)."""
+    parts = [table_markdown(spec) for spec in TABLES.values()]
+    parts.append(allowlist_markdown())
+    parts += [codes_markdown(title, codes) for title, codes in (code_lists or {}).items()]
+    body = "\n\n".join(parts)
+    return f"{BEGIN}\n\n{body}\n\n{END}"
+
+
+def update(text: str, code_lists: dict[str, dict[str, str]] | None = None) -> str:
     """``text`` (a README) with the section between the markers regenerated."""
     start, end = text.find(BEGIN), text.find(END)
     if start < 0 or end < start:
         raise ValueError("no data-dictionary markers in the file")
-    return text[:start] + markdown() + text[end + len(END):]
+    return text[:start] + markdown(code_lists) + text[end + len(END):]

@@ -155,9 +155,11 @@ INSTANCES = TableSpec(
         Column("patient_age_years", F64, "Age at the study in years, from PatientAge "
                "(or birth date and study date when PatientAge is absent); at most 90 in "
                "research lakes."),
-        Column("invalid_attributes", LIST_STR, "Data-quality flag: columns whose header value "
-               "was present but could not be converted (the column is then null)."),
         Column("study_year", I32, "Year of StudyDate (partition key; null when undated)."),
+        Column("invalid_attributes", LIST_STR, "Data-quality flag: the attributes present in "
+               "the header whose value did not parse or check (non-numeric DS/IS, impossible "
+               "date, control characters, too long for its VR, malformed UID); their typed "
+               "columns are null, the raw values stay in dicom_json. Null when all are valid."),
         Column("file_size", I64, "Size of the DICOM file in bytes."),
         Column("file_sha256", STR, "SHA-256 of the whole file, hex (in research lakes keyed "
                "with the lake key, so that the original file cannot be looked up)."),
@@ -296,6 +298,9 @@ QUARANTINE = TableSpec(
         Column("message", STR, "What was wrong, without the path."),
         Column("ingest_run_id", STR, "The run that rejected it."),
         Column("quarantined_at", TS, "When it was rejected."),
+        Column("resolved_by_run_id", STR, "The run that ingested a fixed version of the file "
+               "(same path); null while unresolved."),
+        Column("resolved_at", TS, "When it was marked resolved."),
     ),
 )
 

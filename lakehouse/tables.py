@@ -12,6 +12,7 @@ snapshot (a run killed mid-way) are rolled back when the next writer starts.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -46,6 +47,8 @@ from lakehouse.schemas import TABLES, VAULT, TableSpec, conform
 log = logging.getLogger(__name__)
 
 NULL_PARTITION = "__HIVE_DEFAULT_PARTITION__"
+#: commitInfo key holding ``{relative path: sha256}`` of the files a commit adds.
+CHECKSUMS_KEY = "lake.checksums"
 #: Rows per Parquet row group; large enough for scans, small enough for pruning.
 ROW_GROUP_ROWS = 64_000
 
@@ -335,11 +338,15 @@ class LakeWriter:
         meta = file_metadata(self.run_id, name, param_hash)
         actions: list[AddAction | RemoveAction] = [self._stage(root, spec, part, values, meta)
                    for values, part in _partitions(table, spec)]
+        # the commit log records each new file's SHA-256 (``lake verify`` checks them)
+        checksums = {a.path: _sha256(root / a.path) for a in actions
+                     if isinstance(a, AddAction)}
         dt = DeltaTable(str(root))
         dt.create_write_transaction(
             actions, mode, table.schema, partition_by=list(spec.partition_by) or None,
             commit_properties=CommitProperties(
-                custom_metadata={"lake.run_id": self.run_id, "lake.param_hash": param_hash}),
+                custom_metadata={"lake.run_id": self.run_id, "lake.param_hash": param_hash,
+                                 CHECKSUMS_KEY: json.dumps(checksums, sort_keys=True)}),
         )
         version = DeltaTable(str(root)).version()
         self.versions[name] = version
@@ -376,6 +383,14 @@ class LakeWriter:
     def changed_since_base(self) -> list[str]:
         assert self.base is not None
         return [n for n, v in self.versions.items() if v != self.base.versions.get(n)]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _partitions(table: pa.Table, spec: TableSpec) -> Iterator[tuple[dict[str, str | None],

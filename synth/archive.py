@@ -291,10 +291,10 @@ def _write_bad_files(writer: _Writer, rng: random.Random, uid: UidFactory) -> No
     bad("misc/CT_cut_in_header.dcm", data[:cut], "truncated")
     ds = variant()
     del ds.StudyInstanceUID
-    bad("misc/no_study_uid.dcm", encode(ds), "missing_study_uid")
+    bad("misc/no_study_uid.dcm", encode(ds), "missing_uid:StudyInstanceUID")
     ds = variant()
     del ds.SeriesInstanceUID
-    bad("misc/no_series_uid", encode(ds), "missing_series_uid")
+    bad("misc/no_series_uid", encode(ds), "missing_uid:SeriesInstanceUID")
     # No SOPInstanceUID anywhere, file meta included (so no fallback exists).
     ds = variant()
     del ds.SOPInstanceUID
@@ -302,7 +302,7 @@ def _write_bad_files(writer: _Writer, rng: random.Random, uid: UidFactory) -> No
     ds.preamble = b"\x00" * 128
     buf = io.BytesIO()
     pydicom.dcmwrite(buf, ds, enforce_file_format=False)
-    bad("misc/no_sop_uid.dcm", buf.getvalue(), "missing_sop_instance_uid")
+    bad("misc/no_sop_uid.dcm", buf.getvalue(), "missing_uid:SOPInstanceUID")
 
 
 def _ground_truth(

@@ -71,7 +71,7 @@ def test_unreadable_and_empty_files(tmp_path):
     empty = tmp_path / "empty"
     empty.write_bytes(b"")
     assert read_file(str(empty)).reason == "empty_file"
-    assert read_file(str(tmp_path / "missing")).reason == "unreadable"
+    assert read_file(str(tmp_path / "missing")).reason == "io_error"
     text = tmp_path / "notes.txt"
     text.write_text("not an image at all")
     r = read_file(str(text))

@@ -61,13 +61,13 @@ def test_truncation_anywhere_is_detected(cut):
     assert exc.value.reason == "truncated"
 
 
-def test_a_length_far_beyond_the_file_is_truncated_not_allocated():
+def test_a_4_gib_length_is_element_too_large_not_allocated():
     buf = bytearray(_part10(_minimal()))
     i = buf.index(b"\xe0\x7f\x10\x00")
     struct.pack_into("<I", buf, i + 8, 0xFFFFFFF0)  # OB: 2 reserved bytes, then the length
     with pytest.raises(FileRejected, match="4294967280 bytes") as exc:
         check(bytes(buf))
-    assert exc.value.reason == "truncated"
+    assert exc.value.reason == "element_too_large"
 
 
 def test_nesting_beyond_the_limit_is_too_deep():

@@ -73,9 +73,9 @@ def test_files_on_disk_are_the_truth_files(archive: tuple[Path, GroundTruth]) ->
     }
     assert truth.quarantine_reasons == {
         "empty_file": 1,
-        "missing_series_uid": 1,
-        "missing_sop_instance_uid": 1,
-        "missing_study_uid": 1,
+        "missing_uid:SeriesInstanceUID": 1,
+        "missing_uid:SOPInstanceUID": 1,
+        "missing_uid:StudyInstanceUID": 1,
         "not_dicom": 2,
         "truncated": 2,
     }
@@ -292,16 +292,13 @@ def test_bad_files_are_what_they_claim(archive: tuple[Path, GroundTruth]) -> Non
             assert (
                 b"\xe0\x7f\x10\x00" in data or "header" in rel
             )  # pixel data tag, or cut before it
-    for reason, keyword in (
-        ("missing_study_uid", "StudyInstanceUID"),
-        ("missing_series_uid", "SeriesInstanceUID"),
-        ("missing_sop_instance_uid", "SOPInstanceUID"),
-    ):
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        reason = f"missing_uid:{keyword}"
         ds = pydicom.dcmread(root / reasons[reason])
         assert keyword not in ds and "PixelData" in ds
     assert (
         "MediaStorageSOPInstanceUID"
-        not in pydicom.dcmread(root / reasons["missing_sop_instance_uid"]).file_meta
+        not in pydicom.dcmread(root / reasons["missing_uid:SOPInstanceUID"]).file_meta
     )
     dicomdir = pydicom.dcmread(root / reasons["dicomdir"])
     assert dicomdir.file_meta.MediaStorageSOPClassUID == "1.2.840.10008.1.3.10"
