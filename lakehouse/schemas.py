@@ -378,6 +378,34 @@ FILES = TableSpec(
     ),
 )
 
+DOSE_EVENTS = TableSpec(
+    name="dose_events",
+    zone=RESEARCH,
+    grain="one row per CT irradiation event of a CT Radiation Dose SR",
+    description="CT irradiation events parsed from CT Radiation Dose Structured Reports "
+    "(TID 10011), rebuilt from instances.",
+    columns=(
+        Column("StudyInstanceUID", STR, "Study the report belongs to.", "StudyInstanceUID"),
+        Column("SeriesInstanceUID", STR, "Series of the dose report.", "SeriesInstanceUID"),
+        Column("SOPInstanceUID", STR, "The dose report instance.", "SOPInstanceUID"),
+        Column("PatientID", STR, "Patient identifier.", "PatientID"),
+        Column("StudyDate", DATE, "Study date.", "StudyDate"),
+        Column("event_index", I64, "Position of the CT Acquisition in the report, from 1."),
+        Column("IrradiationEventUID", STR, "Irradiation Event UID (113769) of the acquisition."),
+        Column("acquisition_protocol", STR, "Acquisition Protocol (125203), as text."),
+        Column("target_region", STR, "Target Region (123014), the code meaning (e.g. Chest)."),
+        Column("acquisition_type", STR, "CT Acquisition Type (113820), the code meaning "
+               "(Spiral Acquisition, Sequenced Acquisition, Constant Angle Acquisition, ...)."),
+        Column("phantom_type", STR, "CTDIw Phantom Type (113835), the code meaning "
+               "(IEC Head / IEC Body Dosimetry Phantom)."),
+        Column("CTDIvol", F64, "Mean CTDIvol (113830) of the acquisition in mGy."),
+        Column("DLP", F64, "Dose length product (113838) of the acquisition in mGy.cm."),
+        Column("accumulated_DLP", F64, "CT Dose Length Product Total (113813) of the whole "
+               "report in mGy.cm (the same on every row of one report)."),
+    ),
+)
+
+
 # --- image-derived features (etl.features; issue 6) ---------------------------
 SERIES_GEOMETRY = TableSpec(
     name="series_geometry",
@@ -526,8 +554,8 @@ IDENTIFIERS = TableSpec(
 
 TABLES: dict[str, TableSpec] = {
     t.name: t for t in (INSTANCES, SERIES, STUDIES, PATIENTS, QUARANTINE, CONFLICTS,
-                        INGEST_RUNS, FILES, IDENTIFIERS, SERIES_GEOMETRY, IMAGE_STATS,
-                        RADIOMICS_FEATURES, FEATURE_FAILURES)
+                        INGEST_RUNS, FILES, IDENTIFIERS, DOSE_EVENTS, SERIES_GEOMETRY,
+                        IMAGE_STATS, RADIOMICS_FEATURES, FEATURE_FAILURES)
 }
 
 

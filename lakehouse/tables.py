@@ -114,6 +114,8 @@ class Lake:
             raise LakeExistsError(root)
         if root.exists() and any(root.iterdir()):
             raise LakeExistsError(root)
+        for item in private_allowlist or []:
+            deid.private_tag(item)  # validate before anything is written
         lake_id = uuid.uuid4().hex
         fp = None
         if profile == "research":
@@ -124,8 +126,6 @@ class Lake:
             key = privacy.read_key_file(kpath) if kpath.exists() else \
                 privacy.create_key_file(kpath)
             fp = privacy.fingerprint(key)
-            for item in private_allowlist or []:
-                deid.private_tag(item)  # validate before anything is written
         root.mkdir(parents=True, exist_ok=True)
         layout.snapshots_dir(root).mkdir(parents=True, exist_ok=True)
         for zone in ("research", VAULT):
