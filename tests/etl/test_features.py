@@ -267,6 +267,9 @@ def test_a_lake_made_before_the_feature_tables_gets_them(tmp_path):
     snap_path.write_text(json.dumps(snap))
     with open_lake(lake.root) as cat:  # an older lake reads as empty feature tables
         assert cat.df("SELECT count(*) AS n FROM radiomics_wide").n[0] == 0
+    from lakehouse.verify import verify
+
+    assert verify(lake).ok
     s = compute_features(lake, FeaturesConfig(scheduler="synchronous"))
     assert (s.series, s.feature_rows, s.snapshot) == (0, 0, 1)
     from lakehouse import audit
