@@ -38,16 +38,23 @@ def _lake_dir(args) -> Path:
 
 # --- init ---------------------------------------------------------------------
 
+def _key_file(args) -> Path | None:
+    value = getattr(args, "key_file", None) or os.environ.get("LAKE_KEY_FILE")
+    return Path(value) if value else None
+
+
 def cmd_init(args) -> int:
     from lakehouse import Lake
 
     path = Path(args.path) if args.path else _lake_dir(args)
-    if args.profile == "research":
-        raise CliError(
-            "the research profile (pseudonymized tables, keyed vault) is not implemented yet; "
-            "create an identified lake with --profile identified (synthetic or governed data only)")
-    lake = Lake.create(path, profile=args.profile)
+    lake = Lake.create(path, profile=args.profile, key_file=_key_file(args))
     print(f"created {lake.profile} lake at {lake.root}")
+    if lake.research:
+        key = _key_file(args) or lake.default_key_path()
+        print(f"pseudonymization key: {key} (owner-only; keep it safe and out of the lake: "
+              "without it nothing more can be ingested, with it pseudonyms can be recomputed)")
+    else:
+        print("identified profile: the tables will hold names and identifiers as found")
     print(f"next: lake ingest /path/to/dicom --lake {lake.root}")
     return 0
 
@@ -77,7 +84,7 @@ def cmd_ingest(args) -> int:
         bar.refresh()
 
     try:
-        summary = ingest(lake, args.source, config, progress)
+        summary = ingest(lake, args.source, config, progress, key_file=_key_file(args))
     finally:
         if bar is not None:
             bar.close()
@@ -108,12 +115,16 @@ def _print_run(s) -> None:
 
 def cmd_sql(args) -> int:
     from catalog import open_lake
+    from lakehouse import audit
 
     query = sys.stdin.read() if args.query == "-" else args.query
     with open_lake(_lake_dir(args), args.snapshot) as cat:
         table = cat.arrow(query)
-        if cat.lake.profile == "identified" and args.format != "json":
-            print("# identified lake: results may contain patient identifiers", file=sys.stderr)
+        audit.record(cat.lake.root, "sql", text=query, snapshot=cat.snapshot.number,
+                     rows=table.num_rows)
+        if cat.lake.profile == "identified":
+            print("# identified lake: this result may contain patient identifiers",
+                  file=sys.stderr)
     rows = table.to_pylist()
     cols = table.column_names
     out = sys.stdout
@@ -171,6 +182,7 @@ def cmd_status(args) -> int:
         status = {
             "lake": str(cat.lake.root.absolute()),
             "profile": cat.lake.profile,
+            "key_fingerprint": cat.lake.config.key_fingerprint,
             "snapshot": cat.snapshot.number,
             "snapshot_created_at": cat.snapshot.created_at,
             "tables": cat.counts(),
@@ -186,8 +198,8 @@ def cmd_status(args) -> int:
         print(json.dumps(status, indent=2, default=_json_default))
         return 0
     print(f"lake      {status['lake']}")
-    warn = "  (identified: contains patient identifiers)" if status["profile"] == "identified" \
-        else ""
+    warn = ("  (identified: contains patient identifiers)" if status["profile"] == "identified"
+            else f"  (pseudonymized; key fingerprint {status['key_fingerprint']})")
     print(f"profile   {status['profile']}{warn}")
     print(f"snapshot  {status['snapshot']} ({status['snapshot_created_at']})")
     print("tables")
@@ -216,6 +228,7 @@ def cmd_demo(args) -> int:
 
     root = Path(args.dir)
     archive, lake_dir, truth = root / "archive", root / "lake", root / "ground_truth.json"
+    key_file = root / "lake.key"
     if args.fresh and root.exists():
         shutil.rmtree(root)
     if truth.exists() and archive.is_dir():
@@ -232,7 +245,7 @@ def cmd_demo(args) -> int:
         partial.rename(archive)
         (root / "ground_truth.partial").rename(truth)
     lake = Lake.open(lake_dir) if (lake_dir / "_lake").exists() else \
-        Lake.create(lake_dir, profile="identified")
+        Lake.create(lake_dir, profile="research", key_file=key_file)
     show = args.progress and sys.stderr.isatty()
     bar = None
 
@@ -246,7 +259,7 @@ def cmd_demo(args) -> int:
             bar.n = done
             bar.refresh()
 
-    summary = ingest(lake, archive, IngestConfig(), progress)
+    summary = ingest(lake, archive, IngestConfig(), progress, key_file=key_file)
     if bar is not None:
         bar.close()
     _print_run(summary)
@@ -262,7 +275,8 @@ def cmd_demo(args) -> int:
         for reason, n in q:
             print(f"  {reason:<26} {n}")
     where = lake_dir.absolute()
-    print(f"\nthe lake is at {where} (identified profile: synthetic patients only)")
+    print(f"\nthe lake is at {where}: a research lake (pseudonymized; its key is "
+          f"{key_file.absolute()}, the identified vault is {where / 'vault'})")
     print("try next:")
     print(f'  lake sql "SELECT Modality, count(*) AS n FROM studies GROUP BY 1" --lake {where}')
     print(f"  lake status --lake {where}")
@@ -319,14 +333,51 @@ def _notebooks_dir() -> Path:
     raise CliError("no notebooks folder found next to the package; pass --notebooks DIR")
 
 
+# --- reidentify -----------------------------------------------------------------
+
+def cmd_reidentify(args) -> int:
+    from catalog import open_lake
+    from catalog.reidentify import reidentify
+
+    values = list(args.values)
+    if args.csv:
+        with open(args.csv, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            cols = [c.strip() for c in args.columns.split(",")] if args.columns else []
+            missing = [c for c in cols if c not in (reader.fieldnames or [])]
+            if not cols or missing:
+                raise CliError(f"--csv needs --columns naming columns of {args.csv} "
+                               f"(missing: {', '.join(missing) or 'none given'})")
+            values += [row[c] for row in reader for c in cols if row[c]]
+    if not values:
+        raise CliError("give pseudonyms to look up, or --csv FILE --columns A,B")
+    with open_lake(_lake_dir(args), vault=True) as cat:
+        table = reidentify(cat, values)
+    rows = table.to_pylist()
+    if args.format == "json":
+        print(json.dumps(rows, ensure_ascii=False))
+    else:
+        _print_table(table.column_names, rows, sys.stdout)
+    return 0
+
+
 # --- dictionary ---------------------------------------------------------------
 
 def cmd_dictionary(args) -> int:
     from etl.errors import REASONS, SKIP_REASONS
-    from lakehouse.dictionary import markdown
+    from lakehouse.dictionary import markdown, update
 
-    print(markdown({"Quarantine reason codes (`quarantine.reason`, `files.reason`)": REASONS,
-                    "Skip reason codes (`files.reason` of skipped files)": SKIP_REASONS}))
+    codes = {"Quarantine reason codes (`quarantine.reason`, `files.reason`)": REASONS,
+             "Skip reason codes (`files.reason` of skipped files)": SKIP_REASONS}
+    if args.update:
+        path = Path(args.update)
+        try:
+            path.write_text(update(path.read_text(encoding="utf-8"), codes), encoding="utf-8")
+        except (OSError, ValueError) as exc:
+            raise CliError(f"cannot update {path}: {exc}") from None
+        print(f"updated the data dictionary in {path}")
+        return 0
+    print(markdown(codes))
     return 0
 
 
@@ -379,11 +430,17 @@ def build_parser() -> argparse.ArgumentParser:
     def lake_opt(sp):
         sp.add_argument("--lake", help="lake folder (default: $LAKE_DIR, then ./lake)")
 
+    def key_opt(sp):
+        sp.add_argument("--key-file", help="pseudonymization key of a research lake (default: "
+                        "$LAKE_KEY_FILE, then the key `lake init` created for the lake)")
+
     sp = sub.add_parser("init", help="create an empty lake")
     sp.add_argument("path", nargs="?", help="lake folder (default: --lake, $LAKE_DIR, ./lake)")
     lake_opt(sp)
-    sp.add_argument("--profile", choices=["identified", "research"], default="identified",
-                    help="identified (originals kept; the only profile implemented so far)")
+    sp.add_argument("--profile", choices=["research", "identified"], default="research",
+                    help="research (default: pseudonymized tables, identifiers only in the "
+                    "vault) or identified (originals kept, for internal quality work)")
+    key_opt(sp)
     sp.set_defaults(func=cmd_init)
 
     sp = sub.add_parser("ingest", help="ingest a folder of DICOM files")
@@ -398,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-progress", dest="progress", action="store_false",
                     help="no progress bar (also off when stderr is not a terminal)")
     sp.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    key_opt(sp)
     sp.set_defaults(func=cmd_ingest)
 
     sp = sub.add_parser("sql", help="run a SQL query (DuckDB) against the lake")
@@ -428,6 +486,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-browser", action="store_true")
     sp.set_defaults(func=cmd_notebook)
 
+    sp = sub.add_parser("reidentify", help="map pseudonyms back to identifiers (vault holders "
+                        "only; audited)")
+    sp.add_argument("values", nargs="*", help="pseudonyms (PatientID, AccessionNumber, StudyID, "
+                    "UIDs) to look up")
+    lake_opt(sp)
+    sp.add_argument("--csv", help="a CSV result whose --columns hold pseudonyms")
+    sp.add_argument("--columns", help="comma-separated columns of --csv to look up")
+    sp.add_argument("--format", choices=["table", "json"], default="table")
+    sp.set_defaults(func=cmd_reidentify)
+
     sp = sub.add_parser("verify", help="check every data file against the commit log")
     lake_opt(sp)
     sp.add_argument("--sources", action="store_true",
@@ -445,6 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_vacuum)
 
     sp = sub.add_parser("dictionary", help="print the data dictionary (Markdown)")
+    sp.add_argument("--update", metavar="FILE", help="rewrite the section between the "
+                    "data-dictionary markers of FILE (e.g. README.md) instead of printing")
     sp.set_defaults(func=cmd_dictionary)
     return p
 

@@ -40,6 +40,8 @@ from pathlib import Path
 
 MiB = 1024 * 1024
 SAMPLE_SECONDS = 0.05
+#: the process tree is re-listed (and CPU times, VmHWM read) every this many samples
+REFRESH_EVERY = 10
 CHILD_FLAG = "--_child"
 
 
@@ -181,8 +183,16 @@ def child_main(argv: list[str]) -> None:
     t = time.perf_counter()
     summary = ingest(lake, archive, config)
     seconds = time.perf_counter() - t
+    phases = {}
+    try:  # the job's own phase timings, from its ingest_runs row
+        runs = lake.read("ingest_runs").to_pylist()
+        row = next(r for r in runs if r["ingest_run_id"] == summary.run_id)
+        phases = {k: row[f"{k}_seconds"] for k in ("discover", "extract", "summarize")}
+    except Exception as exc:  # optional detail, never fails the benchmark
+        phases = {"error": repr(exc)}
     Path(result).write_text(json.dumps({"seconds": seconds, "open_seconds": t_open,
-                                        "summary": summary.to_dict()}), encoding="utf-8")
+                                        "phases": phases, "summary": summary.to_dict()}),
+                            encoding="utf-8")
 
 
 def _hwm_bytes(pid: int) -> int:
@@ -200,6 +210,11 @@ def _hwm_bytes(pid: int) -> int:
 class TreeMemorySampler:
     """Samples the summed RSS of a process and all its descendants (psutil).
 
+    Every ``SAMPLE_SECONDS`` the RSS of the known processes is summed; every
+    ``REFRESH_EVERY`` samples the tree is listed again (new workers show up
+    within that time). Listing the tree scans /proc, so it is kept rare: the
+    sampler shares the CPUs with the ingest it measures.
+
     ``peak_sum``: the largest summed RSS seen at one sampling instant (what the
     machine had to hold at once, give or take the sampling interval).
     ``hwm_sum``: the sum over processes of each one's own peak (VmHWM, read
@@ -215,7 +230,11 @@ class TreeMemorySampler:
         self.peak_sum = 0
         self.peak_procs = 0
         self.hwm: dict[tuple[int, float], int] = {}
+        #: last CPU seconds (user + system) seen per process; the root's is the driver's
+        self.cpu: dict[tuple[int, float], float] = {}
+        self.root_key = (pid, self.root.create_time())
         self.samples = 0
+        self._procs = [self.root]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -227,32 +246,57 @@ class TreeMemorySampler:
         self._stop.set()
         self._thread.join()
 
-    def _sample(self) -> None:
+    def _refresh(self) -> None:
+        """Re-list the process tree; record CPU seconds and VmHWM (the costly part)."""
         ps = self._psutil
         try:
             procs = [self.root, *self.root.children(recursive=True)]
         except ps.Error:
             return
-        total = 0
-        alive = 0
+        keep = []
         for p in procs:
             try:
-                total += p.memory_info().rss
                 key = (p.pid, p.create_time())
+                t = p.cpu_times()
             except ps.Error:
                 continue
-            alive += 1
+            self.cpu[key] = t.user + t.system
             hwm = _hwm_bytes(p.pid)
             if hwm > self.hwm.get(key, 0):
                 self.hwm[key] = hwm
+            keep.append(p)
+        self._procs = keep
+
+    def _sample(self) -> None:
+        """Sum the current RSS of the known processes (cheap: /proc/<pid>/statm)."""
+        total = alive = 0
+        for p in self._procs:
+            try:
+                total += p.memory_info().rss
+            except self._psutil.Error:
+                continue
+            alive += 1
         self.samples += 1
         if total > self.peak_sum:
             self.peak_sum, self.peak_procs = total, alive
 
     def _run(self) -> None:
+        tick = 0
         while not self._stop.is_set():
+            if tick % REFRESH_EVERY == 0:
+                self._refresh()
             self._sample()
+            tick += 1
             self._stop.wait(self.interval)
+        self._refresh()
+
+    @property
+    def cpu_driver(self) -> float:
+        return self.cpu.get(self.root_key, 0.0)
+
+    @property
+    def cpu_others(self) -> float:
+        return sum(v for k, v in self.cpu.items() if k != self.root_key)
 
     @property
     def hwm_sum(self) -> int:
@@ -276,11 +320,17 @@ def run_ingest_child(lake_dir: Path, archive: Path, scheduler: str, workers: int
     out = json.loads(result.read_text(encoding="utf-8"))
     out.update(wall_seconds=wall, peak_rss_sum=sampler.peak_sum,
                peak_rss_procs=sampler.peak_procs, hwm_sum=sampler.hwm_sum,
-               processes_seen=len(sampler.hwm), samples=sampler.samples)
+               processes_seen=len(sampler.hwm), samples=sampler.samples,
+               cpu_driver=sampler.cpu_driver, cpu_workers=sampler.cpu_others)
     return out
 
 
 # --- the benchmark ---------------------------------------------------------------
+def _fmt_phases(phases: dict) -> str:
+    return ", ".join(f"{k} {v:.1f} s" if isinstance(v, float) else f"{k} {v}"
+                     for k, v in phases.items())
+
+
 def bench_size(workdir: Path, n: int, args, log) -> dict:
     root, truth, gen_seconds = prepare_archive(workdir, n, args.seed, log)
     files = archive_files(root)
@@ -288,32 +338,35 @@ def bench_size(workdir: Path, n: int, args, log) -> dict:
     total_bytes, warm_seconds = warm_cache(files)
     log(f"  {total_bytes / MiB:,.0f} MiB in {warm_seconds:.1f} s")
 
-    base_runs = []
+    # rounds: baseline then every scheduler, so each ingest run has a baseline run
+    # measured next to it (the machine's load changes over minutes)
+    base_runs: list[dict] = []
+    ingest_runs: dict[str, list[dict]] = {sched: [] for sched in args.schedulers}
     for r in range(args.repeat):
         out = workdir / f"baseline-{n}.parquet"
-        log(f"baseline (single-process pydicom -> pandas -> Parquet), run {r + 1} ...")
+        log(f"baseline (single-process pydicom -> pandas -> Parquet), round {r + 1} ...")
         base_runs.append(run_baseline(root, out))
         out.unlink()
         log(f"  {base_runs[-1]['seconds']:.1f} s, {base_runs[-1]['failed']} files failed")
+        for sched in args.schedulers:
+            workers = args.cluster_workers if sched == "local-cluster" else 0
+            lake_dir = workdir / f"lake-{n}-{sched}"
+            if lake_dir.exists():
+                shutil.rmtree(lake_dir)
+            log(f"lake ingest ({sched}), round {r + 1} ...")
+            full = run_ingest_child(lake_dir, root, sched, workers, create=True)
+            log(f"  {full['seconds']:.1f} s, peak {full['peak_rss_sum'] / MiB:,.0f} MiB, "
+                f"phases {_fmt_phases(full['phases'])}, outcomes {full['summary']['outcomes']}")
+            rerun = run_ingest_child(lake_dir, root, sched, workers, create=False)
+            log(f"  no-op rerun {rerun['seconds']:.2f} s")
+            ingest_runs[sched].append({"full": full, "rerun": rerun,
+                                       "paired_ratio": base_runs[-1]["seconds"] / full["seconds"]})
+            shutil.rmtree(lake_dir)
     baseline = min(base_runs, key=lambda b: b["seconds"])
     baseline_fps = len(files) / baseline["seconds"]
 
     results = {}
-    for sched in args.schedulers:
-        workers = args.cluster_workers if sched == "local-cluster" else 0
-        runs = []
-        for r in range(args.repeat):
-            lake_dir = workdir / f"lake-{n}-{sched}"
-            if lake_dir.exists():
-                shutil.rmtree(lake_dir)
-            log(f"lake ingest ({sched}), run {r + 1} ...")
-            full = run_ingest_child(lake_dir, root, sched, workers, create=True)
-            log(f"  {full['seconds']:.1f} s, peak {full['peak_rss_sum'] / MiB:,.0f} MiB, "
-                f"outcomes {full['summary']['outcomes']}")
-            rerun = run_ingest_child(lake_dir, root, sched, workers, create=False)
-            log(f"  no-op rerun {rerun['seconds']:.2f} s")
-            runs.append({"full": full, "rerun": rerun})
-            shutil.rmtree(lake_dir)
+    for sched, runs in ingest_runs.items():
         best = min(runs, key=lambda x: x["full"]["seconds"])
         full, rerun = best["full"], best["rerun"]
         outcomes = full["summary"]["outcomes"]
@@ -328,12 +381,16 @@ def bench_size(workdir: Path, n: int, args, log) -> dict:
             "peak_mib_upper_bound": max(x["full"]["hwm_sum"] for x in runs) / MiB,
             "processes": full["processes_seen"],
             "child_wall_seconds": full["wall_seconds"],
+            "phases": full["phases"],
+            "cpu_seconds_driver": full["cpu_driver"],
+            "cpu_seconds_workers": full["cpu_workers"],
             "rerun_seconds": rerun["seconds"],
             "rerun_ratio": rerun["seconds"] / full["seconds"],
             "rerun_unchanged": rerun["summary"]["files_unchanged"],
             "outcomes": outcomes,
             "matches_truth": truth is None or outcomes == truth,
             "all_seconds": [x["full"]["seconds"] for x in runs],
+            "paired_ratios": [x["paired_ratio"] for x in runs],
         }
         if truth is not None and outcomes != truth:
             log(f"  WARNING: outcomes {outcomes} differ from the ground truth {truth}")
@@ -388,6 +445,9 @@ def render(report: dict) -> str:
     out = [f"ingest benchmark  {report['date']}  {report['cpus']} CPUs  "
            f"python {report['python']}  code {report['code']}  "
            f"repeat={report['repeat']} (best run shown)",
+           "load average (1, 5, 15 min) at start {} and end {}: other work on the machine "
+           "skews both timings".format(*(" ".join(f"{x:.1f}" for x in report[k])
+                                         for k in ("loadavg_start", "loadavg_end"))),
            "", render_table(report), ""]
     for size in report["sizes"]:
         b = size["baseline"]
@@ -398,7 +458,10 @@ def render(report: dict) -> str:
         for res in size["ingest"].values():
             out.append(f"  {res['scheduler']}: {res['seconds']:.1f} s, peak {res['peak_mib']:,.0f} "
                        f"MiB (upper bound {res['peak_mib_upper_bound']:,.0f} MiB, "
-                       f"{res['processes']} processes), outcomes {res['outcomes']}"
+                       f"{res['processes']} processes); {_fmt_phases(res['phases'])}; "
+                       f"CPU s driver {res['cpu_seconds_driver']:.0f} / workers "
+                       f"{res['cpu_seconds_workers']:.0f}; "
+                       f"outcomes {res['outcomes']}"
                        f"{'' if res['matches_truth'] else '  (DIFFER FROM GROUND TRUTH)'}")
     flat = report.get("flatness")
     if flat:
@@ -455,6 +518,7 @@ def main(argv: list[str]) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     log(f"workdir {workdir}")
     code = code_revision()
+    load_start = os.getloadavg()
     try:
         sizes = [bench_size(workdir, n, args, log) for n in args.sizes]
     finally:
@@ -470,6 +534,7 @@ def main(argv: list[str]) -> int:
             log(f"kept {workdir}")
     report = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
         "cpus": os.cpu_count(), "python": platform.python_version(),
         "code": code, "repeat": args.repeat, "sizes": sizes,
         "method": {

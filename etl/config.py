@@ -16,9 +16,9 @@ class IngestConfig:
     #: Batches in flight per worker; a wave is ``workers * batches_per_worker``.
     batches_per_worker: int = 4
     #: Buffered instance rows before they are committed to the lake.
-    flush_rows: int = 50_000
+    flush_rows: int = 20_000
     #: Buffered DICOM JSON bytes before a commit (bounds the driver's memory).
-    flush_bytes: int = 256 * 1024 * 1024
+    flush_bytes: int = 96 * 1024 * 1024
     #: Local worker processes (default: CPU count).
     workers: int | None = None
     #: ``processes`` (default), ``threads``, ``synchronous``, ``local-cluster`` or the

@@ -15,6 +15,7 @@ import pyarrow as pa
 from etl.config import IngestConfig
 from etl.discover import FoundFile
 from etl.headers import FileResult, read_file
+from lakehouse.deid import Policy
 from lakehouse.schemas import INSTANCES
 
 log = logging.getLogger(__name__)
@@ -30,19 +31,25 @@ FILE_FIELDS = [
     pa.field("status", pa.string()),
     pa.field("reason", pa.string()),
     pa.field("message", pa.string()),
+    pa.field("source_sha256", pa.string()),
 ]
-#: One row per file: the file fields, then every instances column (null unless ok).
-BATCH_SCHEMA = pa.schema(FILE_FIELDS + [f.remove_metadata() for f in INSTANCES.schema()])
+ID_MAP = pa.list_(pa.struct([("kind", pa.string()), ("original", pa.string()),
+                             ("pseudonym", pa.string())]))
+#: One row per file: the file fields, every instances column (null unless ok), and
+#: in research lakes the original <-> pseudonym pairs of the file (for the vault).
+BATCH_SCHEMA = pa.schema(FILE_FIELDS + [f.remove_metadata() for f in INSTANCES.schema()]
+                         + [pa.field("id_map", ID_MAP)])
 
 
-def extract_batch(files: Sequence[FoundFile], config: IngestConfig, run_id: str) -> pa.Table:
+def extract_batch(files: Sequence[FoundFile], config: IngestConfig, run_id: str,
+                  policy: Policy | None = None) -> pa.Table:
     rows = []
     for f in files:
-        rows.append(_row(_read_one(f, config), run_id))
+        rows.append(_row(_read_one(f, config, policy), run_id, policy))
     return pa.Table.from_pylist(rows, schema=BATCH_SCHEMA)
 
 
-def _read_one(f: FoundFile, config: IngestConfig) -> FileResult:
+def _read_one(f: FoundFile, config: IngestConfig, policy: Policy | None) -> FileResult:
     if f.error is not None:
         return FileResult(f.path, f.size, f.mtime_ns, status="quarantined", reason="io_error",
                           message=f.error)
@@ -50,11 +57,13 @@ def _read_one(f: FoundFile, config: IngestConfig) -> FileResult:
         os._exit(70)  # test hook: this file kills its worker process
     try:
         return read_file(f.path, f.size, f.mtime_ns, max_depth=config.max_depth,
-                         bulk_data_threshold=config.bulk_data_threshold)
+                         bulk_data_threshold=config.bulk_data_threshold, policy=policy)
     except (Exception, RecursionError, MemoryError) as exc:  # one file never ends a batch
-        log.warning("unexpected failure reading %s: %r", f.path, exc)
         reason = {RecursionError: "too_deep", MemoryError: "out_of_memory"}.get(
             type(exc), "parse_error")
+        # no path and no value in the log: both may identify a patient
+        log.warning("unexpected %s while reading a file; it is quarantined (%s)",
+                    type(exc).__name__, reason)
         return FileResult(f.path, f.size, f.mtime_ns, status="quarantined",
                           reason=reason, message=f"{type(exc).__name__}: {exc}"[:300])
 
@@ -64,15 +73,18 @@ def crashed_batch(files: Sequence[FoundFile], run_id: str) -> pa.Table:
     rows = [_row(FileResult(f.path, f.size, f.mtime_ns, status="quarantined",
                             reason="worker_crash",
                             message="reading this file crashed the worker process; the rest "
-                            "of its batch was read again without it"), run_id)
+                            "of its batch was read again without it"), run_id, None)
             for f in files]
     return pa.Table.from_pylist(rows, schema=BATCH_SCHEMA)
 
 
-def _row(r: FileResult, run_id: str) -> dict:
+def _row(r: FileResult, run_id: str, policy: Policy | None) -> dict:
     row = dict(r.record) if r.status == "ok" else {}
+    digest = r.sha256
+    if policy is not None and digest is not None:
+        digest = policy.p.file_digest(digest)
     row.update(
         path=r.path, mtime_ns=r.mtime_ns, status=r.status, reason=r.reason, message=r.message,
-        file_size=r.size, file_sha256=r.sha256, ingest_run_id=run_id,
+        file_size=r.size, file_sha256=digest, source_sha256=r.sha256, ingest_run_id=run_id,
     )
     return row

@@ -1,39 +1,40 @@
 """One file in, one typed record out: pure functions, no Dask, no lake.
 
 ``read_file(path)`` reads the bytes once (checksum), checks the structure
-(:mod:`etl.safety`), parses the header with pydicom (never the pixel data),
-validates the required UIDs and converts the attributes the schema names to
-typed values, plus the full header as DICOM JSON (PS3.18 F.2).
+(:mod:`etl.safety`), turns the header (never the pixel data) into DICOM JSON
+(PS3.18 F.2) — with the fast raw parser (:mod:`etl.rawjson`) when it applies,
+with pydicom otherwise — validates the required UIDs, applies the privacy
+policy of a research lake to that JSON, and converts the attributes the schema
+names to typed values (:mod:`etl.record`).
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import io
 import json
-import math
 import os
-import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow as pa
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
-from etl import quality, safety
+from etl import rawjson, safety
 from etl.errors import REQUIRED_UIDS, FileRejected
-from lakehouse.schemas import HEADER_COLUMNS
+from etl.record import age_years, parse_date, record_from_json, text
+from lakehouse.deid import Policy
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
-_DATE_RE = re.compile(r"^(\d{4})\.?(\d{2})\.?(\d{2})$")
-_TIME_RE = re.compile(r"^(\d{2}):?(?:(\d{2}):?(?:(\d{2})(?:\.(\d{1,6}))?)?)?$")
-_AGE_RE = re.compile(r"^(\d{1,3})([DWMY])$")
-_AGE_UNIT_YEARS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
+DIRECTORY_RECORD_SEQUENCE = "00041220"
+#: the required UIDs and their tags in DICOM JSON
+UID_TAGS = {"StudyInstanceUID": "0020000D", "SeriesInstanceUID": "0020000E",
+            "SOPInstanceUID": "00080018", "SOPClassUID": "00080016"}
+#: UIDs that identify an instance (remapped in research lakes)
+INSTANCE_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+_AGE, _BIRTH, _STUDY_DATE = "00101010", "00100030", "00080020"
 
 
 @dataclass(slots=True)
@@ -52,7 +53,8 @@ class FileResult:
 
 
 def read_file(path: str, size: int = -1, mtime_ns: int = 0, *, max_depth: int = 64,
-              bulk_data_threshold: int = 1024) -> FileResult:
+              bulk_data_threshold: int = 1024, policy: Policy | None = None,
+              fast: bool = True) -> FileResult:
     result = FileResult(path, size, mtime_ns)
     try:
         with open(path, "rb") as fh:
@@ -63,7 +65,8 @@ def read_file(path: str, size: int = -1, mtime_ns: int = 0, *, max_depth: int = 
     result.sha256 = hashlib.sha256(buf).hexdigest()
     try:
         result.record = parse(buf, os.path.basename(path), max_depth=max_depth,
-                              bulk_data_threshold=bulk_data_threshold)
+                              bulk_data_threshold=bulk_data_threshold, policy=policy,
+                              fast=fast)
     except FileRejected as exc:
         return _reject(result, exc)
     return result
@@ -76,37 +79,76 @@ def _reject(result: FileResult, exc: FileRejected) -> FileResult:
     return result
 
 
-def parse(buf: bytes, name: str = "", *, max_depth: int = 64,
-          bulk_data_threshold: int = 1024) -> dict[str, Any]:
-    """Typed header record of a complete DICOM file held in ``buf``."""
+def parse(buf: bytes, name: str = "", *, max_depth: int = 64, bulk_data_threshold: int = 1024,
+          policy: Policy | None = None, fast: bool = True) -> dict[str, Any]:
+    """Typed header record of a complete DICOM file held in ``buf``.
+
+    With a ``policy`` (research lakes) the record and its DICOM JSON are those of
+    the de-identified header, and ``record["id_map"]`` lists the original ↔
+    pseudonym pairs used (for the vault). ``fast=False`` forces the pydicom path
+    (the reference the fast path is tested against).
+    """
     if not buf:
         raise FileRejected("empty_file", "the file has zero bytes")
     layout = safety.check(buf, max_depth=max_depth)
-    ds = _dcmread(buf, layout)
-    meta = getattr(ds, "file_meta", None)
-    media_class = str(meta.get("MediaStorageSOPClassUID", "")) if meta is not None else ""
+    header = rawjson.to_json(buf, layout, bulk_data_threshold) if fast else None
+    media_class = layout.media_storage_sop_class or ""
+    ts = layout.transfer_syntax
+    if header is None:
+        ds = _dcmread(buf, layout)
+        meta = getattr(ds, "file_meta", None)
+        if meta is not None:
+            media_class = str(meta.get("MediaStorageSOPClassUID", "") or media_class)
+            if ts is None and "TransferSyntaxUID" in meta:
+                ts = str(meta.TransferSyntaxUID)
+        header = to_json_dict(ds, bulk_data_threshold)
+    else:
+        _strip_bulk(header)
     if name.upper() == "DICOMDIR" or media_class == DICOMDIR_SOP_CLASS \
-            or "DirectoryRecordSequence" in ds:
+            or DIRECTORY_RECORD_SEQUENCE in header:
         raise FileRejected("dicomdir", "DICOMDIR media directory")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        uids = _required_uids(ds, media_class)
-        record = extract(ds)
+    uids = _required_uids(header, media_class)
+    if policy is None:
+        record, invalid = record_from_json(header)
         record.update(uids)
-        ts = layout.transfer_syntax or (str(meta.TransferSyntaxUID)
-                                        if meta is not None and "TransferSyntaxUID" in meta
-                                        else None)
-        record["TransferSyntaxUID"] = ts
-        record["dicom_json"] = to_json(ds, bulk_data_threshold)
+    else:
+        record, invalid = _deidentified_record(header, uids, policy)
+    record["invalid_attributes"] = invalid or None
+    record["TransferSyntaxUID"] = ts
+    if "dicom_json" not in record:
+        record["dicom_json"] = _dumps(header)
     return record
 
 
+def _deidentified_record(header: dict, uids: dict[str, str],
+                         policy: Policy) -> tuple[dict[str, Any], list[str]]:
+    """The record of the de-identified header: every value comes from the filtered JSON."""
+    original_age = age_years(_first(header, _AGE), parse_date(_first(header, _BIRTH)),
+                             parse_date(_first(header, _STUDY_DATE)))
+    result = policy.apply(header)
+    record, invalid = record_from_json(result.json)
+    for keyword in INSTANCE_UIDS:
+        record[keyword] = _first(result.json, UID_TAGS[keyword])
+    record["SOPClassUID"] = uids["SOPClassUID"]  # a class, not an instance: never remapped
+    record["patient_age_years"] = None if original_age is None else min(original_age, 90.0)
+    record["dicom_json"] = _dumps(result.json)
+    record["id_map"] = [{"kind": k, "original": o, "pseudonym": p}
+                        for k, o, p in dict.fromkeys(result.mapping)]
+    return record, invalid
+
+
+def _first(header: dict, tag: str) -> str | None:
+    elem = header.get(tag)
+    values = elem.get("Value") if elem else None
+    return text(values[0]) if values else None
+
+
 def _dcmread(buf: bytes, layout: safety.Layout) -> Dataset:
-    header = buf if layout.deflated else buf[:layout.header_end]
+    data = buf if layout.deflated else buf[:layout.header_end]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return pydicom.dcmread(io.BytesIO(header), stop_before_pixels=True,
+            return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True,
                                    force=layout.kind == "raw")
     except RecursionError:
         raise FileRejected("too_deep", "sequences nested too deeply for the parser") from None
@@ -114,128 +156,44 @@ def _dcmread(buf: bytes, layout: safety.Layout) -> Dataset:
         raise FileRejected("parse_error", f"{type(exc).__name__}: {exc}"[:300]) from None
 
 
-def _required_uids(ds: Dataset, media_class: str) -> dict[str, str]:
+def _required_uids(header: dict, media_class: str) -> dict[str, str]:
     out = {}
     for keyword in REQUIRED_UIDS:
-        value = _str(ds.get(keyword))
+        value = _first(header, UID_TAGS[keyword])
         if keyword == "SOPClassUID":
-            value = value or media_class
+            value = value or media_class or None
         if not value:
             raise FileRejected(f"missing_uid:{keyword}", f"{keyword} is absent or empty")
-        if not UID(value).is_valid:
-            raise FileRejected(f"invalid_uid:{keyword}",
-                               f"{keyword} {value[:80]!r} is not a valid UID")
+        if not UID(value).is_valid:  # no value in the message: it may identify a patient
+            raise FileRejected(f"invalid_uid:{keyword}", f"{keyword} is not a valid UID "
+                                                         f"({len(value)} characters)")
         out[keyword] = value
     return out
 
 
-# --- value conversion ---------------------------------------------------------
-
-def extract(ds: Dataset) -> dict[str, Any]:
-    """Typed values of the schema's header columns (absent or invalid -> None; the invalid
-    ones named in ``invalid_attributes``)."""
-    rec: dict[str, Any] = {}
-    invalid = []
-    for col in HEADER_COLUMNS:
-        rec[col.name], ok = quality.typed_value(ds, col.keyword or col.name, col.type, convert)
-        if not ok:
-            invalid.append(col.name)
-    rec["invalid_attributes"] = invalid or None
-    rec["patient_age_years"] = age_years(rec.get("PatientAge"), rec.get("PatientBirthDate"),
-                                         rec.get("StudyDate"))
-    rec["study_year"] = rec["StudyDate"].year if rec.get("StudyDate") else None
-    return rec
-
-
-def convert(value: Any, typ: pa.DataType) -> Any:
-    if value is None or value == "" or (isinstance(value, bytes) and not value):
-        return None
-    if pa.types.is_list(typ):
-        values = list(value) if isinstance(value, MultiValue | list | tuple) else [value]
-        inner = typ.value_type
-        out = [convert(v, inner) for v in values]
-        out = [v for v in out if v is not None]
-        return out or None
-    if isinstance(value, MultiValue | list | tuple):
-        if not value:
-            return None
-        if pa.types.is_string(typ):
-            return "\\".join(_str(v) or "" for v in value) or None
-        value = value[0]
-    if pa.types.is_string(typ):
-        return _str(value)
-    if pa.types.is_floating(typ):
-        f = float(value)
-        return f if math.isfinite(f) else None
-    if pa.types.is_integer(typ):
-        return int(float(value))
-    if pa.types.is_date(typ):
-        return parse_date(_str(value))
-    if pa.types.is_time(typ):
-        return parse_time(_str(value))
-    raise TypeError(f"no conversion to {typ}")
-
-
-def _str(value: Any) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, bytes):
-        value = value.decode("latin-1")
-    s = str(value).strip().strip("\x00").strip()
-    return s or None
-
-
-def parse_date(s: str | None) -> dt.date | None:
-    if not s:
-        return None
-    m = _DATE_RE.match(s)
-    if not m:
-        return None
-    try:
-        return dt.date(int(m[1]), int(m[2]), int(m[3]))
-    except ValueError:
-        return None
-
-
-def parse_time(s: str | None) -> dt.time | None:
-    if not s:
-        return None
-    m = _TIME_RE.match(s)
-    if not m:
-        return None
-    hh, mm, ss = int(m[1]), int(m[2] or 0), int(m[3] or 0)
-    us = int((m[4] or "0").ljust(6, "0"))
-    if ss == 60:  # leap second, allowed by DICOM
-        ss = 59
-    try:
-        return dt.time(hh, mm, ss, us)
-    except ValueError:
-        return None
-
-
-def age_years(age: str | None, birth: dt.date | None, study: dt.date | None) -> float | None:
-    if age:
-        m = _AGE_RE.match(age)
-        if m:
-            return round(int(m[1]) * _AGE_UNIT_YEARS[m[2]], 4)
-    if birth and study and study >= birth:
-        years = study.year - birth.year - ((study.month, study.day) < (birth.month, birth.day))
-        return float(years)
-    return None
-
-
 # --- DICOM JSON ---------------------------------------------------------------
 
-def to_json(ds: Dataset, bulk_data_threshold: int) -> str:
-    """The header as DICOM JSON (PS3.18 F.2) with bulk data left out."""
+def to_json_dict(ds: Dataset, bulk_data_threshold: int) -> dict:
+    """The header as DICOM JSON (PS3.18 F.2) with bulk data left out (pydicom path)."""
 
     def drop_bulk(_elem) -> str:
         return ""
 
-    data = ds.to_json_dict(bulk_data_threshold=bulk_data_threshold,
-                           bulk_data_element_handler=drop_bulk, suppress_invalid_tags=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            data = ds.to_json_dict(bulk_data_threshold=bulk_data_threshold,
+                                   bulk_data_element_handler=drop_bulk)
+        except Exception:  # then drop just the attributes pydicom cannot write
+            data = ds.to_json_dict(bulk_data_threshold=bulk_data_threshold,
+                                   bulk_data_element_handler=drop_bulk,
+                                   suppress_invalid_tags=True)
     _strip_bulk(data)
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return data
+
+
+def _dumps(header: dict) -> str:
+    return json.dumps(header, ensure_ascii=False, separators=(",", ":"))
 
 
 def _strip_bulk(obj: dict) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
@@ -25,7 +26,9 @@ import pyarrow.dataset as ds
 from etl import replay, summarize
 from etl.config import IngestConfig
 from etl.discover import FoundFile, WalkStats, walk
+from etl.errors import REASONS
 from etl.runners import make_runner
+from lakehouse.deid import Policy
 from lakehouse.provenance import code_version, config_hash, new_run_id
 from lakehouse.schemas import SCHEMA_VERSION
 from lakehouse.tables import Lake, LakeWriter
@@ -73,15 +76,20 @@ Progress = Callable[[str, int, int], None]
 
 
 def ingest(lake: Lake, source: Path | str, config: IngestConfig | None = None,
-           progress: Progress | None = None) -> RunSummary:
-    """Ingest every DICOM file below ``source`` into ``lake``; return what happened."""
+           progress: Progress | None = None, key_file: Path | str | None = None) -> RunSummary:
+    """Ingest every DICOM file below ``source`` into ``lake``; return what happened.
+
+    A research lake needs its key (``key_file``, default: the lake's default key
+    path); a missing or different key stops the run before anything is read.
+    """
     config = config or IngestConfig()
+    policy = lake.policy(key_file)
     run_id = new_run_id()
     started = datetime.now(UTC)
     t0 = time.perf_counter()
     summary = RunSummary(run_id)
     with lake.writer(run_id) as writer:
-        job = _Job(lake, writer, config, summary, progress or (lambda *_: None))
+        job = _Job(lake, writer, config, summary, progress or (lambda *_: None), policy)
         try:
             job.run(Path(source))
         except BaseException as exc:
@@ -97,7 +105,8 @@ def ingest(lake: Lake, source: Path | str, config: IngestConfig | None = None,
 
 class _Job:
     def __init__(self, lake: Lake, writer: LakeWriter, config: IngestConfig,
-                 summary: RunSummary, progress: Progress):
+                 summary: RunSummary, progress: Progress, policy: Policy | None):
+        self.policy = policy
         self.lake = lake
         self.w = writer
         self.config = config
@@ -109,6 +118,7 @@ class _Job:
         self._ingested: list[pa.Table] = []
         self._files: list[pa.Table] = []
         self._conflicts: list[dict] = []
+        self._id_maps: list[pa.ChunkedArray] = []
         # uid -> (sha, run id, wave table, row) of instances buffered in this run
         self._pending: dict[str, tuple[str, str, pa.Table, int]] = {}
         self._buffer_rows = 0
@@ -169,7 +179,7 @@ class _Job:
             yield batch
 
     def _extract(self, files: list[FoundFile]) -> None:
-        runner = make_runner(self.config, self.summary.run_id)
+        runner = make_runner(self.config, self.summary.run_id, self.policy)
         self.summary.scheduler = runner.description
         self.summary.workers = runner.workers
         wave_size = max(1, runner.workers * self.config.batches_per_worker)
@@ -242,12 +252,14 @@ class _Job:
                 take.append(i)
         for o in outcome:
             self.summary.outcomes[o] += 1
-        files = wave.select(["path", "file_size", "mtime_ns", "file_sha256", "reason", "message",
-                             "SOPInstanceUID", "ingest_run_id", "status"])
+        files = wave.select(["path", "file_size", "mtime_ns", "file_sha256", "source_sha256",
+                             "reason", "message", "SOPInstanceUID", "ingest_run_id", "status"])
         files = files.append_column("outcome", pa.array(outcome, pa.string()))
         self._files.append(files)
         if take:
             rows = wave.take(pa.array(take, pa.int64()))
+            if self.policy is not None:
+                self._id_maps.append(rows.column("id_map"))
             self._ingested.append(rows)
             self._buffer_rows += rows.num_rows
             self._buffer_bytes += rows.column("dicom_json").nbytes
@@ -282,15 +294,42 @@ class _Job:
         quarantined = files.filter(pc.equal(files.column("outcome"), "quarantined"))
         if quarantined.num_rows:
             now = pa.array([datetime.now(UTC)] * quarantined.num_rows, pa.timestamp("us", "UTC"))
-            self.w.append("quarantine", quarantined.append_column("quarantined_at", now))
+            quarantined = quarantined.append_column("quarantined_at", now)
+            if self.policy is not None:  # details may quote identifiers: they stay in the vault
+                generic = [REASONS.get(r, r) for r in quarantined.column("reason").to_pylist()]
+                quarantined = quarantined.set_column(
+                    quarantined.schema.get_field_index("message"), "message",
+                    pa.array(generic, pa.string()))
+            self.w.append("quarantine", quarantined)
+        if self._id_maps:
+            self._append_identifiers()
         if self._conflicts:
             self.w.append("conflicts", pa.Table.from_pylist(self._conflicts))
         replay.resolve_fixed(self.w, files, self.summary.run_id)
         self.w.append("files", files)
         self.w.publish(note=f"ingest {self.summary.run_id}: {files.num_rows} files")
-        self._files, self._ingested, self._conflicts = [], [], []
+        self._files, self._ingested, self._conflicts, self._id_maps = [], [], [], []
         self._pending.clear()
         self._buffer_rows = self._buffer_bytes = 0
+
+    def _append_identifiers(self) -> None:
+        """New original <-> pseudonym pairs of this flush into the vault."""
+        pairs = pa.Table.from_struct_array(
+            pc.list_flatten(pa.chunked_array(
+                [c for arr in self._id_maps for c in arr.chunks], self._id_maps[0].type)))
+        con = duckdb.connect()
+        try:
+            con.register("new_pairs", pairs)
+            con.register("known", self.w.dataset("identifiers"))
+            fresh = con.sql(
+                "SELECT DISTINCT n.kind, n.pseudonym, n.original FROM new_pairs n "
+                "ANTI JOIN known k ON n.kind = k.kind AND n.pseudonym = k.pseudonym "
+                "ORDER BY 1, 2").to_arrow_table()
+        finally:
+            con.close()
+        if fresh.num_rows:
+            run = pa.array([self.summary.run_id] * fresh.num_rows, pa.string())
+            self.w.append("identifiers", fresh.append_column("ingest_run_id", run))
 
     def _summarize_if_stale(self) -> None:
         """Rebuild series/studies/patients unless they were built from this instances version

@@ -10,12 +10,8 @@ raw value stays in the row's DICOM JSON.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from typing import Any
 
-import pyarrow as pa
-from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 #: Maximum characters per value (PS3.5 6.2); PN: per component group.
@@ -26,37 +22,6 @@ MAX_CHARS = {"AE": 16, "AS": 4, "CS": 16, "DA": 8, "DT": 26, "LO": 64, "LT": 102
 _TEXT_VRS = frozenset({"LT", "ST", "UT"})
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _TEXT_CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")
-
-
-def typed_value(ds: Dataset, keyword: str, typ: pa.DataType,
-                convert: Callable[[Any, pa.DataType], Any]) -> tuple[Any, bool]:
-    """``(typed value or None, valid)`` of ``keyword`` in ``ds``.
-
-    ``valid`` is False when the attribute is present with a non-blank value that
-    did not survive conversion or checking; absent or empty attributes are valid.
-    """
-    if keyword not in ds:
-        return None, True
-    try:
-        elem = ds.data_element(keyword)
-        value = None if elem is None else elem.value
-    except Exception:  # undecodable raw value
-        return None, False
-    if elem is None or _blank(value):
-        return None, True
-    try:
-        typed = convert(value, typ)
-    except (ValueError, TypeError, OverflowError, AttributeError):
-        return None, False
-    items = list(value) if isinstance(value, MultiValue | list | tuple) else [value]
-    wanted = sum(1 for v in items if not _blank(v))
-    if typed is None:
-        return None, False
-    if pa.types.is_list(typ) and len(typed) < wanted:
-        return None, False
-    if any(not valid_string(elem.VR, v) for v in items if not _blank(v)):
-        return None, False
-    return typed, True
 
 
 def valid_string(vr: str, value: Any) -> bool:
@@ -73,15 +38,3 @@ def valid_string(vr: str, value: Any) -> bool:
         if any(len(p) > limit for p in parts):
             return False
     return not (vr == "UI" and not UID(s).is_valid)
-
-
-def _blank(value: Any) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, bytes):
-        return not value.strip(b"\x00 ")
-    if isinstance(value, str):
-        return not value.strip("\x00 ")
-    if isinstance(value, MultiValue | list | tuple):
-        return all(_blank(v) for v in value)
-    return str(value).strip() == ""

@@ -21,6 +21,7 @@ from etl.config import IngestConfig
 from etl.discover import FoundFile
 from etl.errors import SchedulerError
 from etl.extract import crashed_batch, extract_batch
+from lakehouse.deid import Policy
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +40,10 @@ class Runner(Protocol):
 class LocalRunner:
     """Dask's local scheduler (``processes`` by default: pydicom holds the GIL)."""
 
-    def __init__(self, config: IngestConfig, run_id: str):
+    def __init__(self, config: IngestConfig, run_id: str, policy: Policy | None = None):
         self.config = config
         self.run_id = run_id
+        self.policy = policy
         self.scheduler = config.scheduler
         self.workers = 1 if self.scheduler == "synchronous" else config.resolved_workers()
         self.description = self.scheduler
@@ -55,11 +57,13 @@ class LocalRunner:
         return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
 
     def _compute(self, batches: list[list[FoundFile]]) -> list[pa.Table]:
-        tasks = [dask.delayed(extract_batch, pure=False)(b, self.config, self.run_id)
+        tasks = [dask.delayed(extract_batch, pure=False)(b, self.config, self.run_id,
+                                                          self.policy)
                  for b in batches]
         kwargs: dict = {"scheduler": self.scheduler}
         if self._pool is not None:
-            kwargs["pool"] = self._pool
+            # one task at a time per worker: Dask's default chunks of 6 leave a worker idle
+            kwargs.update(pool=self._pool, chunksize=1)
         elif self.scheduler == "threads":
             kwargs["num_workers"] = self.workers
         return list(dask.compute(*tasks, **kwargs))
@@ -113,7 +117,8 @@ def survive_crashes(compute: Callable[[list[list[FoundFile]]], list[pa.Table]],
                 raise
             reset()
         if len(batch) == 1:
-            log.warning("reading %s crashed its worker: quarantined", batch[0].path)
+            # no path in the log: it may identify a patient (the vault has it)
+            log.warning("reading a file crashed its worker: quarantined as worker_crash")
             return crashed_batch(batch, run_id)
         mid = len(batch) // 2
         return pa.concat_tables([one(batch[:mid]), one(batch[mid:])])
@@ -124,11 +129,12 @@ def survive_crashes(compute: Callable[[list[list[FoundFile]]], list[pa.Table]],
 class DistributedRunner:
     """A ``distributed`` cluster: a running scheduler, or a LocalCluster we start."""
 
-    def __init__(self, config: IngestConfig, run_id: str):
+    def __init__(self, config: IngestConfig, run_id: str, policy: Policy | None = None):
         from distributed import Client, LocalCluster
 
         self.config = config
         self.run_id = run_id
+        self.policy = policy
         self._cluster = None
         if config.scheduler == "local-cluster":
             n = config.resolved_workers()
@@ -151,7 +157,7 @@ class DistributedRunner:
 
     def _compute(self, batches: list[list[FoundFile]]) -> list[pa.Table]:
         futures = self.client.map(extract_batch, batches, config=self.config,
-                                  run_id=self.run_id, pure=False)
+                                  run_id=self.run_id, policy=self.policy, pure=False)
         try:
             return list(self.client.gather(futures))
         except BaseException:
@@ -173,7 +179,9 @@ class DistributedRunner:
             self._cluster.close()
 
 
-def make_runner(config: IngestConfig, run_id: str) -> Runner:
+def make_runner(config: IngestConfig, run_id: str, policy: Policy | None = None) -> Runner:
+    """The runner for ``config.scheduler``. The policy (with the lake key) travels to the
+    workers with each task: use TLS between distributed scheduler and workers."""
     if config.scheduler in LOCAL_SCHEDULERS:
-        return LocalRunner(config, run_id)
-    return DistributedRunner(config, run_id)
+        return LocalRunner(config, run_id, policy)
+    return DistributedRunner(config, run_id, policy)

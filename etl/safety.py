@@ -58,6 +58,8 @@ class Layout:
     #: True when the data set is deflated (the walk ran on the inflated bytes).
     deflated: bool = False
     elements: int = 0
+    #: MediaStorageSOPClassUID of the file meta, when present.
+    media_storage_sop_class: str | None = None
 
 
 def sniff(buf: bytes) -> str:
@@ -88,12 +90,13 @@ def check(buf: bytes, max_depth: int = 64) -> Layout:
         raise FileRejected("not_dicom", "no DICM magic and no DICOM data set at the start")
     size = len(buf)
     ts: str | None = None
+    media: str | None = None
     if kind == "part10":
-        pos, ts = _walk_meta(buf, PREAMBLE + 4)
+        pos, ts, media = _walk_meta(buf, PREAMBLE + 4)
     else:
         pos = 0
         if struct.unpack_from("<H", buf, 0)[0] == 0x0002:
-            pos, ts = _walk_meta(buf, 0)
+            pos, ts, media = _walk_meta(buf, 0)
     dataset_offset = pos
     if ts is not None and not UID(ts).is_transfer_syntax:
         raise FileRejected("unsupported_transfer_syntax",
@@ -108,7 +111,8 @@ def check(buf: bytes, max_depth: int = 64) -> Layout:
             raise FileRejected("truncated", "deflated data set inflates beyond 1 GiB")
         walker = _Walker(body, 0, explicit=True, little=True, max_depth=max_depth)
         walker.walk_dataset(0, len(body), depth=0, top=True)
-        return Layout(kind, ts, dataset_offset, size, deflated=True, elements=walker.count)
+        return Layout(kind, ts, dataset_offset, size, deflated=True, elements=walker.count,
+                      media_storage_sop_class=media)
     if ts is None:  # no transfer syntax given: guess the encoding from the first element
         explicit = len(buf) >= pos + 6 and buf[pos + 4:pos + 6] in VALID_VRS
         little = not (struct.unpack_from("<H", buf, pos)[0] not in (0x0002, 0x0008)
@@ -119,13 +123,15 @@ def check(buf: bytes, max_depth: int = 64) -> Layout:
     walker = _Walker(buf, pos, explicit=explicit, little=little, max_depth=max_depth)
     walker.walk_dataset(pos, size, depth=0, top=True)
     header_end = walker.pixel_offset if walker.pixel_offset is not None else size
-    return Layout(kind, ts, dataset_offset, header_end, elements=walker.count)
+    return Layout(kind, ts, dataset_offset, header_end, elements=walker.count,
+                  media_storage_sop_class=media)
 
 
-def _walk_meta(buf: bytes, pos: int) -> tuple[int, str | None]:
-    """Walk the group 0002 file meta (always explicit VR little endian)."""
+def _walk_meta(buf: bytes, pos: int) -> tuple[int, str | None, str | None]:
+    """Walk the group 0002 file meta (always explicit VR little endian); return the data
+    set offset, the transfer syntax and the media storage SOP class."""
     size = len(buf)
-    ts = None
+    ts = media = None
     while pos + 8 <= size:
         group, elem = struct.unpack_from("<HH", buf, pos)
         if group != 0x0002:
@@ -148,13 +154,15 @@ def _walk_meta(buf: bytes, pos: int) -> tuple[int, str | None]:
                                f"{length} bytes, {size - start} remain")
         if elem == 0x0010:
             ts = buf[start:start + length].decode("ascii", "replace").strip("\x00 ")
+        elif elem == 0x0002:
+            media = buf[start:start + length].decode("ascii", "replace").strip("\x00 ")
         pos = start + length
     else:
         if pos < size:
             raise FileRejected("truncated", "file ends inside the file meta")
     if pos >= size:
         raise FileRejected("truncated", "file ends after the file meta: no data set")
-    return pos, ts
+    return pos, ts, media
 
 
 def _bound(length: int, tag: int) -> None:

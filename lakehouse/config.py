@@ -14,7 +14,14 @@ class LakeConfig:
 
     #: ``research`` (pseudonymized tables only) or ``identified`` (originals kept,
     #: for hospital-internal quality work).
-    profile: str = "identified"
+    profile: str = "research"
+    #: Random id of the lake (names its default key file).
+    lake_id: str = ""
+    #: Fingerprint of the pseudonymization key (research lakes); never the key.
+    key_fingerprint: str | None = None
+    #: Private attributes kept in research lakes: ``{"group": "0x0019",
+    #: "creator": "GEMS_ACQU_01", "element": "0x23"}`` (element: the low byte).
+    private_allowlist: list[dict] = field(default_factory=list)
     #: On-disk format of the lake folder; bumped when the layout changes.
     format_version: int = FORMAT_VERSION
     #: Schema version of the tables (see ``lakehouse.schemas.SCHEMA_VERSION``).

@@ -153,14 +153,16 @@ INSTANCES = TableSpec(
     columns=(
         *HEADER_COLUMNS,
         Column("patient_age_years", F64, "Age at the study in years, from PatientAge "
-               "(or birth date and study date when PatientAge is absent)."),
+               "(or birth date and study date when PatientAge is absent); at most 90 in "
+               "research lakes."),
         Column("study_year", I32, "Year of StudyDate (partition key; null when undated)."),
         Column("invalid_attributes", LIST_STR, "Data-quality flag: the attributes present in "
                "the header whose value did not parse or check (non-numeric DS/IS, impossible "
                "date, control characters, too long for its VR, malformed UID); their typed "
                "columns are null, the raw values stay in dicom_json. Null when all are valid."),
         Column("file_size", I64, "Size of the DICOM file in bytes."),
-        Column("file_sha256", STR, "SHA-256 of the whole file, hex."),
+        Column("file_sha256", STR, "SHA-256 of the whole file, hex (in research lakes keyed "
+               "with the lake key, so that the original file cannot be looked up)."),
         Column("ingest_run_id", STR, "The ingest run that added this row."),
         Column("dicom_json", STR, "The full header as DICOM JSON (PS3.18 F.2); pixel data and "
                "other bulk data left out."),
@@ -289,7 +291,8 @@ QUARANTINE = TableSpec(
     grain="one row per rejected input file and run",
     description="Files that could not be ingested, with a reason code (paths are in the vault).",
     columns=(
-        Column("file_sha256", STR, "SHA-256 of the rejected file (null when unreadable)."),
+        Column("file_sha256", STR, "SHA-256 of the rejected file, keyed in research lakes "
+               "(null when unreadable)."),
         Column("file_size", I64, "Size of the file in bytes."),
         Column("reason", STR, "Reason code (see etl.errors.REASONS)."),
         Column("message", STR, "What was wrong, without the path."),
@@ -364,7 +367,9 @@ FILES = TableSpec(
         Column("path", STR, "Absolute source path (identifying: vault only)."),
         Column("file_size", I64, "Size in bytes when read."),
         Column("mtime_ns", I64, "Modification time in ns when read."),
-        Column("file_sha256", STR, "SHA-256 of the file (null when unreadable)."),
+        Column("file_sha256", STR, "The file's checksum as the research tables hold it "
+               "(keyed in research lakes)."),
+        Column("source_sha256", STR, "Plain SHA-256 of the source file (null when unreadable)."),
         Column("outcome", STR, "ingested, duplicate, conflict, skipped or quarantined."),
         Column("reason", STR, "Reason code for skipped / quarantined files."),
         Column("message", STR, "Detail of the reason."),
@@ -373,9 +378,22 @@ FILES = TableSpec(
     ),
 )
 
+IDENTIFIERS = TableSpec(
+    name="identifiers",
+    zone=VAULT,
+    grain="one row per (kind, original value) pseudonymized in a research lake",
+    description="Vault: the pseudonym <-> original map behind `lake reidentify`.",
+    columns=(
+        Column("kind", STR, "PatientID, AccessionNumber, StudyID or UID."),
+        Column("pseudonym", STR, "The value in the research tables."),
+        Column("original", STR, "The original value (identifying: vault only)."),
+        Column("ingest_run_id", STR, "The run that first met it."),
+    ),
+)
+
 TABLES: dict[str, TableSpec] = {
     t.name: t for t in (INSTANCES, SERIES, STUDIES, PATIENTS, QUARANTINE, CONFLICTS,
-                        INGEST_RUNS, FILES)
+                        INGEST_RUNS, FILES, IDENTIFIERS)
 }
 
 
@@ -405,3 +423,85 @@ def conform(spec: TableSpec, data: pa.Table, profile: str) -> pa.Table:
         else:
             arrays.append(pa.nulls(data.num_rows, f.type))
     return pa.Table.from_arrays(arrays, schema=schema)
+
+
+# --- the research allow-list of the DICOM JSON header ------------------------
+#: Attributes kept in a research lake's ``dicom_json`` besides the typed
+#: columns above: technical, non-identifying attributes that analyses need
+#: (geometry, acquisition, pixel description, dose reports, segmentations,
+#: structure sets). Everything else is dropped; see ``lakehouse.deid`` for
+#: what is done to the values (UIDs remapped, dates shifted, IDs pseudonymized,
+#: free-text labels cleaned of identifiers, person names never kept).
+HEADER_ALLOWLIST: dict[str, tuple[str, ...]] = {
+    "image pixel description": (
+        "SamplesPerPixel", "BitsStored", "HighBit", "PixelRepresentation",
+        "PlanarConfiguration", "PixelAspectRatio", "WindowCenter", "WindowWidth",
+        "RescaleType", "LossyImageCompression", "LossyImageCompressionRatio",
+        "LossyImageCompressionMethod", "FrameIncrementPointer", "PresentationLUTShape",
+        "RecognizableVisualFeatures", "PixelPaddingValue",
+    ),
+    "geometry": (
+        "PatientPosition", "PatientOrientation", "ImagerPixelSpacing", "GantryDetectorTilt",
+        "TableHeight", "DataCollectionDiameter", "ReconstructionDiameter",
+        "DistanceSourceToDetector", "DistanceSourceToPatient",
+    ),
+    "acquisition": (
+        "AcquisitionNumber", "AcquisitionTime", "ContentTime", "AcquisitionDateTime",
+        "InstanceCreationDate", "ScanOptions", "RotationDirection", "ExposureTime",
+        "FilterType", "GeneratorPower", "FocalSpots", "RevolutionTime",
+        "SingleCollimationWidth", "TotalCollimationWidth", "TableSpeed",
+        "TableFeedPerRotation", "SpiralPitchFactor", "ExposureModulationType",
+        "EstimatedDoseSaving", "CTDIPhantomTypeCodeSequence", "ScanningSequence",
+        "SequenceVariant", "MRAcquisitionType", "RepetitionTime", "EchoTime", "InversionTime",
+        "FlipAngle", "MagneticFieldStrength", "NumberOfAverages", "EchoTrainLength",
+        "ImagedNucleus", "ImagingFrequency", "PixelBandwidth", "DetectorType",
+        "ExposureIndex", "TargetExposureIndex", "DeviationIndex", "CompressionForce",
+        "BodyPartThickness", "AnodeTargetMaterial", "FilterMaterial", "ViewCodeSequence",
+        "PresentationIntentType", "Units", "DecayCorrection", "CorrectedImage", "SeriesType",
+        "RadiopharmaceuticalInformationSequence", "Radiopharmaceutical",
+        "RadionuclideTotalDose", "RadionuclideHalfLife", "RadiopharmaceuticalStartTime",
+        "RadiopharmaceuticalStartDateTime", "SoftwareVersions", "DeviceSerialNumber",
+    ),
+    "patient characteristics (PS3.15 Retain Patient Characteristics Option)": (
+        "PatientSize", "PatientWeight",
+    ),
+    "references between objects (UIDs remapped)": (
+        "ReferencedImageSequence", "ReferencedSeriesSequence", "ReferencedInstanceSequence",
+        "ReferencedSOPSequence", "ReferencedSOPClassUID", "ReferencedSOPInstanceUID",
+        "ReferencedFrameNumber", "SourceImageSequence", "DerivationImageSequence",
+        "ReferencedFrameOfReferenceSequence", "ReferencedFrameOfReferenceUID",
+        "RTReferencedStudySequence", "RTReferencedSeriesSequence", "ContourImageSequence",
+    ),
+    "structured reports: coded and numeric content (dose reports, TID 10011)": (
+        "ContentSequence", "ConceptNameCodeSequence", "ConceptCodeSequence", "CodeValue",
+        "CodingSchemeDesignator", "CodingSchemeVersion", "CodeMeaning", "ValueType",
+        "RelationshipType", "MeasuredValueSequence", "NumericValue", "FloatingPointValue",
+        "MeasurementUnitsCodeSequence", "ContentTemplateSequence", "TemplateIdentifier",
+        "MappingResource", "ContinuityOfContent", "CompletionFlag", "VerificationFlag",
+        "DateTime", "Date", "Time", "UID",
+    ),
+    "segmentations and structure sets (labels cleaned of identifiers)": (
+        "SegmentSequence", "SegmentNumber", "SegmentLabel", "SegmentAlgorithmType",
+        "SegmentAlgorithmName", "SegmentedPropertyCategoryCodeSequence",
+        "SegmentedPropertyTypeCodeSequence", "AnatomicRegionSequence", "SegmentationType",
+        "MaximumFractionalValue", "SharedFunctionalGroupsSequence",
+        "PerFrameFunctionalGroupsSequence", "PlaneOrientationSequence",
+        "PlanePositionSequence", "PixelMeasuresSequence", "SegmentIdentificationSequence",
+        "ReferencedSegmentNumber", "FrameContentSequence", "DimensionIndexValues",
+        "DimensionIndexSequence", "DimensionIndexPointer", "FunctionalGroupPointer",
+        "DimensionOrganizationSequence", "DimensionOrganizationUID", "ContentLabel",
+        "StructureSetLabel", "StructureSetDate", "StructureSetTime",
+        "StructureSetROISequence", "ROINumber", "ROIName", "ROIGenerationAlgorithm",
+        "ROIContourSequence", "ContourSequence", "ContourGeometricType",
+        "NumberOfContourPoints", "ContourData", "ReferencedROINumber", "ROIDisplayColor",
+        "RTROIObservationsSequence", "RTROIInterpretedType", "ObservationNumber",
+    ),
+}
+
+
+def header_allowlist() -> set[str]:
+    """Every keyword a research lake keeps in ``dicom_json``: typed columns + the list."""
+    keep = {c.keyword for c in HEADER_COLUMNS if c.keyword and not c.identified_only}
+    for keywords in HEADER_ALLOWLIST.values():
+        keep.update(keywords)
+    return keep

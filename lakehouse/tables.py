@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from deltalake import DeltaTable
 from deltalake.transaction import AddAction, CommitProperties, RemoveAction
 
-from lakehouse import layout
+from lakehouse import deid, layout, privacy
 from lakehouse.config import PROFILES, LakeConfig
 from lakehouse.errors import (
     LakeBusyError,
@@ -100,8 +100,13 @@ class Lake:
 
     # -- creation and opening -------------------------------------------------
     @classmethod
-    def create(cls, root: Path | str, profile: str = "identified",
-               labels: dict[str, str] | None = None) -> Lake:
+    def create(cls, root: Path | str, profile: str = "research",
+               key_file: Path | str | None = None,
+               labels: dict[str, str] | None = None,
+               private_allowlist: list[dict] | None = None) -> Lake:
+        """A new lake. A research lake needs a key: ``key_file`` is used when it
+        exists, created (random, owner-only) when it does not; by default it is
+        ``privacy.default_key_path(lake_id)``, outside the lake folder."""
         root = Path(root)
         if profile not in PROFILES:
             raise ValueError(f"profile must be one of {PROFILES}, not {profile!r}")
@@ -109,12 +114,26 @@ class Lake:
             raise LakeExistsError(root)
         if root.exists() and any(root.iterdir()):
             raise LakeExistsError(root)
+        lake_id = uuid.uuid4().hex
+        fp = None
+        if profile == "research":
+            kpath = Path(key_file) if key_file else privacy.default_key_path(lake_id)
+            if kpath.resolve().is_relative_to(root.resolve()):
+                raise privacy.KeyError_(kpath, f"the key file {kpath} must live outside the "
+                                               "lake folder")
+            key = privacy.read_key_file(kpath) if kpath.exists() else \
+                privacy.create_key_file(kpath)
+            fp = privacy.fingerprint(key)
+            for item in private_allowlist or []:
+                deid.private_tag(item)  # validate before anything is written
         root.mkdir(parents=True, exist_ok=True)
         layout.snapshots_dir(root).mkdir(parents=True, exist_ok=True)
         for zone in ("research", VAULT):
             layout.zone_path(root, zone).mkdir(exist_ok=True)
         os.chmod(layout.zone_path(root, VAULT), 0o700)
-        config = LakeConfig(profile=profile, created_at=_now(), labels=labels or {})
+        config = LakeConfig(profile=profile, lake_id=lake_id, key_fingerprint=fp,
+                            created_at=_now(), labels=labels or {},
+                            private_allowlist=list(private_allowlist or []))
         versions = {}
         for spec in TABLES.values():
             dt = DeltaTable.create(
@@ -148,6 +167,30 @@ class Lake:
     @property
     def profile(self) -> str:
         return self.config.profile
+
+    @property
+    def research(self) -> bool:
+        return self.config.profile == "research"
+
+    def default_key_path(self) -> Path:
+        return privacy.default_key_path(self.config.lake_id)
+
+    def policy(self, key_file: Path | str | None = None) -> deid.Policy | None:
+        """The de-identification policy of a research lake (None for identified lakes).
+
+        Reads the key from ``key_file`` (default: the lake's default key path) and
+        refuses a key whose fingerprint is not the lake's.
+        """
+        if not self.research:
+            return None
+        path = Path(key_file) if key_file else self.default_key_path()
+        key = privacy.read_key_file(path)
+        if privacy.fingerprint(key) != self.config.key_fingerprint:
+            raise privacy.KeyError_(path, f"key file {path} is not the key of the lake at "
+                                          f"{self.root} (fingerprints differ); use the key "
+                                          "created by `lake init` for this lake")
+        tags = [deid.private_tag(item) for item in self.config.private_allowlist]
+        return deid.Policy(privacy.Pseudonymizer(key), tags)
 
     # -- snapshots ------------------------------------------------------------
     def snapshot_numbers(self) -> list[int]:

@@ -118,7 +118,9 @@ def verify(lake: Lake, snapshot: Snapshot | None = None, sources: bool = False) 
 
 def _verify_sources(lake: Lake, snap: Snapshot, report: Report) -> None:
     """Each source path's most recent recorded checksum against the file today."""
-    files = lake.read("files", snap, columns=["path", "file_sha256", "ingest_run_id"])
+    # the plain checksum of the source (research tables hold a keyed one)
+    files = lake.read("files", snap, columns=["path", "source_sha256", "ingest_run_id"])
+    files = files.rename_columns(["path", "file_sha256", "ingest_run_id"])
     files = files.filter(pc.is_valid(files.column("file_sha256")))
     latest: dict[str, tuple[str, str]] = {}
     for path, sha, run in zip(files.column("path").to_pylist(),

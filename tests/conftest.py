@@ -6,6 +6,7 @@ as built.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -15,6 +16,19 @@ from catalog import open_lake
 from etl import IngestConfig, ingest
 from lakehouse import Lake
 from synth import generate_archive
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _keys_in_a_temporary_config_home(tmp_path_factory):
+    """Research lakes created without --key-file put their key under XDG_CONFIG_HOME:
+    never the real home folder in tests."""
+    old = os.environ.get("XDG_CONFIG_HOME")
+    os.environ["XDG_CONFIG_HOME"] = str(tmp_path_factory.mktemp("config-home"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_CONFIG_HOME", None)
+    else:
+        os.environ["XDG_CONFIG_HOME"] = old
 
 
 @pytest.fixture(scope="session")
@@ -31,9 +45,11 @@ def truth(archive):
 
 @pytest.fixture(scope="session")
 def built_lake(archive, tmp_path_factory):
-    """(lake path, run summary) of the sample archive ingested with Dask processes."""
+    """(lake path, run summary) of the sample archive ingested with Dask processes into an
+    identified lake (names and identifiers kept, so tests can check them against the
+    ground truth; tests/privacy covers research lakes)."""
     path = tmp_path_factory.mktemp("lakes") / "lake"
-    lake = Lake.create(path)
+    lake = Lake.create(path, profile="identified")
     summary = ingest(lake, archive[0], IngestConfig(scheduler="processes", workers=2,
                                                     batch_files=64))
     return path, summary

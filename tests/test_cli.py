@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -52,9 +53,9 @@ def test_lake_dir_from_environment(capsys, built_lake, monkeypatch):
     (["ingest", "/nonexistent/source"], "cannot read source /nonexistent/source"),
     (["status", "--lake", "/nonexistent/lake"], "lake init"),
 ])
-def test_errors_are_one_line(capsys, built_lake, argv, message):
-    if "--lake" not in argv:
-        argv = [*argv, "--lake", str(built_lake[0])]
+def test_errors_are_one_line(capsys, lake_copy, argv, message):
+    if "--lake" not in argv:  # a copy: a failed ingest is still recorded in ingest_runs
+        argv = [*argv, "--lake", str(lake_copy)]
     code, _out, err = run(capsys, *argv)
     assert code == 1
     assert message in err
@@ -71,12 +72,15 @@ def test_usage_errors_are_one_line(capsys):
 
 def test_init_ingest_status(capsys, tmp_path):
     lake = tmp_path / "lk"
-    code, out, _ = run(capsys, "init", str(lake))
+    code, out, _ = run(capsys, "init", str(lake), "--profile", "identified")
     assert code == 0 and "created identified lake" in out
     code, _, err = run(capsys, "init", str(lake))
     assert code == 1 and "already exists" in err
-    code, _, err = run(capsys, "init", str(tmp_path / "r"), "--profile", "research")
-    assert code == 1 and "not implemented yet" in err
+    code, out, _ = run(capsys, "init", str(tmp_path / "r"), "--key-file", str(tmp_path / "k"))
+    assert code == 0 and "created research lake" in out and (tmp_path / "k").exists()
+    code, _, err = run(capsys, "init", str(tmp_path / "r2"), "--key-file",
+                       str(tmp_path / "r2" / "k"))
+    assert code == 1 and "outside the lake folder" in err
     src = tmp_path / "src"
     src.mkdir()
     shutil.copy(get_testdata_file("CT_small.dcm"), src / "a.dcm")
@@ -90,7 +94,7 @@ def test_init_ingest_status(capsys, tmp_path):
     status = json.loads(out)
     assert status["tables"]["instances"] == 1
     assert status["quarantine_by_reason"] == {"not_dicom": 1}
-    assert status["profile"] == "identified"
+    assert status["profile"] == "identified" and status["key_fingerprint"] is None
     code, out, _ = run(capsys, "status", "--lake", str(lake))
     assert "instances" in out and "not_dicom" in out
 
@@ -111,9 +115,11 @@ def test_installed_command_end_to_end(tmp_path):
     src.mkdir()
     for name in ("CT_small.dcm", "MR_small.dcm"):
         shutil.copy(get_testdata_file(name), src / name)
-    subprocess.run([exe, "init", str(lake)], check=True, capture_output=True)
+    key = tmp_path / "lake.key"
+    subprocess.run([exe, "init", str(lake), "--key-file", str(key)], check=True,
+                   capture_output=True)
     r = subprocess.run([exe, "ingest", str(src), "--lake", str(lake)], capture_output=True,
-                       text=True, timeout=300)
+                       text=True, env={**os.environ, "LAKE_KEY_FILE": str(key)}, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "ingested 2" in r.stdout
     r = subprocess.run([exe, "sql", "SELECT Modality FROM studies ORDER BY 1", "--lake",

@@ -5,7 +5,8 @@ import os
 import pytest
 from pydicom.data import get_charset_files, get_testdata_file
 
-from etl.headers import age_years, parse_date, parse_time, read_file
+from etl.headers import read_file
+from etl.record import age_years, parse_date, parse_time
 
 # decoded PatientName of pydicom's character set test files (PS3.5 Annex H-K examples)
 CHARSET_NAMES = {

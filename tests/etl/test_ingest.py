@@ -184,7 +184,8 @@ def test_a_run_killed_before_publishing_leaves_the_snapshot_and_converges(lake_c
 
 
 def test_pydicom_test_files_are_all_accounted_for(tmp_path):
-    """Every file pydicom ships (its dicomdirtests tree included) gets exactly one outcome."""
+    """Every file pydicom ships (its dicomdirtests tree included) gets exactly one outcome,
+    in a research lake (the default profile)."""
     src = Path(get_testdata_file("CT_small.dcm")).parent
     lake = Lake.create(tmp_path / "lk")
     s = ingest(lake, src, fast_config(scheduler="threads", workers=2))
@@ -206,6 +207,6 @@ def test_pydicom_test_files_are_all_accounted_for(tmp_path):
 def test_unreadable_source_is_a_clear_error(tmp_path):
     from etl.errors import SourceError
 
-    lake = Lake.create(tmp_path / "lk")
+    lake = Lake.create(tmp_path / "lk", profile="identified")
     with pytest.raises(SourceError, match="cannot read source"):
         ingest(lake, tmp_path / "missing", fast_config())

@@ -1,0 +1,253 @@
+"""The fast path: DICOM JSON (PS3.18 F.2) straight from the bytes of a header.
+
+pydicom builds a Python object per element and converts every value through
+several layers; for the common case (little endian, explicit or implicit VR,
+a single-byte or UTF-8 character set) this module walks the raw elements once
+and produces the same JSON dict pydicom's ``Dataset.to_json_dict`` gives (the
+tests compare them over every file of the corpus). Anything unusual returns
+``None`` and the caller falls back to pydicom: big endian, deflate, ISO 2022
+and other multi-byte character sets, ambiguous or unknown VRs, UN values,
+malformed numbers, nested character sets.
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+
+from pydicom.datadict import DicomDictionary
+
+from etl.safety import (
+    DEFLATED_LE,
+    EXPLICIT_BE,
+    IMPLICIT_LE,
+    ITEM,
+    ITEM_END,
+    LONG_VRS,
+    PIXEL_DATA,
+    SEQ_END,
+    UNDEFINED,
+    VALID_VRS,
+    Layout,
+)
+
+#: character sets the fast path decodes itself (pydicom's Python codec names)
+#: (single-byte ISO 8859 parts, UTF-8 and GB18030: no ISO 2022 code extensions)
+CHARSETS = {None: "latin_1", "": "latin_1", "ISO_IR 6": "latin_1", "ISO_IR 100": "latin_1",
+            "ISO_IR 101": "iso8859_2", "ISO_IR 109": "iso8859_3", "ISO_IR 110": "iso8859_4",
+            "ISO_IR 144": "iso8859_5", "ISO_IR 127": "iso8859_6", "ISO_IR 126": "iso8859_7",
+            "ISO_IR 138": "iso8859_8", "ISO_IR 148": "iso8859_9", "ISO_IR 203": "iso8859_15",
+            "ISO_IR 166": "tis_620", "ISO_IR 192": "utf_8", "GB18030": "gb18030",
+            "GBK": "gbk"}
+_BINARY = frozenset({"OB", "OD", "OF", "OL", "OV", "OW"})
+_STRUCT = {"FL": "f", "FD": "d", "SL": "i", "SS": "h", "UL": "I", "US": "H", "SV": "q",
+           "UV": "Q"}
+_TEXT_SPLIT = frozenset({"LO", "SH", "UC"})
+_TEXT_SINGLE = frozenset({"LT", "ST", "UT"})
+_ASCII_SPLIT = frozenset({"AS", "CS", "DA", "DT", "TM"})
+_SPECIFIC_CHARSET = 0x00080005
+
+
+class _Fallback(Exception):
+    """This header needs pydicom."""
+
+
+def to_json(buf: bytes, layout: Layout, bulk_data_threshold: int = 1024) -> dict | None:
+    """The DICOM JSON dict of the header in ``buf`` (up to ``layout.header_end``), without
+    bulk data; None when the fast path does not apply."""
+    ts = layout.transfer_syntax
+    if layout.deflated or ts in (EXPLICIT_BE, DEFLATED_LE):
+        return None
+    if ts is None and layout.kind == "raw":
+        return None
+    explicit = ts != IMPLICIT_LE
+    try:
+        reader = _Reader(buf, explicit, (bulk_data_threshold // 4) * 3)
+        out, _ = reader.dataset(layout.dataset_offset, layout.header_end, top=True)
+        return out
+    except (_Fallback, struct.error, UnicodeDecodeError, ValueError, IndexError):
+        return None
+
+
+class _Reader:
+    __slots__ = ("buf", "bulk", "encoding", "explicit")
+
+    def __init__(self, buf: bytes, explicit: bool, bulk: int):
+        self.buf = buf
+        self.explicit = explicit
+        self.bulk = bulk
+        self.encoding = "latin_1"
+
+    def dataset(self, pos: int, end: int, top: bool = False) -> tuple[dict, int]:
+        buf = self.buf
+        out: dict = {}
+        unpack = struct.unpack_from
+        while pos < end:
+            if pos + 8 > len(buf):
+                if top and not buf[pos:].strip(b"\x00"):
+                    return out, len(buf)
+                raise _Fallback
+            group, elem = unpack("<HH", buf, pos)
+            tag = (group << 16) | elem
+            if tag == ITEM_END:
+                return out, pos + 8
+            if top and tag == PIXEL_DATA:
+                return out, pos
+            if self.explicit:
+                vr_bytes = buf[pos + 4:pos + 6]
+                if vr_bytes not in VALID_VRS:
+                    raise _Fallback
+                vr = vr_bytes.decode()
+                if vr_bytes in LONG_VRS:
+                    length = unpack("<I", buf, pos + 8)[0]
+                    start = pos + 12
+                else:
+                    length = unpack("<H", buf, pos + 6)[0]
+                    start = pos + 8
+            else:
+                if group % 2 == 1:
+                    raise _Fallback  # private VRs are not in the dictionary
+                entry = DicomDictionary.get(tag)
+                if entry is None:
+                    raise _Fallback
+                vr = entry[0]
+                length = unpack("<I", buf, pos + 4)[0]
+                start = pos + 8
+            if vr == "UN" or " or " in vr:
+                raise _Fallback
+            key = f"{tag:08X}"
+            if vr == "SQ":
+                items, pos = self.sequence(start, length)
+                out[key] = {"vr": "SQ", "Value": items}
+                continue
+            if length == UNDEFINED:
+                raise _Fallback
+            raw = buf[start:start + length]
+            pos = start + length
+            if tag == _SPECIFIC_CHARSET:
+                if not top:
+                    raise _Fallback  # a character set of its own inside a sequence item
+                self.encoding = self.charset(raw)
+            out[key] = self.element(vr, raw)
+        return out, pos
+
+    def charset(self, raw: bytes) -> str:
+        value = raw.decode("latin_1").rstrip(" \x00")
+        if "\\" in value:
+            raise _Fallback
+        enc = CHARSETS.get(value.strip())
+        if enc is None:
+            raise _Fallback
+        return enc
+
+    def sequence(self, start: int, length: int) -> tuple[list, int]:
+        buf = self.buf
+        items = []
+        end = None if length == UNDEFINED else start + length
+        pos = start
+        while end is None or pos < end:
+            tag = (struct.unpack_from("<HH", buf, pos)[0] << 16) | struct.unpack_from(
+                "<HH", buf, pos)[1]
+            ilen = struct.unpack_from("<I", buf, pos + 4)[0]
+            if tag == SEQ_END:
+                pos += 8
+                break
+            if tag != ITEM:
+                raise _Fallback
+            istart = pos + 8
+            if ilen == UNDEFINED:
+                item, pos = self.dataset(istart, len(buf))
+            else:
+                item, _ = self.dataset(istart, istart + ilen)
+                pos = istart + ilen
+            items.append(item)
+        return items, pos
+
+    def element(self, vr: str, raw: bytes) -> dict:
+        if not raw:
+            return {"vr": vr}
+        if vr in _BINARY:
+            if len(raw) > self.bulk:
+                return {"vr": vr, "BulkDataURI": ""}
+            return {"vr": vr, "InlineBinary": base64.b64encode(raw).decode()}
+        if vr in _STRUCT:
+            code = _STRUCT[vr]
+            n = len(raw) // struct.calcsize(code)
+            if n * struct.calcsize(code) != len(raw):
+                raise _Fallback
+            values = list(struct.unpack(f"<{n}{code}", raw))
+            if vr in ("FL", "FD"):
+                return {"vr": vr, "Value": [float(v) for v in values]}
+            return {"vr": vr, "Value": values}
+        if vr == "AT":
+            if len(raw) % 4:
+                raise _Fallback
+            vals = struct.unpack(f"<{len(raw) // 2}H", raw)
+            return {"vr": vr, "Value": [f"{vals[i]:04X}{vals[i + 1]:04X}"
+                                        for i in range(0, len(vals), 2)]}
+        if vr == "PN":
+            text = raw.rstrip(b"\x00 ").decode(self.encoding)
+            if not text:
+                return {"vr": vr}
+            return {"vr": vr, "Value": [_person_name(v) for v in text.split("\\")]}
+        if vr in _TEXT_SPLIT:
+            text = raw.decode(self.encoding)
+            values = [v.rstrip("\x00 ") for v in text.split("\\")]
+            if len(values) == 1 and not values[0]:
+                return {"vr": vr}
+            return {"vr": vr, "Value": values}
+        if vr in _TEXT_SINGLE:
+            text = raw.decode(self.encoding).rstrip("\x00 ")
+            return {"vr": vr, "Value": [text]} if text else {"vr": vr}
+        if vr == "UI":
+            values = raw.decode("latin_1").rstrip("\x00 ").split("\\")
+            if len(values) == 1 and not values[0]:
+                return {"vr": vr}
+            return {"vr": vr, "Value": values}
+        if vr in _ASCII_SPLIT:
+            values = raw.decode("latin_1").rstrip(" \x00").split("\\")
+            if len(values) == 1 and not values[0]:
+                return {"vr": vr}
+            return {"vr": vr, "Value": values}
+        if vr == "AE":
+            values = [v.strip() for v in raw.decode("latin_1").split("\\")]
+            if len(values) == 1 and not values[0]:
+                return {"vr": vr}
+            return {"vr": vr, "Value": values}
+        if vr == "DS":
+            values = raw.decode("latin_1").strip().rstrip("\x00").split("\\")
+            if len(values) == 1 and not values[0].strip():
+                return {"vr": vr}
+            return {"vr": vr, "Value": [_ds(v) for v in values]}
+        if vr == "IS":
+            values = raw.decode("latin_1").strip().rstrip("\x00").split("\\")
+            if len(values) == 1 and not values[0].strip():
+                return {"vr": vr}
+            return {"vr": vr, "Value": [_is(v) for v in values]}
+        raise _Fallback  # UR and anything else: pydicom
+
+
+def _person_name(value: str) -> dict:
+    comps = value.split("=")
+    while len(comps) > 1 and comps[-1] == "":
+        comps.pop()
+    out = {"Alphabetic": comps[0]}
+    if len(comps) > 1:
+        out["Ideographic"] = comps[1]
+    if len(comps) > 2:
+        out["Phonetic"] = comps[2]
+    return out
+
+
+def _ds(text: str) -> float:
+    s = text.strip()
+    if not s or any(c not in "0123456789.+-eE" for c in s):
+        raise _Fallback  # pydicom's own handling of odd numbers decides
+    return float(s)
+
+
+def _is(text: str) -> int:
+    s = text.strip()
+    if not s or not s.lstrip("+-").isdigit():
+        raise _Fallback
+    return int(s)

@@ -1,0 +1,153 @@
+"""Typed column values from a DICOM JSON header (PS3.18 F.2): pure, no pydicom objects.
+
+The DICOM JSON dict is the intermediate form of the ingest: pydicom's
+``to_json_dict`` or the fast raw parser produce it, the privacy policy filters
+it, and this module turns it into the typed values of the schema's columns.
+Absent or unparseable values are None.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import re
+from typing import Any
+
+import pyarrow as pa
+from pydicom.datadict import tag_for_keyword
+
+from etl.quality import valid_string
+from lakehouse.schemas import HEADER_COLUMNS, Column
+
+_DATE_RE = re.compile(r"^(\d{4})\.?(\d{2})\.?(\d{2})$")
+_TIME_RE = re.compile(r"^(\d{2}):?(?:(\d{2}):?(?:(\d{2})(?:\.(\d{1,6}))?)?)?$")
+_AGE_RE = re.compile(r"^(\d{1,3})([DWMY])$")
+_AGE_UNIT_YEARS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
+
+
+def _tag(keyword: str) -> str:
+    t = tag_for_keyword(keyword)
+    assert t is not None, keyword
+    return f"{t:08X}"
+
+
+#: (column, its tag in DICOM JSON) for every header column
+COLUMN_TAGS: tuple[tuple[Column, str], ...] = tuple(
+    (c, _tag(c.keyword or c.name)) for c in HEADER_COLUMNS)
+
+
+def record_from_json(header: dict) -> tuple[dict[str, Any], list[str]]:
+    """Typed values of the schema's header columns, and the keywords present whose
+    value could not be converted (a data-quality flag; the column is then null)."""
+    rec: dict[str, Any] = {}
+    invalid: list[str] = []
+    for col, tag in COLUMN_TAGS:
+        elem = header.get(tag)
+        values = elem.get("Value") if elem else None
+        if not elem or not values:
+            rec[col.name] = None
+            continue
+        vr = elem.get("vr")
+        wanted = [v for v in values if not _blank(v)]
+        try:
+            typed = convert(values, col.type, vr)
+        except (ValueError, TypeError, OverflowError):
+            typed = None
+        ok = typed is not None or not wanted
+        if ok and pa.types.is_list(col.type) and typed is not None and len(typed) < len(wanted):
+            ok = False
+        if ok and vr and any(not valid_string(vr, text(v) or "") for v in wanted):
+            ok = False  # control characters, over-long values, malformed UIDs
+        rec[col.name] = typed if ok else None
+        if not ok:
+            invalid.append(col.name)
+    rec["patient_age_years"] = age_years(rec.get("PatientAge"), rec.get("PatientBirthDate"),
+                                         rec.get("StudyDate"))
+    rec["study_year"] = rec["StudyDate"].year if rec.get("StudyDate") else None
+    return rec, invalid
+
+
+def _blank(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, dict):
+        return not any(str(v).strip("\x00 =") for v in value.values())
+    return str(value).strip("\x00 ") == ""
+
+
+def convert(values: list, typ: pa.DataType, vr: str | None = None) -> Any:
+    """A column value from the JSON ``Value`` list of one attribute."""
+    if pa.types.is_list(typ):
+        out = [scalar(v, typ.value_type, vr) for v in values]
+        out = [v for v in out if v is not None]
+        return out or None
+    if pa.types.is_string(typ) and len(values) > 1:
+        parts = [text(v, vr) or "" for v in values]
+        return "\\".join(parts) or None
+    return scalar(values[0], typ, vr)
+
+
+def scalar(value: Any, typ: pa.DataType, vr: str | None = None) -> Any:
+    if value is None or value == "":
+        return None
+    if pa.types.is_string(typ):
+        return text(value, vr)
+    if pa.types.is_floating(typ):
+        f = float(value)
+        return f if math.isfinite(f) else None
+    if pa.types.is_integer(typ):
+        return int(float(value))
+    if pa.types.is_date(typ):
+        return parse_date(text(value))
+    if pa.types.is_time(typ):
+        return parse_time(text(value))
+    raise TypeError(f"no conversion to {typ}")
+
+
+def text(value: Any, vr: str | None = None) -> str | None:
+    if isinstance(value, dict):  # a person name: Alphabetic=Ideographic=Phonetic
+        groups = [value.get(k, "") or "" for k in ("Alphabetic", "Ideographic", "Phonetic")]
+        s = "=".join(groups).rstrip("=")
+    else:
+        s = str(value)
+    s = s.strip().strip("\x00").strip()
+    return s or None
+
+
+def parse_date(s: str | None) -> dt.date | None:
+    if not s:
+        return None
+    m = _DATE_RE.match(s)
+    if not m:
+        return None
+    try:
+        return dt.date(int(m[1]), int(m[2]), int(m[3]))
+    except ValueError:
+        return None
+
+
+def parse_time(s: str | None) -> dt.time | None:
+    if not s:
+        return None
+    m = _TIME_RE.match(s)
+    if not m:
+        return None
+    hh, mm, ss = int(m[1]), int(m[2] or 0), int(m[3] or 0)
+    us = int((m[4] or "0").ljust(6, "0"))
+    if ss == 60:  # leap second, allowed by DICOM
+        ss = 59
+    try:
+        return dt.time(hh, mm, ss, us)
+    except ValueError:
+        return None
+
+
+def age_years(age: str | None, birth: dt.date | None, study: dt.date | None) -> float | None:
+    if age:
+        m = _AGE_RE.match(age)
+        if m:
+            return round(int(m[1]) * _AGE_UNIT_YEARS[m[2]], 4)
+    if birth and study and study >= birth:
+        years = study.year - birth.year - ((study.month, study.day) < (birth.month, birth.day))
+        return float(years)
+    return None

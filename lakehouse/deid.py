@@ -1,0 +1,370 @@
+"""De-identification policy, applied to the DICOM JSON model (PS3.18 F.2).
+
+One policy for everything that leaves the vault: the research tables are
+extracted from the filtered JSON, and de-identified DICOM copies (cohort
+export) are rebuilt from it, so tables and copies always agree.
+
+Based on DICOM PS3.15 Annex E, Basic Application Level Confidentiality Profile
+with the Retain Longitudinal Temporal Information with Modified Dates,
+Retain Patient Characteristics, Retain Device Identity and Retain Institution
+Identity options, and an allow-list instead of a block-list:
+
+- only attributes of ``lakehouse.schemas`` (typed columns and
+  ``HEADER_ALLOWLIST``) are kept, at every sequence depth; private attributes
+  only when ``(creator, element)`` is in the private allow-list;
+- person names (VR PN) are never kept;
+- PatientID (with IssuerOfPatientID), AccessionNumber and StudyID become keyed
+  pseudonyms;
+- every UID that identifies an instance (not SOP classes, transfer syntaxes
+  or other well-known DICOM UIDs) becomes a keyed ``2.25.`` UID;
+- dates (DA, and the date part of DT) move back by the patient's offset;
+  times of day are kept;
+- ages above 89 become 90 (PatientAge ``090Y``); birth dates are dropped;
+- descriptions and labels are kept, minus any token equal to an identifier of
+  the same header (name parts, IDs, accession, birth date).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from pydicom._uid_dict import UID_dictionary
+from pydicom.datadict import tag_for_keyword
+
+from lakehouse.privacy import Pseudonymizer
+from lakehouse.schemas import header_allowlist
+
+PSEUDONYMIZED = {"PatientID": "PatientID", "AccessionNumber": "AccessionNumber",
+                 "StudyID": "StudyID"}
+#: UI attributes that name a kind of thing, not an instance: never remapped.
+CLASS_UIDS = {"SOPClassUID", "ReferencedSOPClassUID", "MediaStorageSOPClassUID",
+              "TransferSyntaxUID", "CodingSchemeUID", "ContextGroupExtensionCreatorUID",
+              "MappingResourceUID", "AffectedSOPClassUID", "RequestedSOPClassUID",
+              "ImplementationClassUID", "RelatedGeneralSOPClassUID",
+              "OriginalSpecializedSOPClassUID"}
+#: Free text kept because cohorts need it, cleaned of the header's identifiers.
+CLEANED_TEXT = {"StudyDescription", "SeriesDescription", "ProtocolName", "SegmentLabel",
+                "ROIName", "ContentLabel", "StructureSetLabel", "SegmentAlgorithmName"}
+_TOKEN = re.compile(r"[\w.\-/]+", re.UNICODE)
+_SPACES = re.compile(r"\s{2,}")
+
+
+def _tag(keyword: str) -> str:
+    t = tag_for_keyword(keyword)
+    if t is None:
+        raise ValueError(f"unknown DICOM keyword {keyword!r} in the allow-list")
+    return f"{t:08X}"
+
+
+ALLOWED_TAGS: frozenset[str] = frozenset(_tag(k) for k in header_allowlist())
+_IDENTIFIER_TAGS = {_tag(k): k for k in PSEUDONYMIZED}
+_CLASS_TAGS = {_tag(k) for k in CLASS_UIDS if tag_for_keyword(k) is not None}
+_CLEANED_TAGS = {_tag(k) for k in CLEANED_TEXT if tag_for_keyword(k) is not None}
+_AGE_TAG = _tag("PatientAge")
+_ISSUER_TAG = _tag("IssuerOfPatientID")
+_PID_TAG = _tag("PatientID")
+_NAME_TAG = _tag("PatientName")
+_BIRTH_TAG = _tag("PatientBirthDate")
+
+
+@dataclass(frozen=True)
+class PrivateTag:
+    """A private attribute to keep: its creator string and element byte (0x00-0xFF)."""
+
+    group: int
+    creator: str
+    element: int
+
+
+def private_tag(item: dict) -> PrivateTag:
+    """A private allow-list entry from configuration (``group``, ``creator``, ``element``)."""
+    try:
+        group = int(str(item["group"]), 0)
+        element = int(str(item["element"]), 0)
+        creator = str(item["creator"]).strip()
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ValueError(f"private allow-list entry {item!r} needs group, creator and "
+                         f"element (e.g. 0x0019, GEMS_ACQU_01, 0x23): {exc}") from None
+    if group % 2 == 0 or not 0 <= element <= 0xFF or not creator:
+        raise ValueError(f"private allow-list entry {item!r}: the group must be odd and the "
+                         "element the low byte (0x00-0xFF) of the private element")
+    return PrivateTag(group, creator, element)
+
+
+@dataclass
+class PatientContext:
+    """What the policy needs to know about the header's patient."""
+
+    patient_key: str
+    offset_days: int
+    identifier_tokens: set[str] = field(default_factory=set)
+
+
+@dataclass
+class Deidentified:
+    """A filtered header and the original ↔ pseudonym pairs it used (for the vault)."""
+
+    json: dict
+    mapping: list[tuple[str, str, str]]  # (kind, original, pseudonym)
+    offset_days: int
+
+
+class Policy:
+    """The de-identification policy with a key. Picklable."""
+
+    def __init__(self, pseudonymizer: Pseudonymizer,
+                 private_allowlist: Iterable[PrivateTag] = ()):
+        self.p = pseudonymizer
+        self.private = {(pt.group, pt.creator.strip(), pt.element) for pt in private_allowlist}
+
+    # -- context -------------------------------------------------------------
+    def context(self, header: dict) -> PatientContext:
+        pid = _first(header.get(_PID_TAG))
+        issuer = _first(header.get(_ISSUER_TAG))
+        patient_key = f"{issuer or ''}\x1e{pid}" if pid else ""
+        offset = self.p.date_offset_days(patient_key) if pid else \
+            self.p.date_offset_days("study\x1e" + (_first(header.get(_tag("StudyInstanceUID")))
+                                                   or ""))
+        tokens: set[str] = set()
+        for tag in (_PID_TAG, _tag("AccessionNumber"), _tag("StudyID"), _tag("OtherPatientIDs"),
+                    _ISSUER_TAG):
+            for v in _values(header.get(tag)):
+                tokens |= _tokens(str(v))
+        for v in _values(header.get(_NAME_TAG)):
+            if isinstance(v, dict):
+                for part in v.values():
+                    tokens |= _tokens(re.sub(r"[\^=]", " ", str(part)))
+            else:
+                tokens |= _tokens(re.sub(r"[\^=]", " ", str(v)))
+        for v in _values(header.get(_BIRTH_TAG)):
+            tokens |= _date_tokens(str(v))
+        return PatientContext(patient_key, offset, {t for t in tokens if len(t) >= 2})
+
+    # -- filtering -----------------------------------------------------------
+    def apply(self, header: dict) -> Deidentified:
+        ctx = self.context(header)
+        mapping: list[tuple[str, str, str]] = []
+        out = self._filter(header, ctx, mapping, depth=0)
+        pid = _first(header.get(_PID_TAG))
+        if pid:
+            pseudo = self.p.patient_id(pid, _first(header.get(_ISSUER_TAG)))
+            out[_PID_TAG] = {"vr": "LO", "Value": [pseudo]}
+        return Deidentified(out, mapping, ctx.offset_days)
+
+    def _filter(self, ds: dict, ctx: PatientContext, mapping: list, depth: int) -> dict:
+        out: dict = {}
+        creators = _private_creators(ds) if self.private else {}
+        for tag, elem in ds.items():
+            group = int(tag[:4], 16)
+            if group % 2 == 1:
+                if not self._private_allowed(tag, group, creators):
+                    continue
+                out[tag] = elem
+                continue
+            if tag not in ALLOWED_TAGS:
+                continue
+            vr = elem.get("vr")
+            if vr == "PN":
+                continue
+            values = elem.get("Value")
+            if values is None:
+                out[tag] = {"vr": vr} if vr else {}
+                continue
+            if vr == "SQ":
+                items = [self._filter(item, ctx, mapping, depth + 1) if isinstance(item, dict)
+                         else item for item in values]
+                out[tag] = {"vr": vr, "Value": items}
+            elif tag in _IDENTIFIER_TAGS:
+                kind = _IDENTIFIER_TAGS[tag]
+                new = []
+                for v in values:
+                    if v in (None, ""):
+                        new.append(v)
+                        continue
+                    s = str(v)
+                    ps = (self.p.patient_id(s, None) if kind == "PatientID"
+                          else self.p.identifier(kind, s))
+                    mapping.append((kind, s, ps))
+                    new.append(ps)
+                out[tag] = {"vr": vr, "Value": new}
+            elif vr == "UI":
+                if tag in _CLASS_TAGS:
+                    out[tag] = elem
+                    continue
+                new = []
+                for v in values:
+                    s = str(v) if v is not None else ""
+                    if not s or s in UID_dictionary:
+                        new.append(v)
+                    else:
+                        u = self.p.uid(s)
+                        mapping.append(("UID", s, u))
+                        new.append(u)
+                out[tag] = {"vr": vr, "Value": new}
+            elif vr == "DA":
+                out[tag] = {"vr": vr, "Value": [_shift_da(v, ctx.offset_days) for v in values]}
+            elif vr == "DT":
+                out[tag] = {"vr": vr, "Value": [_shift_dt(v, ctx.offset_days) for v in values]}
+            elif tag == _AGE_TAG:
+                out[tag] = {"vr": vr, "Value": [_cap_age(v) for v in values]}
+            elif tag in _CLEANED_TAGS:
+                out[tag] = {"vr": vr, "Value": [_clean(v, ctx.identifier_tokens)
+                                                for v in values]}
+            else:
+                out[tag] = elem
+        out.pop(_ISSUER_TAG, None)
+        return out
+
+    def _private_allowed(self, tag: str, group: int, creators: dict[tuple[int, int], str]) -> bool:
+        if not self.private:
+            return False
+        elem = int(tag[4:], 16)
+        if elem < 0x1000:  # private creator elements themselves: kept if one of theirs is
+            creator = creators.get((group, elem))
+            return any(g == group and c == creator for g, c, _ in self.private)
+        creator = creators.get((group, elem >> 8))
+        return creator is not None and (group, creator, elem & 0xFF) in self.private
+
+
+# --- value helpers ----------------------------------------------------------
+
+def _values(elem: dict | None) -> list:
+    if not elem:
+        return []
+    return [v for v in elem.get("Value", []) or [] if v not in (None, "")]
+
+
+def _first(elem: dict | None) -> str | None:
+    vals = _values(elem)
+    return str(vals[0]).strip() if vals else None
+
+
+def _tokens(text: str) -> set[str]:
+    return {t.lower() for t in _TOKEN.findall(text)}
+
+
+def _date_tokens(da: str) -> set[str]:
+    d = _parse_da(da)
+    if d is None:
+        return {da.lower()}
+    return {d.strftime(f) for f in ("%Y%m%d", "%Y-%m-%d", "%d.%m.%Y", "%m/%d/%Y", "%d/%m/%Y")}
+
+
+def _clean(value, tokens: set[str]):
+    if not isinstance(value, str) or not tokens:
+        return value
+    kept = _TOKEN.sub(lambda m: "" if m.group(0).lower() in tokens else m.group(0), value)
+    kept = _SPACES.sub(" ", kept).strip(" ^-_,;")
+    return kept
+
+
+def _parse_da(s) -> dt.date | None:
+    s = str(s).strip().replace(".", "")
+    if len(s) != 8 or not s.isdigit():
+        return None
+    try:
+        return dt.date(int(s[:4]), int(s[4:6]), int(s[6:8]))
+    except ValueError:
+        return None
+
+
+def _shift_da(value, offset: int):
+    d = _parse_da(value) if value else None
+    if d is None:
+        return None  # an unparseable date cannot be shifted: dropped, never kept as is
+    try:
+        return (d + dt.timedelta(days=offset)).strftime("%Y%m%d")
+    except OverflowError:
+        return None
+
+
+def _shift_dt(value, offset: int):
+    s = str(value or "").strip()
+    if len(s) < 8:
+        return None
+    shifted = _shift_da(s[:8], offset)
+    return shifted + s[8:] if shifted else None
+
+
+def _cap_age(value):
+    s = str(value or "").strip()
+    m = re.fullmatch(r"(\d{3})([DWMY])", s)
+    if not m:
+        return None
+    n, unit = int(m[1]), m[2]
+    years = n if unit == "Y" else 0
+    return "090Y" if unit == "Y" and years > 89 else s
+
+
+def _private_creators(ds: dict) -> dict[tuple[int, int], str]:
+    out = {}
+    for tag, elem in ds.items():
+        group, e = int(tag[:4], 16), int(tag[4:], 16)
+        if group % 2 == 1 and 0x10 <= e <= 0xFF:
+            v = _first(elem)
+            if v:
+                out[(group, e)] = v
+    return out
+
+
+
+# --- de-identified DICOM copies ------------------------------------------------
+
+#: Binary attributes too large for the JSON header that a copy must still carry.
+_BULK_KEPT = ("PixelData", "FloatPixelData", "DoubleFloatPixelData",
+              "RedPaletteColorLookupTableDescriptor", "GreenPaletteColorLookupTableDescriptor",
+              "BluePaletteColorLookupTableDescriptor", "RedPaletteColorLookupTableData",
+              "GreenPaletteColorLookupTableData", "BluePaletteColorLookupTableData")
+
+
+def deidentify_dataset(ds, policy: Policy, bulk_data_threshold: int = 1024):
+    """A de-identified copy of a pydicom Dataset under the same policy as the tables.
+
+    The header is filtered through the DICOM JSON model exactly as at ingest, so
+    the copy's UIDs, pseudonyms and dates are those of the research tables; pixel
+    data (and palette tables) are carried over unchanged, with the transfer
+    syntax of the original. PS3.15 E.1.1: Patient Identity Removed = YES and the
+    de-identification method codes are added.
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import UID
+
+    def drop(_elem) -> str:
+        return ""
+
+    header = ds.to_json_dict(bulk_data_threshold=bulk_data_threshold,
+                             bulk_data_element_handler=drop, suppress_invalid_tags=True)
+    header = {t: v for t, v in header.items() if "BulkDataURI" not in v}
+    result = policy.apply(header)
+    out = Dataset.from_json(result.json)
+    for keyword in _BULK_KEPT:
+        if keyword in ds:
+            out[keyword] = ds[keyword]
+    out.PatientIdentityRemoved = "YES"
+    out.LongitudinalTemporalInformationModified = "MODIFIED"
+    out.DeidentificationMethod = "imaging-lakehouse research profile (PS3.15 Annex E allow-list)"
+    codes = []
+    for value, meaning in (("113100", "Basic Application Confidentiality Profile"),
+                           ("113106", "Retain Longitudinal Temporal Information Modified "
+                                      "Dates Option"),
+                           ("113107", "Retain Patient Characteristics Option"),
+                           ("113109", "Retain Device Identity Option"),
+                           ("113112", "Retain Institution Identity Option")):
+        item = Dataset()
+        item.CodeValue = value
+        item.CodingSchemeDesignator = "DCM"
+        item.CodeMeaning = meaning
+        codes.append(item)
+    out.DeidentificationMethodCodeSequence = Sequence(codes)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = out.get("SOPClassUID", "")
+    meta.MediaStorageSOPInstanceUID = out.get("SOPInstanceUID", "")
+    original_meta = getattr(ds, "file_meta", None)
+    ts = original_meta.get("TransferSyntaxUID") if original_meta is not None else None
+    meta.TransferSyntaxUID = UID(str(ts or "1.2.840.10008.1.2.1"))
+    out.file_meta = meta
+    return out

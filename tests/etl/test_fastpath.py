@@ -1,0 +1,108 @@
+"""The fast raw parser against pydicom, the reference: same DICOM JSON, same typed values."""
+
+import os
+import warnings
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_charset_files, get_testdata_files
+
+from etl import rawjson, safety
+from etl.errors import FileRejected
+from etl.headers import _strip_bulk, parse, to_json_dict
+from lakehouse.deid import Policy
+from lakehouse.privacy import Pseudonymizer
+
+
+def corpus(extra: Path | None = None) -> list[Path]:
+    files = {Path(f) for f in get_testdata_files("*") + get_charset_files("*")}
+    if extra is not None:
+        files |= {p for p in extra.rglob("*") if p.is_file()}
+    return sorted(p for p in files if p.is_file())
+
+
+def pydicom_json(path: Path, layout) -> dict | None:
+    """pydicom's JSON of the header, or None when pydicom itself cannot serialise it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=layout.kind == "raw")
+            data = ds.to_json_dict(bulk_data_threshold=1024,
+                                   bulk_data_element_handler=lambda _e: "",
+                                   suppress_invalid_tags=False)
+        except Exception:
+            return None
+    _strip_bulk(data)
+    return data
+
+
+@pytest.fixture(scope="module")
+def files(archive):
+    return corpus(archive[0])
+
+
+def test_fast_json_equals_pydicom_json(files):
+    fast = fallback = 0
+    mismatches = []
+    for path in files:
+        buf = path.read_bytes()
+        try:
+            layout = safety.check(buf)
+        except FileRejected:
+            continue
+        ref = pydicom_json(path, layout)
+        got = rawjson.to_json(buf, layout)
+        if got is None:
+            fallback += 1
+            continue
+        if ref is None:
+            continue  # pydicom cannot serialise this header (e.g. an invalid UI value)
+        _strip_bulk(got)
+        if got != ref or list(got) != list(ref):
+            mismatches.append(path.name)
+        fast += 1
+    assert mismatches == []
+    assert fast >= 350  # the generated archive and most of pydicom's files take the fast path
+    assert fallback >= 20  # big endian, deflate, ISO 2022, ... go to pydicom
+
+
+def test_records_are_equal_on_both_paths(files):
+    policy = Policy(Pseudonymizer(bytes(32)))
+    compared = 0
+    for path in files:
+        buf = path.read_bytes()
+        for pol in (None, policy):
+            try:
+                fast = parse(buf, path.name, policy=pol, fast=True)
+                slow = parse(buf, path.name, policy=pol, fast=False)
+            except FileRejected as exc:
+                with pytest.raises(FileRejected) as again:
+                    parse(buf, path.name, policy=pol, fast=False)
+                assert again.value.reason == exc.reason, path.name
+                continue
+            if fast["dicom_json"] != slow["dicom_json"] and \
+                    pydicom_json(path, safety.check(buf)) is None:
+                continue  # pydicom drops attributes it cannot serialise: not a reference
+            assert fast == slow, (path.name, pol is not None,
+                                  {k for k in fast if fast[k] != slow.get(k)})
+            compared += 1
+    assert compared >= 700
+
+
+def test_multibyte_character_sets_fall_back_to_pydicom():
+    for name in ("chrH31.dcm", "chrH32.dcm", "chrI2.dcm"):
+        path = next(Path(f) for f in get_charset_files("*") if os.path.basename(f) == name)
+        buf = path.read_bytes()
+        assert rawjson.to_json(buf, safety.check(buf)) is None, name
+    path = next(Path(f) for f in get_charset_files("*") if f.endswith("chrX1.dcm"))
+    buf = path.read_bytes()  # UTF-8 is decoded by the fast path
+    assert rawjson.to_json(buf, safety.check(buf))["00100010"]["Value"][0]["Ideographic"] \
+        == "王^小東"
+
+
+def test_to_json_dict_reference_is_pydicom():
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"), stop_before_pixels=True)
+    assert to_json_dict(ds, 1024)["00180050"] == {"vr": "DS", "Value": [5.0]}

@@ -1,0 +1,84 @@
+"""De-identified DICOM copies follow exactly the policy of the research tables."""
+
+import io
+import json
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from lakehouse.deid import Policy, deidentify_dataset, private_tag
+from lakehouse.privacy import Pseudonymizer
+from synth import generate_archive
+from synth.phi import MARKER_PREFIX, plant_phi
+
+KEY = bytes(range(32))
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deid")
+    truth = generate_archive(root / "a", seed=11, preset="test")
+    phi = plant_phi(root / "a", truth)
+    files = [root / "a" / rel for rel, o in sorted(truth.files.items()) if o == "ingested"]
+    return files, phi
+
+
+def test_copy_has_no_phi_and_keeps_pixels(planted):
+    files, phi = planted
+    policy = Policy(Pseudonymizer(KEY))
+    for path in files[:40]:
+        ds = pydicom.dcmread(path)
+        out = deidentify_dataset(ds, policy)
+        buf = io.BytesIO()
+        out.save_as(buf, enforce_file_format=True)
+        raw = buf.getvalue()
+        text = raw.decode("latin-1")
+        assert MARKER_PREFIX not in text
+        assert not [i for i in phi.identifiers if len(i) >= 4 and i in text]
+        back = pydicom.dcmread(io.BytesIO(raw))
+        assert back.PixelData == ds.PixelData
+        assert back.SOPInstanceUID == Pseudonymizer(KEY).uid(ds.SOPInstanceUID)
+        assert back.file_meta.MediaStorageSOPInstanceUID == back.SOPInstanceUID
+        assert back.PatientIdentityRemoved == "YES"
+        assert "PatientName" not in back and "PatientBirthDate" not in back
+        assert back.PatientID == Pseudonymizer(KEY).patient_id(ds.PatientID)
+
+
+def test_copy_matches_the_ingest_json(planted):
+    """The copy's header is the research lake's dicom_json (plus the PS3.15 markers)."""
+    from etl.headers import parse
+
+    files, _ = planted
+    policy = Policy(Pseudonymizer(KEY))
+    path = files[0]
+    record = parse(path.read_bytes(), path.name, policy=policy)
+    copy = deidentify_dataset(pydicom.dcmread(path), policy)
+    table_json = json.loads(record["dicom_json"])
+    copy_json = copy.to_json_dict(bulk_data_threshold=1024,
+                                  bulk_data_element_handler=lambda _e: "")
+    added = {"00120062", "00120063", "00120064", "00280303"}
+    assert {t for t in copy_json if "BulkDataURI" not in copy_json[t]} - added == set(table_json)
+    assert copy_json["0020000D"] == table_json["0020000D"]
+    assert copy_json["00080020"] == table_json["00080020"]
+
+
+def test_private_allowlist_keeps_only_the_named_element():
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    block = ds.private_block(0x0011, "ACME 1.0", create=True)
+    block.add_new(0x01, "LO", "keep me")
+    block.add_new(0x02, "LO", "drop me")
+    policy = Policy(Pseudonymizer(KEY), [private_tag({"group": "0x0011", "creator": "ACME 1.0",
+                                                      "element": "0x01"})])
+    out = deidentify_dataset(ds, policy)
+    values = [e.value for e in out if e.tag.is_private]
+    assert "keep me" in values and "drop me" not in values
+    assert not [e for e in Policy(Pseudonymizer(KEY)).apply(ds.to_json_dict()).json
+                if int(e[:4], 16) % 2]
+
+
+def test_bad_private_allowlist_entries_are_refused():
+    with pytest.raises(ValueError, match="odd"):
+        private_tag({"group": "0x0010", "creator": "X", "element": "0x01"})
+    with pytest.raises(ValueError, match="needs group"):
+        private_tag({"creator": "X"})
