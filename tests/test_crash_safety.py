@@ -83,7 +83,8 @@ def test_kill_9_at_random_moments_converges_to_a_clean_run(tmp_path):
     src = tmp_path / "pacs"
     truth = generate_archive(src, seed=1, preset="test")
     clean = tmp_path / "clean"
-    Lake.create(clean)
+    key = tmp_path / "lake.key"  # one key: the same pseudonyms in every lake, comparable
+    Lake.create(clean, key_file=key)
     t0 = time.monotonic()
     _run(src, clean)
     clean_seconds = time.monotonic() - t0
@@ -96,7 +97,7 @@ def test_kill_9_at_random_moments_converges_to_a_clean_run(tmp_path):
         # then compare the lake with the clean run's
         rounds += 1
         lake_dir = tmp_path / f"lake{rounds}"
-        Lake.create(lake_dir)
+        Lake.create(lake_dir, key_file=key)
         seen: dict[int, dict[str, int]] = {}
         while True:
             n = kills + finished

@@ -26,7 +26,8 @@ def corpus_lake(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
     src = root / "src"
     kinds = corpus.build(src)
-    lake = Lake.create(root / "lake")
+    # identified: the values are checked as they are in the files
+    lake = Lake.create(root / "lake", profile="identified")
     summary = ingest(lake, src, fast_config())
     return src, root / "lake", kinds, summary
 
@@ -112,7 +113,7 @@ def test_a_file_the_ingest_user_cannot_read_is_io_error(tmp_path):
     secret.write_bytes(corpus.part10(ds))
     secret.chmod(0o000)
     lake_dir = tmp_path / "lake"
-    Lake.create(lake_dir)
+    Lake.create(lake_dir, profile="identified")  # no key for the ingest user to read
     cmd = [sys.executable, "-m", "lake_cli", "ingest", str(src), "--lake", str(lake_dir),
            "--scheduler", "synchronous", "--json"]
     if os.geteuid() == 0:
