@@ -79,12 +79,13 @@ def _check_snapshot_whole(lake_dir: Path, seen: dict[int, dict[str, int]]) -> di
     return counts
 
 
-def test_kill_9_at_random_moments_converges_to_a_clean_run(tmp_path):
+def test_kill_9_at_random_moments_converges_to_a_clean_run(tmp_path, monkeypatch):
     src = tmp_path / "pacs"
     truth = generate_archive(src, seed=1, preset="test")
     clean = tmp_path / "clean"
     key = tmp_path / "lake.key"  # one key: the same pseudonyms in every lake, comparable
     Lake.create(clean, key_file=key)
+    monkeypatch.setenv("LAKE_KEY_FILE", str(key))  # for the ingest processes
     t0 = time.monotonic()
     _run(src, clean)
     clean_seconds = time.monotonic() - t0
