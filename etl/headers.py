@@ -24,7 +24,7 @@ from pydicom.uid import UID
 
 from etl import rawjson, safety
 from etl.errors import REQUIRED_UIDS, FileRejected
-from etl.record import age_years, parse_date, record_from_json, text
+from etl.record import COLUMN_TAGS, age_years, parse_date, record_from_json, text
 from lakehouse.deid import Policy
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
@@ -92,6 +92,7 @@ def parse(buf: bytes, name: str = "", *, max_depth: int = 64, bulk_data_threshol
         raise FileRejected("empty_file", "the file has zero bytes")
     layout = safety.check(buf, max_depth=max_depth)
     header = rawjson.to_json(buf, layout, bulk_data_threshold) if fast else None
+    dropped: list[str] = []
     media_class = layout.media_storage_sop_class or ""
     ts = layout.transfer_syntax
     if header is None:
@@ -102,6 +103,8 @@ def parse(buf: bytes, name: str = "", *, max_depth: int = 64, bulk_data_threshol
             if ts is None and "TransferSyntaxUID" in meta:
                 ts = str(meta.TransferSyntaxUID)
         header = to_json_dict(ds, bulk_data_threshold)
+        # values pydicom could not convert were left out of the JSON: flag them
+        dropped = [c.name for c, tag in COLUMN_TAGS if tag not in header and int(tag, 16) in ds]
     else:
         _strip_bulk(header)
     if name.upper() == "DICOMDIR" or media_class == DICOMDIR_SOP_CLASS \
@@ -113,6 +116,7 @@ def parse(buf: bytes, name: str = "", *, max_depth: int = 64, bulk_data_threshol
         record.update(uids)
     else:
         record, invalid = _deidentified_record(header, uids, policy)
+    invalid += [c for c in dropped if c not in invalid]
     record["invalid_attributes"] = invalid or None
     record["TransferSyntaxUID"] = ts
     if "dicom_json" not in record:

@@ -138,8 +138,12 @@ class DistributedRunner:
         self._cluster = None
         if config.scheduler == "local-cluster":
             n = config.resolved_workers()
-            self._cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                         host="127.0.0.1", dashboard_address=None)
+            # a task whose worker dies fails at once (KilledWorker) and its batch is
+            # bisected: the default retries only kill more workers, and repeated deaths
+            # made distributed close the nannies (the run then hung with no workers)
+            with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+                self._cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                             host="127.0.0.1", dashboard_address=None)
             self.client = Client(self._cluster)
             self.description = f"local-cluster({n})"
         else:

@@ -1,11 +1,13 @@
 """Run one ingest in its own process (the process the crash and concurrency tests kill).
 
 ``python -m tests.ingest_driver SOURCE LAKE [SCHEDULER] [FLUSH_ROWS] [BATCH_FILES]``
+(the key of a research lake from ``$LAKE_KEY_FILE``, as for the ``lake`` command)
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from etl import IngestConfig, ingest
@@ -19,7 +21,8 @@ def main(argv: list[str]) -> int:
     batch_files = int(argv[4]) if len(argv) > 4 else 16
     config = IngestConfig(scheduler=scheduler, workers=2, flush_rows=flush_rows,
                           batch_files=batch_files, batches_per_worker=1)
-    summary = ingest(Lake.open(lake), source, config)
+    summary = ingest(Lake.open(lake), source, config,
+                     key_file=os.environ.get("LAKE_KEY_FILE"))
     print(json.dumps(summary.to_dict()))
     return 0
 

@@ -79,11 +79,13 @@ def _check_snapshot_whole(lake_dir: Path, seen: dict[int, dict[str, int]]) -> di
     return counts
 
 
-def test_kill_9_at_random_moments_converges_to_a_clean_run(tmp_path):
+def test_kill_9_at_random_moments_converges_to_a_clean_run(tmp_path, monkeypatch):
     src = tmp_path / "pacs"
     truth = generate_archive(src, seed=1, preset="test")
     clean = tmp_path / "clean"
-    Lake.create(clean)
+    key = tmp_path / "lake.key"  # one key: the same pseudonyms in every lake, comparable
+    Lake.create(clean, key_file=key)
+    monkeypatch.setenv("LAKE_KEY_FILE", str(key))  # for the ingest processes
     t0 = time.monotonic()
     _run(src, clean)
     clean_seconds = time.monotonic() - t0
@@ -96,11 +98,13 @@ def test_kill_9_at_random_moments_converges_to_a_clean_run(tmp_path):
         # then compare the lake with the clean run's
         rounds += 1
         lake_dir = tmp_path / f"lake{rounds}"
-        Lake.create(lake_dir)
+        Lake.create(lake_dir, key_file=key)
         seen: dict[int, dict[str, int]] = {}
         while True:
-            p = _driver(src, lake_dir)
-            if (kills + finished) % 2:  # right after the k-th new Delta commit
+            n = kills + finished
+            # every third run uses Dask's process pool: the kill takes its workers too
+            p = _driver(src, lake_dir, "processes" if n % 3 == 2 else "synchronous")
+            if n % 2:  # right after the k-th new Delta commit
                 start, k = _log_commits(lake_dir), rng.randint(1, 6)
                 while p.poll() is None and _log_commits(lake_dir) < start + k:
                     time.sleep(0.002)
@@ -114,6 +118,7 @@ def test_kill_9_at_random_moments_converges_to_a_clean_run(tmp_path):
             else:
                 finished += 1
             p.communicate()
+            assert killed or p.returncode == 0
             lake = Lake.open(lake_dir)
             snap = lake.snapshot()
             unpublished += any(
@@ -173,7 +178,11 @@ def test_four_readers_see_only_committed_counts_while_an_ingest_commits(tmp_path
                                  str(tmp_path / f"reader{i}.jsonl")], cwd=REPO)
                for i in range(4)]
     try:
-        time.sleep(3)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not all(  # every reader is querying
+                (tmp_path / f"reader{i}.jsonl").exists()
+                and (tmp_path / f"reader{i}.jsonl").stat().st_size for i in range(4)):
+            time.sleep(0.1)
         _run(src, lake_dir)
         time.sleep(1)
     finally:
@@ -204,7 +213,7 @@ def test_four_readers_see_only_committed_counts_while_an_ingest_commits(tmp_path
             distinct.add(o["snapshot"])
     print(f"\nreaders: {observations} queries, {errors} errors, {len(distinct)} distinct "
           f"snapshots seen of {len(committed)}")
-    assert errors == 0 and observations >= 40 and len(distinct) >= 3
+    assert errors == 0 and observations >= 12 and len(distinct) >= 3
 
 
 def test_two_ingests_at_once_one_refuses_clearly_and_no_commit_is_lost(tmp_path):

@@ -146,4 +146,4 @@ def test_a_file_the_ingest_user_cannot_read_is_io_error(outside_pytest_tmp):
     with open_lake(lake_dir, vault=True) as c:
         rows = sorted(c.con.execute("SELECT path, outcome, reason FROM files").fetchall())
     assert rows == [(str(src / "readable.dcm"), "ingested", None),
-                    (str(src / "secret.dcm"), "quarantined", "io_error")]
+                    (str(src / "secret.dcm"), "quarantined", "io_error")], (r.stdout, r.stderr)

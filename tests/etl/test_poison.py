@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import dask
 import pytest
 
 from catalog import open_lake
@@ -106,7 +105,5 @@ def test_a_worker_crash_on_a_distributed_cluster(tmp_path, monkeypatch):
         (src / name).write_bytes(corpus.part10(corpus.base(uid)))
     monkeypatch.setenv("LAKE_TEST_CRASH_MARKER", "poison_crash")
     lake = Lake.create(tmp_path / "lake")
-    # one death is enough to give up on a task (the default, 3, only makes this slower)
-    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
-        s = ingest(lake, src, IngestConfig(scheduler="local-cluster", workers=2, batch_files=3))
+    s = ingest(lake, src, IngestConfig(scheduler="local-cluster", workers=2, batch_files=3))
     assert s.outcomes["ingested"] == 5 and s.quarantine_reasons == {"worker_crash": 1}
