@@ -8,6 +8,7 @@ string storage. Analytics views from ``catalog/views/*.sql`` are added on top.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from importlib import resources
@@ -40,7 +41,9 @@ class Catalog:
         self.config = config or CatalogConfig()
         self.snapshot: Snapshot = self.lake.snapshot(snapshot)
         self.con = duckdb.connect(":memory:")
-        self.con.execute("SET enable_progress_bar = false")  # libraries do not draw on stderr
+        # a library does not draw on stderr (in Jupyter the setting may be refused)
+        with contextlib.suppress(duckdb.Error):
+            self.con.execute("SET enable_progress_bar = false")
         if self.config.threads:
             self.con.execute(f"SET threads TO {int(self.config.threads)}")
         if self.config.memory_limit:
