@@ -8,6 +8,7 @@ string storage. Analytics views from ``catalog/views/*.sql`` are added on top.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from importlib import resources
@@ -40,6 +41,9 @@ class Catalog:
         self.config = config or CatalogConfig()
         self.snapshot: Snapshot = self.lake.snapshot(snapshot)
         self.con = duckdb.connect(":memory:")
+        # a library does not draw on stderr (in Jupyter the setting may be refused)
+        with contextlib.suppress(duckdb.Error):
+            self.con.execute("SET enable_progress_bar = false")
         if self.config.threads:
             self.con.execute(f"SET threads TO {int(self.config.threads)}")
         if self.config.memory_limit:
@@ -74,15 +78,20 @@ class Catalog:
         files = self.lake.delta(name, self.snapshot).file_uris()
         if not files or not all(f.startswith("/") for f in files):
             return False
-        schema = spec.storage_schema(self.lake.profile)
+        rel = self.con.read_parquet(files, hive_partitioning=True, union_by_name=True)
+        present = set(rel.columns)
         columns = []
-        for f in schema:  # identifiers and types from the declared schema, not user input
+        # identifiers and types from the declared schema, not user input; a column the
+        # files do not have yet (added to the schema later) is left out, as the Delta
+        # table's own schema would
+        for f in spec.storage_schema(self.lake.profile):
+            if f.name not in present:
+                continue
             if f.name in spec.partition_by:
                 columns.append(f'CAST("{f.name}" AS {_PARTITION_TYPES[str(f.type)]}) '
                                f'AS "{f.name}"')
             else:
                 columns.append(f'"{f.name}"')
-        rel = self.con.read_parquet(files, hive_partitioning=True, union_by_name=True)
         rel.select(", ".join(columns)).create_view(raw)
         return True
 

@@ -4,8 +4,6 @@ pseudonymized copy of it (keyed IDs, remapped UIDs, per-patient date shifts)."""
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import hmac
 import json
 import math
 import shutil
@@ -15,8 +13,9 @@ import pyarrow as pa
 import pytest
 
 from catalog import ReportError, open_lake, reports
-from etl import ingest, summarize
+from etl import ingest
 from lakehouse import Lake, layout
+from lakehouse.privacy import Pseudonymizer, read_key_file
 from tests.conftest import fast_config
 
 Z = 1.959963984540054
@@ -290,80 +289,41 @@ def test_bad_drl_files_are_clear_errors(cat, tmp_path):
 
 # --- a research lake of the same archive ------------------------------------------
 
-KEY = b"test-only pseudonymization key"
-
-
-def _pseudonym(value: str | None) -> str | None:
-    if value is None:
-        return None
-    return hmac.new(KEY, value.encode(), hashlib.sha256).hexdigest()[:20]
-
-
-def _uid(value: str | None) -> str | None:
-    if value is None:
-        return None
-    digest = hmac.new(KEY, b"uid|" + value.encode(), hashlib.sha256).digest()
-    return "2.25." + str(int.from_bytes(digest[:16], "big"))
-
-
-def _shift(patient: str) -> dt.timedelta:
-    digest = hmac.new(KEY, b"date|" + patient.encode(), hashlib.sha256).digest()
-    return dt.timedelta(days=int.from_bytes(digest[:4], "big") % 3650 - 1825)
-
-
 @pytest.fixture(scope="module")
-def research(built_lake, tmp_path_factory):
-    """The session lake rewritten the way a research lake stores it: keyed pseudonyms,
-    remapped UIDs, per-patient date shifts, no names; then its derived tables rebuilt."""
-    source = Lake.open(built_lake[0]).read("instances")
-    rows = source.to_pylist()
-    for r in rows:
-        shift = _shift(r["PatientID"])
-        for uid in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
-                    "FrameOfReferenceUID"):
-            r[uid] = _uid(r[uid])
-        for date in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate"):
-            if r[date] is not None:
-                r[date] += shift
-        r["study_year"] = r["StudyDate"].year if r["StudyDate"] else None
-        r["PatientID"] = _pseudonym(r["PatientID"])
-        r["AccessionNumber"] = _pseudonym(r["AccessionNumber"])
-        r["StudyID"] = _pseudonym(r["StudyID"])
-        r["PatientName"] = r["PatientBirthDate"] = None
-        if r["Modality"] != "SR":  # the dose reports' coded and numeric content is kept
-            r["dicom_json"] = "{}"
-    path = tmp_path_factory.mktemp("research") / "lake"
-    lake = Lake.create(path, profile="research")
-    with lake.writer("pseudonymized-copy") as w:
-        w.append("instances", pa.Table.from_pylist(rows))
-        for name, table in summarize.build(w.dataset("instances")).items():
-            w.overwrite(name, table)
-        w.publish("research copy")
-    with open_lake(path) as c:
-        yield c
+def research(archive, tmp_path_factory):
+    """The session archive ingested into a research lake: keyed pseudonyms, remapped UIDs,
+    per-patient date shifts, an allow-listed header (dose reports: coded and numeric
+    content only)."""
+    root = tmp_path_factory.mktemp("research")
+    key = root / "lake.key"
+    lake = Lake.create(root / "lake", profile="research", key_file=key)
+    ingest(lake, archive[0], fast_config(), key_file=key)
+    with open_lake(root / "lake") as c:
+        yield c, Pseudonymizer(read_key_file(key))
 
 
 def test_research_lake_gives_the_same_figures(cat, research, truth):
-    assert research.lake.profile == "research"
-    assert "PatientName" not in research.table("studies").columns
-
+    rcat, pseudo = research
+    assert rcat.lake.profile == "research"
+    assert "PatientName" not in rcat.table("studies").columns
     for window in (0, 30, 31):
         d = reports.RepeatDefinition(window_days=window)
-        assert reports.repeat_rates(research, by=["Modality"], definition=d).to_pylist() == \
+        assert reports.repeat_rates(rcat, by=["Modality"], definition=d).to_pylist() == \
             reports.repeat_rates(cat, by=["Modality"], definition=d).to_pylist()
-        mapped = {(_uid(s), _uid(p), days) for s, p, days in expected_pairs(truth, window)}
-        assert pairs(reports.repeat_pairs(research, definition=d)) == mapped
-    assert reports.retake_rates(research, by=["Modality"]).to_pylist() == \
+        mapped = {(pseudo.uid(s), pseudo.uid(p), days)
+                  for s, p, days in expected_pairs(truth, window)}
+        assert pairs(reports.repeat_pairs(rcat, definition=d)) == mapped
+    assert reports.retake_rates(rcat, by=["Modality"]).to_pylist() == \
         reports.retake_rates(cat, by=["Modality"]).to_pylist()
-    assert reports.utilization(research, by=["Modality"]).to_pylist() == \
+    assert reports.utilization(rcat, by=["Modality"]).to_pylist() == \
         reports.utilization(cat, by=["Modality"]).to_pylist()
     keep = ["dose_source", "events", "CTDIvol_max", "DLP_total", "accumulated_DLP",
-            "protocols", "exceeds"]
-    ours = {_uid(r["StudyInstanceUID"]): {k: r[k] for k in keep}
+            "target_regions", "exceeds"]
+    ours = {pseudo.uid(r["StudyInstanceUID"]): {k: r[k] for k in keep}
             for r in reports.dose_studies(cat).to_pylist()}
     theirs = {r["StudyInstanceUID"]: {k: r[k] for k in keep}
-              for r in reports.dose_studies(research).to_pylist()}
-    assert theirs == ours
+              for r in reports.dose_studies(rcat).to_pylist()}
+    assert theirs == ours and len(theirs) == truth.studies_by_modality["CT"]
 
 
 def test_a_lake_made_before_dose_events_reads_and_ingests(lake_copy, archive):
