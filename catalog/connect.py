@@ -78,6 +78,10 @@ class Catalog:
         files = self.lake.delta(name, self.snapshot).file_uris()
         if not files or not all(f.startswith("/") for f in files):
             return False
+        if any("%" in f for f in files):
+            # a partition value the writer had to percent-encode in its folder name (a
+            # hostile Modality such as "../x"): only the Delta log has it verbatim
+            return False
         rel = self.con.read_parquet(files, hive_partitioning=True, union_by_name=True)
         present = set(rel.columns)
         columns = []

@@ -80,6 +80,12 @@ def test_time_columns_round_trip_and_partitions_are_safe(tmp_path):
     assert got.column("Modality").to_pylist() == ["CT", "../../evil", None]
     assert got.column("StudyTime").to_pylist() == ["14:30:01.000005", None, "00:00:00.000000"]
     assert got.column("PixelSpacing").to_pylist() == [[0.5, 0.5], None, [1.0, 2.0]]
+    from catalog import open_lake
+
+    with open_lake(tmp_path / "lk") as cat:  # the views show the values verbatim too
+        assert cat.con.execute("SELECT Modality, study_year FROM instances ORDER BY "
+                               "SOPInstanceUID").fetchall() == [
+            ("CT", 2020), ("../../evil", 2021), (None, None)]
     files = list((tmp_path / "lk" / "research" / "instances").rglob("*.parquet"))
     assert len(files) == 3
     assert all(str(f.resolve()).startswith(str((tmp_path / "lk").resolve())) for f in files)
