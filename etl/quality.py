@@ -24,6 +24,10 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _TEXT_CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")
 
 
+#: VRs whose values ``valid_string`` checks (the others are always valid)
+CHECKED_VRS = frozenset(MAX_CHARS) | _TEXT_VRS | {"UC", "UR"}
+
+
 def valid_string(vr: str, value: Any) -> bool:
     """False for a string value with control characters or longer than its VR allows."""
     if vr not in MAX_CHARS and vr not in _TEXT_VRS and vr not in ("UC", "UR"):

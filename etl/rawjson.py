@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import base64
 import struct
+import warnings
 
+from pydicom.charset import TEXT_VR_DELIMS, convert_encodings, decode_bytes
 from pydicom.datadict import DicomDictionary
 
 from etl.safety import (
@@ -46,6 +48,13 @@ _TEXT_SPLIT = frozenset({"LO", "SH", "UC"})
 _TEXT_SINGLE = frozenset({"LT", "ST", "UT"})
 _ASCII_SPLIT = frozenset({"AS", "CS", "DA", "DT", "TM"})
 _SPECIFIC_CHARSET = 0x00080005
+#: ISO 2022 terms (code extensions), decoded with pydicom's decoder
+ISO2022 = frozenset({"", "ISO 2022 IR 6", "ISO 2022 IR 13", "ISO 2022 IR 87",
+                     "ISO 2022 IR 159", "ISO 2022 IR 149", "ISO 2022 IR 58",
+                     "ISO 2022 IR 100", "ISO 2022 IR 101", "ISO 2022 IR 109",
+                     "ISO 2022 IR 110", "ISO 2022 IR 126", "ISO 2022 IR 127",
+                     "ISO 2022 IR 138", "ISO 2022 IR 144", "ISO 2022 IR 148",
+                     "ISO 2022 IR 166"})
 
 
 class _Fallback(Exception):
@@ -76,7 +85,7 @@ class _Reader:
         self.buf = buf
         self.explicit = explicit
         self.bulk = bulk
-        self.encoding = "latin_1"
+        self.encoding: str | list[str] = "latin_1"
 
     def dataset(self, pos: int, end: int, top: bool = False) -> tuple[dict, int]:
         buf = self.buf
@@ -131,14 +140,31 @@ class _Reader:
             out[key] = self.element(vr, raw)
         return out, pos
 
-    def charset(self, raw: bytes) -> str:
+    def charset(self, raw: bytes) -> str | list[str]:
+        """A Python codec for single-byte, UTF-8 and GB18030 sets; pydicom's list of
+        encodings for ISO 2022 code extensions (decoded with pydicom's own decoder)."""
         value = raw.decode("latin_1").rstrip(" \x00")
-        if "\\" in value:
+        if "\\" not in value and value.strip() in CHARSETS:
+            return CHARSETS[value.strip()]
+        terms = value.split("\\")
+        if not all(t.strip() in ISO2022 for t in terms):
             raise _Fallback
-        enc = CHARSETS.get(value.strip())
-        if enc is None:
-            raise _Fallback
-        return enc
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # any doubt: pydicom's full path decides
+            try:
+                return convert_encodings(terms)
+            except Exception:
+                raise _Fallback from None
+
+    def decode(self, raw: bytes) -> str:
+        if isinstance(self.encoding, str):
+            return raw.decode(self.encoding)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            try:
+                return decode_bytes(raw, self.encoding, TEXT_VR_DELIMS)
+            except Exception:
+                raise _Fallback from None
 
     def sequence(self, start: int, length: int) -> tuple[list, int]:
         buf = self.buf
@@ -186,18 +212,18 @@ class _Reader:
             return {"vr": vr, "Value": [f"{vals[i]:04X}{vals[i + 1]:04X}"
                                         for i in range(0, len(vals), 2)]}
         if vr == "PN":
-            text = raw.rstrip(b"\x00 ").decode(self.encoding)
+            text = self.decode(raw.rstrip(b"\x00 "))
             if not text:
                 return {"vr": vr}
             return {"vr": vr, "Value": [_person_name(v) for v in text.split("\\")]}
         if vr in _TEXT_SPLIT:
-            text = raw.decode(self.encoding)
+            text = self.decode(raw)
             values = [v.rstrip("\x00 ") for v in text.split("\\")]
             if len(values) == 1 and not values[0]:
                 return {"vr": vr}
             return {"vr": vr, "Value": values}
         if vr in _TEXT_SINGLE:
-            text = raw.decode(self.encoding).rstrip("\x00 ")
+            text = self.decode(raw).rstrip("\x00 ")
             return {"vr": vr, "Value": [text]} if text else {"vr": vr}
         if vr == "UI":
             values = raw.decode("latin_1").rstrip("\x00 ").split("\\")

@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 from pydicom.datadict import tag_for_keyword
 
-from etl.quality import valid_string
+from etl.quality import CHECKED_VRS, valid_string
 from lakehouse.schemas import HEADER_COLUMNS, Column
 
 _DATE_RE = re.compile(r"^(\d{4})\.?(\d{2})\.?(\d{2})$")
@@ -56,7 +56,7 @@ def record_from_json(header: dict) -> tuple[dict[str, Any], list[str]]:
         ok = typed is not None or not wanted
         if ok and pa.types.is_list(col.type) and typed is not None and len(typed) < len(wanted):
             ok = False
-        if ok and vr and any(not valid_string(vr, text(v) or "") for v in wanted):
+        if ok and vr in CHECKED_VRS and any(not valid_string(vr, text(v) or "") for v in wanted):
             ok = False  # control characters, over-long values, malformed UIDs
         rec[col.name] = typed if ok else None
         if not ok:
