@@ -137,7 +137,7 @@ def test_listener_ingests_what_orthanc_and_a_modality_send(orthanc, built_lake, 
     with open_lake(path) as cat:
         assert cat.counts()["instances"] == 10
         assert cat.con.execute("SELECT reason FROM quarantine").fetchall() == \
-            [("missing_study_uid",)]
+            [("missing_uid:StudyInstanceUID",)]
         kinds = {r[0] for r in cat.con.execute("SELECT source_kind FROM ingest_runs").fetchall()}
         assert kinds == {"dimse-listen"}
     assert _rows(path, orthanc.instance_uids(Modality="DX")) == \
