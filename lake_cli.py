@@ -36,6 +36,60 @@ def _lake_dir(args) -> Path:
     return Path(args.lake or os.environ.get("LAKE_DIR") or DEFAULT_LAKE)
 
 
+# --- features -----------------------------------------------------------------
+
+def cmd_features(args) -> int:
+    from etl.features import FeaturesConfig, compute_features
+    from etl.radiomics import Params
+    from lakehouse import Lake
+
+    lake = Lake.open(_lake_dir(args))
+    params = Params.load(args.params) if args.params else Params.default()
+    mask_files = []
+    for spec in args.mask_file or []:
+        uid, sep, path = spec.partition("=")
+        if not sep or not uid or not path:
+            raise CliError(f"--mask-file expects SERIES_UID=PATH, got {spec!r}")
+        if not Path(path).is_file():
+            raise CliError(f"mask file {path} does not exist")
+        mask_files.append((uid, path))
+    series = tuple(args.series or ())
+    if args.cohort:
+        series = _cohort_series(lake.root, args.cohort)
+        if not series:
+            raise CliError(f"cohort {args.cohort!r} has no series")
+    config = FeaturesConfig(series=series, params=params, mask_files=tuple(mask_files),
+                            scheduler=args.scheduler or "processes", workers=args.workers,
+                            image_series_only=bool(args.cohort))
+    s = compute_features(lake, config)
+    print(f"features run {s.run_id}: {s.series} series ({s.volumes_ok} regular volumes, "
+          f"{s.image_stats} with image statistics), {s.masks} masks, {s.segments} segments, "
+          f"{s.feature_rows} feature values, {s.failures} failures in {s.seconds:.1f} s; "
+          f"snapshot {s.snapshot}")
+    for reason, n in sorted(s.failure_reasons.items()):
+        print(f"  {reason}: {n}")
+    return 0
+
+
+def _cohort_series(lake_root: Path, name: str) -> tuple[str, ...]:
+    """The series of a saved cohort (a study cohort gives all series of its studies)."""
+    try:
+        from catalog import cohorts  # type: ignore[attr-defined]
+    except ImportError:
+        raise CliError("--cohort needs saved cohorts (catalog.cohorts), which this version of "
+                       "the lake does not have; pass the series with --series") from None
+    from catalog import open_lake
+
+    result = cohorts.open_cohort(lake_root, name).result()
+    if result.key == "SeriesInstanceUID":
+        return tuple(result.members)
+    with open_lake(lake_root) as cat:
+        rows = cat.arrow("SELECT SeriesInstanceUID FROM series "
+                         "WHERE list_contains($s, StudyInstanceUID) ORDER BY 1",
+                         {"s": list(result.members)})
+    return tuple(rows.column(0).to_pylist())
+
+
 # --- init ---------------------------------------------------------------------
 
 def _key_file(args) -> Path | None:
@@ -47,7 +101,18 @@ def cmd_init(args) -> int:
     from lakehouse import Lake
 
     path = Path(args.path) if args.path else _lake_dir(args)
-    lake = Lake.create(path, profile=args.profile, key_file=_key_file(args))
+    private = []
+    for spec in args.private_tag or []:
+        parts = [p.strip() for p in spec.split(",")]
+        if len(parts) != 3:
+            raise CliError(f"--private-tag {spec!r}: expected GROUP,CREATOR,ELEMENT "
+                           "(e.g. 0x0019,GEMS_ACQU_01,0x23)")
+        private.append({"group": parts[0], "creator": parts[1], "element": parts[2]})
+    try:
+        lake = Lake.create(path, profile=args.profile, key_file=_key_file(args),
+                           private_allowlist=private)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     print(f"created {lake.profile} lake at {lake.root}")
     if lake.research:
         key = _key_file(args) or lake.default_key_path()
@@ -263,6 +328,50 @@ def _print_table(cols: list[str], rows: list[dict], out, max_width: int = 60) ->
     out.write(f"({len(rows)} row{'s' if len(rows) != 1 else ''})\n")
 
 
+# --- report -------------------------------------------------------------------
+
+def cmd_report(args) -> int:
+    from catalog import open_lake, reports
+
+    definition = reports.RepeatDefinition(
+        window_days=args.window,
+        match=tuple(_names(args.match)) if args.match else reports.DEFAULT_REPEATS.match,
+        exclude_localizers=not args.keep_localizers,
+        exclude_derived=not args.keep_derived,
+        exclude_secondary=not args.keep_secondary,
+    )
+    request = reports.ReportRequest(
+        kind=args.kind, by=tuple(_names(args.by)), date_from=args.date_from,
+        date_to=args.date_to, studies=args.studies, repeats=definition, drl=args.drl,
+        exceedances=args.exceedances,
+        where=tuple(reports.Filter.parse(w) for w in args.where or ()))
+    with open_lake(_lake_dir(args), args.snapshot) as cat:
+        table = reports.run(cat, request)
+        if cat.lake.profile == "identified" and args.format != "json" and args.studies:
+            print("# identified lake: results may contain patient identifiers", file=sys.stderr)
+    rows = table.to_pylist()
+    cols = table.column_names
+    if args.format == "json":
+        json.dump(rows, sys.stdout, default=_json_default, ensure_ascii=False)
+        sys.stdout.write("\n")
+    elif args.format == "csv":
+        w = csv.writer(sys.stdout, lineterminator="\n")
+        w.writerow(cols)
+        for r in rows:
+            w.writerow([_plain(_rounded(r[c])) for c in cols])
+    else:
+        _print_table(cols, [{c: _rounded(r[c], 4) for c in cols} for r in rows], sys.stdout)
+    return 0
+
+
+def _names(text: str | None) -> list[str]:
+    return [n.strip() for n in (text or "").split(",") if n.strip()]
+
+
+def _rounded(v, digits: int = 6):
+    return round(v, digits) if isinstance(v, float) else v
+
+
 # --- status -------------------------------------------------------------------
 
 def cmd_status(args) -> int:
@@ -305,6 +414,101 @@ def cmd_status(args) -> int:
             print(f"  {r['ingest_run_id']}  {r['status']:<9} seen {r['files_seen']}, "
                   f"unchanged {r['files_unchanged']}, ingested {r['files_ingested']}, "
                   f"quarantined {r['files_quarantined']}  ({r['seconds']} s)")
+    return 0
+
+
+# --- cohort -------------------------------------------------------------------
+
+def cmd_cohort(args) -> int:
+    from catalog import cohorts
+
+    lake = _lake_dir(args)
+    action = args.cohort_command
+    if action == "save":
+        if (args.sql is None) == (args.spec is None):
+            raise CliError("give the cohort as --sql QUERY or --spec FILE (exactly one)")
+        from catalog import spec as specs
+
+        query = sys.stdin.read() if args.sql == "-" else args.sql
+        definition = specs.load(args.spec) if args.spec else None
+        saved = cohorts.save(lake, args.name, sql=query, spec=definition,
+                             description=args.description or "", replace=args.replace,
+                             snapshot=args.snapshot)
+        print(f"saved cohort {saved.name}: {saved.row_count} {saved.grain} rows at lake "
+              f"snapshot {saved.snapshot} (sha256 {saved.rows_sha256[:12]})")
+        return 0
+    if action == "list":
+        rows = [cohorts.load(lake, n) for n in cohorts.names(lake)]
+        if args.json:
+            print(json.dumps([r.to_dict() for r in rows], indent=2))
+        else:
+            _print_table(["name", "grain", "rows", "snapshot", "kind", "created_at"],
+                         [{"name": r.name, "grain": r.grain, "rows": r.row_count,
+                           "snapshot": r.snapshot, "kind": r.definition.kind,
+                           "created_at": r.created_at} for r in rows], sys.stdout)
+        return 0
+    if action == "show":
+        cohort = cohorts.open_cohort(lake, args.name)
+        drift = cohort.drift()
+        info = {**cohort.saved.to_dict(), "reproduced": True, "latest": drift.to_dict()}
+        if args.json:
+            print(json.dumps(info, indent=2, default=_json_default))
+            return 0
+        s = cohort.saved
+        print(f"cohort    {s.name} ({s.definition.kind}, one row per {s.grain})")
+        print(f"snapshot  {s.snapshot}: {s.row_count} rows, sha256 {s.rows_sha256} "
+              "(reproduced)")
+        print(f"definition\n  {s.definition.sql or json.dumps(s.definition.spec)}")
+        print(f"latest    {drift.b}: " + ("same result" if drift.same else
+              f"+{len(drift.added)} -{len(drift.removed)} {s.grain} rows"
+              f"{', rows changed' if drift.rows_changed else ''}"))
+        if args.rows:
+            _print_table(cohort.rows().column_names, cohort.rows().to_pylist(), sys.stdout)
+        return 0
+    if action == "diff":
+        d = cohorts.diff(lake, args.name, args.other)
+        if args.json:
+            print(json.dumps(d.to_dict(), indent=2))
+            return 0
+        print(f"{d.a} -> {d.b}: {d.unchanged} unchanged, {len(d.added)} added, "
+              f"{len(d.removed)} removed{', rows changed' if d.rows_changed else ''}")
+        for uid in d.added:
+            print(f"+ {uid}")
+        for uid in d.removed:
+            print(f"- {uid}")
+        return 0
+    # export
+    from catalog.export import export
+
+    show = args.progress and sys.stderr.isatty()
+    bars: dict = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if show:
+            from tqdm import tqdm
+
+            bar = bars.get(stage) or bars.setdefault(
+                stage, tqdm(total=total, unit="file" if stage == "dicom" else "series",
+                            desc=stage, file=sys.stderr))
+            bar.n = done
+            bar.refresh()
+
+    try:
+        summary = export(lake, args.name, args.to, args.as_, progress,
+                         key_file=_key_file(args))
+    finally:
+        for bar in bars.values():
+            bar.close()
+    if args.json:
+        print(json.dumps(summary.to_dict(), indent=2))
+    else:
+        print(f"exported cohort {summary.cohort} (snapshot {summary.snapshot}) as "
+              f"{summary.as_} to {summary.to}: {summary.series} series, {summary.instances} "
+              f"instances; {summary.written} written, {summary.skipped_existing} already "
+              f"there, {len(summary.not_exported)} not exported; {summary.files} files in "
+              "SHA256SUMS")
+        for uid, why in sorted(summary.not_exported.items()):
+            print(f"  not exported {uid}: {why}")
     return 0
 
 
@@ -531,6 +735,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="research (default: pseudonymized tables, identifiers only in the "
                     "vault) or identified (originals kept, for internal quality work)")
     key_opt(sp)
+    sp.add_argument("--private-tag", action="append", metavar="GROUP,CREATOR,ELEMENT",
+                    help="keep this private attribute in a research lake (repeatable), e.g. "
+                    "0x0019,GEMS_ACQU_01,0x23 (ELEMENT: the low byte); all others are dropped")
     sp.set_defaults(func=cmd_init)
 
     sp = sub.add_parser("ingest", help="ingest a folder of DICOM files, or a PACS")
@@ -585,10 +792,82 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--snapshot", type=_non_negative, help="query an earlier lake snapshot")
     sp.set_defaults(func=cmd_sql)
 
+    sp = sub.add_parser(
+        "report", help="quality reports: utilization, repeat exams, retakes, CT dose",
+        description="Figures grouped by --by (any column of the report's study view, e.g. "
+        "month, week, day, weekday, hour, Modality, BodyPartExamined, StationName, "
+        "Manufacturer, ManufacturerModelName, InstitutionalDepartmentName); --studies lists "
+        "the studies (repeats: the study pairs; retakes: the retaken views) behind them.")
+    sp.add_argument("kind", choices=["utilization", "repeats", "retakes", "dose"])
+    lake_opt(sp)
+    sp.add_argument("--from", dest="date_from", metavar="YYYY-MM-DD",
+                    help="first study date (inclusive)")
+    sp.add_argument("--to", dest="date_to", metavar="YYYY-MM-DD",
+                    help="last study date (inclusive)")
+    sp.add_argument("--by", metavar="COLS", help="comma-separated grouping columns (default: "
+                    "utilization month,Modality; repeats Modality; retakes StationName; "
+                    "dose BodyPartExamined)")
+    sp.add_argument("--window", type=_non_negative, default=30, metavar="DAYS",
+                    help="repeats: a study within DAYS days of an earlier matching one is a "
+                    "repeat (default 30)")
+    sp.add_argument("--match", metavar="COLS", help="repeats: columns that must match besides "
+                    "the patient (default Modality,BodyPartExamined)")
+    sp.add_argument("--keep-localizers", action="store_true",
+                    help="repeats: count studies of localizer images only as exams")
+    sp.add_argument("--keep-derived", action="store_true",
+                    help="repeats: count studies of derived images only as exams")
+    sp.add_argument("--keep-secondary", action="store_true",
+                    help="repeats: count studies of secondary captures only as exams")
+    sp.add_argument("--drl", metavar="FILE", help="dose: diagnostic reference levels CSV "
+                    "(default: the example levels shipped in catalog/drl_default.csv)")
+    sp.add_argument("--exceedances", action="store_true",
+                    help="dose: list the studies above their reference level")
+    sp.add_argument("--where", action="append", metavar="COL=VALUE",
+                    help="keep rows whose COL equals VALUE (as text); repeatable")
+    sp.add_argument("--studies", action="store_true",
+                    help="list the studies behind the figures instead of the figures")
+    sp.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    sp.add_argument("--snapshot", type=_non_negative, help="report on an earlier lake snapshot")
+    sp.set_defaults(func=cmd_report)
+
     sp = sub.add_parser("status", help="tables, snapshot, quarantine and recent runs")
     lake_opt(sp)
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_status)
+
+    sp = sub.add_parser("cohort", help="save, list, show, diff and export reproducible cohorts")
+    csub = sp.add_subparsers(dest="cohort_command", required=True, parser_class=_Parser)
+    c = csub.add_parser("save", help="run a cohort definition and pin it to the lake snapshot")
+    c.add_argument("name", help="cohort name (letters, digits, _ - .)")
+    c.add_argument("--sql", help="a query returning one row per series (SeriesInstanceUID) "
+                   "or per study (StudyInstanceUID); - reads it from stdin")
+    c.add_argument("--spec", help="a declarative spec file (YAML)")
+    c.add_argument("--description", help="free text saved with the cohort")
+    c.add_argument("--replace", action="store_true", help="overwrite a saved cohort")
+    c.add_argument("--snapshot", type=_non_negative,
+                   help="pin to an earlier lake snapshot (default: the latest)")
+    c = csub.add_parser("list", help="saved cohorts")
+    c.add_argument("--json", action="store_true")
+    c = csub.add_parser("show", help="a saved cohort, reproduced at its snapshot, and drift")
+    c.add_argument("name")
+    c.add_argument("--rows", action="store_true", help="also print the rows")
+    c.add_argument("--json", action="store_true")
+    c = csub.add_parser("diff", help="members of a cohort versus another (default: now)")
+    c.add_argument("name")
+    c.add_argument("other", nargs="?", help="another saved cohort (default: the same "
+                   "definition at the latest snapshot)")
+    c.add_argument("--json", action="store_true")
+    c = csub.add_parser("export", help="export a saved cohort (manifest, DICOM or NIfTI)")
+    c.add_argument("name")
+    c.add_argument("--to", required=True, help="output folder (resumable)")
+    c.add_argument("--as", dest="as_", choices=["manifest", "dicom", "nifti"],
+                   default="manifest")
+    c.add_argument("--no-progress", dest="progress", action="store_false")
+    c.add_argument("--json", action="store_true")
+    key_opt(c)
+    for c in csub.choices.values():
+        lake_opt(c)
+    sp.set_defaults(func=cmd_cohort)
 
     sp = sub.add_parser("demo", help="generate a sample archive, ingest it, print a summary")
     sp.add_argument("--dir", default="lake-demo",
@@ -605,6 +884,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--notebooks", help="notebook folder (default: the project's notebooks/)")
     sp.add_argument("--no-browser", action="store_true")
     sp.set_defaults(func=cmd_notebook)
+
+    sp = sub.add_parser("features", help="series geometry, image statistics and radiomics")
+    lake_opt(sp)
+    which = sp.add_mutually_exclusive_group()
+    which.add_argument("--series", action="append", metavar="UID",
+                       help="image series to compute (repeatable; default: all)")
+    which.add_argument("--cohort", metavar="NAME", help="the image series of a saved cohort")
+    sp.add_argument("--params", metavar="FILE", help="radiomics parameter YAML "
+                    "(default: the extractor's default.yaml)")
+    sp.add_argument("--mask-file", action="append", metavar="SERIES_UID=PATH",
+                    help="a NIfTI/NRRD label map on the grid of that series (repeatable)")
+    sp.add_argument("--workers", type=_positive)
+    sp.add_argument("--scheduler", help="processes (default), threads, synchronous, "
+                    "local-cluster or a Dask scheduler address")
+    sp.set_defaults(func=cmd_features)
 
     sp = sub.add_parser("reidentify", help="map pseudonyms back to identifiers (vault holders "
                         "only; audited)")

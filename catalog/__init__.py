@@ -5,8 +5,9 @@
 ...     cat.df("SELECT Modality, count(*) FROM studies GROUP BY 1")
 """
 
+from catalog import reports
 from catalog.config import CatalogConfig
 from catalog.connect import Catalog, open_lake
-from catalog.errors import QueryError
+from catalog.errors import QueryError, ReportError
 
-__all__ = ["Catalog", "CatalogConfig", "QueryError", "open_lake"]
+__all__ = ["Catalog", "CatalogConfig", "QueryError", "ReportError", "open_lake", "reports"]

@@ -74,3 +74,48 @@ class SchedulerError(LakeError):
             f"cannot use Dask scheduler {address}: {detail}; start one with "
             "`dask scheduler` or leave out --scheduler to run locally"
         )
+
+
+#: Reason codes of ``feature_failures`` rows (image-derived features).
+FEATURE_REASONS: dict[str, str] = {
+    "no_geometry": "the series has no usable ImagePositionPatient/ImageOrientationPatient/"
+                   "PixelSpacing",
+    "not_a_volume": "the slices do not form one regular volume (see series_geometry.issues)",
+    "missing_file": "an instance has no ingested source file in the vault",
+    "pixel_decode": "pixel data could not be decoded (transfer syntax without a decoder, "
+                    "corrupt data)",
+    "geometry_mismatch": "the mask's grid differs from the image's; it is never resampled",
+    "unsupported_mask": "the mask object cannot be read as a segmentation",
+    "empty_segment": "the segment has no voxel on the image grid",
+    "feature_error": "an unexpected error while computing a segment's features (the message "
+                     "names it; please report it with the parameter file)",
+}
+
+
+class FeatureError(LakeError):
+    """A series or mask cannot be turned into features; recorded, never raised out of a job."""
+
+    def __init__(self, reason: str, series_uid: str | None, message: str,
+                 mask_uid: str | None = None):
+        if reason not in FEATURE_REASONS:
+            raise ValueError(f"unknown feature failure reason {reason!r}")
+        self.reason = reason
+        self.series_uid = series_uid
+        self.mask_uid = mask_uid
+        self.message = message
+        super().__init__(f"{reason}: {message}")
+
+
+class GeometryMismatchError(FeatureError):
+    """Mask and image grids differ: says which property and by how much."""
+
+    def __init__(self, series_uid: str | None, what: str, expected, actual,
+                 mask_uid: str | None = None):
+        self.what = what
+        self.expected = expected
+        self.actual = actual
+        super().__init__(
+            "geometry_mismatch", series_uid,
+            f"mask {what} {actual} does not match image {what} {expected} "
+            f"(series {series_uid}); the lake never resamples a mask: export the mask on the "
+            "image's grid", mask_uid)

@@ -184,12 +184,31 @@ def to_json_dict(ds: Dataset, bulk_data_threshold: int) -> dict:
         try:
             data = ds.to_json_dict(bulk_data_threshold=bulk_data_threshold,
                                    bulk_data_element_handler=drop_bulk)
-        except Exception:  # then drop just the attributes pydicom cannot write
+        except Exception:  # some attributes cannot be written as their VR requires
             data = ds.to_json_dict(bulk_data_threshold=bulk_data_threshold,
                                    bulk_data_element_handler=drop_bulk,
                                    suppress_invalid_tags=True)
+            _keep_raw_values(ds, data)
     _strip_bulk(data)
     return data
+
+
+def _keep_raw_values(ds: Dataset, data: dict) -> None:
+    """Top-level attributes pydicom could not write (a DS of "abc") are kept with their
+    raw text, so that the typed column can be flagged invalid and the value is not lost."""
+    for elem in ds:
+        key = f"{elem.tag:08X}"
+        if key in data or elem.VR in ("SQ", "OB", "OW", "UN"):
+            continue
+        try:
+            value = ds.get_item(elem.tag).value
+        except Exception:  # a value that cannot even be read stays out
+            continue
+        if isinstance(value, bytes):
+            value = value.decode("latin-1")
+        text_value = str(value).rstrip("\x00 ")
+        data[key] = {"vr": elem.VR, "Value": text_value.split("\\")} if text_value \
+            else {"vr": elem.VR}
 
 
 def _dumps(header: dict) -> str:

@@ -379,6 +379,167 @@ FILES = TableSpec(
     ),
 )
 
+DOSE_EVENTS = TableSpec(
+    name="dose_events",
+    zone=RESEARCH,
+    grain="one row per CT irradiation event of a CT Radiation Dose SR",
+    description="CT irradiation events parsed from CT Radiation Dose Structured Reports "
+    "(TID 10011), rebuilt from instances.",
+    columns=(
+        Column("StudyInstanceUID", STR, "Study the report belongs to.", "StudyInstanceUID"),
+        Column("SeriesInstanceUID", STR, "Series of the dose report.", "SeriesInstanceUID"),
+        Column("SOPInstanceUID", STR, "The dose report instance.", "SOPInstanceUID"),
+        Column("PatientID", STR, "Patient identifier.", "PatientID"),
+        Column("StudyDate", DATE, "Study date.", "StudyDate"),
+        Column("event_index", I64, "Position of the CT Acquisition in the report, from 1."),
+        Column("IrradiationEventUID", STR, "Irradiation Event UID (113769) of the acquisition."),
+        Column("acquisition_protocol", STR, "Acquisition Protocol (125203), as text."),
+        Column("target_region", STR, "Target Region (123014), the code meaning (e.g. Chest)."),
+        Column("acquisition_type", STR, "CT Acquisition Type (113820), the code meaning "
+               "(Spiral Acquisition, Sequenced Acquisition, Constant Angle Acquisition, ...)."),
+        Column("phantom_type", STR, "CTDIw Phantom Type (113835), the code meaning "
+               "(IEC Head / IEC Body Dosimetry Phantom)."),
+        Column("CTDIvol", F64, "Mean CTDIvol (113830) of the acquisition in mGy."),
+        Column("DLP", F64, "Dose length product (113838) of the acquisition in mGy.cm."),
+        Column("accumulated_DLP", F64, "CT Dose Length Product Total (113813) of the whole "
+               "report in mGy.cm (the same on every row of one report)."),
+    ),
+)
+
+
+# --- image-derived features (etl.features; issue 6) ---------------------------
+SERIES_GEOMETRY = TableSpec(
+    name="series_geometry",
+    zone=RESEARCH,
+    grain="one row per image SeriesInstanceUID and features run",
+    description="How an image series assembles into a 3-D volume along its slice normal, "
+    "with the checks of IDC's volume geometry index (missing slices, uneven spacing, oblique "
+    "or tilted stacks, mixed dimensions, multiple stacks).",
+    columns=(
+        Column("SeriesInstanceUID", STR, "Image series UID (as in instances).",
+               "SeriesInstanceUID"),
+        Column("StudyInstanceUID", STR, "Study UID.", "StudyInstanceUID"),
+        Column("Modality", STR, "Modality of the series.", "Modality"),
+        Column("instance_count", I64, "Instances of the series in the lake."),
+        Column("slice_count", I64, "Slices (frames of single-frame instances) with geometry."),
+        Column("Rows", I64, "Rows of the volume (null when mixed).", "Rows"),
+        Column("Columns", I64, "Columns of the volume (null when mixed).", "Columns"),
+        Column("row_spacing", F64, "Spacing between rows (PixelSpacing[0]) in mm."),
+        Column("column_spacing", F64, "Spacing between columns (PixelSpacing[1]) in mm."),
+        Column("slice_spacing_median", F64, "Median gap between consecutive slice positions "
+               "along the normal, in mm."),
+        Column("slice_spacing_min", F64, "Smallest gap between consecutive slice positions."),
+        Column("slice_spacing_max", F64, "Largest gap between consecutive slice positions."),
+        Column("slice_spacing_std", F64, "Standard deviation of the gaps, in mm."),
+        Column("orientation", STR, "axial, coronal, sagittal or oblique (from the normal)."),
+        Column("normal_x", F64, "Slice normal (row x column direction cosines), x."),
+        Column("normal_y", F64, "Slice normal, y."),
+        Column("normal_z", F64, "Slice normal, z."),
+        Column("tilt_degrees", F64, "Angle between the slice normal and the line through the "
+               "slice origins (gantry tilt or shear); 0 for a regular stack."),
+        Column("distinct_orientations", I64, "Distinct ImageOrientationPatient (1e-4)."),
+        Column("distinct_dimensions", I64, "Distinct Rows x Columns."),
+        Column("distinct_positions", I64, "Distinct slice positions along the normal (0.01 mm)."),
+        Column("duplicate_positions", I64, "Slices sharing a position with another slice "
+               "(multiple stacks, or repeated acquisitions)."),
+        Column("missing_slices", I64, "Slices missing from a regular grid at the median "
+               "spacing: round(extent / median gap) + 1 - distinct positions."),
+        Column("is_oblique", pa.bool_(), "True when the normal is not within 1e-3 of an axis."),
+        Column("is_tilted", pa.bool_(), "True when tilt_degrees exceeds 0.01."),
+        Column("uneven_spacing", pa.bool_(), "True when any gap differs from the median by "
+               "more than 1%."),
+        Column("mixed_dimensions", pa.bool_(), "True when Rows x Columns vary."),
+        Column("multiple_stacks", pa.bool_(), "True when orientations differ or positions "
+               "repeat."),
+        Column("volume_ok", pa.bool_(), "True when the series assembles into one regular "
+               "volume: one orientation, one matrix size, no duplicate, missing or tilted slices."),
+        Column("issues", LIST_STR, "Codes of the failed checks: no_geometry, mixed_dimensions, "
+               "multiple_stacks, missing_slices, uneven_spacing, tilted, oblique."),
+        Column("origin", LIST_F64, "Position (x, y, z) of the first voxel of the sorted volume."),
+        Column("features_run_id", STR, "The features run that computed the row."),
+    ),
+)
+
+IMAGE_STATS = TableSpec(
+    name="image_stats",
+    zone=RESEARCH,
+    grain="one row per image SeriesInstanceUID and features run",
+    description="Pixel statistics of a series in modality units (HU for CT after rescale), "
+    "or the reason the pixels could not be read.",
+    columns=(
+        Column("SeriesInstanceUID", STR, "Image series UID.", "SeriesInstanceUID"),
+        Column("StudyInstanceUID", STR, "Study UID.", "StudyInstanceUID"),
+        Column("Modality", STR, "Modality.", "Modality"),
+        Column("units", STR, "Units of the values: HU for CT, otherwise the RescaleType or "
+               "'stored' when no rescale applies."),
+        Column("instances_read", I64, "Instances whose pixels were decoded."),
+        Column("pixel_failures", I64, "Instances whose pixels could not be decoded."),
+        Column("failure_message", STR, "First decoding failure (transfer syntax and error)."),
+        Column("voxel_count", I64, "Pixels the statistics are over."),
+        Column("p01", F64, "1st percentile (linear interpolation)."),
+        Column("p05", F64, "5th percentile."),
+        Column("p25", F64, "25th percentile."),
+        Column("p50", F64, "Median."),
+        Column("p75", F64, "75th percentile."),
+        Column("p95", F64, "95th percentile."),
+        Column("p99", F64, "99th percentile."),
+        Column("mean", F64, "Mean."),
+        Column("std", F64, "Standard deviation (population)."),
+        Column("min", F64, "Smallest value."),
+        Column("max", F64, "Largest value."),
+        Column("noise_sigma", F64, "Background noise estimate: median over slices of "
+               "Immerkaer's fast noise estimate (Laplacian-difference mask), in the same units."),
+        Column("saturated_fraction", F64, "Fraction of pixels whose stored value is at the "
+               "smallest or largest value BitsStored and PixelRepresentation allow."),
+        Column("burned_in_annotation", pa.bool_(), "True when any instance has "
+               "BurnedInAnnotation YES."),
+        Column("status", STR, "ok, partial (some instances failed) or failed."),
+        Column("features_run_id", STR, "The features run that computed the row."),
+    ),
+)
+
+RADIOMICS_FEATURES = TableSpec(
+    name="radiomics_features",
+    zone=RESEARCH,
+    grain="one row per image series, mask, segment, feature and parameter set",
+    description="IBSI radiomics features of a segmented region, long format (a wide view per "
+    "segment is radiomics_wide).",
+    columns=(
+        Column("SeriesInstanceUID", STR, "The image series the features are computed on.",
+               "SeriesInstanceUID"),
+        Column("mask_SOPInstanceUID", STR, "The SEG or RTSTRUCT instance of the mask (for a "
+               "mask file, null)."),
+        Column("mask_source", STR, "seg, rtstruct or file (with the file name)."),
+        Column("segment_number", I64, "SegmentNumber (SEG), ROINumber (RTSTRUCT) or label value."),
+        Column("segment_label", STR, "SegmentLabel / ROIName / label value as text."),
+        Column("feature_class", STR, "firstorder, shape, glcm, glrlm, glszm, gldm, ngtdm."),
+        Column("feature_name", STR, "Feature name as in pyradiomics (e.g. Entropy)."),
+        Column("value", F64, "Feature value."),
+        Column("voxel_count", I64, "Voxels in the segment."),
+        Column("param_hash", STR, "SHA-256 of the canonical parameter set (JSON)."),
+        Column("params_version", I64, "Version of the parameter file format."),
+        Column("extractor_version", STR, "Version of the lake's extractor."),
+        Column("features_run_id", STR, "The features run that computed the row."),
+    ),
+)
+
+FEATURE_FAILURES = TableSpec(
+    name="feature_failures",
+    zone=RESEARCH,
+    grain="one row per series or mask that could not be processed, per features run",
+    description="What a features run could not compute, and why (geometry mismatch, "
+    "undecodable pixels, unsupported mask).",
+    columns=(
+        Column("SeriesInstanceUID", STR, "Image series concerned.", "SeriesInstanceUID"),
+        Column("mask_SOPInstanceUID", STR, "Mask instance concerned, if any."),
+        Column("stage", STR, "volume, image_stats, mask or radiomics."),
+        Column("reason", STR, "Reason code: no_geometry, not_a_volume, pixel_decode, "
+               "geometry_mismatch, unsupported_mask, empty_segment, missing_file, feature_error."),
+        Column("message", STR, "What was wrong and what to do."),
+        Column("features_run_id", STR, "The features run."),
+    ),
+)
+
 IDENTIFIERS = TableSpec(
     name="identifiers",
     zone=VAULT,
@@ -394,7 +555,8 @@ IDENTIFIERS = TableSpec(
 
 TABLES: dict[str, TableSpec] = {
     t.name: t for t in (INSTANCES, SERIES, STUDIES, PATIENTS, QUARANTINE, CONFLICTS,
-                        INGEST_RUNS, FILES, IDENTIFIERS)
+                        INGEST_RUNS, FILES, IDENTIFIERS, DOSE_EVENTS, SERIES_GEOMETRY,
+                        IMAGE_STATS, RADIOMICS_FEATURES, FEATURE_FAILURES)
 }
 
 

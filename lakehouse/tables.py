@@ -114,6 +114,8 @@ class Lake:
             raise LakeExistsError(root)
         if root.exists() and any(root.iterdir()):
             raise LakeExistsError(root)
+        for item in private_allowlist or []:
+            deid.private_tag(item)  # validate before anything is written
         lake_id = uuid.uuid4().hex
         fp = None
         if profile == "research":
@@ -124,8 +126,6 @@ class Lake:
             key = privacy.read_key_file(kpath) if kpath.exists() else \
                 privacy.create_key_file(kpath)
             fp = privacy.fingerprint(key)
-            for item in private_allowlist or []:
-                deid.private_tag(item)  # validate before anything is written
         root.mkdir(parents=True, exist_ok=True)
         layout.snapshots_dir(root).mkdir(parents=True, exist_ok=True)
         for zone in ("research", VAULT):
@@ -225,7 +225,12 @@ class Lake:
         return DeltaTable(str(layout.table_path(self.root, name)), version=version)
 
     def dataset(self, name: str, snapshot: Snapshot | None = None) -> ds.Dataset:
-        return self.delta(name, snapshot).to_pyarrow_dataset()
+        snap = snapshot or self.snapshot()
+        if name not in snap.versions:
+            # a table added to the schemas after this snapshot was published: empty
+            spec = TABLES[name]
+            return ds.dataset(spec.storage_schema(self.profile).empty_table())
+        return self.delta(name, snap).to_pyarrow_dataset()
 
     def read(self, name: str, snapshot: Snapshot | None = None, columns: list[str] | None = None,
              filter: ds.Expression | None = None) -> pa.Table:
@@ -269,6 +274,7 @@ class LakeWriter:
         self.versions = dict(self.base.versions)
         self.extra = dict(self.base.extra)
         self._recover()
+        self._create_missing_tables()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -287,6 +293,23 @@ class LakeWriter:
                 self.versions[name] = DeltaTable(
                     str(layout.table_path(self.lake.root, name))).version()
         self._discard_staged_files()
+
+    def _create_missing_tables(self) -> None:
+        """Create tables added to the schemas after this lake was made (empty until written)."""
+        for spec in TABLES.values():
+            if spec.name in self.versions:
+                continue
+            path = layout.table_path(self.lake.root, spec.name)
+            if (path / "_delta_log").is_dir():
+                dt = DeltaTable(str(path))
+                if dt.version() > 0:
+                    dt.restore(0)  # unpublished writes of a run that died
+            else:
+                dt = DeltaTable.create(str(path), spec.storage_schema(self.lake.profile),
+                                       partition_by=list(spec.partition_by) or None,
+                                       name=spec.name, description=spec.description)
+            self.versions[spec.name] = DeltaTable(str(path)).version()
+            log.info("created table %s, new in this version", spec.name)
 
     def _discard_staged_files(self) -> None:
         for name in TABLES:

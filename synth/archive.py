@@ -52,6 +52,8 @@ class _Record:
     series_uid: str | None = None
     study: Study | None = None
     size: int = 0
+    #: Modality of the file's series (the study's, or SR for its dose report)
+    modality: str | None = None
 
 
 def encode(ds: Dataset) -> bytes:
@@ -181,6 +183,7 @@ def _write_all(
                     sop_uid=series.sop_uids[i],
                     series_uid=series.series_uid,
                     study=study,
+                    modality=series.modality or study.modality,
                 )
                 if study.media:
                     media_datasets.append((copy.deepcopy(ds), study, series))
@@ -218,6 +221,7 @@ def _write_media(
             sop_uid=instance.SOPInstanceUID,
             series_uid=series.series_uid,
             study=study,
+            modality=series.modality or study.modality,
         )
         rec.size = path.stat().st_size
         writer.records.append(rec)
@@ -234,8 +238,7 @@ def _write_resent(writer: _Writer, rng: random.Random) -> tuple[list[str], dict[
     ]
     by_mod: dict[str, list[_Record]] = defaultdict(list)
     for r in candidates:
-        assert r.study is not None
-        by_mod[r.study.modality].append(r)
+        by_mod[str(r.modality)].append(r)
     picks = [rng.choice(by_mod[m]) for m in ("CT", "MR", "CR", "US")]
     duplicates = []
     for n, original in enumerate(picks[:DUPLICATE_COUNT], start=1):
@@ -257,7 +260,7 @@ def _write_bad_files(writer: _Writer, rng: random.Random, uid: UidFactory) -> No
         (
             r
             for r in writer.records
-            if r.outcome == "ingested" and r.study and r.study.modality == "CT"
+            if r.outcome == "ingested" and r.modality == "CT"
         ),
         key=lambda r: r.path,
     )
@@ -361,9 +364,7 @@ def _ground_truth(
         },
         studies_by_modality=dict(sorted(Counter(s.modality for s in studies.values()).items())),
         studies_by_modality_year=[[m, y, n] for (m, y), n in sorted(by_mod_year.items())],
-        instances_by_modality=dict(
-            sorted(Counter(r.study.modality for r in ingested if r.study).items())
-        ),
+        instances_by_modality=dict(sorted(Counter(str(r.modality) for r in ingested).items())),
         series_instance_counts=dict(sorted(series_counts.items())),
         series_size_bytes=dict(sorted(series_size.items())),
         names={pid: p.name for pid, p in sorted(patients.items()) if p.charset is not None},
@@ -380,4 +381,21 @@ def _ground_truth(
             r.path: str(r.reason) for r in records if r.outcome in ("quarantined", "skipped")
         },
         files={r.path: r.outcome for r in records},
+        retakes={
+            s.study_uid: s.retakes for s in sorted(studies.values(), key=lambda s: s.study_uid)
+            if s.retakes
+        },
+        dose_reports={
+            s.study_uid: {
+                "accumulated_dlp": s.accumulated_dlp,
+                "events": [asdict(e) for e in s.dose_events],
+            }
+            for s in sorted(studies.values(), key=lambda s: s.study_uid)
+            if s.dose_report
+        },
+        ct_header_ctdivol={
+            s.study_uid: max(e.ctdivol for e in s.dose_events)
+            for s in sorted(studies.values(), key=lambda s: s.study_uid)
+            if s.modality == "CT" and not s.dose_report
+        },
     )

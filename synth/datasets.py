@@ -24,6 +24,7 @@ SOP_CLASSES = {
     "US": "1.2.840.10008.5.1.4.1.1.6.1",  # Ultrasound Image Storage
     "PT": "1.2.840.10008.5.1.4.1.1.128",  # Positron Emission Tomography Image Storage
     "NM": "1.2.840.10008.5.1.4.1.1.20",  # Nuclear Medicine Image Storage
+    "SR": "1.2.840.10008.5.1.4.1.1.88.67",  # X-Ray Radiation Dose SR Storage
 }
 
 EQUIPMENT = {
@@ -82,9 +83,10 @@ def build_series(
     """Return the series template and the hook that turns it into instance ``i``."""
     rng = Random(f"synth-series-{seed}-{series.index}")
     nrng = np.random.default_rng([seed, series.index])
-    mod = study.modality
+    mod = series.modality or study.modality
     patient = study.patient
-    manufacturer, model, station = EQUIPMENT[mod][hash_pick(study.study_uid, len(EQUIPMENT[mod]))]
+    equipment = EQUIPMENT[study.modality]
+    manufacturer, model, station = equipment[hash_pick(study.study_uid, len(equipment))]
     institution, department = INSTITUTIONS[hash_pick(patient.patient_id, len(INSTITUTIONS))]
 
     meta = FileMetaDataset()
@@ -107,7 +109,7 @@ def build_series(
     ds.InstitutionName = institution
     ds.ReferringPhysicianName = PHYSICIANS[hash_pick(study.study_uid + "ref", len(PHYSICIANS))]
     ds.StationName = station
-    ds.StudyDescription = f"{mod} {study.body_part}"
+    ds.StudyDescription = f"{study.modality} {study.body_part}"
     ds.SeriesDescription = series.description
     ds.InstitutionalDepartmentName = department
     ds.ManufacturerModelName = model
@@ -137,6 +139,8 @@ def build_series(
         t = series.start + dt.timedelta(seconds=i // 4)
         d.ContentTime = tm(t)
 
+    if series.kind == "dose_report":
+        return ds, _dose_report(ds, study, series, set_ids)
     builder = _BUILDERS[mod]
     hook = builder(ds, study, series, cfg_matrix, rng, nrng, set_ids)
     return ds, hook
@@ -194,7 +198,8 @@ def _ct(
     ds.RescaleSlope = "1"
     ds.RescaleType = "HU"
     ds.KVP = ds_str(rng.choice((100, 120, 120, 140)))
-    ds.CTDIvol = round(rng.uniform(40, 60) if study.body_part == "HEAD" else rng.uniform(3, 15), 2)
+    # the spiral acquisition's CTDIvol, as its dose report states it
+    ds.CTDIvol = study.dose_events[-1].ctdivol
     kernels = CT_KERNELS.get(ds.Manufacturer, ("STANDARD", "BONE"))
     ds.ConvolutionKernel = kernels[1] if "Sharp" in series.description else kernels[0]
     ds.GantryDetectorTilt = "0"
@@ -211,7 +216,7 @@ def _ct(
         ds.FrameOfReferenceUID = study.frame_uid
         ds.WindowCenter, ds.WindowWidth = "40", "400"
         ds.XRayTubeCurrent = 35
-        ds.CTDIvol = 0.13
+        ds.CTDIvol = study.dose_events[0].ctdivol
         images = [
             pixels.xray_image(nrng, size, size, 1800) - 1000 for _ in range(series.n_instances)
         ]
@@ -360,12 +365,14 @@ def _projection(
     ds.PhotometricInterpretation = photometric
     if mod == "MG":
         views = [("R", "CC"), ("L", "CC"), ("R", "MLO"), ("L", "MLO")]
+        views += views[:1] * study.retakes
         ds.CompressionForce = ds_str(rng.uniform(80, 140))
         ds.BodyPartThickness = ds_str(rng.uniform(35, 65))
     else:
         laterality = "" if bp == "CHEST" else rng.choice("LR")
         first = "PA" if bp == "CHEST" else "AP"
-        views = [(laterality, first), (laterality, "LAT")][: series.n_instances]
+        views = [(laterality, first), (laterality, "LAT")][: series.n_instances - study.retakes]
+        views += views[:1] * study.retakes  # the first view again: a retake
     images = [pixels.xray_image(nrng, size, size, 4095) for _ in range(series.n_instances)]
 
     def instance(d: Dataset, i: int) -> None:
@@ -423,3 +430,138 @@ _BUILDERS = {
     "MG": _projection,
     "US": _us,
 }
+
+
+# --- CT Radiation Dose SR (TID 10011) --------------------------------------------
+
+#: SNOMED CT codes of the target regions (CID 4030)
+TARGET_REGIONS = {
+    "Head": "69536005",
+    "Chest": "43799004",
+    "Abdomen": "818981001",
+    "Pelvis": "816092008",
+}
+ACQUISITION_TYPES = {
+    "Spiral Acquisition": ("116152004", "SCT"),
+    "Constant Angle Acquisition": ("113805", "DCM"),
+}
+PHANTOMS = {"IEC Head Dosimetry Phantom": "113690", "IEC Body Dosimetry Phantom": "113691"}
+
+
+def code(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue = value
+    item.CodingSchemeDesignator = scheme
+    item.CodeMeaning = meaning
+    return item
+
+
+def _content(relationship: str, value_type: str, name: Dataset) -> Dataset:
+    item = Dataset()
+    item.RelationshipType = relationship
+    item.ValueType = value_type
+    item.ConceptNameCodeSequence = Sequence([name])
+    return item
+
+
+def _num(name: Dataset, value: float, unit: str, unit_meaning: str) -> Dataset:
+    item = _content("CONTAINS", "NUM", name)
+    measured = Dataset()
+    measured.MeasurementUnitsCodeSequence = Sequence([code(unit, "UCUM", unit_meaning)])
+    measured.NumericValue = ds_str(value)
+    item.MeasuredValueSequence = Sequence([measured])
+    return item
+
+
+def _code_item(name: Dataset, value: Dataset, relationship: str = "CONTAINS") -> Dataset:
+    item = _content(relationship, "CODE", name)
+    item.ConceptCodeSequence = Sequence([value])
+    return item
+
+
+def _container(name: Dataset, children: list[Dataset], relationship: str = "CONTAINS") -> Dataset:
+    item = _content(relationship, "CONTAINER", name)
+    item.ContinuityOfContent = "SEPARATE"
+    item.ContentSequence = Sequence(children)
+    return item
+
+
+def dose_content(study: Study) -> list[Dataset]:
+    """The content items under the root of a TID 10011 CT Radiation Dose report."""
+    events = study.dose_events
+    items = [
+        _code_item(
+            code("121058", "DCM", "Procedure reported"),
+            code("77477000", "SCT", "Computed Tomography X-Ray"),
+            "HAS CONCEPT MOD",
+        ),
+        _container(
+            code("113811", "DCM", "CT Accumulated Dose Data"),
+            [
+                _num(code("113812", "DCM", "Total Number of Irradiation Events"), len(events),
+                     "{events}", "events"),
+                _num(code("113813", "DCM", "CT Dose Length Product Total"),
+                     study.accumulated_dlp, "mGy.cm", "mGy.cm"),
+            ],
+        ),
+    ]
+    for event in events:
+        acq_value, acq_scheme = ACQUISITION_TYPES[event.acquisition_type]
+        text = _content("CONTAINS", "TEXT", code("125203", "DCM", "Acquisition Protocol"))
+        text.TextValue = event.protocol
+        uid = _content("CONTAINS", "UIDREF", code("113769", "DCM", "Irradiation Event UID"))
+        uid.UID = event.event_uid
+        items.append(
+            _container(
+                code("113819", "DCM", "CT Acquisition"),
+                [
+                    text,
+                    _code_item(
+                        code("123014", "DCM", "Target Region"),
+                        code(TARGET_REGIONS[event.target_region], "SCT", event.target_region),
+                    ),
+                    _code_item(
+                        code("113820", "DCM", "CT Acquisition Type"),
+                        code(acq_value, acq_scheme, event.acquisition_type),
+                    ),
+                    uid,
+                    _container(
+                        code("113829", "DCM", "CT Dose"),
+                        [
+                            _num(code("113830", "DCM", "Mean CTDIvol"), event.ctdivol, "mGy",
+                                 "mGy"),
+                            _code_item(
+                                code("113835", "DCM", "CTDIw Phantom Type"),
+                                code(PHANTOMS[event.phantom], "DCM", event.phantom),
+                            ),
+                            _num(code("113838", "DCM", "DLP"), event.dlp, "mGy.cm", "mGy.cm"),
+                        ],
+                    ),
+                ],
+            )
+        )
+    return items
+
+
+def _dose_report(ds: Dataset, study: Study, series: Series, set_ids) -> InstanceHook:
+    """Turn the common header into an X-Ray Radiation Dose SR with TID 10011 content."""
+    for keyword in ("ImageType", "AcquisitionNumber", "SamplesPerPixel",
+                    "PhotometricInterpretation", "BitsAllocated", "BitsStored", "HighBit",
+                    "PixelRepresentation", "BodyPartExamined", "ProtocolName",
+                    "AcquisitionDate", "AcquisitionTime"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.file_meta.MediaStorageSOPClassUID = UID(SOP_CLASSES["SR"])
+    ds.SOPClassUID = SOP_CLASSES["SR"]
+    ds.Modality = "SR"
+    ds.ValueType = "CONTAINER"
+    ds.ConceptNameCodeSequence = Sequence([code("113701", "DCM", "X-Ray Radiation Dose Report")])
+    template = Dataset()
+    template.MappingResource = "DCMR"
+    template.TemplateIdentifier = "10011"
+    ds.ContentTemplateSequence = Sequence([template])
+    ds.ContinuityOfContent = "SEPARATE"
+    ds.CompletionFlag = "COMPLETE"
+    ds.VerificationFlag = "UNVERIFIED"
+    ds.ContentSequence = Sequence(dose_content(study))
+    return set_ids

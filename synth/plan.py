@@ -28,6 +28,14 @@ REPEAT_DAYS = (0, 30, 31)
 #: random studies of one patient with the same Modality and body part are at
 #: least this many days apart, so the deliberate repeats are the only ones
 MIN_GAP_DAYS = 90
+#: share of CT studies sent with a CT Radiation Dose SR (the others only have
+#: CTDIvol in their image headers)
+DOSE_REPORT_SHARE = 0.8
+#: share of CR, DX and MG studies with a retaken image (the first view again)
+RETAKE_SHARE = 0.15
+#: scan length in cm of a CT spiral acquisition per body part (DLP = CTDIvol x length)
+SCAN_LENGTH_CM = {"HEAD": (14.0, 20.0), "CHEST": (28.0, 38.0), "ABDOMEN": (30.0, 42.0),
+                  "PELVIS": (20.0, 30.0)}
 
 
 class UidFactory:
@@ -57,12 +65,30 @@ class Patient:
 class Series:
     series_uid: str
     number: int
-    kind: str  # "axial", "localizer", "sagittal", "coronal", "image"
+    kind: str  # "axial", "localizer", "sagittal", "coronal", "image", "dose_report"
     description: str
     n_instances: int
     sop_uids: list[str]
     index: int  # global index: seeds this series' pixel RNG
     start: dt.datetime = dt.datetime(2000, 1, 1)
+    #: the series' Modality when it is not the study's (the dose report: "SR")
+    modality: str | None = None
+
+
+@dataclass(frozen=True)
+class DoseEvent:
+    """One CT irradiation event as its dose report (TID 10011) states it."""
+
+    event_uid: str
+    #: "Constant Angle Acquisition" (a localizer) or "Spiral Acquisition"
+    acquisition_type: str
+    protocol: str
+    #: target region code meaning (SNOMED CT), e.g. "Chest"
+    target_region: str
+    #: "IEC Head Dosimetry Phantom" or "IEC Body Dosimetry Phantom"
+    phantom: str
+    ctdivol: float  # mGy
+    dlp: float  # mGy.cm
 
 
 @dataclass
@@ -78,6 +104,16 @@ class Study:
     series: list[Series] = field(default_factory=list)
     media: bool = False  # written as a DICOMDIR File-set under media/
     frame_uid: str = ""  # FrameOfReferenceUID shared by the study's series
+    #: CT: the irradiation events (localizer, spiral), whether or not reported
+    dose_events: list[DoseEvent] = field(default_factory=list)
+    #: CT: a CT Radiation Dose SR is written (a series of its own, Modality SR)
+    dose_report: bool = False
+    #: CR/DX/MG: extra images repeating the first view (retakes)
+    retakes: int = 0
+
+    @property
+    def accumulated_dlp(self) -> float:
+        return round(sum(e.dlp for e in self.dose_events), 2)
 
     @property
     def n_instances(self) -> int:
@@ -157,6 +193,9 @@ class Planner:
         modality: str,
         body_part: str | None = None,
         start: dt.datetime | None = None,
+        *,
+        dose_report: bool | None = None,
+        retakes: int | None = None,
     ) -> Study | None:
         rng = self.rng
         body_part = body_part or rng.choice(BODY_PARTS[modality])
@@ -179,12 +218,20 @@ class Planner:
             layout=rng.choice(("nested", "nested", "nested_noext", "flat")),
         )
         study.frame_uid = self.uid()
+        if modality == "CT":
+            study.dose_report = (
+                rng.random() < DOSE_REPORT_SHARE if dose_report is None else dose_report
+            )
+        if modality in ("CR", "DX", "MG"):
+            study.retakes = int(rng.random() < RETAKE_SHARE) if retakes is None else retakes
         self._plan_series(study)
         patient.studies.append(study)
         self.studies.append(study)
         return study
 
-    def _series(self, study: Study, kind: str, description: str, n: int) -> None:
+    def _series(
+        self, study: Study, kind: str, description: str, n: int, modality: str | None = None
+    ) -> None:
         number = len(study.series) + 1
         start = study.start + dt.timedelta(minutes=2 * number + self.rng.randrange(2))
         study.series.append(
@@ -197,21 +244,42 @@ class Planner:
                 sop_uids=[self.uid() for _ in range(n)],
                 index=self._series_index,
                 start=start,
+                modality=modality,
             )
         )
         self._series_index += 1
+
+    def _plan_dose(self, study: Study, localizer: bool) -> None:
+        """The CT irradiation events: a localizer (when there is one) and one spiral."""
+        rng, bp = self.rng, study.body_part
+        head = bp == "HEAD"
+        phantom = f"IEC {'Head' if head else 'Body'} Dosimetry Phantom"
+        region = bp.title()
+        if localizer:
+            study.dose_events.append(DoseEvent(
+                self.uid(), "Constant Angle Acquisition", "Topogram", region, phantom,
+                0.13, round(rng.uniform(2.0, 9.0), 2)))
+        ctdivol = round(rng.uniform(40, 60) if head else rng.uniform(3, 15), 2)
+        length = rng.uniform(*SCAN_LENGTH_CM.get(bp, (25.0, 35.0)))
+        study.dose_events.append(DoseEvent(
+            self.uid(), "Spiral Acquisition", f"{region} Routine", region, phantom,
+            ctdivol, round(ctdivol * length, 2)))
 
     def _plan_series(self, study: Study) -> None:
         rng, bp = self.rng, study.body_part
         mod = study.modality
         if mod == "CT":
-            if rng.random() < 0.4:
+            localizer = rng.random() < 0.4
+            if localizer:
                 self._series(study, "localizer", "Topogram 0.6 T20s", rng.choice((1, 2)))
             self._series(study, "axial", f"{bp.title()} 5.0 Soft", rng.randint(*self.slices["CT"]))
             if rng.random() < 0.5:
                 self._series(
                     study, "axial", f"{bp.title()} 2.5 Sharp", rng.randint(*self.slices["CT"])
                 )
+            self._plan_dose(study, localizer)
+            if study.dose_report:
+                self._series(study, "dose_report", "Dose Report", 1, modality="SR")
         elif mod == "MR":
             plans = [("axial", "AX T2 TSE"), ("sagittal", "SAG T1 SE"), ("coronal", "COR PD FS")]
             for kind, desc in plans[: rng.randint(2, 3)]:
@@ -220,12 +288,17 @@ class Planner:
             desc = "PET WB AC" if mod == "PT" else "SPECT MPI Rest"
             self._series(study, "axial", desc, rng.randint(*self.slices["PET"]))
         elif mod == "MG":
-            self._series(study, "image", "Screening Mammo", 4)
+            self._series(study, "image", "Screening Mammo", 4 + study.retakes)
         elif mod == "US":
             self._series(study, "image", f"US {bp.title()}", rng.randint(3, 8))
         else:  # CR, DX
             views = 2 if bp == "CHEST" or rng.random() < 0.5 else 1
-            self._series(study, "image", f"{bp.title()} {'PA/LAT' if views == 2 else 'AP'}", views)
+            self._series(
+                study,
+                "image",
+                f"{bp.title()} {'PA/LAT' if views == 2 else 'AP'}",
+                views + study.retakes,
+            )
 
     def choose_modality(self) -> str:
         weights = self.config.modality_weights
@@ -256,15 +329,22 @@ class Planner:
         # 2. a patient older than 89
         self.add_study(self.new_patient(old=True), "CR", "CHEST")
         # 3. deliberate repeats: same Modality and body part 0, 30, 31 days later
+        #    (the CT prior has a dose report, its same-day repeat only header CTDIvol;
+        #    the CR repeat and the DX prior have a retake)
         for days, mod in zip(REPEAT_DAYS, ("CT", "CR", "DX"), strict=True):
-            prior = self.add_study(self.new_patient(), mod)
+            prior = self.add_study(
+                self.new_patient(), mod, dose_report=True, retakes=1 if mod == "DX" else 0
+            )
             assert prior is not None
             later = prior.start + dt.timedelta(days=days, hours=3 if days == 0 else 0)
-            repeat = self.add_study(prior.patient, mod, prior.body_part, later)
+            repeat = self.add_study(
+                prior.patient, mod, prior.body_part, later, dose_report=False,
+                retakes=1 if mod == "CR" else 0,
+            )
             assert repeat is not None
             self.repeats.append((repeat, prior, days))
         # 4. the study exported with a DICOMDIR (2 DX images)
-        media = self.add_study(self.new_patient(), "DX", "CHEST")
+        media = self.add_study(self.new_patient(), "DX", "CHEST", retakes=0)
         assert media is not None
         media.media = True
         media.layout = "media"

@@ -57,6 +57,18 @@ class GroundTruth:
     bad_files: dict[str, str]
     #: {relative path: outcome} for every file
     files: dict[str, str] = field(default_factory=dict)
+    #: {StudyInstanceUID: retaken images} for CR, DX and MG studies with retakes:
+    #: images beyond the first of one (ViewPosition, ImageLaterality,
+    #: BodyPartExamined) within the study
+    retakes: dict[str, int] = field(default_factory=dict)
+    #: {StudyInstanceUID: {"accumulated_dlp": mGy.cm, "events": [{event_uid,
+    #: acquisition_type, protocol, target_region, phantom, ctdivol (mGy),
+    #: dlp (mGy.cm)}, ...]}} for CT studies sent with a CT Radiation Dose SR,
+    #: the events in report order
+    dose_reports: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: {StudyInstanceUID: largest image-header CTDIvol (mGy)} for CT studies
+    #: without a dose report
+    ct_header_ctdivol: dict[str, float] = field(default_factory=dict)
 
     def to_json(self, indent: int | None = 1) -> str:
         return json.dumps(

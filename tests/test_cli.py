@@ -81,6 +81,15 @@ def test_init_ingest_status(capsys, tmp_path):
     code, _, err = run(capsys, "init", str(tmp_path / "r2"), "--key-file",
                        str(tmp_path / "r2" / "k"))
     assert code == 1 and "outside the lake folder" in err
+    code, _, err = run(capsys, "init", str(tmp_path / "r3"), "--private-tag", "0x0010,X,0x01")
+    assert code == 1 and "must be odd" in err and not (tmp_path / "r3").exists()
+    code, _, _ = run(capsys, "init", str(tmp_path / "r4"), "--key-file", str(tmp_path / "k4"),
+                     "--private-tag", "0x0019,GEMS_ACQU_01,0x23")
+    assert code == 0
+    from lakehouse import Lake
+
+    assert Lake.open(tmp_path / "r4").config.private_allowlist == [
+        {"group": "0x0019", "creator": "GEMS_ACQU_01", "element": "0x23"}]
     src = tmp_path / "src"
     src.mkdir()
     shutil.copy(get_testdata_file("CT_small.dcm"), src / "a.dcm")

@@ -6,8 +6,11 @@ from lakehouse import UnknownTableError
 
 def test_views_and_tables(cat):
     assert set(cat.tables) == {"instances", "series", "studies", "patients", "quarantine",
-                               "conflicts", "ingest_runs"}
-    assert "utilization_monthly" in cat.views
+                               "conflicts", "ingest_runs", "dose_events", "series_geometry",
+                               "image_stats", "radiomics_features", "feature_failures"}
+    assert {"utilization_monthly", "repeat_exams", "dose_by_study"} <= set(cat.views)
+    assert "radiomics_wide" in cat.views
+    assert cat.df("SELECT count(*) AS n FROM radiomics_wide").n[0] == 0
     assert "files" not in cat.tables  # the vault is not attached by default
 
 

@@ -9,6 +9,7 @@ import pwd
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ def corpus_lake(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
     src = root / "src"
     kinds = corpus.build(src)
-    lake = Lake.create(root / "lake")
+    lake = Lake.create(root / "lake", profile="identified")  # values checked as found
     summary = ingest(lake, src, fast_config())
     return src, root / "lake", kinds, summary
 
@@ -101,8 +102,18 @@ def _ingest_user() -> str | None:
     return name if r.returncode == 0 else None
 
 
-def test_a_file_the_ingest_user_cannot_read_is_io_error(tmp_path):
+@pytest.fixture()
+def outside_pytest_tmp():
+    """A folder outside pytest's own temp root: a concurrent pytest session resets that
+    root to 0700, which would lock the unprivileged user out half-way."""
+    path = Path(tempfile.mkdtemp(prefix="lake-unprivileged-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_file_the_ingest_user_cannot_read_is_io_error(outside_pytest_tmp):
     """Run as an unprivileged user (root reads everything, so as root a user is created)."""
+    tmp_path = outside_pytest_tmp
     src = tmp_path / "src"
     src.mkdir()
     ds = corpus.base(corpus._Uids())
@@ -112,7 +123,7 @@ def test_a_file_the_ingest_user_cannot_read_is_io_error(tmp_path):
     secret.write_bytes(corpus.part10(ds))
     secret.chmod(0o000)
     lake_dir = tmp_path / "lake"
-    Lake.create(lake_dir)
+    Lake.create(lake_dir, profile="identified")  # the unprivileged user has no key
     cmd = [sys.executable, "-m", "lake_cli", "ingest", str(src), "--lake", str(lake_dir),
            "--scheduler", "synchronous", "--json"]
     if os.geteuid() == 0:

@@ -105,7 +105,8 @@ def test_ingested_files_agree_with_truth(archive: tuple[Path, GroundTruth], head
     root, truth = archive
     sops = [ds.SOPInstanceUID for ds in headers.values()]
     assert len(set(sops)) == len(sops) == truth.tables["instances"]
-    studies = {ds.StudyInstanceUID: ds for ds in headers.values()}
+    # a CT study's dose report is a series of its own (Modality SR): the images decide
+    studies = {ds.StudyInstanceUID: ds for ds in headers.values() if ds.Modality != "SR"}
     assert len(studies) == truth.tables["studies"]
     assert len({ds.PatientID for ds in headers.values()}) == truth.tables["patients"]
     assert dict(Counter(ds.Modality for ds in studies.values())) == truth.studies_by_modality
@@ -123,11 +124,12 @@ def test_ingested_files_agree_with_truth(archive: tuple[Path, GroundTruth], head
     for rel, ds in headers.items():
         sizes[ds.SeriesInstanceUID] += (root / rel).stat().st_size
     assert dict(sizes) == truth.series_size_bytes
-    # one modality per study
+    # one image modality per study, plus the dose report of CT studies
     mods = defaultdict(set)
     for ds in headers.values():
         mods[ds.StudyInstanceUID].add(ds.Modality)
-    assert all(len(m) == 1 for m in mods.values())
+    assert all(len(m - {"SR"}) == 1 for m in mods.values())
+    assert all(m == {"CT", "SR"} for m in mods.values() if "SR" in m)
 
 
 def test_headers_are_realistic_part10(archive: tuple[Path, GroundTruth], headers: dict) -> None:
@@ -141,6 +143,7 @@ def test_headers_are_realistic_part10(archive: tuple[Path, GroundTruth], headers
         "US": "1.2.840.10008.5.1.4.1.1.6.1",
         "PT": "1.2.840.10008.5.1.4.1.1.128",
         "NM": "1.2.840.10008.5.1.4.1.1.20",
+        "SR": "1.2.840.10008.5.1.4.1.1.88.67",
     }
     for rel, ds in headers.items():
         assert (root / rel).read_bytes()[128:132] == b"DICM"
@@ -170,7 +173,13 @@ def test_headers_are_realistic_part10(archive: tuple[Path, GroundTruth], headers
             "ContentDate",
             "PatientSex",
         ):
-            assert ds.get(keyword), (rel, keyword)
+            if keyword not in ("ProtocolName", "BodyPartExamined", "AcquisitionDate") \
+                    or ds.Modality != "SR":
+                assert ds.get(keyword), (rel, keyword)
+        if ds.Modality == "SR":
+            assert "PixelData" not in ds and ds.ContentTemplateSequence[0].TemplateIdentifier \
+                == "10011"
+            continue
         assert len(ds.ImageType) >= 2
         arr = ds.pixel_array
         assert arr.shape[:2] == (ds.Rows, ds.Columns)
@@ -188,7 +197,7 @@ def test_headers_are_realistic_part10(archive: tuple[Path, GroundTruth], headers
             assert ds.ViewPosition in ("PA", "AP", "LAT")
         if ds.Modality == "US":
             assert ds.BitsAllocated == 8
-    localizers = [ds for ds in headers.values() if "LOCALIZER" in ds.ImageType]
+    localizers = [ds for ds in headers.values() if "LOCALIZER" in ds.get("ImageType", [])]
     assert all(ds.Modality == "CT" for ds in localizers)
     assert any(int(ds.PatientAge[:3]) > 89 for ds in headers.values())
 
@@ -314,7 +323,7 @@ def test_bad_files_are_what_they_claim(archive: tuple[Path, GroundTruth]) -> Non
 
 def test_repeats(archive: tuple[Path, GroundTruth], headers: dict) -> None:
     _, truth = archive
-    studies = {ds.StudyInstanceUID: ds for ds in headers.values()}
+    studies = {ds.StudyInstanceUID: ds for ds in headers.values() if ds.Modality != "SR"}
     assert sorted(r["days"] for r in truth.repeats) == [0, 30, 31]
     for r in truth.repeats:
         later, prior = studies[r["study_uid"]], studies[r["prior_study_uid"]]
@@ -387,3 +396,51 @@ def test_a_relative_root_works(tmp_path, monkeypatch):
     truth = generate_archive("rel/archive", seed=3, preset="test")
     assert sum(1 for p in (tmp_path / "rel" / "archive").rglob("*") if p.is_file()) == \
         truth.files_total
+
+
+def test_retakes_and_dose_reports(archive: tuple[Path, GroundTruth], headers: dict) -> None:
+    """Retake and dose truth, read back with pydicom from the files."""
+    _, truth = archive
+    views: Counter[tuple] = Counter()
+    for ds in headers.values():
+        if ds.Modality in ("CR", "DX", "MG"):
+            views[(ds.StudyInstanceUID, ds.ViewPosition, ds.ImageLaterality,
+                   ds.BodyPartExamined)] += 1
+    retakes: Counter[str] = Counter()
+    for (study, *_), n in views.items():
+        if n > 1:
+            retakes[study] += n - 1
+    assert dict(retakes) == truth.retakes and len(truth.retakes) >= 2
+
+    def concept(item) -> str:
+        return item.ConceptNameCodeSequence[0].CodeValue
+
+    reports = {ds.StudyInstanceUID: ds for ds in headers.values() if ds.Modality == "SR"}
+    assert set(reports) == set(truth.dose_reports)
+    ct_studies = {ds.StudyInstanceUID for ds in headers.values() if ds.Modality == "CT"}
+    assert set(truth.dose_reports) | set(truth.ct_header_ctdivol) == ct_studies
+    assert not set(truth.dose_reports) & set(truth.ct_header_ctdivol)
+    for study, ds in reports.items():
+        assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.67"
+        assert concept(ds) == "113701"
+        (total,) = [i for i in ds.ContentSequence if concept(i) == "113811"]
+        dlp_total = [float(c.MeasuredValueSequence[0].NumericValue)
+                     for c in total.ContentSequence if concept(c) == "113813"]
+        assert dlp_total == [truth.dose_reports[study]["accumulated_dlp"]]
+        got = []
+        for acq in (i for i in ds.ContentSequence if concept(i) == "113819"):
+            (ct_dose,) = [c for c in acq.ContentSequence if concept(c) == "113829"]
+            nums = {concept(c): float(c.MeasuredValueSequence[0].NumericValue)
+                    for c in ct_dose.ContentSequence if c.ValueType == "NUM"}
+            got.append((nums["113830"], nums["113838"]))
+        events = truth.dose_reports[study]["events"]
+        assert got == [(e["ctdivol"], e["dlp"]) for e in events]
+        assert truth.dose_reports[study]["accumulated_dlp"] == \
+            round(sum(e["dlp"] for e in events), 2)
+        # the images' header CTDIvol is the spiral acquisition's
+        header_ctdivol = {float(h.CTDIvol) for h in headers.values()
+                          if h.StudyInstanceUID == study and "AXIAL" in h.get("ImageType", [])}
+        assert header_ctdivol == {events[-1]["ctdivol"]}
+    for study, ctdivol in truth.ct_header_ctdivol.items():
+        assert max(float(h.CTDIvol) for h in headers.values()
+                   if h.StudyInstanceUID == study and h.Modality == "CT") == ctdivol

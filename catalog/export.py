@@ -1,0 +1,349 @@
+"""Export a saved cohort: a manifest, DICOM copies, or NIfTI volumes.
+
+Everything is read at the cohort's saved snapshot. The output folder::
+
+    DIR/cohort.json               the saved cohort (definition, snapshot, hashes)
+    DIR/manifest/series.parquet   one row per series (and .csv)
+    DIR/manifest/instances.parquet  one row per instance with file_sha256 (and .csv)
+    DIR/dicom/<study>/<series>/<sop>.dcm      --as dicom
+    DIR/nifti/<series>.nii.gz + <series>.json --as nifti (sidecar of key attributes)
+    DIR/SHA256SUMS                checksums of every file above, written last
+
+Every file is written to a temporary name and renamed, so an interrupted export
+leaves only whole files; running it again skips what is already there (a DICOM
+copy whose checksum matches, a NIfTI volume whose sidecar exists) and finishes
+the rest.
+
+DICOM copies come from the source files listed in the vault (``files``); each
+source is checked against the checksum recorded at ingest first. From an
+identified lake the copy is the source file, byte for byte. From a research
+lake it is the de-identified copy of ``lakehouse.deid.deidentify_dataset``: the
+same policy as the tables (pseudonyms, ``2.25.`` UID map, per-patient date
+shift, allow-list), with the lake's key, so the copies' identifiers are those of
+the research tables; originals never leave the vault. The manifest and NIfTI
+exports work for both profiles: NIfTI keeps only pixels and geometry, its
+sidecar only values of the research tables, and series flagged
+``BurnedInAnnotation = YES`` are left out of a research lake's NIfTI export.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pydicom
+
+from catalog.cohorts import Cohort, open_cohort
+from catalog.config import CatalogConfig
+from catalog.connect import Catalog
+from catalog.errors import ExportError
+from lakehouse.deid import Policy, deidentify_dataset
+from lakehouse.provenance import code_version
+from lakehouse.tables import Lake
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("manifest", "dicom", "nifti")
+#: progress(stage, done, total)
+Progress = Callable[[str, int, int], None]
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_CHUNK = 1 << 20
+
+
+@dataclass
+class ExportSummary:
+    cohort: str
+    snapshot: int
+    as_: str
+    to: str
+    series: int = 0
+    instances: int = 0
+    written: int = 0
+    skipped_existing: int = 0
+    #: {SeriesInstanceUID or SOPInstanceUID: why it was not exported}
+    not_exported: dict[str, str] = field(default_factory=dict)
+    files: int = 0
+    code_version: str = ""
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["as"] = d.pop("as_")
+        return d
+
+
+def _sql(name: str) -> str:
+    return resources.files("catalog").joinpath("sql", f"{name}.sql").read_text(encoding="utf-8")
+
+
+def export(lake: Lake | Path | str, name: str, to: Path | str, as_: str = "manifest",
+           progress: Progress | None = None, key_file: Path | str | None = None
+           ) -> ExportSummary:
+    """Export saved cohort ``name`` of ``lake`` to folder ``to`` (see the module doc).
+
+    ``key_file``: the key of a research lake, for a DICOM export (default: the key
+    `lake init` created for the lake).
+    """
+    if as_ not in FORMATS:
+        raise ExportError(f"unknown format {as_!r}; use one of {', '.join(FORMATS)}")
+    lake = lake if isinstance(lake, Lake) else Lake.open(lake)
+    cohort = open_cohort(lake, name)
+    # a research lake's DICOM copies are de-identified with the lake's key: check it first
+    policy = lake.policy(key_file) if as_ == "dicom" and lake.research else None
+    to = Path(to)
+    to.mkdir(parents=True, exist_ok=True)
+    summary = ExportSummary(name, cohort.saved.snapshot, as_, str(to))
+    members = cohort.result().rows.column(cohort.saved.key)  # verifies the saved hash
+    vault = as_ in ("dicom", "nifti")
+    with Catalog(lake, cohort.saved.snapshot, CatalogConfig(vault=vault)) as cat:
+        cat.con.register("_cohort_keys", pa.table({"key": members}))
+        series = cat.arrow(_sql("cohort_series"), {"grain": cohort.saved.grain})
+        cat.con.register("_cohort_series", series)
+        instances = cat.arrow(_sql("cohort_instances"))
+        summary.series, summary.instances = series.num_rows, instances.num_rows
+        _write_json(to / "cohort.json", cohort.saved.to_dict())
+        meta = {"lake.cohort": name, "lake.snapshot": str(cohort.saved.snapshot),
+                "lake.cohort_rows_sha256": cohort.saved.rows_sha256,
+                "lake.code_version": code_version(), "lake.profile": lake.profile}
+        _write_table(to / "manifest" / "series", series, meta)
+        _write_table(to / "manifest" / "instances", instances, meta)
+        if as_ == "dicom":
+            _export_dicom(cat.arrow(_sql("cohort_sources")), to / "dicom", summary, progress,
+                          policy)
+        elif as_ == "nifti":
+            _export_nifti(cohort, series, cat.arrow(_sql("cohort_sources")), to / "nifti",
+                          summary, progress)
+    summary.code_version = code_version()
+    summary.files = _write_checksums(to)
+    _write_json(to / "export.json", summary.to_dict())
+    return summary
+
+
+# --- files ----------------------------------------------------------------------------
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path)
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False, default=str)
+                   + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _write_table(stem: Path, table: pa.Table, meta: dict[str, str]) -> None:
+    """Parquet (with provenance in its key-value metadata) and CSV of ``table``."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    parquet = stem.with_suffix(".parquet")
+    tmp = _tmp(parquet)
+    pq.write_table(table.replace_schema_metadata({**(table.schema.metadata or {}), **meta}),
+                   tmp, compression="zstd")
+    os.replace(tmp, parquet)
+    text = stem.with_suffix(".csv")
+    tmp = _tmp(text)
+    with open(tmp, "w", encoding="utf-8", newline="") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(table.column_names)
+        for row in table.to_pylist():
+            w.writerow(["" if v is None else _csv_value(v) for v in row.values()])
+    os.replace(tmp, text)
+
+
+def _csv_value(v: Any) -> str:
+    if isinstance(v, list):
+        return json.dumps(v)
+    if hasattr(v, "isoformat"):
+        return v.isoformat()
+    return str(v)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_checksums(root: Path) -> int:
+    """``SHA256SUMS`` (sha256sum format, sorted paths) of every file but itself."""
+    lines = []
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if (path.is_file() and rel not in ("SHA256SUMS", "export.json")
+                and not path.name.startswith(".")):
+            lines.append(f"{sha256_file(path)}  {rel}\n")
+    target = root / "SHA256SUMS"
+    tmp = _tmp(target)
+    tmp.write_text("".join(lines), encoding="utf-8")
+    os.replace(tmp, target)
+    return len(lines)
+
+
+def _safe(uid: str) -> str:
+    """A UID as a file name (UIDs are digits and dots; anything else is hashed)."""
+    if _UID.match(uid) and len(uid) <= 64:
+        return uid
+    return "x" + hashlib.sha256(uid.encode("utf-8")).hexdigest()[:32]
+
+
+# --- DICOM ------------------------------------------------------------------------------
+
+def _export_dicom(sources: pa.Table, out: Path, summary: ExportSummary,
+                  progress: Progress | None, policy: Policy | None) -> None:
+    """Copies (identified lake) or de-identified copies (research lake, ``policy``)."""
+    rows = sources.to_pylist()
+    for i, r in enumerate(rows):
+        sop = r["SOPInstanceUID"]
+        if progress:
+            progress("dicom", i, len(rows))
+        if r["path"] is None:
+            summary.not_exported[sop] = "no ingested source file in the vault"
+            continue
+        expected = r["source_sha256"] or r["file_sha256"]
+        dest = (out / _safe(r["StudyInstanceUID"]) / _safe(r["SeriesInstanceUID"])
+                / f"{_safe(sop)}.dcm")
+        # written under a temporary name and renamed: an existing file is complete
+        if dest.exists() and (policy is not None or sha256_file(dest) == expected):
+            summary.skipped_existing += 1
+            continue
+        try:
+            data = Path(r["path"]).read_bytes()
+        except OSError as exc:
+            summary.not_exported[sop] = f"source unreadable: {exc.strerror}"
+            continue
+        if hashlib.sha256(data).hexdigest() != expected:
+            summary.not_exported[sop] = "source file changed since ingest (checksum differs)"
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _tmp(dest)
+        if policy is None:
+            tmp.write_bytes(data)
+        else:
+            copy = deidentify_dataset(pydicom.dcmread(io.BytesIO(data)), policy)
+            if copy.get("SOPInstanceUID") != sop:  # the policy is not the one of the tables
+                summary.not_exported[sop] = ("the de-identified copy's SOPInstanceUID is not "
+                                             "the table's: was the lake ingested with this key?")
+                continue
+            pydicom.dcmwrite(tmp, copy, enforce_file_format=True)
+        os.replace(tmp, dest)
+        summary.written += 1
+    if progress:
+        progress("dicom", len(rows), len(rows))
+
+
+# --- NIfTI ------------------------------------------------------------------------------
+
+def _sitk():
+    try:
+        import SimpleITK as sitk
+    except ImportError:
+        raise ExportError("NIfTI export needs SimpleITK: pip install "
+                          "'imaging-lakehouse[nifti]'") from None
+    return sitk
+
+
+def slice_order(rows: list[dict]) -> list[dict]:
+    """Instances sorted along the slice normal (by InstanceNumber when positions are absent)."""
+    iop = rows[0]["ImageOrientationPatient"]
+    if iop and len(iop) == 6 and all(r["ImagePositionPatient"] for r in rows):
+        normal = np.cross(np.array(iop[:3]), np.array(iop[3:]))
+        return sorted(rows, key=lambda r: (float(np.dot(normal, r["ImagePositionPatient"])),
+                                           r["SOPInstanceUID"]))
+    return sorted(rows, key=lambda r: (r["InstanceNumber"] or 0, r["SOPInstanceUID"]))
+
+
+def _export_nifti(cohort: Cohort, series: pa.Table, sources: pa.Table, out: Path,
+                  summary: ExportSummary, progress: Progress | None) -> None:
+    sitk = _sitk()
+    by_series: dict[str, list[dict]] = {}
+    for r in sources.to_pylist():
+        by_series.setdefault(r["SeriesInstanceUID"], []).append(r)
+    research = cohort.lake.research
+    rows = series.to_pylist()
+    out.mkdir(parents=True, exist_ok=True)
+    for n, s in enumerate(rows):
+        uid = s["SeriesInstanceUID"]
+        if progress:
+            progress("nifti", n, len(rows))
+        stem = _safe(uid)
+        image_path, sidecar_path = out / f"{stem}.nii.gz", out / f"{stem}.json"
+        if sidecar_path.exists() and image_path.exists():
+            summary.skipped_existing += 1
+            continue
+        reason = _not_volumetric(s, research)
+        insts = by_series.get(uid, [])
+        if reason is None and any(r["path"] is None for r in insts):
+            reason = "a source file is not in the vault"
+        if reason is None and not insts:
+            reason = "no instances"
+        if reason is not None:
+            summary.not_exported[uid] = reason
+            continue
+        ordered = slice_order(insts)
+        try:
+            image = sitk.ReadImage([r["path"] for r in ordered])
+        except RuntimeError as exc:
+            summary.not_exported[uid] = "SimpleITK cannot read the series: " + \
+                str(exc).strip().splitlines()[-1][:200]
+            continue
+        # pixels and geometry only: no DICOM metadata travels into the NIfTI header
+        clean = sitk.GetImageFromArray(sitk.GetArrayFromImage(image),
+                                       isVector=image.GetNumberOfComponentsPerPixel() > 1)
+        clean.CopyInformation(image)
+        tmp = out / f".{stem}.{uuid.uuid4().hex[:8]}.tmp.nii.gz"
+        sitk.WriteImage(clean, str(tmp), True)
+        os.replace(tmp, image_path)
+        sidecar = {
+            "SeriesInstanceUID": uid,
+            "StudyInstanceUID": s["StudyInstanceUID"],
+            "PatientID": s["PatientID"],
+            "Modality": s["Modality"],
+            "BodyPartExamined": s["BodyPartExamined"],
+            "StudyDate": s["StudyDate"].isoformat() if s["StudyDate"] else None,
+            "SeriesNumber": s["SeriesNumber"],
+            "SeriesDescription": s["SeriesDescription"],
+            "instanceCount": s["instanceCount"],
+            "size": list(clean.GetSize()),
+            "spacing": list(clean.GetSpacing()),
+            "origin": list(clean.GetOrigin()),
+            "direction": list(clean.GetDirection()),
+            "coordinate_system": "LPS (DICOM patient coordinates, as SimpleITK reads them)",
+            "sop_instance_uids": [r["SOPInstanceUID"] for r in ordered],
+            "cohort": cohort.name,
+            "lake_snapshot": cohort.saved.snapshot,
+        }
+        _write_json(sidecar_path, sidecar)
+        summary.written += 1
+    if progress:
+        progress("nifti", len(rows), len(rows))
+
+
+def _not_volumetric(s: dict, research: bool) -> str | None:
+    if research and s["BurnedInAnnotation"] == "YES":
+        return "burned-in annotation (identifying text in the pixels)"
+    if (s["distinct_orientations"] or 0) > 1:
+        return "mixed orientations: not one volume"
+    if (s["distinct_dimensions"] or 0) > 1:
+        return "mixed matrix sizes: not one volume"
+    if s["uneven_spacing"]:
+        return "uneven slice spacing (missing slices?): not one regular volume"
+    return None
+
+
+__all__ = ["FORMATS", "ExportSummary", "export", "sha256_file", "slice_order"]

@@ -1,0 +1,161 @@
+-- Repeat exams (DESIGN.md "Repeat exam (default)"): a study is a repeat when
+-- the same patient has an earlier study with the same matching keys (default
+-- Modality and BodyPartExamined) at most `window_days` calendar days before it.
+-- Studies of one patient and key are ordered by StudyDate, StudyTime (a study
+-- without a time first), then StudyInstanceUID, so same-day studies are
+-- ordered deterministically and the later one is the repeat. A study whose
+-- PatientID, StudyDate or a matching key is NULL is never a repeat nor a prior.
+-- Intervals are within one patient, so per-patient date shifts (research
+-- lakes) give the same result as the original dates.
+
+-- exam_studies(...): the studies that count as exams (utilization_studies
+-- rows) once excluded images are set aside: a study is left out when every
+-- one of its instances is excluded.
+--   exclude_localizers   ImageType contains LOCALIZER (CT scout / topogram)
+--   exclude_derived      ImageType contains DERIVED (reformats, MIPs, ...)
+--   exclude_secondary    Secondary Capture SOP classes, or ImageType SECONDARY
+--   exclude_non_image    Modality SR, KO, PR, REG, SEG, RTSTRUCT, DOC (reports, markup)
+CREATE MACRO exam_studies(exclude_localizers := true, exclude_derived := true,
+                          exclude_secondary := true, exclude_non_image := true) AS TABLE
+WITH candidates AS (  -- any image some exclusion may set aside (a cheap, constant test)
+    SELECT StudyInstanceUID, ImageType, SOPClassUID, Modality
+    FROM instances
+    WHERE list_contains(ImageType, 'LOCALIZER') OR list_contains(ImageType, 'DERIVED')
+       OR list_contains(ImageType, 'SECONDARY') OR is_secondary_capture(SOPClassUID)
+       OR Modality IN ('SR', 'KO', 'PR', 'REG', 'SEG', 'RTSTRUCT', 'DOC')
+),
+excluded AS (  -- the exclusions asked for, tested on those few rows only
+    SELECT StudyInstanceUID, count(*) AS n
+    FROM candidates
+    WHERE (exclude_localizers AND list_contains(ImageType, 'LOCALIZER'))
+       OR (exclude_derived AND list_contains(ImageType, 'DERIVED'))
+       OR (exclude_secondary AND (list_contains(ImageType, 'SECONDARY')
+                                  OR is_secondary_capture(SOPClassUID)))
+       OR (exclude_non_image AND Modality IN ('SR', 'KO', 'PR', 'REG', 'SEG', 'RTSTRUCT', 'DOC'))
+    GROUP BY StudyInstanceUID
+)
+SELECT u.*
+FROM utilization_studies u
+LEFT JOIN excluded e USING (StudyInstanceUID)
+WHERE u.instance_count > coalesce(e.n, 0);
+
+-- repeat_exams_for(window_days, match, exclusions...): one row per exam study.
+--   (all utilization_studies columns)  the study, for grouping
+--   is_repeat            true when the study repeats an earlier one within the window
+--   prior_study_uid      the study it repeats: the latest earlier study with the same keys
+--   prior_study_date     StudyDate of that prior
+--   prior_study_time     StudyTime of that prior
+--   days_since_prior     calendar days between the prior's and this StudyDate (0 = same day)
+--   matched_keys         the matching keys used (besides PatientID)
+--   matched_values       this study's values of those keys, as a JSON object
+--   window_days          the window used
+CREATE MACRO repeat_exams_for(window_days := 30, match := ['Modality', 'BodyPartExamined'],
+                              exclude_localizers := true, exclude_derived := true,
+                              exclude_secondary := true, exclude_non_image := true) AS TABLE
+WITH exams AS (
+    SELECT *, struct_pack(*COLUMNS(lambda c: list_contains(match, c))) AS match_key
+    FROM exam_studies(exclude_localizers := exclude_localizers,
+                      exclude_derived := exclude_derived,
+                      exclude_secondary := exclude_secondary,
+                      exclude_non_image := exclude_non_image)
+),
+comparable AS (
+    SELECT StudyInstanceUID,
+           lag(StudyInstanceUID) OVER w AS previous_uid,
+           lag(StudyDate) OVER w AS previous_date,
+           lag(StudyTime) OVER w AS previous_time
+    FROM exams
+    WHERE PatientID IS NOT NULL AND StudyDate IS NOT NULL
+      AND COLUMNS(lambda c: list_contains(match, c)) IS NOT NULL
+    WINDOW w AS (PARTITION BY PatientID, match_key
+                 ORDER BY StudyDate, StudyTime NULLS FIRST, StudyInstanceUID)
+),
+flagged AS (
+    SELECT e.* EXCLUDE (match_key),
+           to_json(e.match_key) AS matched_values,
+           c.previous_uid, c.previous_date, c.previous_time,
+           coalesce(date_diff('day', c.previous_date, e.StudyDate) <= window_days, false)
+               AS is_repeat
+    FROM exams e
+    LEFT JOIN comparable c USING (StudyInstanceUID)
+)
+SELECT * EXCLUDE (previous_uid, previous_date, previous_time, matched_values),
+       CASE WHEN is_repeat THEN previous_uid END AS prior_study_uid,
+       CASE WHEN is_repeat THEN previous_date END AS prior_study_date,
+       CASE WHEN is_repeat THEN previous_time END AS prior_study_time,
+       CASE WHEN is_repeat THEN date_diff('day', previous_date, StudyDate) END
+           AS days_since_prior,
+       match AS matched_keys,
+       matched_values,
+       window_days::INTEGER AS window_days
+FROM flagged;
+
+-- repeat_exams: repeat_exams_for() with the default definition.
+CREATE VIEW repeat_exams AS FROM repeat_exams_for();
+
+-- repeat_rates_for(group_cols, date_from, date_to, <repeat_exams_for parameters>):
+-- repeat rates grouped by the repeat_exams columns named in `group_cols` (e.g.
+-- ['Modality', 'month']), over the studies dated date_from..date_to
+-- (inclusive; a prior may lie before date_from).
+--   <by columns>   the grouping columns, in repeat_exams order
+--   studies        exam studies in the group (the denominator)
+--   repeats        of those, repeats (the numerator)
+--   repeat_rate    repeats / studies
+--   ci_low         lower bound of the Wilson 95% interval of the rate
+--   ci_high        upper bound of the Wilson 95% interval of the rate
+CREATE MACRO repeat_rates_for(group_cols, date_from := NULL, date_to := NULL, window_days := 30,
+                              match := ['Modality', 'BodyPartExamined'],
+                              exclude_localizers := true, exclude_derived := true,
+                              exclude_secondary := true, exclude_non_image := true) AS TABLE
+SELECT
+    COLUMNS(lambda c: list_contains(group_cols, c)),
+    count(*) AS studies,
+    count(*) FILTER (WHERE is_repeat) AS repeats,
+    count(*) FILTER (WHERE is_repeat) / count(*) AS repeat_rate,
+    wilson_low(count(*) FILTER (WHERE is_repeat), count(*)) AS ci_low,
+    wilson_high(count(*) FILTER (WHERE is_repeat), count(*)) AS ci_high
+FROM repeat_exams_for(window_days := window_days, match := match,
+                      exclude_localizers := exclude_localizers,
+                      exclude_derived := exclude_derived,
+                      exclude_secondary := exclude_secondary,
+                      exclude_non_image := exclude_non_image)
+WHERE (date_from IS NULL OR StudyDate >= date_from)
+  AND (date_to IS NULL OR StudyDate <= date_to)
+GROUP BY ALL
+ORDER BY ALL;
+
+-- repeat_pairs_for(date_from, date_to, <repeat_exams_for parameters>): the
+-- drill-down behind every repeat rate, one row per (repeat, prior) pair, the
+-- repeat dated date_from..date_to.
+--   StudyInstanceUID    the repeat study
+--   prior_study_uid     the study it repeats
+--   PatientID           the patient
+--   StudyDate           date of the repeat
+--   StudyTime           time of the repeat
+--   prior_study_date    date of the prior
+--   prior_study_time    time of the prior
+--   days_since_prior    days between them
+--   matched_keys        the matching keys
+--   matched_values      their values, as a JSON object
+--   (then the other utilization_studies columns of the repeat, for grouping)
+CREATE MACRO repeat_pairs_for(date_from := NULL, date_to := NULL, window_days := 30,
+                              match := ['Modality', 'BodyPartExamined'],
+                              exclude_localizers := true, exclude_derived := true,
+                              exclude_secondary := true, exclude_non_image := true) AS TABLE
+SELECT StudyInstanceUID, prior_study_uid, PatientID, StudyDate, StudyTime,
+       prior_study_date, prior_study_time, days_since_prior, matched_keys, matched_values,
+       * EXCLUDE (StudyInstanceUID, prior_study_uid, PatientID, StudyDate, StudyTime,
+                  prior_study_date, prior_study_time, days_since_prior, matched_keys,
+                  matched_values, is_repeat)
+FROM repeat_exams_for(window_days := window_days, match := match,
+                      exclude_localizers := exclude_localizers,
+                      exclude_derived := exclude_derived,
+                      exclude_secondary := exclude_secondary,
+                      exclude_non_image := exclude_non_image)
+WHERE is_repeat
+  AND (date_from IS NULL OR StudyDate >= date_from)
+  AND (date_to IS NULL OR StudyDate <= date_to)
+ORDER BY StudyDate, StudyTime, StudyInstanceUID;
+
+-- repeat_pairs: repeat_pairs_for() with the default definition, all dates.
+CREATE VIEW repeat_pairs AS FROM repeat_pairs_for();

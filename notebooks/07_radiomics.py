@@ -1,0 +1,115 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Radiomics from the lake
+#
+# A cohort of CT series, their volume geometry and image statistics, the
+# radiomics features of their segments (`radiomics_wide`: one row per segment,
+# one column per feature), feature distributions, a correlation heatmap and a
+# cross-validated model. Run `lake features` first; the lake folder comes from
+# `LAKE_DIR` (set by `lake notebook`), else `./lake`.
+
+# %%
+import os
+
+import matplotlib.pyplot as plt
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from catalog import open_lake
+
+cat = open_lake(os.environ.get("LAKE_DIR", "lake"))
+cat
+
+# %% [markdown]
+# ## The cohort: CT series that form one regular volume
+
+# %%
+cohort = cat.df("""
+    SELECT s.SeriesInstanceUID, s.BodyPartExamined, s.SeriesDescription,
+           g.slice_count, g.slice_spacing_median, g.row_spacing,
+           i.p50 AS median_hu, i.noise_sigma
+    FROM series s
+    JOIN series_geometry g USING (SeriesInstanceUID)
+    JOIN image_stats i USING (SeriesInstanceUID)
+    WHERE s.Modality = 'CT' AND g.volume_ok
+    ORDER BY s.BodyPartExamined, s.SeriesInstanceUID
+""")
+cohort
+
+# %% [markdown]
+# ## Features of the cohort's segments
+
+# %%
+features = cat.df("""
+    SELECT w.*, c.BodyPartExamined
+    FROM radiomics_wide w
+    JOIN series c USING (SeriesInstanceUID)
+    WHERE w.SeriesInstanceUID IN (
+        SELECT SeriesInstanceUID FROM series_geometry WHERE volume_ok)
+""")
+print(f"{len(features)} segments of {features.SeriesInstanceUID.nunique()} series; "
+      f"{features.shape[1] - 8} feature columns")
+features.groupby("segment_label").size()
+
+# %% [markdown]
+# ## Distributions by segment
+
+# %%
+shown = ["firstorder_Mean", "firstorder_Entropy", "shape_MeshVolume", "glcm_Contrast"]
+fig, axes = plt.subplots(1, len(shown), figsize=(4 * len(shown), 3))
+for ax, name in zip(axes, shown, strict=True):
+    for label, group in features.groupby("segment_label"):
+        ax.hist(group[name].dropna(), bins=10, alpha=0.6, label=f"segment {label}")
+    ax.set_title(name)
+axes[0].legend()
+fig.tight_layout()
+
+# %% [markdown]
+# ## Correlation between features
+
+# %%
+numeric = [c for c in features.columns if "_" in c and features[c].dtype.kind == "f"
+           and c.split("_")[0] in {"firstorder", "shape", "glcm", "glrlm", "glszm", "gldm",
+                                   "ngtdm"}]
+chosen = [c for c in numeric if features[c].std() > 0][:16]
+corr = features[chosen].corr()
+fig, ax = plt.subplots(figsize=(7, 6))
+im = ax.imshow(corr.values, cmap="coolwarm", vmin=-1, vmax=1)
+ax.set_xticks(range(len(chosen)), chosen, rotation=90, fontsize=7)
+ax.set_yticks(range(len(chosen)), chosen, fontsize=7)
+fig.colorbar(im)
+fig.tight_layout()
+
+# %% [markdown]
+# ## A cross-validated model on a synthetic label
+#
+# The label here is the segment itself (dense tissue against soft tissue), so
+# the model should find it; with a real outcome table, join it on
+# SeriesInstanceUID instead.
+
+# %%
+X = features[chosen].fillna(0).to_numpy()
+y = (features.segment_label == features.segment_label.max()).to_numpy().astype(int)
+folds = max(2, min(5, int(np.bincount(y).min())))
+model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+scores = cross_val_score(model, X, y, cv=StratifiedKFold(folds, shuffle=True, random_state=0))
+print(f"{folds}-fold accuracy: {scores.mean():.2f} (+/- {scores.std():.2f})")
+scores
+
+# %%
+cat.close()
