@@ -298,9 +298,11 @@ def _export_nifti(cohort: Cohort, series: pa.Table, sources: pa.Table, out: Path
         ordered = slice_order(insts)
         try:
             image = sitk.ReadImage([r["path"] for r in ordered])
-        except RuntimeError as exc:
-            summary.not_exported[uid] = "SimpleITK cannot read the series: " + \
-                str(exc).strip().splitlines()[-1][:200]
+        except RuntimeError:
+            # SimpleITK's message names the source paths, which identify patients (vault
+            # only): neither the summary nor the log may carry it
+            summary.not_exported[uid] = "SimpleITK cannot read the series' files"
+            log.warning("SimpleITK cannot read series %s of cohort %s", uid, cohort.name)
             continue
         # pixels and geometry only: no DICOM metadata travels into the NIfTI header
         clean = sitk.GetImageFromArray(sitk.GetArrayFromImage(image),
