@@ -60,21 +60,27 @@ class Orthanc:
         with urllib.request.urlopen(self.url + path, timeout=10) as r:
             return json.loads(r.read())
 
-    def upload(self, data: bytes) -> bool:
-        """POST /instances; True when Orthanc stored it (False: rejected or already there)."""
+    def upload(self, data: bytes) -> str | None:
+        """POST /instances; Orthanc's id of the instance when it stored it (None: rejected
+        or already there)."""
         req = urllib.request.Request(self.url + "/instances", data=data, method="POST",
                                      headers={"Content-Type": "application/dicom"})
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
-                return json.loads(r.read()).get("Status") == "Success"
+                answer = json.loads(r.read())
         except urllib.error.HTTPError:
-            return False
+            return None
+        return answer["ID"] if answer.get("Status") == "Success" else None
+
+    def delete(self, path: str) -> None:
+        req = urllib.request.Request(self.url + path, method="DELETE")
+        urllib.request.urlopen(req, timeout=30).close()
 
     def upload_folder(self, root: Path) -> int:
         n = 0
         for folder, _dirs, names in sorted(os.walk(root)):
             for name in sorted(names):
-                n += self.upload(Path(folder, name).read_bytes())
+                n += self.upload(Path(folder, name).read_bytes()) is not None
         return n
 
     def post(self, path: str, body) -> object:

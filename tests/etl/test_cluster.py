@@ -58,28 +58,38 @@ def test_unreachable_scheduler_is_one_line_within_the_timeout(capsys, tmp_path, 
 @pytest.mark.slow
 def test_a_worker_killed_mid_run_still_gives_exactly_once_tables(archive, truth, built_lake,
                                                                   tmp_path):
-    """SIGKILL one of two workers while waves are in flight: distributed recomputes its
+    """SIGKILL one of two workers while it is computing a batch: distributed recomputes its
     tasks on the other worker; the driver classifies each batch result once, so the
     tables equal those of a clean run."""
+    import threading
+
     from distributed import Client
 
     with dask_cluster(tmp_path) as cluster, Client(cluster.address) as observer:
         lake = Lake.create(tmp_path / "lake", profile="identified")
         w0 = next(a for a, w in observer.scheduler_info()["workers"].items()
                   if w["name"] == "w0")
-        killed: list[int] = []
         in_flight: list[int] = []
+        finished = threading.Event()
 
-        def progress(stage: str, done: int, total: int) -> None:
-            if done > 0 and not killed:  # the first wave is in; the next one is computing
-                in_flight.append(len(observer.processing().get(w0, ())))
-                cluster.kill_worker(0)
-                killed.append(done)
+        def killer() -> None:  # the moment w0 has a task running, kill it
+            while not finished.is_set():
+                busy = len(observer.processing().get(w0, ()))
+                if busy:
+                    cluster.kill_worker(0)
+                    in_flight.append(busy)
+                    return
+                time.sleep(0.01)
 
-        config = IngestConfig(scheduler=cluster.address, batch_files=8, batches_per_worker=4)
-        s = ingest(lake, archive[0], config, progress)
-        assert killed and killed[0] < truth.files_total
-        assert in_flight[0] >= 1  # the killed worker had tasks: they were computed again
+        config = IngestConfig(scheduler=cluster.address, batch_files=4, batches_per_worker=2)
+        watcher = threading.Thread(target=killer)
+        watcher.start()
+        try:
+            s = ingest(lake, archive[0], config)
+        finally:
+            finished.set()
+            watcher.join(30)
+        assert in_flight and in_flight[0] >= 1  # it had tasks: they were computed again
         assert cluster.workers[0].returncode == -9
         assert s.files_seen == truth.files_total
         assert s.outcomes == truth.outcomes

@@ -64,8 +64,12 @@ def test_dicomweb_ingest_equals_the_folder_ingest_and_is_incremental(orthanc, bu
     assert again.run.files_seen == 0 and sum(again.run.outcomes.values()) == 0
 
     # a new instance in the PACS: only it is fetched
-    assert orthanc.upload(Path(get_testdata_file("MR_small.dcm")).read_bytes())
-    third = ingest_remote(lake, resolve(f"dicomweb+{orthanc.dicomweb}"), CONFIG)
+    added = orthanc.upload(Path(get_testdata_file("MR_small.dcm")).read_bytes())
+    assert added
+    try:
+        third = ingest_remote(lake, resolve(f"dicomweb+{orthanc.dicomweb}"), CONFIG)
+    finally:  # the session's PACS holds the archive again
+        orthanc.delete(f"/instances/{added}")
     assert (third.listed, third.already_fetched, third.fetched) == \
         (len(in_pacs) + 1, len(in_pacs), 1)
     assert third.run.outcomes["ingested"] == 1
