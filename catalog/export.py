@@ -51,6 +51,7 @@ from catalog.cohorts import Cohort, open_cohort
 from catalog.config import CatalogConfig
 from catalog.connect import Catalog
 from catalog.errors import ExportError
+from lakehouse import audit
 from lakehouse.deid import Policy, deidentify_dataset
 from lakehouse.provenance import code_version
 from lakehouse.tables import Lake
@@ -107,6 +108,9 @@ def export(lake: Lake | Path | str, name: str, to: Path | str, as_: str = "manif
     to.mkdir(parents=True, exist_ok=True)
     summary = ExportSummary(name, cohort.saved.snapshot, as_, str(to))
     members = cohort.result().rows.column(cohort.saved.key)  # verifies the saved hash
+    # every export is audited in the vault before anything leaves the lake
+    audit.record(lake.root, "export", text=f"cohort {name} as {as_} to {to}",
+                 snapshot=cohort.saved.snapshot, rows=len(members))
     vault = as_ in ("dicom", "nifti")
     with Catalog(lake, cohort.saved.snapshot, CatalogConfig(vault=vault)) as cat:
         cat.con.register("_cohort_keys", pa.table({"key": members}))

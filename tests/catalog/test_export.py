@@ -52,8 +52,14 @@ def _check_sums(root):
 
 
 def test_manifest(cohort_lake, truth, tmp_path):
+    from lakehouse import audit
+
     out = tmp_path / "out"
+    before = len(audit.read(cohort_lake))
     summary = export(cohort_lake, "ctmr", out, "manifest")
+    entries = audit.read(cohort_lake)
+    assert len(entries) == before + 1  # every export is audited
+    assert entries[-1]["action"] == "export" and entries[-1]["text"].startswith("cohort ctmr")
     with open_lake(cohort_lake) as cat:
         expected = dict(cat.con.execute(
             "SELECT SeriesInstanceUID, instanceCount FROM series "
