@@ -403,11 +403,11 @@ def cmd_status(args) -> int:
     print(f"snapshot  {status['snapshot']} ({status['snapshot_created_at']})")
     print("tables")
     for name, n in status["tables"].items():
-        print(f"  {name:<12} {n:>10,}")
+        print(f"  {name:<20} {n:>10,}")
     if status["quarantine_by_reason"]:
         print("quarantined files by reason")
         for reason, n in status["quarantine_by_reason"].items():
-            print(f"  {reason:<26} {n:>6,}")
+            print(f"  {reason:<32} {n:>6,}")
     if status["last_runs"]:
         print("last runs")
         for r in status["last_runs"]:
@@ -560,14 +560,14 @@ def cmd_demo(args) -> int:
     with open_lake(lake_dir) as cat:
         print("\nrows per table")
         for name, n in cat.counts().items():
-            print(f"  {name:<12} {n:>8,}")
+            print(f"  {name:<20} {n:>8,}")
         print("\nstudies per modality and year")
         _print_table(*_pivot(cat), sys.stdout)
         q = cat.con.execute(
             "SELECT reason, count(*) FROM quarantine GROUP BY 1 ORDER BY 1").fetchall()
         print("\nfiles quarantined by reason")
         for reason, n in q:
-            print(f"  {reason:<26} {n}")
+            print(f"  {reason:<32} {n}")
     where = lake_dir.absolute()
     print(f"\nthe lake is at {where}: a research lake (pseudonymized; its key is "
           f"{key_file.absolute()}, the identified vault is {where / 'vault'})")
