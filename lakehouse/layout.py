@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lakehouse.schemas import TABLES, VAULT
+from lakehouse.schemas import TABLES
 
 META_DIR = "_lake"
 MANIFEST = "lake.json"
@@ -53,6 +53,3 @@ def table_path(root: Path, name: str) -> Path:
 def zone_path(root: Path, zone: str) -> Path:
     return root / zone
 
-
-def is_vault(name: str) -> bool:
-    return TABLES[name].zone == VAULT

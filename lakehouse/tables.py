@@ -380,10 +380,6 @@ class LakeWriter:
         self.base = snap
         return snap
 
-    def changed_since_base(self) -> list[str]:
-        assert self.base is not None
-        return [n for n, v in self.versions.items() if v != self.base.versions.get(n)]
-
 
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
