@@ -32,6 +32,7 @@ import pyarrow as pa
 
 from catalog.connect import Catalog
 from catalog.errors import QueryError, ReportError
+from catalog.spec import iso_date
 
 log = logging.getLogger(__name__)
 
@@ -170,12 +171,8 @@ def _group_cols(cat: Catalog, kind: str, by: Sequence[str] | None) -> list[str]:
 def _date(value: dt.date | str | None, name: str) -> dt.date | None:
     if value is None or value == "":
         return None
-    if isinstance(value, dt.datetime):
-        return value.date()
-    if isinstance(value, dt.date):
-        return value
     try:
-        return dt.date.fromisoformat(str(value))
+        return iso_date(value)
     except ValueError:
         raise ReportError(f"{name} {value!r} is not a date; use YYYY-MM-DD") from None
 

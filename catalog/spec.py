@@ -188,13 +188,18 @@ def _range(value: Any, where_: str, expected: str) -> None:
         raise SpecError(f"{where_}: min {value['min']} is greater than max {value['max']}")
 
 
-def _date(value: Any, where_: str) -> dt.date:
+def iso_date(value: Any) -> dt.date:
+    """A date from a date, a datetime or a ``YYYY-MM-DD`` string; ValueError otherwise."""
     if isinstance(value, dt.datetime):
         return value.date()
     if isinstance(value, dt.date):
         return value
+    return dt.date.fromisoformat(str(value))
+
+
+def _date(value: Any, where_: str) -> dt.date:
     try:
-        return dt.date.fromisoformat(str(value))
+        return iso_date(value)
     except ValueError:
         raise SpecError(f"{where_}: expected a date YYYY-MM-DD, got {_short(value)}") from None
 
