@@ -138,8 +138,14 @@ def test_a_file_the_ingest_user_cannot_read_is_io_error(outside_pytest_tmp):
         subprocess.run(["chown", "-R", f"{pw.pw_uid}:{pw.pw_gid}", str(lake_dir)], check=True)
         src.chmod(0o755)
         (src / "readable.dcm").chmod(0o644)
-        cmd = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups",
-               *cmd]
+        setpriv = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups"]
+        probe = subprocess.run([*setpriv, sys.executable, "-c", "import lake_cli"],
+                               capture_output=True, cwd=Path(__file__).parents[2], timeout=60)
+        if probe.returncode != 0:  # e.g. the clone lives in a 0700 folder (mktemp -d)
+            pytest.skip(f"user {user} cannot read the project's code (a parent folder of "
+                        f"{Path(__file__).parents[2]} is closed to it): the unreadable-file "
+                        "case cannot be run as that user here")
+        cmd = [*setpriv, *cmd]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[2],
                        env={**os.environ, "HOME": str(tmp_path)}, timeout=120)
     assert r.returncode == 0, r.stderr
