@@ -275,7 +275,7 @@ def cmd_sql(args) -> int:
     query = sys.stdin.read() if args.query == "-" else args.query
     with open_lake(_lake_dir(args), args.snapshot) as cat:
         table = cat.arrow(query)
-        audit.record(cat.lake.root, "sql", text=query, snapshot=cat.snapshot.number,
+        audit.record(cat.lake, "sql", text=query, snapshot=cat.snapshot.number,
                      rows=table.num_rows)
         if cat.lake.profile == "identified":
             print("# identified lake: this result may contain patient identifiers",
