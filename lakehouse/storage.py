@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import io
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -434,7 +436,86 @@ class ObjectStorage(Storage):
         return LeaseLock(self, rel, lease_seconds)
 
     def duckdb_filesystem(self) -> Any:
-        return self.fs
+        return _immutable_files(self.fs)
+
+
+#: Bytes of data files a DuckDB connection keeps in memory (least recently used dropped).
+READ_CACHE_BYTES = 256 * 2**20
+
+
+def _immutable_files(fs: Any, max_bytes: int = READ_CACHE_BYTES) -> Any:
+    """A read-only fsspec filesystem over ``fs`` for DuckDB.
+
+    DuckDB opens a Parquet file several times while it binds views and runs a query,
+    each time asking for its size and modification time: one round trip each, seconds
+    per view on object storage. The lake's data files never change once written (a
+    write adds new files), so their details are asked once and their bytes fetched
+    once and kept, up to ``max_bytes`` in all (larger files are read in ranges).
+    """
+    from fsspec import AbstractFileSystem
+
+    class ImmutableFiles(AbstractFileSystem):
+        protocol = tuple(fs.protocol) if isinstance(fs.protocol, tuple | list) \
+            else (fs.protocol,)
+        cachable = False
+
+        def __init__(self):
+            super().__init__()
+            self._info: dict[str, dict] = {}
+            self._data: OrderedDict[str, bytes] = OrderedDict()
+            self._held = 0
+            self._mutex = threading.Lock()
+
+        @classmethod
+        def _strip_protocol(cls, path):
+            return fs._strip_protocol(path)
+
+        def info(self, path, **kwargs):
+            p = self._strip_protocol(path)
+            if p not in self._info:
+                self._info[p] = fs.info(p)
+            return self._info[p]
+
+        def modified(self, path):
+            return fs.modified(path) if "LastModified" not in self.info(path) \
+                else self.info(path)["LastModified"]
+
+        def ls(self, path, detail=True, **kwargs):
+            return fs.ls(path, detail=detail, **kwargs)
+
+        def glob(self, path, **kwargs):
+            p = self._strip_protocol(path)
+            if any(c in p for c in "*?["):
+                return fs.glob(path, **kwargs)
+            try:  # a file's own name (how DuckDB expands each file of a list)
+                self.info(p)
+            except FileNotFoundError:
+                return []
+            return [p]
+
+        def _open(self, path, mode="rb", **kwargs):
+            if "r" not in mode or "+" in mode:
+                raise PermissionError(f"read-only: {path}")
+            p = self._strip_protocol(path)
+            with self._mutex:
+                data = self._data.get(p)
+                if data is not None:
+                    self._data.move_to_end(p)
+                    return io.BytesIO(data)
+            size = int(self.info(p).get("size") or 0)
+            if size > max_bytes // 4:
+                return fs.open(p, "rb", **kwargs)
+            data = fs.cat_file(p)
+            with self._mutex:
+                if p not in self._data:
+                    self._data[p] = data
+                    self._held += len(data)
+                while self._held > max_bytes and len(self._data) > 1:
+                    _old, dropped = self._data.popitem(last=False)
+                    self._held -= len(dropped)
+            return io.BytesIO(data)
+
+    return ImmutableFiles()
 
 
 class LeaseLock(WriterLock):
@@ -444,7 +525,9 @@ class LeaseLock(WriterLock):
     holder died), ``PUT If-Match: <its ETag>``, so of several writers taking over one
     wins. A thread renews the lease every third of its length (``If-Match`` on our own
     ETag); a renewal that fails means another writer took over, and :meth:`check`
-    (called before every commit and publish) stops this writer. Expiry compares the
+    (called before every commit and publish) stops this writer. When the last renewal
+    is older than two thirds of the lease (the process was paused, the network was
+    down), :meth:`check` renews synchronously before saying yes. Expiry compares the
     holder's clock with ours: clocks must agree to well within the lease (NTP).
     """
 
@@ -455,6 +538,7 @@ class LeaseLock(WriterLock):
         self.owner = uuid.uuid4().hex
         self._etag: str | None = None
         self._lost = False
+        self._renewed = 0.0  # time.monotonic() of the last successful PUT
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._mutex = threading.Lock()
@@ -467,11 +551,13 @@ class LeaseLock(WriterLock):
                            "lease_seconds": self.lease}).encode("utf-8")
 
     def _put(self, **condition) -> str:
+        started = time.monotonic()
         s = self.storage
         out = s.fs.pipe_file(s.fs_path(self.rel), self._body(), **condition)
         etag = (out or {}).get("ETag") if isinstance(out, dict) else None
         if not etag:
             etag = s.fs.info(s.fs_path(self.rel), refresh=True)["ETag"]
+        self._renewed = started
         return str(etag)
 
     def acquire(self) -> None:
@@ -511,26 +597,36 @@ class LeaseLock(WriterLock):
         except OSError:  # PreconditionFailed: another writer took it first
             raise LakeBusyError(s.url) from None
 
+    def _renew(self) -> None:
+        """Renew the lease (the caller holds the mutex); a refusal means it was lost."""
+        if self._lost or self._etag is None:
+            return
+        try:
+            self._etag = self._put(IfMatch=self._etag)
+        except OSError as exc:
+            if "PreconditionFailed" in str(exc) or "412" in str(exc) \
+                    or getattr(exc, "errno", None) == errno.EINVAL:
+                self._lost = True
+                log.error("the write lease on %s was taken over", self.storage.url)
+                return
+            # a transient error: the lease still runs; try again next period
+            log.warning("could not renew the write lease on %s: %s", self.storage.url, exc)
+
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.lease / 3):
             with self._mutex:
-                if self._lost or self._etag is None:
+                self._renew()
+                if self._lost:
                     return
-                try:
-                    self._etag = self._put(IfMatch=self._etag)
-                except OSError as exc:
-                    if "PreconditionFailed" in str(exc) or "412" in str(exc) \
-                            or getattr(exc, "errno", None) == errno.EINVAL:
-                        self._lost = True
-                        log.error("the write lease on %s was taken over", self.storage.url)
-                        return
-                    # a transient error: the lease still runs; try again next period
-                    log.warning("could not renew the write lease on %s: %s",
-                                self.storage.url, exc)
 
     def check(self) -> None:
-        if self._lost:
-            raise LockLostError(self.storage.url)
+        with self._mutex:
+            if not self._lost and time.monotonic() - self._renewed > self.lease * 2 / 3:
+                self._renew()
+            if not self._lost and time.monotonic() - self._renewed > self.lease:
+                self._lost = True  # could not renew in time: another writer may have it
+            if self._lost:
+                raise LockLostError(self.storage.url)
 
     def release(self) -> None:
         self._stop.set()
@@ -559,3 +655,16 @@ class LeaseHeldError(LakeBusyError):
         self.path = url
         self.holder = held
         self.expires_at = expires
+
+
+def load_options(path: Path | str | None) -> dict:
+    """fsspec storage options from a JSON file (None: no file, no options)."""
+    if not path:
+        return {}
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise StorageError(str(path), f"cannot read storage options: {exc}") from None
+    if not isinstance(data, dict):
+        raise StorageError(str(path), "storage options must be a JSON object")
+    return data
