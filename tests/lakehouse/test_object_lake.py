@@ -16,10 +16,12 @@ import pyarrow as pa
 import pytest
 
 from catalog import open_lake
+from etl import ingest
 from lake_cli import main
 from lakehouse import Lake, audit
 from lakehouse.errors import LakeBusyError
 from lakehouse.storage import LeaseHeldError, LockLostError, open_storage
+from tests.conftest import fast_config
 from tests.etl.cluster import RUN_COLUMNS, lake_content
 from tests.s3server import moto_missing, run_moto
 
@@ -28,14 +30,15 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    """A moto server with a ``lakes`` bucket; the AWS environment points at it (restored
-    afterwards)."""
+    """A moto server with a ``lakes`` bucket; the AWS environment points at it, and lakes'
+    local working folders are in a temporary XDG_STATE_HOME (both restored afterwards)."""
     why = moto_missing()
     if why:
         pytest.skip(why)
     with run_moto(tmp_path_factory.mktemp("moto") / "moto.log") as server:
-        saved = {k: os.environ.get(k) for k in server.env}
-        os.environ.update(server.env)
+        env = {**server.env, "XDG_STATE_HOME": str(tmp_path_factory.mktemp("state-home"))}
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
         try:
             server.create_bucket("lakes")
             yield server
@@ -56,6 +59,7 @@ def key_hash(location) -> tuple[int, str]:
     return len(rows), hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
 
+@pytest.mark.slow
 def test_cli_lake_on_s3_equals_the_local_lake(s3, archive, truth, built_lake, capsys):
     url = "s3://lakes/site"
     assert main(["init", url, "--profile", "identified"]) == 0
@@ -71,8 +75,8 @@ def test_cli_lake_on_s3_equals_the_local_lake(s3, archive, truth, built_lake, ca
     ours, local = lake_content(open_storage(url)), lake_content(built_lake[0])
     for name in RUN_COLUMNS:
         assert ours[name] == local[name], name
-    assert key_hash(url) == key_hash(built_lake[0])
-    assert key_hash(url)[0] == truth.outcomes["ingested"]
+    local_keys = key_hash(built_lake[0])
+    assert key_hash(url) == local_keys and local_keys[0] == truth.outcomes["ingested"]
 
     assert main(["sql", "SELECT Modality, count(*) AS n FROM instances GROUP BY 1 ORDER BY 1",
                  "--lake", url, "--format", "json"]) == 0
@@ -94,7 +98,7 @@ def test_cli_lake_on_s3_equals_the_local_lake(s3, archive, truth, built_lake, ca
     assert again["files_unchanged"] == truth.files_total
     assert sum(again["outcomes"].values()) == 0
     assert again["snapshot"] == run["snapshot"] + 1
-    assert key_hash(url) == key_hash(built_lake[0])
+    assert key_hash(url) == local_keys
 
     # DuckDB read the data files itself, through the registered fsspec filesystem
     with open_lake(url) as cat:
@@ -208,3 +212,67 @@ def test_errors_are_one_line(s3, tmp_path, capsys):
     code = main(["init", "s3://lakes/twice", "--profile", "identified"])
     err = capsys.readouterr().err
     assert code == 1 and "a lake already exists at s3://lakes/twice" in err
+
+
+@pytest.mark.slow
+def test_research_lake_on_s3_keeps_its_key_outside(s3, archive, truth, tmp_path):
+    key = tmp_path / "site.key"
+    url = "s3://lakes/research"
+    lake = Lake.create(url, key_file=key)
+    local = Lake.create(tmp_path / "local", key_file=key)
+    for target in (lake, local):
+        s = ingest(target, archive[0], fast_config(scheduler="threads", workers=2),
+                   key_file=key)
+        assert s.outcomes == truth.outcomes
+    # the same pseudonymized rows (same key), vault tables included
+    ours, theirs = lake_content(lake.storage), lake_content(local.root)
+    for name in RUN_COLUMNS:
+        assert ours[name] == theirs[name], name
+    with open_lake(url, vault=True) as cat, open_lake(local.root, vault=True) as ref:
+        q = "SELECT kind, pseudonym, original FROM identifiers ORDER BY ALL"
+        assert cat.con.execute(q).fetchall() == ref.con.execute(q).fetchall()
+        assert cat.con.execute("SELECT count(*) FROM identifiers").fetchone()[0] > 0
+    # the key never went into the bucket (only its fingerprint, in the manifest)
+    secret = key.read_text().strip()
+    fs = lake.storage.fs
+    objects = fs.find("lakes/research")
+    assert len(objects) > 50
+    for path in objects:
+        body = fs.cat_file(path)
+        assert secret.encode() not in body and bytes.fromhex(secret) not in body, path
+
+
+@pytest.mark.slow
+def test_s3_source_into_s3_lake(s3, archive, truth, built_lake, capsys):
+    fs = open_storage("s3://lakes/x").fs
+    s3.create_bucket("pacs")
+    fs.put(str(archive[0]) + "/", "pacs/archive/", recursive=True)
+    url = "s3://lakes/from-s3"
+    assert main(["init", url, "--profile", "identified"]) == 0
+    capsys.readouterr()
+    argv = ["ingest", "s3://pacs/archive", "--lake", url, "--scheduler", "threads",
+            "--workers", "2", "--json", "--no-progress"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["fetched"] == truth.files_total and out["run"]["outcomes"] == truth.outcomes
+    ours, local = lake_content(open_storage(url)), lake_content(built_lake[0])
+    for name in RUN_COLUMNS:
+        if name != "files":  # staged copies have other paths
+            assert ours[name] == local[name], name
+    # what was fetched is remembered in the lake (another machine continues from it)
+    assert out["state_file"].startswith(f"{url}/vault/sources/")
+    assert main(argv) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert (again["already_fetched"], again["fetched"]) == (truth.files_total, 0)
+
+    # integrity checks read the objects
+    assert main(["verify", "--lake", url]) == 0
+    capsys.readouterr()
+    lake = Lake.open(url)
+    adds = lake.delta("instances").get_add_actions(flatten=True).column("path").to_pylist()
+    victim = f"research/instances/{adds[0]}"
+    body = bytearray(lake.storage.read_bytes(victim))
+    body[100] ^= 0xFF
+    lake.storage.write_bytes(victim, bytes(body))
+    assert main(["verify", "--lake", url]) == 1
+    assert f"instances: {adds[0]}: checksum" in capsys.readouterr().out
