@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 NULL_PARTITION = "__HIVE_DEFAULT_PARTITION__"
 #: commitInfo key holding ``{relative path: sha256}`` of the files a commit adds.
 CHECKSUMS_KEY = "lake.checksums"
+#: commitInfo key holding a random id of the commit (the writer checks its commit won)
+COMMIT_ID_KEY = "lake.commit_id"
 #: Rows per Parquet row group; large enough for scans, small enough for pruning.
 ROW_GROUP_ROWS = 64_000
 
@@ -100,6 +102,16 @@ class LocalOnlyError(LakeError):
         self.url = url
         super().__init__(f"this needs a lake in a local folder; {url} is on object storage "
                          "(see README, 'A lake on object storage', for what works there)")
+
+
+class ConcurrentWriteError(LakeError):
+    def __init__(self, url: str, what: str, version: int):
+        self.url = url
+        self.what = what
+        self.version = version
+        super().__init__(f"another writer wrote version {version} of {what} in {url} while "
+                         "this run held the write lock (its lease expired?); nothing more of "
+                         "this run is published: run it again")
 
 
 class Lake:
@@ -317,6 +329,9 @@ class LakeWriter:
         self.storage = lake.storage
         self._lease_seconds = lease_seconds
         self._lock: WriterLock | None = None
+        #: set when another writer was found to have written meanwhile: nothing more
+        #: of this run is committed or published
+        self._conflict: ConcurrentWriteError | None = None
         self.base: Snapshot | None = None
         self.versions: dict[str, int] = {}
         #: Free-form state carried from snapshot to snapshot (e.g. what the
@@ -347,6 +362,8 @@ class LakeWriter:
             self._lock = None
 
     def _check_lock(self) -> None:
+        if self._conflict is not None:
+            raise self._conflict
         if self._lock is not None:
             self._lock.check()
 
@@ -412,16 +429,36 @@ class LakeWriter:
             self._stage(root, spec, part, values, meta, checksums)
             for values, part in _partitions(table, spec)]
         self._check_lock()
-        dt = self.lake.open_delta(name)
+        expected = self.versions[name] + 1
+        commit_id = uuid.uuid4().hex
+        dt = self.lake.open_delta(name, self.versions[name])
         dt.create_write_transaction(
             actions, mode, table.schema, partition_by=list(spec.partition_by) or None,
             commit_properties=CommitProperties(
                 custom_metadata={"lake.run_id": self.run_id, "lake.param_hash": param_hash,
+                                 COMMIT_ID_KEY: commit_id,
                                  CHECKSUMS_KEY: json.dumps(checksums, sort_keys=True)}),
         )
-        version = self.lake.open_delta(name).version()
-        self.versions[name] = version
-        return version
+        if self._commit_id(name, expected) != commit_id:
+            # another writer committed to this table meanwhile (possible on object storage
+            # only when a writer outlived its lease): nothing of this run may be published
+            self._conflict = ConcurrentWriteError(self.lake.location, name, expected)
+            raise self._conflict
+        self.versions[name] = expected
+        return expected
+
+    def _commit_id(self, name: str, version: int) -> str | None:
+        """The ``lake.commit_id`` of commit ``version`` of table ``name`` (None: none)."""
+        log_file = f"{as_rel(layout.table_path(_REL, name))}/_delta_log/{version:020d}.json"
+        try:
+            text = self.storage.read_text(log_file)
+        except FileNotFoundError:
+            return None
+        for line in text.splitlines():
+            info = json.loads(line).get("commitInfo") if line.strip() else None
+            if info is not None:
+                return info.get(COMMIT_ID_KEY)
+        return None
 
     def _stage(self, root: str, spec: TableSpec, part: pa.Table, values: dict[str, str | None],
                meta: dict[str, str], checksums: dict[str, str]) -> AddAction:
@@ -444,13 +481,22 @@ class LakeWriter:
                          json.dumps(stats))
 
     def publish(self, note: str = "") -> Snapshot:
-        numbers = self.lake.snapshot_numbers()
-        snap = Snapshot(numbers[-1] + 1, dict(self.versions), _now(), self.run_id, note,
+        if self._conflict is not None:
+            raise self._conflict
+        assert self.base is not None, "publish() outside `with lake.writer(...)`"
+        # the snapshot after the one this writer started from (or last published), created
+        # exclusively (If-None-Match on S3): when another writer published meanwhile, it
+        # exists and this writer publishes nothing
+        snap = Snapshot(self.base.number + 1, dict(self.versions), _now(), self.run_id, note,
                         dict(self.extra))
         self._check_lock()
-        # exclusive: two writers can never both publish snapshot N (If-None-Match on S3)
-        self.storage.write_json(as_rel(layout.snapshot_path(_REL, snap.number)), snap.to_dict(),
-                                exclusive=True)
+        try:
+            self.storage.write_json(as_rel(layout.snapshot_path(_REL, snap.number)),
+                                    snap.to_dict(), exclusive=True)
+        except FileExistsError:
+            self._conflict = ConcurrentWriteError(self.lake.location, "_lake/snapshots",
+                                                  snap.number)
+            raise self._conflict from None
         self.base = snap
         return snap
 

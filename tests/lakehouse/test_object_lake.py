@@ -21,6 +21,7 @@ from lake_cli import main
 from lakehouse import Lake, audit
 from lakehouse.errors import LakeBusyError
 from lakehouse.storage import LeaseHeldError, LockLostError, open_storage
+from lakehouse.tables import ConcurrentWriteError
 from tests.conftest import fast_config
 from tests.etl.cluster import RUN_COLUMNS, lake_content
 from tests.s3server import moto_missing, run_moto
@@ -145,6 +146,34 @@ def test_a_stalled_writer_loses_its_lease(s3):
         w.__exit__(None, None, None)
     assert [s.run_id for s in lake.snapshots()] == [None, "fast"]
     assert lake.count("ingest_runs") == 0
+
+
+def test_a_writer_that_missed_its_lease_expiry_publishes_nothing(s3):
+    """The window no lease closes: a writer paused after its last check. Its commit lands
+    after the other writer's; it notices (the commit is not the version it expected) and
+    cannot publish (the snapshot number it would take exists)."""
+    lake = Lake.create("s3://lakes/window", profile="identified")
+    w = lake.writer("paused", lease_seconds=1.0).__enter__()
+    try:
+        assert w._lock is not None
+        w._lock._stop.set()
+        time.sleep(1.2)
+        with lake.writer("other") as w2:
+            w2.append("ingest_runs", pa.table({"ingest_run_id": ["other"]}))
+            w2.publish("other")
+        w._lock.check = lambda: None  # it checked just before it was paused
+        with pytest.raises(ConcurrentWriteError, match="another writer wrote version 1 of "
+                                                       "ingest_runs"):
+            w.append("ingest_runs", pa.table({"ingest_run_id": ["paused"]}))
+        with pytest.raises(ConcurrentWriteError):
+            w.publish("paused")
+    finally:
+        w.__exit__(None, None, None)
+    assert [s.run_id for s in lake.snapshots()] == [None, "other"]
+    assert lake.read("ingest_runs").column("ingest_run_id").to_pylist() == ["other"]
+    with lake.writer("next") as w3:  # rolls the paused writer's commit back
+        assert w3.dataset("ingest_runs").count_rows() == 1
+        w3.publish("next")
 
 
 _WRITER = """
