@@ -333,8 +333,9 @@ class ObjectStorage(Storage):
             try:
                 import fsspec
 
-                # no listing cache: other processes write the lake too
-                self._fs = fsspec.filesystem(self.scheme,
+                # no listing cache: other processes write the lake too; an instance of its
+                # own: a cached one may carry another endpoint (the environment changed)
+                self._fs = fsspec.filesystem(self.scheme, skip_instance_cache=True,
                                              **{"use_listings_cache": False, **self.options})
             except ImportError as exc:
                 raise StorageError(self.url, f"{exc}; install s3fs: pip install s3fs") from None

@@ -22,6 +22,7 @@ from lakehouse import Lake, audit
 from lakehouse.errors import LakeBusyError
 from lakehouse.storage import LeaseHeldError, LockLostError, open_storage
 from lakehouse.tables import ConcurrentWriteError
+from lakehouse.vacuum import vacuum
 from tests.conftest import fast_config
 from tests.etl.cluster import RUN_COLUMNS, lake_content
 from tests.s3server import moto_missing, run_moto
@@ -218,6 +219,12 @@ def test_a_killed_writer_is_invisible_and_the_next_one_converges(s3, tmp_path):
         assert w.dataset("ingest_runs").count_rows() == 1
         w.append("ingest_runs", pa.table({"ingest_run_id": ["next"]}))
         w.publish("next")
+    assert sorted(lake.read("ingest_runs").column("ingest_run_id").to_pylist()) == \
+        ["first", "next"]
+    # the killed run's data file is referenced by no snapshot: vacuum removes it
+    report = vacuum(lake, retention_hours=0)
+    assert [p.split("-")[1] for p in report.removed["ingest_runs"]] == ["killed"]
+    assert sum(len(v) for v in report.removed.values()) == 1
     assert sorted(lake.read("ingest_runs").column("ingest_run_id").to_pylist()) == \
         ["first", "next"]
 
