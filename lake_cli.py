@@ -110,7 +110,7 @@ def cmd_init(args) -> int:
         private.append({"group": parts[0], "creator": parts[1], "element": parts[2]})
     try:
         lake = Lake.create(path, profile=args.profile, key_file=_key_file(args),
-                           private_allowlist=private)
+                           private_allowlist=private, checksum=args.checksum)
     except ValueError as exc:
         raise CliError(str(exc)) from None
     print(f"created {lake.profile} lake at {lake.root}")
@@ -738,6 +738,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--private-tag", action="append", metavar="GROUP,CREATOR,ELEMENT",
                     help="keep this private attribute in a research lake (repeatable), e.g. "
                     "0x0019,GEMS_ACQU_01,0x23 (ELEMENT: the low byte); all others are dropped")
+    sp.add_argument("--checksum", choices=["header", "full"], default="header",
+                    help="what file_sha256 covers: header (default: the bytes before the pixel "
+                    "data, so ingest never reads pixel data) or full (every byte: slower, "
+                    "detects pixel-only changes and conflicts)")
     sp.set_defaults(func=cmd_init)
 
     sp = sub.add_parser("ingest", help="ingest a folder of DICOM files, or a PACS")

@@ -33,7 +33,7 @@ from deltalake import DeltaTable
 from deltalake.transaction import AddAction, CommitProperties, RemoveAction
 
 from lakehouse import deid, layout, privacy
-from lakehouse.config import PROFILES, LakeConfig
+from lakehouse.config import CHECKSUMS, PROFILES, LakeConfig
 from lakehouse.errors import (
     LakeBusyError,
     LakeExistsError,
@@ -103,13 +103,16 @@ class Lake:
     def create(cls, root: Path | str, profile: str = "research",
                key_file: Path | str | None = None,
                labels: dict[str, str] | None = None,
-               private_allowlist: list[dict] | None = None) -> Lake:
+               private_allowlist: list[dict] | None = None,
+               checksum: str = "header") -> Lake:
         """A new lake. A research lake needs a key: ``key_file`` is used when it
         exists, created (random, owner-only) when it does not; by default it is
         ``privacy.default_key_path(lake_id)``, outside the lake folder."""
         root = Path(root)
         if profile not in PROFILES:
             raise ValueError(f"profile must be one of {PROFILES}, not {profile!r}")
+        if checksum not in CHECKSUMS:
+            raise ValueError(f"checksum must be one of {CHECKSUMS}, not {checksum!r}")
         if layout.manifest_path(root).exists():
             raise LakeExistsError(root)
         if root.exists() and any(root.iterdir()):
@@ -133,7 +136,8 @@ class Lake:
         os.chmod(layout.zone_path(root, VAULT), 0o700)
         config = LakeConfig(profile=profile, lake_id=lake_id, key_fingerprint=fp,
                             created_at=_now(), labels=labels or {},
-                            private_allowlist=list(private_allowlist or []))
+                            private_allowlist=list(private_allowlist or []),
+                            checksum=checksum)
         versions = {}
         for spec in TABLES.values():
             dt = DeltaTable.create(
