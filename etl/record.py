@@ -75,12 +75,12 @@ def record_from_json(header: dict) -> tuple[dict[str, Any], list[str]]:
     get = header.get
     for name, tag, is_list, is_text, conv in _PLAN:
         elem = get(tag)
-        values = elem.get("Value") if elem else None
-        if not values:
+        if not elem or not (values := elem.get("Value")):
             rec[name] = None
             continue
         vr = elem.get("vr")
         wanted = [v for v in values if not _blank(v)]
+        typed: Any
         try:
             if is_list:
                 typed = [x for x in map(conv, values) if x is not None] or None
