@@ -714,6 +714,32 @@ def cmd_vacuum(args) -> int:
     return 0
 
 
+def cmd_optimize(args) -> int:
+    from lakehouse import Lake
+    from lakehouse.optimize import MiB, optimize
+
+    try:
+        report = optimize(Lake.open(_lake_dir(args)), args.table or None,
+                          small_bytes=int(args.small_mb * MiB),
+                          target_bytes=int(args.target_mb * MiB), dry_run=args.dry_run)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    changed = {k: v for k, v in report.tables.items() if v.rewritten}
+    verb = "would rewrite" if args.dry_run else "rewrote"
+    for name, t in changed.items():
+        print(f"{name}: {verb} {t.rewritten} small files as {t.written} "
+              f"({t.files_before} -> {t.files_after} files, {t.rows:,} rows)")
+    if not changed:
+        print("nothing to compact")
+    elif report.snapshot is not None:
+        print(f"published snapshot {report.snapshot}; the replaced files stay for time travel "
+              "until `lake vacuum` finds no snapshot that needs them")
+    return 0
+
+
 # --- wiring -------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -929,6 +955,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dry-run", action="store_true", help="list, do not delete")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_vacuum)
+
+    sp = sub.add_parser("optimize", help="compact small Parquet files (rows unchanged)")
+    lake_opt(sp)
+    sp.add_argument("--table", action="append", help="only this table (repeatable; default all)")
+    sp.add_argument("--small-mb", type=float, default=64.0,
+                    help="files smaller than this are compacted (default 64)")
+    sp.add_argument("--target-mb", type=float, default=256.0,
+                    help="size of the files written, about (default 256)")
+    sp.add_argument("--dry-run", action="store_true", help="report, do not rewrite")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_optimize)
 
     sp = sub.add_parser("dictionary", help="print the data dictionary (Markdown)")
     sp.add_argument("--update", metavar="FILE", help="rewrite the section between the "
