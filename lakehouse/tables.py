@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -36,7 +36,7 @@ from deltalake import DeltaTable
 from deltalake.transaction import AddAction, CommitProperties, RemoveAction
 
 from lakehouse import deid, layout, privacy
-from lakehouse.config import PROFILES, LakeConfig
+from lakehouse.config import CHECKSUMS, PROFILES, LakeConfig
 from lakehouse.errors import (
     LakeError,
     LakeExistsError,
@@ -145,6 +145,7 @@ class Lake:
                key_file: Path | str | None = None,
                labels: dict[str, str] | None = None,
                private_allowlist: list[dict] | None = None,
+               checksum: str = "header",
                storage_options: dict | None = None) -> Lake:
         """A new lake in a folder or at ``s3://bucket/prefix`` (``storage_options``:
         fsspec options of the object store). A research lake needs a key: ``key_file``
@@ -154,6 +155,8 @@ class Lake:
         store = open_storage(root, storage_options)
         if profile not in PROFILES:
             raise ValueError(f"profile must be one of {PROFILES}, not {profile!r}")
+        if checksum not in CHECKSUMS:
+            raise ValueError(f"checksum must be one of {CHECKSUMS}, not {checksum!r}")
         check_bucket = getattr(store, "check_bucket", None)
         if check_bucket is not None:
             check_bucket()
@@ -178,7 +181,8 @@ class Lake:
         store.makedirs(as_rel(layout.zone_path(_REL, VAULT)), private=True)
         config = LakeConfig(profile=profile, lake_id=lake_id, key_fingerprint=fp,
                             created_at=_now(), labels=labels or {},
-                            private_allowlist=list(private_allowlist or []))
+                            private_allowlist=list(private_allowlist or []),
+                            checksum=checksum)
         versions = {}
         for spec in TABLES.values():
             dt = DeltaTable.create(
@@ -416,7 +420,33 @@ class LakeWriter:
     def overwrite(self, name: str, data: pa.Table, param_hash: str = "") -> int:
         return self._write(name, data, "overwrite", param_hash)
 
-    def _write(self, name: str, data: pa.Table, mode: str, param_hash: str) -> int:
+    def compact(self, name: str, files: list[dict], param_hash: str = "") -> int:
+        """Rewrite ``files`` (rows of ``get_add_actions(flatten=True)`` of the current
+        version, all of one partition) as one file, in one commit that adds it and
+        removes them (``dataChange`` false: the rows are the same). Returns the version."""
+        spec = TABLES[name]
+        root = as_rel(layout.table_path(_REL, name))
+        keys = list(spec.partition_by)
+        values = {k: files[0].get(f"partition.{k}") for k in keys}
+        parts = []
+        for f in files:
+            path = f"{root}/{f['path']}"
+            if not self.storage.exists(path):
+                path = f"{root}/{unquote(f['path'])}"
+            part = pq.read_table(pa.BufferReader(self.storage.read_bytes(path)))
+            for k in keys:
+                typ = spec.storage_schema(self.lake.profile).field(k).type
+                part = part.append_column(k, pa.array([values[k]] * part.num_rows, typ))
+            parts.append(part)
+        data = pa.concat_tables(parts, promote_options="default")
+        now = int(time.time() * 1000)
+        removes = [RemoveAction(f["path"], False, now, f["size_bytes"],
+                                {k: (None if values[k] is None else str(values[k]))
+                                 for k in keys}) for f in files]
+        return self._write(name, data, "append", param_hash, removes=removes)
+
+    def _write(self, name: str, data: pa.Table, mode: str, param_hash: str,
+               removes: list[RemoveAction] | None = None) -> int:
         spec = TABLES[name]
         table = conform(spec, data, self.lake.profile)
         if table.num_rows == 0 and mode == "append":
@@ -426,8 +456,9 @@ class LakeWriter:
         # the commit log records each new file's SHA-256 (``lake verify`` checks them)
         checksums: dict[str, str] = {}
         actions: list[AddAction | RemoveAction] = [
-            self._stage(root, spec, part, values, meta, checksums)
+            self._stage(root, spec, part, values, meta, checksums, data_change=not removes)
             for values, part in _partitions(table, spec)]
+        actions += removes or []
         self._check_lock()
         expected = self.versions[name] + 1
         commit_id = uuid.uuid4().hex
@@ -461,7 +492,8 @@ class LakeWriter:
         return None
 
     def _stage(self, root: str, spec: TableSpec, part: pa.Table, values: dict[str, str | None],
-               meta: dict[str, str], checksums: dict[str, str]) -> AddAction:
+               meta: dict[str, str], checksums: dict[str, str],
+               data_change: bool = True) -> AddAction:
         subdir = "/".join(
             f"{k}={quote(v if v is not None else NULL_PARTITION, safe='')}"
             for k, v in values.items()
@@ -477,7 +509,7 @@ class LakeWriter:
         self.storage.write_bytes(f"{root}/{rel}", data, sync=False)
         checksums[rel] = hashlib.sha256(data).hexdigest()
         stats = {"numRecords": part.num_rows}
-        return AddAction(rel, len(data), values, int(time.time() * 1000), True,
+        return AddAction(rel, len(data), values, int(time.time() * 1000), data_change,
                          json.dumps(stats))
 
     def publish(self, note: str = "") -> Snapshot:
