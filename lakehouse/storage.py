@@ -355,7 +355,7 @@ class ObjectStorage(Storage):
         except PermissionError:
             raise StorageError(self.url, f"{what}: access denied (check the credentials: "
                                          "AWS_ACCESS_KEY_ID / the storage options)") from None
-        except OSError as exc:
+        except Exception as exc:  # OSError, or the client's own (endpoint unreachable, ...)
             raise StorageError(self.url, f"{what}: {type(exc).__name__}: {exc}"[:300]) from None
 
     def check_bucket(self) -> None:

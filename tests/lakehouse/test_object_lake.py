@@ -312,3 +312,26 @@ def test_s3_source_into_s3_lake(s3, archive, truth, built_lake, capsys):
     lake.storage.write_bytes(victim, bytes(body))
     assert main(["verify", "--lake", url]) == 1
     assert f"instances: {adds[0]}: checksum" in capsys.readouterr().out
+
+
+def test_storage_options_file_instead_of_the_environment(s3, tmp_path, capsys, monkeypatch):
+    """The options file alone reaches the server: the environment points at a closed port,
+    so any request made without the file's options fails."""
+    opts = tmp_path / "s3.json"
+    opts.write_text(json.dumps(s3.options))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "wrong")
+    monkeypatch.setenv("LAKE_STORAGE_OPTIONS", str(opts))
+    url = "s3://lakes/by-file"
+    assert main(["init", url, "--profile", "identified"]) == 0
+    capsys.readouterr()
+    lake = Lake.open(url, storage_options=s3.options)
+    with lake.writer("w") as w:
+        w.append("ingest_runs", pa.table({"ingest_run_id": ["w"], "status": ["completed"]}))
+        w.publish("w")
+    assert main(["sql", "SELECT ingest_run_id, status FROM ingest_runs", "--lake", url,
+                 "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [{"ingest_run_id": "w",
+                                                     "status": "completed"}]
+    assert main(["status", "--lake", url, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["snapshot"] == 1
