@@ -335,3 +335,21 @@ def test_storage_options_file_instead_of_the_environment(s3, tmp_path, capsys, m
                                                      "status": "completed"}]
     assert main(["status", "--lake", url, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["snapshot"] == 1
+
+
+@pytest.mark.slow
+def test_optimize_and_verify_on_s3(s3, capsys):
+    url = "s3://lakes/optimize"
+    lake = Lake.create(url, profile="identified")
+    for i in range(3):
+        with lake.writer(f"r{i}") as w:
+            w.append("ingest_runs", pa.table({"ingest_run_id": [f"r{i}"]}))
+            w.publish()
+    assert len(lake.delta("ingest_runs").file_uris()) == 3
+    assert main(["optimize", "--lake", url]) == 0
+    assert "rewrote 3 small files as 1" in capsys.readouterr().out
+    assert len(lake.delta("ingest_runs").file_uris()) == 1
+    assert sorted(lake.read("ingest_runs").column("ingest_run_id").to_pylist()) == \
+        ["r0", "r1", "r2"]
+    assert main(["verify", "--lake", url]) == 0
+    assert capsys.readouterr().out.splitlines() == ["snapshot 4: 1 data files checked", "ok"]
