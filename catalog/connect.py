@@ -65,10 +65,22 @@ class Catalog:
                 self.con.register(raw, spec.storage_schema(self.lake.profile).empty_table())
             elif not self._attach_parquet(raw, name, spec):
                 self.con.register(raw, self.lake.dataset(name, self.snapshot))
-            casts = [f'CAST("{c}" AS TIME) AS "{c}"' for c in spec.time_columns(self.lake.profile)]
+            present = set(self.con.table(raw).columns)
+            casts = [f'CAST("{c}" AS TIME) AS "{c}"' for c in spec.time_columns(self.lake.profile)
+                     if c in present]
             select = f"* REPLACE ({', '.join(casts)})" if casts else "*"
+            select += self._missing_columns(present, spec)
             self.con.execute(f'CREATE VIEW "{name}" AS SELECT {select} FROM "{raw}"')
             self._tables.append(name)
+
+    def _missing_columns(self, present: set[str], spec: TableSpec) -> str:
+        """``, NULL AS "c"`` for each declared column the table's files do not have (a
+        column added to the schema after the table was last written), typed as declared,
+        so that views and macros can rely on the declared schema of every lake."""
+        declared = self.con.from_arrow(spec.schema(self.lake.profile).empty_table())
+        return "".join(f', CAST(NULL AS {typ}) AS "{col}"'
+                       for col, typ in zip(declared.columns, declared.types, strict=True)
+                       if col not in present)
 
     def _attach_parquet(self, raw: str, name: str, spec: TableSpec) -> bool:
         """Scan the snapshot's Parquet files with DuckDB's own reader (parallel, with
@@ -86,8 +98,8 @@ class Catalog:
         present = set(rel.columns)
         columns = []
         # identifiers and types from the declared schema, not user input; a column the
-        # files do not have yet (added to the schema later) is left out, as the Delta
-        # table's own schema would
+        # files do not have yet (added to the schema later) is left out here and added as
+        # NULL by _missing_columns
         for f in spec.storage_schema(self.lake.profile):
             if f.name not in present:
                 continue

@@ -128,7 +128,7 @@ def test_sql_agrees_with_an_independent_pandas_version(tmp_path):
     with open_lake(tmp_path / "lake") as cat:
         duck_rates = reports.repeat_rates(cat, by=["Modality", "month"])
         duck_util = reports.utilization(cat, by=["month", *bench.ROLLUP])
-    pd_rates = bench.pandas_repeats(*bench.pandas_load_repeats(lake))
+    pd_rates = bench.pandas_repeats(bench.pandas_load_repeats(lake))
     pd_util = bench.pandas_rollup(bench.pandas_load_rollup(lake))
     check = bench.agree(duck_rates, pd_rates, duck_util, pd_util)
     assert check["rates"] and check["rollup"] and check["repeats"] > 100
