@@ -289,13 +289,20 @@ def pandas_rollup(studies: pd.DataFrame) -> pd.DataFrame:
 
 # --- timing --------------------------------------------------------------------------
 
-def best(fn, repeat: int) -> tuple[float, object]:
+#: CPU seconds (this process, all threads) of the fastest run of each timed computation
+CPU: dict[str, float] = {}
+
+
+def best(fn, repeat: int, name: str = "") -> tuple[float, object]:
+    """The fastest wall time of ``repeat`` runs (its CPU time goes to ``CPU[name]``)."""
     times, result = [], None
     for _ in range(repeat):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         result = fn()
-        times.append(time.perf_counter() - t)
-    return min(times), result
+        times.append((time.perf_counter() - t, time.process_time() - c))
+    wall, cpu = min(times)
+    CPU[name] = cpu
+    return wall, result
 
 
 def run(args, log) -> dict:
@@ -314,32 +321,38 @@ def run(args, log) -> dict:
     lake = Lake.open(path)
     report: dict = {"lake": built, "threads": args.threads, "repeat": args.repeat,
                     "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
+    report["load_average_before"] = os.getloadavg()
     try:
         with open_lake(path, threads=args.threads) as cat:
             log("DuckDB: repeat rate by Modality and month ...")
             duck_rep_s, duck_rep = best(
-                lambda: reports.repeat_rates(cat, by=["Modality", "month"]), args.repeat)
+                lambda: reports.repeat_rates(cat, by=["Modality", "month"]), args.repeat,
+                "duck_rep")
             log("DuckDB: utilization rollup ...")
             duck_util_s, duck_util = best(
-                lambda: reports.utilization(cat, by=["month", *ROLLUP]), args.repeat)
+                lambda: reports.utilization(cat, by=["month", *ROLLUP]), args.repeat,
+                "duck_util")
         log("pandas: repeat rate by Modality and month ...")
-        load_rep_s, loaded = best(lambda: pandas_load_repeats(lake), args.repeat)
-        pd_rep_s, pd_rep = best(lambda: pandas_repeats(loaded), args.repeat)
+        load_rep_s, loaded = best(lambda: pandas_load_repeats(lake), args.repeat, "load_rep")
+        pd_rep_s, pd_rep = best(lambda: pandas_repeats(loaded), args.repeat, "pd_rep")
         log("pandas: utilization rollup ...")
-        load_util_s, st = best(lambda: pandas_load_rollup(lake), args.repeat)
-        pd_util_s, pd_util = best(lambda: pandas_rollup(st), args.repeat)
+        load_util_s, st = best(lambda: pandas_load_rollup(lake), args.repeat, "load_util")
+        pd_util_s, pd_util = best(lambda: pandas_rollup(st), args.repeat, "pd_util")
         check = agree(duck_rep, pd_rep, duck_util, pd_util)
+        report["load_average_after"] = os.getloadavg()
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    for name, duck, load, compute in (("repeat_rate_by_modality_month", duck_rep_s, load_rep_s,
-                                       pd_rep_s),
-                                      ("utilization_rollup", duck_util_s, load_util_s,
-                                       pd_util_s)):
+    for name, duck, load, compute, k in (
+            ("repeat_rate_by_modality_month", duck_rep_s, load_rep_s, pd_rep_s, "rep"),
+            ("utilization_rollup", duck_util_s, load_util_s, pd_util_s, "util")):
+        cpu_duck, cpu_pd = CPU[f"duck_{k}"], CPU[f"load_{k}"] + CPU[f"pd_{k}"]
         report[name] = {"duckdb_s": duck, "pandas_read_s": load, "pandas_compute_s": compute,
                         "pandas_total_s": load + compute,
                         "speedup_vs_pandas_total": (load + compute) / duck,
-                        "speedup_vs_pandas_compute": compute / duck}
+                        "speedup_vs_pandas_compute": compute / duck,
+                        "duckdb_cpu_s": cpu_duck, "pandas_total_cpu_s": cpu_pd,
+                        "cpu_ratio": cpu_pd / cpu_duck}
     report["results_agree"] = check
     return report
 
@@ -378,6 +391,12 @@ def print_report(r: dict) -> None:
         print(f"{name:<32}{x['duckdb_s']:>10.3f}{x['pandas_read_s']:>13.3f}"
               f"{x['pandas_compute_s']:>13.3f}{x['pandas_total_s']:>14.3f}"
               f"{x['speedup_vs_pandas_total']:>9.1f}{x['speedup_vs_pandas_compute']:>11.1f}")
+    print(f"{'CPU seconds (all threads)':<32}" + "".join(
+        f"  {n.split('_')[0]}: DuckDB {r[n]['duckdb_cpu_s']:.3f}, pandas "
+        f"{r[n]['pandas_total_cpu_s']:.3f} (x{r[n]['cpu_ratio']:.1f})"
+        for n in ("repeat_rate_by_modality_month", "utilization_rollup")))
+    print("load average (1, 5, 15 min) before {:.1f} {:.1f} {:.1f}, after {:.1f} {:.1f} {:.1f}"
+          .format(*r["load_average_before"], *r["load_average_after"]))
     c = r["results_agree"]
     print(f"same results: {c['repeat_groups']:,} Modality x month groups, {c['repeats']:,} "
           f"repeats; {c['rollup_groups']:,} rollup groups")

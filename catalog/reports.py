@@ -70,7 +70,8 @@ class RepeatDefinition:
 
     #: a study repeats an earlier one at most this many calendar days before it
     window_days: int = 30
-    #: columns of ``utilization_studies`` that must be equal (PatientID always is)
+    #: columns of ``utilization_studies`` that must be equal (PatientID always is), e.g.
+    #: add ``ProtocolName`` (alias ``protocol``) or ``StudyDescription`` (``description``)
     match: tuple[str, ...] = ("Modality", "BodyPartExamined")
     #: images that do not make a study an exam
     exclude_localizers: bool = True
@@ -87,6 +88,9 @@ class RepeatDefinition:
 
 
 DEFAULT_REPEATS = RepeatDefinition()
+
+#: short names accepted as repeat-matching keys, and the column each stands for
+MATCH_ALIASES = {"protocol": "ProtocolName", "description": "StudyDescription"}
 
 _REPEAT_ARGS = ("window_days := $window_days, match := $match, "
                 "exclude_localizers := $exclude_localizers, exclude_derived := $exclude_derived, "
@@ -192,8 +196,9 @@ def _definition(cat: Catalog, d: RepeatDefinition) -> dict[str, object]:
     if not d.match:
         raise ReportError("repeat matching needs at least one key besides PatientID "
                           "(e.g. Modality)")
-    _check_columns(cat, "utilization_studies", d.match, "matching")
-    return d.params()
+    match = [MATCH_ALIASES.get(k, k) for k in d.match]
+    _check_columns(cat, "utilization_studies", match, "matching")
+    return {**d.params(), "match": match}
 
 
 def _run(cat: Catalog, call: str, params: Mapping[str, object], first: Sequence[str] = (),
