@@ -48,6 +48,9 @@ class Catalog:
             self.con.execute(f"SET threads TO {int(self.config.threads)}")
         if self.config.memory_limit:
             self.con.execute("SET memory_limit = ?", [self.config.memory_limit])
+        # keep the Parquet footers read once: every query binds the views again, and a
+        # snapshot's files never change (a Delta commit writes new files)
+        self.con.execute("SET parquet_metadata_cache = true")
         self._tables: list[str] = []
         self._attach_tables()
         self._views: list[str] = []
