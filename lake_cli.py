@@ -1026,6 +1026,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    finally:
+        # Arrow dataset scanners still referenced at interpreter shutdown can abort the
+        # process after the work is done (apache/arrow#34314): collect them while Arrow's
+        # thread pools are alive
+        import gc
+
+        gc.collect()
 
 
 if __name__ == "__main__":

@@ -214,6 +214,9 @@ def child_main(argv: list[str]) -> None:
         phases = {k: row[f"{k}_seconds"] for k in ("discover", "extract", "summarize")}
     except Exception as exc:  # optional detail, never fails the benchmark
         phases = {"error": repr(exc)}
+    import gc
+
+    gc.collect()  # Arrow scanners released before shutdown (see lake_cli.main)
     Path(result).write_text(json.dumps({"seconds": seconds, "open_seconds": t_open,
                                         "phases": phases, "summary": summary.to_dict()}),
                             encoding="utf-8")
