@@ -338,7 +338,8 @@ class ObjectStorage(Storage):
                 self._fs = fsspec.filesystem(self.scheme, skip_instance_cache=True,
                                              **{"use_listings_cache": False, **self.options})
             except ImportError as exc:
-                raise StorageError(self.url, f"{exc}; install s3fs: pip install s3fs") from None
+                raise StorageError(self.url, f"{exc}; install s3fs: "
+                                             "pip install 'imaging-lakehouse[s3]'") from None
         return self._fs
 
     def fs_path(self, rel: str = "") -> str:
