@@ -8,6 +8,7 @@ import numpy as np
 
 from etl.radiomics import firstorder, shape, texture
 from etl.radiomics.params import Params, ParamsError
+from etl.radiomics.preprocess import bounding_box, normalize, resample
 
 #: Version of the lake's extractor, written to every radiomics_features row.
 EXTRACTOR_VERSION = "lake-radiomics 1.1 (pyradiomics 3 definitions)"
@@ -24,38 +25,44 @@ FEATURE_CLASSES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _bbox(mask: np.ndarray) -> tuple[slice, ...]:
-    where = np.argwhere(mask)
-    lo, hi = where.min(axis=0), where.max(axis=0) + 1
-    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
-
-
-def extract(image, mask: np.ndarray, params: Params | None = None
-            ) -> dict[tuple[str, str], float]:
+def extract(image, mask: np.ndarray, params: Params | None = None, *,
+            normalized: bool = False) -> dict[tuple[str, str], float]:
     """Features of the region ``mask`` (bool, numpy order) of ``image`` (a SimpleITK image).
 
     Returns {(feature class, feature name): value}. The mask must have the
-    image's array shape; an empty mask raises ValueError.
+    image's array shape; an empty mask raises ValueError. The image is first
+    normalized (when the parameters say so; pass ``normalized=True`` for an
+    image that already went through :func:`~etl.radiomics.preprocess.normalize`
+    with these parameters), then resampled with the region (when they ask for
+    a pixel spacing), as pyradiomics does.
     """
-    import SimpleITK as sitk
-
     params = params or Params.default()
     setting = params.setting
-    if setting.get("resampledPixelSpacing") is not None:
-        raise ParamsError(params.source, "resampling is not implemented")
-    if setting.get("normalize"):
-        image = sitk.Normalize(image) * float(setting.get("normalizeScale", 1))
-    arr = sitk.GetArrayViewFromImage(image)
-    if arr.shape != mask.shape:
-        raise ValueError(f"mask shape {mask.shape} differs from image shape {arr.shape}")
+    if not normalized:
+        image = normalize(image, setting)
+    size = tuple(image.GetSize())[::-1]
+    if tuple(size) != mask.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from image shape {size}")
     if not mask.any():
         raise ValueError("empty mask")
-    box = _bbox(mask)
-    m = np.ascontiguousarray(mask[box])
-    sx, sy, sz = (float(s) for s in image.GetSpacing())
-    spacing = (sz, sy, sx)  # array order: slice, row, column
+    resampled = resample(image, mask, setting)
+    if resampled is None:
+        import SimpleITK as sitk
+
+        box = bounding_box(mask)
+        m = np.ascontiguousarray(mask[box])
+        region = sitk.GetArrayViewFromImage(image)[box]
+        sx, sy, sz = (float(s) for s in image.GetSpacing())
+        spacing = (sz, sy, sx)  # array order: slice, row, column
+    else:
+        grid, full, spacing = resampled
+        if not full.any():
+            raise ValueError("the region has no voxel on the resampled grid")
+        box = bounding_box(full)
+        m = np.ascontiguousarray(full[box])
+        region = grid[box]
     out: dict[tuple[str, str], float] = {}
-    values_in = np.asarray(arr[box], dtype=np.float64)[m]
+    values_in = np.asarray(region, dtype=np.float64)[m]
     bin_width = float(setting.get("binWidth", 25))
     bin_count = setting.get("binCount")
     q = np.zeros(m.shape, dtype=np.intp)

@@ -93,4 +93,8 @@ class Params:
     def pyradiomics_settings(self) -> dict[str, Any]:
         """The same settings as keyword arguments of pyradiomics' extractor."""
         s = {k: v for k, v in self.setting.items() if v is not None}
+        if s.pop("maskInterpolator", "sitkNearestNeighbor") != "sitkNearestNeighbor":
+            raise ParamsError(self.source, "pyradiomics resamples the region by nearest "
+                              "neighbour only: it has no maskInterpolator setting")
+        s.pop("maskPartialVolumeThreshold", None)
         return s

@@ -121,8 +121,8 @@ def test_params_validation_and_hash():
     with pytest.raises(ParamsError, match=r"setting: Additional properties.*binwidth"):
         Params.from_dict({"version": 1, "setting": {"binwidth": 3},
                           "featureClass": {"shape": []}})
-    with pytest.raises(ParamsError, match=r"resampledPixelSpacing.*not of type 'null'"):
-        Params.from_dict({"version": 1, "setting": {"resampledPixelSpacing": [1, 1, 1]},
+    with pytest.raises(ParamsError, match=r"resampledPixelSpacing.*not of type 'array', 'null'"):
+        Params.from_dict({"version": 1, "setting": {"resampledPixelSpacing": "1mm"},
                           "featureClass": {"shape": []}})
     with pytest.raises(ParamsError, match=r"version: 2 was expected|version: 1 was expected"):
         Params.from_dict({"version": 2, "featureClass": {"shape": []}})
