@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict, defaultdict
@@ -451,10 +452,21 @@ def _runner(config: FeaturesConfig) -> Iterator[Callable[[list], list]]:
         kwargs: dict = {"scheduler": config.scheduler}
         if config.workers and config.scheduler != "synchronous":
             kwargs["num_workers"] = config.workers
-        if config.scheduler == "processes":
-            # one task per hand-out: Dask's default chunks of 6 would idle a worker
-            kwargs["chunksize"] = 1
-        yield lambda delayed: list(dask.compute(*delayed, **kwargs)) if delayed else []
+        if config.scheduler != "processes":
+            yield lambda delayed: list(dask.compute(*delayed, **kwargs)) if delayed else []
+            return
+        from concurrent.futures import ProcessPoolExecutor
+
+        from dask.multiprocessing import get_context, initialize_worker_process
+
+        # one pool for both stages (its processes start and import once), set up as Dask
+        # sets up its own; one task per hand-out: chunks of 6 would idle a worker
+        kwargs["chunksize"] = 1
+        os.environ.setdefault("PYTHONHASHSEED", "6640")
+        with ProcessPoolExecutor(config.workers or os.cpu_count(), mp_context=get_context(),
+                                 initializer=initialize_worker_process) as pool:
+            kwargs["pool"] = pool
+            yield lambda delayed: list(dask.compute(*delayed, **kwargs)) if delayed else []
         return
     from distributed import Client, LocalCluster
 
@@ -510,15 +522,19 @@ def compute_features(lake: Lake, config: FeaturesConfig | None = None) -> Featur
     size = max(1, config.batch_series)
     batches = [tasks[i:i + size] for i in range(0, len(tasks), size)]
     with _runner(config) as run:
-        prepared: list[Prepared] = run([dask.delayed(prepare_batch, pure=False)(b)
-                                        for b in batches])
+        # named keys: Dask runs independent tasks in key order, so the units of a series
+        # run one after the other and share the volume a worker has read
+        prepared: list[Prepared] = run([
+            dask.delayed(prepare_batch, pure=False)(b, dask_key_name=f"series-{run_id}-{i:06d}")
+            for i, b in enumerate(batches)])
         units = [u for p in prepared for u in p.units]
         volumes = {uid: v for p in prepared for uid, v in p.volumes.items()}
         unit_batches = segment_batches(units, config.batch_segments)
         done: list[SegmentResults] = run([
             dask.delayed(compute_segments, pure=False)(
-                b, {u.series_uid: volumes[u.series_uid] for u in b}, params, run_id)
-            for b in unit_batches])
+                b, {u.series_uid: volumes[u.series_uid] for u in b}, params, run_id,
+                dask_key_name=f"segments-{run_id}-{i:06d}")
+            for i, b in enumerate(unit_batches)])
     summary.segment_tasks = len(unit_batches)
     summary.volume_loads = sum(d.volume_loads for d in done)
     merged = _merge([p.rows for p in prepared] + [d.rows for d in done])
