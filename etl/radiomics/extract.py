@@ -11,7 +11,7 @@ from etl.radiomics.params import Params, ParamsError
 from etl.radiomics.preprocess import bounding_box, normalize, resample
 
 #: Version of the lake's extractor, written to every radiomics_features row.
-EXTRACTOR_VERSION = "lake-radiomics 1.1 (pyradiomics 3 definitions)"
+EXTRACTOR_VERSION = "lake-radiomics 1.2 (pyradiomics 3 definitions)"
 
 #: Implemented classes and their feature names, in output order.
 FEATURE_CLASSES: dict[str, tuple[str, ...]] = {
