@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from etl.radiomics import firstorder, shape, texture
+from etl.radiomics import filters, firstorder, shape, texture
 from etl.radiomics.params import Params, ParamsError
-from etl.radiomics.preprocess import bounding_box, normalize, resample
+from etl.radiomics.preprocess import bounding_box, normalize, pre_crop, resample
 
 #: Version of the lake's extractor, written to every radiomics_features row.
 EXTRACTOR_VERSION = "lake-radiomics 1.2 (pyradiomics 3 definitions)"
@@ -36,6 +36,8 @@ def extract(image, mask: np.ndarray, params: Params | None = None, *,
     with these parameters), then resampled with the region (when they ask for
     a pixel spacing), as pyradiomics does.
     """
+    import SimpleITK as sitk
+
     params = params or Params.default()
     setting = params.setting
     if not normalized:
@@ -46,23 +48,38 @@ def extract(image, mask: np.ndarray, params: Params | None = None, *,
     if not mask.any():
         raise ValueError("empty mask")
     resampled = resample(image, mask, setting)
-    if resampled is None:
-        import SimpleITK as sitk
-
-        box = bounding_box(mask)
-        m = np.ascontiguousarray(mask[box])
-        region = sitk.GetArrayViewFromImage(image)[box]
+    if resampled is not None:
+        grid, region_mask, spacing = resampled
+        if not region_mask.any():
+            raise ValueError("the region has no voxel on the resampled grid")
+    else:
+        grid, region_mask = image, mask
+        if setting.get("preCrop") and set(params.image_types) - {"Original"}:
+            grid, region_mask = pre_crop(image, mask, setting)
         sx, sy, sz = (float(s) for s in image.GetSpacing())
         spacing = (sz, sy, sx)  # array order: slice, row, column
-    else:
-        grid, full, spacing = resampled
-        if not full.any():
-            raise ValueError("the region has no voxel on the resampled grid")
-        box = bounding_box(full)
-        m = np.ascontiguousarray(full[box])
-        region = grid[box]
+    box = bounding_box(region_mask)
+    m = np.ascontiguousarray(region_mask[box])
     out: dict[tuple[str, str], float] = {}
-    values_in = np.asarray(region, dtype=np.float64)[m]
+    classes = params.feature_classes
+    if "shape" in classes:  # of the region only: once, whatever the image types
+        _add(out, params, "shape", "shape", shape.features(m, spacing))
+    textures = [c for c in classes if c != "shape"]
+    if not textures:
+        return out
+    for image_type, filtered in filters.images(grid, params.image_types):
+        view = sitk.GetArrayViewFromImage(filtered)
+        values_in = np.asarray(view[box], dtype=np.float64)[m]
+        del view
+        for cls, values in _grey_level_classes(values_in, m, spacing, setting, textures):
+            label = cls if image_type == "original" else f"{image_type}_{cls}"
+            _add(out, params, cls, label, values)
+    return out
+
+
+def _grey_level_classes(values_in: np.ndarray, m: np.ndarray, spacing, setting: dict,
+                        classes: list[str]) -> Iterator[tuple[str, dict[str, float]]]:
+    """First-order and texture classes of the region's values (one image type)."""
     bin_width = float(setting.get("binWidth", 25))
     bin_count = setting.get("binCount")
     q = np.zeros(m.shape, dtype=np.intp)
@@ -72,19 +89,22 @@ def extract(image, mask: np.ndarray, params: Params | None = None, *,
         "firstorder": lambda: firstorder.features(
             values_in, float(np.prod(spacing)), bin_width=bin_width, bin_count=bin_count,
             shift=float(setting.get("voxelArrayShift", 0))),
-        "shape": lambda: shape.features(m, spacing),
         "glcm": lambda: texture.glcm(q, m, levels),
         "glrlm": lambda: texture.glrlm(q, m, levels),
         "glszm": lambda: texture.glszm(q, m, levels),
         "gldm": lambda: texture.gldm(q, m, levels, int(setting.get("gldm_a", 0))),
         "ngtdm": lambda: texture.ngtdm(q, m, levels),
     }
-    for cls, wanted in params.feature_classes.items():
-        values = computed[cls]()
-        names = wanted or list(FEATURE_CLASSES[cls])
-        for name in names:
-            if name not in values:
-                raise ParamsError(params.source, f"{cls} has no feature {name!r}; it has "
-                                  f"{', '.join(FEATURE_CLASSES[cls])}")
-            out[(cls, name)] = values[name]
-    return out
+    for cls in classes:
+        yield cls, computed[cls]()
+
+
+def _add(out: dict[tuple[str, str], float], params: Params, cls: str, label: str,
+         values: dict[str, float]) -> None:
+    """The wanted features of one class into ``out`` under (label, name)."""
+    names = params.feature_classes[cls] or list(FEATURE_CLASSES[cls])
+    for name in names:
+        if name not in values:
+            raise ParamsError(params.source, f"{cls} has no feature {name!r}; it has "
+                              f"{', '.join(FEATURE_CLASSES[cls])}")
+        out[(label, name)] = values[name]

@@ -48,6 +48,13 @@ class Params:
                 detail += (" (implemented feature classes: firstorder, shape, glcm, glrlm, "
                            "glszm, gldm, ngtdm)")
             raise ParamsError(source, detail) from None
+        wavelet = ((data.get("imageType") or {}).get("Wavelet") or {}).get("wavelet")
+        if wavelet is not None:
+            import pywt
+
+            if wavelet not in pywt.wavelist(kind="discrete"):
+                raise ParamsError(source, f"imageType/Wavelet/wavelet: {wavelet!r} is not a "
+                                  "PyWavelets discrete wavelet (e.g. coif1, haar, db2, sym4)")
         return cls(copy.deepcopy(data), source)
 
     @classmethod
@@ -83,6 +90,12 @@ class Params:
     @property
     def feature_classes(self) -> dict[str, list[str]]:
         return {k: list(v or []) for k, v in self.raw["featureClass"].items()}
+
+    @property
+    def image_types(self) -> dict[str, dict[str, Any]]:
+        """Enabled image types with their options (default: Original only)."""
+        types = self.raw.get("imageType") or {"Original": {}}
+        return {k: dict(v or {}) for k, v in types.items()}
 
     @property
     def hash(self) -> str:

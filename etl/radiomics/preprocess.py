@@ -63,6 +63,19 @@ def normalize(image, setting: dict[str, Any]):
     return out
 
 
+def pre_crop(image, mask: np.ndarray, setting: dict[str, Any]) -> tuple[Any, np.ndarray]:
+    """pyradiomics' preCrop (cropToTumorMask): the bounding box plus ``padDistance`` (default 0).
+
+    Changes no feature of the original image; filters see only this block.
+    """
+    pad = int(setting.get("padDistance", 0))
+    box = bounding_box(mask)
+    lo = [max(s.start - pad, 0) for s in box]
+    hi = [min(s.stop + pad, n) for s, n in zip(box, mask.shape, strict=True)]
+    cropped = image[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]]
+    return cropped, mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+
+
 def bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
     """The region's bounding box in numpy order (slice, row, column)."""
     where = np.argwhere(mask)
@@ -71,13 +84,13 @@ def bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
 
 
 def resample(image, mask: np.ndarray, setting: dict[str, Any]
-             ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]] | None:
+             ) -> tuple[Any, np.ndarray, tuple[float, float, float]] | None:
     """Image and region on the resampled grid, or None when nothing is to be interpolated.
 
     ``image`` is a SimpleITK image, ``mask`` a boolean array of its shape (numpy
-    order). Returns (image values, region, spacing in numpy order) on the
-    resampled grid, cropped as pyradiomics crops it (bounding box plus
-    ``padDistance``).
+    order). Returns (SimpleITK image, region as a boolean array, spacing in
+    numpy order) on the resampled grid, cropped as pyradiomics crops it
+    (bounding box plus ``padDistance``).
     """
     import SimpleITK as sitk
 
@@ -128,7 +141,7 @@ def resample(image, mask: np.ndarray, setting: dict[str, Any]
         source = image[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
     rif.SetOutputPixelType(image.GetPixelID())
     rif.SetInterpolator(getattr(sitk, interpolator))
-    resampled = sitk.GetArrayFromImage(rif.Execute(source))
+    resampled = rif.Execute(source)
 
     mask_image = sitk.GetImageFromArray(mask.astype(np.uint8))
     mask_image.CopyInformation(image)

@@ -223,3 +223,21 @@ def test_batches_follow_series_order_and_split_big_series():
     assert [[(u.series_uid, u.number) for u in b] for b in batches] == [
         [("a", 1), ("b", 1)], [("b", 2), ("b", 3)], [("c", 1)]]
     assert len(segment_batches(units, 0)) == 5
+
+
+def test_filtered_image_features_are_rows_named_as_in_pyradiomics(small_lake, tmp_path):
+    lake = copy(small_lake, tmp_path)
+    params = Params.from_dict({"version": 1, "imageType": {"Original": {}, "LoG": {"sigma": [1.5]},
+                                                            "Wavelet": {}},
+                               "featureClass": {"firstorder": ["Mean"]}})
+    s = compute_features(lake, FeaturesConfig(scheduler="synchronous", params=params))
+    assert (s.segments, s.feature_rows, s.failures) == (4, 4 * (1 + 1 + 8), 0)
+    with open_lake(lake.root) as cat:
+        classes = cat.df("""SELECT feature_class, feature_name, count(*) AS n
+                            FROM radiomics_features GROUP BY ALL ORDER BY ALL""")
+        wide = cat.df("SELECT firstorder_Mean FROM radiomics_wide")
+    bands = ["HHH", "HHL", "HLH", "HLL", "LHH", "LHL", "LLH", "LLL"]
+    assert classes.values.tolist() == (
+        [["firstorder", "Mean", 4], ["log-sigma-1-5-mm-3D_firstorder", "Mean", 4]]
+        + [[f"wavelet-{b}_firstorder", "Mean", 4] for b in bands])
+    assert wide.firstorder_Mean.notna().sum() == 4  # the wide view holds the original image's

@@ -62,7 +62,8 @@ def test_bspline_block_around_a_small_region_gives_pyradiomics_voxels():
     image = image_of(np.round(rng.normal(40, 300, size=shape)), spacing)
     mask = sphere(shape, (20, 70, 75), 8.0, spacing)
     setting = {"resampledPixelSpacing": [1, 1, 1], "interpolator": "sitkBSpline"}
-    grid, region, new_spacing = resample(image, mask, setting)
+    grid_image, region, new_spacing = resample(image, mask, setting)
+    grid = sitk.GetArrayFromImage(grid_image)
     m = sitk.GetImageFromArray(mask.astype(np.uint8))
     m.CopyInformation(image)
     ref_image, ref_mask = imageoperations.resampleImage(image, m, **setting)
