@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from etl.radiomics import FEATURE_CLASSES, Params, ParamsError, extract
+from tests.etl.features_data import DCMQI, SKIP_DCMQI
 from tests.etl.test_radiomics import assert_agree, image_of, noisy_phantom, pyradiomics_values
 
 TEXTURE_FEATURES = sum(len(v) for k, v in FEATURE_CLASSES.items() if k != "shape")  # 93
@@ -68,3 +69,38 @@ def test_image_type_settings_are_validated():
     bad({"Gradient": {}}, r"imageType: Additional properties")
     bad({}, r"imageType.*should be non-empty|imageType.*does not have enough properties")
     assert Params.default().image_types == {"Original": {}}
+
+
+@pytest.mark.slow  # pyradiomics' filters on a 512 x 512 CT, two settings, two segments
+@pytest.mark.skipif(not (DCMQI / "liver.dcm").is_file(), reason=SKIP_DCMQI)
+@pytest.mark.parametrize(("setting", "images"), [
+    # 3 slices: too thin for LoG (pyradiomics needs 4), so the 8 wavelet images only
+    ({"binWidth": 25}, 8),
+    # resampled to 0.5 mm between slices: 6 slices, LoG at both sigmas too
+    ({"resampledPixelSpacing": [1, 1, 0.5], "binCount": 32}, 10),
+])
+def test_filtered_features_of_real_segments_agree_with_pyradiomics(setting, images):
+    from etl.masks import read_seg
+    from etl.volumes import load_volume, series_geometry
+    from tests.etl.features_data import ct_headers
+
+    headers = ct_headers()
+    files = sorted((DCMQI / "ct-3slice").glob("*.dcm"))
+    rows = [{"SOPInstanceUID": h.SOPInstanceUID, "SeriesInstanceUID": h.SeriesInstanceUID,
+             "ImagePositionPatient": [float(v) for v in h.ImagePositionPatient],
+             "ImageOrientationPatient": [float(v) for v in h.ImageOrientationPatient],
+             "PixelSpacing": [float(v) for v in h.PixelSpacing], "Rows": h.Rows,
+             "Columns": h.Columns} for h in headers]
+    geo = series_geometry(rows)
+    image = load_volume(geo, {h.SOPInstanceUID: str(p) for h, p in zip(headers, files,
+                                                                       strict=True)})
+    # the liver and PURPLE, both on the 3 slices (a one-slice region keeps its 3 slices)
+    segments = read_seg(DCMQI / "liver.dcm", geo).segments + [
+        s for s in read_seg(DCMQI / "partial_overlaps.dcm", geo).segments
+        if s.label == "PURPLE"]
+    assert len(segments) == 2
+    params = params_of({"LoG": {"sigma": [1.0, 2.0]}, "Wavelet": {}}, setting)
+    for seg in segments:
+        ours = extract(image, seg.mask, params)
+        assert len(ours) == SHAPE_FEATURES + images * TEXTURE_FEATURES
+        assert_agree(ours, pyradiomics_values(image, seg.mask, params))
