@@ -31,6 +31,9 @@ class IngestConfig:
     max_depth: int = 64
     #: Binary values (OB/OW/UN/...) longer than this are left out of the DICOM JSON.
     bulk_data_threshold: int = 1024
+    #: What file checksums cover, ``header`` or ``full``; :func:`etl.jobs.ingest` sets
+    #: it from the lake's configuration (``LakeConfig.checksum``).
+    checksum: str = "full"
 
     def resolved_workers(self) -> int:
         return self.workers or os.cpu_count() or 1
