@@ -298,6 +298,11 @@ def compute_segments(units: list[SegmentUnit], volumes: dict[str, VolumeSource],
             err.mask_uid = unit.mask_uid
             rows["feature_failures"].append(_failure(uid, "volume", err))
             continue
+        except Exception as exc:  # one odd volume never stops the batch
+            log.exception("series %s", uid)
+            rows["feature_failures"].append(_failure(uid, "volume", FeatureError(
+                "feature_error", uid, f"{type(exc).__name__}: {exc}", unit.mask_uid)))
+            continue
         out.volume_loads += loaded
         where = f"segment {unit.number} ({unit.label})"
         try:

@@ -241,3 +241,29 @@ def test_filtered_image_features_are_rows_named_as_in_pyradiomics(small_lake, tm
         [["firstorder", "Mean", 4], ["log-sigma-1-5-mm-3D_firstorder", "Mean", 4]]
         + [[f"wavelet-{b}_firstorder", "Mean", 4] for b in bands])
     assert wide.firstorder_Mean.notna().sum() == 4  # the wide view holds the original image's
+
+
+def test_a_volume_that_cannot_be_read_is_a_failure_row_per_unit(tmp_path):
+    from etl.features import VolumeSource, compute_segments
+    from etl.volumes import series_geometry
+
+    cts = write_ct(tmp_path / "ct", 5, 4, 8, 8, (1.0, 1.0, 1.0))
+    files = sorted((tmp_path / "ct").glob("*.dcm"))
+    rows = [{"SOPInstanceUID": c.SOPInstanceUID, "ImagePositionPatient":
+             [float(v) for v in c.ImagePositionPatient], "ImageOrientationPatient":
+             [float(v) for v in c.ImageOrientationPatient], "PixelSpacing":
+             [float(v) for v in c.PixelSpacing], "Rows": 8, "Columns": 8} for c in cts]
+    geo = series_geometry(rows, "2.25.1")
+    paths = {c.SOPInstanceUID: str(f) for c, f in zip(cts, files, strict=True)}
+    files[2].write_bytes(files[2].read_bytes()[:-100])  # pixel data cut short
+    mask = np.zeros(geo.shape, dtype=bool)
+    mask[1:3, 2:6, 2:6] = True
+    units = [SegmentUnit.of("2.25.1", MaskSet("seg", "2.25.2"), Segment(n, str(n), mask))
+             for n in (1, 2)]
+    out = compute_segments(units, {"2.25.1": VolumeSource("2.25.1", geo, paths)},
+                           Params.default(), "run")
+    assert out.rows["radiomics_features"] == [] and out.volume_loads == 0
+    assert [(f["stage"], f["reason"], f["mask_SOPInstanceUID"])
+            for f in out.rows["feature_failures"]] == [("volume", "pixel_decode", "2.25.2")] * 2
+    assert f"cannot decode pixels of {cts[2].SOPInstanceUID}" in \
+        out.rows["feature_failures"][0]["message"]

@@ -55,6 +55,8 @@ def features_lake(built_lake, tmp_path_factory) -> Path:
     # a second parameter set beside the default one: first order on a 2 mm grid
     resampled = Params.from_dict({"version": 1, "setting": {"resampledPixelSpacing": [2, 2, 2]},
                                   "featureClass": {"firstorder": []}}, "resampled-2mm")
-    compute_features(lake, FeaturesConfig(series=series, mask_files=tuple(masks),
-                                          params=resampled, scheduler="processes", workers=2))
+    again = compute_features(lake, FeaturesConfig(series=series, mask_files=tuple(masks),
+                                                  params=resampled, scheduler="processes",
+                                                  workers=2))
+    assert again.feature_rows == again.segments * 18 > 0
     return dest
