@@ -267,3 +267,26 @@ def test_a_volume_that_cannot_be_read_is_a_failure_row_per_unit(tmp_path):
             for f in out.rows["feature_failures"]] == [("volume", "pixel_decode", "2.25.2")] * 2
     assert f"cannot decode pixels of {cts[2].SOPInstanceUID}" in \
         out.rows["feature_failures"][0]["message"]
+
+
+def test_cli_with_a_resampling_parameter_file(small_lake, tmp_path, capsys):
+    from lake_cli import main
+
+    lake = copy(small_lake, tmp_path)
+    params = tmp_path / "resampled.yaml"
+    params.write_text("version: 1\n"
+                      "setting: {resampledPixelSpacing: [1, 1, 0], interpolator: sitkLinear}\n"
+                      "imageType: {Original: {}, LoG: {sigma: [1.0]}}\n"
+                      "featureClass: {firstorder: [Mean, Variance]}\n")
+    assert main(["features", "--lake", str(lake.root), "--params", str(params),
+                 "--scheduler", "synchronous"]) == 0
+    out = capsys.readouterr().out
+    assert "4 segments (4 tasks, 2 volume reads), 16 feature values, 0 failures" in out
+    with open_lake(lake.root) as cat:
+        hashes = cat.df("SELECT DISTINCT param_hash FROM radiomics_features").param_hash
+    assert hashes.tolist() == [Params.load(params).hash]
+    params.write_text("version: 1\nsetting: {resampledPixelSpacing: [1, 1]}\n"
+                      "featureClass: {firstorder: []}\n")
+    assert main(["features", "--lake", str(lake.root), "--params", str(params)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "resampledPixelSpacing" in err[0] and "too short" in err[0]
