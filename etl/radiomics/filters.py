@@ -15,10 +15,13 @@ features as ``<image>_<class>_<feature>``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 #: Image types the extractor implements (pyradiomics' names).
 IMAGE_TYPES = ("Original", "LoG", "Wavelet")
@@ -31,9 +34,13 @@ def log_images(image, sigmas: list[float]) -> Iterator[tuple[str, Any]]:
     size = np.array(image.GetSize())
     spacing = np.array(image.GetSpacing())
     if np.min(size) < 4:  # pyradiomics: too small for the filter, no image
+        log.warning("image of size %s too small for LoG: no LoG features", size.tolist())
         return
     for sigma in sigmas:
-        if sigma > 0.0 and np.all(size >= np.ceil(sigma / spacing) + 1):
+        if not np.all(size >= np.ceil(sigma / spacing) + 1):
+            log.warning("LoG sigma %g mm: the image (size %s, spacing %s) is too small",
+                        sigma, size.tolist(), spacing.tolist())
+        elif sigma > 0.0:
             lrgif = sitk.LaplacianRecursiveGaussianImageFilter()
             lrgif.SetNormalizeAcrossScale(True)
             lrgif.SetSigma(sigma)
