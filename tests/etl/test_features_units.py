@@ -155,7 +155,7 @@ def test_one_task_per_segment_and_one_volume_read_per_series(small_lake, tmp_pat
 def test_rerun_and_a_second_parameter_set_are_each_kept_once(small_lake, tmp_path):
     lake = copy(small_lake, tmp_path)
     default = Params.default()
-    for params in (default, default, RESAMPLED, RESAMPLED, default):
+    for params in (default, RESAMPLED, default):
         compute_features(lake, FeaturesConfig(scheduler="synchronous", params=params))
     with open_lake(lake.root) as cat:
         counts = cat.df("""SELECT param_hash, count(*) AS n,
@@ -290,3 +290,29 @@ def test_cli_with_a_resampling_parameter_file(small_lake, tmp_path, capsys):
     assert main(["features", "--lake", str(lake.root), "--params", str(params)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "resampledPixelSpacing" in err[0] and "too short" in err[0]
+
+
+def test_the_cached_normalized_volume_gives_what_extract_gives(small_lake, tmp_path):
+    from etl.features import plan
+    from etl.masks import read_rtstruct
+    from etl.radiomics import extract
+    from etl.volumes import load_volume, series_geometry
+
+    lake = copy(small_lake, tmp_path)
+    params = Params.from_dict({"version": 1, "setting": {
+        "normalize": True, "normalizeScale": 100, "removeOutliers": 2, "binWidth": 5},
+        "featureClass": {"firstorder": ["Mean", "Entropy"], "glcm": ["Contrast"]}})
+    compute_features(lake, FeaturesConfig(scheduler="synchronous", params=params))
+    with open_lake(lake.root) as cat:
+        got = {(r.segment_label, r.feature_class, r.feature_name): r.value for r in cat.df(
+            "SELECT segment_label, feature_class, feature_name, value FROM radiomics_features"
+        ).itertuples()}
+    expected = {}
+    for task in plan(lake, FeaturesConfig()):
+        geo = series_geometry(task.rows, task.series_uid)
+        image = load_volume(geo, task.paths)
+        for _kind, _uid, path in task.masks:
+            for seg in read_rtstruct(path, geo).segments:
+                for (cls, name), value in extract(image, seg.mask, params).items():
+                    expected[(seg.label, cls, name)] = value
+    assert len(expected) == 4 * 3 and got == expected
