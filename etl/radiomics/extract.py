@@ -54,7 +54,11 @@ def extract(image, mask: np.ndarray, params: Params | None = None, *,
             raise ValueError("the region has no voxel on the resampled grid")
     else:
         grid, region_mask = image, mask
-        if setting.get("preCrop") and set(params.image_types) - {"Original"}:
+        # filters see the block pyradiomics gives them: with preCrop, or when the spacing
+        # asked for is the image's (resampleImage then only crops), the bounding box plus
+        # padDistance; otherwise the whole image
+        crop = setting.get("preCrop") or setting.get("resampledPixelSpacing") is not None
+        if crop and set(params.image_types) - {"Original"}:
             grid, region_mask = pre_crop(image, mask, setting)
         sx, sy, sz = (float(s) for s in image.GetSpacing())
         spacing = (sz, sy, sx)  # array order: slice, row, column

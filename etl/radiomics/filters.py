@@ -8,9 +8,10 @@ one level at a time, odd axes padded by one wrapped voxel, axes in x, y, z
 order) for each decomposition. The filter runs on the same image pyradiomics
 gives it: the whole (normalized) image, or the resampled block around the
 region when resampling, or the region's bounding box plus ``padDistance``
-with ``preCrop``. Images are named as pyradiomics names them
-(``log-sigma-1-0-mm-3D``, ``wavelet-LLH``, ``wavelet2-HLL``...) and their
-features as ``<image>_<class>_<feature>``.
+with ``preCrop`` or when the spacing asked for is the image's own. Images
+are named as pyradiomics names them (``log-sigma-1-0-mm-3D``,
+``wavelet-LLH``, ``wavelet2-HLL``...) and their features as
+``<image>_<class>_<feature>``.
 """
 
 from __future__ import annotations

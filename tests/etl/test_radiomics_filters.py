@@ -24,6 +24,9 @@ CASES = [
     # filters on the resampled block; two wavelet levels
     ({"LoG": {"sigma": [1.0]}, "Wavelet": {"wavelet": "haar", "level": 2}},
      {"resampledPixelSpacing": [1, 1, 1], "binCount": 16}, 1 + 2 * 7 + 1),
+    # the image's own spacing asked for: pyradiomics only crops, the filters see the block
+    ({"LoG": {"sigma": [1.5]}, "Wavelet": {}},
+     {"resampledPixelSpacing": [0.7, 0.8, 2.5], "padDistance": 2, "binCount": 16}, 1 + 8),
     # filters on the pre-cropped block (bounding box + padDistance)
     ({"LoG": {"sigma": [2.0]}, "Wavelet": {"start_level": 1}},
      {"preCrop": True, "padDistance": 3, "binCount": 16, "normalize": True,
