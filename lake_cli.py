@@ -791,8 +791,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--scheduler-timeout", type=_positive_float, default=10.0,
                     help="seconds to wait for a --scheduler (and its first worker) "
                     "before giving up (default 10)")
-    sp.add_argument("--batch-files", type=_positive, default=256,
-                    help="files per Dask task (default 256)")
+    sp.add_argument("--batch-files", type=_positive, default=128,  # IngestConfig.batch_files
+                    help="files per Dask task (default %(default)s)")
     sp.add_argument("--no-progress", dest="progress", action="store_false",
                     help="no progress bar (also off when stderr is not a terminal)")
     sp.add_argument("--json", action="store_true", help="print the run summary as JSON")
@@ -1025,6 +1025,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    finally:
+        # Arrow dataset scanners still referenced at interpreter shutdown can abort the
+        # process after the work is done (apache/arrow#34314): collect them while Arrow's
+        # thread pools are alive
+        import gc
+
+        gc.collect()
 
 
 if __name__ == "__main__":
