@@ -62,8 +62,11 @@ class LocalRunner:
                  for b in batches]
         kwargs: dict = {"scheduler": self.scheduler}
         if self._pool is not None:
-            # one task at a time per worker: Dask's default chunks of 6 leave a worker idle
-            kwargs.update(pool=self._pool, chunksize=1)
+            # one task at a time per worker (Dask's default chunks of 6 leave a worker
+            # idle), and a second one queued behind it: Dask hands out a new task only
+            # when its scheduler thread in this process gets to a finished one, which
+            # can wait while the driver classifies and commits
+            kwargs.update(pool=_Queued(self._pool, depth=2), chunksize=1)
         elif self.scheduler == "threads":
             kwargs["num_workers"] = self.workers
         return list(dask.compute(*tasks, **kwargs))
@@ -85,6 +88,19 @@ class LocalRunner:
             # every wave has been collected: the workers exit (interpreter shutdown takes
             # them a while) while the driver goes on to commit and summarize
             self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _Queued:
+    """A process pool as Dask's local scheduler sees it: ``depth`` task slots per worker
+    process (Dask keeps ``pool._max_workers`` tasks in flight), so that each worker
+    has its next task waiting in the pool's queue when it finishes one."""
+
+    def __init__(self, pool: ProcessPoolExecutor, depth: int):
+        self._pool = pool
+        self._max_workers = pool._max_workers * depth  # type: ignore[attr-defined]
+
+    def submit(self, fn, /, *args, **kwargs):
+        return self._pool.submit(fn, *args, **kwargs)
 
 
 def _is_crash(exc: BaseException) -> bool:
