@@ -516,7 +516,7 @@ def check_against(cat: Catalog, spec: Any) -> None:
         if not have:
             names = sorted({f"{r['feature_class']}_{r['feature_name']}" for r in rows})
             close = difflib.get_close_matches(full, names, n=3)
-            hint = f"did you mean {' or '.join(close)}? " if close else ""
+            hint = f"did you mean {', '.join(close)}? " if close else ""
             raise SpecError(f"feature {full} is not in radiomics_features at lake snapshot "
                             f"{snap}; {hint}the lake has {len(names)} features "
                             f"({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}); "
