@@ -72,9 +72,9 @@ LEAVES = {
     "geometry": "a list of flags: single_orientation, single_dimensions, even_spacing",
     "has_segmentation": "true or false: the study holds a SEG series",
     "threshold": "{column: NAME, min: x, max: y} on a numeric series column",
-    "feature": "{name: CLASS_NAME (e.g. firstorder_Mean), min: x, max: y, segment: label or "
-               "number, params: hash or parameter file, scope: series or study}: a radiomics "
-               "feature of a segment of the series within the range",
+    "feature": "{name: CLASS_NAME (e.g. firstorder_Mean, wavelet-LLH_glcm_Contrast), min: x, "
+               "max: y, segment: label or number, params: hash or parameter file, scope: series "
+               "or study}: a radiomics feature of a segment of the series within the range",
     "text": "a substring matched case-insensitively in the study or series description",
     "followed_by": "{within_days: [lo, hi], spec: {...}}: the same patient has a series "
                    "of another study matching spec, lo to hi days after this one",
@@ -91,6 +91,8 @@ GEOMETRY_FLAGS = {
 FEATURE_CLASSES = ("firstorder", "shape", "glcm", "glrlm", "glszm", "gldm", "ngtdm")
 FEATURE_KEYS = {"name", "class", "min", "max", "segment", "params", "scope"}
 _FEATURE_NAME = re.compile(r"^[A-Za-z0-9]+$")
+#: a pyradiomics image type prefix of feature_class: log-sigma-1-0-mm-3D, wavelet-LLH
+_IMAGE_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]*$")
 _HASH = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -171,13 +173,16 @@ def _check_feature(value: Any, where_: str, base: Path | None) -> dict:
     if not isinstance(name, str) or (cls is not None and not isinstance(cls, str)):
         raise SpecError(f"{where_}: name and class are text, got {_short(value)}")
     if cls is None:
-        cls, _, name = name.partition("_")
+        cls, _, name = name.rpartition("_")
     elif name.startswith(f"{cls}_"):
         name = name[len(cls) + 1:]
-    if cls not in FEATURE_CLASSES:
-        raise SpecError(f"{where_}: unknown feature class {cls!r} in {value['name']!r}; name a "
-                        f"feature as CLASS_NAME (e.g. firstorder_Mean) with CLASS one of "
-                        f"{', '.join(FEATURE_CLASSES)}")
+    image, _, base_class = cls.rpartition("_")
+    if base_class not in FEATURE_CLASSES or (image and not _IMAGE_TYPE.match(image)):
+        what = f"unknown feature class {cls!r} in" if cls else "no feature class in"
+        raise SpecError(f"{where_}: {what} {value['name']!r}; name a "
+                        f"feature as CLASS_NAME (e.g. firstorder_Mean), on a filtered image "
+                        f"IMAGETYPE_CLASS_NAME (e.g. wavelet-LLH_glcm_Contrast), with CLASS one "
+                        f"of {', '.join(FEATURE_CLASSES)}")
     if not _FEATURE_NAME.match(name):
         raise SpecError(f"{where_}: {value['name']!r} is not a feature name; use CLASS_NAME as "
                         "the radiomics_wide columns are named (e.g. firstorder_Mean)")
@@ -189,8 +194,8 @@ def _check_feature(value: Any, where_: str, base: Path | None) -> dict:
     out.update(bounds)
     if "segment" in value:
         seg = value["segment"]
-        if isinstance(seg, bool) or not (isinstance(seg, str) and seg
-                                          or isinstance(seg, int) and seg >= 0):
+        if isinstance(seg, bool) or not ((isinstance(seg, str) and seg)
+                                          or (isinstance(seg, int) and seg >= 0)):
             raise SpecError(f"{where_}.segment: expected a segment label (text) or number, "
                             f"got {_short(seg)}")
         out["segment"] = seg

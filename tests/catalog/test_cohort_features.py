@@ -1,9 +1,10 @@
-"""Feature thresholds in cohort specs, on the session's lake with computed features.
+"""Feature thresholds in cohort specs, on a lake with computed features.
 
-``features_lake`` (tests/conftest.py) ran the features job with one label map per
-regular CT volume: label 1 = soft tissue (-100 < HU < 100), label 2 = dense
-(HU > 300). What a threshold must select follows from those label maps, read back
-here with SimpleITK, independently of the lake's SQL.
+The session's lake, copied, with the radiomics notebook's label maps (one per
+regular CT volume: label 1 = soft tissue, -100 < HU < 100; label 2 = dense,
+HU > 300) run through the features job with first-order and shape features only
+(a few seconds). What a threshold must select follows from those label maps,
+read back here with SimpleITK, independently of the lake's SQL.
 """
 
 from __future__ import annotations
@@ -20,8 +21,28 @@ from catalog import cohorts, open_lake
 from catalog import spec as specs
 from catalog.errors import SpecError
 from catalog.spec import where
+from etl.features import FeaturesConfig, compute_features
+from etl.radiomics import Params
 from lake_cli import main
-from tests.conftest import DENSE, SOFT
+from lakehouse import Lake
+from tests.notebooks.conftest import DENSE, SOFT, threshold_masks
+
+#: the parameter set of the test lake: first order and shape (18 + 14 features)
+PARAMS = {"version": 1, "featureClass": {"firstorder": [], "shape": []}}
+
+
+@pytest.fixture(scope="module")
+def features_lake(built_lake, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cohort-features")
+    dest = root / "lake"
+    shutil.copytree(built_lake[0], dest, symlinks=True)
+    lake = Lake.open(dest)
+    masks = threshold_masks(lake, root / "masks")
+    summary = compute_features(lake, FeaturesConfig(
+        series=tuple(uid for uid, _ in masks), mask_files=tuple(masks),
+        params=Params.from_dict(PARAMS), scheduler="synchronous"))
+    assert summary.failures == 0 and summary.segments == 2 * len(masks)
+    return dest
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +135,7 @@ def test_spec_and_equivalent_sql_give_the_same_rows(fcat):
     def median(column: str, segment: int) -> float:
         return float(np.median([r[column] for r in wide if r["segment_number"] == segment]))
 
-    mean1, contrast2 = median("firstorder_Mean", 1), median("glcm_Contrast", 2)
+    mean1, sphericity2 = median("firstorder_Mean", 1), median("shape_Sphericity", 2)
     entropy1 = median("firstorder_Entropy", 1)
     param = wide[0]["param_hash"]
     cases = [
@@ -122,14 +143,14 @@ def test_spec_and_equivalent_sql_give_the_same_rows(fcat):
          "SELECT SeriesInstanceUID FROM series WHERE SeriesInstanceUID IN (SELECT "
          "SeriesInstanceUID FROM radiomics_wide WHERE segment_number = 1 "
          "AND firstorder_Mean >= ?)", [mean1]),
-        ({"all": [{"feature": {"name": "glcm_Contrast", "segment": "2", "max": contrast2,
+        ({"all": [{"feature": {"name": "shape_Sphericity", "segment": "2", "max": sphericity2,
                                "params": param}},
                   {"not": {"feature": {"class": "firstorder", "name": "Entropy",
                                        "segment": 1, "min": entropy1}}}]},
          "SELECT SeriesInstanceUID FROM radiomics_wide WHERE segment_label = '2' "
-         "AND glcm_Contrast <= ? AND param_hash = ? EXCEPT SELECT SeriesInstanceUID "
+         "AND shape_Sphericity <= ? AND param_hash = ? EXCEPT SELECT SeriesInstanceUID "
          "FROM radiomics_wide WHERE segment_number = 1 AND firstorder_Entropy >= ?",
-         [contrast2, param, entropy1]),
+         [sphericity2, param, entropy1]),
         ({"any": [{"modality": "MR"},
                   {"feature": {"name": "firstorder_Mean", "min": mean1, "max": 1e9,
                                "scope": "study"}}]},
@@ -150,7 +171,8 @@ def test_spec_and_equivalent_sql_give_the_same_rows(fcat):
 
 @pytest.mark.parametrize("feature, message", [
     ({"name": "wavelet_Mean", "min": 1}, "unknown feature class 'wavelet'"),
-    ({"name": "Mean", "min": 1}, "unknown feature class 'Mean'"),
+    ({"name": "Mean", "min": 1}, "no feature class in 'Mean'; name a feature as CLASS_NAME"),
+    ({"name": "wavelet LLH_glcm_Contrast", "min": 1}, "unknown feature class 'wavelet LLH_glcm'"),
     ({"name": "firstorder_Mean; DROP TABLE series", "min": 1}, "is not a feature name"),
     ({"name": "firstorder_Mean"}, "give min, max or both"),
     ({"name": "firstorder_Mean", "min": 5, "max": 1}, "min 5 is greater than max 1"),
@@ -168,9 +190,9 @@ def test_invalid_feature_criteria_say_what_is_wrong(feature, message):
 
 
 def test_builder_yaml_and_parameter_file_are_one_spec(tmp_path):
-    from etl.radiomics import FEATURE_CLASSES, Params
+    from etl.radiomics import FEATURE_CLASSES
 
-    assert specs.FEATURE_CLASSES == tuple(FEATURE_CLASSES)
+    assert tuple(FEATURE_CLASSES) == specs.FEATURE_CLASSES
     (tmp_path / "specs").mkdir()
     params = tmp_path / "specs" / "liver.yaml"
     params.write_text("version: 1\nsetting: {binWidth: 10}\nfeatureClass: {firstorder: []}\n")
@@ -186,6 +208,11 @@ def test_builder_yaml_and_parameter_file_are_one_spec(tmp_path):
                                                  params=params, scope="study")
     assert specs.normalize(built) == loaded
     assert specs.normalize(yaml.safe_load(path.read_text()), base=path.parent) == loaded
+    # on a filtered image, the image type prefixes the class (as in radiomics_features)
+    assert specs.normalize(where.feature("log-sigma-1-0-mm-3D_firstorder_Mean", min=0)) == \
+        specs.normalize({"feature": {"class": "log-sigma-1-0-mm-3D_firstorder", "name": "Mean",
+                                     "min": 0}}) == \
+        {"feature": {"class": "log-sigma-1-0-mm-3D_firstorder", "name": "Mean", "min": 0}}
     default = tmp_path / "default.yaml"
     default.write_text(yaml.safe_dump(Params.default().raw))
     assert specs.normalize(where.feature("firstorder_Mean", min=0, params=default))[
@@ -203,7 +230,7 @@ def test_features_the_lake_does_not_have_are_refused_when_saving(fcat, cat, feat
     specs.check_against(cat, where.modality("CT"))  # no feature criterion: nothing to check
     with pytest.raises(SpecError, match="feature firstorder_Meen is not in radiomics_features "
                        r"at lake snapshot \d+; did you mean firstorder_Mean, firstorder_Median, "
-                       r"firstorder_Minimum\? the lake has 107 features \(firstorder_10Percentile, "
+                       r"firstorder_Minimum\? the lake has 32 features \(firstorder_10Percentile, "
                        r"firstorder_90Percentile, firstorder_Energy, firstorder_Entropy, ...\); "
                        "`lake features --params FILE` computes others"):
         specs.check_against(fcat, where.modality("CT") | ~where.feature("firstorder_Meen",
@@ -220,8 +247,10 @@ def test_features_the_lake_does_not_have_are_refused_when_saving(fcat, cat, feat
                                             params=str(param)))
     dest = tmp_path / "lake"
     shutil.copytree(features_lake, dest, symlinks=True)
-    with pytest.raises(SpecError, match="did you mean glcm_Contrast"):
-        cohorts.save(dest, "typo", spec=where.feature("glcm_Contrst", min=0))
+    with pytest.raises(SpecError, match="did you mean shape_Sphericity"):
+        cohorts.save(dest, "typo", spec=where.feature("shape_Sphercity", min=0))
+    with pytest.raises(SpecError, match="feature glcm_Contrast is not in radiomics_features"):
+        cohorts.save(dest, "texture", spec=where.feature("glcm_Contrast", min=0))
     assert cohorts.names(dest) == []
 
 
@@ -229,16 +258,15 @@ def test_cli_saves_a_feature_cohort_and_refuses_an_unknown_feature(features_lake
                                                                   capsys):
     dest = tmp_path / "lake"
     shutil.copytree(features_lake, dest, symlinks=True)
-    from etl.radiomics import Params
-
-    (tmp_path / "default.yaml").write_text(yaml.safe_dump(Params.default().raw))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
     spec = tmp_path / "dense.yaml"
     spec.write_text("all:\n  - modality: CT\n  - feature: {name: firstorder_Minimum, min: 300, "
-                    "segment: 2, params: default.yaml}\n")
+                    "segment: 2, params: params.yaml}\n")
     assert main(["cohort", "save", "dense", "--spec", str(spec), "--lake", str(dest)]) == 0
     assert capsys.readouterr().out.startswith("saved cohort dense: 12 series rows")
     saved = json.loads((dest / "_lake" / "cohorts" / "dense.json").read_text())
-    assert saved["definition"]["spec"]["all"][1]["feature"]["params"] == Params.default().hash
+    assert saved["definition"]["spec"]["all"][1]["feature"]["params"] == \
+        Params.from_dict(PARAMS).hash
     assert cohorts.open_cohort(dest, "dense").drift().same
     spec.write_text("feature: {name: firstorder_Mena, min: 0}\n")
     assert main(["cohort", "save", "typo", "--spec", str(spec), "--lake", str(dest)]) == 1
