@@ -48,9 +48,8 @@ class Catalog:
             self.con.execute(f"SET threads TO {int(self.config.threads)}")
         if self.config.memory_limit:
             self.con.execute("SET memory_limit = ?", [self.config.memory_limit])
-        # a snapshot's Parquet files never change: parse each footer once per session, not
-        # once per query (a query over 80 small partition files spends more time on footers
-        # than on data otherwise; bench/cohorts.py)
+        # keep the Parquet footers read once: every query binds the views again, and a
+        # snapshot's files never change (a Delta commit writes new files)
         self.con.execute("SET parquet_metadata_cache = true")
         self._tables: list[str] = []
         self._attach_tables()
