@@ -110,7 +110,7 @@ def cmd_init(args) -> int:
         private.append({"group": parts[0], "creator": parts[1], "element": parts[2]})
     try:
         lake = Lake.create(path, profile=args.profile, key_file=_key_file(args),
-                           private_allowlist=private)
+                           private_allowlist=private, checksum=args.checksum)
     except ValueError as exc:
         raise CliError(str(exc)) from None
     print(f"created {lake.profile} lake at {lake.root}")
@@ -714,6 +714,32 @@ def cmd_vacuum(args) -> int:
     return 0
 
 
+def cmd_optimize(args) -> int:
+    from lakehouse import Lake
+    from lakehouse.optimize import MiB, optimize
+
+    try:
+        report = optimize(Lake.open(_lake_dir(args)), args.table or None,
+                          small_bytes=int(args.small_mb * MiB),
+                          target_bytes=int(args.target_mb * MiB), dry_run=args.dry_run)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    changed = {k: v for k, v in report.tables.items() if v.rewritten}
+    verb = "would rewrite" if args.dry_run else "rewrote"
+    for name, t in changed.items():
+        print(f"{name}: {verb} {t.rewritten} small files as {t.written} "
+              f"({t.files_before} -> {t.files_after} files, {t.rows:,} rows)")
+    if not changed:
+        print("nothing to compact")
+    elif report.snapshot is not None:
+        print(f"published snapshot {report.snapshot}; the replaced files stay for time travel "
+              "until `lake vacuum` finds no snapshot that needs them")
+    return 0
+
+
 # --- wiring -------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -738,6 +764,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--private-tag", action="append", metavar="GROUP,CREATOR,ELEMENT",
                     help="keep this private attribute in a research lake (repeatable), e.g. "
                     "0x0019,GEMS_ACQU_01,0x23 (ELEMENT: the low byte); all others are dropped")
+    sp.add_argument("--checksum", choices=["header", "full"], default="header",
+                    help="what file_sha256 covers: header (default: the bytes before the pixel "
+                    "data, so ingest never reads pixel data) or full (every byte: slower, "
+                    "detects pixel-only changes and conflicts)")
     sp.set_defaults(func=cmd_init)
 
     sp = sub.add_parser("ingest", help="ingest a folder of DICOM files, or a PACS")
@@ -760,8 +790,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--scheduler-timeout", type=_positive_float, default=10.0,
                     help="seconds to wait for a --scheduler (and its first worker) "
                     "before giving up (default 10)")
-    sp.add_argument("--batch-files", type=_positive, default=256,
-                    help="files per Dask task (default 256)")
+    sp.add_argument("--batch-files", type=_positive, default=128,  # IngestConfig.batch_files
+                    help="files per Dask task (default %(default)s)")
     sp.add_argument("--no-progress", dest="progress", action="store_false",
                     help="no progress bar (also off when stderr is not a terminal)")
     sp.add_argument("--json", action="store_true", help="print the run summary as JSON")
@@ -928,6 +958,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_vacuum)
 
+    sp = sub.add_parser("optimize", help="compact small Parquet files (rows unchanged)")
+    lake_opt(sp)
+    sp.add_argument("--table", action="append", help="only this table (repeatable; default all)")
+    sp.add_argument("--small-mb", type=float, default=64.0,
+                    help="files smaller than this are compacted (default 64)")
+    sp.add_argument("--target-mb", type=float, default=256.0,
+                    help="size of the files written, about (default 256)")
+    sp.add_argument("--dry-run", action="store_true", help="report, do not rewrite")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_optimize)
+
     sp = sub.add_parser("dictionary", help="print the data dictionary (Markdown)")
     sp.add_argument("--update", metavar="FILE", help="rewrite the section between the "
                     "data-dictionary markers of FILE (e.g. README.md) instead of printing")
@@ -985,6 +1026,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    finally:
+        # Arrow dataset scanners still referenced at interpreter shutdown can abort the
+        # process after the work is done (apache/arrow#34314): collect them while Arrow's
+        # thread pools are alive
+        import gc
+
+        gc.collect()
 
 
 if __name__ == "__main__":

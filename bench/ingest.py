@@ -1,26 +1,29 @@
 """Benchmark: ``lake ingest`` against a naive single-process pydicom baseline.
 
-For each archive size this script
+For each archive kind (``ct``: preset "bench", mostly 512x512 int16 CT slices;
+``small``: preset "bench-small", 64x64 images of ~10 KB) and size this script
 
-1. generates a synthetic archive with ``synth.generate_archive(preset="bench")``
-   (a large share of 512x512 int16 CT slices, so files have realistic sizes);
+1. generates a synthetic archive with ``synth.generate_archive``;
 2. warms the page cache by reading every file once (both contenders then read
    from memory, and neither pays the cold-cache cost for the other);
-3. runs the baseline in this process: walk, ``pydicom.dcmread(path,
+3. measures the raw read floor: one process opens every file and reads its
+   first 16 KB, nothing else;
+4. runs the baseline in this process: walk, ``pydicom.dcmread(path,
    stop_before_pixels=True)`` per file, the ``lakehouse.schemas.HEADER_COLUMNS``
    keywords with simple conversion, rows into a pandas DataFrame, ``to_parquet``;
-4. runs ``etl.jobs.ingest`` on a fresh lake in a child process (default
+5. runs ``etl.jobs.ingest`` on a fresh lake (``--checksums``: header, the
+   default of new lakes, and/or full) in a child process (default
    ``IngestConfig()``, and optionally ``scheduler="local-cluster"``), timed end
    to end inside the child, while this process samples the memory of the child
    and all its descendants;
-5. runs ``ingest`` a second time on the same lake (nothing changed: a no-op).
+6. runs ``ingest`` a second time on the same lake (nothing changed: a no-op).
 
 Figures are ratios against the baseline measured in the same run (machines
 are shared and noisy). This is a benchmark, not a timed test.
 
     python bench/ingest.py [--files 20000] [--sizes 5000,20000] [--workdir DIR]
                            [--keep] [--repeat 1] [--schedulers processes,local-cluster]
-                           [--json]
+                           [--kinds ct,small] [--checksums header,full] [--json]
 """
 
 from __future__ import annotations
@@ -55,14 +58,24 @@ def archive_files(root: Path) -> list[Path]:
     return out
 
 
-def prepare_archive(workdir: Path, n: int, seed: int, log) -> tuple[Path, dict | None, float]:
+#: archive kinds: the synth preset behind each
+KINDS = {"ct": "bench", "small": "bench-small"}
+
+
+def archive_name(kind: str, n: int) -> str:
+    return f"archive-{n}" if kind == "ct" else f"archive-{kind}-{n}"
+
+
+def prepare_archive(workdir: Path, n: int, seed: int, log,
+                    kind: str = "ct") -> tuple[Path, dict | None, float]:
     """Generate (or reuse) the archive of about ``n`` files; return root, truth outcomes,
     seconds spent generating (0 when reused)."""
     from synth import GroundTruth, generate_archive
 
-    root = workdir / f"archive-{n}"
-    truth_path = workdir / f"archive-{n}.truth.json"
-    done = workdir / f"archive-{n}.done"
+    name = archive_name(kind, n)
+    root = workdir / name
+    truth_path = workdir / f"{name}.truth.json"
+    done = workdir / f"{name}.done"
     if done.exists() and root.is_dir():
         log(f"reusing archive {root}")
         truth = GroundTruth.from_json(truth_path.read_text(encoding="utf-8"))
@@ -71,7 +84,7 @@ def prepare_archive(workdir: Path, n: int, seed: int, log) -> tuple[Path, dict |
         shutil.rmtree(root)
     log(f"generating archive of ~{n} files in {root} ...")
     t = time.perf_counter()
-    truth = generate_archive(root, seed=seed, preset="bench", target_files=n,
+    truth = generate_archive(root, seed=seed, preset=KINDS[kind], target_files=n,
                              truth_path=truth_path)
     seconds = time.perf_counter() - t
     done.write_text("ok\n", encoding="utf-8")
@@ -90,6 +103,16 @@ def warm_cache(files: list[Path]) -> tuple[int, float]:
             while k := fh.readinto(view):
                 total += k
     return total, time.perf_counter() - t
+
+
+def run_floor(files: list[Path], head: int = 16 * 1024) -> float:
+    """The raw read floor: one process opens every file and reads its first ``head``
+    bytes (no parsing at all); return seconds."""
+    t = time.perf_counter()
+    for p in files:
+        with open(p, "rb", buffering=0) as fh:
+            fh.read(head)
+    return time.perf_counter() - t
 
 
 # --- baseline ------------------------------------------------------------------
@@ -167,7 +190,7 @@ def run_baseline(root: Path, out: Path) -> dict:
 
 # --- lake ingest in a child process -------------------------------------------------
 def child_main(argv: list[str]) -> None:
-    """``ingest.py --_child LAKE ARCHIVE SCHEDULER WORKERS RESULT [create]``."""
+    """``ingest.py --_child LAKE ARCHIVE SCHEDULER WORKERS RESULT create|open CHECKSUM``."""
     import logging
 
     from etl.config import IngestConfig
@@ -175,10 +198,11 @@ def child_main(argv: list[str]) -> None:
     from lakehouse.tables import Lake
 
     logging.basicConfig(level=logging.WARNING)
-    lake_dir, archive, scheduler, workers, result, mode = argv
+    lake_dir, archive, scheduler, workers, result, mode, checksum, profile = argv
     config = IngestConfig(scheduler=scheduler, workers=int(workers) or None)
     t = time.perf_counter()
-    lake = Lake.create(lake_dir) if mode == "create" else Lake.open(lake_dir)
+    lake = Lake.create(lake_dir, profile=profile, checksum=checksum) if mode == "create" \
+        else Lake.open(lake_dir)
     t_open = time.perf_counter() - t
     t = time.perf_counter()
     summary = ingest(lake, archive, config)
@@ -190,6 +214,9 @@ def child_main(argv: list[str]) -> None:
         phases = {k: row[f"{k}_seconds"] for k in ("discover", "extract", "summarize")}
     except Exception as exc:  # optional detail, never fails the benchmark
         phases = {"error": repr(exc)}
+    import gc
+
+    gc.collect()  # Arrow scanners released before shutdown (see lake_cli.main)
     Path(result).write_text(json.dumps({"seconds": seconds, "open_seconds": t_open,
                                         "phases": phases, "summary": summary.to_dict()}),
                             encoding="utf-8")
@@ -304,10 +331,12 @@ class TreeMemorySampler:
 
 
 def run_ingest_child(lake_dir: Path, archive: Path, scheduler: str, workers: int,
-                     create: bool) -> dict:
+                     create: bool, checksum: str = "header", profile: str = "research") -> dict:
     result = lake_dir.parent / f"{lake_dir.name}.{'full' if create else 'rerun'}.json"
+    result.unlink(missing_ok=True)
     cmd = [sys.executable, os.path.abspath(__file__), CHILD_FLAG, str(lake_dir), str(archive),
-           scheduler, str(workers), str(result), "create" if create else "open"]
+           scheduler, str(workers), str(result), "create" if create else "open", checksum,
+           profile]
     t = time.perf_counter()
     env = {**os.environ, "DASK_LOGGING__DISTRIBUTED": "warning"}
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env)
@@ -315,9 +344,14 @@ def run_ingest_child(lake_dir: Path, archive: Path, scheduler: str, workers: int
     rc = proc.wait()
     sampler.stop()
     wall = time.perf_counter() - t
-    if rc != 0:
+    # a child that finished (its result written after ingest() returned) but then died
+    # in interpreter shutdown (SIGABRT from a native library's threads, seen rarely under
+    # heavy load) still measured a complete ingest: kept, and flagged in the report
+    finished = result.exists()
+    if rc != 0 and not (rc == -6 and finished):
         raise RuntimeError(f"ingest child failed with exit code {rc}: {' '.join(cmd)}")
     out = json.loads(result.read_text(encoding="utf-8"))
+    out["exit_code"] = rc
     out.update(wall_seconds=wall, peak_rss_sum=sampler.peak_sum,
                peak_rss_procs=sampler.peak_procs, hwm_sum=sampler.hwm_sum,
                processes_seen=len(sampler.hwm), samples=sampler.samples,
@@ -331,39 +365,46 @@ def _fmt_phases(phases: dict) -> str:
                      for k, v in phases.items())
 
 
-def bench_size(workdir: Path, n: int, args, log) -> dict:
-    root, truth, gen_seconds = prepare_archive(workdir, n, args.seed, log)
+def bench_size(workdir: Path, n: int, args, log, kind: str = "ct") -> dict:
+    root, truth, gen_seconds = prepare_archive(workdir, n, args.seed, log, kind)
     files = archive_files(root)
     log(f"warming the page cache: reading {len(files)} files once ...")
     total_bytes, warm_seconds = warm_cache(files)
     log(f"  {total_bytes / MiB:,.0f} MiB in {warm_seconds:.1f} s")
 
-    # rounds: baseline then every scheduler, so each ingest run has a baseline run
+    # rounds: floor, baseline, then every contender, so each ingest run has a baseline
     # measured next to it (the machine's load changes over minutes)
+    floor_runs: list[float] = []
     base_runs: list[dict] = []
-    ingest_runs: dict[str, list[dict]] = {sched: [] for sched in args.schedulers}
+    contenders = [(s, c) for c in args.checksums for s in args.schedulers]
+    ingest_runs: dict[str, list[dict]] = {f"{s}/{c}": [] for s, c in contenders}
     for r in range(args.repeat):
-        out = workdir / f"baseline-{n}.parquet"
+        floor_runs.append(run_floor(files))
+        log(f"raw read floor (first 16 KB of every file, one process): {floor_runs[-1]:.2f} s")
+        out = workdir / f"baseline-{kind}-{n}.parquet"
         log(f"baseline (single-process pydicom -> pandas -> Parquet), round {r + 1} ...")
         base_runs.append(run_baseline(root, out))
         out.unlink()
         log(f"  {base_runs[-1]['seconds']:.1f} s, {base_runs[-1]['failed']} files failed")
-        for sched in args.schedulers:
+        for sched, checksum in contenders:
             workers = args.cluster_workers if sched == "local-cluster" else 0
-            lake_dir = workdir / f"lake-{n}-{sched}"
+            lake_dir = workdir / f"lake-{kind}-{n}-{sched}-{checksum}"
             if lake_dir.exists():
                 shutil.rmtree(lake_dir)
-            log(f"lake ingest ({sched}), round {r + 1} ...")
-            full = run_ingest_child(lake_dir, root, sched, workers, create=True)
+            log(f"lake ingest ({sched}, checksum {checksum}), round {r + 1} ...")
+            full = run_ingest_child(lake_dir, root, sched, workers, True, checksum, args.profile)
             log(f"  {full['seconds']:.1f} s, peak {full['peak_rss_sum'] / MiB:,.0f} MiB, "
                 f"phases {_fmt_phases(full['phases'])}, outcomes {full['summary']['outcomes']}")
-            rerun = run_ingest_child(lake_dir, root, sched, workers, create=False)
+            rerun = run_ingest_child(lake_dir, root, sched, workers, False, checksum,
+                                     args.profile)
             log(f"  no-op rerun {rerun['seconds']:.2f} s")
-            ingest_runs[sched].append({"full": full, "rerun": rerun,
-                                       "paired_ratio": base_runs[-1]["seconds"] / full["seconds"]})
+            ingest_runs[f"{sched}/{checksum}"].append(
+                {"full": full, "rerun": rerun, "checksum": checksum,
+                 "paired_ratio": base_runs[-1]["seconds"] / full["seconds"]})
             shutil.rmtree(lake_dir)
     baseline = min(base_runs, key=lambda b: b["seconds"])
     baseline_fps = len(files) / baseline["seconds"]
+    floor_fps = len(files) / min(floor_runs)
 
     results = {}
     for sched, runs in ingest_runs.items():
@@ -373,10 +414,12 @@ def bench_size(workdir: Path, n: int, args, log) -> dict:
         fps = len(files) / full["seconds"]
         results[sched] = {
             "scheduler": full["summary"]["scheduler"] or sched,
+            "checksum": best["checksum"],
             "workers": full["summary"]["workers"],
             "seconds": full["seconds"],
             "files_per_s": fps,
             "ratio_vs_baseline": fps / baseline_fps,
+            "ratio_vs_floor": fps / floor_fps,
             "peak_mib": max(x["full"]["peak_rss_sum"] for x in runs) / MiB,
             "peak_mib_upper_bound": max(x["full"]["hwm_sum"] for x in runs) / MiB,
             "processes": full["processes_seen"],
@@ -395,7 +438,10 @@ def bench_size(workdir: Path, n: int, args, log) -> dict:
         if truth is not None and outcomes != truth:
             log(f"  WARNING: outcomes {outcomes} differ from the ground truth {truth}")
     return {
+        "kind": kind,
         "files": len(files),
+        "floor": {"seconds": min(floor_runs), "files_per_s": floor_fps,
+                  "all_seconds": floor_runs},
         "total_bytes": total_bytes,
         "generate_seconds": gen_seconds,
         "warm_read_seconds": warm_seconds,
@@ -407,14 +453,18 @@ def bench_size(workdir: Path, n: int, args, log) -> dict:
 
 
 def render_table(report: dict) -> str:
-    head = ("files", "GiB", "baseline f/s", "scheduler", "ingest f/s", "ingest/base",
-            "peak MiB", "rerun s", "rerun/full", "truth")
+    head = ("kind", "files", "GiB", "floor f/s", "baseline f/s", "scheduler", "checksum",
+            "ingest f/s", "ingest/base", "ingest/floor", "peak MiB", "rerun s", "rerun/full",
+            "truth")
     rows = []
     for size in report["sizes"]:
         for res in size["ingest"].values():
-            rows.append((f"{size['files']:,}", f"{size['total_bytes'] / 1024**3:.2f}",
+            rows.append((size["kind"], f"{size['files']:,}",
+                         f"{size['total_bytes'] / 1024**3:.2f}",
+                         f"{size['floor']['files_per_s']:.0f}",
                          f"{size['baseline']['files_per_s']:.0f}", res["scheduler"],
-                         f"{res['files_per_s']:.0f}", f"{res['ratio_vs_baseline']:.2f}",
+                         res["checksum"], f"{res['files_per_s']:.0f}",
+                         f"{res['ratio_vs_baseline']:.2f}", f"{res['ratio_vs_floor']:.3f}",
                          f"{res['peak_mib']:,.0f}", f"{res['rerun_seconds']:.2f}",
                          f"{res['rerun_ratio']:.3f}",
                          "ok" if res["matches_truth"] else "DIFF"))
@@ -444,19 +494,21 @@ def code_revision() -> str:
 def render(report: dict) -> str:
     out = [f"ingest benchmark  {report['date']}  {report['cpus']} CPUs  "
            f"python {report['python']}  code {report['code']}  "
-           f"repeat={report['repeat']} (best run shown)",
+           f"repeat={report['repeat']} (best run shown)  {report['profile']} lakes",
            "load average (1, 5, 15 min) at start {} and end {}: other work on the machine "
            "skews both timings".format(*(" ".join(f"{x:.1f}" for x in report[k])
                                          for k in ("loadavg_start", "loadavg_end"))),
            "", render_table(report), ""]
     for size in report["sizes"]:
         b = size["baseline"]
-        out.append(f"{size['files']:,} files: baseline {b['seconds']:.1f} s "
+        out.append(f"{size['kind']} {size['files']:,} files: raw read floor "
+                   f"{size['floor']['seconds']:.2f} s; baseline {b['seconds']:.1f} s "
                    f"({b['rows']:,} rows, {b['failed']} unreadable files skipped); "
                    f"cache warm-up read {size['total_bytes'] / MiB:,.0f} MiB "
                    f"in {size['warm_read_seconds']:.2f} s")
         for res in size["ingest"].values():
-            out.append(f"  {res['scheduler']}: {res['seconds']:.1f} s, peak {res['peak_mib']:,.0f} "
+            out.append(f"  {res['scheduler']} ({res['checksum']} checksums): "
+                       f"{res['seconds']:.1f} s, peak {res['peak_mib']:,.0f} "
                        f"MiB (upper bound {res['peak_mib_upper_bound']:,.0f} MiB, "
                        f"{res['processes']} processes); {_fmt_phases(res['phases'])}; "
                        f"CPU s driver {res['cpu_seconds_driver']:.0f} / workers "
@@ -495,12 +547,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="IngestConfig.scheduler values to run (default processes,local-cluster)")
     ap.add_argument("--cluster-workers", type=int, default=2,
                     help="workers of the local-cluster run (default 2)")
+    ap.add_argument("--kinds", default="ct,small",
+                    help="archives to run: ct (preset bench: mostly 512x512 CT slices) and/or "
+                    "small (preset bench-small: 64x64 images, ~10 KB files); default both")
+    ap.add_argument("--checksums", default="header",
+                    help="lake checksum modes to run: header (the default of new lakes), full, "
+                    "or header,full")
+    ap.add_argument("--profile", choices=["research", "identified"], default="research",
+                    help="profile of the lakes ingested into (default research, as `lake "
+                    "init` makes; identified skips the de-identification work)")
     ap.add_argument("--seed", type=int, default=0, help="archive seed (default 0)")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     args = ap.parse_args(argv)
     args.sizes = sorted([int(s) for s in args.sizes.split(",") if s.strip()] if args.sizes
                   else [args.files])
     args.schedulers = [s.strip() for s in args.schedulers.split(",") if s.strip()]
+    args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    args.checksums = [c.strip() for c in args.checksums.split(",") if c.strip()]
+    if not set(args.kinds) <= set(KINDS) or not set(args.checksums) <= {"header", "full"}:
+        ap.error(f"--kinds takes {sorted(KINDS)}, --checksums header and/or full")
     if args.repeat < 1 or any(s < 1 for s in args.sizes):
         ap.error("--repeat and sizes must be positive")
     return args
@@ -520,23 +585,26 @@ def main(argv: list[str]) -> int:
     code = code_revision()
     load_start = os.getloadavg()
     try:
-        sizes = [bench_size(workdir, n, args, log) for n in args.sizes]
+        sizes = [bench_size(workdir, n, args, log, kind) for kind in args.kinds
+                 for n in args.sizes]
     finally:
         if not args.keep:
             if made_temp:
                 shutil.rmtree(workdir, ignore_errors=True)
             else:  # remove only what this script created
-                for n in args.sizes:
-                    shutil.rmtree(workdir / f"archive-{n}", ignore_errors=True)
-                    for suffix in (".truth.json", ".done"):
-                        (workdir / f"archive-{n}{suffix}").unlink(missing_ok=True)
+                for kind in args.kinds:
+                    for n in args.sizes:
+                        name = archive_name(kind, n)
+                        shutil.rmtree(workdir / name, ignore_errors=True)
+                        for suffix in (".truth.json", ".done"):
+                            (workdir / f"{name}{suffix}").unlink(missing_ok=True)
         else:
             log(f"kept {workdir}")
     report = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
         "cpus": os.cpu_count(), "python": platform.python_version(),
-        "code": code, "repeat": args.repeat, "sizes": sizes,
+        "code": code, "repeat": args.repeat, "profile": args.profile, "sizes": sizes,
         "method": {
             "cache": "every file read once before timing; baseline runs first, then ingest",
             "peak_memory": "max summed RSS of the ingest child process and its descendants, "
@@ -547,15 +615,16 @@ def main(argv: list[str]) -> int:
                       "DataFrame + Parquet",
         },
     }
-    if len(sizes) > 1:
-        small, large = sizes[0], sizes[-1]
-        report["flatness"] = {
-            sched: {"peak_mib": [(s["files"], s["ingest"][sched]["peak_mib"]) for s in sizes],
-                    "ratio": large["ingest"][sched]["peak_mib"]
-                    / small["ingest"][sched]["peak_mib"],
+    if len(args.sizes) > 1:
+        report["flatness"] = {}
+        for kind in args.kinds:
+            runs = [s for s in sizes if s["kind"] == kind]
+            small, large = runs[0], runs[-1]
+            for key in small["ingest"]:
+                report["flatness"][f"{kind} {key}"] = {
+                    "peak_mib": [(s["files"], s["ingest"][key]["peak_mib"]) for s in runs],
+                    "ratio": large["ingest"][key]["peak_mib"] / small["ingest"][key]["peak_mib"],
                     "files_ratio": large["files"] / small["files"]}
-            for sched in args.schedulers
-        }
     print(json.dumps(report, indent=2) if args.json else render(report))
     return 0
 

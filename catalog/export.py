@@ -52,6 +52,7 @@ from catalog.config import CatalogConfig
 from catalog.connect import Catalog
 from catalog.errors import ExportError
 from lakehouse import audit
+from lakehouse.checksums import data_sha256, sha256_prefix
 from lakehouse.deid import Policy, deidentify_dataset
 from lakehouse.provenance import code_version
 from lakehouse.tables import Lake
@@ -220,10 +221,12 @@ def _export_dicom(sources: pa.Table, out: Path, summary: ExportSummary,
             summary.not_exported[sop] = "no ingested source file in the vault"
             continue
         expected = r["source_sha256"] or r["file_sha256"]
+        covered = r.get("checksum_bytes")  # of the file's first bytes (the header) or all
         dest = (out / _safe(r["StudyInstanceUID"]) / _safe(r["SeriesInstanceUID"])
                 / f"{_safe(sop)}.dcm")
         # written under a temporary name and renamed: an existing file is complete
-        if dest.exists() and (policy is not None or sha256_file(dest) == expected):
+        if dest.exists() and (policy is not None
+                              or sha256_prefix(dest, covered) == expected):
             summary.skipped_existing += 1
             continue
         try:
@@ -231,7 +234,7 @@ def _export_dicom(sources: pa.Table, out: Path, summary: ExportSummary,
         except OSError as exc:
             summary.not_exported[sop] = f"source unreadable: {exc.strerror}"
             continue
-        if hashlib.sha256(data).hexdigest() != expected:
+        if data_sha256(data, covered) != expected or len(data) != r["file_size"]:
             summary.not_exported[sop] = "source file changed since ingest (checksum differs)"
             continue
         dest.parent.mkdir(parents=True, exist_ok=True)

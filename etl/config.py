@@ -8,13 +8,14 @@ from dataclasses import asdict, dataclass
 
 @dataclass(frozen=True)
 class IngestConfig:
-    #: Files per Dask task. Per-task overhead is milliseconds, so batches are
-    #: hundreds of files (never one task per file).
-    batch_files: int = 256
+    #: Files per Dask task. Per-task overhead is milliseconds, so batches are a
+    #: hundred files or more (never one task per file); smaller batches shorten the
+    #: tail of each wave, when one worker finishes its last batch and the other waits.
+    batch_files: int = 128
     #: A batch also closes once its files add up to this many bytes.
     batch_bytes: int = 128 * 1024 * 1024
     #: Batches in flight per worker; a wave is ``workers * batches_per_worker``.
-    batches_per_worker: int = 4
+    batches_per_worker: int = 8
     #: Buffered instance rows before they are committed to the lake.
     flush_rows: int = 20_000
     #: Buffered DICOM JSON bytes before a commit (bounds the driver's memory).
@@ -31,6 +32,9 @@ class IngestConfig:
     max_depth: int = 64
     #: Binary values (OB/OW/UN/...) longer than this are left out of the DICOM JSON.
     bulk_data_threshold: int = 1024
+    #: What file checksums cover, ``header`` or ``full``; :func:`etl.jobs.ingest` sets
+    #: it from the lake's configuration (``LakeConfig.checksum``).
+    checksum: str = "full"
 
     def resolved_workers(self) -> int:
         return self.workers or os.cpu_count() or 1

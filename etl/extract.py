@@ -57,7 +57,8 @@ def _read_one(f: FoundFile, config: IngestConfig, policy: Policy | None) -> File
         os._exit(70)  # test hook: this file kills its worker process
     try:
         return read_file(f.path, f.size, f.mtime_ns, max_depth=config.max_depth,
-                         bulk_data_threshold=config.bulk_data_threshold, policy=policy)
+                         bulk_data_threshold=config.bulk_data_threshold, policy=policy,
+                         checksum=config.checksum)
     except (Exception, RecursionError, MemoryError) as exc:  # one file never ends a batch
         reason = {RecursionError: "too_deep", MemoryError: "out_of_memory"}.get(
             type(exc), "parse_error")
@@ -86,5 +87,6 @@ def _row(r: FileResult, run_id: str, policy: Policy | None) -> dict:
     row.update(
         path=r.path, mtime_ns=r.mtime_ns, status=r.status, reason=r.reason, message=r.message,
         file_size=r.size, file_sha256=digest, source_sha256=r.sha256, ingest_run_id=run_id,
+        checksum_bytes=r.checksum_bytes,
     )
     return row

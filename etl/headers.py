@@ -1,7 +1,8 @@
 """One file in, one typed record out: pure functions, no Dask, no lake.
 
-``read_file(path)`` reads the bytes once (checksum), checks the structure
-(:mod:`etl.safety`), turns the header (never the pixel data) into DICOM JSON
+``read_file(path)`` reads the file (only its header, up to the Pixel Data
+element, with ``checksum="header"``; all of it with ``"full"``), checksums it,
+checks the structure (:mod:`etl.safety`), turns the header (never the pixel data) into DICOM JSON
 (PS3.18 F.2) — with the fast raw parser (:mod:`etl.rawjson`) when it applies,
 with pydicom otherwise — validates the required UIDs, applies the privacy
 policy of a research lake to that JSON, and converts the attributes the schema
@@ -20,10 +21,10 @@ from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
 
 from etl import rawjson, safety
 from etl.errors import REQUIRED_UIDS, FileRejected
+from etl.quality import valid_uid
 from etl.record import COLUMN_TAGS, age_years, parse_date, record_from_json, text
 from lakehouse.deid import Policy
 
@@ -35,6 +36,11 @@ UID_TAGS = {"StudyInstanceUID": "0020000D", "SeriesInstanceUID": "0020000E",
 #: UIDs that identify an instance (remapped in research lakes)
 INSTANCE_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 _AGE, _BIRTH, _STUDY_DATE = "00101010", "00100030", "00080020"
+#: ``full``: SHA-256 of every byte of the file; ``header``: of the bytes before the Pixel
+#: Data element (the whole file when it has none), so pixel bytes are never read.
+CHECKSUMS = ("header", "full")
+#: First read of a header-only read; the buffer grows (doubling) only as the walk needs.
+HEAD_BYTES = 32 * 1024
 
 
 @dataclass(slots=True)
@@ -45,6 +51,8 @@ class FileResult:
     size: int
     mtime_ns: int
     sha256: str | None = None
+    #: how many bytes from the start of the file ``sha256`` covers
+    checksum_bytes: int | None = None
     #: ``ok``, ``skipped`` or ``quarantined``
     status: str = "ok"
     reason: str | None = None
@@ -54,21 +62,53 @@ class FileResult:
 
 def read_file(path: str, size: int = -1, mtime_ns: int = 0, *, max_depth: int = 64,
               bulk_data_threshold: int = 1024, policy: Policy | None = None,
-              fast: bool = True) -> FileResult:
+              fast: bool = True, checksum: str = "full") -> FileResult:
+    """Read, check and parse one file; every outcome is a :class:`FileResult`.
+
+    ``checksum="header"`` reads only up to the Pixel Data element (a bounded first
+    read, grown as the structure walk asks) and hashes those bytes; a file that is
+    rejected is always read and hashed whole, so quarantine checksums are of the file.
+    """
+    if checksum not in CHECKSUMS:
+        raise ValueError(f"checksum must be one of {CHECKSUMS}, not {checksum!r}")
     result = FileResult(path, size, mtime_ns)
     try:
         with open(path, "rb") as fh:
-            buf = fh.read()
+            file_size = os.fstat(fh.fileno()).st_size
+            if checksum == "header":
+                buf = fh.read(HEAD_BYTES)
+            else:
+                buf = fh.read()
+                file_size = len(buf)
+            while True:
+                try:
+                    record, layout = _parse(buf, os.path.basename(path), max_depth=max_depth,
+                                            bulk_data_threshold=bulk_data_threshold,
+                                            policy=policy, fast=fast, file_size=file_size)
+                    break
+                except safety.NeedMore as more:
+                    want = min(max(more.offset, 2 * len(buf)), file_size)
+                    chunk = fh.read(want - len(buf))
+                    if len(buf) >= file_size or not chunk:
+                        raise FileRejected("truncated", "the file shrank while being read") \
+                            from None
+                    buf += chunk
+                except FileRejected:
+                    if len(buf) >= file_size:
+                        raise
+                    buf += fh.read()  # a rejection is decided, and hashed, on the whole file
     except OSError as exc:
         return _reject(result, FileRejected("io_error", exc.strerror or type(exc).__name__))
-    result.size = len(buf)
-    result.sha256 = hashlib.sha256(buf).hexdigest()
-    try:
-        result.record = parse(buf, os.path.basename(path), max_depth=max_depth,
-                              bulk_data_threshold=bulk_data_threshold, policy=policy,
-                              fast=fast)
     except FileRejected as exc:
+        result.size = len(buf)
+        result.sha256 = hashlib.sha256(buf).hexdigest()
+        result.checksum_bytes = len(buf)
         return _reject(result, exc)
+    result.size = file_size
+    covered = layout.header_end if checksum == "header" else len(buf)
+    result.sha256 = hashlib.sha256(memoryview(buf)[:covered]).hexdigest()
+    result.checksum_bytes = covered
+    result.record = record
     return result
 
 
@@ -88,9 +128,16 @@ def parse(buf: bytes, name: str = "", *, max_depth: int = 64, bulk_data_threshol
     pseudonym pairs used (for the vault). ``fast=False`` forces the pydicom path
     (the reference the fast path is tested against).
     """
+    return _parse(buf, name, max_depth=max_depth, bulk_data_threshold=bulk_data_threshold,
+                  policy=policy, fast=fast)[0]
+
+
+def _parse(buf: bytes, name: str = "", *, max_depth: int = 64, bulk_data_threshold: int = 1024,
+           policy: Policy | None = None, fast: bool = True,
+           file_size: int | None = None) -> tuple[dict[str, Any], safety.Layout]:
     if not buf:
         raise FileRejected("empty_file", "the file has zero bytes")
-    layout = safety.check(buf, max_depth=max_depth)
+    layout = safety.check(buf, max_depth=max_depth, file_size=file_size)
     header = rawjson.to_json(buf, layout, bulk_data_threshold) if fast else None
     dropped: list[str] = []
     media_class = layout.media_storage_sop_class or ""
@@ -121,7 +168,7 @@ def parse(buf: bytes, name: str = "", *, max_depth: int = 64, bulk_data_threshol
     record["TransferSyntaxUID"] = ts
     if "dicom_json" not in record:
         record["dicom_json"] = _dumps(header)
-    return record
+    return record, layout
 
 
 def _deidentified_record(header: dict, uids: dict[str, str],
@@ -168,7 +215,7 @@ def _required_uids(header: dict, media_class: str) -> dict[str, str]:
             value = value or media_class or None
         if not value:
             raise FileRejected(f"missing_uid:{keyword}", f"{keyword} is absent or empty")
-        if not UID(value).is_valid:  # no value in the message: it may identify a patient
+        if not valid_uid(value):  # no value in the message: it may identify a patient
             raise FileRejected(f"invalid_uid:{keyword}", f"{keyword} is not a valid UID "
                                                          f"({len(value)} characters)")
         out[keyword] = value

@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -86,7 +86,7 @@ def ingest(lake: Lake, source: Path | str, config: IngestConfig | None = None,
     A research lake needs its key (``key_file``, default: the lake's default key
     path); a missing or different key stops the run before anything is read.
     """
-    config = config or IngestConfig()
+    config = replace(config or IngestConfig(), checksum=lake.config.checksum)
     policy = lake.policy(key_file)
     run_id = new_run_id()
     started = datetime.now(UTC)
@@ -259,6 +259,7 @@ class _Job:
         for o in outcome:
             self.summary.outcomes[o] += 1
         files = wave.select(["path", "file_size", "mtime_ns", "file_sha256", "source_sha256",
+                             "checksum_bytes",
                              "reason", "message", "SOPInstanceUID", "ingest_run_id", "status"])
         files = files.append_column("outcome", pa.array(outcome, pa.string()))
         self._files.append(files)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pydicom.uid import UID
+from pydicom.uid import RE_VALID_UID
 
 #: Maximum characters per value (PS3.5 6.2); PN: per component group.
 MAX_CHARS = {"AE": 16, "AS": 4, "CS": 16, "DA": 8, "DT": 26, "LO": 64, "LT": 10240,
@@ -22,6 +22,8 @@ MAX_CHARS = {"AE": 16, "AS": 4, "CS": 16, "DA": 8, "DT": 26, "LO": 64, "LT": 102
 _TEXT_VRS = frozenset({"LT", "ST", "UT"})
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _TEXT_CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")
+#: pydicom's definition of a valid UID (``UID.is_valid``), compiled once
+_VALID_UID = re.compile(RE_VALID_UID)
 
 
 #: VRs whose values ``valid_string`` checks (the others are always valid)
@@ -30,7 +32,7 @@ CHECKED_VRS = frozenset(MAX_CHARS) | _TEXT_VRS | {"UC", "UR"}
 
 def valid_string(vr: str, value: Any) -> bool:
     """False for a string value with control characters or longer than its VR allows."""
-    if vr not in MAX_CHARS and vr not in _TEXT_VRS and vr not in ("UC", "UR"):
+    if vr not in CHECKED_VRS:
         return True
     s = value.decode("latin-1") if isinstance(value, bytes) else str(value)
     s = s.rstrip("\x00 ")
@@ -41,4 +43,9 @@ def valid_string(vr: str, value: Any) -> bool:
         parts = s.split("=") if vr == "PN" else [s]
         if any(len(p) > limit for p in parts):
             return False
-    return not (vr == "UI" and not UID(s).is_valid)
+    return not (vr == "UI" and not valid_uid(s))
+
+
+def valid_uid(s: str) -> bool:
+    """pydicom's ``UID(s).is_valid`` without building a UID object."""
+    return len(s) <= 64 and _VALID_UID.match(s) is not None

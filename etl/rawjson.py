@@ -13,6 +13,7 @@ malformed numbers, nested character sets.
 from __future__ import annotations
 
 import base64
+import re
 import struct
 import warnings
 
@@ -48,6 +49,11 @@ _TEXT_SPLIT = frozenset({"LO", "SH", "UC"})
 _TEXT_SINGLE = frozenset({"LT", "ST", "UT"})
 _ASCII_SPLIT = frozenset({"AS", "CS", "DA", "DT", "TM"})
 _SPECIFIC_CHARSET = 0x00080005
+#: the characters of a decimal string the fast path converts itself
+_DS_CHARS = re.compile(r"[0-9.+\-eE]+")
+#: ``{VR bytes: VR}`` and ``{tag: "GGGGEEEE"}`` (the JSON key), built as they are met
+_VR_TEXT = {vr: vr.decode() for vr in VALID_VRS}
+_KEYS: dict[int, str] = {}
 #: ISO 2022 terms (code extensions), decoded with pydicom's decoder
 ISO2022 = frozenset({"", "ISO 2022 IR 6", "ISO 2022 IR 13", "ISO 2022 IR 87",
                      "ISO 2022 IR 159", "ISO 2022 IR 149", "ISO 2022 IR 58",
@@ -106,7 +112,7 @@ class _Reader:
                 vr_bytes = buf[pos + 4:pos + 6]
                 if vr_bytes not in VALID_VRS:
                     raise _Fallback
-                vr = vr_bytes.decode()
+                vr = _VR_TEXT[vr_bytes]
                 if vr_bytes in LONG_VRS:
                     length = unpack("<I", buf, pos + 8)[0]
                     start = pos + 12
@@ -124,7 +130,9 @@ class _Reader:
                 start = pos + 8
             if vr == "UN" or " or " in vr:
                 raise _Fallback
-            key = f"{tag:08X}"
+            key = _KEYS.get(tag)
+            if key is None:
+                key = _KEYS[tag] = f"{tag:08X}"
             if vr == "SQ":
                 items, pos = self.sequence(start, length)
                 out[key] = {"vr": "SQ", "Value": items}
@@ -267,7 +275,7 @@ def _person_name(value: str) -> dict:
 
 def _ds(text: str) -> float:
     s = text.strip()
-    if not s or any(c not in "0123456789.+-eE" for c in s):
+    if not _DS_CHARS.fullmatch(s):
         raise _Fallback  # pydicom's own handling of odd numbers decides
     return float(s)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import re
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
@@ -36,31 +37,70 @@ COLUMN_TAGS: tuple[tuple[Column, str], ...] = tuple(
     (c, _tag(c.keyword or c.name)) for c in HEADER_COLUMNS)
 
 
+def _scalar_for(typ: pa.DataType) -> Callable[[Any], Any]:
+    """The conversion of one JSON value to ``typ`` (what :func:`scalar` does, decided once
+    per column instead of once per value)."""
+    if pa.types.is_string(typ):
+        return lambda v: None if v is None or v == "" else text(v)
+    if pa.types.is_floating(typ):
+        return _to_float
+    if pa.types.is_integer(typ):
+        return lambda v: None if v is None or v == "" else int(float(v))
+    if pa.types.is_date(typ):
+        return lambda v: None if v is None or v == "" else parse_date(text(v))
+    if pa.types.is_time(typ):
+        return lambda v: None if v is None or v == "" else parse_time(text(v))
+    raise TypeError(f"no conversion to {typ}")
+
+
+def _to_float(v: Any) -> float | None:
+    if v is None or v == "":
+        return None
+    f = float(v)
+    return f if math.isfinite(f) else None
+
+
+#: (column name, tag, is a list column, is a text column, value conversion)
+_PLAN = tuple(
+    (c.name, tag, pa.types.is_list(c.type), pa.types.is_string(c.type),
+     _scalar_for(c.type.value_type if pa.types.is_list(c.type) else c.type))
+    for c, tag in COLUMN_TAGS)
+
+
 def record_from_json(header: dict) -> tuple[dict[str, Any], list[str]]:
     """Typed values of the schema's header columns, and the keywords present whose
     value could not be converted (a data-quality flag; the column is then null)."""
     rec: dict[str, Any] = {}
     invalid: list[str] = []
-    for col, tag in COLUMN_TAGS:
-        elem = header.get(tag)
-        values = elem.get("Value") if elem else None
-        if not elem or not values:
-            rec[col.name] = None
+    get = header.get
+    for name, tag, is_list, is_text, conv in _PLAN:
+        elem = get(tag)
+        if not elem or not (values := elem.get("Value")):
+            rec[name] = None
             continue
         vr = elem.get("vr")
         wanted = [v for v in values if not _blank(v)]
+        typed: Any
         try:
-            typed = convert(values, col.type, vr)
+            if is_list:
+                typed = [x for x in map(conv, values) if x is not None] or None
+            elif is_text and len(values) > 1:
+                typed = "\\".join([text(v) or "" for v in values]) or None
+            else:
+                typed = conv(values[0])
         except (ValueError, TypeError, OverflowError):
             typed = None
         ok = typed is not None or not wanted
-        if ok and pa.types.is_list(col.type) and typed is not None and len(typed) < len(wanted):
+        if ok and is_list and typed is not None and len(typed) < len(wanted):
             ok = False
-        if ok and vr in CHECKED_VRS and any(not valid_string(vr, text(v) or "") for v in wanted):
-            ok = False  # control characters, over-long values, malformed UIDs
-        rec[col.name] = typed if ok else None
+        if ok and vr in CHECKED_VRS:
+            for v in wanted:
+                if not valid_string(vr, text(v) or ""):
+                    ok = False  # control characters, over-long values, malformed UIDs
+                    break
+        rec[name] = typed if ok else None
         if not ok:
-            invalid.append(col.name)
+            invalid.append(name)
     rec["patient_age_years"] = age_years(rec.get("PatientAge"), rec.get("PatientBirthDate"),
                                          rec.get("StudyDate"))
     rec["study_year"] = rec["StudyDate"].year if rec.get("StudyDate") else None
@@ -68,6 +108,8 @@ def record_from_json(header: dict) -> tuple[dict[str, Any], list[str]]:
 
 
 def _blank(value: Any) -> bool:
+    if value.__class__ is str:
+        return not value.strip("\x00 ")
     if value is None:
         return True
     if isinstance(value, dict):

@@ -82,7 +82,9 @@ class LocalRunner:
     def close(self) -> None:
         self._driver.shutdown(wait=True)
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            # every wave has been collected: the workers exit (interpreter shutdown takes
+            # them a while) while the driver goes on to commit and summarize
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _is_crash(exc: BaseException) -> bool:

@@ -10,6 +10,7 @@ handed to pydicom.
 
 from __future__ import annotations
 
+import functools
 import struct
 import zlib
 from dataclasses import dataclass
@@ -42,6 +43,15 @@ MAX_INFLATED = 1 << 30
 #: No element may declare a value longer than this (``element_too_large``), whether or
 #: not the file holds it: nothing is ever allocated from a length field.
 MAX_ELEMENT = 1 << 30
+
+
+class NeedMore(Exception):
+    """The walk needs bytes beyond the partial buffer it was given (header-only reads):
+    read at least up to ``offset`` and call :func:`check` again."""
+
+    def __init__(self, offset: int):
+        super().__init__(offset)
+        self.offset = offset
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,15 +90,23 @@ def _plausible_implicit(buf: bytes) -> bool:
     return length < len(buf) or length == UNDEFINED
 
 
-def check(buf: bytes, max_depth: int = 64) -> Layout:
+def check(buf: bytes, max_depth: int = 64, file_size: int | None = None) -> Layout:
     """Walk the whole element structure of ``buf`` (a complete file).
 
-    Raises :class:`FileRejected` (``not_dicom``, ``truncated``, ``too_deep``).
+    With ``file_size`` larger than ``len(buf)``, ``buf`` is the start of the file
+    (a header-only read): lengths are checked against the file size, and a Pixel
+    Data element of defined length that runs to the end of the file is accepted
+    without its bytes. Whenever the walk needs bytes the buffer lacks it raises
+    :class:`NeedMore`. Raises :class:`FileRejected` (``not_dicom``, ``truncated``,
+    ``too_deep``).
     """
     kind = sniff(buf)
     if kind == "not_dicom":
         raise FileRejected("not_dicom", "no DICM magic and no DICOM data set at the start")
     size = len(buf)
+    avail = size
+    if file_size is not None and file_size > size:
+        size = file_size
     ts: str | None = None
     media: str | None = None
     if kind == "part10":
@@ -98,10 +116,12 @@ def check(buf: bytes, max_depth: int = 64) -> Layout:
         if struct.unpack_from("<H", buf, 0)[0] == 0x0002:
             pos, ts, media = _walk_meta(buf, 0)
     dataset_offset = pos
-    if ts is not None and not UID(ts).is_transfer_syntax:
+    if ts is not None and not _is_transfer_syntax(ts):
         raise FileRejected("unsupported_transfer_syntax",
                            f"transfer syntax {ts[:70]!r} is not a known DICOM transfer syntax")
     if ts == DEFLATED_LE:
+        if avail < size:
+            raise NeedMore(size)  # inflating needs every byte
         try:
             inflater = zlib.decompressobj(-zlib.MAX_WBITS)
             body = inflater.decompress(buf[pos:], MAX_INFLATED)
@@ -120,11 +140,17 @@ def check(buf: bytes, max_depth: int = 64) -> Layout:
     else:
         explicit = ts != IMPLICIT_LE
         little = ts != EXPLICIT_BE
-    walker = _Walker(buf, pos, explicit=explicit, little=little, max_depth=max_depth)
+    walker = _Walker(buf, pos, explicit=explicit, little=little, max_depth=max_depth,
+                     size=size)
     walker.walk_dataset(pos, size, depth=0, top=True)
     header_end = walker.pixel_offset if walker.pixel_offset is not None else size
     return Layout(kind, ts, dataset_offset, header_end, elements=walker.count,
                   media_storage_sop_class=media)
+
+
+@functools.lru_cache(maxsize=256)
+def _is_transfer_syntax(ts: str) -> bool:
+    return UID(ts).is_transfer_syntax
 
 
 def _walk_meta(buf: bytes, pos: int) -> tuple[int, str | None, str | None]:
@@ -173,12 +199,16 @@ def _bound(length: int, tag: int) -> None:
 
 
 class _Walker:
-    __slots__ = ("buf", "count", "explicit", "fmt_len2", "fmt_len4", "fmt_tag", "max_depth",
-                 "pixel_offset", "size")
+    __slots__ = ("avail", "buf", "count", "explicit", "fmt_len2", "fmt_len4", "fmt_tag",
+                 "max_depth", "partial", "pixel_offset", "size")
 
-    def __init__(self, buf: bytes, start: int, *, explicit: bool, little: bool, max_depth: int):
+    def __init__(self, buf: bytes, start: int, *, explicit: bool, little: bool, max_depth: int,
+                 size: int | None = None):
         self.buf = buf
-        self.size = len(buf)
+        #: bytes in the buffer; ``size`` is the file's size (larger for a partial read)
+        self.avail = len(buf)
+        self.size = self.avail if size is None else size
+        self.partial = self.avail < self.size
         self.explicit = explicit
         e = "<" if little else ">"
         self.fmt_tag = e + "HH"
@@ -196,6 +226,8 @@ class _Walker:
         """Walk elements from ``pos`` to ``end`` (or an item delimiter); return the end."""
         buf, size = self.buf, self.size
         while pos < end:
+            if self.partial and pos + 12 > self.avail:
+                raise NeedMore(pos + 12)
             if pos + 8 > size:
                 if top and not buf[pos:].strip(b"\x00"):
                     return size  # trailing zero padding, as some writers leave
@@ -226,6 +258,10 @@ class _Walker:
                 self.pixel_offset = pos
             if length != UNDEFINED:
                 _bound(length, tag)
+            if self.partial and top and tag == PIXEL_DATA:
+                if length == UNDEFINED or start + length != size:
+                    raise NeedMore(size)  # fragments or trailing elements: walk them all
+                return size  # native pixel data up to the end: never read
             if length == UNDEFINED:
                 if tag == PIXEL_DATA or vr == b"SQ" or vr is None or vr == b"UN":
                     pos = self.walk_items(start, depth + 1, tag)
@@ -238,6 +274,8 @@ class _Walker:
                     f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) declares {length} bytes, "
                     f"{size - start} remain",
                 )
+            if self.partial and start + length > self.avail:
+                raise NeedMore(start + length)
             if vr == b"SQ" and length:
                 self.walk_items_defined(start, start + length, depth + 1)
             pos = start + length
@@ -249,6 +287,8 @@ class _Walker:
             raise FileRejected("too_deep", f"sequences nested deeper than {self.max_depth}")
         buf, size = self.buf, self.size
         while True:
+            if self.partial and pos + 8 > self.avail:
+                raise NeedMore(pos + 8)
             if pos + 8 > size:
                 raise FileRejected("truncated", "file ends inside a sequence")
             item_tag = self._tag(pos)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 PROFILES = ("research", "identified")
+#: What a lake's file checksums cover (see ``LakeConfig.checksum``)
+CHECKSUMS = ("header", "full")
 FORMAT_VERSION = 1
 
 
@@ -28,6 +30,11 @@ class LakeConfig:
     schema_version: int = 1
     #: Creation time, ISO 8601 UTC.
     created_at: str = ""
+    #: What ``file_sha256`` covers: ``header`` (the bytes before the Pixel Data element,
+    #: so ingest never reads pixel data; the default of new lakes) or ``full`` (every
+    #: byte of the file). Fixed at ``lake init``; lakes made before this setting are
+    #: ``full``.
+    checksum: str = "full"
     #: Free-form labels the user gave at init (site name, ...).
     labels: dict[str, str] = field(default_factory=dict)
 

@@ -49,6 +49,9 @@ CLASS_UIDS = {"SOPClassUID", "ReferencedSOPClassUID", "MediaStorageSOPClassUID",
 CLEANED_TEXT = {"StudyDescription", "SeriesDescription", "ProtocolName", "SegmentLabel",
                 "ROIName", "ContentLabel", "StructureSetLabel", "SegmentAlgorithmName"}
 _TOKEN = re.compile(r"[\w.\-/]+", re.UNICODE)
+_NAME_SEPARATORS = re.compile(r"[\^=]")
+#: last hex digits of odd numbers (the group of a private tag is odd)
+_ODD_HEX = frozenset("13579BDFbdf")
 _SPACES = re.compile(r"\s{2,}")
 
 
@@ -68,6 +71,10 @@ _ISSUER_TAG = _tag("IssuerOfPatientID")
 _PID_TAG = _tag("PatientID")
 _NAME_TAG = _tag("PatientName")
 _BIRTH_TAG = _tag("PatientBirthDate")
+_STUDY_UID_TAG = _tag("StudyInstanceUID")
+#: identifiers whose words are removed from the cleaned free text
+_ID_TOKEN_TAGS = (_PID_TAG, _tag("AccessionNumber"), _tag("StudyID"), _tag("OtherPatientIDs"),
+                  _ISSUER_TAG)
 
 
 @dataclass(frozen=True)
@@ -126,19 +133,17 @@ class Policy:
         issuer = _first(header.get(_ISSUER_TAG))
         patient_key = f"{issuer or ''}\x1e{pid}" if pid else ""
         offset = self.p.date_offset_days(patient_key) if pid else \
-            self.p.date_offset_days("study\x1e" + (_first(header.get(_tag("StudyInstanceUID")))
-                                                   or ""))
+            self.p.date_offset_days("study\x1e" + (_first(header.get(_STUDY_UID_TAG)) or ""))
         tokens: set[str] = set()
-        for tag in (_PID_TAG, _tag("AccessionNumber"), _tag("StudyID"), _tag("OtherPatientIDs"),
-                    _ISSUER_TAG):
+        for tag in _ID_TOKEN_TAGS:
             for v in _values(header.get(tag)):
                 tokens |= _tokens(str(v))
         for v in _values(header.get(_NAME_TAG)):
             if isinstance(v, dict):
                 for part in v.values():
-                    tokens |= _tokens(re.sub(r"[\^=]", " ", str(part)))
+                    tokens |= _tokens(_NAME_SEPARATORS.sub(" ", str(part)))
             else:
-                tokens |= _tokens(re.sub(r"[\^=]", " ", str(v)))
+                tokens |= _tokens(_NAME_SEPARATORS.sub(" ", str(v)))
         for v in _values(header.get(_BIRTH_TAG)):
             tokens |= _date_tokens(str(v))
         return PatientContext(patient_key, offset, {t for t in tokens if len(t) >= 2})
@@ -158,9 +163,8 @@ class Policy:
         out: dict = {}
         creators = _private_creators(ds) if self.private else {}
         for tag, elem in ds.items():
-            group = int(tag[:4], 16)
-            if group % 2 == 1:
-                if not self._private_allowed(tag, group, creators):
+            if tag[3] in _ODD_HEX:  # an odd group: a private attribute
+                if not self._private_allowed(tag, int(tag[:4], 16), creators):
                     continue
                 out[tag] = elem
                 continue

@@ -161,8 +161,13 @@ INSTANCES = TableSpec(
                "date, control characters, too long for its VR, malformed UID); their typed "
                "columns are null, the raw values stay in dicom_json. Null when all are valid."),
         Column("file_size", I64, "Size of the DICOM file in bytes."),
-        Column("file_sha256", STR, "SHA-256 of the whole file, hex (in research lakes keyed "
-               "with the lake key, so that the original file cannot be looked up)."),
+        Column("file_sha256", STR, "SHA-256 of the file's first checksum_bytes bytes, hex (in "
+               "research lakes keyed with the lake key, so that the original file cannot be "
+               "looked up)."),
+        Column("checksum_bytes", I64, "Bytes file_sha256 covers from the start of the file: "
+               "the header before the Pixel Data element in lakes made with checksum "
+               "'header' (the default), the whole file with 'full' or when the file has no "
+               "pixel data."),
         Column("ingest_run_id", STR, "The ingest run that added this row."),
         Column("dicom_json", STR, "The full header as DICOM JSON (PS3.18 F.2); pixel data and "
                "other bulk data left out."),
@@ -370,7 +375,10 @@ FILES = TableSpec(
         Column("mtime_ns", I64, "Modification time in ns when read."),
         Column("file_sha256", STR, "The file's checksum as the research tables hold it "
                "(keyed in research lakes)."),
-        Column("source_sha256", STR, "Plain SHA-256 of the source file (null when unreadable)."),
+        Column("source_sha256", STR, "Plain SHA-256 of the source file's first checksum_bytes "
+               "bytes (null when unreadable)."),
+        Column("checksum_bytes", I64, "Bytes the checksums cover from the start of the file "
+               "(the whole file for skipped and quarantined files)."),
         Column("outcome", STR, "ingested, duplicate, conflict, skipped or quarantined."),
         Column("reason", STR, "Reason code for skipped / quarantined files."),
         Column("message", STR, "Detail of the reason."),

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -33,7 +33,7 @@ from deltalake import DeltaTable
 from deltalake.transaction import AddAction, CommitProperties, RemoveAction
 
 from lakehouse import deid, layout, privacy
-from lakehouse.config import PROFILES, LakeConfig
+from lakehouse.config import CHECKSUMS, PROFILES, LakeConfig
 from lakehouse.errors import (
     LakeBusyError,
     LakeExistsError,
@@ -103,13 +103,16 @@ class Lake:
     def create(cls, root: Path | str, profile: str = "research",
                key_file: Path | str | None = None,
                labels: dict[str, str] | None = None,
-               private_allowlist: list[dict] | None = None) -> Lake:
+               private_allowlist: list[dict] | None = None,
+               checksum: str = "header") -> Lake:
         """A new lake. A research lake needs a key: ``key_file`` is used when it
         exists, created (random, owner-only) when it does not; by default it is
         ``privacy.default_key_path(lake_id)``, outside the lake folder."""
         root = Path(root)
         if profile not in PROFILES:
             raise ValueError(f"profile must be one of {PROFILES}, not {profile!r}")
+        if checksum not in CHECKSUMS:
+            raise ValueError(f"checksum must be one of {CHECKSUMS}, not {checksum!r}")
         if layout.manifest_path(root).exists():
             raise LakeExistsError(root)
         if root.exists() and any(root.iterdir()):
@@ -133,7 +136,8 @@ class Lake:
         os.chmod(layout.zone_path(root, VAULT), 0o700)
         config = LakeConfig(profile=profile, lake_id=lake_id, key_fingerprint=fp,
                             created_at=_now(), labels=labels or {},
-                            private_allowlist=list(private_allowlist or []))
+                            private_allowlist=list(private_allowlist or []),
+                            checksum=checksum)
         versions = {}
         for spec in TABLES.values():
             dt = DeltaTable.create(
@@ -329,18 +333,46 @@ class LakeWriter:
     def overwrite(self, name: str, data: pa.Table, param_hash: str = "") -> int:
         return self._write(name, data, "overwrite", param_hash)
 
-    def _write(self, name: str, data: pa.Table, mode: str, param_hash: str) -> int:
+    def compact(self, name: str, files: list[dict], param_hash: str = "") -> int:
+        """Rewrite ``files`` (rows of ``get_add_actions(flatten=True)`` of the current
+        version, all of one partition) as one file, in one commit that adds it and
+        removes them (``dataChange`` false: the rows are the same). Returns the version."""
+        spec = TABLES[name]
+        root = layout.table_path(self.lake.root, name)
+        keys = list(spec.partition_by)
+        values = {k: files[0].get(f"partition.{k}") for k in keys}
+        parts = []
+        for f in files:
+            path = root / f["path"]
+            if not path.exists():
+                path = root / unquote(f["path"])
+            part = pq.read_table(path)
+            for k in keys:
+                typ = spec.storage_schema(self.lake.profile).field(k).type
+                part = part.append_column(k, pa.array([values[k]] * part.num_rows, typ))
+            parts.append(part)
+        data = pa.concat_tables(parts, promote_options="default")
+        now = int(time.time() * 1000)
+        removes = [RemoveAction(f["path"], False, now, f["size_bytes"],
+                                {k: (None if values[k] is None else str(values[k]))
+                                 for k in keys}) for f in files]
+        return self._write(name, data, "append", param_hash, removes=removes)
+
+    def _write(self, name: str, data: pa.Table, mode: str, param_hash: str,
+               removes: list[RemoveAction] | None = None) -> int:
         spec = TABLES[name]
         table = conform(spec, data, self.lake.profile)
         if table.num_rows == 0 and mode == "append":
             return self.versions[name]
         root = layout.table_path(self.lake.root, name)
         meta = file_metadata(self.run_id, name, param_hash)
-        actions: list[AddAction | RemoveAction] = [self._stage(root, spec, part, values, meta)
-                   for values, part in _partitions(table, spec)]
+        actions: list[AddAction | RemoveAction] = [
+            self._stage(root, spec, part, values, meta, data_change=not removes)
+            for values, part in _partitions(table, spec)]
         # the commit log records each new file's SHA-256 (``lake verify`` checks them)
         checksums = {a.path: _sha256(root / a.path) for a in actions
                      if isinstance(a, AddAction)}
+        actions += removes or []
         dt = DeltaTable(str(root))
         dt.create_write_transaction(
             actions, mode, table.schema, partition_by=list(spec.partition_by) or None,
@@ -353,7 +385,7 @@ class LakeWriter:
         return version
 
     def _stage(self, root: Path, spec: TableSpec, part: pa.Table, values: dict[str, str | None],
-               meta: dict[str, str]) -> AddAction:
+               meta: dict[str, str], data_change: bool = True) -> AddAction:
         subdir = "/".join(
             f"{k}={quote(v if v is not None else NULL_PARTITION, safe='')}"
             for k, v in values.items()
@@ -369,7 +401,7 @@ class LakeWriter:
         os.replace(staged, final)
         st = final.stat()
         stats = {"numRecords": part.num_rows}
-        return AddAction(rel, st.st_size, values, int(time.time() * 1000), True,
+        return AddAction(rel, st.st_size, values, int(time.time() * 1000), data_change,
                          json.dumps(stats))
 
     def publish(self, note: str = "") -> Snapshot:

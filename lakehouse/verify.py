@@ -4,14 +4,14 @@ Every commit made by :class:`lakehouse.tables.LakeWriter` records, in its
 commitInfo, the SHA-256 of each Parquet file it adds; the Delta log records
 its size. :func:`verify` checks every data file of a lake snapshot against
 both, and with ``sources=True`` every source file the vault's file index
-recorded against its ``file_sha256``.
+recorded against its checksum (of the first ``checksum_bytes`` bytes) and size.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote
@@ -19,6 +19,7 @@ from urllib.parse import unquote
 import pyarrow.compute as pc
 
 from lakehouse import layout
+from lakehouse.checksums import sha256_prefix
 from lakehouse.tables import CHECKSUMS_KEY, Lake, Snapshot
 
 log = logging.getLogger(__name__)
@@ -70,14 +71,6 @@ def recorded_checksums(table_root: Path) -> dict[str, str]:
     return out
 
 
-def file_sha256(path: Path | str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def verify(lake: Lake, snapshot: Snapshot | None = None, sources: bool = False) -> Report:
     snap = snapshot or lake.snapshot()
     report = Report(snap.number)
@@ -106,7 +99,7 @@ def verify(lake: Lake, snapshot: Snapshot | None = None, sources: bool = False) 
             if expected is None:
                 report.files_without_checksum += 1
                 continue
-            got = file_sha256(path)
+            got = sha256_prefix(path)
             if got != expected:
                 report.problems.append(Problem(name, rel, "checksum",
                                                f"sha256 {got[:16]}..., commit log has "
@@ -121,24 +114,31 @@ def verify(lake: Lake, snapshot: Snapshot | None = None, sources: bool = False) 
 def _verify_sources(lake: Lake, snap: Snapshot, report: Report) -> None:
     """Each source path's most recent recorded checksum against the file today."""
     # the plain checksum of the source (research tables hold a keyed one)
-    files = lake.read("files", snap, columns=["path", "source_sha256", "ingest_run_id"])
-    files = files.rename_columns(["path", "file_sha256", "ingest_run_id"])
-    files = files.filter(pc.is_valid(files.column("file_sha256")))
-    latest: dict[str, tuple[str, str]] = {}
-    for path, sha, run in zip(files.column("path").to_pylist(),
-                              files.column("file_sha256").to_pylist(),
-                              files.column("ingest_run_id").to_pylist(), strict=True):
+    # (checksum_bytes: how much of the file it covers; absent in lakes made before it)
+    wanted = ["path", "source_sha256", "ingest_run_id", "file_size", "checksum_bytes"]
+    dataset = lake.dataset("files", snap)
+    files = dataset.to_table(columns=[c for c in wanted if c in dataset.schema.names])
+    files = files.filter(pc.is_valid(files.column("source_sha256")))
+    col = {c: (files.column(c).to_pylist() if c in files.column_names else [None] * len(files))
+           for c in wanted}
+    latest: dict[str, tuple[str, str, int | None, int | None]] = {}
+    for path, sha, run, size, nbytes in zip(*(col[c] for c in wanted), strict=True):
         if path not in latest or (run or "") >= latest[path][1]:
-            latest[path] = (sha, run or "")
-    for path, (sha, _) in sorted(latest.items()):
+            latest[path] = (sha, run or "", size, nbytes)
+    for path, (sha, _, size, nbytes) in sorted(latest.items()):
         report.sources_checked += 1
         try:
-            got = file_sha256(path)
+            actual_size = os.stat(path).st_size
+            got = sha256_prefix(path, nbytes)
         except OSError as exc:
             report.problems.append(Problem("source", path, "source_missing",
                                            exc.strerror or type(exc).__name__))
             continue
-        if got != sha:
+        if size is not None and actual_size != size:
+            report.problems.append(Problem("source", path, "source_changed",
+                                           f"{actual_size} bytes, recorded {size}; ingest it "
+                                           "again to record the new version"))
+        elif got != sha:
             report.problems.append(Problem("source", path, "source_changed",
                                            f"sha256 {got[:16]}..., recorded {sha[:16]}...; "
                                            "ingest it again to record the new version"))

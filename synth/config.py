@@ -80,6 +80,9 @@ PRESETS: dict[str, ArchiveConfig] = {
         mr_slices=(12, 24),
         pet_slices=(20, 40),
     ),
+    # target_files (default 20,000) small files: 64x64 images, ~10 KB each (the
+    # per-file cost of an ingest, with little I/O).
+    "bench-small": ArchiveConfig(target_files=20000),
     # target_files (default 20,000), mostly 512x512 int16 CT slices (~514 KB each).
     "bench": ArchiveConfig(
         target_files=20000,

@@ -5,7 +5,9 @@
 --   SOPInstanceUID           instance UID
 --   file_sha256              checksum of the ingested file as the tables hold it (keyed in
 --                            research lakes)
---   source_sha256            plain SHA-256 of the source file (a copy must match it)
+--   source_sha256            plain SHA-256 of the source file's first checksum_bytes bytes
+--                            (a copy must match it)
+--   checksum_bytes           bytes of the file the checksums cover (header or whole file)
 --   file_size                size in bytes
 --   path                     source path of the ingested file
 --   InstanceNumber           instance number
@@ -17,6 +19,7 @@ SELECT
     i.SOPInstanceUID,
     i.file_sha256,
     f.source_sha256,
+    f.checksum_bytes,
     i.file_size,
     f.path,
     i.InstanceNumber,
@@ -24,7 +27,7 @@ SELECT
     i.ImageOrientationPatient
 FROM instances i
 LEFT JOIN (
-    SELECT SOPInstanceUID, file_sha256, source_sha256, path
+    SELECT SOPInstanceUID, file_sha256, source_sha256, checksum_bytes, path
     FROM files
     WHERE outcome = 'ingested'
     QUALIFY row_number() OVER (PARTITION BY SOPInstanceUID, file_sha256

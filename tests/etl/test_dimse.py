@@ -24,7 +24,7 @@ from tests.pacs import free_port
 
 CONFIG = IngestConfig(scheduler="threads", workers=2, batch_files=64)
 #: columns that differ between a DIMSE copy and the file (the receiver writes the file meta)
-FILE_COLUMNS = ("file_size", "file_sha256")
+FILE_COLUMNS = ("file_size", "file_sha256", "checksum_bytes")
 
 
 def _rows(lake: Path, uids: set[str]) -> list[tuple]:

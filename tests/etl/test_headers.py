@@ -1,6 +1,7 @@
 import datetime as dt
 import json
 import os
+from pathlib import Path
 
 import pytest
 from pydicom.data import get_charset_files, get_testdata_file
@@ -82,3 +83,74 @@ def test_pydicom_truncated_files_are_caught():
     for name in ("rtplan_truncated.dcm", "MR_truncated.dcm"):
         r = read_file(get_testdata_file(name))
         assert (r.status, r.reason) == ("quarantined", "truncated"), name
+
+
+# --- header-only reads (checksum="header") --------------------------------------------
+
+def _big_ct(path, pixel_bytes: int, trailing: bool = False):
+    """CT_small with its pixel data replaced by ``pixel_bytes`` bytes (and, optionally, a
+    DataSetTrailingPadding element after it)."""
+    import pydicom
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    side = int((pixel_bytes // 2) ** 0.5)
+    ds.Rows = ds.Columns = side
+    ds.PixelData = bytes(range(256)) * (side * side * 2 // 256) + b"\0" * (side * side * 2 % 256)
+    del ds[0xFFFCFFFC]  # CT_small ends with padding; a typical file ends with its pixels
+    if trailing:
+        ds.add_new(0xFFFCFFFC, "OB", b"\0" * 64)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _bytes_read() -> int:
+    """Bytes this process has read through read(2) so far (Linux /proc accounting)."""
+    with open("/proc/self/io") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("rchar:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="needs Linux /proc/self/io")
+def test_header_mode_never_reads_the_pixel_data(tmp_path):
+    import hashlib
+
+    path = str(_big_ct(tmp_path / "big.dcm", 8 << 20))
+    data = Path(path).read_bytes()
+    pixel_at = data.index(b"\xe0\x7f\x10\x00")  # the Pixel Data element's tag
+    before = _bytes_read()
+    head = read_file(path, checksum="header")
+    header_cost = _bytes_read() - before
+    full = read_file(path, checksum="full")
+    full_cost = _bytes_read() - before - header_cost
+    assert head.status == full.status == "ok"
+    assert header_cost < 64 * 1024 < 8 << 20 <= full_cost
+    assert head.checksum_bytes == pixel_at and full.checksum_bytes == len(data)
+    assert head.sha256 == hashlib.sha256(data[:pixel_at]).hexdigest()
+    assert full.sha256 == hashlib.sha256(data).hexdigest()
+    assert head.record == full.record  # the same row either way
+    assert head.size == full.size == len(data)
+
+
+def test_header_mode_checks_what_it_does_not_read(tmp_path):
+    """Truncated pixel data is found from the file size; elements after the pixel data and
+    encapsulated fragments make the walk read the rest; a rejected file is hashed whole."""
+    import hashlib
+
+    whole = tmp_path / "whole.dcm"
+    _big_ct(whole, 1 << 20)
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(whole.read_bytes()[:-1000])
+    r = read_file(str(cut), checksum="header")
+    assert (r.status, r.reason) == ("quarantined", "truncated")
+    assert r.sha256 == hashlib.sha256(cut.read_bytes()).hexdigest()
+    assert r.checksum_bytes == cut.stat().st_size
+
+    padded = _big_ct(tmp_path / "padded.dcm", 1 << 20, trailing=True)
+    h, f = read_file(str(padded), checksum="header"), read_file(str(padded), checksum="full")
+    assert h.status == f.status == "ok" and h.record == f.record
+    assert h.checksum_bytes < f.checksum_bytes == padded.stat().st_size
+
+    for name in ("JPEG2000.dcm", "SC_rgb_rle.dcm", "image_dfl.dcm", "MR_small_RLE.dcm"):
+        src = get_testdata_file(name)
+        h, f = read_file(src, checksum="header"), read_file(src, checksum="full")
+        assert h.status == f.status == "ok", (name, h.message)
+        assert h.record == f.record, name

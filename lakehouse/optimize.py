@@ -1,0 +1,110 @@
+"""Compact small files: ``lake optimize``.
+
+Every ingest commit adds at least one Parquet file per partition it touches, so
+many small runs (daily increments, ``lake listen`` micro-batches, PACS pulls)
+leave many small files, and every query pays per file. :func:`optimize`
+rewrites, per table and partition, the files smaller than ``small_bytes`` into
+files of up to about ``target_bytes`` each, in one Delta commit per group that
+adds the new file and removes the old ones (``dataChange`` false), then
+publishes one lake snapshot. The rows do not change; snapshots published
+before keep reading their own files (time travel), which stay on disk until
+``lake vacuum`` finds no snapshot that references them. The new files carry the
+optimize run's provenance; every row keeps its own ``ingest_run_id``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from lakehouse.provenance import new_run_id
+from lakehouse.schemas import TABLES
+from lakehouse.tables import Lake
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+#: files below this size are candidates for compaction
+SMALL_BYTES = 64 * MiB
+#: compacted files are written up to about this size (compressed)
+TARGET_BYTES = 256 * MiB
+
+
+@dataclass
+class TableResult:
+    files_before: int = 0
+    files_after: int = 0
+    rows: int = 0
+    #: files rewritten and the files that replaced them
+    rewritten: int = 0
+    written: int = 0
+
+
+@dataclass
+class OptimizeReport:
+    run_id: str
+    #: the snapshot published (None when there was nothing to compact)
+    snapshot: int | None = None
+    tables: dict[str, TableResult] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"run_id": self.run_id, "snapshot": self.snapshot,
+                "tables": {k: vars(v) for k, v in self.tables.items()}}
+
+
+def optimize(lake: Lake, tables: list[str] | None = None, small_bytes: int = SMALL_BYTES,
+             target_bytes: int = TARGET_BYTES, dry_run: bool = False) -> OptimizeReport:
+    """Compact the small files of ``tables`` (default: all) as the lake's writer."""
+    unknown = sorted(set(tables or []) - set(TABLES))
+    if unknown:
+        raise ValueError(f"unknown table(s) {unknown}; tables are {sorted(TABLES)}")
+    report = OptimizeReport(new_run_id())
+    with lake.writer(report.run_id) as w:
+        for name in tables or lake.table_names():
+            spec = TABLES[name]
+            actions = pa.table(w.current(name).get_add_actions(flatten=True))
+            keep = ["path", "size_bytes", "num_records"] + [
+                n for n in actions.column_names if n.startswith("partition.")]
+            adds = actions.select(keep).to_pylist()
+            result = report.tables[name] = TableResult(files_before=len(adds),
+                                                       files_after=len(adds))
+            result.rows = sum(a.get("num_records") or 0 for a in adds)
+            by_partition: dict[tuple, list[dict]] = defaultdict(list)
+            for a in adds:
+                if a["size_bytes"] < small_bytes:
+                    by_partition[tuple(a.get(f"partition.{k}") for k in spec.partition_by)
+                                 ].append(a)
+            for files in by_partition.values():
+                for group in _groups(sorted(files, key=lambda a: a["path"]), target_bytes):
+                    result.rewritten += len(group)
+                    result.written += 1
+                    result.files_after -= len(group) - 1
+                    if not dry_run:
+                        w.compact(name, group)
+            if result.rewritten:
+                log.info("%s: %d small files -> %d", name, result.rewritten, result.written)
+        if not dry_run and any(r.rewritten for r in report.tables.values()):
+            report.snapshot = w.publish(note=f"optimize {report.run_id}").number
+    return report
+
+
+def _groups(files: list[dict], target_bytes: int) -> list[list[dict]]:
+    """Consecutive runs of files adding up to about ``target_bytes``; single files are
+    left alone (rewriting one file alone gains nothing)."""
+    groups: list[list[dict]] = []
+    current: list[dict] = []
+    size = 0
+    for f in files:
+        if current and size + f["size_bytes"] > target_bytes:
+            groups.append(current)
+            current, size = [], 0
+        current.append(f)
+        size += f["size_bytes"]
+    groups.append(current)
+    return [g for g in groups if len(g) > 1]
+
+
+__all__ = ["OptimizeReport", "TableResult", "optimize"]

@@ -1,0 +1,112 @@
+"""lake optimize: small files compacted, rows unchanged, time travel and verify intact."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from urllib.parse import unquote
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from etl import ingest
+from lake_cli import main
+from lakehouse import Lake, layout
+from lakehouse.optimize import optimize
+from lakehouse.vacuum import vacuum
+from lakehouse.verify import verify
+from tests.conftest import fast_config
+
+
+def _files(lake: Lake, name: str) -> list[str]:
+    return pa.table(lake.delta(name).get_add_actions(flatten=True)).column("path").to_pylist()
+
+
+def _rows(lake: Lake, snapshot=None) -> dict[str, list]:
+    """Every table's rows, in a canonical order (files and row order may change)."""
+    out = {}
+    for name in lake.table_names():
+        t = lake.read(name, snapshot)
+        out[name] = sorted(json.dumps(r, sort_keys=True, default=str) for r in t.to_pylist())
+    return out
+
+
+@pytest.fixture(scope="module")
+def split_lake(archive, tmp_path_factory):
+    """The sample archive ingested in three runs (every third file each), so the
+    partitions of instances hold several small files."""
+    root = tmp_path_factory.mktemp("optimize")
+    files = sorted(p for p in archive[0].rglob("*") if p.is_file() and not p.is_symlink())
+    lake = Lake.create(root / "lake", profile="identified")
+    for i in range(3):
+        part = root / f"part{i}"
+        for f in files[i::3]:
+            dest = part / f.relative_to(archive[0])
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, dest)
+        ingest(lake, part, fast_config())
+    return root / "lake"
+
+
+def test_optimize_compacts_without_changing_a_row(split_lake, tmp_path):
+    path = tmp_path / "lake"
+    shutil.copytree(split_lake, path)
+    lake = Lake.open(path)
+    before_snap = lake.snapshot()
+    before = _rows(lake)
+    files_before = {n: len(_files(lake, n)) for n in lake.table_names()}
+    assert files_before["instances"] > len(lake.read("instances").group_by(
+        ["Modality", "study_year"]).aggregate([]))  # several files per partition
+
+    report = optimize(lake)
+    assert report.snapshot == before_snap.number + 1
+    res = report.tables["instances"]
+    files_after = {n: len(_files(lake, n)) for n in lake.table_names()}
+    assert res.files_before == files_before["instances"]
+    assert res.files_after == files_after["instances"] < files_before["instances"]
+    partitions = len(lake.read("instances").group_by(["Modality", "study_year"]).aggregate([]))
+    assert files_after["instances"] == partitions  # one file per partition now
+    assert _rows(lake) == before  # the same rows, every table
+    assert _rows(lake, before_snap) == before  # and time travel still reads its own files
+    assert verify(lake).problems == []  # new files checksummed in the commit log
+    # provenance: the new files name the optimize run
+    new = _files(lake, "instances")[0]
+    meta = pq.read_metadata(layout.table_path(path, "instances") / unquote(new)).metadata
+    assert meta[b"lake.run_id"] == report.run_id.encode()
+    # the replaced files stay while an older snapshot references them
+    assert vacuum(lake, retention_hours=0).removed == {}
+    assert _rows(lake, before_snap) == before
+    # nothing left to do: no new snapshot
+    again = optimize(lake)
+    assert again.snapshot is None and again.tables["instances"].rewritten == 0
+
+
+def test_dry_run_and_cli(split_lake, tmp_path, capsys):
+    path = tmp_path / "lake"
+    shutil.copytree(split_lake, path)
+    lake = Lake.open(path)
+    n = lake.snapshot().number
+    dry = optimize(lake, dry_run=True)
+    assert dry.snapshot is None and lake.snapshot().number == n
+    assert dry.tables["instances"].rewritten > 0
+    assert main(["optimize", "--lake", str(path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["snapshot"] == n + 1
+    assert out["tables"]["instances"]["files_after"] == dry.tables["instances"].files_after
+    assert main(["optimize", "--lake", str(path), "--table", "nope"]) == 1
+    assert "unknown table" in capsys.readouterr().err
+
+
+def test_partition_values_survive(split_lake, tmp_path):
+    """Null partitions (undated studies) and typed partition columns come back as they were."""
+    path = tmp_path / "lake"
+    shutil.copytree(split_lake, path)
+    lake = Lake.open(path)
+    key = ["Modality", "study_year"]
+    counts = lake.read("instances").group_by(key).aggregate([([], "count_all")])
+    optimize(lake, tables=["instances"])
+    after = lake.read("instances").group_by(key).aggregate([([], "count_all")])
+    assert after.sort_by([(k, "ascending") for k in key]).equals(
+        counts.sort_by([(k, "ascending") for k in key]))
+    assert lake.read("instances").schema.field("study_year").type == pa.int32()
