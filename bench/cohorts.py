@@ -14,8 +14,9 @@ Two data sets, each timed in the same run against a pandas baseline:
    run through one ``open_lake`` catalog, as a notebook session runs them:
    - ``lake``: every query decodes the snapshot's Parquet files again (the
      catalog keeps only the files' footers, ``parquet_metadata_cache``);
-   - ``lake_cached``: after ``catalog.cohorts.cache_base(cat)`` (``series`` and
-     ``studies`` copied into DuckDB memory once; that cost is printed).
+   - ``lake_cached``: after ``catalog.cohorts.cache_base(cat)`` (``series``,
+     ``studies`` and their join ``cohort_base`` copied into DuckDB memory once;
+     that cost is printed).
    ``--form rows`` times ``SELECT SeriesInstanceUID FROM (<the rows query>)``
    instead (every column of ``cohort_base``, projected), the form measured before
    the members query existed. The pandas baseline applies the same filters to
@@ -368,7 +369,7 @@ def report(rows: list[dict], info: dict) -> str:
                    f"{lk['instances_counted']:,} instances counted; catalog opened in "
                    f"{info.get('open_seconds', '?')} s; query form: {info['form']}")
         out.append("  lake: each query decodes the snapshot's Parquet files (footers cached); "
-                   f"lake_cached: series and studies in memory (copied once in "
+                   f"lake_cached: series, studies and cohort_base in memory (copied once in "
                    f"{info.get('cache_seconds', '?')} s)")
     out.append("each query returns the SeriesInstanceUIDs of the matching series; cpu = CPU "
                "time of the process (all threads)")

@@ -192,14 +192,20 @@ def run(cat: Catalog, definition: Definition) -> Result:
 
 
 def cache_base(cat: Catalog) -> int:
-    """Keep the tables cohort specs read (``series``, ``studies``) in memory for the rest
-    of this catalog session (:meth:`Catalog.cache`).
+    """Keep what cohort specs read in memory for the rest of this catalog session: the
+    ``series`` and ``studies`` tables (:meth:`Catalog.cache`, for members queries) and
+    ``cohort_base``, their join (for the rows of a cohort).
 
-    The catalog is pinned to one snapshot, so the copy cannot go stale. Worth it
+    The catalog is pinned to one snapshot, so the copies cannot go stale. Worth it
     when a session (a notebook, a benchmark) runs many cohort queries: each then
-    scans memory instead of decoding the Parquet files. Returns the rows cached.
+    scans memory instead of decoding the Parquet files. Returns the rows of
+    ``series`` and ``studies`` cached.
     """
-    return cat.cache("series", "studies")
+    rows = cat.cache("series", "studies")
+    cat.con.execute("CREATE OR REPLACE TEMP TABLE _cohort_base_cache AS "
+                    "SELECT * FROM cohort_base")
+    cat.con.execute("CREATE OR REPLACE VIEW cohort_base AS SELECT * FROM _cohort_base_cache")
+    return rows
 
 
 def members(cat: Catalog, spec: Any) -> list[str]:

@@ -55,7 +55,7 @@ def test_cached_tables_give_the_same_rows_from_memory(built_lake):
         assert cohorts.cache_base(cat) == counts["series"] + counts["studies"]
         memory = {r[0] for r in cat.con.execute(
             "SELECT table_name FROM duckdb_tables() WHERE temporary").fetchall()}
-        assert memory == {"_mem_series", "_mem_studies"}
+        assert memory == {"_mem_series", "_mem_studies", "_cohort_base_cache"}
         assert cohorts.run(cat, cohorts.Definition.of(spec=spec)).rows.equals(rows)
         assert cohorts.members(cat, spec) == members and members
         assert cat.counts() == counts
