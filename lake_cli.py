@@ -840,8 +840,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--window", type=_non_negative, default=30, metavar="DAYS",
                     help="repeats: a study within DAYS days of an earlier matching one is a "
                     "repeat (default 30)")
-    sp.add_argument("--match", metavar="COLS", help="repeats: columns that must match besides "
-                    "the patient (default Modality,BodyPartExamined)")
+    sp.add_argument("--match", "--keys", dest="match", metavar="COLS",
+                    help="repeats: columns that must match besides the patient (default "
+                    "Modality,BodyPartExamined; add protocol (= ProtocolName) or description "
+                    "(= StudyDescription) for a narrower definition)")
     sp.add_argument("--keep-localizers", action="store_true",
                     help="repeats: count studies of localizer images only as exams")
     sp.add_argument("--keep-derived", action="store_true",

@@ -76,6 +76,9 @@ UID_ROOT = "1.2.826.0.1.3680043.10.1234."
 FIRST_DAY = dt.date(2019, 1, 1)
 DAYS = (dt.date(2024, 12, 31) - FIRST_DAY).days
 CHUNK_STUDIES = 100_000
+#: what a kept lake must have been built with to be reused (2: studies written in one
+#: overwrite, with instance_kinds)
+LAKE_FORMAT = 2
 Z = 1.959963984540054
 
 
@@ -155,7 +158,8 @@ def study_table(s: pd.DataFrame) -> pa.Table:
     })
 
 
-def instance_table(s: pd.DataFrame, studies: pa.Table) -> pa.Table:
+def instance_table(s: pd.DataFrame, studies: pa.Table) -> tuple[pa.Table, pa.Array]:
+    """The instances of the studies ``s``, and each study's ``instance_kinds``."""
     counts = s["instances"].to_numpy()
     owner = np.repeat(np.arange(len(s)), counts)
     number = np.arange(owner.size) - np.repeat(np.cumsum(counts) - counts, counts)  # 0-based
@@ -181,6 +185,11 @@ def instance_table(s: pd.DataFrame, studies: pa.Table) -> pa.Table:
     sop_class = np.array([SOP_CLASS[m] for m in MODALITIES], dtype=object)[
         s["mod"].to_numpy()[owner]]
     sop_class[secondary] = SECONDARY_CAPTURE
+    # studies.instance_kinds as the summary SQL (etl/sql/studies.sql) computes it: bit k set
+    # when an instance of kind k (1 localizer + 2 derived + 4 secondary) is in the study
+    kind = np.where(localizer, 1, np.where(secondary, 2 | 4, 0))
+    starts = np.cumsum(counts) - counts
+    kinds = np.bitwise_or.reduceat(np.left_shift(1, kind), starts).astype(np.int32)
     return pa.table({
         "PatientID": studies.column("PatientID").take(take),
         "StudyInstanceUID": study_uid,
@@ -197,7 +206,7 @@ def instance_table(s: pd.DataFrame, studies: pa.Table) -> pa.Table:
         "StationName": studies.column("StationName").take(take),
         "study_year": studies.column("study_year").take(take),
         "file_size": pa.array(np.full(owner.size, 526_000), pa.int64()),
-    })
+    }), pa.array(kinds, pa.int32())
 
 
 def build_lake(path: Path, n_studies: int, seed: int, log) -> dict:
@@ -205,17 +214,23 @@ def build_lake(path: Path, n_studies: int, seed: int, log) -> dict:
     drawn = draw_studies(n_studies, seed)
     lake = Lake.create(path)
     instances = 0
+    parts = []
     with lake.writer("bench-analytics") as w:
         for start in range(0, n_studies, CHUNK_STUDIES):
             chunk = drawn.iloc[start:start + CHUNK_STUDIES]
             studies = study_table(chunk)
-            rows = instance_table(chunk, studies)
-            w.append("studies", studies)
+            rows, kinds = instance_table(chunk, studies)
+            parts.append(studies.append_column("instance_kinds", kinds))
             w.append("instances", rows)
             instances += rows.num_rows
             log(f"  {start + len(chunk):,} studies, {instances:,} instances written")
+        # instances arrive in many appends (one per ingest commit), but the ETL rebuilds
+        # the summary tables whole, in one overwrite (etl/summarize.py): one file per
+        # partition, as here
+        w.overwrite("studies", pa.concat_tables(parts))
         w.publish("synthetic analytics benchmark lake")
-    return {"studies": n_studies, "instances": instances, "seconds": time.perf_counter() - t0}
+    return {"studies": n_studies, "instances": instances, "seconds": time.perf_counter() - t0,
+            "format": LAKE_FORMAT}
 
 
 # --- the pandas baseline -----------------------------------------------------------
@@ -226,34 +241,20 @@ ROLLUP = ["Modality", "BodyPartExamined", "StationName", "Manufacturer",
           "ManufacturerModelName", "InstitutionalDepartmentName"]
 
 
-def pandas_load_repeats(lake: Lake) -> tuple[pd.DataFrame, pd.DataFrame]:
-    inst = lake.read("instances", columns=["StudyInstanceUID", "ImageType", "SOPClassUID",
-                                           "Modality"]).to_pandas(types_mapper=pd.ArrowDtype)
-    studies = lake.read("studies", columns=STUDY_COLUMNS).to_pandas(date_as_object=False)
-    return inst, studies
+#: the kinds of study (studies.instance_kinds bits) that make an exam under the default
+#: definition: none of the localizer (1), derived (2), secondary (4), non-image (8) bits
+EXAM_KINDS = sum(1 << k for k in range(16) if k & (1 | 2 | 4 | 8) == 0)
 
 
-def pandas_repeats(inst: pd.DataFrame, studies: pd.DataFrame, window: int = 30) -> pd.DataFrame:
-    image_type = inst["ImageType"]
-    lengths = image_type.list.len().fillna(0).astype("int64").to_numpy()
-    flat = image_type.list.flatten().to_numpy(dtype=object, na_value=None)
-    owner = np.repeat(np.arange(len(inst)), lengths)
+def pandas_load_repeats(lake: Lake) -> pd.DataFrame:
+    return lake.read("studies", columns=[*STUDY_COLUMNS, "instance_kinds"]).to_pandas(
+        date_as_object=False)
 
-    def has(value: str) -> np.ndarray:
-        out = np.zeros(len(inst), dtype=bool)
-        out[owner[flat == value]] = True
-        return out
 
-    sop = inst["SOPClassUID"].astype(object)
-    secondary = (sop == SECONDARY_CAPTURE) | sop.str.startswith(SECONDARY_CAPTURE + ".")
-    excluded = (has("LOCALIZER") | has("DERIVED") | has("SECONDARY")
-                | secondary.fillna(False).to_numpy(dtype=bool)
-                | inst["Modality"].isin(["SR", "KO", "PR", "REG", "SEG", "RTSTRUCT", "DOC"])
-                .to_numpy(dtype=bool))
-    n_excluded = inst.loc[excluded, "StudyInstanceUID"].value_counts()
-    exams = studies.assign(
-        n_excluded=studies["StudyInstanceUID"].map(n_excluded).fillna(0).to_numpy())
-    exams = exams[exams["instance_count"] > exams["n_excluded"]]
+def pandas_repeats(studies: pd.DataFrame, window: int = 30) -> pd.DataFrame:
+    """The repeat rate by Modality and month, as ``repeat_rates_for`` computes it, from the
+    same ``studies`` columns (``instance_kinds`` for the exclusions)."""
+    exams = studies[(studies["instance_kinds"] & EXAM_KINDS) != 0]
     keys = ["PatientID", "Modality", "BodyPartExamined"]
     comparable = exams.dropna(subset=[*keys, "StudyDate"]).sort_values(
         [*keys, "StudyDate", "StudyTime", "StudyInstanceUID"], na_position="first")
@@ -288,20 +289,27 @@ def pandas_rollup(studies: pd.DataFrame) -> pd.DataFrame:
 
 # --- timing --------------------------------------------------------------------------
 
-def best(fn, repeat: int) -> tuple[float, object]:
+#: CPU seconds (this process, all threads) of the fastest run of each timed computation
+CPU: dict[str, float] = {}
+
+
+def best(fn, repeat: int, name: str = "") -> tuple[float, object]:
+    """The fastest wall time of ``repeat`` runs (its CPU time goes to ``CPU[name]``)."""
     times, result = [], None
     for _ in range(repeat):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         result = fn()
-        times.append(time.perf_counter() - t)
-    return min(times), result
+        times.append((time.perf_counter() - t, time.process_time() - c))
+    wall, cpu = min(times)
+    CPU[name] = cpu
+    return wall, result
 
 
 def run(args, log) -> dict:
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-an-"))
     path = workdir / f"lake-{args.studies}"
     done = workdir / f"lake-{args.studies}.done"
-    if done.exists():
+    if done.exists() and json.loads(done.read_text()).get("format") == LAKE_FORMAT:
         built = json.loads(done.read_text())
         log(f"reusing the lake in {path}")
     else:
@@ -313,32 +321,38 @@ def run(args, log) -> dict:
     lake = Lake.open(path)
     report: dict = {"lake": built, "threads": args.threads, "repeat": args.repeat,
                     "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
+    report["load_average_before"] = os.getloadavg()
     try:
         with open_lake(path, threads=args.threads) as cat:
             log("DuckDB: repeat rate by Modality and month ...")
             duck_rep_s, duck_rep = best(
-                lambda: reports.repeat_rates(cat, by=["Modality", "month"]), args.repeat)
+                lambda: reports.repeat_rates(cat, by=["Modality", "month"]), args.repeat,
+                "duck_rep")
             log("DuckDB: utilization rollup ...")
             duck_util_s, duck_util = best(
-                lambda: reports.utilization(cat, by=["month", *ROLLUP]), args.repeat)
+                lambda: reports.utilization(cat, by=["month", *ROLLUP]), args.repeat,
+                "duck_util")
         log("pandas: repeat rate by Modality and month ...")
-        load_rep_s, loaded = best(lambda: pandas_load_repeats(lake), args.repeat)
-        pd_rep_s, pd_rep = best(lambda: pandas_repeats(*loaded), args.repeat)
+        load_rep_s, loaded = best(lambda: pandas_load_repeats(lake), args.repeat, "load_rep")
+        pd_rep_s, pd_rep = best(lambda: pandas_repeats(loaded), args.repeat, "pd_rep")
         log("pandas: utilization rollup ...")
-        load_util_s, st = best(lambda: pandas_load_rollup(lake), args.repeat)
-        pd_util_s, pd_util = best(lambda: pandas_rollup(st), args.repeat)
+        load_util_s, st = best(lambda: pandas_load_rollup(lake), args.repeat, "load_util")
+        pd_util_s, pd_util = best(lambda: pandas_rollup(st), args.repeat, "pd_util")
         check = agree(duck_rep, pd_rep, duck_util, pd_util)
+        report["load_average_after"] = os.getloadavg()
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    for name, duck, load, compute in (("repeat_rate_by_modality_month", duck_rep_s, load_rep_s,
-                                       pd_rep_s),
-                                      ("utilization_rollup", duck_util_s, load_util_s,
-                                       pd_util_s)):
+    for name, duck, load, compute, k in (
+            ("repeat_rate_by_modality_month", duck_rep_s, load_rep_s, pd_rep_s, "rep"),
+            ("utilization_rollup", duck_util_s, load_util_s, pd_util_s, "util")):
+        cpu_duck, cpu_pd = CPU[f"duck_{k}"], CPU[f"load_{k}"] + CPU[f"pd_{k}"]
         report[name] = {"duckdb_s": duck, "pandas_read_s": load, "pandas_compute_s": compute,
                         "pandas_total_s": load + compute,
                         "speedup_vs_pandas_total": (load + compute) / duck,
-                        "speedup_vs_pandas_compute": compute / duck}
+                        "speedup_vs_pandas_compute": compute / duck,
+                        "duckdb_cpu_s": cpu_duck, "pandas_total_cpu_s": cpu_pd,
+                        "cpu_ratio": cpu_pd / cpu_duck}
     report["results_agree"] = check
     return report
 
@@ -377,6 +391,12 @@ def print_report(r: dict) -> None:
         print(f"{name:<32}{x['duckdb_s']:>10.3f}{x['pandas_read_s']:>13.3f}"
               f"{x['pandas_compute_s']:>13.3f}{x['pandas_total_s']:>14.3f}"
               f"{x['speedup_vs_pandas_total']:>9.1f}{x['speedup_vs_pandas_compute']:>11.1f}")
+    print(f"{'CPU seconds (all threads)':<32}" + "".join(
+        f"  {n.split('_')[0]}: DuckDB {r[n]['duckdb_cpu_s']:.3f}, pandas "
+        f"{r[n]['pandas_total_cpu_s']:.3f} (x{r[n]['cpu_ratio']:.1f})"
+        for n in ("repeat_rate_by_modality_month", "utilization_rollup")))
+    print("load average (1, 5, 15 min) before {:.1f} {:.1f} {:.1f}, after {:.1f} {:.1f} {:.1f}"
+          .format(*r["load_average_before"], *r["load_average_after"]))
     c = r["results_agree"]
     print(f"same results: {c['repeat_groups']:,} Modality x month groups, {c['repeats']:,} "
           f"repeats; {c['rollup_groups']:,} rollup groups")

@@ -63,38 +63,57 @@ class Catalog:
             if spec.zone not in zones:
                 continue
             raw = f"_delta_{name}"
+            present: set[str] | None = None
             if name not in self.snapshot.versions:
                 # a table added after this lake was created: empty until written
-                self.con.register(raw, spec.storage_schema(self.lake.profile).empty_table())
-            elif not self._attach_parquet(raw, name, spec):
-                self.con.register(raw, self.lake.dataset(name, self.snapshot))
-            casts = [f'CAST("{c}" AS TIME) AS "{c}"' for c in spec.time_columns(self.lake.profile)]
+                empty = spec.storage_schema(self.lake.profile).empty_table()
+                self.con.register(raw, empty)
+                present = set(empty.column_names)
+            else:
+                present = self._attach_parquet(raw, name, spec)
+            if present is None:
+                dataset = self.lake.dataset(name, self.snapshot)
+                self.con.register(raw, dataset)
+                present = set(dataset.schema.names)
+            casts = [f'CAST("{c}" AS TIME) AS "{c}"' for c in spec.time_columns(self.lake.profile)
+                     if c in present]
             select = f"* REPLACE ({', '.join(casts)})" if casts else "*"
+            select += self._missing_columns(present, spec)
             self.con.execute(f'CREATE VIEW "{name}" AS SELECT {select} FROM "{raw}"')
             self._tables.append(name)
 
-    def _attach_parquet(self, raw: str, name: str, spec: TableSpec) -> bool:
+    def _missing_columns(self, present: set[str], spec: TableSpec) -> str:
+        """``, NULL AS "c"`` for each declared column the table's files do not have (a
+        column added to the schema after the table was last written), typed as declared,
+        so that views and macros can rely on the declared schema of every lake."""
+        declared = self.con.from_arrow(spec.schema(self.lake.profile).empty_table())
+        return "".join(f', CAST(NULL AS {typ}) AS "{col}"'
+                       for col, typ in zip(declared.columns, declared.types, strict=True)
+                       if col not in present)
+
+    def _attach_parquet(self, raw: str, name: str, spec: TableSpec) -> set[str] | None:
         """Scan the snapshot's Parquet files with DuckDB's own reader (parallel, with
         column and row-group pruning: several times faster than through a pyarrow
         dataset). Only for local files; partition values come from the Hive-style
-        paths the writer lays out. False when the table has no files or not local ones."""
+        paths the writer lays out. Returns the columns attached, or None when the table
+        has no files or not local ones."""
         files = self.lake.delta(name, self.snapshot).file_uris()
         if not files or not all(f.startswith("/") for f in files):
-            return False
+            return None
         if any("%" in f for f in files):
             # a partition value the writer had to percent-encode in its folder name (a
             # hostile Modality such as "../x"): only the Delta log has it verbatim
-            return False
+            return None
         # union_by_name merges the files' schemas again at every query (14 ms of CPU for
         # 80 files here); only needed when the schema changed between writes
         union = len(files) > 1 and self.con.execute(
             _sql("parquet_schemas"), {"files": files}).fetchall()[0][0] > 1
         rel = self.con.read_parquet(files, hive_partitioning=True, union_by_name=union)
         present = set(rel.columns)
-        columns = []
+        columns, attached = [], set()
         # identifiers and types from the declared schema, not user input; a column the
-        # files do not have yet (added to the schema later) is left out, as the Delta
-        # table's own schema would
+        # files do not have yet (added to the schema later) is left out here and added as
+        # NULL by _missing_columns
         for f in spec.storage_schema(self.lake.profile):
             if f.name not in present:
                 continue
@@ -103,8 +122,9 @@ class Catalog:
                                f'AS "{f.name}"')
             else:
                 columns.append(f'"{f.name}"')
+            attached.add(f.name)
         rel.select(", ".join(columns)).create_view(raw)
-        return True
+        return attached
 
     def _create_views(self) -> None:
         folder = resources.files("catalog").joinpath("views")

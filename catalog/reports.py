@@ -22,6 +22,7 @@ import datetime as dt
 import io
 import logging
 import math
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -70,7 +71,8 @@ class RepeatDefinition:
 
     #: a study repeats an earlier one at most this many calendar days before it
     window_days: int = 30
-    #: columns of ``utilization_studies`` that must be equal (PatientID always is)
+    #: columns of ``utilization_studies`` that must be equal (PatientID always is), e.g.
+    #: add ``ProtocolName`` (alias ``protocol``) or ``StudyDescription`` (``description``)
     match: tuple[str, ...] = ("Modality", "BodyPartExamined")
     #: images that do not make a study an exam
     exclude_localizers: bool = True
@@ -87,6 +89,9 @@ class RepeatDefinition:
 
 
 DEFAULT_REPEATS = RepeatDefinition()
+
+#: short names accepted as repeat-matching keys, and the column each stands for
+MATCH_ALIASES = {"protocol": "ProtocolName", "description": "StudyDescription"}
 
 _REPEAT_ARGS = ("window_days := $window_days, match := $match, "
                 "exclude_localizers := $exclude_localizers, exclude_derived := $exclude_derived, "
@@ -147,8 +152,17 @@ class ReportRequest:
 
 # --- validation ---------------------------------------------------------------
 
+#: {catalog: {relation: its columns}}: binding a view that reads the instances costs a
+#: tenth of a second, and a catalog's views keep their columns for its whole session
+_COLUMNS: weakref.WeakKeyDictionary[Catalog, dict[str, list[str]]] = \
+    weakref.WeakKeyDictionary()
+
+
 def columns_of(cat: Catalog, relation: str) -> list[str]:
-    return list(cat.con.table(relation).columns)
+    known = _COLUMNS.setdefault(cat, {})
+    if relation not in known:
+        known[relation] = list(cat.con.table(relation).columns)
+    return list(known[relation])
 
 
 def _check_columns(cat: Catalog, relation: str, names: Iterable[str], what: str) -> list[str]:
@@ -192,8 +206,9 @@ def _definition(cat: Catalog, d: RepeatDefinition) -> dict[str, object]:
     if not d.match:
         raise ReportError("repeat matching needs at least one key besides PatientID "
                           "(e.g. Modality)")
-    _check_columns(cat, "utilization_studies", d.match, "matching")
-    return d.params()
+    match = [MATCH_ALIASES.get(k, k) for k in d.match]
+    _check_columns(cat, "utilization_studies", match, "matching")
+    return {**d.params(), "match": match}
 
 
 def _run(cat: Catalog, call: str, params: Mapping[str, object], first: Sequence[str] = (),

@@ -197,6 +197,9 @@ SERIES = TableSpec(
         Column("SeriesTime", TIME, "Series time.", "SeriesTime"),
         Column("SeriesDescription", STR, "Series description.", "SeriesDescription"),
         Column("SeriesNumber", I64, "Series number.", "SeriesNumber"),
+        Column("ProtocolName", STR, "Acquisition protocol name (the smallest one when the "
+               "instances differ); free text, cleaned like the instances' column.",
+               "ProtocolName"),
         Column("SOPClassUID", STR, "SOP class of the instances (the most frequent one).",
                "SOPClassUID"),
         Column("instanceCount", I64, "Number of instances in the series (idc_index name)."),
@@ -254,6 +257,9 @@ STUDIES = TableSpec(
         Column("modalities", LIST_STR, "All modalities in the study, sorted."),
         Column("body_parts", LIST_STR, "All BodyPartExamined values in the study, sorted."),
         Column("BodyPartExamined", STR, "Main body part: the most frequent one."),
+        Column("ProtocolName", STR, "Main acquisition protocol: the most frequent "
+               "ProtocolName of the study's instances that have one (ties by name); free "
+               "text, cleaned like the instances' column; a repeat-exam matching key."),
         Column("InstitutionName", STR, "Institution.", "InstitutionName"),
         Column("InstitutionalDepartmentName", STR, "Department.", "InstitutionalDepartmentName"),
         Column("StationName", STR, "Station of the first series.", "StationName"),
@@ -262,6 +268,12 @@ STUDIES = TableSpec(
                "ManufacturerModelName"),
         Column("series_count", I64, "Number of series."),
         Column("instance_count", I64, "Number of instances."),
+        Column("instance_kinds", I32, "The kinds of instance the study has, as a bit set for "
+               "the repeat-exam exclusions: bit k (0-15) is set when some instance is of kind "
+               "k = 1 x localizer (ImageType LOCALIZER) + 2 x derived (ImageType DERIVED) + "
+               "4 x secondary (ImageType SECONDARY or a Secondary Capture SOP class) + 8 x "
+               "non-image (Modality SR, KO, PR, REG, SEG, RTSTRUCT or DOC); bit 0 = a plain "
+               "original image. Null in lakes summarized before the column existed."),
         Column("study_size_MB", F64, "Total size of the study's files in MB (10^6 bytes)."),
         Column("study_year", I32, "Year of StudyDate (partition key)."),
     ),

@@ -343,6 +343,8 @@ def _ground_truth(
             "study_uid": later.study_uid,
             "prior_study_uid": prior.study_uid,
             "days": days,
+            "protocol": later.protocol,
+            "prior_protocol": prior.protocol,
         }
         for later, prior, days in planner.repeats
     ]

@@ -119,7 +119,7 @@ def build_series(
     ds.PatientSex = patient.sex
     ds.PatientAge = age_string(patient.birth_date, study.start.date())
     ds.BodyPartExamined = study.body_part
-    ds.ProtocolName = f"{study.body_part.title()} {series.description}"
+    ds.ProtocolName = study.protocol
     ds.StudyInstanceUID = study.study_uid
     ds.SeriesInstanceUID = series.series_uid
     ds.StudyID = study.study_id

@@ -110,6 +110,8 @@ class Study:
     dose_report: bool = False
     #: CR/DX/MG: extra images repeating the first view (retakes)
     retakes: int = 0
+    #: the acquisition protocol, the ProtocolName of every image series of the study
+    protocol: str = ""
 
     @property
     def accumulated_dlp(self) -> float:
@@ -118,6 +120,12 @@ class Study:
     @property
     def n_instances(self) -> int:
         return sum(s.n_instances for s in self.series)
+
+
+def default_protocol(modality: str, body_part: str) -> str:
+    """The protocol a study of this modality and body part is acquired with, e.g.
+    ``CT Chest Routine`` (no random draw: adding it left the archives unchanged)."""
+    return f"{modality} {body_part.title()} Routine"
 
 
 def age_string(birth: dt.date, on: dt.date) -> str:
@@ -196,6 +204,7 @@ class Planner:
         *,
         dose_report: bool | None = None,
         retakes: int | None = None,
+        protocol: str | None = None,
     ) -> Study | None:
         rng = self.rng
         body_part = body_part or rng.choice(BODY_PARTS[modality])
@@ -218,6 +227,7 @@ class Planner:
             layout=rng.choice(("nested", "nested", "nested_noext", "flat")),
         )
         study.frame_uid = self.uid()
+        study.protocol = protocol or default_protocol(modality, body_part)
         if modality == "CT":
             study.dose_report = (
                 rng.random() < DOSE_REPORT_SHARE if dose_report is None else dose_report
@@ -330,7 +340,8 @@ class Planner:
         self.add_study(self.new_patient(old=True), "CR", "CHEST")
         # 3. deliberate repeats: same Modality and body part 0, 30, 31 days later
         #    (the CT prior has a dose report, its same-day repeat only header CTDIvol;
-        #    the CR repeat and the DX prior have a retake)
+        #    the CR repeat and the DX prior have a retake; the CR repeat is acquired
+        #    with another protocol, so matching on the protocol too drops that pair)
         for days, mod in zip(REPEAT_DAYS, ("CT", "CR", "DX"), strict=True):
             prior = self.add_study(
                 self.new_patient(), mod, dose_report=True, retakes=1 if mod == "DX" else 0
@@ -340,6 +351,8 @@ class Planner:
             repeat = self.add_study(
                 prior.patient, mod, prior.body_part, later, dose_report=False,
                 retakes=1 if mod == "CR" else 0,
+                protocol=(f"{mod} {prior.body_part.title()} Follow-up" if mod == "CR"
+                          else None),
             )
             assert repeat is not None
             self.repeats.append((repeat, prior, days))

@@ -45,9 +45,10 @@ class GroundTruth:
     charsets: dict[str, str]
     #: PatientIDs of patients older than 89 at some study
     patients_over_89: list[str]
-    #: [{patient_id, study_uid, prior_study_uid, days}] same Modality and
-    #: BodyPartExamined; days 0, 30 and 31 (the 31-day pair is outside the
-    #: default 30-day window)
+    #: [{patient_id, study_uid, prior_study_uid, days, protocol, prior_protocol}]
+    #: same Modality and BodyPartExamined; days 0, 30 and 31 (the 31-day pair is
+    #: outside the default 30-day window); the protocols (ProtocolName of every
+    #: image series) differ for the 30-day pair only
     repeats: list[dict[str, Any]]
     #: relative paths of byte-identical copies (placed after their originals)
     duplicates: list[str]

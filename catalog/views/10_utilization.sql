@@ -1,5 +1,6 @@
--- utilization_studies: one row per study with the calendar and equipment
--- columns that utilization, repeat-exam and dose figures are grouped by.
+-- study_facts: one row per study with the calendar and equipment columns that
+-- utilization, repeat-exam and dose figures are grouped by, and what the
+-- repeat-exam exclusions read (utilization_studies is this view without it).
 --   StudyInstanceUID             study UID
 --   PatientID                    patient identifier (a pseudonym in research lakes)
 --   StudyDate                    study date (shifted per patient in research lakes)
@@ -13,6 +14,7 @@
 --   hour                         hour of StudyTime (0-23; NULL without a time)
 --   Modality                     main modality of the study
 --   BodyPartExamined             main body part of the study
+--   ProtocolName                 main acquisition protocol of the study
 --   StudyDescription             study description
 --   StationName                  station of the first series
 --   Manufacturer                 manufacturer of the first series
@@ -21,7 +23,9 @@
 --   InstitutionalDepartmentName  department
 --   series_count                 series in the study
 --   instance_count               instances in the study
-CREATE VIEW utilization_studies AS
+--   instance_kinds               bit set of the kinds of instance in the study (see
+--                                studies.instance_kinds; NULL in lakes summarized before it)
+CREATE VIEW study_facts AS
 SELECT
     StudyInstanceUID,
     PatientID,
@@ -36,6 +40,7 @@ SELECT
     hour(StudyTime) AS hour,
     Modality,
     BodyPartExamined,
+    ProtocolName,
     StudyDescription,
     StationName,
     Manufacturer,
@@ -43,8 +48,13 @@ SELECT
     InstitutionName,
     InstitutionalDepartmentName,
     series_count,
-    instance_count
+    instance_count,
+    instance_kinds
 FROM studies;
+
+-- utilization_studies: study_facts without instance_kinds (all the other columns,
+-- as described there): the rows behind every utilization figure.
+CREATE VIEW utilization_studies AS SELECT * EXCLUDE (instance_kinds) FROM study_facts;
 
 -- utilization_by(period): studies, series and instances per period and equipment.
 -- period is 'day', 'week', 'month' or 'year'; the dimensions are

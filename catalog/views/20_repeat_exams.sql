@@ -15,11 +15,24 @@
 --   exclude_derived      ImageType contains DERIVED (reformats, MIPs, ...)
 --   exclude_secondary    Secondary Capture SOP classes, or ImageType SECONDARY
 --   exclude_non_image    Modality SR, KO, PR, REG, SEG, RTSTRUCT, DOC (reports, markup)
+-- The test reads studies.instance_kinds (the kinds of instance each study has,
+-- written by the summary): a study is an exam when it has a kind with none of
+-- the excluded bits. Studies summarized before that column existed (NULL) are
+-- tested on their instances instead, with the same result.
 CREATE MACRO exam_studies(exclude_localizers := true, exclude_derived := true,
                           exclude_secondary := true, exclude_non_image := true) AS TABLE
-WITH candidates AS (  -- any image some exclusion may set aside (a cheap, constant test)
+WITH asked AS (  -- the kinds (0-15) that keep a study: those without an excluded bit
+    SELECT bit_or(1 << k)::INTEGER AS exam_kinds
+    FROM range(16) AS r(k)
+    WHERE k & (exclude_localizers::INTEGER + 2 * exclude_derived::INTEGER
+               + 4 * exclude_secondary::INTEGER + 8 * exclude_non_image::INTEGER) = 0
+),
+legacy AS (  -- studies without instance_kinds (none in a lake summarized since)
+    SELECT StudyInstanceUID FROM studies WHERE instance_kinds IS NULL
+),
+candidates AS (  -- their images some exclusion may set aside (a cheap, constant test)
     SELECT StudyInstanceUID, ImageType, SOPClassUID, Modality
-    FROM instances
+    FROM instances SEMI JOIN legacy USING (StudyInstanceUID)
     WHERE list_contains(ImageType, 'LOCALIZER') OR list_contains(ImageType, 'DERIVED')
        OR list_contains(ImageType, 'SECONDARY') OR is_secondary_capture(SOPClassUID)
        OR Modality IN ('SR', 'KO', 'PR', 'REG', 'SEG', 'RTSTRUCT', 'DOC')
@@ -34,10 +47,12 @@ excluded AS (  -- the exclusions asked for, tested on those few rows only
        OR (exclude_non_image AND Modality IN ('SR', 'KO', 'PR', 'REG', 'SEG', 'RTSTRUCT', 'DOC'))
     GROUP BY StudyInstanceUID
 )
-SELECT u.*
-FROM utilization_studies u
+SELECT u.* EXCLUDE (instance_kinds)
+FROM study_facts u
+CROSS JOIN asked a
 LEFT JOIN excluded e USING (StudyInstanceUID)
-WHERE u.instance_count > coalesce(e.n, 0);
+WHERE CASE WHEN u.instance_kinds IS NOT NULL THEN u.instance_kinds & a.exam_kinds <> 0
+           ELSE u.instance_count > coalesce(e.n, 0) END;
 
 -- repeat_exams_for(window_days, match, exclusions...): one row per exam study.
 --   (all utilization_studies columns)  the study, for grouping
@@ -59,36 +74,42 @@ WITH exams AS (
                       exclude_secondary := exclude_secondary,
                       exclude_non_image := exclude_non_image)
 ),
-comparable AS (
-    SELECT StudyInstanceUID,
-           lag(StudyInstanceUID) OVER w AS previous_uid,
-           lag(StudyDate) OVER w AS previous_date,
-           lag(StudyTime) OVER w AS previous_time
+comparable AS (  -- the exams that may be a repeat or a prior: nothing compared is NULL
+    SELECT StudyInstanceUID, PatientID, match_key, StudyDate, StudyTime,
+           coalesce(epoch_us(StudyTime), -1) AS time_key  -- no time: first of its day
     FROM exams
     WHERE PatientID IS NOT NULL AND StudyDate IS NOT NULL
       AND COLUMNS(lambda c: list_contains(match, c)) IS NOT NULL
-    WINDOW w AS (PARTITION BY PatientID, match_key
-                 ORDER BY StudyDate, StudyTime NULLS FIRST, StudyInstanceUID)
 ),
-flagged AS (
-    SELECT e.* EXCLUDE (match_key),
-           to_json(e.match_key) AS matched_values,
-           c.previous_uid, c.previous_date, c.previous_time,
-           coalesce(date_diff('day', c.previous_date, e.StudyDate) <= window_days, false)
-               AS is_repeat
-    FROM exams e
-    LEFT JOIN comparable c USING (StudyInstanceUID)
+priors AS (
+    -- each exam's latest earlier exam with the same keys, when it lies within the
+    -- window: a join on the keys limited to the window (a handful of pairs per exam),
+    -- cheaper than ordering every patient's exams
+    SELECT a.StudyInstanceUID,
+           arg_max({'uid': b.StudyInstanceUID, 'date': b.StudyDate, 'time': b.StudyTime},
+                   {'date': b.StudyDate, 'time': b.time_key, 'uid': b.StudyInstanceUID})
+               AS prior
+    FROM comparable a
+    JOIN comparable b
+      ON a.PatientID = b.PatientID AND a.match_key = b.match_key
+     AND b.StudyDate >= a.StudyDate - window_days
+     AND (b.StudyDate < a.StudyDate
+          OR (b.StudyDate = a.StudyDate
+              AND (b.time_key < a.time_key
+                   OR (b.time_key = a.time_key AND b.StudyInstanceUID < a.StudyInstanceUID))))
+    GROUP BY a.StudyInstanceUID
 )
-SELECT * EXCLUDE (previous_uid, previous_date, previous_time, matched_values),
-       CASE WHEN is_repeat THEN previous_uid END AS prior_study_uid,
-       CASE WHEN is_repeat THEN previous_date END AS prior_study_date,
-       CASE WHEN is_repeat THEN previous_time END AS prior_study_time,
-       CASE WHEN is_repeat THEN date_diff('day', previous_date, StudyDate) END
-           AS days_since_prior,
+SELECT e.* EXCLUDE (match_key),
+       p.prior IS NOT NULL AS is_repeat,
+       p.prior.uid AS prior_study_uid,
+       p.prior.date AS prior_study_date,
+       p.prior.time AS prior_study_time,
+       date_diff('day', p.prior.date, e.StudyDate) AS days_since_prior,
        match AS matched_keys,
-       matched_values,
+       to_json(e.match_key) AS matched_values,
        window_days::INTEGER AS window_days
-FROM flagged;
+FROM exams e
+LEFT JOIN priors p USING (StudyInstanceUID);
 
 -- repeat_exams: repeat_exams_for() with the default definition.
 CREATE VIEW repeat_exams AS FROM repeat_exams_for();

@@ -49,6 +49,7 @@ agg AS (
         min(SeriesTime) AS SeriesTime,
         min(SeriesDescription) AS SeriesDescription,
         min(SeriesNumber) AS SeriesNumber,
+        min(ProtocolName) AS ProtocolName,
         min(SOPClassUID) AS SOPClassUID,
         count(*) AS instanceCount,
         sum(file_size) / 1e6 AS series_size_MB,

@@ -16,6 +16,14 @@ main_body_part AS (
            first(BodyPartExamined ORDER BY n DESC, BodyPartExamined) AS BodyPartExamined
     FROM by_body_part GROUP BY StudyInstanceUID
 ),
+by_protocol AS (
+    SELECT StudyInstanceUID, ProtocolName, count(*) AS n
+    FROM instances WHERE ProtocolName IS NOT NULL GROUP BY ALL
+),
+main_protocol AS (  -- the most frequent ProtocolName, ties by name
+    SELECT StudyInstanceUID, first(ProtocolName ORDER BY n DESC, ProtocolName) AS ProtocolName
+    FROM by_protocol GROUP BY StudyInstanceUID
+),
 agg AS (
     SELECT
         StudyInstanceUID,
@@ -38,13 +46,28 @@ agg AS (
         min(ManufacturerModelName) AS ManufacturerModelName,
         count(DISTINCT SeriesInstanceUID) AS series_count,
         count(*) AS instance_count,
+        -- the kinds of instance present, a bit set over kind = 1 x localizer + 2 x derived
+        -- + 4 x secondary + 8 x non-image (the repeat-exam exclusions, catalog/views/
+        -- 20_repeat_exams.sql; the Secondary Capture classes are 1.2.840.10008.5.1.4.1.1.7
+        -- and its .7.x variants)
+        bit_or(1 << (coalesce(list_contains(ImageType, 'LOCALIZER'), false)::INTEGER
+                     + 2 * coalesce(list_contains(ImageType, 'DERIVED'), false)::INTEGER
+                     + 4 * (coalesce(list_contains(ImageType, 'SECONDARY'), false)
+                            OR coalesce(SOPClassUID = '1.2.840.10008.5.1.4.1.1.7'
+                                        OR SOPClassUID LIKE '1.2.840.10008.5.1.4.1.1.7.%',
+                                        false))::INTEGER
+                     + 8 * coalesce(Modality IN ('SR', 'KO', 'PR', 'REG', 'SEG', 'RTSTRUCT',
+                                                 'DOC'), false)::INTEGER))::INTEGER
+            AS instance_kinds,
         sum(file_size) / 1e6 AS study_size_MB,
         min(study_year) AS study_year
     FROM instances
     GROUP BY StudyInstanceUID
 )
-SELECT agg.*, main_modality.Modality, main_body_part.BodyPartExamined
+SELECT agg.*, main_modality.Modality, main_body_part.BodyPartExamined,
+       main_protocol.ProtocolName
 FROM agg
 JOIN main_modality USING (StudyInstanceUID)
 LEFT JOIN main_body_part USING (StudyInstanceUID)
+LEFT JOIN main_protocol USING (StudyInstanceUID)
 ORDER BY StudyInstanceUID

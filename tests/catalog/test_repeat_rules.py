@@ -8,6 +8,7 @@ import importlib.util
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from catalog import open_lake, reports
@@ -46,15 +47,32 @@ STUDIES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def small(tmp_path_factory):
+def kind(image_type: list[str], sop_class: str, modality: str) -> int:
+    """studies.instance_kinds' kind of one instance, written out independently of the SQL."""
+    return (("LOCALIZER" in image_type) + 2 * ("DERIVED" in image_type)
+            + 4 * ("SECONDARY" in image_type or sop_class == SC or sop_class.startswith(SC + "."))
+            + 8 * (modality in ("SR", "KO", "PR", "REG", "SEG", "RTSTRUCT", "DOC")))
+
+
+#: how the studies table holds instance_kinds: as the summary writes it; null (a lake
+#: summarized before the column existed, then rewritten); absent from the files (the
+#: files of such a lake): the exclusions give the same exams in each case
+KINDS = ("written", "null", "absent")
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def small(request, tmp_path_factory):
     path = tmp_path_factory.mktemp("rules") / "lake"
     lake = Lake.create(path)
     studies, instances = [], []
     for uid, patient, mod, part, date, time, images in STUDIES:
+        kinds = 0
+        for image_type, sop_class, modality in images:
+            kinds |= 1 << kind(image_type, sop_class, modality)
         studies.append({"StudyInstanceUID": uid, "PatientID": patient, "Modality": mod,
                         "BodyPartExamined": part, "StudyDate": date, "StudyTime": time,
                         "series_count": 1, "instance_count": len(images),
+                        "instance_kinds": kinds if request.param == "written" else None,
                         "study_year": date.year})
         for i, (image_type, sop_class, modality) in enumerate(images, start=1):
             instances.append({"StudyInstanceUID": uid, "SeriesInstanceUID": f"{uid}.1",
@@ -66,7 +84,14 @@ def small(tmp_path_factory):
         w.append("studies", pa.Table.from_pylist(studies))
         w.append("instances", pa.Table.from_pylist(instances))
         w.publish()
+    if request.param == "absent":  # files written before the column was declared
+        for f in (path / "research" / "studies").rglob("*.parquet"):
+            pq.write_table(pq.read_table(f).drop_columns(["instance_kinds"]), f)
     with open_lake(path) as cat:
+        assert cat.con.execute("SELECT count(instance_kinds) FROM studies").fetchall() == [
+            (len(STUDIES) if request.param == "written" else 0,)]
+        assert ("instance_kinds" in cat.con.table("_delta_studies").columns) == (
+            request.param != "absent")
         yield cat
 
 
@@ -128,7 +153,7 @@ def test_sql_agrees_with_an_independent_pandas_version(tmp_path):
     with open_lake(tmp_path / "lake") as cat:
         duck_rates = reports.repeat_rates(cat, by=["Modality", "month"])
         duck_util = reports.utilization(cat, by=["month", *bench.ROLLUP])
-    pd_rates = bench.pandas_repeats(*bench.pandas_load_repeats(lake))
+    pd_rates = bench.pandas_repeats(bench.pandas_load_repeats(lake))
     pd_util = bench.pandas_rollup(bench.pandas_load_rollup(lake))
     check = bench.agree(duck_rates, pd_rates, duck_util, pd_util)
     assert check["rates"] and check["rollup"] and check["repeats"] > 100

@@ -332,6 +332,16 @@ def test_repeats(archive: tuple[Path, GroundTruth], headers: dict) -> None:
         t1 = dt.datetime.strptime(later.StudyDate + later.StudyTime, "%Y%m%d%H%M%S")
         t0 = dt.datetime.strptime(prior.StudyDate + prior.StudyTime, "%Y%m%d%H%M%S")
         assert t1 > t0 and (t1.date() - t0.date()).days == r["days"]
+        assert (later.ProtocolName, prior.ProtocolName) == (r["protocol"], r["prior_protocol"])
+    # only the 30-day pair changes protocol (matching on it drops that pair)
+    assert {r["days"]: r["protocol"] == r["prior_protocol"] for r in truth.repeats} == {
+        0: True, 30: False, 31: True}
+    # every image series of a study has the study's protocol
+    protocols = defaultdict(set)
+    for ds in headers.values():
+        if ds.Modality != "SR":
+            protocols[ds.StudyInstanceUID].add(ds.ProtocolName)
+    assert all(len(p) == 1 for p in protocols.values())
     # no other pair of same patient/modality/body part lies within 31 days
     starts = defaultdict(list)
     for ds in studies.values():
