@@ -32,8 +32,28 @@ class CliError(Exception):
     """A mistake in how the command was called; printed as one line."""
 
 
-def _lake_dir(args) -> Path:
-    return Path(args.lake or os.environ.get("LAKE_DIR") or DEFAULT_LAKE)
+def _lake_dir(args):
+    """The lake named by --lake, $LAKE_DIR or ./lake: a folder (Path), or a Storage for
+    ``s3://bucket/prefix``."""
+    return _location(args.lake or os.environ.get("LAKE_DIR") or DEFAULT_LAKE, args)
+
+
+def _location(value: str, args):
+    """A folder as a Path; an object-store URL as a Storage with the storage options of
+    ``--storage-options FILE`` or ``$LAKE_STORAGE_OPTIONS`` (fsspec/s3fs options as JSON;
+    without a file, s3fs and deltalake read AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)."""
+    from lakehouse.storage import is_object_url, load_options, open_storage
+
+    if not is_object_url(value):
+        return Path(value)
+    options = load_options(getattr(args, "storage_options", None)
+                           or os.environ.get("LAKE_STORAGE_OPTIONS"))
+    return open_storage(value, options)
+
+
+def _shown(location) -> str:
+    """A lake location as printed: a folder's absolute path, or its URL."""
+    return str(location.absolute()) if isinstance(location, Path) else str(location)
 
 
 # --- features -----------------------------------------------------------------
@@ -55,7 +75,7 @@ def cmd_features(args) -> int:
         mask_files.append((uid, path))
     series = tuple(args.series or ())
     if args.cohort:
-        series = _cohort_series(lake.root, args.cohort)
+        series = _cohort_series(lake, args.cohort)
         if not series:
             raise CliError(f"cohort {args.cohort!r} has no series")
     config = FeaturesConfig(series=series, params=params, mask_files=tuple(mask_files),
@@ -71,7 +91,7 @@ def cmd_features(args) -> int:
     return 0
 
 
-def _cohort_series(lake_root: Path, name: str) -> tuple[str, ...]:
+def _cohort_series(lake_root, name: str) -> tuple[str, ...]:
     """The series of a saved cohort (a study cohort gives all series of its studies)."""
     try:
         from catalog import cohorts  # type: ignore[attr-defined]
@@ -100,7 +120,7 @@ def _key_file(args) -> Path | None:
 def cmd_init(args) -> int:
     from lakehouse import Lake
 
-    path = Path(args.path) if args.path else _lake_dir(args)
+    path = _location(args.path, args) if args.path else _lake_dir(args)
     private = []
     for spec in args.private_tag or []:
         parts = [p.strip() for p in spec.split(",")]
@@ -113,14 +133,14 @@ def cmd_init(args) -> int:
                            private_allowlist=private, checksum=args.checksum)
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    print(f"created {lake.profile} lake at {lake.root}")
+    print(f"created {lake.profile} lake at {lake.location}")
     if lake.research:
         key = _key_file(args) or lake.default_key_path()
         print(f"pseudonymization key: {key} (owner-only; keep it safe and out of the lake: "
               "without it nothing more can be ingested, with it pseudonyms can be recomputed)")
     else:
         print("identified profile: the tables will hold names and identifiers as found")
-    print(f"next: lake ingest /path/to/dicom --lake {lake.root}")
+    print(f"next: lake ingest /path/to/dicom --lake {lake.location}")
     return 0
 
 
@@ -275,7 +295,7 @@ def cmd_sql(args) -> int:
     query = sys.stdin.read() if args.query == "-" else args.query
     with open_lake(_lake_dir(args), args.snapshot) as cat:
         table = cat.arrow(query)
-        audit.record(cat.lake.root, "sql", text=query, snapshot=cat.snapshot.number,
+        audit.record(cat.lake, "sql", text=query, snapshot=cat.snapshot.number,
                      rows=table.num_rows)
         if cat.lake.profile == "identified":
             print("# identified lake: this result may contain patient identifiers",
@@ -379,7 +399,7 @@ def cmd_status(args) -> int:
 
     with open_lake(_lake_dir(args)) as cat:
         status = {
-            "lake": str(cat.lake.root.absolute()),
+            "lake": str(cat.lake.root.absolute()) if cat.lake.local else cat.lake.location,
             "profile": cat.lake.profile,
             "key_fingerprint": cat.lake.config.key_fingerprint,
             "snapshot": cat.snapshot.number,
@@ -604,12 +624,12 @@ def cmd_notebook(args) -> int:
     if shutil.which("jupyter") is None and not _has_module("jupyterlab"):
         raise CliError("JupyterLab is not installed: pip install 'imaging-lakehouse[notebooks]'")
     folder = Path(args.notebooks) if args.notebooks else _notebooks_dir()
-    env = {**os.environ, "LAKE_DIR": str(lake.absolute()), "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
+    env = {**os.environ, "LAKE_DIR": _shown(lake), "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
     cmd = [sys.executable, "-m", "jupyterlab", f"--notebook-dir={folder}",
            f"--ServerApp.port={args.port}", "--ServerApp.ip=127.0.0.1"]
     if args.no_browser:
         cmd.append("--no-browser")
-    print(f"JupyterLab on http://127.0.0.1:{args.port} with LAKE_DIR={lake.absolute()} "
+    print(f"JupyterLab on http://127.0.0.1:{args.port} with LAKE_DIR={_shown(lake)} "
           f"(notebooks in {folder}); Ctrl-C to stop")
     return subprocess.call(cmd, env=env)
 
@@ -748,14 +768,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def lake_opt(sp):
-        sp.add_argument("--lake", help="lake folder (default: $LAKE_DIR, then ./lake)")
+        sp.add_argument("--lake", help="lake folder, or s3://BUCKET/PREFIX (default: "
+                        "$LAKE_DIR, then ./lake)")
 
     def key_opt(sp):
         sp.add_argument("--key-file", help="pseudonymization key of a research lake (default: "
                         "$LAKE_KEY_FILE, then the key `lake init` created for the lake)")
 
     sp = sub.add_parser("init", help="create an empty lake")
-    sp.add_argument("path", nargs="?", help="lake folder (default: --lake, $LAKE_DIR, ./lake)")
+    sp.add_argument("path", nargs="?", help="lake folder, or s3://BUCKET/PREFIX on "
+                    "S3-compatible object storage (default: --lake, $LAKE_DIR, ./lake)")
     lake_opt(sp)
     sp.add_argument("--profile", choices=["research", "identified"], default="research",
                     help="research (default: pseudonymized tables, identifiers only in the "
@@ -774,9 +796,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("source", help="folder (or file) to ingest, walked recursively; a PACS: "
                     "dicomweb+http://HOST:PORT/dicom-web, dimse://AE_TITLE@HOST:PORT; or an "
                     "object store prefix: s3://BUCKET/PREFIX")
-    sp.add_argument("--storage-options", metavar="FILE", help="object-store sources: fsspec "
-                    "storage options as JSON (default: $LAKE_STORAGE_OPTIONS, else s3fs' "
-                    "environment: AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...)")
+    sp.add_argument("--storage-options", metavar="FILE", help="object-store sources and "
+                    "lakes: fsspec storage options as JSON (default: $LAKE_STORAGE_OPTIONS, "
+                    "else the environment: AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...)")
     sp.add_argument("--since", metavar="DATE", help="PACS sources: studies from this date "
                     "(YYYY-MM-DD) on")
     sp.add_argument("--filter", action="append", metavar="KEY=VALUE",

@@ -25,9 +25,7 @@ import decimal
 import hashlib
 import json
 import logging
-import os
 import re
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -252,7 +250,12 @@ def _plain(v: Any) -> Any:
 # --- the store -------------------------------------------------------------------------
 
 def cohorts_dir(lake: Lake) -> Path:
+    """The cohorts folder of a local lake."""
     return layout.meta_dir(lake.root) / COHORTS_DIR
+
+
+#: the cohorts folder relative to the lake's location (any storage)
+_COHORTS = f"{layout.META_DIR}/{COHORTS_DIR}"
 
 
 def check_name(name: str) -> str:
@@ -261,8 +264,9 @@ def check_name(name: str) -> str:
     return name
 
 
-def _path(lake: Lake, name: str) -> Path:
-    return cohorts_dir(lake) / f"{check_name(name)}.json"
+def _path(lake: Lake, name: str) -> str:
+    """A saved cohort's file, relative to the lake's location."""
+    return f"{_COHORTS}/{check_name(name)}.json"
 
 
 def _lake(lake: Lake | Path | str) -> Lake:
@@ -270,10 +274,9 @@ def _lake(lake: Lake | Path | str) -> Lake:
 
 
 def names(lake: Lake | Path | str) -> list[str]:
-    folder = cohorts_dir(_lake(lake))
-    if not folder.is_dir():
-        return []
-    return sorted(p.stem for p in folder.glob("*.json") if _NAME.match(p.stem))
+    stems = (n[:-len(".json")] for n in _lake(lake).storage.listdir(_COHORTS)
+             if n.endswith(".json"))
+    return sorted(s for s in stems if _NAME.match(s))
 
 
 def save(lake: Lake | Path | str, name: str, *, sql: str | None = None, spec: Any = None,
@@ -282,7 +285,7 @@ def save(lake: Lake | Path | str, name: str, *, sql: str | None = None, spec: An
     """Run the definition at the latest (or a given) snapshot and save it as ``name``."""
     lake = _lake(lake)
     path = _path(lake, name)
-    if path.exists() and not replace:
+    if lake.storage.exists(path) and not replace:
         raise CohortExistsError(name)
     definition = Definition.of(sql=sql, spec=spec)
     with Catalog(lake, snapshot) as cat:
@@ -296,8 +299,9 @@ def save(lake: Lake | Path | str, name: str, *, sql: str | None = None, spec: An
         created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         code_version=code_version(), description=description,
         lake_labels=dict(lake.config.labels))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_json(path, saved.to_dict())
+    lake.storage.makedirs(_COHORTS)
+    body = json.dumps(saved.to_dict(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    lake.storage.write_bytes(path, body.encode("utf-8"))
     log.info("saved cohort %s: %d %s rows at snapshot %d", name, saved.row_count,
              saved.grain, saved.snapshot)
     return saved
@@ -307,7 +311,7 @@ def load(lake: Lake | Path | str, name: str) -> SavedCohort:
     lake = _lake(lake)
     path = _path(lake, name)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(lake.storage.read_text(path))
     except FileNotFoundError:
         raise CohortNotFoundError(name, names(lake)) from None
     except (OSError, ValueError) as exc:
@@ -319,19 +323,9 @@ def load(lake: Lake | Path | str, name: str) -> SavedCohort:
 def delete(lake: Lake | Path | str, name: str) -> None:
     lake = _lake(lake)
     path = _path(lake, name)
-    if not path.exists():
+    if not lake.storage.exists(path):
         raise CohortNotFoundError(name, names(lake))
-    path.unlink()
-
-
-def _atomic_write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True, ensure_ascii=False)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    lake.storage.remove(path)
 
 
 # --- reopening ---------------------------------------------------------------------------

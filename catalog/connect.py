@@ -4,6 +4,8 @@ An in-memory DuckDB connection gets one view per table, reading the Delta
 version pinned by the lake snapshot (so queries never see a run in progress,
 and no database file is locked), with TIME columns cast back from their ISO
 string storage. Analytics views from ``catalog/views/*.sql`` are added on top.
+A lake on object storage is read the same way, DuckDB reading its files
+through the lake's fsspec filesystem (``con.register_filesystem``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from catalog.config import CatalogConfig
 from catalog.errors import QueryError
 from lakehouse.errors import UnknownTableError
 from lakehouse.schemas import RESEARCH, TABLES, VAULT, TableSpec
+from lakehouse.storage import Storage
 from lakehouse.tables import Lake, Snapshot
 
 log = logging.getLogger(__name__)
@@ -35,7 +38,7 @@ _PARTITION_TYPES = {"string": "VARCHAR", "int32": "INTEGER", "int64": "BIGINT",
 class Catalog:
     """The lake as SQL. ``Catalog(path)`` or :func:`open_lake`; close when done."""
 
-    def __init__(self, lake: Lake | Path | str, snapshot: int | None = None,
+    def __init__(self, lake: Lake | Path | str | Storage, snapshot: int | None = None,
                  config: CatalogConfig | None = None):
         self.lake = lake if isinstance(lake, Lake) else Lake.open(lake)
         self.config = config or CatalogConfig()
@@ -52,6 +55,9 @@ class Catalog:
         # snapshot's files never change (a Delta commit writes new files)
         self.con.execute("SET parquet_metadata_cache = true")
         self._tables: list[str] = []
+        fs = self.lake.storage.duckdb_filesystem()
+        if fs is not None:
+            self.con.register_filesystem(fs)
         self._attach_tables()
         self._views: list[str] = []
         self._create_views()
@@ -94,11 +100,13 @@ class Catalog:
     def _attach_parquet(self, raw: str, name: str, spec: TableSpec) -> set[str] | None:
         """Scan the snapshot's Parquet files with DuckDB's own reader (parallel, with
         column and row-group pruning: several times faster than through a pyarrow
-        dataset). Only for local files; partition values come from the Hive-style
-        paths the writer lays out. Returns the columns attached, or None when the table
-        has no files or not local ones."""
+        dataset). For local files, and the files of a lake on object storage (through the
+        registered fsspec filesystem); partition values come from the Hive-style paths
+        the writer lays out. Returns the columns attached, or None when the table has no
+        files or files elsewhere."""
         files = self.lake.delta(name, self.snapshot).file_uris()
-        if not files or not all(f.startswith("/") for f in files):
+        home = "/" if self.lake.local else self.lake.storage.uri("") + "/"
+        if not files or not all(f.startswith(home) for f in files):
             return None
         if any("%" in f for f in files):
             # a partition value the writer had to percent-encode in its folder name (a
@@ -212,14 +220,16 @@ class Catalog:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"Catalog({str(self.lake.root)!r}, snapshot={self.snapshot.number}, "
+        return (f"Catalog({self.lake.location!r}, snapshot={self.snapshot.number}, "
                 f"profile={self.lake.profile!r})")
 
 
-def open_lake(path: Path | str, snapshot: int | None = None, *, vault: bool = False,
-              threads: int | None = None) -> Catalog:
-    """Open the lake at ``path`` for SQL, at its latest (or a given) snapshot."""
-    return Catalog(path, snapshot, CatalogConfig(threads=threads, vault=vault))
+def open_lake(path: Path | str | Storage, snapshot: int | None = None, *, vault: bool = False,
+              threads: int | None = None, storage_options: dict | None = None) -> Catalog:
+    """Open the lake at ``path`` (a folder or ``s3://bucket/prefix``; ``storage_options``:
+    fsspec options of the object store) for SQL, at its latest (or a given) snapshot."""
+    lake = Lake.open(path, storage_options)
+    return Catalog(lake, snapshot, CatalogConfig(threads=threads, vault=vault))
 
 
 def _sql(name: str) -> str:

@@ -110,7 +110,7 @@ def export(lake: Lake | Path | str, name: str, to: Path | str, as_: str = "manif
     summary = ExportSummary(name, cohort.saved.snapshot, as_, str(to))
     members = cohort.result().rows.column(cohort.saved.key)  # verifies the saved hash
     # every export is audited in the vault before anything leaves the lake
-    audit.record(lake.root, "export", text=f"cohort {name} as {as_} to {to}",
+    audit.record(lake, "export", text=f"cohort {name} as {as_} to {to}",
                  snapshot=cohort.saved.snapshot, rows=len(members))
     vault = as_ in ("dicom", "nifti")
     with Catalog(lake, cohort.saved.snapshot, CatalogConfig(vault=vault)) as cat:

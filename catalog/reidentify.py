@@ -39,6 +39,6 @@ def reidentify(cat: Catalog, pseudonyms: Iterable[str]) -> pa.Table:
         ).to_arrow_table()
     finally:
         cat.con.unregister("_wanted")
-    audit.record(cat.lake.root, "reidentify", text="\n".join(values),
+    audit.record(cat.lake, "reidentify", text="\n".join(values),
                  snapshot=cat.snapshot.number, rows=result.num_rows)
     return result

@@ -292,7 +292,7 @@ def compute_features(lake: Lake, config: FeaturesConfig | None = None) -> Featur
     summary = FeaturesSummary(run_id)
     tasks = plan(lake, config)
     # the source paths come from the vault: say so in its audit log
-    audit.record(lake.root, "features", text=f"source paths of {len(tasks)} series",
+    audit.record(lake, "features", text=f"source paths of {len(tasks)} series",
                  snapshot=lake.snapshot().number, extra={"features_run_id": run_id})
     summary.series = len(tasks)
     summary.masks = sum(len(t.masks) for t in tasks)

@@ -1,17 +1,21 @@
 """Delta Lake tables behind one consistent lake snapshot.
 
 Writes go through :class:`LakeWriter` (one writer at a time, enforced by a
-lock file). Each write stages Parquet files of its own (with provenance in
+lock: ``flock`` in a folder, a leased lock object on object storage; see
+:mod:`lakehouse.storage`). Each write stages Parquet files of its own (with provenance in
 their key-value metadata) and commits them to the table's Delta log in one
 transaction. A run then *publishes* a lake snapshot that pins the Delta
 version of every table; readers only ever open published snapshots, so they
 never see a half-finished run. Delta commits made after the last published
 snapshot (a run killed mid-way) are rolled back when the next writer starts.
+
+A lake lives in a local folder or on S3-compatible object storage
+(``s3://bucket/prefix``); every file operation goes through the lake's
+:class:`~lakehouse.storage.Storage`, every Delta operation gets its options.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -22,7 +26,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO
 from urllib.parse import quote, unquote
 
 import pyarrow as pa
@@ -35,7 +38,7 @@ from deltalake.transaction import AddAction, CommitProperties, RemoveAction
 from lakehouse import deid, layout, privacy
 from lakehouse.config import CHECKSUMS, PROFILES, LakeConfig
 from lakehouse.errors import (
-    LakeBusyError,
+    LakeError,
     LakeExistsError,
     LakeFormatError,
     NoLakeError,
@@ -43,12 +46,15 @@ from lakehouse.errors import (
 )
 from lakehouse.provenance import file_metadata
 from lakehouse.schemas import TABLES, VAULT, TableSpec, conform
+from lakehouse.storage import DEFAULT_LEASE_SECONDS, Storage, WriterLock, open_storage
 
 log = logging.getLogger(__name__)
 
 NULL_PARTITION = "__HIVE_DEFAULT_PARTITION__"
 #: commitInfo key holding ``{relative path: sha256}`` of the files a commit adds.
 CHECKSUMS_KEY = "lake.checksums"
+#: commitInfo key holding a random id of the commit (the writer checks its commit won)
+COMMIT_ID_KEY = "lake.commit_id"
 #: Rows per Parquet row group; large enough for scans, small enough for pruning.
 ROW_GROUP_ROWS = 64_000
 
@@ -82,58 +88,97 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _atomic_write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+#: layout paths relative to the lake's location (``research/instances``)
+_REL = Path()
+
+
+def as_rel(path: Path) -> str:
+    """A layout path built from ``_REL`` as the storage's relative path string."""
+    return path.as_posix()
+
+
+class LocalOnlyError(LakeError):
+    def __init__(self, url: str):
+        self.url = url
+        super().__init__(f"this needs a lake in a local folder; {url} is on object storage "
+                         "(see README, 'A lake on object storage', for what works there)")
+
+
+class ConcurrentWriteError(LakeError):
+    def __init__(self, url: str, what: str, version: int):
+        self.url = url
+        self.what = what
+        self.version = version
+        super().__init__(f"another writer wrote version {version} of {what} in {url} while "
+                         "this run held the write lock (its lease expired?); nothing more of "
+                         "this run is published: run it again")
 
 
 class Lake:
-    """A lake folder: its configuration, tables and snapshots (read side)."""
+    """A lake (a folder or an object-store prefix): its configuration, tables and
+    snapshots (read side)."""
 
-    def __init__(self, root: Path | str, config: LakeConfig):
-        self.root = Path(root)
+    def __init__(self, root: Path | str | Storage, config: LakeConfig):
+        self.storage = open_storage(root)
         self.config = config
+
+    @property
+    def location(self) -> str:
+        """Where the lake is: a folder, or ``s3://bucket/prefix``."""
+        return self.storage.url
+
+    @property
+    def root(self) -> Path:
+        """The lake's folder (a local lake only; see :attr:`storage` for any lake)."""
+        local_root = getattr(self.storage, "root", None)
+        if not isinstance(local_root, Path):
+            raise LocalOnlyError(self.location)
+        return local_root
+
+    @property
+    def local(self) -> bool:
+        return self.storage.local
 
     # -- creation and opening -------------------------------------------------
     @classmethod
-    def create(cls, root: Path | str, profile: str = "research",
+    def create(cls, root: Path | str | Storage, profile: str = "research",
                key_file: Path | str | None = None,
                labels: dict[str, str] | None = None,
                private_allowlist: list[dict] | None = None,
-               checksum: str = "header") -> Lake:
-        """A new lake. A research lake needs a key: ``key_file`` is used when it
-        exists, created (random, owner-only) when it does not; by default it is
-        ``privacy.default_key_path(lake_id)``, outside the lake folder."""
-        root = Path(root)
+               checksum: str = "header",
+               storage_options: dict | None = None) -> Lake:
+        """A new lake in a folder or at ``s3://bucket/prefix`` (``storage_options``:
+        fsspec options of the object store). A research lake needs a key: ``key_file``
+        is used when it exists, created (random, owner-only) when it does not; by
+        default it is ``privacy.default_key_path(lake_id)``, outside the lake (a local
+        file, also for a lake on object storage)."""
+        store = open_storage(root, storage_options)
         if profile not in PROFILES:
             raise ValueError(f"profile must be one of {PROFILES}, not {profile!r}")
         if checksum not in CHECKSUMS:
             raise ValueError(f"checksum must be one of {CHECKSUMS}, not {checksum!r}")
-        if layout.manifest_path(root).exists():
-            raise LakeExistsError(root)
-        if root.exists() and any(root.iterdir()):
-            raise LakeExistsError(root)
+        check_bucket = getattr(store, "check_bucket", None)
+        if check_bucket is not None:
+            check_bucket()
+        if store.exists(as_rel(layout.manifest_path(_REL))) or not store.is_empty():
+            raise LakeExistsError(store.url)
         for item in private_allowlist or []:
             deid.private_tag(item)  # validate before anything is written
         lake_id = uuid.uuid4().hex
         fp = None
         if profile == "research":
             kpath = Path(key_file) if key_file else privacy.default_key_path(lake_id)
-            if kpath.resolve().is_relative_to(root.resolve()):
+            local_root = getattr(store, "root", None)
+            if local_root is not None and kpath.resolve().is_relative_to(local_root.resolve()):
                 raise privacy.KeyError_(kpath, f"the key file {kpath} must live outside the "
                                                "lake folder")
             key = privacy.read_key_file(kpath) if kpath.exists() else \
                 privacy.create_key_file(kpath)
             fp = privacy.fingerprint(key)
-        root.mkdir(parents=True, exist_ok=True)
-        layout.snapshots_dir(root).mkdir(parents=True, exist_ok=True)
-        for zone in ("research", VAULT):
-            layout.zone_path(root, zone).mkdir(exist_ok=True)
-        os.chmod(layout.zone_path(root, VAULT), 0o700)
+        store.makedirs("")
+        store.makedirs(as_rel(layout.snapshots_dir(_REL)))
+        store.makedirs(as_rel(layout.zone_path(_REL, "research")))
+        store.makedirs(as_rel(layout.zone_path(_REL, VAULT)), private=True)
         config = LakeConfig(profile=profile, lake_id=lake_id, key_fingerprint=fp,
                             created_at=_now(), labels=labels or {},
                             private_allowlist=list(private_allowlist or []),
@@ -141,32 +186,35 @@ class Lake:
         versions = {}
         for spec in TABLES.values():
             dt = DeltaTable.create(
-                str(layout.table_path(root, spec.name)),
+                store.uri(as_rel(layout.table_path(_REL, spec.name))),
                 spec.storage_schema(profile),
                 partition_by=list(spec.partition_by) or None,
                 name=spec.name,
                 description=spec.description,
+                storage_options=store.delta_options,
             )
             versions[spec.name] = dt.version()
-        _atomic_write_json(layout.manifest_path(root), config.to_dict())
-        _atomic_write_json(
-            layout.snapshot_path(root, 0),
-            Snapshot(0, versions, _now(), note="lake created").to_dict(),
-        )
-        log.info("created %s lake at %s", profile, root)
-        return cls(root, config)
+        store.write_json(as_rel(layout.manifest_path(_REL)), config.to_dict())
+        store.write_json(as_rel(layout.snapshot_path(_REL, 0)),
+                         Snapshot(0, versions, _now(), note="lake created").to_dict())
+        log.info("created %s lake at %s", profile, store.url)
+        return cls(store, config)
 
     @classmethod
-    def open(cls, root: Path | str) -> Lake:
-        root = Path(root)
-        manifest = layout.manifest_path(root)
-        if not manifest.is_file():
-            raise NoLakeError(root)
+    def open(cls, root: Path | str | Storage, storage_options: dict | None = None) -> Lake:
+        """The lake in a folder or at ``s3://bucket/prefix`` (``storage_options``: fsspec
+        options of the object store; default: the standard AWS environment)."""
+        store = open_storage(root, storage_options)
+        manifest = as_rel(layout.manifest_path(_REL))
         try:
-            config = LakeConfig.from_dict(json.loads(manifest.read_text(encoding="utf-8")))
+            data = store.read_text(manifest)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise NoLakeError(store.url) from None
+        try:
+            config = LakeConfig.from_dict(json.loads(data))
         except (OSError, ValueError, TypeError) as exc:
-            raise LakeFormatError(root, f"{manifest.name}: {exc}") from exc
-        return cls(root, config)
+            raise LakeFormatError(store.url, f"{layout.MANIFEST}: {exc}") from exc
+        return cls(store, config)
 
     @property
     def profile(self) -> str:
@@ -191,29 +239,30 @@ class Lake:
         key = privacy.read_key_file(path)
         if privacy.fingerprint(key) != self.config.key_fingerprint:
             raise privacy.KeyError_(path, f"key file {path} is not the key of the lake at "
-                                          f"{self.root} (fingerprints differ); use the key "
+                                          f"{self.location} (fingerprints differ); use the key "
                                           "created by `lake init` for this lake")
         tags = [deid.private_tag(item) for item in self.config.private_allowlist]
         return deid.Policy(privacy.Pseudonymizer(key), tags)
 
     # -- snapshots ------------------------------------------------------------
     def snapshot_numbers(self) -> list[int]:
-        names = (p.stem for p in layout.snapshots_dir(self.root).glob("*.json"))
+        listed = self.storage.listdir(as_rel(layout.snapshots_dir(_REL)))
+        names = (n[:-len(".json")] for n in listed if n.endswith(".json"))
         return sorted(int(n) for n in names if n.isdigit())
 
     def snapshot(self, number: int | None = None) -> Snapshot:
         numbers = self.snapshot_numbers()
         if not numbers:
-            raise LakeFormatError(self.root, "no snapshot manifest")
+            raise LakeFormatError(self.location, "no snapshot manifest")
         if number is None:
             number = numbers[-1]
         elif number not in numbers:
             raise SnapshotNotFoundError(number, numbers[-1])
-        path = layout.snapshot_path(self.root, number)
+        path = as_rel(layout.snapshot_path(_REL, number))
         try:
-            return Snapshot.from_dict(json.loads(path.read_text(encoding="utf-8")))
+            return Snapshot.from_dict(json.loads(self.storage.read_text(path)))
         except (OSError, ValueError, KeyError) as exc:
-            raise LakeFormatError(self.root, f"snapshot {number}: {exc}") from exc
+            raise LakeFormatError(self.location, f"snapshot {number}: {exc}") from exc
 
     def snapshots(self) -> Iterator[Snapshot]:
         for n in self.snapshot_numbers():
@@ -223,10 +272,30 @@ class Lake:
     def table_names(self, zone: str | None = None) -> list[str]:
         return [n for n, s in TABLES.items() if zone is None or s.zone == zone]
 
+    def table_uri(self, name: str) -> str:
+        """Where table ``name`` is, as deltalake takes it."""
+        return self.storage.uri(as_rel(layout.table_path(_REL, name)))
+
+    def open_delta(self, name: str, version: int | None = None) -> DeltaTable:
+        """Table ``name`` at ``version`` (None: its latest commit, published or not)."""
+        return DeltaTable(self.table_uri(name), version=version,
+                          storage_options=self.storage.delta_options)
+
     def delta(self, name: str, snapshot: Snapshot | None = None) -> DeltaTable:
         snap = snapshot or self.snapshot()
-        version = snap.versions[name]
-        return DeltaTable(str(layout.table_path(self.root, name)), version=version)
+        return self.open_delta(name, snap.versions[name])
+
+    def work_dir(self) -> Path:
+        """A local folder, owner-only, for this lake's working files (instances pulled
+        from a PACS before ingest): the vault folder of a local lake; for a lake on
+        object storage, a folder of the user's own (``$XDG_STATE_HOME``, default
+        ``~/.local/state``, ``imaging-lakehouse/<lake id>``)."""
+        if self.local:
+            return layout.zone_path(self.root, VAULT)
+        base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        folder = Path(base) / "imaging-lakehouse" / self.config.lake_id
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return folder
 
     def dataset(self, name: str, snapshot: Snapshot | None = None) -> ds.Dataset:
         snap = snapshot or self.snapshot()
@@ -244,8 +313,10 @@ class Lake:
         return self.dataset(name, snapshot).count_rows()
 
     # -- writing --------------------------------------------------------------
-    def writer(self, run_id: str) -> LakeWriter:
-        return LakeWriter(self, run_id)
+    def writer(self, run_id: str, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> LakeWriter:
+        """The lake's single writer (``lease_seconds``: the lease of its lock on object
+        storage, renewed while it runs; how long a writer that died blocks the next)."""
+        return LakeWriter(self, run_id, lease_seconds)
 
 
 class LakeWriter:
@@ -256,10 +327,15 @@ class LakeWriter:
     accumulate table versions; :meth:`publish` makes them visible at once.
     """
 
-    def __init__(self, lake: Lake, run_id: str):
+    def __init__(self, lake: Lake, run_id: str, lease_seconds: float = DEFAULT_LEASE_SECONDS):
         self.lake = lake
         self.run_id = run_id
-        self._lock_fh: IO[str] | None = None
+        self.storage = lake.storage
+        self._lease_seconds = lease_seconds
+        self._lock: WriterLock | None = None
+        #: set when another writer was found to have written meanwhile: nothing more
+        #: of this run is committed or published
+        self._conflict: ConcurrentWriteError | None = None
         self.base: Snapshot | None = None
         self.versions: dict[str, int] = {}
         #: Free-form state carried from snapshot to snapshot (e.g. what the
@@ -267,35 +343,45 @@ class LakeWriter:
         self.extra: dict = {}
 
     def __enter__(self) -> LakeWriter:
-        fh = open(layout.lock_path(self.lake.root), "a+")
+        lock = self.storage.lock(as_rel(layout.lock_path(_REL)), self._lease_seconds)
+        lock.acquire()
+        self._lock = lock
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.close()
-            raise LakeBusyError(self.lake.root) from None
-        self._lock_fh = fh
-        self.base = self.lake.snapshot()
-        self.versions = dict(self.base.versions)
-        self.extra = dict(self.base.extra)
-        self._recover()
-        self._create_missing_tables()
+            self.base = self.lake.snapshot()
+            self.versions = dict(self.base.versions)
+            self.extra = dict(self.base.extra)
+            self._recover()
+            self._create_missing_tables()
+        except BaseException:
+            self._release()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._lock_fh is not None:
-            fcntl.flock(self._lock_fh, fcntl.LOCK_UN)
-            self._lock_fh.close()
-            self._lock_fh = None
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _check_lock(self) -> None:
+        if self._conflict is not None:
+            raise self._conflict
+        if self._lock is not None:
+            self._lock.check()
 
     def _recover(self) -> None:
         for name, version in self.versions.items():
-            dt = DeltaTable(str(layout.table_path(self.lake.root, name)))
+            dt = self.lake.open_delta(name)
             if dt.version() > version:
                 log.warning("rolling %s back from unpublished version %d to %d",
                             name, dt.version(), version)
+                # a new commit whose files are those of ``version`` (history is kept).
+                # deltalake's restore holds the GIL during its I/O: an S3 server running
+                # in this same Python process (moto's ThreadedMotoServer) cannot answer it
                 dt.restore(version)
-                self.versions[name] = DeltaTable(
-                    str(layout.table_path(self.lake.root, name))).version()
+                self.versions[name] = self.lake.open_delta(name).version()
         self._discard_staged_files()
 
     def _create_missing_tables(self) -> None:
@@ -303,26 +389,27 @@ class LakeWriter:
         for spec in TABLES.values():
             if spec.name in self.versions:
                 continue
-            path = layout.table_path(self.lake.root, spec.name)
-            if (path / "_delta_log").is_dir():
-                dt = DeltaTable(str(path))
+            path = as_rel(layout.table_path(_REL, spec.name))
+            if self.storage.listdir(f"{path}/_delta_log"):
+                dt = self.lake.open_delta(spec.name)
                 if dt.version() > 0:
                     dt.restore(0)  # unpublished writes of a run that died
             else:
-                dt = DeltaTable.create(str(path), spec.storage_schema(self.lake.profile),
-                                       partition_by=list(spec.partition_by) or None,
-                                       name=spec.name, description=spec.description)
-            self.versions[spec.name] = DeltaTable(str(path)).version()
+                self._check_lock()
+                DeltaTable.create(self.lake.table_uri(spec.name),
+                                  spec.storage_schema(self.lake.profile),
+                                  partition_by=list(spec.partition_by) or None,
+                                  name=spec.name, description=spec.description,
+                                  storage_options=self.storage.delta_options)
+            self.versions[spec.name] = self.lake.open_delta(spec.name).version()
             log.info("created table %s, new in this version", spec.name)
 
     def _discard_staged_files(self) -> None:
         for name in TABLES:
-            for tmp in layout.table_path(self.lake.root, name).rglob(".staging-*"):
-                tmp.unlink(missing_ok=True)
+            self.storage.discard_partial(as_rel(layout.table_path(_REL, name)))
 
     def current(self, name: str) -> DeltaTable:
-        return DeltaTable(str(layout.table_path(self.lake.root, name)),
-                          version=self.versions[name])
+        return self.lake.open_delta(name, self.versions[name])
 
     def dataset(self, name: str) -> ds.Dataset:
         return self.current(name).to_pyarrow_dataset()
@@ -338,15 +425,15 @@ class LakeWriter:
         version, all of one partition) as one file, in one commit that adds it and
         removes them (``dataChange`` false: the rows are the same). Returns the version."""
         spec = TABLES[name]
-        root = layout.table_path(self.lake.root, name)
+        root = as_rel(layout.table_path(_REL, name))
         keys = list(spec.partition_by)
         values = {k: files[0].get(f"partition.{k}") for k in keys}
         parts = []
         for f in files:
-            path = root / f["path"]
-            if not path.exists():
-                path = root / unquote(f["path"])
-            part = pq.read_table(path)
+            path = f"{root}/{f['path']}"
+            if not self.storage.exists(path):
+                path = f"{root}/{unquote(f['path'])}"
+            part = pq.read_table(pa.BufferReader(self.storage.read_bytes(path)))
             for k in keys:
                 typ = spec.storage_schema(self.lake.profile).field(k).type
                 part = part.append_column(k, pa.array([values[k]] * part.num_rows, typ))
@@ -364,61 +451,86 @@ class LakeWriter:
         table = conform(spec, data, self.lake.profile)
         if table.num_rows == 0 and mode == "append":
             return self.versions[name]
-        root = layout.table_path(self.lake.root, name)
+        root = as_rel(layout.table_path(_REL, name))
         meta = file_metadata(self.run_id, name, param_hash)
-        actions: list[AddAction | RemoveAction] = [
-            self._stage(root, spec, part, values, meta, data_change=not removes)
-            for values, part in _partitions(table, spec)]
         # the commit log records each new file's SHA-256 (``lake verify`` checks them)
-        checksums = {a.path: _sha256(root / a.path) for a in actions
-                     if isinstance(a, AddAction)}
+        checksums: dict[str, str] = {}
+        actions: list[AddAction | RemoveAction] = [
+            self._stage(root, spec, part, values, meta, checksums, data_change=not removes)
+            for values, part in _partitions(table, spec)]
         actions += removes or []
-        dt = DeltaTable(str(root))
+        self._check_lock()
+        expected = self.versions[name] + 1
+        commit_id = uuid.uuid4().hex
+        dt = self.lake.open_delta(name, self.versions[name])
         dt.create_write_transaction(
             actions, mode, table.schema, partition_by=list(spec.partition_by) or None,
             commit_properties=CommitProperties(
                 custom_metadata={"lake.run_id": self.run_id, "lake.param_hash": param_hash,
+                                 COMMIT_ID_KEY: commit_id,
                                  CHECKSUMS_KEY: json.dumps(checksums, sort_keys=True)}),
         )
-        version = DeltaTable(str(root)).version()
-        self.versions[name] = version
-        return version
+        if self._commit_id(name, expected) != commit_id:
+            # another writer committed to this table meanwhile (possible on object storage
+            # only when a writer outlived its lease): nothing of this run may be published
+            self._conflict = ConcurrentWriteError(self.lake.location, name, expected)
+            raise self._conflict
+        self.versions[name] = expected
+        return expected
 
-    def _stage(self, root: Path, spec: TableSpec, part: pa.Table, values: dict[str, str | None],
-               meta: dict[str, str], data_change: bool = True) -> AddAction:
+    def _commit_id(self, name: str, version: int) -> str | None:
+        """The ``lake.commit_id`` of commit ``version`` of table ``name`` (None: none)."""
+        log_file = f"{as_rel(layout.table_path(_REL, name))}/_delta_log/{version:020d}.json"
+        try:
+            text = self.storage.read_text(log_file)
+        except FileNotFoundError:
+            return None
+        for line in text.splitlines():
+            info = json.loads(line).get("commitInfo") if line.strip() else None
+            if info is not None:
+                return info.get(COMMIT_ID_KEY)
+        return None
+
+    def _stage(self, root: str, spec: TableSpec, part: pa.Table, values: dict[str, str | None],
+               meta: dict[str, str], checksums: dict[str, str],
+               data_change: bool = True) -> AddAction:
         subdir = "/".join(
             f"{k}={quote(v if v is not None else NULL_PARTITION, safe='')}"
             for k, v in values.items()
         )
         rel = f"{subdir}/" if subdir else ""
         rel += f"part-{self.run_id}-{uuid.uuid4().hex[:12]}.zstd.parquet"
-        final = root / rel
-        final.parent.mkdir(parents=True, exist_ok=True)
-        staged = final.with_name(".staging-" + final.name)
         body = part.drop_columns(list(spec.partition_by))
         body = body.replace_schema_metadata({**(body.schema.metadata or {}), **meta})
-        pq.write_table(body, staged, compression="zstd", row_group_size=ROW_GROUP_ROWS)
-        os.replace(staged, final)
-        st = final.stat()
+        sink = pa.BufferOutputStream()
+        pq.write_table(body, sink, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+        data = sink.getvalue().to_pybytes()
+        # written whole (a local temporary file renamed, or one object PUT)
+        self.storage.write_bytes(f"{root}/{rel}", data, sync=False)
+        checksums[rel] = hashlib.sha256(data).hexdigest()
         stats = {"numRecords": part.num_rows}
-        return AddAction(rel, st.st_size, values, int(time.time() * 1000), data_change,
+        return AddAction(rel, len(data), values, int(time.time() * 1000), data_change,
                          json.dumps(stats))
 
     def publish(self, note: str = "") -> Snapshot:
-        numbers = self.lake.snapshot_numbers()
-        snap = Snapshot(numbers[-1] + 1, dict(self.versions), _now(), self.run_id, note,
+        if self._conflict is not None:
+            raise self._conflict
+        assert self.base is not None, "publish() outside `with lake.writer(...)`"
+        # the snapshot after the one this writer started from (or last published), created
+        # exclusively (If-None-Match on S3): when another writer published meanwhile, it
+        # exists and this writer publishes nothing
+        snap = Snapshot(self.base.number + 1, dict(self.versions), _now(), self.run_id, note,
                         dict(self.extra))
-        _atomic_write_json(layout.snapshot_path(self.lake.root, snap.number), snap.to_dict())
+        self._check_lock()
+        try:
+            self.storage.write_json(as_rel(layout.snapshot_path(_REL, snap.number)),
+                                    snap.to_dict(), exclusive=True)
+        except FileExistsError:
+            self._conflict = ConcurrentWriteError(self.lake.location, "_lake/snapshots",
+                                                  snap.number)
+            raise self._conflict from None
         self.base = snap
         return snap
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _partitions(table: pa.Table, spec: TableSpec) -> Iterator[tuple[dict[str, str | None],

@@ -10,15 +10,12 @@ by any published snapshot (time travel) are always kept.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
-from deltalake import DeltaTable
-
 from lakehouse import layout
-from lakehouse.tables import Lake
+from lakehouse.tables import _REL, Lake, as_rel
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +41,10 @@ class VacuumReport:
 def referenced_files(lake: Lake, name: str,
                      extra_versions: frozenset[int] | set[int] = frozenset()) -> set[str]:
     """Relative paths of every data file of ``name`` in any published snapshot."""
-    root = str(layout.table_path(lake.root, name))
     versions = {s.versions[name] for s in lake.snapshots() if name in s.versions}
     out: set[str] = set()
     for v in sorted(versions | set(extra_versions)):
-        paths = DeltaTable(root, version=v).get_add_actions(flatten=True).column("path")
+        paths = lake.open_delta(name, v).get_add_actions(flatten=True).column("path")
         for p in paths.to_pylist():
             out.add(p)
             out.add(unquote(p))
@@ -62,25 +58,17 @@ def vacuum(lake: Lake, retention_hours: float = DEFAULT_RETENTION_HOURS,
     cutoff = time.time() - retention_hours * 3600
     with lake.writer("vacuum") as w:  # the lock; also rolls back an unpublished run
         for name in lake.table_names():
-            root = layout.table_path(lake.root, name)
+            root = as_rel(layout.table_path(_REL, name))
             keep = referenced_files(lake, name, {w.versions[name]})
-            for dirpath, dirnames, filenames in os.walk(root):
-                if os.path.basename(dirpath) == "_delta_log":
-                    dirnames[:] = []
+            for rel, size, mtime in lake.storage.files(root):
+                if rel.split("/", 1)[0] == "_delta_log" or rel in keep:
                     continue
-                dirnames[:] = [d for d in dirnames if d != "_delta_log"]
-                for fn in filenames:
-                    full = os.path.join(dirpath, fn)
-                    rel = os.path.relpath(full, root)
-                    if rel in keep:
-                        continue
-                    st = os.stat(full)
-                    if st.st_mtime > cutoff:
-                        report.kept_recent += 1
-                        continue
-                    report.removed.setdefault(name, []).append(rel)
-                    report.bytes_removed += st.st_size
-                    if not dry_run:
-                        os.unlink(full)
-                        log.info("vacuum: removed %s/%s", name, rel)
+                if mtime > cutoff:
+                    report.kept_recent += 1
+                    continue
+                report.removed.setdefault(name, []).append(rel)
+                report.bytes_removed += size
+                if not dry_run:
+                    lake.storage.remove(f"{root}/{rel}")
+                    log.info("vacuum: removed %s/%s", name, rel)
     return report

@@ -9,6 +9,7 @@ recorded against its checksum (of the first ``checksum_bytes`` bytes) and size.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -20,7 +21,8 @@ import pyarrow.compute as pc
 
 from lakehouse import layout
 from lakehouse.checksums import sha256_prefix
-from lakehouse.tables import CHECKSUMS_KEY, Lake, Snapshot
+from lakehouse.storage import Storage, open_storage
+from lakehouse.tables import _REL, CHECKSUMS_KEY, Lake, Snapshot, as_rel
 
 log = logging.getLogger(__name__)
 
@@ -58,17 +60,31 @@ class Report:
                 "problems": [p.__dict__ for p in self.problems]}
 
 
-def recorded_checksums(table_root: Path) -> dict[str, str]:
-    """``{relative path: sha256}`` from every commit of a table's Delta log."""
+def recorded_checksums(table_root: Path | str, storage: Storage | None = None) -> dict[str, str]:
+    """``{relative path: sha256}`` from every commit of a table's Delta log (``table_root``:
+    a folder, or a path relative to ``storage``)."""
+    store = storage or open_storage(Path(table_root))
+    base = str(table_root) if storage else ""
+    log_dir = f"{base}/_delta_log" if base else "_delta_log"
     out: dict[str, str] = {}
-    for commit in sorted((table_root / "_delta_log").glob("*.json")):
-        with open(commit, encoding="utf-8") as fh:
-            for line in fh:
-                action = json.loads(line) if line.strip() else {}
-                info = action.get("commitInfo")
-                if info and CHECKSUMS_KEY in info:
-                    out.update(json.loads(info[CHECKSUMS_KEY]))
+    for name in store.listdir(log_dir):
+        if not name.endswith(".json"):
+            continue
+        for line in store.read_text(f"{log_dir}/{name}").splitlines():
+            action = json.loads(line) if line.strip() else {}
+            info = action.get("commitInfo")
+            if info and CHECKSUMS_KEY in info:
+                out.update(json.loads(info[CHECKSUMS_KEY]))
     return out
+
+
+def _stored_sha256(storage: Storage, rel: str) -> str:
+    """SHA-256 of a whole file of the lake (a data file), in any storage."""
+    h = hashlib.sha256()
+    with storage.open(rel) as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def verify(lake: Lake, snapshot: Snapshot | None = None, sources: bool = False) -> Report:
@@ -77,20 +93,21 @@ def verify(lake: Lake, snapshot: Snapshot | None = None, sources: bool = False) 
     for name in lake.table_names():
         if name not in snap.versions:  # a table added after this snapshot: nothing to check
             continue
-        root = layout.table_path(lake.root, name)
-        sums = recorded_checksums(root)
+        store = lake.storage
+        root = as_rel(layout.table_path(_REL, name))
+        sums = recorded_checksums(root, store)
+        present = {p: size for p, size, _mtime in store.files(root)}
         adds = lake.delta(name, snap).get_add_actions(flatten=True)
         for rel, size in zip(adds.column("path").to_pylist(),
                              adds.column("size_bytes").to_pylist(), strict=True):
             report.files_checked += 1
-            path = root / rel
-            if not path.exists() and (root / unquote(rel)).exists():
-                path = root / unquote(rel)
-            if not path.is_file():
+            found = rel if rel in present else unquote(rel)
+            if found not in present:
                 report.problems.append(Problem(name, rel, "missing",
                                                "in the commit log, not on disk"))
                 continue
-            actual = path.stat().st_size
+            path = f"{root}/{found}"
+            actual = present[found]
             if actual != size:
                 report.problems.append(Problem(name, rel, "size",
                                                f"commit log says {size} bytes, file has {actual}"))
@@ -99,7 +116,7 @@ def verify(lake: Lake, snapshot: Snapshot | None = None, sources: bool = False) 
             if expected is None:
                 report.files_without_checksum += 1
                 continue
-            got = sha256_prefix(path)
+            got = _stored_sha256(store, path)
             if got != expected:
                 report.problems.append(Problem(name, rel, "checksum",
                                                f"sha256 {got[:16]}..., commit log has "

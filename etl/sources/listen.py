@@ -28,7 +28,6 @@ from etl.jobs import RunSummary, ingest
 from etl.sources.pull import DONE_OUTCOMES
 from etl.sources.staging import Staging
 from lakehouse import Lake
-from lakehouse.schemas import VAULT
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +193,7 @@ class Listener:
 
     def _recover_leftovers(self) -> None:
         """Files of an earlier listener that died before ingesting them."""
-        base = self.lake.root / VAULT / "staging"
+        base = self.lake.work_dir() / "staging"
         for old in sorted(base.glob("listen-*")):
             if old == self.incoming.root or old.name.startswith("listen-kept"):
                 continue

@@ -1,7 +1,8 @@
 """Where instances pulled from a PACS land before the folder pipeline reads them.
 
 Each pull gets its own folder under the lake's vault (owner-only; never under
-``research/``)::
+``research/``; for a lake on object storage, under the lake's local working
+folder, :meth:`lakehouse.Lake.work_dir`)::
 
     vault/staging/<kind>-<UTC time>-<random>/files/<study>/<series>/<instance>.dcm
     vault/staging/<kind>-<UTC time>-<random>/tmp/          partial downloads
@@ -11,7 +12,7 @@ walker never sees half a file. After the run, files whose content is in the
 lake (ingested, duplicate) are deleted; the others (quarantined, conflict,
 skipped) stay for inspection, their outcome recorded in the vault file index.
 
-What was already pulled from a source is remembered in
+What was already pulled from a source is remembered in the lake, in
 ``vault/sources/<source id>.json`` (original UIDs: vault only), so the next run
 fetches only new instances; instances that could not be fetched are listed
 there too and retried by the next run.
@@ -34,6 +35,7 @@ from pathlib import Path
 
 from lakehouse import Lake
 from lakehouse.schemas import VAULT
+from lakehouse.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ class Staging:
 
     def __init__(self, lake: Lake, kind: str):
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        base = lake.root / VAULT / "staging"
+        base = lake.work_dir() / "staging"
         base.mkdir(mode=0o700, exist_ok=True)
         self.root = base / f"{kind}-{stamp}-{secrets.token_hex(4)}"
         self.files = self.root / "files"
@@ -120,31 +122,34 @@ class Staging:
 class FetchState:
     """What one source has delivered so far (kept in the vault)."""
 
-    path: Path
+    #: where the state is (shown to the user): a file, or an object's URL
+    path: str
     source: str
     #: SOPInstanceUID (as the source knows it) -> run id that fetched it
     fetched: dict[str, str] = field(default_factory=dict)
     #: SOPInstanceUID -> last error, for instances to retry next time
     failed: dict[str, str] = field(default_factory=dict)
+    storage: Storage | None = field(default=None, repr=False, compare=False)
+    rel: str = ""
 
     @classmethod
     def load(cls, lake: Lake, source: str) -> FetchState:
         sid = hashlib.sha256(source.encode()).hexdigest()[:16]
-        folder = lake.root / VAULT / "sources"
-        folder.mkdir(mode=0o700, exist_ok=True)
-        path = folder / f"{sid}.json"
-        if not path.exists():
-            return cls(path, source)
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return cls(path, source, dict(data.get("fetched", {})), dict(data.get("failed", {})))
+        folder = f"{VAULT}/sources"
+        lake.storage.makedirs(folder, private=True)
+        rel = f"{folder}/{sid}.json"
+        where = lake.storage.uri(rel)
+        try:
+            data = json.loads(lake.storage.read_text(rel))
+        except FileNotFoundError:
+            return cls(where, source, storage=lake.storage, rel=rel)
+        return cls(where, source, dict(data.get("fetched", {})), dict(data.get("failed", {})),
+                   storage=lake.storage, rel=rel)
 
     def save(self) -> None:
         data = {"source": self.source, "updated_at": datetime.now(UTC).isoformat(),
                 "fetched": dict(sorted(self.fetched.items())),
                 "failed": dict(sorted(self.failed.items()))}
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".part")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=0)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        assert self.storage is not None
+        # written whole: a temporary file renamed, or one object PUT
+        self.storage.write_bytes(self.rel, json.dumps(data, indent=0).encode("utf-8"))
