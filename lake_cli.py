@@ -83,7 +83,8 @@ def cmd_features(args) -> int:
                             image_series_only=bool(args.cohort))
     s = compute_features(lake, config)
     print(f"features run {s.run_id}: {s.series} series ({s.volumes_ok} regular volumes, "
-          f"{s.image_stats} with image statistics), {s.masks} masks, {s.segments} segments, "
+          f"{s.image_stats} with image statistics), {s.masks} masks, {s.segments} segments "
+          f"({s.segment_tasks} tasks, {s.volume_loads} volume reads), "
           f"{s.feature_rows} feature values, {s.failures} failures in {s.seconds:.1f} s; "
           f"snapshot {s.snapshot}")
     for reason, n in sorted(s.failure_reasons.items()):

@@ -3,10 +3,15 @@
 It reads one lake snapshot (``instances`` for the geometry, the vault
 ``files`` table for source paths), finds the masks in the lake (DICOM SEG and
 RTSTRUCT instances, matched to the image series they reference) plus any mask
-files given with a series UID, computes one Dask task per image series, and
-commits ``series_geometry``, ``image_stats``, ``radiomics_features`` and
-``feature_failures`` through :class:`~lakehouse.tables.LakeWriter`, publishing
-a snapshot. Rows of series computed again replace their earlier rows.
+files given with a series UID, and computes in two Dask stages: batches of
+series (geometry, image statistics, masks placed on the image grid and cut
+into (series, segment) units), then batches of units (radiomics; a worker
+reads a series' volume once for the units of it that it runs). It commits
+``series_geometry``, ``image_stats``, ``radiomics_features`` and
+``feature_failures`` through :class:`~lakehouse.tables.LakeWriter` in one
+snapshot. Rows of series computed again replace their earlier rows; in
+``radiomics_features`` only those with the same parameter hash, so features
+of several parameter sets live side by side, each exactly once.
 
 >>> from lakehouse import Lake
 >>> from etl.features import FeaturesConfig, compute_features
@@ -15,12 +20,17 @@ a snapshot. Rows of series computed again replace their earlier rows.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import threading
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -30,6 +40,7 @@ from etl.masks import (
     MASK_SOP_CLASSES,
     RTSTRUCT_SOP_CLASS,
     MaskSet,
+    Segment,
     labels_from_json,
     read_mask_file,
     read_rtstruct,
@@ -37,7 +48,8 @@ from etl.masks import (
     referenced_series,
 )
 from etl.radiomics import EXTRACTOR_VERSION, Params, extract
-from etl.volumes import load_volume, series_geometry
+from etl.radiomics.preprocess import bounding_box, normalize
+from etl.volumes import Geometry, check_volume, load_volume, series_geometry
 from lakehouse import audit
 from lakehouse.provenance import new_run_id
 from lakehouse.schemas import TABLES, conform
@@ -63,8 +75,10 @@ class FeaturesConfig:
     #: processes, threads, synchronous, local-cluster or a scheduler address
     scheduler: str = "processes"
     workers: int | None = None
-    #: series per Dask task
+    #: series per Dask task of the first stage (geometry, statistics, masks)
     batch_series: int = 4
+    #: (series, segment) units per Dask task of the second stage (radiomics)
+    batch_segments: int = 1
     #: skip the non-image series among ``series`` (a cohort's SR, SEG...) instead of failing
     image_series_only: bool = False
 
@@ -79,6 +93,9 @@ class FeaturesSummary:
     segments: int = 0
     feature_rows: int = 0
     failures: int = 0
+    #: Dask tasks of the radiomics stage, and volumes they read from the source files
+    segment_tasks: int = 0
+    volume_loads: int = 0
     seconds: float = 0.0
     snapshot: int | None = None
     failure_reasons: dict[str, int] = field(default_factory=dict)
@@ -102,36 +119,100 @@ def _failure(series: str | None, stage: str, err: FeatureError) -> dict:
             "reason": err.reason, "message": err.message}
 
 
-def process_series(task: SeriesTask, params: Params) -> dict[str, list[dict]]:
-    """Geometry, statistics and radiomics of one series; failures become rows."""
-    out: dict[str, list[dict]] = {t: [] for t in OUTPUT_TABLES}
+@dataclass
+class VolumeSource:
+    """Where one series' volume comes from: its geometry and source files (picklable)."""
+
+    series_uid: str
+    geometry: Geometry
+    paths: dict[str, str]
+
+    @property
+    def key(self) -> tuple:
+        return (self.series_uid, tuple((sop, self.paths.get(sop)) for sop in self.geometry.order))
+
+
+@dataclass
+class SegmentUnit:
+    """One (image series, mask, segment): the unit of radiomics work (plain data, picklable).
+
+    The segment travels as its bounding box (offset and shape) and the box's
+    voxels as packed bits, so a unit weighs kilobytes whatever the volume.
+    """
+
+    series_uid: str
+    mask_uid: str | None
+    mask_source: str
+    number: int
+    label: str
+    voxel_count: int
+    offset: tuple[int, ...]
+    box_shape: tuple[int, ...]
+    bits: bytes
+
+    @classmethod
+    def of(cls, series_uid: str, mask_set: MaskSet, segment: Segment) -> SegmentUnit:
+        box = bounding_box(segment.mask)
+        crop = segment.mask[box]
+        return cls(series_uid, mask_set.sop_uid, mask_set.source, segment.number, segment.label,
+                   segment.voxel_count, tuple(s.start for s in box), crop.shape,
+                   np.packbits(crop).tobytes())
+
+    def mask(self, shape: tuple[int, ...]) -> np.ndarray:
+        """The segment as a boolean array of the volume's shape."""
+        n = int(np.prod(self.box_shape))
+        crop = np.unpackbits(np.frombuffer(self.bits, dtype=np.uint8), count=n)
+        full = np.zeros(shape, dtype=bool)
+        box = tuple(slice(o, o + k) for o, k in zip(self.offset, self.box_shape, strict=True))
+        full[box] = crop.reshape(self.box_shape).astype(bool)
+        return full
+
+
+@dataclass
+class Prepared:
+    """What the first stage makes of a batch of series."""
+
+    rows: dict[str, list[dict]]
+    units: list[SegmentUnit] = field(default_factory=list)
+    volumes: dict[str, VolumeSource] = field(default_factory=dict)
+
+
+def _empty_rows() -> dict[str, list[dict]]:
+    return {t: [] for t in OUTPUT_TABLES}
+
+
+def prepare_series(task: SeriesTask) -> Prepared:
+    """Stage 1 for one series: geometry, statistics, its masks cut into segment units."""
+    out = Prepared(_empty_rows())
+    rows = out.rows
     uid = task.series_uid
     geo = series_geometry(task.rows, uid)
-    out["series_geometry"].append(geo.row)
+    rows["series_geometry"].append(geo.row)
     first = task.rows[0]
     burned = any(str(r.get("BurnedInAnnotation") or "").upper() == "YES" for r in task.rows)
     files = [(r["SOPInstanceUID"], task.paths.get(r["SOPInstanceUID"])) for r in task.rows]
-    out["image_stats"].append(series_stats(uid, files, first.get("Modality"),
-                                           first.get("StudyInstanceUID"), burned))
+    rows["image_stats"].append(series_stats(uid, files, first.get("Modality"),
+                                            first.get("StudyInstanceUID"), burned))
     if not task.masks:
         return out
     try:
-        image = load_volume(geo, task.paths)
+        check_volume(geo, task.paths)
     except FeatureError as err:
         for _kind, mask_uid, _path in task.masks:
             err.mask_uid = mask_uid
-            out["feature_failures"].append(_failure(uid, "volume", err))
+            rows["feature_failures"].append(_failure(uid, "volume", err))
         return out
+    out.volumes[uid] = VolumeSource(uid, geo, {sop: task.paths[sop] for sop in geo.order})
     readers = {"seg": read_seg, "rtstruct": read_rtstruct, "file": read_mask_file}
     for kind, mask_uid, path in task.masks:
         try:
             mask_set: MaskSet = readers[kind](path, geo)
         except FeatureError as err:
             err.mask_uid = mask_uid  # the lake's UID, never the one inside the file
-            out["feature_failures"].append(_failure(uid, "mask", err))
+            rows["feature_failures"].append(_failure(uid, "mask", err))
             continue
         except Exception as exc:  # a malformed object the readers did not foresee
-            out["feature_failures"].append(_failure(uid, "mask", FeatureError(
+            rows["feature_failures"].append(_failure(uid, "mask", FeatureError(
                 "unsupported_mask", uid, f"the {kind} mask cannot be placed on the image: "
                 f"{type(exc).__name__}: {exc}", mask_uid)))
             continue
@@ -139,43 +220,160 @@ def process_series(task: SeriesTask, params: Params) -> dict[str, list[dict]]:
         lake_labels = task.labels.get(mask_uid or "", {})
         for seg in mask_set.segments:
             seg.label = lake_labels.get(seg.number, seg.label) if mask_uid else seg.label
-            n = seg.voxel_count
-            if n == 0:
-                out["feature_failures"].append(_failure(uid, "radiomics", FeatureError(
+            if seg.voxel_count == 0:
+                rows["feature_failures"].append(_failure(uid, "radiomics", FeatureError(
                     "empty_segment", uid, f"segment {seg.number} ({seg.label}) has no voxel",
                     mask_set.sop_uid)))
                 continue
-            try:
-                values = extract(image, seg.mask, params)
-            except Exception as exc:  # recorded, so one segment never stops the run
-                out["feature_failures"].append(_failure(uid, "radiomics", FeatureError(
-                    "feature_error", uid, f"segment {seg.number} ({seg.label}): "
-                    f"{type(exc).__name__}: {exc}", mask_set.sop_uid)))
-                continue
-            for (cls, name), value in values.items():
-                out["radiomics_features"].append({
-                    "SeriesInstanceUID": uid, "mask_SOPInstanceUID": mask_set.sop_uid,
-                    "mask_source": mask_set.source, "segment_number": seg.number,
-                    "segment_label": seg.label, "feature_class": cls, "feature_name": name,
-                    "value": value, "voxel_count": n, "param_hash": params.hash,
-                    "params_version": params.version, "extractor_version": EXTRACTOR_VERSION,
-                })
+            out.units.append(SegmentUnit.of(uid, mask_set, seg))
     return out
+
+
+def prepare_batch(tasks: list[SeriesTask]) -> Prepared:
+    """Stage 1 for a batch of series; an unexpected error in one series is a failure row."""
+    out = Prepared(_empty_rows())
+    for task in tasks:
+        try:
+            result = prepare_series(task)
+        except Exception as exc:  # one odd series never stops the batch
+            log.exception("series %s", task.series_uid)
+            result = Prepared(_empty_rows())
+            result.rows["feature_failures"].append(_failure(
+                task.series_uid, "volume", FeatureError(
+                    "feature_error", task.series_uid, f"{type(exc).__name__}: {exc}")))
+        for name, rows in result.rows.items():
+            out.rows[name].extend(rows)
+        out.units.extend(result.units)
+        out.volumes.update(result.volumes)
+    return out
+
+
+# --- stage 2: radiomics per (series, segment) ------------------------------------------
+
+#: Volumes kept per worker process between units (the units of a series are handed out
+#: together, so one is enough; each holds a whole series in float32).
+VOLUME_CACHE_SIZE = 1
+_volumes: OrderedDict[tuple, object] = OrderedDict()
+_volumes_lock = threading.Lock()
+
+
+def _volume(source: VolumeSource, params: Params, run_id: str) -> tuple[object, bool]:
+    """The series' image, normalized as the parameters say: (image, whether it was read now).
+
+    Kept per process for the units that follow, keyed by the run, the files and the
+    normalization settings, so a worker reads each volume once while its units come.
+    """
+    setting = params.setting
+    norm = tuple((k, setting.get(k)) for k in ("normalize", "normalizeScale", "removeOutliers"))
+    key = (run_id, source.key, norm)
+    with _volumes_lock:
+        if key in _volumes:
+            _volumes.move_to_end(key)
+            return _volumes[key], False
+    image = normalize(load_volume(source.geometry, source.paths), setting)
+    with _volumes_lock:
+        _volumes[key] = image
+        while len(_volumes) > VOLUME_CACHE_SIZE:
+            _volumes.popitem(last=False)
+    return image, True
+
+
+@dataclass
+class SegmentResults:
+    rows: dict[str, list[dict]]
+    #: volumes read from the source files by this batch (the others came from the cache)
+    volume_loads: int = 0
+
+
+def compute_segments(units: list[SegmentUnit], volumes: dict[str, VolumeSource],
+                     params: Params, run_id: str = "") -> SegmentResults:
+    """Stage 2: the radiomics features of each unit; failures become rows."""
+    out = SegmentResults({"radiomics_features": [], "feature_failures": []})
+    rows = out.rows
+    for unit in units:
+        uid = unit.series_uid
+        try:
+            image, loaded = _volume(volumes[uid], params, run_id)
+        except FeatureError as err:
+            err.mask_uid = unit.mask_uid
+            rows["feature_failures"].append(_failure(uid, "volume", err))
+            continue
+        except Exception as exc:  # one odd volume never stops the batch
+            log.exception("series %s", uid)
+            rows["feature_failures"].append(_failure(uid, "volume", FeatureError(
+                "feature_error", uid, f"{type(exc).__name__}: {exc}", unit.mask_uid)))
+            continue
+        out.volume_loads += loaded
+        where = f"segment {unit.number} ({unit.label})"
+        try:
+            values = extract(image, unit.mask(volumes[uid].geometry.shape), params,
+                             normalized=True)
+        except Exception as exc:  # recorded, so one segment never stops the run
+            rows["feature_failures"].append(_failure(uid, "radiomics", FeatureError(
+                "feature_error", uid, f"{where}: {type(exc).__name__}: {exc}", unit.mask_uid)))
+            continue
+        for (cls, name), value in values.items():
+            rows["radiomics_features"].append({
+                "SeriesInstanceUID": uid, "mask_SOPInstanceUID": unit.mask_uid,
+                "mask_source": unit.mask_source, "segment_number": unit.number,
+                "segment_label": unit.label, "feature_class": cls, "feature_name": name,
+                "value": value, "voxel_count": unit.voxel_count, "param_hash": params.hash,
+                "params_version": params.version, "extractor_version": EXTRACTOR_VERSION,
+            })
+    return out
+
+
+def process_series(task: SeriesTask, params: Params) -> dict[str, list[dict]]:
+    """Both stages for one series, in this process (what a features run does for it)."""
+    prepared = prepare_series(task)
+    done = compute_segments(prepared.units, prepared.volumes, params)
+    return _merge([prepared.rows, done.rows])
 
 
 def process_batch(tasks: list[SeriesTask], params: Params) -> dict[str, list[dict]]:
-    out: dict[str, list[dict]] = {t: [] for t in OUTPUT_TABLES}
-    for task in tasks:
-        try:
-            result = process_series(task, params)
-        except Exception as exc:  # one odd series never stops the batch
-            log.exception("series %s", task.series_uid)
-            result = {t: [] for t in OUTPUT_TABLES}
-            result["feature_failures"].append(_failure(task.series_uid, "volume", FeatureError(
-                "feature_error", task.series_uid, f"{type(exc).__name__}: {exc}")))
-        for name, rows in result.items():
-            out[name].extend(rows)
+    """Both stages for a batch of series, in this process."""
+    prepared = prepare_batch(tasks)
+    done = compute_segments(prepared.units, prepared.volumes, params)
+    return _merge([prepared.rows, done.rows])
+
+
+#: What makes a row unique in each output table of one run (a row met twice, say a unit
+#: computed again after a worker was lost, is kept once).
+ROW_KEYS: dict[str, tuple[str, ...]] = {
+    "series_geometry": ("SeriesInstanceUID",),
+    "image_stats": ("SeriesInstanceUID",),
+    "radiomics_features": ("SeriesInstanceUID", "mask_SOPInstanceUID", "mask_source",
+                           "segment_number", "feature_class", "feature_name", "param_hash"),
+    "feature_failures": ("SeriesInstanceUID", "mask_SOPInstanceUID", "stage", "reason",
+                         "message"),
+}
+
+
+def _merge(parts: list[dict[str, list[dict]]]) -> dict[str, list[dict]]:
+    """Rows of several results, each key once (the first met)."""
+    out = _empty_rows()
+    for name in OUTPUT_TABLES:
+        seen: set[tuple] = set()
+        for part in parts:
+            for row in part.get(name, []):
+                key = tuple(row.get(k) for k in ROW_KEYS[name])
+                if key not in seen:
+                    seen.add(key)
+                    out[name].append(row)
     return out
+
+
+def segment_batches(units: list[SegmentUnit], size: int) -> list[list[SegmentUnit]]:
+    """Units in batches of at most ``size`` segments, in series order.
+
+    Work is balanced by segment, not by series: a series with many segments is
+    spread over several tasks, and a task holds segments of several small series.
+    Keeping series order lets a worker's consecutive units share the cached volume.
+    """
+    ordered = sorted(units, key=lambda u: (u.series_uid, u.mask_source, u.mask_uid or "",
+                                           u.number))
+    size = max(1, size)
+    return [ordered[i:i + size] for i in range(0, len(ordered), size)]
 
 
 def plan(lake: Lake, config: FeaturesConfig) -> list[SeriesTask]:
@@ -250,19 +448,31 @@ def plan(lake: Lake, config: FeaturesConfig) -> list[SeriesTask]:
     return list(tasks.values())
 
 
-def _compute(batches: list[list[SeriesTask]], params: Params, config: FeaturesConfig
-             ) -> list[dict[str, list[dict]]]:
+@contextlib.contextmanager
+def _runner(config: FeaturesConfig) -> Iterator[Callable[[list], list]]:
+    """A function computing a list of Dask delayed objects on the configured scheduler."""
     import dask
 
-    delayed = [dask.delayed(process_batch, pure=False)(b, params) for b in batches]
     if config.scheduler in ("processes", "threads", "synchronous"):
         kwargs: dict = {"scheduler": config.scheduler}
         if config.workers and config.scheduler != "synchronous":
             kwargs["num_workers"] = config.workers
-        if config.scheduler == "processes":
-            # one batch per hand-out: Dask's default chunks of 6 would idle a worker
-            kwargs["chunksize"] = 1
-        return list(dask.compute(*delayed, **kwargs))
+        if config.scheduler != "processes":
+            yield lambda delayed: list(dask.compute(*delayed, **kwargs)) if delayed else []
+            return
+        from concurrent.futures import ProcessPoolExecutor
+
+        from dask.multiprocessing import get_context, initialize_worker_process
+
+        # one pool for both stages (its processes start and import once), set up as Dask
+        # sets up its own; one task per hand-out: chunks of 6 would idle a worker
+        kwargs["chunksize"] = 1
+        os.environ.setdefault("PYTHONHASHSEED", "6640")
+        with ProcessPoolExecutor(config.workers or os.cpu_count(), mp_context=get_context(),
+                                 initializer=initialize_worker_process) as pool:
+            kwargs["pool"] = pool
+            yield lambda delayed: list(dask.compute(*delayed, **kwargs)) if delayed else []
+        return
     from distributed import Client, LocalCluster
 
     cluster = None
@@ -276,15 +486,33 @@ def _compute(batches: list[list[SeriesTask]], params: Params, config: FeaturesCo
     except (OSError, TimeoutError, ValueError) as exc:
         raise SchedulerError(config.scheduler, str(exc) or type(exc).__name__) from None
     try:
-        return list(client.gather(client.compute(delayed)))
+        yield lambda delayed: list(client.gather(client.compute(delayed))) if delayed else []
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
 
 
+def _replace(old: pa.Table, computed: list[str], param_hash: str | None) -> pa.Table:
+    """Rows of ``old`` a run does not replace: other series, or (radiomics) other parameters."""
+    mine = pc.is_in(old.column("SeriesInstanceUID"), pa.array(computed, pa.string()))
+    if param_hash is not None:
+        mine = pc.and_(mine, pc.equal(old.column("param_hash"), param_hash))
+    return old.filter(pc.invert(pc.fill_null(mine, False)))
+
+
 def compute_features(lake: Lake, config: FeaturesConfig | None = None) -> FeaturesSummary:
-    """Compute and commit the feature tables; returns what was done."""
+    """Compute and commit the feature tables; returns what was done.
+
+    Two Dask stages: batches of series (geometry, image statistics, masks cut
+    into segments), then batches of (series, segment) units (radiomics), each
+    worker reading a volume once for the units of that series it is given.
+    One commit replaces the rows of the computed series: all of them in
+    series_geometry, image_stats and feature_failures, those with this
+    parameter hash in radiomics_features (other parameter sets stay).
+    """
+    import dask
+
     config = config or FeaturesConfig()
     params = config.params or Params.default()
     run_id = new_run_id()
@@ -298,20 +526,32 @@ def compute_features(lake: Lake, config: FeaturesConfig | None = None) -> Featur
     summary.masks = sum(len(t.masks) for t in tasks)
     size = max(1, config.batch_series)
     batches = [tasks[i:i + size] for i in range(0, len(tasks), size)]
-    results = _compute(batches, params, config) if batches else []
-    merged: dict[str, list[dict]] = {t: [] for t in OUTPUT_TABLES}
-    for res in results:
-        for name, rows in res.items():
-            merged[name].extend(rows)
-    computed = {t.series_uid for t in tasks}
+    with _runner(config) as run:
+        # named keys: Dask runs independent tasks in key order, so the units of a series
+        # run one after the other and share the volume a worker has read
+        prepared: list[Prepared] = run([
+            dask.delayed(prepare_batch, pure=False)(b, dask_key_name=f"series-{run_id}-{i:06d}")
+            for i, b in enumerate(batches)])
+        units = [u for p in prepared for u in p.units]
+        volumes = {uid: v for p in prepared for uid, v in p.volumes.items()}
+        unit_batches = segment_batches(units, config.batch_segments)
+        done: list[SegmentResults] = run([
+            dask.delayed(compute_segments, pure=False)(
+                b, {u.series_uid: volumes[u.series_uid] for u in b}, params, run_id,
+                dask_key_name=f"segments-{run_id}-{i:06d}")
+            for i, b in enumerate(unit_batches)])
+    summary.segment_tasks = len(unit_batches)
+    summary.volume_loads = sum(d.volume_loads for d in done)
+    merged = _merge([p.rows for p in prepared] + [d.rows for d in done])
+    computed = sorted(t.series_uid for t in tasks)
     with lake.writer(run_id) as writer:
         for name in OUTPUT_TABLES:
             for row in merged[name]:
                 row["features_run_id"] = run_id
             new = pa.Table.from_pylist(merged[name]) if merged[name] else None
             old = writer.dataset(name).to_table()
-            keep = old.filter(pc.invert(pc.is_in(old.column("SeriesInstanceUID"),
-                                                 pa.array(sorted(computed), pa.string()))))
+            keep = _replace(old, computed,
+                            params.hash if name == "radiomics_features" else None)
             parts = [keep.select(old.column_names)]
             if new is not None:
                 parts.append(conform(TABLES[name], new, lake.profile))
@@ -329,6 +569,8 @@ def compute_features(lake: Lake, config: FeaturesConfig | None = None) -> Featur
         reasons[r["reason"]] += 1
     summary.failure_reasons = dict(reasons)
     summary.seconds = time.monotonic() - started
-    log.info("features run %s: %d series, %d feature rows, %d failures", run_id,
-             summary.series, summary.feature_rows, summary.failures)
+    log.info("features run %s: %d series, %d segments in %d tasks (%d volume reads), "
+             "%d feature rows, %d failures", run_id, summary.series, summary.segments,
+             summary.segment_tasks, summary.volume_loads, summary.feature_rows,
+             summary.failures)
     return summary

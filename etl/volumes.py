@@ -192,6 +192,19 @@ def to_modality_units(ds, arr: np.ndarray) -> np.ndarray:
     return np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
 
 
+def check_volume(geometry: Geometry, paths: dict[str, str]) -> None:
+    """Raise :class:`FeatureError` unless the series makes one volume with every file known."""
+    series = geometry.row.get("SeriesInstanceUID")
+    if not geometry.volume_ok:
+        raise FeatureError("not_a_volume", series,
+                           f"series {series} is not one regular volume "
+                           f"({', '.join(geometry.row.get('issues') or [])})")
+    for sop in geometry.order:
+        if paths.get(sop) is None:
+            raise FeatureError("missing_file", series,
+                               f"no ingested source file for instance {sop} of series {series}")
+
+
 def load_volume(geometry: Geometry, paths: dict[str, str]):
     """Read the series' pixels into a SimpleITK image (float32, modality units).
 
@@ -202,16 +215,10 @@ def load_volume(geometry: Geometry, paths: dict[str, str]):
     import SimpleITK as sitk
 
     series = geometry.row.get("SeriesInstanceUID")
-    if not geometry.volume_ok:
-        raise FeatureError("not_a_volume", series,
-                           f"series {series} is not one regular volume "
-                           f"({', '.join(geometry.row.get('issues') or [])})")
+    check_volume(geometry, paths)
     planes = []
     for sop in geometry.order:
-        path = paths.get(sop)
-        if path is None:
-            raise FeatureError("missing_file", series,
-                               f"no ingested source file for instance {sop} of series {series}")
+        path = paths[sop]
         try:
             ds = pydicom.dcmread(path)
             planes.append(to_modality_units(ds, ds.pixel_array).astype(np.float32))

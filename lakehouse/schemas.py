@@ -532,7 +532,9 @@ RADIOMICS_FEATURES = TableSpec(
         Column("mask_source", STR, "seg, rtstruct or file (with the file name)."),
         Column("segment_number", I64, "SegmentNumber (SEG), ROINumber (RTSTRUCT) or label value."),
         Column("segment_label", STR, "SegmentLabel / ROIName / label value as text."),
-        Column("feature_class", STR, "firstorder, shape, glcm, glrlm, glszm, gldm, ngtdm."),
+        Column("feature_class", STR, "firstorder, shape, glcm, glrlm, glszm, gldm, ngtdm; "
+               "on a filtered image prefixed by its pyradiomics image type "
+               "(log-sigma-1-0-mm-3D_firstorder, wavelet-LLH_glcm)."),
         Column("feature_name", STR, "Feature name as in pyradiomics (e.g. Entropy)."),
         Column("value", F64, "Feature value."),
         Column("voxel_count", I64, "Voxels in the segment."),

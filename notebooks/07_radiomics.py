@@ -53,6 +53,27 @@ cohort = cat.df("""
 cohort
 
 # %% [markdown]
+# ## Parameter sets
+#
+# Each `lake features --params FILE` run keeps its features under the hash of
+# its parameter file (bin width, resampling, normalization...), beside those
+# of other parameter sets. Compare features of one set only: here the set with
+# the most feature values (set `PARAM_HASH` to choose another).
+
+# %%
+param_sets = cat.df("""
+    SELECT param_hash, extractor_version,
+           count(DISTINCT (SeriesInstanceUID, mask_source, segment_number)) AS segments,
+           count(DISTINCT (feature_class, feature_name)) AS features,
+           count(*) AS feature_values
+    FROM radiomics_features
+    GROUP BY ALL
+    ORDER BY feature_values DESC, param_hash
+""")
+PARAM_HASH = os.environ.get("PARAM_HASH") or param_sets.param_hash.iloc[0]
+param_sets
+
+# %% [markdown]
 # ## Features of the cohort's segments
 
 # %%
@@ -60,9 +81,11 @@ features = cat.df("""
     SELECT w.*, c.BodyPartExamined
     FROM radiomics_wide w
     JOIN series c USING (SeriesInstanceUID)
-    WHERE w.SeriesInstanceUID IN (
+    WHERE w.param_hash = $param_hash
+      AND w.SeriesInstanceUID IN (
         SELECT SeriesInstanceUID FROM series_geometry WHERE volume_ok)
-""")
+""", {"param_hash": PARAM_HASH})
+assert features.param_hash.nunique() == 1  # one parameter set: comparable values
 print(f"{len(features)} segments of {features.SeriesInstanceUID.nunique()} series; "
       f"{features.shape[1] - 8} feature columns")
 features.groupby("segment_label").size()

@@ -48,6 +48,13 @@ class Params:
                 detail += (" (implemented feature classes: firstorder, shape, glcm, glrlm, "
                            "glszm, gldm, ngtdm)")
             raise ParamsError(source, detail) from None
+        wavelet = ((data.get("imageType") or {}).get("Wavelet") or {}).get("wavelet")
+        if wavelet is not None:
+            import pywt
+
+            if wavelet not in pywt.wavelist(kind="discrete"):
+                raise ParamsError(source, f"imageType/Wavelet/wavelet: {wavelet!r} is not a "
+                                  "PyWavelets discrete wavelet (e.g. coif1, haar, db2, sym4)")
         return cls(copy.deepcopy(data), source)
 
     @classmethod
@@ -85,6 +92,12 @@ class Params:
         return {k: list(v or []) for k, v in self.raw["featureClass"].items()}
 
     @property
+    def image_types(self) -> dict[str, dict[str, Any]]:
+        """Enabled image types with their options (default: Original only)."""
+        types = self.raw.get("imageType") or {"Original": {}}
+        return {k: dict(v or {}) for k, v in types.items()}
+
+    @property
     def hash(self) -> str:
         """SHA-256 of the canonical JSON of the parameters (what the features depend on)."""
         blob = json.dumps(self.raw, sort_keys=True, separators=(",", ":")).encode()
@@ -93,4 +106,8 @@ class Params:
     def pyradiomics_settings(self) -> dict[str, Any]:
         """The same settings as keyword arguments of pyradiomics' extractor."""
         s = {k: v for k, v in self.setting.items() if v is not None}
+        if s.pop("maskInterpolator", "sitkNearestNeighbor") != "sitkNearestNeighbor":
+            raise ParamsError(self.source, "pyradiomics resamples the region by nearest "
+                              "neighbour only: it has no maskInterpolator setting")
+        s.pop("maskPartialVolumeThreshold", None)
         return s

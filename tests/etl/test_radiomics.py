@@ -26,6 +26,7 @@ def image_of(arr: np.ndarray, spacing_zyx) -> sitk.Image:
 
 
 def pyradiomics_values(image, mask: np.ndarray, params: Params) -> dict:
+    """pyradiomics' features with the same settings, keyed as the lake's extractor keys them."""
     featureextractor = pytest.importorskip("radiomics.featureextractor",
                                            reason=PYRADIOMICS_MISSING)
     logging.getLogger("radiomics").setLevel(logging.ERROR)
@@ -33,11 +34,18 @@ def pyradiomics_values(image, mask: np.ndarray, params: Params) -> dict:
     ex.disableAllFeatures()
     for cls in params.feature_classes:
         ex.enableFeatureClassByName(cls)
+    ex.disableAllImageTypes()
+    for kind, custom in params.image_types.items():
+        ex.enableImageTypeByName(kind, customArgs=custom)
     m = sitk.GetImageFromArray(mask.astype(np.uint8))
     m.CopyInformation(image)
-    out = ex.execute(image, m)
-    return {(c, n): float(out[f"original_{c}_{n}"])
-            for c, names in FEATURE_CLASSES.items() for n in names}
+    out = {}
+    for key, value in ex.execute(image, m).items():
+        if key.startswith("diagnostics_"):
+            continue
+        kind, cls, name = key.split("_", 2)
+        out[(cls if kind == "original" else f"{kind}_{cls}", name)] = float(value)
+    return out
 
 
 def assert_agree(ours: dict, ref: dict) -> None:
@@ -121,8 +129,8 @@ def test_params_validation_and_hash():
     with pytest.raises(ParamsError, match=r"setting: Additional properties.*binwidth"):
         Params.from_dict({"version": 1, "setting": {"binwidth": 3},
                           "featureClass": {"shape": []}})
-    with pytest.raises(ParamsError, match=r"resampledPixelSpacing.*not of type 'null'"):
-        Params.from_dict({"version": 1, "setting": {"resampledPixelSpacing": [1, 1, 1]},
+    with pytest.raises(ParamsError, match=r"resampledPixelSpacing.*not of type 'array', 'null'"):
+        Params.from_dict({"version": 1, "setting": {"resampledPixelSpacing": "1mm"},
                           "featureClass": {"shape": []}})
     with pytest.raises(ParamsError, match=r"version: 2 was expected|version: 1 was expected"):
         Params.from_dict({"version": 2, "featureClass": {"shape": []}})

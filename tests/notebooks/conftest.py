@@ -11,6 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from etl.features import FeaturesConfig, compute_features, plan
+from etl.radiomics import Params
 from etl.volumes import load_volume, series_geometry
 from lakehouse import Lake
 
@@ -48,7 +49,14 @@ def features_lake(built_lake, tmp_path_factory) -> Path:
     shutil.copytree(built_lake[0], dest, symlinks=True)
     lake = Lake.open(dest)
     masks = threshold_masks(lake, root / "masks")
-    compute_features(lake, FeaturesConfig(series=tuple(uid for uid, _ in masks),
-                                          mask_files=tuple(masks), scheduler="processes",
-                                          workers=2))
+    series = tuple(uid for uid, _ in masks)
+    compute_features(lake, FeaturesConfig(series=series, mask_files=tuple(masks),
+                                          scheduler="processes", workers=2))
+    # a second parameter set beside the default one: first order on a 2 mm grid
+    resampled = Params.from_dict({"version": 1, "setting": {"resampledPixelSpacing": [2, 2, 2]},
+                                  "featureClass": {"firstorder": []}}, "resampled-2mm")
+    again = compute_features(lake, FeaturesConfig(series=series, mask_files=tuple(masks),
+                                                  params=resampled, scheduler="processes",
+                                                  workers=2))
+    assert again.feature_rows == again.segments * 18 > 0
     return dest
