@@ -896,7 +896,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("name", help="cohort name (letters, digits, _ - .)")
     c.add_argument("--sql", help="a query returning one row per series (SeriesInstanceUID) "
                    "or per study (StudyInstanceUID); - reads it from stdin")
-    c.add_argument("--spec", help="a declarative spec file (YAML)")
+    c.add_argument("--spec", help="a declarative spec file (YAML: modality, body_part, "
+                   "study_date, age, ..., feature thresholds, with all/any/not; README "
+                   "'Cohorts'); a feature criterion's parameter file is read relative to it")
     c.add_argument("--description", help="free text saved with the cohort")
     c.add_argument("--replace", action="store_true", help="overwrite a saved cohort")
     c.add_argument("--snapshot", type=_non_negative,

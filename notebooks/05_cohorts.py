@@ -56,6 +56,17 @@ cohort_rows[["PatientID", "StudyDate", "BodyPartExamined", "SeriesDescription",
              "instanceCount", "slice_thickness_max"]]
 
 # %% [markdown]
+# When only the members (SeriesInstanceUIDs) are needed, `members=True`
+# compiles the same spec to a cheaper query on `series` alone;
+# `cohorts.members` runs it.
+
+# %%
+members = cohorts.members(cat, chest_ct)
+assert members == sorted(cohort_rows.SeriesInstanceUID)
+print(compile_spec(chest_ct, members=True).sql)
+len(members)
+
+# %% [markdown]
 # A longitudinal question uses `followed_by`: patients with an imaging study and
 # a study of the same kind 1 to 400 days later. `patient_timeline` shows every
 # study of a patient with the interval since the previous one.

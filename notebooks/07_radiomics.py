@@ -30,7 +30,8 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from catalog import open_lake
+from catalog import cohorts, open_lake
+from catalog.spec import check_against, compile_spec, where
 
 cat = open_lake(os.environ.get("LAKE_DIR", "lake"))
 cat
@@ -133,6 +134,26 @@ model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
 scores = cross_val_score(model, X, y, cv=StratifiedKFold(folds, shuffle=True, random_state=0))
 print(f"{folds}-fold accuracy: {scores.mean():.2f} (+/- {scores.std():.2f})")
 scores
+
+# %% [markdown]
+# ## A cohort by feature threshold
+#
+# The same features select series in a declarative cohort spec: here the CT
+# series whose dense segment (label 2) is larger than the median, with the
+# parameter set above. `check_against` refuses a feature, segment or parameter
+# set the lake does not have (`cohorts.save` runs it before pinning a cohort to
+# the snapshot); `cohorts.members` gives the matching SeriesInstanceUIDs.
+
+# %%
+dense = features[features.segment_label == "2"]
+threshold = float(dense.shape_VoxelVolume.median())
+big_dense = where.modality("CT") & where.feature(
+    "shape_VoxelVolume", min=threshold, segment=2, params=features.param_hash.iloc[0])
+check_against(cat, big_dense)
+members = cohorts.members(cat, big_dense)
+assert set(members) == set(dense.SeriesInstanceUID[dense.shape_VoxelVolume >= threshold])
+print(f"{len(members)} of {dense.SeriesInstanceUID.nunique()} series")
+print(compile_spec(big_dense, members=True).sql)
 
 # %%
 cat.close()

@@ -71,6 +71,24 @@ def test_spec_and_equivalent_sql_give_the_same_series(cat, spec, sql):
     assert by_spec  # every case selects something in the sample lake
 
 
+@pytest.mark.parametrize("spec", [
+    *(spec for spec, _ in EQUIVALENT),
+    {"not": {"age": {"min": 40}}},
+    {"any": [{"threshold": {"column": "patient_age_years", "max": 30}}, {"sex": "M"}]},
+    {"followed_by": {"within_days": [0, 4000], "spec": {"all": [
+        {"age": {"max": 90}}, {"not": {"has_segmentation": True}}]}}},
+], ids=lambda v: json.dumps(v)[:40])
+def test_members_query_selects_the_rows_query_series(cat, spec):
+    """compile_spec(members=True) reads series alone (the age as a semi-join on studies):
+    the same series as the rows of cohort_base."""
+    selected = cohorts.members(cat, spec)
+    assert selected == _members(cat, cohorts.Definition.of(spec=spec))
+    assert 0 < len(selected) < cat.con.execute("SELECT count(*) FROM series").fetchall()[0][0]
+    compiled = specs.compile_spec(spec, members=True)
+    assert "cohort_base" not in compiled.sql and "ORDER BY" not in compiled.sql
+    assert ("studies" in compiled.sql) == ("age" in json.dumps(spec))
+
+
 def test_longitudinal_spec_finds_the_planted_repeats(cat, truth):
     spec = {"followed_by": {"within_days": [30, 31], "spec": {"modality": ["CR", "DX", "CT",
                                                                           "MR", "US", "MG"]}}}
