@@ -23,6 +23,24 @@ def ct_headers() -> list[Dataset]:
             for p in sorted((DCMQI / "ct-3slice").glob("*.dcm"))]
 
 
+def real_ct_volume():
+    """The real 3-slice CT as ``(headers, series geometry, image volume)``, read the way
+    the features job reads a series."""
+    from etl.volumes import load_volume, series_geometry
+
+    headers = ct_headers()
+    files = sorted((DCMQI / "ct-3slice").glob("*.dcm"))
+    rows = [{"SOPInstanceUID": h.SOPInstanceUID, "SeriesInstanceUID": h.SeriesInstanceUID,
+             "ImagePositionPatient": [float(v) for v in h.ImagePositionPatient],
+             "ImageOrientationPatient": [float(v) for v in h.ImageOrientationPatient],
+             "PixelSpacing": [float(v) for v in h.PixelSpacing], "Rows": h.Rows,
+             "Columns": h.Columns} for h in headers]
+    geo = series_geometry(rows)
+    image = load_volume(geo, {h.SOPInstanceUID: str(p) for h, p in zip(headers, files,
+                                                                       strict=True)})
+    return headers, geo, image
+
+
 def write_rtstruct(path: Path, cts: list[Dataset]) -> Dataset:
     """An RTSTRUCT with one ROI: a rectangle (pixel edges) on each slice of the CT."""
     ref = cts[0]

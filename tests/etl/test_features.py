@@ -26,6 +26,7 @@ from tests.etl.features_data import (
     RT_ROWS,
     SKIP_DCMQI,
     ct_headers,
+    real_ct_volume,
     write_rtstruct,
 )
 
@@ -229,19 +230,9 @@ def test_every_feature_of_every_real_segment_agrees_with_pyradiomics(tmp_path):
     """The real CT with its two SEGs (6 segments) and an RTSTRUCT, all 107 features."""
     from etl.masks import read_rtstruct, read_seg
     from etl.radiomics import Params, extract
-    from etl.volumes import load_volume
     from tests.etl.test_radiomics import assert_agree, pyradiomics_values
 
-    headers = ct_headers()
-    files = sorted((DCMQI / "ct-3slice").glob("*.dcm"))
-    rows = [{"SOPInstanceUID": h.SOPInstanceUID, "SeriesInstanceUID": h.SeriesInstanceUID,
-             "ImagePositionPatient": [float(v) for v in h.ImagePositionPatient],
-             "ImageOrientationPatient": [float(v) for v in h.ImageOrientationPatient],
-             "PixelSpacing": [float(v) for v in h.PixelSpacing], "Rows": h.Rows,
-             "Columns": h.Columns} for h in headers]
-    geo = series_geometry(rows)
-    image = load_volume(geo, {h.SOPInstanceUID: str(p) for h, p in zip(headers, files,
-                                                                       strict=True)})
+    headers, geo, image = real_ct_volume()
     write_rtstruct(tmp_path / "rt.dcm", headers)
     segments = (read_seg(DCMQI / "liver.dcm", geo).segments
                 + read_seg(DCMQI / "partial_overlaps.dcm", geo).segments

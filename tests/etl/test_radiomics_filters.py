@@ -84,19 +84,9 @@ def test_image_type_settings_are_validated():
 ])
 def test_filtered_features_of_real_segments_agree_with_pyradiomics(setting, images):
     from etl.masks import read_seg
-    from etl.volumes import load_volume, series_geometry
-    from tests.etl.features_data import ct_headers
+    from tests.etl.features_data import real_ct_volume
 
-    headers = ct_headers()
-    files = sorted((DCMQI / "ct-3slice").glob("*.dcm"))
-    rows = [{"SOPInstanceUID": h.SOPInstanceUID, "SeriesInstanceUID": h.SeriesInstanceUID,
-             "ImagePositionPatient": [float(v) for v in h.ImagePositionPatient],
-             "ImageOrientationPatient": [float(v) for v in h.ImageOrientationPatient],
-             "PixelSpacing": [float(v) for v in h.PixelSpacing], "Rows": h.Rows,
-             "Columns": h.Columns} for h in headers]
-    geo = series_geometry(rows)
-    image = load_volume(geo, {h.SOPInstanceUID: str(p) for h, p in zip(headers, files,
-                                                                       strict=True)})
+    _, geo, image = real_ct_volume()
     # the liver and PURPLE, both on the 3 slices (a one-slice region keeps its 3 slices)
     segments = read_seg(DCMQI / "liver.dcm", geo).segments + [
         s for s in read_seg(DCMQI / "partial_overlaps.dcm", geo).segments

@@ -149,19 +149,9 @@ def test_a_region_lost_by_resampling_is_an_error():
 ])
 def test_every_feature_of_real_segments_agrees_with_pyradiomics_when_resampled(setting):
     from etl.masks import read_seg
-    from etl.volumes import load_volume, series_geometry
-    from tests.etl.features_data import ct_headers
+    from tests.etl.features_data import real_ct_volume
 
-    headers = ct_headers()
-    files = sorted((DCMQI / "ct-3slice").glob("*.dcm"))
-    rows = [{"SOPInstanceUID": h.SOPInstanceUID, "SeriesInstanceUID": h.SeriesInstanceUID,
-             "ImagePositionPatient": [float(v) for v in h.ImagePositionPatient],
-             "ImageOrientationPatient": [float(v) for v in h.ImageOrientationPatient],
-             "PixelSpacing": [float(v) for v in h.PixelSpacing], "Rows": h.Rows,
-             "Columns": h.Columns} for h in headers]
-    geo = series_geometry(rows)
-    image = load_volume(geo, {h.SOPInstanceUID: str(p) for h, p in zip(headers, files,
-                                                                       strict=True)})
+    _, geo, image = real_ct_volume()
     segments = (read_seg(DCMQI / "liver.dcm", geo).segments
                 + read_seg(DCMQI / "partial_overlaps.dcm", geo).segments[:2])
     params = params_of(setting)
