@@ -63,7 +63,6 @@ FORMATS = ("manifest", "dicom", "nifti")
 #: progress(stage, done, total)
 Progress = Callable[[str, int, int], None]
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-_CHUNK = 1 << 20
 
 
 @dataclass
@@ -178,11 +177,8 @@ def _csv_value(v: Any) -> str:
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+    """SHA-256 of a whole file (the ``SHA256SUMS`` manifest)."""
+    return sha256_prefix(path)
 
 
 def _write_checksums(root: Path) -> int:
