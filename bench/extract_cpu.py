@@ -1,0 +1,228 @@
+"""Worker CPU per file: ``etl.extract.extract_batch`` in one process, against naive pydicom.
+
+What a worker of ``lake ingest`` spends per file, measured as CPU time (not
+wall time: the machine's cores are shared, so wall clocks are noisy), in ONE
+process over the files of a generated archive, for:
+
+- ``naive``: the baseline of ``bench/ingest.py``: ``dcmread(path,
+  stop_before_pixels=True)`` and the schema's header columns converted simply
+  (str / float / int / lists), rows kept in a list (no Parquet write);
+- ``dcmread``: ``dcmread(path, stop_before_pixels=True)`` alone (pydicom
+  converts values lazily, so this is parsing without conversion);
+- ``identified``: ``extract_batch`` without a policy (identified lakes);
+- ``research``: ``extract_batch`` with the research policy (the default profile:
+  pseudonyms, UID remapping, date shifts, the header allow-list).
+
+Files are read in batches of ``IngestConfig.batch_files`` with the checksum mode
+of new lakes (``header``), after a page-cache warming read. Each contender runs
+``--repeat`` times, interleaved; the lowest CPU time is reported.
+
+    .venv/bin/python bench/extract_cpu.py                       # both kinds, 2,000 files each
+    .venv/bin/python bench/extract_cpu.py --kinds small --files 5000
+    .venv/bin/python bench/extract_cpu.py --profile research --top 25   # cProfile top 25
+    .venv/bin/python bench/extract_cpu.py --workdir /tmp/bt/w20        # reuse archives there
+
+Archives come from ``bench/ingest.py``'s ``prepare_archive`` (presets ``bench``
+and ``bench-small``); an existing complete archive in ``--workdir`` is reused
+read-only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ingest import _converter, archive_files, prepare_archive, warm_cache  # noqa: E402
+
+#: a fixed key: the figures do not depend on it, and no key file is needed
+BENCH_KEY = bytes(range(32))
+
+
+def _policy():
+    from lakehouse.deid import Policy
+    from lakehouse.privacy import Pseudonymizer
+
+    return Policy(Pseudonymizer(BENCH_KEY))
+
+
+def _found(files: list[Path]):
+    from etl.discover import FoundFile
+
+    out = []
+    for p in files:
+        st = os.stat(p)
+        out.append(FoundFile(str(p), st.st_size, st.st_mtime_ns))
+    return out
+
+
+def run_dcmread(files) -> int:
+    import pydicom
+
+    n = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for f in files:
+            try:
+                pydicom.dcmread(f.path, stop_before_pixels=True)
+                n += 1
+            except Exception:
+                pass
+    return n
+
+
+def run_naive(files) -> int:
+    """The per-file work of ``bench/ingest.py``'s baseline (without its Parquet write)."""
+    import pydicom
+
+    from lakehouse.schemas import HEADER_COLUMNS
+
+    columns = [(c.keyword, _converter(c.type)) for c in HEADER_COLUMNS if c.keyword]
+    rows = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for f in files:
+            try:
+                ds = pydicom.dcmread(f.path, stop_before_pixels=True)
+                row = {}
+                for kw, conv in columns:
+                    if kw == "TransferSyntaxUID":
+                        v = ds.file_meta.get(kw) if getattr(ds, "file_meta", None) else None
+                    else:
+                        v = ds.get(kw)
+                    row[kw] = conv(v)
+            except Exception:
+                continue
+            rows.append(row)
+    return len(rows)
+
+
+def run_extract(files, policy, batch: int) -> int:
+    from etl.config import IngestConfig
+    from etl.extract import extract_batch
+
+    config = IngestConfig(checksum="header")
+    ok = 0
+    for i in range(0, len(files), batch):
+        table = extract_batch(files[i:i + batch], config, "bench", policy)
+        ok += table.column("status").to_pylist().count("ok")
+    return ok
+
+
+def contenders(policy, batch: int) -> dict:
+    return {
+        "naive": run_naive,
+        "dcmread": run_dcmread,
+        "identified": lambda files: run_extract(files, None, batch),
+        "research": lambda files: run_extract(files, policy, batch),
+    }
+
+
+def cpu_ms_per_file(fn, files) -> tuple[float, int]:
+    t = time.process_time()
+    ok = fn(files)
+    return (time.process_time() - t) * 1000 / len(files), ok
+
+
+def profile(fn, files, top: int) -> str:
+    prof = cProfile.Profile()
+    prof.enable()
+    fn(files)
+    prof.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(prof, stream=out)
+    stats.sort_stats("tottime").print_stats(top)
+    return out.getvalue()
+
+
+def bench_kind(kind: str, args, log) -> dict:
+    root, _truth, _ = prepare_archive(Path(args.workdir), args.archive_files, args.seed, log,
+                                      kind=kind)
+    paths = archive_files(root)[: args.files]
+    warm_cache(paths)
+    files = _found(paths)
+    funcs = contenders(_policy(), args.batch)
+    if args.profile:
+        return {"kind": kind, "files": len(files),
+                "profile": profile(funcs[args.profile], files, args.top)}
+    for fn in funcs.values():  # warm-up: imports, dictionaries, caches
+        fn(files[:50])
+    best: dict[str, float] = {}
+    ok: dict[str, int] = {}
+    for _ in range(args.repeat):
+        for name, fn in funcs.items():
+            ms, n = cpu_ms_per_file(fn, files)
+            best[name] = min(best.get(name, ms), ms)
+            ok[name] = n
+    base = best["naive"]
+    return {
+        "kind": kind, "files": len(files), "repeat": args.repeat,
+        "cpu_ms_per_file": {k: round(v, 4) for k, v in best.items()},
+        "ok_files": ok,
+        "speedup_vs_naive": {k: round(base / v, 2) for k, v in best.items()},
+        "research_over_identified": round(best["research"] / best["identified"], 3),
+    }
+
+
+def render(results: list[dict], load: tuple[float, ...]) -> str:
+    lines = [f"load average before/after: {load[0]:.2f} / {load[1]:.2f}"]
+    for r in results:
+        if "profile" in r:
+            lines.append(f"== {r['kind']}: cProfile of {r['files']} files")
+            lines.append(r["profile"])
+            continue
+        lines.append(f"== {r['kind']}: {r['files']} files, best of {r['repeat']}")
+        lines.append(f"{'contender':<12} {'CPU ms/file':>12} {'x naive':>10}")
+        for name, ms in r["cpu_ms_per_file"].items():
+            lines.append(f"{name:<12} {ms:>12.3f} {r['speedup_vs_naive'][name]:>10.2f}")
+        lines.append(f"research / identified: {r['research_over_identified']:.3f}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--kinds", default="ct,small", help="archives: ct and/or small")
+    ap.add_argument("--files", type=int, default=2000, help="files per archive to read")
+    ap.add_argument("--archive-files", type=int, default=5000,
+                    help="size of the archive to generate or reuse (archive-N)")
+    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "bt", "w20"),
+                    help="where archives are generated or reused")
+    ap.add_argument("--seed", type=int, default=0, help="archive seed (as bench/ingest.py)")
+    ap.add_argument("--batch", type=int, default=128, help="files per extract_batch call")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--profile", choices=["naive", "dcmread", "identified", "research"],
+                    help="print a cProfile of this contender instead of timings")
+    ap.add_argument("--top", type=int, default=30, help="functions in the profile")
+    ap.add_argument("--json", action="store_true")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    load0 = os.getloadavg()[0]
+    results = [bench_kind(k.strip(), args, log) for k in args.kinds.split(",") if k.strip()]
+    load = (load0, os.getloadavg()[0])
+    if args.json:
+        print(json.dumps({"load_average": load, "results": results}, indent=2))
+    else:
+        print(render(results, load))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
