@@ -108,6 +108,8 @@ class PatientContext:
     patient_key: str
     offset_days: int
     identifier_tokens: set[str] = field(default_factory=set)
+    #: cleaned free text of this context, by original value (filled by the policy)
+    cleaned: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass
@@ -119,16 +121,118 @@ class Deidentified:
     offset_days: int
 
 
+#: What the filter does with an allowed public tag (after the VR decides on PN, SQ,
+#: UI, DA and DT): keep it, pseudonymize it, keep it as a class UID, cap an age,
+#: clean free text.
+_KEEP, _PSEUDONYM, _CLASS, _AGE, _CLEAN = range(5)
+
+
+def _action(tag: str) -> int:
+    if tag in _IDENTIFIER_TAGS:
+        return _PSEUDONYM
+    if tag in _CLASS_TAGS:
+        return _CLASS
+    if tag == _AGE_TAG:
+        return _AGE
+    if tag in _CLEANED_TAGS:
+        return _CLEAN
+    return _KEEP
+
+
+#: ``{tag: action}`` for every allowed public tag; a tag not in it is dropped.
+_ACTIONS: dict[str, int] = {tag: _action(tag) for tag in ALLOWED_TAGS}
+#: the header values the patient context is computed from (its cache key)
+_CONTEXT_TAGS = (*_ID_TOKEN_TAGS, _NAME_TAG, _BIRTH_TAG, _STUDY_UID_TAG)
+#: Entries a memo table holds before it starts over (bounds a worker's memory).
+MEMO_ENTRIES = 1 << 14
+
+
 class Policy:
-    """The de-identification policy with a key. Picklable."""
+    """The de-identification policy with a key. Picklable.
+
+    A policy memoizes what it computes from header values (pseudonyms, remapped
+    UIDs, shifted dates, patient contexts, cleaned text): the files of one series
+    or study repeat most of them. Every memo is keyed by the complete input of the
+    computation, so a value never leaks from one patient's file into another's;
+    the memos are bounded (:data:`MEMO_ENTRIES`) and not pickled.
+    """
 
     def __init__(self, pseudonymizer: Pseudonymizer,
                  private_allowlist: Iterable[PrivateTag] = ()):
         self.p = pseudonymizer
         self.private = {(pt.group, pt.creator.strip(), pt.element) for pt in private_allowlist}
+        self._reset_memos()
+
+    def _reset_memos(self) -> None:
+        self._ids: dict[tuple[str, str, str | None], str] = {}
+        self._uids: dict[str, str] = {}
+        self._dates: dict[tuple[str, int], str | None] = {}
+        self._contexts: dict[tuple, PatientContext] = {}
+
+    def __getstate__(self) -> dict:
+        return {"p": self.p, "private": self.private}
+
+    def __setstate__(self, state: dict) -> None:
+        self.p = state["p"]
+        self.private = state["private"]
+        self._reset_memos()
+
+    # -- memoized keyed functions -----------------------------------------------
+    def _identifier(self, kind: str, value: str, issuer: str | None = None) -> str:
+        """``Pseudonymizer.patient_id(value, issuer)`` for PatientID, ``identifier`` else."""
+        key = (kind, value, issuer)
+        ps = self._ids.get(key)
+        if ps is None:
+            ps = (self.p.patient_id(value, issuer) if kind == "PatientID"
+                  else self.p.identifier(kind, value))
+            if len(self._ids) >= MEMO_ENTRIES:
+                self._ids.clear()
+            self._ids[key] = ps
+        return ps
+
+    def _uid(self, uid: str) -> str:
+        u = self._uids.get(uid)
+        if u is None:
+            u = self.p.uid(uid)
+            if len(self._uids) >= MEMO_ENTRIES:
+                self._uids.clear()
+            self._uids[uid] = u
+        return u
+
+    def _shift_da(self, value, offset: int):
+        if value.__class__ is not str:
+            return _shift_da(value, offset)
+        key = (value, offset)
+        try:
+            return self._dates[key]
+        except KeyError:
+            shifted = self._dates[key] = _shift_da(value, offset)
+            if len(self._dates) > MEMO_ENTRIES:
+                self._dates.clear()
+            return shifted
+
+    def _shift_dt(self, value, offset: int):
+        s = str(value or "").strip()
+        if len(s) < 8:
+            return None
+        shifted = self._shift_da(s[:8], offset)
+        return shifted + s[8:] if shifted else None
 
     # -- context -------------------------------------------------------------
     def context(self, header: dict) -> PatientContext:
+        try:
+            key = tuple(_memo_key(header.get(tag)) for tag in _CONTEXT_TAGS)
+            ctx = self._contexts.get(key)
+        except TypeError:  # a value that cannot be a key (never from a parser): no memo
+            return self._context(header)
+        if ctx is None:
+            ctx = self._context(header)
+            if len(self._contexts) >= MEMO_ENTRIES:
+                self._contexts.clear()
+            self._contexts[key] = ctx
+        return ctx
+
+    def _context(self, header: dict) -> PatientContext:
         pid = _first(header.get(_PID_TAG))
         issuer = _first(header.get(_ISSUER_TAG))
         patient_key = f"{issuer or ''}\x1e{pid}" if pid else ""
@@ -155,20 +259,22 @@ class Policy:
         out = self._filter(header, ctx, mapping, depth=0)
         pid = _first(header.get(_PID_TAG))
         if pid:
-            pseudo = self.p.patient_id(pid, _first(header.get(_ISSUER_TAG)))
+            pseudo = self._identifier("PatientID", pid, _first(header.get(_ISSUER_TAG)))
             out[_PID_TAG] = {"vr": "LO", "Value": [pseudo]}
         return Deidentified(out, mapping, ctx.offset_days)
 
     def _filter(self, ds: dict, ctx: PatientContext, mapping: list, depth: int) -> dict:
         out: dict = {}
         creators = _private_creators(ds) if self.private else {}
+        actions = _ACTIONS
         for tag, elem in ds.items():
             if tag[3] in _ODD_HEX:  # an odd group: a private attribute
                 if not self._private_allowed(tag, int(tag[:4], 16), creators):
                     continue
                 out[tag] = elem
                 continue
-            if tag not in ALLOWED_TAGS:
+            action = actions.get(tag)
+            if action is None:
                 continue
             vr = elem.get("vr")
             if vr == "PN":
@@ -181,7 +287,7 @@ class Policy:
                 items = [self._filter(item, ctx, mapping, depth + 1) if isinstance(item, dict)
                          else item for item in values]
                 out[tag] = {"vr": vr, "Value": items}
-            elif tag in _IDENTIFIER_TAGS:
+            elif action == _PSEUDONYM:
                 kind = _IDENTIFIER_TAGS[tag]
                 new = []
                 for v in values:
@@ -189,13 +295,12 @@ class Policy:
                         new.append(v)
                         continue
                     s = str(v)
-                    ps = (self.p.patient_id(s, None) if kind == "PatientID"
-                          else self.p.identifier(kind, s))
+                    ps = self._identifier(kind, s)
                     mapping.append((kind, s, ps))
                     new.append(ps)
                 out[tag] = {"vr": vr, "Value": new}
             elif vr == "UI":
-                if tag in _CLASS_TAGS:
+                if action == _CLASS:
                     out[tag] = elem
                     continue
                 new = []
@@ -204,19 +309,20 @@ class Policy:
                     if not s or s in UID_dictionary:
                         new.append(v)
                     else:
-                        u = self.p.uid(s)
+                        u = self._uid(s)
                         mapping.append(("UID", s, u))
                         new.append(u)
                 out[tag] = {"vr": vr, "Value": new}
             elif vr == "DA":
-                out[tag] = {"vr": vr, "Value": [_shift_da(v, ctx.offset_days) for v in values]}
+                offset = ctx.offset_days
+                out[tag] = {"vr": vr, "Value": [self._shift_da(v, offset) for v in values]}
             elif vr == "DT":
-                out[tag] = {"vr": vr, "Value": [_shift_dt(v, ctx.offset_days) for v in values]}
-            elif tag == _AGE_TAG:
+                offset = ctx.offset_days
+                out[tag] = {"vr": vr, "Value": [self._shift_dt(v, offset) for v in values]}
+            elif action == _AGE:
                 out[tag] = {"vr": vr, "Value": [_cap_age(v) for v in values]}
-            elif tag in _CLEANED_TAGS:
-                out[tag] = {"vr": vr, "Value": [_clean(v, ctx.identifier_tokens)
-                                                for v in values]}
+            elif action == _CLEAN:
+                out[tag] = {"vr": vr, "Value": [_clean_memo(v, ctx) for v in values]}
             else:
                 out[tag] = elem
         out.pop(_ISSUER_TAG, None)
@@ -231,6 +337,29 @@ class Policy:
             return any(g == group and c == creator for g, c, _ in self.private)
         creator = creators.get((group, elem >> 8))
         return creator is not None and (group, creator, elem & 0xFF) in self.private
+
+
+def _memo_key(elem: dict | None):
+    """A hashable form of an element's values (raises TypeError when there is none)."""
+    if not elem:
+        return None
+    values = elem.get("Value")
+    if not values:
+        return ()
+    return tuple(tuple(v.items()) if isinstance(v, dict) else v for v in values)
+
+
+def _clean_memo(value, ctx: PatientContext):
+    if value.__class__ is not str:
+        return _clean(value, ctx.identifier_tokens)
+    memo = ctx.cleaned
+    cleaned = memo.get(value)
+    if cleaned is None:
+        cleaned = _clean(value, ctx.identifier_tokens)
+        if len(memo) >= MEMO_ENTRIES:
+            memo.clear()
+        memo[value] = cleaned
+    return cleaned
 
 
 # --- value helpers ----------------------------------------------------------
@@ -293,9 +422,12 @@ def _shift_dt(value, offset: int):
     return shifted + s[8:] if shifted else None
 
 
+_AGE_VALUE = re.compile(r"(\d{3})([DWMY])")
+
+
 def _cap_age(value):
     s = str(value or "").strip()
-    m = re.fullmatch(r"(\d{3})([DWMY])", s)
+    m = _AGE_VALUE.fullmatch(s)
     if not m:
         return None
     n, unit = int(m[1]), m[2]

@@ -86,7 +86,8 @@ class Pseudonymizer:
     key: bytes
 
     def _mac(self, domain: str, value: str) -> bytes:
-        return hmac.new(self.key, f"{domain}\x1f{value}".encode(), hashlib.sha256).digest()
+        # the one-shot C function: the same MAC as hmac.new(...).digest(), a few times cheaper
+        return hmac.digest(self.key, f"{domain}\x1f{value}".encode(), "sha256")
 
     def identifier(self, kind: str, value: str) -> str:
         """16 upper-case hex digits (fits SH, the shortest identifier VR)."""
