@@ -67,37 +67,38 @@ _PLAN = tuple(
     for c, tag in COLUMN_TAGS)
 
 
+#: Entries the conversion memo holds before it starts over (bounds a worker's memory).
+MEMO_ENTRIES = 1 << 14
+#: ``{(tag, vr, text): (typed value, valid)}`` for single text values of scalar columns:
+#: the files of a series repeat most of their values. Keyed by everything the result
+#: depends on (the column is one-to-one with its tag); a pure cache, shared by files.
+_MEMO: dict[tuple[str, str | None, str], tuple[Any, bool]] = {}
+
+
 def record_from_json(header: dict) -> tuple[dict[str, Any], list[str]]:
     """Typed values of the schema's header columns, and the keywords present whose
     value could not be converted (a data-quality flag; the column is then null)."""
     rec: dict[str, Any] = {}
     invalid: list[str] = []
     get = header.get
+    memo = _MEMO
     for name, tag, is_list, is_text, conv in _PLAN:
         elem = get(tag)
         if not elem or not (values := elem.get("Value")):
             rec[name] = None
             continue
         vr = elem.get("vr")
-        wanted = [v for v in values if not _blank(v)]
-        typed: Any
-        try:
-            if is_list:
-                typed = [x for x in map(conv, values) if x is not None] or None
-            elif is_text and len(values) > 1:
-                typed = "\\".join([text(v) or "" for v in values]) or None
-            else:
-                typed = conv(values[0])
-        except (ValueError, TypeError, OverflowError):
-            typed = None
-        ok = typed is not None or not wanted
-        if ok and is_list and typed is not None and len(typed) < len(wanted):
-            ok = False
-        if ok and vr in CHECKED_VRS:
-            for v in wanted:
-                if not valid_string(vr, text(v) or ""):
-                    ok = False  # control characters, over-long values, malformed UIDs
-                    break
+        if not is_list and len(values) == 1 and (first := values[0]).__class__ is str:
+            key = (tag, vr, first)
+            hit = memo.get(key)
+            if hit is None:
+                hit = _convert(values, vr, is_list, is_text, conv)
+                if len(memo) >= MEMO_ENTRIES:
+                    memo.clear()
+                memo[key] = hit
+            typed, ok = hit
+        else:
+            typed, ok = _convert(values, vr, is_list, is_text, conv)
         rec[name] = typed if ok else None
         if not ok:
             invalid.append(name)
@@ -105,6 +106,31 @@ def record_from_json(header: dict) -> tuple[dict[str, Any], list[str]]:
                                          rec.get("StudyDate"))
     rec["study_year"] = rec["StudyDate"].year if rec.get("StudyDate") else None
     return rec, invalid
+
+
+def _convert(values: list, vr: str | None, is_list: bool, is_text: bool,
+             conv: Callable[[Any], Any]) -> tuple[Any, bool]:
+    """The typed value of one column from its JSON values, and whether it is valid."""
+    wanted = [v for v in values if not _blank(v)]
+    typed: Any
+    try:
+        if is_list:
+            typed = [x for x in map(conv, values) if x is not None] or None
+        elif is_text and len(values) > 1:
+            typed = "\\".join([text(v) or "" for v in values]) or None
+        else:
+            typed = conv(values[0])
+    except (ValueError, TypeError, OverflowError):
+        typed = None
+    ok = typed is not None or not wanted
+    if ok and is_list and typed is not None and len(typed) < len(wanted):
+        ok = False
+    if ok and vr in CHECKED_VRS:
+        for v in wanted:
+            if not valid_string(vr, text(v) or ""):
+                ok = False  # control characters, over-long values, malformed UIDs
+                break
+    return typed, ok
 
 
 def _blank(value: Any) -> bool:
