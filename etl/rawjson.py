@@ -51,6 +51,18 @@ _ASCII_SPLIT = frozenset({"AS", "CS", "DA", "DT", "TM"})
 _SPECIFIC_CHARSET = 0x00080005
 #: the characters of a decimal string the fast path converts itself
 _DS_CHARS = re.compile(r"[0-9.+\-eE]+")
+#: element headers: explicit VR (group, element, VR, 2-byte length), implicit VR
+#: (group, element, 4-byte length); a 4-byte length
+_EXPLICIT_HEADER = struct.Struct("<HH2sH").unpack_from
+_IMPLICIT_HEADER = struct.Struct("<HHI").unpack_from
+_U32 = struct.Struct("<I").unpack_from
+#: Entries the element memo holds before it starts over (bounds a worker's memory).
+MEMO_ENTRIES = 1 << 14
+#: ``{(VR, value bytes, codec): JSON element}``: the files of a series repeat most of
+#: their values; decoding one is a pure function of these three. Binary values (and
+#: their bulk-data threshold) and person names (dict values) are not memoized.
+_MEMO: dict[tuple[str, bytes, str], dict] = {}
+_NOT_MEMOIZED = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "PN"})
 #: ``{VR bytes: VR}`` and ``{tag: "GGGGEEEE"}`` (the JSON key), built as they are met
 _VR_TEXT = {vr: vr.decode() for vr in VALID_VRS}
 _KEYS: dict[int, str] = {}
@@ -95,38 +107,43 @@ class _Reader:
 
     def dataset(self, pos: int, end: int, top: bool = False) -> tuple[dict, int]:
         buf = self.buf
+        size = len(buf)
         out: dict = {}
-        unpack = struct.unpack_from
+        explicit = self.explicit
+        memo = _MEMO
         while pos < end:
-            if pos + 8 > len(buf):
+            if pos + 8 > size:
                 if top and not buf[pos:].strip(b"\x00"):
-                    return out, len(buf)
+                    return out, size
                 raise _Fallback
-            group, elem = unpack("<HH", buf, pos)
-            tag = (group << 16) | elem
-            if tag == ITEM_END:
-                return out, pos + 8
-            if top and tag == PIXEL_DATA:
-                return out, pos
-            if self.explicit:
-                vr_bytes = buf[pos + 4:pos + 6]
-                if vr_bytes not in VALID_VRS:
+            if explicit:
+                group, elem, vr_bytes, length = _EXPLICIT_HEADER(buf, pos)
+                tag = (group << 16) | elem
+                if tag == ITEM_END:
+                    return out, pos + 8
+                if top and tag == PIXEL_DATA:
+                    return out, pos
+                vr = _VR_TEXT.get(vr_bytes)
+                if vr is None:
                     raise _Fallback
-                vr = _VR_TEXT[vr_bytes]
                 if vr_bytes in LONG_VRS:
-                    length = unpack("<I", buf, pos + 8)[0]
+                    length = _U32(buf, pos + 8)[0]
                     start = pos + 12
                 else:
-                    length = unpack("<H", buf, pos + 6)[0]
                     start = pos + 8
             else:
+                group, elem, length = _IMPLICIT_HEADER(buf, pos)
+                tag = (group << 16) | elem
+                if tag == ITEM_END:
+                    return out, pos + 8
+                if top and tag == PIXEL_DATA:
+                    return out, pos
                 if group % 2 == 1:
                     raise _Fallback  # private VRs are not in the dictionary
                 entry = DicomDictionary.get(tag)
                 if entry is None:
                     raise _Fallback
                 vr = entry[0]
-                length = unpack("<I", buf, pos + 4)[0]
                 start = pos + 8
             if vr == "UN" or " or " in vr:
                 raise _Fallback
@@ -145,7 +162,23 @@ class _Reader:
                 if not top:
                     raise _Fallback  # a character set of its own inside a sequence item
                 self.encoding = self.charset(raw)
-            out[key] = self.element(vr, raw)
+            encoding = self.encoding
+            if vr in _NOT_MEMOIZED or encoding.__class__ is not str:
+                out[key] = self.element(vr, raw)
+                continue
+            mkey = (vr, raw, encoding)
+            hit = memo.get(mkey)
+            if hit is None:
+                hit = self.element(vr, raw)
+                if len(memo) >= MEMO_ENTRIES:
+                    memo.clear()
+                memo[mkey] = hit
+            # a copy: the memo's element (and its value list) is never handed out
+            copy = hit.copy()
+            values = copy.get("Value")
+            if values is not None:
+                copy["Value"] = values.copy()
+            out[key] = copy
         return out, pos
 
     def charset(self, raw: bytes) -> str | list[str]:
