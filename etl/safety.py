@@ -199,8 +199,8 @@ def _bound(length: int, tag: int) -> None:
 
 
 class _Walker:
-    __slots__ = ("avail", "buf", "count", "explicit", "fmt_len2", "fmt_len4", "fmt_tag",
-                 "max_depth", "partial", "pixel_offset", "size")
+    __slots__ = ("avail", "buf", "count", "explicit", "hdr_explicit", "hdr_implicit",
+                 "len4", "max_depth", "partial", "pixel_offset", "size", "tag_of")
 
     def __init__(self, buf: bytes, start: int, *, explicit: bool, little: bool, max_depth: int,
                  size: int | None = None):
@@ -211,54 +211,64 @@ class _Walker:
         self.partial = self.avail < self.size
         self.explicit = explicit
         e = "<" if little else ">"
-        self.fmt_tag = e + "HH"
-        self.fmt_len2 = e + "H"
-        self.fmt_len4 = e + "I"
+        # precompiled readers of the 8 bytes of an element header: (group, element, VR,
+        # 2-byte length) for explicit VR, (group, element, 4-byte length) for implicit VR
+        self.hdr_explicit = struct.Struct(e + "HH2sH").unpack_from
+        self.hdr_implicit = struct.Struct(e + "HHI").unpack_from
+        self.tag_of = struct.Struct(e + "HH").unpack_from
+        self.len4 = struct.Struct(e + "I").unpack_from
         self.max_depth = max_depth
         self.pixel_offset: int | None = None
         self.count = 0
 
     def _tag(self, pos: int) -> int:
-        g, e = struct.unpack_from(self.fmt_tag, self.buf, pos)
+        g, e = self.tag_of(self.buf, pos)
         return (g << 16) | e
 
     def walk_dataset(self, pos: int, end: int, depth: int, top: bool = False) -> int:
         """Walk elements from ``pos`` to ``end`` (or an item delimiter); return the end."""
-        buf, size = self.buf, self.size
+        buf, size, avail, partial = self.buf, self.size, self.avail, self.partial
+        explicit, len4 = self.explicit, self.len4
+        header = self.hdr_explicit if explicit else self.hdr_implicit
         while pos < end:
-            if self.partial and pos + 12 > self.avail:
+            if partial and pos + 12 > avail:
                 raise NeedMore(pos + 12)
             if pos + 8 > size:
                 if top and not buf[pos:].strip(b"\x00"):
                     return size  # trailing zero padding, as some writers leave
                 raise FileRejected("truncated", f"file ends inside an element header at "
                                    f"offset {pos}")
-            tag = self._tag(pos)
+            # the 8 header bytes are in the buffer (a partial buffer holds pos + 12)
+            if explicit:
+                group, elem, vr, length = header(buf, pos)
+            else:
+                group, elem, length = header(buf, pos)
+                vr = None
+            tag = (group << 16) | elem
             if tag == ITEM_END:
                 return pos + 8
-            if tag in (ITEM, SEQ_END):
+            if tag == ITEM or tag == SEQ_END:
                 raise FileRejected("truncated", f"unexpected delimiter at offset {pos}")
-            vr = buf[pos + 4:pos + 6] if self.explicit else None
-            if vr is not None and vr not in VALID_VRS:
-                vr = None  # an implicit VR element inside an explicit data set (tolerated)
-            if vr is not None and vr in LONG_VRS:
+            if vr is None:
+                start = pos + 8
+            elif vr in LONG_VRS:
                 if pos + 12 > size:
                     raise FileRejected("truncated", f"file ends inside an element header at "
                                        f"offset {pos}")
-                length = struct.unpack_from(self.fmt_len4, buf, pos + 8)[0]
+                length = len4(buf, pos + 8)[0]
                 start = pos + 12
-            elif vr is not None:
-                length = struct.unpack_from(self.fmt_len2, buf, pos + 6)[0]
+            elif vr in VALID_VRS:
                 start = pos + 8
             else:
-                length = struct.unpack_from(self.fmt_len4, buf, pos + 4)[0]
+                vr = None  # an implicit VR element inside an explicit data set (tolerated)
+                length = len4(buf, pos + 4)[0]
                 start = pos + 8
             self.count += 1
             if top and tag == PIXEL_DATA and self.pixel_offset is None:
                 self.pixel_offset = pos
-            if length != UNDEFINED:
+            if length > MAX_ELEMENT and length != UNDEFINED:
                 _bound(length, tag)
-            if self.partial and top and tag == PIXEL_DATA:
+            if partial and top and tag == PIXEL_DATA:
                 if length == UNDEFINED or start + length != size:
                     raise NeedMore(size)  # fragments or trailing elements: walk them all
                 return size  # native pixel data up to the end: never read
@@ -274,7 +284,7 @@ class _Walker:
                     f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) declares {length} bytes, "
                     f"{size - start} remain",
                 )
-            if self.partial and start + length > self.avail:
+            if partial and start + length > avail:
                 raise NeedMore(start + length)
             if vr == b"SQ" and length:
                 self.walk_items_defined(start, start + length, depth + 1)
@@ -292,7 +302,7 @@ class _Walker:
             if pos + 8 > size:
                 raise FileRejected("truncated", "file ends inside a sequence")
             item_tag = self._tag(pos)
-            length = struct.unpack_from(self.fmt_len4, buf, pos + 4)[0]
+            length = self.len4(buf, pos + 4)[0]
             if item_tag == SEQ_END:
                 return pos + 8
             if item_tag != ITEM:
@@ -320,7 +330,7 @@ class _Walker:
             if pos + 8 > end:
                 raise FileRejected("truncated", f"sequence ends inside an item header at {pos}")
             item_tag = self._tag(pos)
-            length = struct.unpack_from(self.fmt_len4, buf, pos + 4)[0]
+            length = self.len4(buf, pos + 4)[0]
             if item_tag != ITEM:
                 raise FileRejected("truncated", f"expected an item tag at offset {pos}")
             start = pos + 8
