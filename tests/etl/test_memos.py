@@ -1,0 +1,135 @@
+"""The worker's memos (decoded elements, typed values, pseudonyms, dates, patient
+contexts) are pure caches: with them warm, cold or constantly cleared, every file
+gives the same row, and no value of one patient's file reaches another's."""
+
+import datetime as dt
+import pickle
+from pathlib import Path
+
+import pytest
+from pydicom.data import get_charset_files
+
+from etl import rawjson, record, safety
+from etl.config import IngestConfig
+from etl.discover import FoundFile
+from etl.errors import FileRejected
+from etl.extract import extract_batch
+from etl.headers import parse
+from lakehouse import deid
+from lakehouse.deid import Policy
+from lakehouse.privacy import Pseudonymizer
+from tests.etl.corpus import _Uids, base, part10
+
+KEY = bytes(range(32))
+
+
+def _clear_module_memos() -> None:
+    rawjson._MEMO.clear()
+    record._MEMO.clear()
+
+
+def _parse_all(files: list[Path], policy: Policy | None) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for path in files:
+        try:
+            out[path.name + str(path.parent)] = parse(path.read_bytes(), path.name,
+                                                      policy=policy)
+        except FileRejected as exc:
+            out[path.name + str(path.parent)] = exc.reason
+    return out
+
+
+@pytest.fixture(scope="module")
+def files(archive) -> list[Path]:
+    generated = sorted(p for p in archive[0].rglob("*") if p.is_file())
+    return generated + sorted(Path(f) for f in get_charset_files("*"))
+
+
+@pytest.mark.parametrize("research", [False, True], ids=["identified", "research"])
+def test_warm_cold_and_cleared_memos_give_the_same_rows(files, research, monkeypatch):
+    # warm: one policy and the module memos shared by every file, in walk order
+    _clear_module_memos()
+    warm = _parse_all(files, Policy(Pseudonymizer(KEY)) if research else None)
+    # cold: every memo empty before each file (a fresh policy per file)
+    cold = {}
+    for path in files:
+        _clear_module_memos()
+        cold.update(_parse_all([path], Policy(Pseudonymizer(KEY)) if research else None))
+    # cleared: the memos start over after every second entry
+    for module in (rawjson, record, deid):
+        monkeypatch.setattr(module, "MEMO_ENTRIES", 2)
+    policy = Policy(Pseudonymizer(KEY)) if research else None
+    cleared = _parse_all(files, policy)
+    assert len(rawjson._MEMO) <= 2 and len(record._MEMO) <= 2
+    if policy is not None:
+        assert max(len(policy._uids), len(policy._ids), len(policy._dates),
+                   len(policy._contexts)) <= 2
+    assert sum(1 for v in warm.values() if isinstance(v, dict)) >= 300
+    assert warm == cold
+    assert warm == cleared
+
+
+def _patient_file(tmp_path: Path, uid: _Uids, name: str, pid: str, person: str) -> FoundFile:
+    ds = base(uid)
+    ds.PatientID = pid
+    ds.PatientName = person
+    ds.AccessionNumber = "ACC1"  # the same accession number in both files
+    ds.StudyDescription = "HEAD Smith 12345"
+    path = tmp_path / name
+    path.write_bytes(part10(ds))
+    return FoundFile(str(path), path.stat().st_size, path.stat().st_mtime_ns)
+
+
+def test_two_patients_in_one_batch_do_not_share_state(tmp_path):
+    """Same study date, description and accession bytes, different patients: each file
+    gets its own patient's pseudonym, date offset and cleaned description."""
+    uid = _Uids()
+    smith = _patient_file(tmp_path, uid, "a.dcm", "12345", "Smith^John")
+    jones = _patient_file(tmp_path, uid, "b.dcm", "777", "Jones^Ann")
+    smith2 = _patient_file(tmp_path, uid, "c.dcm", "12345", "Smith^John")
+    p = Pseudonymizer(KEY)
+    policy = Policy(p)
+    config = IngestConfig(checksum="header")
+    rows = extract_batch([smith, jones, smith2], config, "r", policy).to_pylist()
+    a, b, c = rows
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok"]
+    assert a["PatientID"] == c["PatientID"] == p.patient_id("12345")
+    assert b["PatientID"] == p.patient_id("777")
+    offset_a, offset_b = p.date_offset_days("\x1e12345"), p.date_offset_days("\x1e777")
+    assert offset_a != offset_b
+    assert a["StudyDate"] == dt.date(2023, 1, 5) + dt.timedelta(days=offset_a)
+    assert b["StudyDate"] == dt.date(2023, 1, 5) + dt.timedelta(days=offset_b)
+    # Smith's own name and ID are removed from his description; Jones' keeps them
+    assert a["StudyDescription"] == c["StudyDescription"] == "HEAD"
+    assert b["StudyDescription"] == "HEAD Smith 12345"
+    assert a["AccessionNumber"] == b["AccessionNumber"] == p.identifier("AccessionNumber",
+                                                                        "ACC1")
+    # the same rows as each file in a batch of its own, with a fresh policy
+    for found, row in zip([smith, jones, smith2], rows, strict=True):
+        _clear_module_memos()
+        alone = extract_batch([found], config, "r", Policy(p)).to_pylist()[0]
+        assert alone == row
+
+
+def test_memoized_elements_are_handed_out_as_copies(tmp_path):
+    uid = _Uids()
+    buf = part10(base(uid))
+    layout = safety.check(buf)
+    first = rawjson.to_json(buf, layout)
+    assert first is not None
+    expected = rawjson.to_json(buf, layout)
+    first["00080060"]["Value"].append("MR")  # a caller changing its header in place
+    first["00080060"]["vr"] = "LO"
+    again = rawjson.to_json(buf, layout)
+    assert again == expected
+    assert again["00080060"] == {"vr": "CS", "Value": ["CT"]}
+
+
+def test_policy_memos_stay_in_the_process(files):
+    policy = Policy(Pseudonymizer(KEY))
+    _parse_all(files[:20], policy)
+    assert policy._uids and policy._contexts
+    copy = pickle.loads(pickle.dumps(policy))
+    assert (copy._uids, copy._ids, copy._dates, copy._contexts) == ({}, {}, {}, {})
+    assert copy.p == policy.p and copy.private == policy.private
+    assert _parse_all(files[:20], copy) == _parse_all(files[:20], policy)
