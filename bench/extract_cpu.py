@@ -44,7 +44,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ingest import _converter, archive_files, prepare_archive, warm_cache  # noqa: E402
+from ingest import _converter, archive_files, prepare_archive, warm_cache
 
 #: a fixed key: the figures do not depend on it, and no key file is needed
 BENCH_KEY = bytes(range(32))

@@ -247,7 +247,7 @@ class _Walker:
             tag = (group << 16) | elem
             if tag == ITEM_END:
                 return pos + 8
-            if tag == ITEM or tag == SEQ_END:
+            if tag in (ITEM, SEQ_END):
                 raise FileRejected("truncated", f"unexpected delimiter at offset {pos}")
             if vr is None:
                 start = pos + 8
