@@ -64,7 +64,8 @@ MEMO_ENTRIES = 1 << 14
 _MEMO: dict[tuple[str, bytes, str], dict] = {}
 _NOT_MEMOIZED = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "PN"})
 #: ``{VR bytes: VR}`` and ``{tag: "GGGGEEEE"}`` (the JSON key), built as they are met
-_VR_TEXT = {vr: vr.decode() for vr in VALID_VRS}
+#: (UN is left out: its values go to pydicom)
+_VR_TEXT = {vr: vr.decode() for vr in VALID_VRS if vr != b"UN"}
 _KEYS: dict[int, str] = {}
 #: ISO 2022 terms (code extensions), decoded with pydicom's decoder
 ISO2022 = frozenset({"", "ISO 2022 IR 6", "ISO 2022 IR 13", "ISO 2022 IR 87",
@@ -144,9 +145,9 @@ class _Reader:
                 if entry is None:
                     raise _Fallback
                 vr = entry[0]
+                if vr == "UN" or " or " in vr:
+                    raise _Fallback
                 start = pos + 8
-            if vr == "UN" or " or " in vr:
-                raise _Fallback
             key = _KEYS.get(tag)
             if key is None:
                 key = _KEYS[tag] = f"{tag:08X}"

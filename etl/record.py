@@ -69,10 +69,11 @@ _PLAN = tuple(
 
 #: Entries the conversion memo holds before it starts over (bounds a worker's memory).
 MEMO_ENTRIES = 1 << 14
-#: ``{(tag, vr, text): (typed value, valid)}`` for single text values of scalar columns:
+#: ``{(tag, vr, *texts): (typed value, valid)}`` for columns whose values are all text:
 #: the files of a series repeat most of their values. Keyed by everything the result
 #: depends on (the column is one-to-one with its tag); a pure cache, shared by files.
-_MEMO: dict[tuple[str, str | None, str], tuple[Any, bool]] = {}
+#: (Numbers are not memoized: 0.0 and -0.0 are equal keys but different values.)
+_MEMO: dict[tuple, tuple[Any, bool]] = {}
 
 
 def record_from_json(header: dict) -> tuple[dict[str, Any], list[str]]:
@@ -88,8 +89,9 @@ def record_from_json(header: dict) -> tuple[dict[str, Any], list[str]]:
             rec[name] = None
             continue
         vr = elem.get("vr")
-        if not is_list and len(values) == 1 and (first := values[0]).__class__ is str:
-            key = (tag, vr, first)
+        if values[0].__class__ is str and (len(values) == 1 or all(
+                v.__class__ is str for v in values)):
+            key = (tag, vr, *values)
             hit = memo.get(key)
             if hit is None:
                 hit = _convert(values, vr, is_list, is_text, conv)
@@ -97,6 +99,8 @@ def record_from_json(header: dict) -> tuple[dict[str, Any], list[str]]:
                     memo.clear()
                 memo[key] = hit
             typed, ok = hit
+            if is_list and typed is not None:
+                typed = typed.copy()  # the memo's list is never handed out
         else:
             typed, ok = _convert(values, vr, is_list, is_text, conv)
         rec[name] = typed if ok else None
@@ -134,8 +138,11 @@ def _convert(values: list, vr: str | None, is_list: bool, is_text: bool,
 
 
 def _blank(value: Any) -> bool:
-    if value.__class__ is str:
+    cls = value.__class__
+    if cls is str:
         return not value.strip("\x00 ")
+    if cls is float or cls is int:
+        return False  # the text of a number is never blank
     if value is None:
         return True
     if isinstance(value, dict):
