@@ -146,6 +146,59 @@ def profile(fn, files, top: int) -> str:
     return out.getvalue()
 
 
+def stages(files, policy, head_bytes: int, batch: int) -> dict[str, float]:
+    """CPU ms per file of each step of a worker, run step by step (each step over the
+    files of a batch before the next step; batches of ``batch`` files as a worker has)
+    over the files that take the fast path. The glue (FileResult, rows, the Arrow
+    table) is what the total of ``extract_batch`` adds to their sum."""
+    import hashlib
+    import json as _json
+
+    from etl import rawjson, safety
+    from etl.headers import _strip_bulk
+    from etl.record import record_from_json
+
+    totals: dict[str, float] = {}
+
+    def timed(name, fn, items):
+        t = time.process_time()
+        out = [fn(x) for x in items]
+        totals[name] = totals.get(name, 0.0) + time.process_time() - t
+        return out
+
+    def read(f):
+        with open(f.path, "rb") as fh:
+            return fh.read(head_bytes), f.size
+
+    def check(item):
+        buf, size = item
+        try:
+            return buf, safety.check(buf, file_size=size)
+        except Exception:
+            return buf, None
+
+    def to_json(c):
+        header = rawjson.to_json(c[0], c[1])
+        if header is not None:
+            _strip_bulk(header)
+        return header
+
+    def dumps(h):
+        return _json.dumps(h, ensure_ascii=False, separators=(",", ":"))
+
+    for i in range(0, len(files), batch):
+        bufs = timed("read", read, files[i:i + batch])
+        checked = [c for c in timed("safety", check, bufs) if c[1] is not None]
+        timed("sha256", lambda c: hashlib.sha256(memoryview(c[0])[:c[1].header_end])
+              .hexdigest(), checked)
+        headers = [h for h in timed("rawjson", to_json, checked) if h is not None]
+        if policy is not None:
+            headers = timed("deid", lambda h: policy.apply(h).json, headers)
+        timed("record", record_from_json, headers)
+        timed("json.dumps", dumps, headers)
+    return {k: round(v * 1000 / len(files), 4) for k, v in totals.items()}
+
+
 def bench_kind(kind: str, args, log) -> dict:
     root, _truth, _ = prepare_archive(Path(args.workdir), args.archive_files, args.seed, log,
                                       kind=kind)
@@ -166,7 +219,16 @@ def bench_kind(kind: str, args, log) -> dict:
             best[name] = min(best.get(name, ms), ms)
             ok[name] = n
     base = best["naive"]
+    steps = {}
+    if args.stages:
+        from etl.headers import HEAD_BYTES
+
+        for name, pol in (("identified", None), ("research", _policy())):
+            steps[name] = min((stages(files, pol, HEAD_BYTES, args.batch)
+                               for _ in range(args.repeat)),
+                              key=lambda d: sum(d.values()))
     return {
+        "stages_cpu_ms_per_file": steps,
         "kind": kind, "files": len(files), "repeat": args.repeat,
         "cpu_ms_per_file": {k: round(v, 4) for k, v in best.items()},
         "ok_files": ok,
@@ -187,6 +249,12 @@ def render(results: list[dict], load: tuple[float, ...]) -> str:
         for name, ms in r["cpu_ms_per_file"].items():
             lines.append(f"{name:<12} {ms:>12.3f} {r['speedup_vs_naive'][name]:>10.2f}")
         lines.append(f"research / identified: {r['research_over_identified']:.3f}")
+        for name, steps in r["stages_cpu_ms_per_file"].items():
+            total = r["cpu_ms_per_file"][name]
+            glue = total - sum(steps.values())
+            lines.append(f"  {name} steps (CPU ms/file): "
+                         + ", ".join(f"{k} {v:.3f}" for k, v in steps.items())
+                         + f"; glue {glue:.3f} (of {total:.3f})")
     return "\n".join(lines)
 
 
@@ -204,6 +272,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--profile", choices=["naive", "dcmread", "identified", "research"],
                     help="print a cProfile of this contender instead of timings")
     ap.add_argument("--top", type=int, default=30, help="functions in the profile")
+    ap.add_argument("--stages", action="store_true",
+                    help="also time each step of a worker separately (read, safety walk, "
+                         "hash, raw JSON, de-identification, record, json.dumps)")
     ap.add_argument("--json", action="store_true")
     return ap.parse_args(argv)
 

@@ -58,10 +58,12 @@ _IMPLICIT_HEADER = struct.Struct("<HHI").unpack_from
 _U32 = struct.Struct("<I").unpack_from
 #: Entries the element memo holds before it starts over (bounds a worker's memory).
 MEMO_ENTRIES = 1 << 14
-#: ``{(VR, value bytes, codec): JSON element}``: the files of a series repeat most of
-#: their values; decoding one is a pure function of these three. Binary values (and
-#: their bulk-data threshold) and person names (dict values) are not memoized.
-_MEMO: dict[tuple[str, bytes, str], dict] = {}
+#: ``{(VR, value bytes, codec): the element's "Value" list or None}``: the files of a
+#: series repeat most of their values; decoding one is a pure function of these three.
+#: Binary values (and their bulk-data threshold) and person names (dict values) are not
+#: memoized, so a memoized element is ``{"vr": VR}`` plus, when it has one, its values.
+_MEMO: dict[tuple[str, bytes, str], list | None] = {}
+_MISSING = object()
 _NOT_MEMOIZED = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "PN"})
 #: ``{VR bytes: VR}`` and ``{tag: "GGGGEEEE"}`` (the JSON key), built as they are met
 #: (UN is left out: its values go to pydicom)
@@ -168,18 +170,14 @@ class _Reader:
                 out[key] = self.element(vr, raw)
                 continue
             mkey = (vr, raw, encoding)
-            hit = memo.get(mkey)
-            if hit is None:
-                hit = self.element(vr, raw)
+            values = memo.get(mkey, _MISSING)
+            if values is _MISSING:
+                values = self.element(vr, raw).get("Value")
                 if len(memo) >= MEMO_ENTRIES:
                     memo.clear()
-                memo[mkey] = hit
-            # a copy: the memo's element (and its value list) is never handed out
-            copy = hit.copy()
-            values = copy.get("Value")
-            if values is not None:
-                copy["Value"] = values.copy()
-            out[key] = copy
+                memo[mkey] = values
+            # a new element each time: the memo's value list is never handed out
+            out[key] = {"vr": vr} if values is None else {"vr": vr, "Value": values.copy()}
         return out, pos
 
     def charset(self, raw: bytes) -> str | list[str]:
