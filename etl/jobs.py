@@ -19,11 +19,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from etl import replay, summarize
+from etl import replay, seen, summarize
 from etl.config import IngestConfig
 from etl.discover import FoundFile, WalkStats, walk
 from etl.errors import REASONS
@@ -129,9 +130,22 @@ class _Job:
         self._pending: dict[str, tuple[str, str, pa.Table, int]] = {}
         self._buffer_rows = 0
         self._buffer_bytes = 0
+        # what the lake holds, scanned once per run when first needed (etl.seen)
+        self._hasher: seen.Hasher | None = None
+        self._uids: seen.KeyIndex | None = None
+        self._pairs: seen.KeyIndex | None = None
+        # paths read by an earlier run and changed since (their quarantine rows may resolve)
+        self._reread: set[str] = set()
 
     # -- the run ---------------------------------------------------------------
     def run(self, source: Path) -> None:
+        self._hasher = seen.Hasher()
+        try:
+            self._run(source)
+        finally:
+            self._hasher.close()
+
+    def _run(self, source: Path) -> None:
         t = time.perf_counter()
         stats = WalkStats()
         found = list(walk(source, stats))
@@ -153,23 +167,24 @@ class _Job:
         self.timings["summarize"] = time.perf_counter() - t
 
     def _changed(self, found: list[FoundFile]) -> Iterator[FoundFile]:
-        """Files not already read with the same path, size and mtime."""
-        index = self.w.dataset("files")
+        """Files not already read with the same path, size and mtime (one scan of the
+        file index per run, then lookups in memory)."""
+        assert self._hasher is not None
+        index = seen.KeyIndex()
+        index.add(*self._hasher.keys(self.w.dataset("files"), *seen.FILE_KEY))
         for i in range(0, len(found), INDEX_CHUNK):
             chunk = found[i:i + INDEX_CHUNK]
-            known = index.to_table(
-                columns=["path", "file_size", "mtime_ns", "reason"],
-                filter=ds.field("path").isin([f.path for f in chunk]),
-            )
-            seen = {
-                (p, s, m) for p, s, m, r in zip(
-                    known.column("path").to_pylist(), known.column("file_size").to_pylist(),
-                    known.column("mtime_ns").to_pylist(), known.column("reason").to_pylist(),
-                    strict=True)
-                if r != "io_error"  # retry files that could not be read before
-            }
-            for f in chunk:
-                if f.error is not None or (f.path, f.size, f.mtime_ns) not in seen:
+            table = pa.table({
+                "path": pa.array([f.path for f in chunk], pa.string()),
+                "file_size": pa.array([f.size for f in chunk], pa.int64()),
+                "mtime_ns": pa.array([f.mtime_ns for f in chunk], pa.int64()),
+                "reason": pa.nulls(len(chunk), pa.string()),
+            })
+            present, unchanged = index.lookup(*self._hasher.keys(table, *seen.FILE_KEY))
+            for f, known, same in zip(chunk, present.tolist(), unchanged.tolist(), strict=True):
+                if f.error is not None or not same:
+                    if known:
+                        self._reread.add(f.path)
                     yield f
 
     def _batches(self, files: list[FoundFile]) -> Iterator[list[FoundFile]]:
@@ -212,7 +227,8 @@ class _Job:
 
     # -- classification --------------------------------------------------------
     def _known(self, uids: list[str]) -> dict[str, tuple[str, str]]:
-        """SOPInstanceUID -> (sha256, run id) of instances already committed."""
+        """SOPInstanceUID -> (sha256, run id) of instances already committed (a scan of
+        ``instances``: only for the few UIDs the index cannot settle)."""
         if not uids:
             return {}
         t = self.w.dataset("instances").to_table(
@@ -222,14 +238,34 @@ class _Job:
         return {u: (s, r) for u, s, r in zip(t.column(0).to_pylist(), t.column(1).to_pylist(),
                                              t.column(2).to_pylist(), strict=True)}
 
+    def _committed(self, wave: pa.Table, ok: list[int]) -> dict[str, tuple[str, str]]:
+        """SOPInstanceUID -> (sha256, run id) of the committed instances among the rows
+        ``ok`` of ``wave``; an identical committed copy is known from the index alone
+        (its run id is then not looked up: only conflicts report it)."""
+        assert self._hasher is not None
+        if not ok:
+            return {}
+        if self._uids is None:
+            self._uids = seen.KeyIndex()
+            self._uids.add(*self._hasher.keys(self.w.dataset("instances"), *seen.INSTANCE_KEY))
+        if not len(self._uids):
+            return {}
+        rows = wave.select(["SOPInstanceUID", "file_sha256"]).take(pa.array(ok, pa.int64()))
+        present, same = self._uids.lookup(*self._hasher.keys(rows, *seen.INSTANCE_KEY))
+        uids = rows.column(0).to_pylist()
+        shas = rows.column(1).to_pylist()
+        known = {uids[i]: (shas[i], "") for i in np.flatnonzero(present & same)}
+        # the UID is there with another checksum (a conflict), or its key collided
+        known.update(self._known([uids[i] for i in np.flatnonzero(present & ~same)]))
+        return known
+
     def _classify(self, wave: pa.Table) -> None:
         status = wave.column("status").to_pylist()
         uids = wave.column("SOPInstanceUID").to_pylist()
         shas = wave.column("file_sha256").to_pylist()
         reasons = wave.column("reason").to_pylist()
         sizes = wave.column("file_size").to_pylist()
-        ok_uids = [u for u, s in zip(uids, status, strict=True) if s == "ok"]
-        known = self._known(ok_uids)
+        known = self._committed(wave, [i for i, s in enumerate(status) if s == "ok"])
         outcome: list[str] = []
         take: list[int] = []
         for i, (st, uid, sha) in enumerate(zip(status, uids, shas, strict=True)):
@@ -297,7 +333,12 @@ class _Job:
             return
         files = pa.concat_tables(self._files)
         if self._ingested:
-            self.w.append("instances", pa.concat_tables(self._ingested))
+            instances = pa.concat_tables(self._ingested)
+            self.w.append("instances", instances)
+            if self._uids is not None:
+                assert self._hasher is not None
+                self._uids.add(*self._hasher.keys(
+                    instances.select(["SOPInstanceUID", "file_sha256"]), *seen.INSTANCE_KEY))
         quarantined = files.filter(pc.equal(files.column("outcome"), "quarantined"))
         if quarantined.num_rows:
             now = pa.array([datetime.now(UTC)] * quarantined.num_rows, pa.timestamp("us", "UTC"))
@@ -312,7 +353,10 @@ class _Job:
             self._append_identifiers()
         if self._conflicts:
             self.w.append("conflicts", pa.Table.from_pylist(self._conflicts))
-        replay.resolve_fixed(self.w, files, self.summary.run_id)
+        if self._reread:  # only a path read before can have earlier quarantine rows
+            again = files.filter(pc.is_in(files.column("path"),
+                                          pa.array(list(self._reread), pa.string())))
+            replay.resolve_fixed(self.w, again, self.summary.run_id)
         self.w.append("files", files)
         self.w.publish(note=f"ingest {self.summary.run_id}: {files.num_rows} files")
         self._files, self._ingested, self._conflicts, self._id_maps = [], [], [], []
@@ -321,22 +365,30 @@ class _Job:
 
     def _append_identifiers(self) -> None:
         """New original <-> pseudonym pairs of this flush into the vault."""
+        assert self._hasher is not None
         pairs = pa.Table.from_struct_array(
             pc.list_flatten(pa.chunked_array(
                 [c for arr in self._id_maps for c in arr.chunks], self._id_maps[0].type)))
-        con = duckdb.connect()
+        con = duckdb.connect(config={"threads": 1})
         try:
             con.register("new_pairs", pairs)
-            con.register("known", self.w.dataset("identifiers"))
-            fresh = con.sql(
-                "SELECT DISTINCT n.kind, n.pseudonym, n.original FROM new_pairs n "
-                "ANTI JOIN known k ON n.kind = k.kind AND n.pseudonym = k.pseudonym "
-                "ORDER BY 1, 2").to_arrow_table()
+            fresh = con.sql("SELECT DISTINCT kind, pseudonym, original FROM new_pairs "
+                            "ORDER BY 1, 2").to_arrow_table()
         finally:
             con.close()
+        if self._pairs is None:
+            self._pairs = seen.KeyIndex()
+            self._pairs.add(*self._hasher.keys(self.w.dataset("identifiers"), *seen.PAIR_KEY))
+        keys = self._hasher.keys(fresh, *seen.PAIR_KEY)
+        _, known = self._pairs.lookup(*keys)
+        if known.any():
+            new = ~known
+            fresh = fresh.filter(pa.array(new))
+            keys = (keys[0][new], keys[1][new])
         if fresh.num_rows:
             run = pa.array([self.summary.run_id] * fresh.num_rows, pa.string())
             self.w.append("identifiers", fresh.append_column("ingest_run_id", run))
+            self._pairs.add(*keys)
 
     def _summarize_if_stale(self) -> None:
         """Rebuild series/studies/patients unless they were built from this instances version
