@@ -262,8 +262,12 @@ def _keep_raw_values(ds: Dataset, data: dict) -> None:
             else {"vr": elem.VR}
 
 
+#: one encoder for every header (``json.dumps`` with options builds a new one per call)
+_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 def _dumps(header: dict) -> str:
-    return json.dumps(header, ensure_ascii=False, separators=(",", ":"))
+    return _ENCODE(header)
 
 
 def _strip_bulk(obj: dict) -> None:
