@@ -103,8 +103,7 @@ class Pseudonymizer:
     def file_digest(self, sha256_hex: str) -> str:
         """The keyed form of a file checksum, for research tables: a plain SHA-256 of a
         file would let anyone holding the original file find its row."""
-        return hmac.new(self.key, f"file-sha256\x1f{sha256_hex}".encode(),
-                        hashlib.sha256).hexdigest()
+        return hmac.digest(self.key, f"file-sha256\x1f{sha256_hex}".encode(), "sha256").hex()
 
     def date_offset_days(self, patient_key: str) -> int:
         """Whole weeks back, 1 to MAX_WEEKS, the same for every date of one patient."""
