@@ -16,6 +16,7 @@ import base64
 import re
 import struct
 import warnings
+from typing import Any
 
 from pydicom.charset import TEXT_VR_DELIMS, convert_encodings, decode_bytes
 from pydicom.datadict import DicomDictionary
@@ -63,7 +64,7 @@ MEMO_ENTRIES = 1 << 14
 #: Binary values (and their bulk-data threshold) and person names (dict values) are not
 #: memoized, so a memoized element is ``{"vr": VR}`` plus, when it has one, its values.
 _MEMO: dict[tuple[str, bytes, str], list | None] = {}
-_MISSING = object()
+_MISSING: Any = object()
 _NOT_MEMOIZED = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "PN"})
 #: ``{VR bytes: VR}`` and ``{tag: "GGGGEEEE"}`` (the JSON key), built as they are met
 #: (UN is left out: its values go to pydicom)
