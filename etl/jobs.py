@@ -31,12 +31,14 @@ from etl.errors import REASONS
 from etl.runners import make_runner
 from lakehouse.deid import Policy
 from lakehouse.provenance import code_version, config_hash, new_run_id
-from lakehouse.schemas import SCHEMA_VERSION
+from lakehouse.schemas import SCHEMA_VERSION, TABLES
 from lakehouse.tables import Lake, LakeWriter
 
 log = logging.getLogger(__name__)
 
 OUTCOMES = ("ingested", "duplicate", "conflict", "skipped", "quarantined")
+#: The partition columns of ``instances``.
+PARTITION = list(TABLES["instances"].partition_by)
 #: Discovered files are checked against the file index this many at a time.
 INDEX_CHUNK = 20_000
 
@@ -226,17 +228,30 @@ class _Job:
             runner.close()
 
     # -- classification --------------------------------------------------------
-    def _known(self, uids: list[str]) -> dict[str, tuple[str, str]]:
+    def _known(self, uids: list[str], where: pa.Table | None = None
+               ) -> dict[str, tuple[str, str]]:
         """SOPInstanceUID -> (sha256, run id) of instances already committed (a scan of
-        ``instances``: only for the few UIDs the index cannot settle)."""
+        ``instances``: only for the few UIDs the index cannot settle). ``where``: the
+        partitions (Modality, study_year) to look in first, those of the new copies (a
+        corrected copy of an instance is usually in its partition); the UIDs not found
+        there are then looked up everywhere."""
         if not uids:
             return {}
-        t = self.w.dataset("instances").to_table(
-            columns=["SOPInstanceUID", "file_sha256", "ingest_run_id"],
-            filter=ds.field("SOPInstanceUID").isin(uids),
-        )
-        return {u: (s, r) for u, s, r in zip(t.column(0).to_pylist(), t.column(1).to_pylist(),
-                                             t.column(2).to_pylist(), strict=True)}
+        dataset = self.w.dataset("instances")
+        columns = ["SOPInstanceUID", "file_sha256", "ingest_run_id"]
+        out: dict[str, tuple[str, str]] = {}
+        passes = [_in_partitions(where), None] if where is not None else [None]
+        for scope in passes:
+            todo = [u for u in uids if u not in out]
+            if not todo:
+                break
+            hit = ds.field("SOPInstanceUID").isin(todo)
+            t = dataset.to_table(columns=columns, filter=hit if scope is None else hit & scope,
+                                 batch_readahead=1, fragment_readahead=1)
+            out.update((u, (sha, r)) for u, sha, r in zip(
+                t.column(0).to_pylist(), t.column(1).to_pylist(), t.column(2).to_pylist(),
+                strict=True))
+        return out
 
     def _committed(self, wave: pa.Table, ok: list[int]) -> dict[str, tuple[str, str]]:
         """SOPInstanceUID -> (sha256, run id) of the committed instances among the rows
@@ -250,13 +265,17 @@ class _Job:
             self._uids.add(*self._hasher.keys(self.w.dataset("instances"), *seen.INSTANCE_KEY))
         if not len(self._uids):
             return {}
-        rows = wave.select(["SOPInstanceUID", "file_sha256"]).take(pa.array(ok, pa.int64()))
+        rows = wave.select(["SOPInstanceUID", "file_sha256", *PARTITION]).take(
+            pa.array(ok, pa.int64()))
         present, same = self._uids.lookup(*self._hasher.keys(rows, *seen.INSTANCE_KEY))
         uids = rows.column(0).to_pylist()
         shas = rows.column(1).to_pylist()
         known = {uids[i]: (shas[i], "") for i in np.flatnonzero(present & same)}
         # the UID is there with another checksum (a conflict), or its key collided
-        known.update(self._known([uids[i] for i in np.flatnonzero(present & ~same)]))
+        other = np.flatnonzero(present & ~same)
+        if len(other):
+            known.update(self._known([uids[i] for i in other],
+                                     rows.select(PARTITION).take(pa.array(other))))
         return known
 
     def _classify(self, wave: pa.Table) -> None:
@@ -323,9 +342,14 @@ class _Job:
         }
 
     def _committed_json(self, uid: str) -> str | None:
-        t = self.w.dataset("instances").to_table(
-            columns=["dicom_json"], filter=ds.field("SOPInstanceUID") == uid)
-        return t.column(0)[0].as_py() if t.num_rows else None
+        """The DICOM JSON of a committed instance: its UID is looked up file by file, and
+        only the file that holds it has its (large) ``dicom_json`` column read."""
+        hit = ds.field("SOPInstanceUID") == uid
+        for fragment in self.w.dataset("instances").get_fragments():
+            if fragment.count_rows(filter=hit):
+                t = fragment.to_table(columns=["dicom_json"], filter=hit)
+                return t.column(0)[0].as_py()
+        return None
 
     # -- commits ---------------------------------------------------------------
     def _flush(self) -> None:
@@ -418,6 +442,20 @@ class _Job:
             "status": status, "message": message,
         }
         self.w.append("ingest_runs", pa.Table.from_pylist([row]))
+
+
+def _in_partitions(rows: pa.Table) -> ds.Expression:
+    """Rows of ``instances`` in one of the (Modality, study_year) partitions of ``rows``."""
+    scope = None
+    for values in rows.group_by(PARTITION, use_threads=False).aggregate([]).to_pylist():
+        term = None
+        for name in PARTITION:
+            v = values[name]
+            cond = ds.field(name).is_null() if v is None else ds.field(name) == v
+            term = cond if term is None else term & cond
+        scope = term if scope is None else scope | term
+    assert scope is not None
+    return scope
 
 
 def _differing_keywords(a: str | None, b: str | None) -> list[str]:

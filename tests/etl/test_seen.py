@@ -2,6 +2,7 @@
 depend on them across flushes and runs."""
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -89,3 +90,30 @@ def test_many_flushes_and_two_runs_give_the_same_lake_as_one_run(archive, tmp_pa
     # the generator's ground truth: found although each first copy was committed earlier
     assert s_one.outcomes == archive[1].outcomes
     assert (s_one.outcomes["duplicate"], s_one.outcomes["conflict"]) == (3, 1)
+
+
+def test_a_conflicting_copy_in_another_partition_is_still_a_conflict(lake_copy, archive,
+                                                                      tmp_path):
+    """The exact lookup tries the new copy's partition first: a copy whose StudyDate (so
+    study_year) changed is found in its old partition by the second pass."""
+    import pydicom
+
+    original = next(p for p in sorted(Path(archive[0], "archive").rglob("*.dcm")))
+    ds = pydicom.dcmread(original)
+    year = int(ds.StudyDate[:4])
+    ds.StudyDate = f"{year - 7}{ds.StudyDate[4:]}"
+    ds.Modality = "OT" if ds.Modality != "OT" else "CT"
+    src = tmp_path / "corrected"
+    src.mkdir()
+    ds.save_as(src / "copy.dcm")
+    lake = Lake.open(lake_copy)
+    before = open_lake(lake_copy).counts()
+    s = ingest(lake, src, fast_config())
+    assert s.outcomes["conflict"] == 1 and s.outcomes["ingested"] == 0
+    with open_lake(lake_copy) as c:
+        after = c.counts()
+        assert after["instances"] == before["instances"]
+        assert after["conflicts"] == before["conflicts"] + 1
+        diff = c.con.execute("SELECT differing_keywords FROM conflicts "
+                             "ORDER BY detected_at DESC LIMIT 1").fetchone()[0]
+        assert {"Modality", "StudyDate"} <= set(diff)
