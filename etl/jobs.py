@@ -10,8 +10,10 @@ At the end the summary tables are rebuilt and the run is recorded.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -138,6 +140,7 @@ class _Job:
         self._pairs: seen.KeyIndex | None = None
         # paths read by an earlier run and changed since (their quarantine rows may resolve)
         self._reread: set[str] = set()
+        self._walked = False  # the walk of the source has ended
 
     # -- the run ---------------------------------------------------------------
     def run(self, source: Path) -> None:
@@ -148,34 +151,37 @@ class _Job:
             self._hasher.close()
 
     def _run(self, source: Path) -> None:
-        t = time.perf_counter()
         stats = WalkStats()
-        found = list(walk(source, stats))
-        self.summary.files_seen = len(found)
-        self.summary.folders_unreadable = stats.folders_unreadable
-        todo = list(self._changed(found))
-        self.summary.files_unchanged = len(found) - len(todo)
-        self.timings["discover"] = time.perf_counter() - t
-        log.info("%d files found, %d unchanged, %d to read", len(found),
-                 self.summary.files_unchanged, len(todo))
-
+        found = walk(source, stats)  # a generator: files are found as extraction goes
         t = time.perf_counter()
-        if todo:
-            self._extract(todo)
+        todo = self._changed(found, stats)
+        self._extract(source, todo)
         self.timings["extract"] = time.perf_counter() - t
+        log.info("%d files found, %d unchanged, %d read", self.summary.files_seen,
+                 self.summary.files_unchanged, self.summary.files_read)
 
         t = time.perf_counter()
         self._summarize_if_stale()
         self.timings["summarize"] = time.perf_counter() - t
 
-    def _changed(self, found: list[FoundFile]) -> Iterator[FoundFile]:
-        """Files not already read with the same path, size and mtime (one scan of the
-        file index per run, then lookups in memory)."""
+    def _changed(self, found: Iterator[FoundFile], stats: WalkStats) -> Iterator[FoundFile]:
+        """The files of ``found`` not already read with the same path, size and mtime (one
+        scan of the file index per run, then lookups in memory), ``INDEX_CHUNK`` at a time:
+        the walk runs only as far ahead of extraction as one chunk."""
         assert self._hasher is not None
+        t = time.perf_counter()
         index = seen.KeyIndex()
         index.add(*self._hasher.keys(self.w.dataset("files"), *seen.FILE_KEY))
-        for i in range(0, len(found), INDEX_CHUNK):
-            chunk = found[i:i + INDEX_CHUNK]
+        self.timings["discover"] += time.perf_counter() - t
+        while True:
+            t = time.perf_counter()
+            chunk = list(itertools.islice(found, INDEX_CHUNK))
+            self.summary.folders_unreadable = stats.folders_unreadable
+            if not chunk:
+                self.timings["discover"] += time.perf_counter() - t
+                self._walked = True
+                return
+            self.summary.files_seen += len(chunk)
             table = pa.table({
                 "path": pa.array([f.path for f in chunk], pa.string()),
                 "file_size": pa.array([f.size for f in chunk], pa.int64()),
@@ -183,13 +189,16 @@ class _Job:
                 "reason": pa.nulls(len(chunk), pa.string()),
             })
             present, unchanged = index.lookup(*self._hasher.keys(table, *seen.FILE_KEY))
+            self.timings["discover"] += time.perf_counter() - t
             for f, known, same in zip(chunk, present.tolist(), unchanged.tolist(), strict=True):
                 if f.error is not None or not same:
                     if known:
                         self._reread.add(f.path)
                     yield f
+                else:
+                    self.summary.files_unchanged += 1
 
-    def _batches(self, files: list[FoundFile]) -> Iterator[list[FoundFile]]:
+    def _batches(self, files: Iterator[FoundFile]) -> Iterator[list[FoundFile]]:
         batch: list[FoundFile] = []
         size = 0
         for f in files:
@@ -201,30 +210,40 @@ class _Job:
         if batch:
             yield batch
 
-    def _extract(self, files: list[FoundFile]) -> None:
+    def _extract(self, source: Path, files: Iterator[FoundFile]) -> None:
+        """Read ``files`` in waves of batches, one wave computing while the one before is
+        classified; the workers start only when there is a first file to read."""
+        batches = self._batches(files)
+        first = next(batches, None)
+        if first is None:
+            return
         runner = make_runner(self.config, self.summary.run_id, self.policy)
         self.summary.scheduler = runner.description
         self.summary.workers = runner.workers
         wave_size = max(1, runner.workers * self.config.batches_per_worker)
-        batches = list(self._batches(files))
-        waves = [batches[i:i + wave_size] for i in range(0, len(batches), wave_size)]
-        total, done = len(files), 0
-        self.progress("extract", 0, total)
+        waves = _chunked(itertools.chain([first], batches), wave_size)
+        # the total for the progress bar comes from a second walk that only counts
+        counter = _Counter(source)
+        done = 0
+        self.progress("extract", 0, 0)
         try:
-            pending = runner.submit(waves[0]) if waves else None
-            for k in range(len(waves)):
-                assert pending is not None
+            pending = runner.submit(next(waves))
+            while pending is not None:
                 tables = pending.result()
-                pending = runner.submit(waves[k + 1]) if k + 1 < len(waves) else None
+                wave_next = next(waves, None)
+                pending = runner.submit(wave_next) if wave_next is not None else None
                 wave = pa.concat_tables(tables)
                 self._classify(wave)
                 done += wave.num_rows
-                self.progress("extract", done, total)
+                total = self.summary.files_seen if self._walked \
+                    else counter.total(self.summary.files_seen)
+                self.progress("extract", done + self.summary.files_unchanged, total)
                 if (self._buffer_rows >= self.config.flush_rows
                         or self._buffer_bytes >= self.config.flush_bytes):
                     self._flush()
             self._flush()
         finally:
+            counter.stop()
             runner.close()
 
     # -- classification --------------------------------------------------------
@@ -442,6 +461,41 @@ class _Job:
             "status": status, "message": message,
         }
         self.w.append("ingest_runs", pa.Table.from_pylist([row]))
+
+
+def _chunked(items: Iterator, n: int) -> Iterator[list]:
+    while chunk := list(itertools.islice(items, n)):
+        yield chunk
+
+
+class _Counter:
+    """Counts the files below a source in a background thread (the same walk, nothing
+    kept), so the progress bar has a total while the files are found as they are read."""
+
+    def __init__(self, source: Path):
+        self._count = 0
+        self._done = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(source,), daemon=True,
+                                        name="lake-count-files")
+        self._thread.start()
+
+    def _run(self, source: Path) -> None:
+        try:
+            for _ in walk(source):
+                self._count += 1
+                if self._stop.is_set():
+                    return
+        except Exception:  # only the progress bar depends on it; the real walk reports
+            return
+        self._done = True
+
+    def total(self, seen_so_far: int) -> int:
+        """Files in the source: exact once counted, the larger of both counts until then."""
+        return self._count if self._done else max(self._count, seen_so_far)
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 def _in_partitions(rows: pa.Table) -> ds.Expression:

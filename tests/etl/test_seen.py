@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from pydicom.data import get_testdata_file
 import pyarrow as pa
 
 from catalog import open_lake
@@ -117,3 +118,47 @@ def test_a_conflicting_copy_in_another_partition_is_still_a_conflict(lake_copy, 
         diff = c.con.execute("SELECT differing_keywords FROM conflicts "
                              "ORDER BY detected_at DESC LIMIT 1").fetchone()[0]
         assert {"Modality", "StudyDate"} <= set(diff)
+
+
+def test_files_are_found_while_earlier_ones_are_read(archive, tmp_path, monkeypatch):
+    """The walk runs one index chunk ahead of extraction (memory does not hold the whole
+    archive's file list); the progress total is every file of the source, and a run with
+    nothing to read starts no workers."""
+    import threading
+
+    from etl import jobs
+
+    monkeypatch.setattr(jobs, "INDEX_CHUNK", 40)
+    walked = {"n": 0}
+
+    def counting_walk(source, stats=None):
+        for f in jobs_walk(source, stats):
+            if threading.current_thread().name != "lake-count-files":
+                walked["n"] += 1
+            yield f
+
+    jobs_walk = jobs.walk
+    monkeypatch.setattr(jobs, "walk", counting_walk)
+    calls = []
+    src = tmp_path / "pacs"
+    shutil.copytree(archive[0], src)
+    lake = Lake.create(tmp_path / "lake", profile="identified")
+    config = fast_config(batch_files=10, batches_per_worker=1)
+    s = ingest(lake, src, config,
+               progress=lambda stage, done, total: calls.append((done, total, walked["n"])))
+    n = archive[1].files_total
+    assert s.files_seen == n == 306
+    first = calls[1]  # (calls[0] is the start: nothing done yet)
+    assert first[0] == 10 and first[2] <= 2 * 40 < n
+    assert calls[-1][:2] == (n, n)
+    assert all(done <= total for done, total, _ in calls)
+
+    calls.clear()
+    again = ingest(lake, src, config, progress=lambda *a: calls.append(a))
+    assert (again.files_unchanged, again.workers, calls) == (n, 0, [])
+
+    shutil.copy(get_testdata_file("CT_small.dcm"), src / "new.dcm")
+    calls.clear()
+    third = ingest(lake, src, config, progress=lambda *a: calls.append(a))
+    assert (third.files_seen, third.files_unchanged, third.outcomes["ingested"]) == (n + 1, n, 1)
+    assert calls[-1][1:] == (n + 1, n + 1)  # unchanged files count as done
