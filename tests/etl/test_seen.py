@@ -5,8 +5,8 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from pydicom.data import get_testdata_file
 import pyarrow as pa
+from pydicom.data import get_testdata_file
 
 from catalog import open_lake
 from etl import ingest, seen
