@@ -10,8 +10,10 @@ At the end the summary tables are rebuilt and the run is recorded.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -31,12 +33,14 @@ from etl.errors import REASONS
 from etl.runners import make_runner
 from lakehouse.deid import Policy
 from lakehouse.provenance import code_version, config_hash, new_run_id
-from lakehouse.schemas import SCHEMA_VERSION
+from lakehouse.schemas import SCHEMA_VERSION, TABLES
 from lakehouse.tables import Lake, LakeWriter
 
 log = logging.getLogger(__name__)
 
 OUTCOMES = ("ingested", "duplicate", "conflict", "skipped", "quarantined")
+#: The partition columns of ``instances``.
+PARTITION = list(TABLES["instances"].partition_by)
 #: Discovered files are checked against the file index this many at a time.
 INDEX_CHUNK = 20_000
 
@@ -136,6 +140,7 @@ class _Job:
         self._pairs: seen.KeyIndex | None = None
         # paths read by an earlier run and changed since (their quarantine rows may resolve)
         self._reread: set[str] = set()
+        self._walked = False  # the walk of the source has ended
 
     # -- the run ---------------------------------------------------------------
     def run(self, source: Path) -> None:
@@ -146,34 +151,37 @@ class _Job:
             self._hasher.close()
 
     def _run(self, source: Path) -> None:
-        t = time.perf_counter()
         stats = WalkStats()
-        found = list(walk(source, stats))
-        self.summary.files_seen = len(found)
-        self.summary.folders_unreadable = stats.folders_unreadable
-        todo = list(self._changed(found))
-        self.summary.files_unchanged = len(found) - len(todo)
-        self.timings["discover"] = time.perf_counter() - t
-        log.info("%d files found, %d unchanged, %d to read", len(found),
-                 self.summary.files_unchanged, len(todo))
-
+        found = walk(source, stats)  # a generator: files are found as extraction goes
         t = time.perf_counter()
-        if todo:
-            self._extract(todo)
+        todo = self._changed(found, stats)
+        self._extract(source, todo)
         self.timings["extract"] = time.perf_counter() - t
+        log.info("%d files found, %d unchanged, %d read", self.summary.files_seen,
+                 self.summary.files_unchanged, self.summary.files_read)
 
         t = time.perf_counter()
         self._summarize_if_stale()
         self.timings["summarize"] = time.perf_counter() - t
 
-    def _changed(self, found: list[FoundFile]) -> Iterator[FoundFile]:
-        """Files not already read with the same path, size and mtime (one scan of the
-        file index per run, then lookups in memory)."""
+    def _changed(self, found: Iterator[FoundFile], stats: WalkStats) -> Iterator[FoundFile]:
+        """The files of ``found`` not already read with the same path, size and mtime (one
+        scan of the file index per run, then lookups in memory), ``INDEX_CHUNK`` at a time:
+        the walk runs only as far ahead of extraction as one chunk."""
         assert self._hasher is not None
+        t = time.perf_counter()
         index = seen.KeyIndex()
         index.add(*self._hasher.keys(self.w.dataset("files"), *seen.FILE_KEY))
-        for i in range(0, len(found), INDEX_CHUNK):
-            chunk = found[i:i + INDEX_CHUNK]
+        self.timings["discover"] += time.perf_counter() - t
+        while True:
+            t = time.perf_counter()
+            chunk = list(itertools.islice(found, INDEX_CHUNK))
+            self.summary.folders_unreadable = stats.folders_unreadable
+            if not chunk:
+                self.timings["discover"] += time.perf_counter() - t
+                self._walked = True
+                return
+            self.summary.files_seen += len(chunk)
             table = pa.table({
                 "path": pa.array([f.path for f in chunk], pa.string()),
                 "file_size": pa.array([f.size for f in chunk], pa.int64()),
@@ -181,13 +189,16 @@ class _Job:
                 "reason": pa.nulls(len(chunk), pa.string()),
             })
             present, unchanged = index.lookup(*self._hasher.keys(table, *seen.FILE_KEY))
+            self.timings["discover"] += time.perf_counter() - t
             for f, known, same in zip(chunk, present.tolist(), unchanged.tolist(), strict=True):
                 if f.error is not None or not same:
                     if known:
                         self._reread.add(f.path)
                     yield f
+                else:
+                    self.summary.files_unchanged += 1
 
-    def _batches(self, files: list[FoundFile]) -> Iterator[list[FoundFile]]:
+    def _batches(self, files: Iterator[FoundFile]) -> Iterator[list[FoundFile]]:
         batch: list[FoundFile] = []
         size = 0
         for f in files:
@@ -199,44 +210,67 @@ class _Job:
         if batch:
             yield batch
 
-    def _extract(self, files: list[FoundFile]) -> None:
+    def _extract(self, source: Path, files: Iterator[FoundFile]) -> None:
+        """Read ``files`` in waves of batches, one wave computing while the one before is
+        classified; the workers start only when there is a first file to read."""
+        batches = self._batches(files)
+        first = next(batches, None)
+        if first is None:
+            return
         runner = make_runner(self.config, self.summary.run_id, self.policy)
         self.summary.scheduler = runner.description
         self.summary.workers = runner.workers
         wave_size = max(1, runner.workers * self.config.batches_per_worker)
-        batches = list(self._batches(files))
-        waves = [batches[i:i + wave_size] for i in range(0, len(batches), wave_size)]
-        total, done = len(files), 0
-        self.progress("extract", 0, total)
+        waves = _chunked(itertools.chain([first], batches), wave_size)
+        # the total for the progress bar comes from a second walk that only counts
+        counter = _Counter(source)
+        done = 0
+        self.progress("extract", 0, 0)
         try:
-            pending = runner.submit(waves[0]) if waves else None
-            for k in range(len(waves)):
-                assert pending is not None
+            pending = runner.submit(next(waves))
+            while pending is not None:
                 tables = pending.result()
-                pending = runner.submit(waves[k + 1]) if k + 1 < len(waves) else None
+                wave_next = next(waves, None)
+                pending = runner.submit(wave_next) if wave_next is not None else None
                 wave = pa.concat_tables(tables)
                 self._classify(wave)
                 done += wave.num_rows
-                self.progress("extract", done, total)
+                total = self.summary.files_seen if self._walked \
+                    else counter.total(self.summary.files_seen)
+                self.progress("extract", done + self.summary.files_unchanged, total)
                 if (self._buffer_rows >= self.config.flush_rows
                         or self._buffer_bytes >= self.config.flush_bytes):
                     self._flush()
             self._flush()
         finally:
+            counter.stop()
             runner.close()
 
     # -- classification --------------------------------------------------------
-    def _known(self, uids: list[str]) -> dict[str, tuple[str, str]]:
+    def _known(self, uids: list[str], where: pa.Table | None = None
+               ) -> dict[str, tuple[str, str]]:
         """SOPInstanceUID -> (sha256, run id) of instances already committed (a scan of
-        ``instances``: only for the few UIDs the index cannot settle)."""
+        ``instances``: only for the few UIDs the index cannot settle). ``where``: the
+        partitions (Modality, study_year) to look in first, those of the new copies (a
+        corrected copy of an instance is usually in its partition); the UIDs not found
+        there are then looked up everywhere."""
         if not uids:
             return {}
-        t = self.w.dataset("instances").to_table(
-            columns=["SOPInstanceUID", "file_sha256", "ingest_run_id"],
-            filter=ds.field("SOPInstanceUID").isin(uids),
-        )
-        return {u: (s, r) for u, s, r in zip(t.column(0).to_pylist(), t.column(1).to_pylist(),
-                                             t.column(2).to_pylist(), strict=True)}
+        dataset = self.w.dataset("instances")
+        columns = ["SOPInstanceUID", "file_sha256", "ingest_run_id"]
+        out: dict[str, tuple[str, str]] = {}
+        passes = [_in_partitions(where), None] if where is not None else [None]
+        for scope in passes:
+            todo = [u for u in uids if u not in out]
+            if not todo:
+                break
+            hit = ds.field("SOPInstanceUID").isin(todo)
+            t = dataset.to_table(columns=columns, filter=hit if scope is None else hit & scope,
+                                 batch_readahead=1, fragment_readahead=1)
+            out.update((u, (sha, r)) for u, sha, r in zip(
+                t.column(0).to_pylist(), t.column(1).to_pylist(), t.column(2).to_pylist(),
+                strict=True))
+        return out
 
     def _committed(self, wave: pa.Table, ok: list[int]) -> dict[str, tuple[str, str]]:
         """SOPInstanceUID -> (sha256, run id) of the committed instances among the rows
@@ -250,13 +284,17 @@ class _Job:
             self._uids.add(*self._hasher.keys(self.w.dataset("instances"), *seen.INSTANCE_KEY))
         if not len(self._uids):
             return {}
-        rows = wave.select(["SOPInstanceUID", "file_sha256"]).take(pa.array(ok, pa.int64()))
+        rows = wave.select(["SOPInstanceUID", "file_sha256", *PARTITION]).take(
+            pa.array(ok, pa.int64()))
         present, same = self._uids.lookup(*self._hasher.keys(rows, *seen.INSTANCE_KEY))
         uids = rows.column(0).to_pylist()
         shas = rows.column(1).to_pylist()
         known = {uids[i]: (shas[i], "") for i in np.flatnonzero(present & same)}
         # the UID is there with another checksum (a conflict), or its key collided
-        known.update(self._known([uids[i] for i in np.flatnonzero(present & ~same)]))
+        other = np.flatnonzero(present & ~same)
+        if len(other):
+            known.update(self._known([uids[i] for i in other],
+                                     rows.select(PARTITION).take(pa.array(other))))
         return known
 
     def _classify(self, wave: pa.Table) -> None:
@@ -323,9 +361,14 @@ class _Job:
         }
 
     def _committed_json(self, uid: str) -> str | None:
-        t = self.w.dataset("instances").to_table(
-            columns=["dicom_json"], filter=ds.field("SOPInstanceUID") == uid)
-        return t.column(0)[0].as_py() if t.num_rows else None
+        """The DICOM JSON of a committed instance: its UID is looked up file by file, and
+        only the file that holds it has its (large) ``dicom_json`` column read."""
+        hit = ds.field("SOPInstanceUID") == uid
+        for fragment in self.w.dataset("instances").get_fragments():
+            if fragment.count_rows(filter=hit):
+                t = fragment.to_table(columns=["dicom_json"], filter=hit)
+                return t.column(0)[0].as_py()
+        return None
 
     # -- commits ---------------------------------------------------------------
     def _flush(self) -> None:
@@ -418,6 +461,55 @@ class _Job:
             "status": status, "message": message,
         }
         self.w.append("ingest_runs", pa.Table.from_pylist([row]))
+
+
+def _chunked(items: Iterator, n: int) -> Iterator[list]:
+    while chunk := list(itertools.islice(items, n)):
+        yield chunk
+
+
+class _Counter:
+    """Counts the files below a source in a background thread (the same walk, nothing
+    kept), so the progress bar has a total while the files are found as they are read."""
+
+    def __init__(self, source: Path):
+        self._count = 0
+        self._done = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(source,), daemon=True,
+                                        name="lake-count-files")
+        self._thread.start()
+
+    def _run(self, source: Path) -> None:
+        try:
+            for _ in walk(source):
+                self._count += 1
+                if self._stop.is_set():
+                    return
+        except Exception:  # only the progress bar depends on it; the real walk reports
+            return
+        self._done = True
+
+    def total(self, seen_so_far: int) -> int:
+        """Files in the source: exact once counted, the larger of both counts until then."""
+        return self._count if self._done else max(self._count, seen_so_far)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _in_partitions(rows: pa.Table) -> ds.Expression:
+    """Rows of ``instances`` in one of the (Modality, study_year) partitions of ``rows``."""
+    scope = None
+    for values in rows.group_by(PARTITION, use_threads=False).aggregate([]).to_pylist():
+        term = None
+        for name in PARTITION:
+            v = values[name]
+            cond = ds.field(name).is_null() if v is None else ds.field(name) == v
+            term = cond if term is None else term & cond
+        scope = term if scope is None else scope | term
+    assert scope is not None
+    return scope
 
 
 def _differing_keywords(a: str | None, b: str | None) -> list[str]:

@@ -2,9 +2,11 @@
 depend on them across flushes and runs."""
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from pydicom.data import get_testdata_file
 
 from catalog import open_lake
 from etl import ingest, seen
@@ -89,3 +91,74 @@ def test_many_flushes_and_two_runs_give_the_same_lake_as_one_run(archive, tmp_pa
     # the generator's ground truth: found although each first copy was committed earlier
     assert s_one.outcomes == archive[1].outcomes
     assert (s_one.outcomes["duplicate"], s_one.outcomes["conflict"]) == (3, 1)
+
+
+def test_a_conflicting_copy_in_another_partition_is_still_a_conflict(lake_copy, archive,
+                                                                      tmp_path):
+    """The exact lookup tries the new copy's partition first: a copy whose StudyDate (so
+    study_year) changed is found in its old partition by the second pass."""
+    import pydicom
+
+    original = next(p for p in sorted(Path(archive[0], "archive").rglob("*.dcm")))
+    ds = pydicom.dcmread(original)
+    year = int(ds.StudyDate[:4])
+    ds.StudyDate = f"{year - 7}{ds.StudyDate[4:]}"
+    ds.Modality = "OT" if ds.Modality != "OT" else "CT"
+    src = tmp_path / "corrected"
+    src.mkdir()
+    ds.save_as(src / "copy.dcm")
+    lake = Lake.open(lake_copy)
+    before = open_lake(lake_copy).counts()
+    s = ingest(lake, src, fast_config())
+    assert s.outcomes["conflict"] == 1 and s.outcomes["ingested"] == 0
+    with open_lake(lake_copy) as c:
+        after = c.counts()
+        assert after["instances"] == before["instances"]
+        assert after["conflicts"] == before["conflicts"] + 1
+        diff = c.con.execute("SELECT differing_keywords FROM conflicts "
+                             "ORDER BY detected_at DESC LIMIT 1").fetchone()[0]
+        assert {"Modality", "StudyDate"} <= set(diff)
+
+
+def test_files_are_found_while_earlier_ones_are_read(archive, tmp_path, monkeypatch):
+    """The walk runs one index chunk ahead of extraction (memory does not hold the whole
+    archive's file list); the progress total is every file of the source, and a run with
+    nothing to read starts no workers."""
+    import threading
+
+    from etl import jobs
+
+    monkeypatch.setattr(jobs, "INDEX_CHUNK", 40)
+    walked = {"n": 0}
+
+    def counting_walk(source, stats=None):
+        for f in jobs_walk(source, stats):
+            if threading.current_thread().name != "lake-count-files":
+                walked["n"] += 1
+            yield f
+
+    jobs_walk = jobs.walk
+    monkeypatch.setattr(jobs, "walk", counting_walk)
+    calls = []
+    src = tmp_path / "pacs"
+    shutil.copytree(archive[0], src)
+    lake = Lake.create(tmp_path / "lake", profile="identified")
+    config = fast_config(batch_files=10, batches_per_worker=1)
+    s = ingest(lake, src, config,
+               progress=lambda stage, done, total: calls.append((done, total, walked["n"])))
+    n = archive[1].files_total
+    assert s.files_seen == n == 306
+    first = calls[1]  # (calls[0] is the start: nothing done yet)
+    assert first[0] == 10 and first[2] <= 2 * 40 < n
+    assert calls[-1][:2] == (n, n)
+    assert all(done <= total for done, total, _ in calls)
+
+    calls.clear()
+    again = ingest(lake, src, config, progress=lambda *a: calls.append(a))
+    assert (again.files_unchanged, again.workers, calls) == (n, 0, [])
+
+    shutil.copy(get_testdata_file("CT_small.dcm"), src / "new.dcm")
+    calls.clear()
+    third = ingest(lake, src, config, progress=lambda *a: calls.append(a))
+    assert (third.files_seen, third.files_unchanged, third.outcomes["ingested"]) == (n + 1, n, 1)
+    assert calls[-1][1:] == (n + 1, n + 1)  # unchanged files count as done
