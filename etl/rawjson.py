@@ -59,6 +59,8 @@ _IMPLICIT_HEADER = struct.Struct("<HHI").unpack_from
 _U32 = struct.Struct("<I").unpack_from
 #: Entries the element memo holds before it starts over (bounds a worker's memory).
 MEMO_ENTRIES = 1 << 14
+#: Longer values are decoded every time (rarely repeated; bounds the memo's memory).
+MEMO_VALUE_BYTES = 256
 #: ``{(VR, value bytes, codec): the element's "Value" list or None}``: the files of a
 #: series repeat most of their values; decoding one is a pure function of these three.
 #: Binary values (and their bulk-data threshold) and person names (dict values) are not
@@ -167,7 +169,7 @@ class _Reader:
                     raise _Fallback  # a character set of its own inside a sequence item
                 self.encoding = self.charset(raw)
             encoding = self.encoding
-            if vr in _NOT_MEMOIZED or encoding.__class__ is not str:
+            if vr in _NOT_MEMOIZED or length > MEMO_VALUE_BYTES or encoding.__class__ is not str:
                 out[key] = self.element(vr, raw)
                 continue
             mkey = (vr, raw, encoding)

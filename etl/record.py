@@ -69,6 +69,8 @@ _PLAN = tuple(
 
 #: Entries the conversion memo holds before it starts over (bounds a worker's memory).
 MEMO_ENTRIES = 1 << 14
+#: Longer values are converted every time (rarely repeated; bounds the memo's memory).
+MEMO_VALUE_CHARS = 256
 #: ``{(tag, vr, *texts): (typed value, valid)}`` for columns whose values are all text:
 #: the files of a series repeat most of their values. Keyed by everything the result
 #: depends on (the column is one-to-one with its tag); a pure cache, shared by files.
@@ -89,8 +91,7 @@ def record_from_json(header: dict) -> tuple[dict[str, Any], list[str]]:
             rec[name] = None
             continue
         vr = elem.get("vr")
-        if values[0].__class__ is str and (len(values) == 1 or all(
-                v.__class__ is str for v in values)):
+        if _memoizable(values):
             key = (tag, vr, *values)
             hit = memo.get(key)
             if hit is None:
@@ -110,6 +111,14 @@ def record_from_json(header: dict) -> tuple[dict[str, Any], list[str]]:
                                          rec.get("StudyDate"))
     rec["study_year"] = rec["StudyDate"].year if rec.get("StudyDate") else None
     return rec, invalid
+
+
+def _memoizable(values: list) -> bool:
+    """Values that are all short text (the memo's keys)."""
+    if len(values) == 1:
+        first = values[0]
+        return first.__class__ is str and len(first) <= MEMO_VALUE_CHARS
+    return all(v.__class__ is str and len(v) <= MEMO_VALUE_CHARS for v in values)
 
 
 def _convert(values: list, vr: str | None, is_list: bool, is_text: bool,

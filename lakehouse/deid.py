@@ -145,6 +145,8 @@ _ACTIONS: dict[str, int] = {tag: _action(tag) for tag in ALLOWED_TAGS}
 _CONTEXT_TAGS = (*_ID_TOKEN_TAGS, _NAME_TAG, _BIRTH_TAG, _STUDY_UID_TAG)
 #: Entries a memo table holds before it starts over (bounds a worker's memory).
 MEMO_ENTRIES = 1 << 14
+#: Longer values are never memoized (rarely repeated; bounds the memos' memory).
+MEMO_VALUE_CHARS = 256
 
 
 class Policy:
@@ -180,6 +182,9 @@ class Policy:
     # -- memoized keyed functions -----------------------------------------------
     def _identifier(self, kind: str, value: str, issuer: str | None = None) -> str:
         """``Pseudonymizer.patient_id(value, issuer)`` for PatientID, ``identifier`` else."""
+        if len(value) > MEMO_VALUE_CHARS:
+            return (self.p.patient_id(value, issuer) if kind == "PatientID"
+                    else self.p.identifier(kind, value))
         key = (kind, value, issuer)
         ps = self._ids.get(key)
         if ps is None:
@@ -191,6 +196,8 @@ class Policy:
         return ps
 
     def _uid(self, uid: str) -> str:
+        if len(uid) > MEMO_VALUE_CHARS:
+            return self.p.uid(uid)
         u = self._uids.get(uid)
         if u is None:
             u = self.p.uid(uid)
@@ -200,7 +207,7 @@ class Policy:
         return u
 
     def _shift_da(self, value, offset: int):
-        if value.__class__ is not str:
+        if value.__class__ is not str or len(value) > MEMO_VALUE_CHARS:
             return _shift_da(value, offset)
         key = (value, offset)
         try:
@@ -223,7 +230,7 @@ class Policy:
         try:
             key = tuple(_memo_key(header.get(tag)) for tag in _CONTEXT_TAGS)
             ctx = self._contexts.get(key)
-        except TypeError:  # a value that cannot be a key (never from a parser): no memo
+        except (TypeError, ValueError):  # an unhashable or long value: no memo
             return self._context(header)
         if ctx is None:
             ctx = self._context(header)
@@ -340,17 +347,28 @@ class Policy:
 
 
 def _memo_key(elem: dict | None):
-    """A hashable form of an element's values (raises TypeError when there is none)."""
+    """A hashable form of an element's values (raises TypeError when there is none,
+    ValueError when it is too long to be worth memoizing)."""
     if not elem:
         return None
     values = elem.get("Value")
     if not values:
         return ()
+    if len(values) > 8 or any(_long(v) for v in values):
+        raise ValueError("too long to memoize")
     return tuple(tuple(v.items()) if isinstance(v, dict) else v for v in values)
 
 
+def _long(value) -> bool:
+    if value.__class__ is str:
+        return len(value) > MEMO_VALUE_CHARS
+    if isinstance(value, dict):  # a person name's component groups
+        return any(len(str(part)) > MEMO_VALUE_CHARS for part in value.values())
+    return False
+
+
 def _clean_memo(value, ctx: PatientContext):
-    if value.__class__ is not str:
+    if value.__class__ is not str or len(value) > MEMO_VALUE_CHARS:
         return _clean(value, ctx.identifier_tokens)
     memo = ctx.cleaned
     cleaned = memo.get(value)

@@ -133,3 +133,28 @@ def test_policy_memos_stay_in_the_process(files):
     assert (copy._uids, copy._ids, copy._dates, copy._contexts) == ({}, {}, {}, {})
     assert copy.p == policy.p and copy.private == policy.private
     assert _parse_all(files[:20], copy) == _parse_all(files[:20], policy)
+
+
+@pytest.mark.filterwarnings("ignore:The value length")
+def test_long_values_are_never_memoized():
+    """Long values (rarely repeated) bypass every memo, which bounds their memory."""
+    uid = _Uids()
+    ds = base(uid)
+    ds.StudyDescription = "Smith " * 60  # 360 characters: invalid for LO, kept in the JSON
+    ds.PatientID = "P" * 300
+    ds.ImageComments = "long comment " * 40
+    buf = part10(ds)
+    _clear_module_memos()
+    policy = Policy(Pseudonymizer(KEY))
+    warm = [parse(buf, "a.dcm", policy=policy) for _ in range(2)]
+    assert warm[0] == warm[1]
+    assert warm[0]["StudyDescription"] is None
+    assert warm[0]["invalid_attributes"] == ["StudyDescription"]
+    assert warm[0]["PatientID"] == Pseudonymizer(KEY).patient_id("P" * 300)
+    assert rawjson._MEMO and record._MEMO and policy._uids  # the short values are memoized
+    assert max(len(k[1]) for k in rawjson._MEMO) <= rawjson.MEMO_VALUE_BYTES
+    assert max(len(str(v)) for k in record._MEMO for v in k[2:]) <= record.MEMO_VALUE_CHARS
+    assert all(len(k[1]) <= deid.MEMO_VALUE_CHARS for k in policy._ids)
+    assert policy._contexts == {}  # the long PatientID is part of the context's key
+    _clear_module_memos()
+    assert parse(buf, "a.dcm", policy=Policy(Pseudonymizer(KEY))) == warm[0]
