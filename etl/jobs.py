@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -227,7 +228,7 @@ class _Job:
         done = 0
         self.progress("extract", 0, 0)
         try:
-            pending = runner.submit(next(waves))
+            pending: Future | None = runner.submit(next(waves))
             while pending is not None:
                 tables = pending.result()
                 wave_next = next(waves, None)
