@@ -440,7 +440,7 @@ class _Job:
         current = self.w.versions["instances"]
         if self.w.extra.get("summaries_from") == current:
             return
-        for name, table in summarize.build(self.w.dataset("instances")).items():
+        for name, table in summarize.build(self.lake, self.w.current("instances")).items():
             self.w.overwrite(name, table)
         self.w.extra["summaries_from"] = current
 
