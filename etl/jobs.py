@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -227,7 +228,7 @@ class _Job:
         done = 0
         self.progress("extract", 0, 0)
         try:
-            pending = runner.submit(next(waves))
+            pending: Future | None = runner.submit(next(waves))
             while pending is not None:
                 tables = pending.result()
                 wave_next = next(waves, None)
@@ -439,7 +440,7 @@ class _Job:
         current = self.w.versions["instances"]
         if self.w.extra.get("summaries_from") == current:
             return
-        for name, table in summarize.build(self.w.dataset("instances")).items():
+        for name, table in summarize.build(self.lake, self.w.current("instances")).items():
             self.w.overwrite(name, table)
         self.w.extra["summaries_from"] = current
 
