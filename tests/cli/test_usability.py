@@ -1,0 +1,263 @@
+"""What a new user runs into: mistakes that must be one line, and outputs on edge cases.
+
+In process (``main(argv)``), as tests/test_cli.py; the notebook server test starts the
+installed command for real and stops it.
+"""
+
+import csv
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from lake_cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line(err: str) -> bool:
+    return len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+# --- lake init: where a lake cannot go ---------------------------------------------------
+
+def test_init_in_a_folder_with_other_files_says_so(capsys, tmp_path):
+    folder = tmp_path / "papers"
+    folder.mkdir()
+    (folder / "draft.txt").write_text("mine")
+    code, out, err = run(capsys, "init", str(folder), "--key-file", str(tmp_path / "k"))
+    assert (code, out) == (1, "")
+    assert err == (f"lake init: error: the folder {folder} is not empty (and holds no lake): "
+                   "give a new or empty folder for the lake\n")
+    assert sorted(p.name for p in folder.iterdir()) == ["draft.txt"]
+    assert not (tmp_path / "k").exists()
+
+
+def test_init_on_a_file_says_so(capsys, tmp_path):
+    path = tmp_path / "afile"
+    path.write_text("x")
+    code, _, err = run(capsys, "init", str(path), "--key-file", str(tmp_path / "k"))
+    assert code == 1
+    assert err == (f"lake init: error: {path} is a file, not a folder: give a new or empty "
+                   "folder for the lake\n")
+
+
+def test_init_under_a_file_is_one_line(capsys, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    target = tmp_path / "afile" / "lake"
+    code, _, err = run(capsys, "init", str(target), "--key-file", str(tmp_path / "k"))
+    assert code == 1 and one_line(err)
+    assert err == (f"lake init: error: Not a directory ({target}): a file is in the way where "
+                   "a folder should be: choose another path\n")
+
+
+def test_init_in_an_empty_folder_still_works(capsys, tmp_path):
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    code, out, _ = run(capsys, "init", str(folder), "--key-file", str(tmp_path / "k"))
+    assert code == 0 and out.startswith(f"created research lake at {folder}\n")
+
+
+# --- lake sql: inputs and outputs --------------------------------------------------------
+
+def test_sql_empty_query_is_an_error(capsys, built_lake):
+    code, out, err = run(capsys, "sql", "  \n", "--lake", str(built_lake[0]))
+    assert (code, out) == (1, "")
+    assert err.startswith("lake sql: error: the query is empty: give a SQL statement")
+    assert one_line(err)
+
+
+EDGE = ("SELECT 'nan'::DOUBLE AS n, 'inf'::DOUBLE AS i, -('inf'::DOUBLE) AS mi, "
+        "sum(instance_count) AS s, 1.25::DECIMAL(5, 2) AS d, INTERVAL 3 DAY AS iv, "
+        "INTERVAL '1 month 2 days 1.5 seconds' AS iv2, ['nan'::DOUBLE, 2.0] AS l, "
+        "DATE '2020-02-29' AS day, TIME '07:05:00' AS t FROM studies")
+
+
+def test_sql_json_is_strict_json(capsys, built_lake, truth):
+    code, out, _ = run(capsys, "sql", EDGE, "--lake", str(built_lake[0]), "--format", "json")
+    assert code == 0
+
+    def no_constants(name):
+        raise AssertionError(f"{name} is not JSON")
+
+    rows = json.loads(out, parse_constant=no_constants)
+    assert rows == [{"n": None, "i": None, "mi": None, "s": sum(truth.instances_by_modality.values()), "d": 1.25,
+                     "iv": "P3D", "iv2": "P1M2DT1.5S", "l": [None, 2.0],
+                     "day": "2020-02-29", "t": "07:05:00"}]
+    assert isinstance(rows[0]["s"], int)  # a HUGEINT sum is an integer, not 2053.0
+
+
+def test_sql_csv_edge_values(capsys, built_lake, truth):
+    q = (EDGE + " UNION ALL SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL")
+    code, out, _ = run(capsys, "sql", q, "--lake", str(built_lake[0]), "--format", "csv")
+    assert code == 0
+    assert list(csv.reader(io.StringIO(out))) == [
+        ["n", "i", "mi", "s", "d", "iv", "iv2", "l", "day", "t"],
+        ["nan", "inf", "-inf", str(sum(truth.instances_by_modality.values())), "1.25", "P3D", "P1M2DT1.5S",
+         "[null, 2.0]", "2020-02-29", "07:05:00"],
+        ["", "", "", "", "", "", "", "", "", ""],
+    ]
+
+
+def test_sql_csv_quoting_round_trips(capsys, built_lake):
+    q = ("SELECT 'a,b' AS comma, 'say \"hi\"' AS quote, 'line1' || chr(10) || 'line2' AS nl, "
+         "'Müller^Jürgen' AS name")
+    code, out, _ = run(capsys, "sql", q, "--lake", str(built_lake[0]), "--format", "csv")
+    assert code == 0
+    assert list(csv.reader(io.StringIO(out))) == [
+        ["comma", "quote", "nl", "name"], ["a,b", 'say "hi"', "line1\nline2", "Müller^Jürgen"]]
+
+
+def test_sql_table_aligns_wide_characters(capsys, built_lake):
+    q = ("SELECT * FROM (VALUES ('山田^太郎', 1), ('Yamada^Tarou', 22), ('홍^길동', 333)) "
+         "AS t(name, n)")
+    code, out, _ = run(capsys, "sql", q, "--lake", str(built_lake[0]))
+    assert code == 0
+    assert out.splitlines() == [
+        "name          n",
+        "------------  ---",
+        "山田^太郎     1",
+        "Yamada^Tarou  22",
+        "홍^길동       333",
+        "(3 rows)",
+    ]
+
+
+def test_sql_table_clips_wide_text_to_the_column_limit(capsys, built_lake):
+    code, out, _ = run(capsys, "sql", "SELECT repeat('山', 40) AS x", "--lake",
+                       str(built_lake[0]))
+    assert code == 0
+    cell = out.splitlines()[2]
+    assert cell == "山" * 29 + "…"  # 58 columns + the ellipsis: within 60
+
+
+def test_report_json_is_strict_json(capsys, built_lake):
+    code, out, _ = run(capsys, "report", "repeats", "--lake", str(built_lake[0]), "--format",
+                       "json", "--by", "Modality", "--from", "1900-01-01")
+    assert code == 0
+    rows = json.loads(out, parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
+    assert rows and all(isinstance(r["studies"], int) for r in rows)
+
+
+# --- cohorts ----------------------------------------------------------------------------
+
+def test_cohort_key_that_is_not_text_is_one_line(capsys, lake_copy):
+    code, out, err = run(capsys, "cohort", "save", "numbers", "--sql",
+                         "SELECT 1 AS SeriesInstanceUID", "--lake", str(lake_copy))
+    assert (code, out) == (1, "")
+    assert err == ("lake cohort: error: cohort query: the query's SeriesInstanceUID column is "
+                   "int32, not text: select the lake's SeriesInstanceUID (a UID string) from "
+                   "series or studies\n")
+
+
+def test_cohort_export_onto_a_file_is_one_line(capsys, lake_copy, tmp_path):
+    code, _, _ = run(capsys, "cohort", "save", "ct", "--sql",
+                     "SELECT SeriesInstanceUID FROM series WHERE Modality = 'CT'",
+                     "--lake", str(lake_copy))
+    assert code == 0
+    target = tmp_path / "afile"
+    target.write_text("x")
+    code, out, err = run(capsys, "cohort", "export", "ct", "--to", str(target), "--lake",
+                         str(lake_copy), "--no-progress")
+    assert (code, out) == (1, "")
+    assert err == (f"lake cohort: error: File exists ({target}): a file is in the way where "
+                   "a folder should be: choose another path\n")
+
+
+def test_manifest_export_does_not_claim_files_written(capsys, lake_copy, tmp_path):
+    run(capsys, "cohort", "save", "ct", "--sql",
+        "SELECT SeriesInstanceUID FROM series WHERE Modality = 'CT'", "--lake", str(lake_copy))
+    code, out, _ = run(capsys, "cohort", "export", "ct", "--to", str(tmp_path / "m"), "--lake",
+                       str(lake_copy), "--no-progress")
+    assert code == 0
+    assert "written" not in out and out.endswith("; 5 files in SHA256SUMS\n")
+
+
+# --- lake notebook ----------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_notebook_on_a_busy_port_is_one_line(capsys, built_lake):
+    pytest.importorskip("jupyterlab")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code, out, err = run(capsys, "notebook", "--lake", str(built_lake[0]), "--port",
+                             str(port), "--no-browser")
+    assert (code, out) == (1, "")
+    assert err == (f"lake notebook: error: port {port} on 127.0.0.1 is in use (another "
+                   "JupyterLab?): pass --port N\n")
+
+
+def test_notebook_prints_the_address_to_open(built_lake, tmp_path):
+    """The installed command starts JupyterLab (also as root, as in many containers) and
+    prints an address with the access token that the server accepts."""
+    pytest.importorskip("jupyterlab")
+    exe = shutil.which("lake") or str(Path(sys.executable).parent / "lake")
+    port = _free_port()
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt"),
+           "JUPYTER_CONFIG_DIR": str(tmp_path / "cfg"), "JUPYTER_DATA_DIR": str(tmp_path / "d")}
+    env.pop("JUPYTER_TOKEN", None)
+    proc = subprocess.Popen([exe, "notebook", "--lake", str(built_lake[0]), "--port", str(port),
+                             "--no-browser"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=env,
+                            start_new_session=True)
+    try:
+        first = proc.stdout.readline()
+        second = proc.stdout.readline()
+        prefix = f"JupyterLab at http://127.0.0.1:{port}/lab?token="
+        assert first.startswith(prefix), first
+        token = first.strip()[len(prefix):]
+        assert len(token) >= 32
+        assert second.startswith(f"  lake {built_lake[0]} (LAKE_DIR); notebooks in "
+                                 f"{ROOT / 'notebooks'}")
+        status = None
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(
+                        f"http://127.0.0.1:{port}/api/status?token={token}", timeout=5) as r:
+                    status = r.status
+                break
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.5)
+        assert proc.poll() is None, "JupyterLab exited"
+        assert status == 200
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status", timeout=5)
+        assert refused.value.code == 403
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/contents/"
+                                    f"01_lake_overview.py?token={token}&type=notebook",
+                                    timeout=30) as r:
+            assert json.loads(r.read())["type"] == "notebook"  # .py opens as a notebook
+    finally:
+        proc.send_signal(signal.SIGTERM)  # `lake notebook` passes it on to JupyterLab
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    assert code in (0, -signal.SIGTERM, 128 + signal.SIGTERM)
+    with socket.socket() as s:  # the server is gone with it
+        assert s.connect_ex(("127.0.0.1", port)) != 0
