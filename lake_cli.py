@@ -466,6 +466,12 @@ def cmd_report(args) -> int:
         table = reports.run(cat, request)
         if cat.lake.profile == "identified" and args.format != "json" and args.studies:
             print("# identified lake: results may contain patient identifiers", file=sys.stderr)
+        by = set(request.by or reports.DEFAULT_BY[args.kind])
+        if cat.lake.research and (args.date_from or args.date_to or by & _CALENDAR):
+            print("# research lake: each patient's dates are shifted by 1 to 260 weeks, so "
+                  "--from/--to and day/week/month/year groups use shifted dates (intervals, "
+                  "weekdays and hours are exact); calendar trends need an identified lake",
+                  file=sys.stderr)
     rows = table.to_pylist()
     cols = table.column_names
     if args.format == "json":
@@ -478,6 +484,10 @@ def cmd_report(args) -> int:
     else:
         _print_table(cols, [{c: _rounded(r[c], 4) for c in cols} for r in rows], sys.stdout)
     return 0
+
+
+#: report columns that place a study in calendar time (shifted per patient in research lakes)
+_CALENDAR = {"day", "week", "month", "year", "StudyDate"}
 
 
 def _names(text: str | None) -> list[str]:

@@ -261,3 +261,29 @@ def test_notebook_prints_the_address_to_open(built_lake, tmp_path):
     assert code in (0, -signal.SIGTERM, 128 + signal.SIGTERM)
     with socket.socket() as s:  # the server is gone with it
         assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+# --- reports on a research lake ---------------------------------------------------------
+
+SHIFTED = ("# research lake: each patient's dates are shifted by 1 to 260 weeks, so "
+           "--from/--to and day/week/month/year groups use shifted dates (intervals, "
+           "weekdays and hours are exact); calendar trends need an identified lake\n")
+
+
+def test_report_on_calendar_time_of_a_research_lake_says_dates_are_shifted(capsys, tmp_path,
+                                                                            built_lake):
+    lake = tmp_path / "research"
+    assert run(capsys, "init", str(lake), "--key-file", str(tmp_path / "k"))[0] == 0
+    code, out, err = run(capsys, "report", "utilization", "--lake", str(lake))  # by month
+    assert (code, err) == (0, SHIFTED)
+    assert out.splitlines()[0].split() == ["month", "Modality", "studies", "series",
+                                           "instances"]
+    code, _, err = run(capsys, "report", "repeats", "--from", "2020-01-01", "--lake", str(lake))
+    assert (code, err) == (0, SHIFTED)
+    code, _, err = run(capsys, "report", "repeats", "--by", "Modality", "--lake", str(lake))
+    assert (code, err) == (0, "")  # rates by modality are exact
+    code, _, err = run(capsys, "report", "utilization", "--by", "weekday,hour", "--lake",
+                       str(lake))
+    assert (code, err) == (0, "")
+    code, _, err = run(capsys, "report", "utilization", "--lake", str(built_lake[0]))
+    assert (code, err) == (0, "")  # identified: real dates
