@@ -1129,7 +1129,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("vacuum", help="delete files no snapshot references (left by killed "
                         "runs) once older than the retention period")
     lake_opt(sp)
-    sp.add_argument("--retention-hours", type=float, default=168.0,
+    sp.add_argument("--retention-hours", type=_non_negative_float, default=168.0,
                     help="keep unreferenced files younger than this (default 168)")
     sp.add_argument("--dry-run", action="store_true", help="list, do not delete")
     sp.add_argument("--json", action="store_true")
@@ -1138,9 +1138,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("optimize", help="compact small Parquet files (rows unchanged)")
     lake_opt(sp)
     sp.add_argument("--table", action="append", help="only this table (repeatable; default all)")
-    sp.add_argument("--small-mb", type=float, default=64.0,
+    sp.add_argument("--small-mb", type=_positive_float, default=64.0,
                     help="files smaller than this are compacted (default 64)")
-    sp.add_argument("--target-mb", type=float, default=256.0,
+    sp.add_argument("--target-mb", type=_positive_float, default=256.0,
                     help="size of the files written, about (default 256)")
     sp.add_argument("--dry-run", action="store_true", help="report, do not rewrite")
     sp.add_argument("--json", action="store_true")
@@ -1168,8 +1168,18 @@ def _positive_float(text: str) -> float:
         x = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not x > 0:
+    if not 0 < x < float("inf"):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return x
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not 0 <= x < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
     return x
 
 
@@ -1193,7 +1203,7 @@ def _os_error(exc: OSError) -> str:
             errno.ENOSPC: "the disk is full: free space, or choose another folder",
             errno.ENOTDIR: "a file is in the way where a folder should be: choose another path",
             errno.EEXIST: "a file is in the way where a folder should be: choose another path",
-            errno.ENOENT: "check that the folder exists and is writable",
+            errno.ENOENT: "check the path",
             }.get(exc.errno or 0, "check the path and its permissions")
     return f"{what}{where}: {hint}"
 

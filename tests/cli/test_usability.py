@@ -289,3 +289,33 @@ def test_report_on_calendar_time_of_a_research_lake_says_dates_are_shifted(capsy
     assert (code, err) == (0, "")
     code, _, err = run(capsys, "report", "utilization", "--lake", str(built_lake[0]))
     assert (code, err) == (0, "")  # identified: real dates
+
+
+# --- option values that made no sense were accepted ---------------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["vacuum", "--retention-hours", "-5"], "argument --retention-hours: expected a number "
+     ">= 0, got '-5'"),
+    (["vacuum", "--retention-hours", "nan"], "argument --retention-hours: expected a number "
+     ">= 0, got 'nan'"),
+    (["optimize", "--small-mb", "-1"], "argument --small-mb: expected a positive number, "
+     "got '-1'"),
+    (["optimize", "--target-mb", "0"], "argument --target-mb: expected a positive number, "
+     "got '0'"),
+    (["ingest", "x", "--scheduler-timeout", "inf"], "argument --scheduler-timeout: expected "
+     "a positive number, got 'inf'"),
+])
+def test_nonsense_option_values_are_usage_errors(capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--lake", "/nonexistent/lake"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err == f"lake {argv[0]}: error: {message} (see `lake {argv[0]} --help`)\n"
+
+
+def test_missing_input_file_is_one_line(capsys, built_lake, tmp_path):
+    missing = tmp_path / "result.csv"
+    code, out, err = run(capsys, "reidentify", "--csv", str(missing), "--columns", "PatientID",
+                         "--lake", str(built_lake[0]))
+    assert (code, out) == (1, "")
+    assert err == f"lake reidentify: error: No such file or directory ({missing}): check the path\n"
