@@ -216,9 +216,15 @@ def cmd_ingest(args) -> int:
 
 
 def _ingest_remote(args, lake, source, config, progress, ingest_remote, close_bar) -> int:
-    # client libraries log request URLs, which carry original UIDs: not on the console
+    # client libraries log request URLs, which carry original UIDs: not on the console.
+    # urllib3 warns on every retried connection with the URL path (studies/UID/series/UID/
+    # instances/UID); pynetdicom logs failed associations as errors: the run's error line
+    # says what happened, once (-vv shows pynetdicom's own lines)
     for name in ("dicomweb_client", "pynetdicom"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
+    if args.verbose < 2:
+        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     try:
         pulled = ingest_remote(lake, source, config, progress, key_file=_key_file(args))
     finally:

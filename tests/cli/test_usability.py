@@ -319,3 +319,27 @@ def test_missing_input_file_is_one_line(capsys, built_lake, tmp_path):
                          "--lake", str(built_lake[0]))
     assert (code, out) == (1, "")
     assert err == f"lake reidentify: error: No such file or directory ({missing}): check the path\n"
+
+
+# --- PACS sources that cannot be reached ------------------------------------------------
+
+@pytest.mark.parametrize("url, message", [
+    ("dicomweb+http://127.0.0.1:{port}/dicom-web",
+     "cannot connect after 4 attempts (ConnectionError); is the server running and reachable?"),
+    ("dimse://LAKE@127.0.0.1:{port}",
+     "C-FIND: no association, cannot connect (Connection refused); is the PACS running and "
+     "reachable?"),
+])
+def test_unreachable_pacs_is_one_line(tmp_path, url, message):
+    """The installed command, so that log output reaches stderr as a user sees it: urllib3's
+    retry warnings (they name request paths, which carry original UIDs) and pynetdicom's
+    association errors stay off the console; the error line says it all."""
+    exe = shutil.which("lake") or str(Path(sys.executable).parent / "lake")
+    lake = tmp_path / "lake"
+    assert main(["init", str(lake), "--profile", "identified"]) == 0
+    source = url.format(port=_free_port())  # nothing listens there
+    r = subprocess.run([exe, "ingest", source, "--lake", str(lake), "--no-progress"],
+                       capture_output=True, text=True, timeout=120)
+    shown = source.removeprefix("dicomweb+")
+    assert (r.returncode, r.stdout) == (1, "")
+    assert r.stderr == f"lake ingest: error: cannot read source {shown}: {message}\n"
