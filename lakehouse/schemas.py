@@ -413,7 +413,8 @@ DOSE_EVENTS = TableSpec(
         Column("StudyDate", DATE, "Study date.", "StudyDate"),
         Column("event_index", I64, "Position of the CT Acquisition in the report, from 1."),
         Column("IrradiationEventUID", STR, "Irradiation Event UID (113769) of the acquisition."),
-        Column("acquisition_protocol", STR, "Acquisition Protocol (125203), as text."),
+        Column("acquisition_protocol", STR, "Acquisition Protocol (125203), as text; null "
+               "in research lakes (free text of reports is not on the allow-list)."),
         Column("target_region", STR, "Target Region (123014), the code meaning (e.g. Chest)."),
         Column("acquisition_type", STR, "CT Acquisition Type (113820), the code meaning "
                "(Spiral Acquisition, Sequenced Acquisition, Constant Angle Acquisition, ...)."),
