@@ -1229,15 +1229,15 @@ def main(argv: list[str] | None = None) -> int:
     except (LakeError, CliError) as exc:
         print(f"lake {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"lake {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `lake sql ... | head`: the reader has what it wanted
+        return 0
     except OSError as exc:  # a folder that cannot be written, a file where a folder goes...
         logging.getLogger("lake").debug("%s failed", args.command, exc_info=True)
         print(f"lake {args.command}: error: {_os_error(exc)}", file=sys.stderr)
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        print(f"lake {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        return 0
     finally:
         # Arrow dataset scanners still referenced at interpreter shutdown can abort the
         # process after the work is done (apache/arrow#34314): collect them while Arrow's

@@ -343,3 +343,16 @@ def test_unreachable_pacs_is_one_line(tmp_path, url, message):
     shown = source.removeprefix("dicomweb+")
     assert (r.returncode, r.stdout) == (1, "")
     assert r.stderr == f"lake ingest: error: cannot read source {shown}: {message}\n"
+
+
+class _ClosedPipe(io.StringIO):
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_output_into_a_closed_pipe_is_not_an_error(capsys, built_lake, monkeypatch):
+    """`lake report ... | head -3`: the reader stopped reading, nothing went wrong."""
+    monkeypatch.setattr(sys, "stdout", _ClosedPipe())
+    code = main(["report", "dose", "--studies", "--format", "csv", "--lake", str(built_lake[0])])
+    assert code == 0
+    assert capsys.readouterr().err == "# identified lake: results may contain patient identifiers\n"
