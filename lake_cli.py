@@ -95,19 +95,16 @@ def cmd_features(args) -> int:
     return 0
 
 
-def _cohort_series(lake_root, name: str) -> tuple[str, ...]:
-    """The series of a saved cohort (a study cohort gives all series of its studies)."""
-    try:
-        from catalog import cohorts  # type: ignore[attr-defined]
-    except ImportError:
-        raise CliError("--cohort needs saved cohorts (catalog.cohorts), which this version of "
-                       "the lake does not have; pass the series with --series") from None
-    from catalog import open_lake
+def _cohort_series(lake, name: str) -> tuple[str, ...]:
+    """The series of a saved cohort (a study cohort gives all series of its studies, as
+    the lake held them at the cohort's snapshot)."""
+    from catalog import cohorts
+    from catalog.connect import Catalog
 
-    result = cohorts.open_cohort(lake_root, name).result()
+    result = cohorts.open_cohort(lake, name).result()
     if result.key == "SeriesInstanceUID":
         return tuple(result.members)
-    with open_lake(lake_root) as cat:
+    with Catalog(lake, result.snapshot) as cat:
         rows = cat.arrow("SELECT SeriesInstanceUID FROM series "
                          "WHERE list_contains($s, StudyInstanceUID) ORDER BY 1",
                          {"s": list(result.members)})

@@ -356,3 +356,21 @@ def test_output_into_a_closed_pipe_is_not_an_error(capsys, built_lake, monkeypat
     code = main(["report", "dose", "--studies", "--format", "csv", "--lake", str(built_lake[0])])
     assert code == 0
     assert capsys.readouterr().err == "# identified lake: results may contain patient identifiers\n"
+
+
+# --- lake features ----------------------------------------------------------------------
+
+def test_features_of_a_study_cohort(capsys, lake_copy):
+    """`--cohort` with a cohort of studies computes every image series of those studies
+    (it crashed with a TypeError)."""
+    q = "SELECT StudyInstanceUID FROM studies WHERE Modality = 'MR' ORDER BY 1 LIMIT 1"
+    assert run(capsys, "cohort", "save", "one_mr", "--sql", q, "--lake", str(lake_copy))[0] == 0
+    code, out, _ = run(capsys, "sql", f"SELECT count(*) AS n FROM series WHERE StudyInstanceUID "
+                       f"IN ({q}) AND Modality = 'MR'", "--lake", str(lake_copy), "--format",
+                       "json")
+    n = json.loads(out)[0]["n"]
+    assert n >= 2
+    code, out, err = run(capsys, "features", "--cohort", "one_mr", "--scheduler", "synchronous",
+                         "--lake", str(lake_copy))
+    assert code == 0, err
+    assert f": {n} series ({n} regular volumes, {n} with image statistics), 0 masks" in out
