@@ -974,7 +974,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("listen", help="receive DICOM instances (C-STORE) and ingest them in "
                         "micro-batches")
     sp.add_argument("--port", type=_positive, required=True, help="TCP port to listen on")
-    sp.add_argument("--ae-title", required=True, help="our AE title (what senders call)")
+    sp.add_argument("--ae-title", required=True, type=_ae_title,
+                    help="our AE title (what senders call): 1 to 16 ASCII characters")
     sp.add_argument("--host", default="0.0.0.0", help="address to bind (default: all)")
     sp.add_argument("--batch-seconds", type=_positive_float, default=10.0,
                     help="ingest what was received every N seconds (default 10)")
@@ -1174,6 +1175,16 @@ def _positive_float(text: str) -> float:
     if not 0 < x < float("inf"):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return x
+
+
+def _ae_title(text: str) -> str:
+    """A DICOM AE title (PS3.5 AE): 1 to 16 printable ASCII characters, no backslash, not
+    only spaces."""
+    if (not text.strip() or len(text) > 16 or "\\" in text
+            or not all(" " <= ch <= "~" for ch in text)):
+        raise argparse.ArgumentTypeError(
+            f"expected an AE title of 1 to 16 ASCII characters (no backslash), got {text!r}")
+    return text
 
 
 def _non_negative_float(text: str) -> float:

@@ -374,3 +374,14 @@ def test_features_of_a_study_cohort(capsys, lake_copy):
                          "--lake", str(lake_copy))
     assert code == 0, err
     assert f": {n} series ({n} regular volumes, {n} with image statistics), 0 masks" in out
+
+
+@pytest.mark.parametrize("title", ["THIS_IS_WAY_TOO_LONG_AE", "", "   ", "A\\B", "ÄRZTE"])
+def test_listen_with_an_invalid_ae_title_is_a_usage_error(capsys, title):
+    with pytest.raises(SystemExit) as exc:
+        main(["listen", "--port", str(_free_port()), "--ae-title", title, "--lake",
+              "/nonexistent/lake"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == (
+        "lake listen: error: argument --ae-title: expected an AE title of 1 to 16 ASCII "
+        f"characters (no backslash), got {title!r} (see `lake listen --help`)\n")
