@@ -1223,6 +1223,8 @@ def _os_error(exc: OSError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from deltalake.exceptions import DeltaError
+
     from lakehouse.errors import LakeError
 
     args = build_parser().parse_args(argv)
@@ -1240,6 +1242,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"lake {args.command}: interrupted", file=sys.stderr)
         return 130
+    except DeltaError as exc:  # a table folder or commit log damaged or removed
+        logging.getLogger("lake").debug("%s failed", args.command, exc_info=True)
+        text = str(exc).strip()
+        print(f"lake {args.command}: error: a table of the lake cannot be read: "
+              f"{text.splitlines()[0] if text else type(exc).__name__}; `lake verify` lists "
+              "what is damaged: restore it from a backup", file=sys.stderr)
+        return EXIT_ERROR
     except BrokenPipeError:  # `lake sql ... | head`: the reader has what it wanted
         return 0
     except OSError as exc:  # a folder that cannot be written, a file where a folder goes...

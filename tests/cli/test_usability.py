@@ -385,3 +385,32 @@ def test_listen_with_an_invalid_ae_title_is_a_usage_error(capsys, title):
     assert capsys.readouterr().err == (
         "lake listen: error: argument --ae-title: expected an AE title of 1 to 16 ASCII "
         f"characters (no backslash), got {title!r} (see `lake listen --help`)\n")
+
+
+# --- a damaged lake ---------------------------------------------------------------------
+
+def test_a_removed_table_folder_is_one_line_and_verify_names_it(capsys, lake_copy):
+    shutil.rmtree(lake_copy / "research" / "studies")
+    code, out, err = run(capsys, "status", "--lake", str(lake_copy))
+    assert (code, out) == (1, "")
+    assert err.startswith("lake status: error: a table of the lake cannot be read: ")
+    assert err.endswith("; `lake verify` lists what is damaged: restore it from a backup\n")
+    assert one_line(err)
+    code, out, _ = run(capsys, "verify", "--lake", str(lake_copy))
+    assert code == 1
+    lines = out.splitlines()
+    assert lines[1].startswith("  studies: research/studies: unreadable: the table (version ")
+    assert lines[2:] == ["1 problems: restore the files named from a backup (or ingest the "
+                         "sources again)"]
+
+
+def test_a_removed_commit_is_one_line_and_verify_names_it(capsys, lake_copy):
+    log_dir = lake_copy / "research" / "series" / "_delta_log"
+    last = sorted(log_dir.glob("*.json"))[-1]
+    last.unlink()
+    code, out, err = run(capsys, "sql", "SELECT count(*) FROM series", "--lake", str(lake_copy))
+    assert (code, out) == (1, "")
+    assert err.startswith("lake sql: error: a table of the lake cannot be read: ")
+    assert one_line(err)
+    code, out, _ = run(capsys, "verify", "--lake", str(lake_copy))
+    assert code == 1 and "  series: research/series: unreadable: the table (version " in out
