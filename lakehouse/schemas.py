@@ -555,7 +555,8 @@ FEATURE_FAILURES = TableSpec(
     columns=(
         Column("SeriesInstanceUID", STR, "Image series concerned.", "SeriesInstanceUID"),
         Column("mask_SOPInstanceUID", STR, "Mask instance concerned, if any."),
-        Column("stage", STR, "volume, image_stats, mask or radiomics."),
+        Column("stage", STR, "volume, mask or radiomics (pixels a series' image statistics "
+               "could not read are in image_stats: status, failure_message)."),
         Column("reason", STR, "Reason code: no_geometry, not_a_volume, pixel_decode, "
                "geometry_mismatch, unsupported_mask, empty_segment, missing_file, feature_error."),
         Column("message", STR, "What was wrong and what to do."),
