@@ -203,7 +203,7 @@ def read_rtstruct(path: str | Path, geometry: Geometry) -> MaskSet:
 
     series = _series(geometry)
     try:
-        ds = pydicom.dcmread(str(path), force=True)  # checked by the ingest; maybe no preamble
+        ds = pydicom.dcmread(str(path), force=True)  # checked at ingest; may lack a preamble
         rois = {int(r.ROINumber): str(getattr(r, "ROIName", r.ROINumber))
                 for r in ds.StructureSetROISequence}
         contours = list(ds.ROIContourSequence)

@@ -28,6 +28,7 @@ def test_masks_without_a_preamble_are_placed(tmp_path):
     _without_preamble(src / "rtstruct.dcm")
     shutil.copy(DCMQI / "liver.dcm", src / "liver.dcm")
     _without_preamble(src / "liver.dcm")
+    _without_preamble(sorted((src / "ct").glob("*.dcm"))[1])  # an image too
     lake = Lake.create(tmp_path / "lake", profile="identified")
     summary = ingest(lake, src, IngestConfig(scheduler="synchronous"))
     assert summary.outcomes["ingested"] == 5
@@ -36,3 +37,4 @@ def test_masks_without_a_preamble_are_placed(tmp_path):
     done = compute_features(lake, FeaturesConfig(scheduler="synchronous"))
     assert (done.masks, done.failures) == (2, 0)
     assert done.segments > 1 and done.feature_rows > 0
+    assert (done.volumes_ok, done.image_stats) == (1, 1)
