@@ -1249,6 +1249,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{text.splitlines()[0] if text else type(exc).__name__}; `lake verify` lists "
               "what is damaged: restore it from a backup", file=sys.stderr)
         return EXIT_ERROR
+    except UnicodeEncodeError as exc:  # a non-UTF-8 terminal and a name in Japanese
+        print(f"lake {args.command}: error: the output holds characters that the output "
+              f"encoding ({exc.encoding}) cannot write: use a UTF-8 locale (LANG=C.UTF-8) or "
+              "set PYTHONIOENCODING=utf-8", file=sys.stderr)
+        return EXIT_ERROR
     except BrokenPipeError:  # `lake sql ... | head`: the reader has what it wanted
         return 0
     except OSError as exc:  # a folder that cannot be written, a file where a folder goes...

@@ -414,3 +414,12 @@ def test_a_removed_commit_is_one_line_and_verify_names_it(capsys, lake_copy):
     assert one_line(err)
     code, out, _ = run(capsys, "verify", "--lake", str(lake_copy))
     assert code == 1 and "  series: research/series: unreadable: the table (version " in out
+
+
+def test_output_encoding_that_cannot_write_a_name_is_one_line(capsys, built_lake, monkeypatch):
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(io.BytesIO(), encoding="latin-1"))
+    code = main(["sql", "SELECT '山田^太郎' AS name", "--lake", str(built_lake[0])])
+    assert code == 1
+    assert capsys.readouterr().err == (
+        "lake sql: error: the output holds characters that the output encoding (latin-1) "
+        "cannot write: use a UTF-8 locale (LANG=C.UTF-8) or set PYTHONIOENCODING=utf-8\n")
