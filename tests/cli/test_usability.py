@@ -421,5 +421,6 @@ def test_output_encoding_that_cannot_write_a_name_is_one_line(capsys, built_lake
     code = main(["sql", "SELECT '山田^太郎' AS name", "--lake", str(built_lake[0])])
     assert code == 1
     assert capsys.readouterr().err == (
+        "# identified lake: this result may contain patient identifiers\n"
         "lake sql: error: the output holds characters that the output encoding (latin-1) "
         "cannot write: use a UTF-8 locale (LANG=C.UTF-8) or set PYTHONIOENCODING=utf-8\n")
