@@ -190,6 +190,7 @@ def cmd_ingest(args) -> int:
             bar_stage = stage
             bar = tqdm(total=total, unit="file", desc="fetch" if stage == "fetch" else "ingest",
                        file=sys.stderr)
+        bar.total = total or None  # the total grows while the source is still being walked
         bar.n = done
         bar.refresh()
 
@@ -680,6 +681,7 @@ def cmd_demo(args) -> int:
 
             if bar is None:
                 bar = tqdm(total=total, unit="file", desc="ingest", file=sys.stderr)
+            bar.total = total or None
             bar.n = done
             bar.refresh()
 

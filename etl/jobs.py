@@ -10,32 +10,38 @@ At the end the summary tables are rebuilt and the run is recorded.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from etl import replay, summarize
+from etl import replay, seen, summarize
 from etl.config import IngestConfig
 from etl.discover import FoundFile, WalkStats, walk
 from etl.errors import REASONS
 from etl.runners import make_runner
 from lakehouse.deid import Policy
 from lakehouse.provenance import code_version, config_hash, new_run_id
-from lakehouse.schemas import SCHEMA_VERSION
+from lakehouse.schemas import SCHEMA_VERSION, TABLES
 from lakehouse.tables import Lake, LakeWriter
 
 log = logging.getLogger(__name__)
 
 OUTCOMES = ("ingested", "duplicate", "conflict", "skipped", "quarantined")
+#: The partition columns of ``instances``.
+PARTITION = list(TABLES["instances"].partition_by)
 #: Discovered files are checked against the file index this many at a time.
 INDEX_CHUNK = 20_000
 
@@ -129,50 +135,71 @@ class _Job:
         self._pending: dict[str, tuple[str, str, pa.Table, int]] = {}
         self._buffer_rows = 0
         self._buffer_bytes = 0
+        # what the lake holds, scanned once per run when first needed (etl.seen)
+        self._hasher: seen.Hasher | None = None
+        self._uids: seen.KeyIndex | None = None
+        self._pairs: seen.KeyIndex | None = None
+        # paths read by an earlier run and changed since (their quarantine rows may resolve)
+        self._reread: set[str] = set()
+        self._walked = False  # the walk of the source has ended
 
     # -- the run ---------------------------------------------------------------
     def run(self, source: Path) -> None:
-        t = time.perf_counter()
-        stats = WalkStats()
-        found = list(walk(source, stats))
-        self.summary.files_seen = len(found)
-        self.summary.folders_unreadable = stats.folders_unreadable
-        todo = list(self._changed(found))
-        self.summary.files_unchanged = len(found) - len(todo)
-        self.timings["discover"] = time.perf_counter() - t
-        log.info("%d files found, %d unchanged, %d to read", len(found),
-                 self.summary.files_unchanged, len(todo))
+        self._hasher = seen.Hasher()
+        try:
+            self._run(source)
+        finally:
+            self._hasher.close()
 
+    def _run(self, source: Path) -> None:
+        stats = WalkStats()
+        found = walk(source, stats)  # a generator: files are found as extraction goes
         t = time.perf_counter()
-        if todo:
-            self._extract(todo)
+        todo = self._changed(found, stats)
+        self._extract(source, todo)
         self.timings["extract"] = time.perf_counter() - t
+        log.info("%d files found, %d unchanged, %d read", self.summary.files_seen,
+                 self.summary.files_unchanged, self.summary.files_read)
 
         t = time.perf_counter()
         self._summarize_if_stale()
         self.timings["summarize"] = time.perf_counter() - t
 
-    def _changed(self, found: list[FoundFile]) -> Iterator[FoundFile]:
-        """Files not already read with the same path, size and mtime."""
-        index = self.w.dataset("files")
-        for i in range(0, len(found), INDEX_CHUNK):
-            chunk = found[i:i + INDEX_CHUNK]
-            known = index.to_table(
-                columns=["path", "file_size", "mtime_ns", "reason"],
-                filter=ds.field("path").isin([f.path for f in chunk]),
-            )
-            seen = {
-                (p, s, m) for p, s, m, r in zip(
-                    known.column("path").to_pylist(), known.column("file_size").to_pylist(),
-                    known.column("mtime_ns").to_pylist(), known.column("reason").to_pylist(),
-                    strict=True)
-                if r != "io_error"  # retry files that could not be read before
-            }
-            for f in chunk:
-                if f.error is not None or (f.path, f.size, f.mtime_ns) not in seen:
+    def _changed(self, found: Iterator[FoundFile], stats: WalkStats) -> Iterator[FoundFile]:
+        """The files of ``found`` not already read with the same path, size and mtime (one
+        scan of the file index per run, then lookups in memory), ``INDEX_CHUNK`` at a time:
+        the walk runs only as far ahead of extraction as one chunk."""
+        assert self._hasher is not None
+        t = time.perf_counter()
+        index = seen.KeyIndex()
+        index.add(*self._hasher.keys(self.w.dataset("files"), *seen.FILE_KEY))
+        self.timings["discover"] += time.perf_counter() - t
+        while True:
+            t = time.perf_counter()
+            chunk = list(itertools.islice(found, INDEX_CHUNK))
+            self.summary.folders_unreadable = stats.folders_unreadable
+            if not chunk:
+                self.timings["discover"] += time.perf_counter() - t
+                self._walked = True
+                return
+            self.summary.files_seen += len(chunk)
+            table = pa.table({
+                "path": pa.array([f.path for f in chunk], pa.string()),
+                "file_size": pa.array([f.size for f in chunk], pa.int64()),
+                "mtime_ns": pa.array([f.mtime_ns for f in chunk], pa.int64()),
+                "reason": pa.nulls(len(chunk), pa.string()),
+            })
+            present, unchanged = index.lookup(*self._hasher.keys(table, *seen.FILE_KEY))
+            self.timings["discover"] += time.perf_counter() - t
+            for f, known, same in zip(chunk, present.tolist(), unchanged.tolist(), strict=True):
+                if f.error is not None or not same:
+                    if known:
+                        self._reread.add(f.path)
                     yield f
+                else:
+                    self.summary.files_unchanged += 1
 
-    def _batches(self, files: list[FoundFile]) -> Iterator[list[FoundFile]]:
+    def _batches(self, files: Iterator[FoundFile]) -> Iterator[list[FoundFile]]:
         batch: list[FoundFile] = []
         size = 0
         for f in files:
@@ -184,43 +211,92 @@ class _Job:
         if batch:
             yield batch
 
-    def _extract(self, files: list[FoundFile]) -> None:
+    def _extract(self, source: Path, files: Iterator[FoundFile]) -> None:
+        """Read ``files`` in waves of batches, one wave computing while the one before is
+        classified; the workers start only when there is a first file to read."""
+        batches = self._batches(files)
+        first = next(batches, None)
+        if first is None:
+            return
         runner = make_runner(self.config, self.summary.run_id, self.policy)
         self.summary.scheduler = runner.description
         self.summary.workers = runner.workers
         wave_size = max(1, runner.workers * self.config.batches_per_worker)
-        batches = list(self._batches(files))
-        waves = [batches[i:i + wave_size] for i in range(0, len(batches), wave_size)]
-        total, done = len(files), 0
-        self.progress("extract", 0, total)
+        waves = _chunked(itertools.chain([first], batches), wave_size)
+        # the total for the progress bar comes from a second walk that only counts
+        counter = _Counter(source)
+        done = 0
+        self.progress("extract", 0, 0)
         try:
-            pending = runner.submit(waves[0]) if waves else None
-            for k in range(len(waves)):
-                assert pending is not None
+            pending: Future | None = runner.submit(next(waves))
+            while pending is not None:
                 tables = pending.result()
-                pending = runner.submit(waves[k + 1]) if k + 1 < len(waves) else None
+                wave_next = next(waves, None)
+                pending = runner.submit(wave_next) if wave_next is not None else None
                 wave = pa.concat_tables(tables)
                 self._classify(wave)
                 done += wave.num_rows
-                self.progress("extract", done, total)
+                total = self.summary.files_seen if self._walked \
+                    else counter.total(self.summary.files_seen)
+                self.progress("extract", done + self.summary.files_unchanged, total)
                 if (self._buffer_rows >= self.config.flush_rows
                         or self._buffer_bytes >= self.config.flush_bytes):
                     self._flush()
             self._flush()
         finally:
+            counter.stop()
             runner.close()
 
     # -- classification --------------------------------------------------------
-    def _known(self, uids: list[str]) -> dict[str, tuple[str, str]]:
-        """SOPInstanceUID -> (sha256, run id) of instances already committed."""
+    def _known(self, uids: list[str], where: pa.Table | None = None
+               ) -> dict[str, tuple[str, str]]:
+        """SOPInstanceUID -> (sha256, run id) of instances already committed (a scan of
+        ``instances``: only for the few UIDs the index cannot settle). ``where``: the
+        partitions (Modality, study_year) to look in first, those of the new copies (a
+        corrected copy of an instance is usually in its partition); the UIDs not found
+        there are then looked up everywhere."""
         if not uids:
             return {}
-        t = self.w.dataset("instances").to_table(
-            columns=["SOPInstanceUID", "file_sha256", "ingest_run_id"],
-            filter=ds.field("SOPInstanceUID").isin(uids),
-        )
-        return {u: (s, r) for u, s, r in zip(t.column(0).to_pylist(), t.column(1).to_pylist(),
-                                             t.column(2).to_pylist(), strict=True)}
+        dataset = self.w.dataset("instances")
+        columns = ["SOPInstanceUID", "file_sha256", "ingest_run_id"]
+        out: dict[str, tuple[str, str]] = {}
+        passes = [_in_partitions(where), None] if where is not None else [None]
+        for scope in passes:
+            todo = [u for u in uids if u not in out]
+            if not todo:
+                break
+            hit = ds.field("SOPInstanceUID").isin(todo)
+            t = dataset.to_table(columns=columns, filter=hit if scope is None else hit & scope,
+                                 batch_readahead=1, fragment_readahead=1)
+            out.update((u, (sha, r)) for u, sha, r in zip(
+                t.column(0).to_pylist(), t.column(1).to_pylist(), t.column(2).to_pylist(),
+                strict=True))
+        return out
+
+    def _committed(self, wave: pa.Table, ok: list[int]) -> dict[str, tuple[str, str]]:
+        """SOPInstanceUID -> (sha256, run id) of the committed instances among the rows
+        ``ok`` of ``wave``; an identical committed copy is known from the index alone
+        (its run id is then not looked up: only conflicts report it)."""
+        assert self._hasher is not None
+        if not ok:
+            return {}
+        if self._uids is None:
+            self._uids = seen.KeyIndex()
+            self._uids.add(*self._hasher.keys(self.w.dataset("instances"), *seen.INSTANCE_KEY))
+        if not len(self._uids):
+            return {}
+        rows = wave.select(["SOPInstanceUID", "file_sha256", *PARTITION]).take(
+            pa.array(ok, pa.int64()))
+        present, same = self._uids.lookup(*self._hasher.keys(rows, *seen.INSTANCE_KEY))
+        uids = rows.column(0).to_pylist()
+        shas = rows.column(1).to_pylist()
+        known = {uids[i]: (shas[i], "") for i in np.flatnonzero(present & same)}
+        # the UID is there with another checksum (a conflict), or its key collided
+        other = np.flatnonzero(present & ~same)
+        if len(other):
+            known.update(self._known([uids[i] for i in other],
+                                     rows.select(PARTITION).take(pa.array(other))))
+        return known
 
     def _classify(self, wave: pa.Table) -> None:
         status = wave.column("status").to_pylist()
@@ -228,8 +304,7 @@ class _Job:
         shas = wave.column("file_sha256").to_pylist()
         reasons = wave.column("reason").to_pylist()
         sizes = wave.column("file_size").to_pylist()
-        ok_uids = [u for u, s in zip(uids, status, strict=True) if s == "ok"]
-        known = self._known(ok_uids)
+        known = self._committed(wave, [i for i, s in enumerate(status) if s == "ok"])
         outcome: list[str] = []
         take: list[int] = []
         for i, (st, uid, sha) in enumerate(zip(status, uids, shas, strict=True)):
@@ -287,9 +362,14 @@ class _Job:
         }
 
     def _committed_json(self, uid: str) -> str | None:
-        t = self.w.dataset("instances").to_table(
-            columns=["dicom_json"], filter=ds.field("SOPInstanceUID") == uid)
-        return t.column(0)[0].as_py() if t.num_rows else None
+        """The DICOM JSON of a committed instance: its UID is looked up file by file, and
+        only the file that holds it has its (large) ``dicom_json`` column read."""
+        hit = ds.field("SOPInstanceUID") == uid
+        for fragment in self.w.dataset("instances").get_fragments():
+            if fragment.count_rows(filter=hit):
+                t = fragment.to_table(columns=["dicom_json"], filter=hit)
+                return t.column(0)[0].as_py()
+        return None
 
     # -- commits ---------------------------------------------------------------
     def _flush(self) -> None:
@@ -297,7 +377,12 @@ class _Job:
             return
         files = pa.concat_tables(self._files)
         if self._ingested:
-            self.w.append("instances", pa.concat_tables(self._ingested))
+            instances = pa.concat_tables(self._ingested)
+            self.w.append("instances", instances)
+            if self._uids is not None:
+                assert self._hasher is not None
+                self._uids.add(*self._hasher.keys(
+                    instances.select(["SOPInstanceUID", "file_sha256"]), *seen.INSTANCE_KEY))
         quarantined = files.filter(pc.equal(files.column("outcome"), "quarantined"))
         if quarantined.num_rows:
             now = pa.array([datetime.now(UTC)] * quarantined.num_rows, pa.timestamp("us", "UTC"))
@@ -312,7 +397,10 @@ class _Job:
             self._append_identifiers()
         if self._conflicts:
             self.w.append("conflicts", pa.Table.from_pylist(self._conflicts))
-        replay.resolve_fixed(self.w, files, self.summary.run_id)
+        if self._reread:  # only a path read before can have earlier quarantine rows
+            again = files.filter(pc.is_in(files.column("path"),
+                                          pa.array(list(self._reread), pa.string())))
+            replay.resolve_fixed(self.w, again, self.summary.run_id)
         self.w.append("files", files)
         self.w.publish(note=f"ingest {self.summary.run_id}: {files.num_rows} files")
         self._files, self._ingested, self._conflicts, self._id_maps = [], [], [], []
@@ -321,22 +409,30 @@ class _Job:
 
     def _append_identifiers(self) -> None:
         """New original <-> pseudonym pairs of this flush into the vault."""
+        assert self._hasher is not None
         pairs = pa.Table.from_struct_array(
             pc.list_flatten(pa.chunked_array(
                 [c for arr in self._id_maps for c in arr.chunks], self._id_maps[0].type)))
-        con = duckdb.connect()
+        con = duckdb.connect(config={"threads": 1})
         try:
             con.register("new_pairs", pairs)
-            con.register("known", self.w.dataset("identifiers"))
-            fresh = con.sql(
-                "SELECT DISTINCT n.kind, n.pseudonym, n.original FROM new_pairs n "
-                "ANTI JOIN known k ON n.kind = k.kind AND n.pseudonym = k.pseudonym "
-                "ORDER BY 1, 2").to_arrow_table()
+            fresh = con.sql("SELECT DISTINCT kind, pseudonym, original FROM new_pairs "
+                            "ORDER BY 1, 2").to_arrow_table()
         finally:
             con.close()
+        if self._pairs is None:
+            self._pairs = seen.KeyIndex()
+            self._pairs.add(*self._hasher.keys(self.w.dataset("identifiers"), *seen.PAIR_KEY))
+        keys = self._hasher.keys(fresh, *seen.PAIR_KEY)
+        _, known = self._pairs.lookup(*keys)
+        if known.any():
+            new = ~known
+            fresh = fresh.filter(pa.array(new))
+            keys = (keys[0][new], keys[1][new])
         if fresh.num_rows:
             run = pa.array([self.summary.run_id] * fresh.num_rows, pa.string())
             self.w.append("identifiers", fresh.append_column("ingest_run_id", run))
+            self._pairs.add(*keys)
 
     def _summarize_if_stale(self) -> None:
         """Rebuild series/studies/patients unless they were built from this instances version
@@ -366,6 +462,55 @@ class _Job:
             "status": status, "message": message,
         }
         self.w.append("ingest_runs", pa.Table.from_pylist([row]))
+
+
+def _chunked(items: Iterator, n: int) -> Iterator[list]:
+    while chunk := list(itertools.islice(items, n)):
+        yield chunk
+
+
+class _Counter:
+    """Counts the files below a source in a background thread (the same walk, nothing
+    kept), so the progress bar has a total while the files are found as they are read."""
+
+    def __init__(self, source: Path):
+        self._count = 0
+        self._done = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(source,), daemon=True,
+                                        name="lake-count-files")
+        self._thread.start()
+
+    def _run(self, source: Path) -> None:
+        try:
+            for _ in walk(source):
+                self._count += 1
+                if self._stop.is_set():
+                    return
+        except Exception:  # only the progress bar depends on it; the real walk reports
+            return
+        self._done = True
+
+    def total(self, seen_so_far: int) -> int:
+        """Files in the source: exact once counted, the larger of both counts until then."""
+        return self._count if self._done else max(self._count, seen_so_far)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _in_partitions(rows: pa.Table) -> ds.Expression:
+    """Rows of ``instances`` in one of the (Modality, study_year) partitions of ``rows``."""
+    scope = None
+    for values in rows.group_by(PARTITION, use_threads=False).aggregate([]).to_pylist():
+        term = None
+        for name in PARTITION:
+            v = values[name]
+            cond = ds.field(name).is_null() if v is None else ds.field(name) == v
+            term = cond if term is None else term & cond
+        scope = term if scope is None else scope | term
+    assert scope is not None
+    return scope
 
 
 def _differing_keywords(a: str | None, b: str | None) -> list[str]:

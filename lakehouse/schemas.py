@@ -365,8 +365,11 @@ INGEST_RUNS = TableSpec(
         Column("files_skipped", I64, "Files skipped on purpose (DICOMDIR)."),
         Column("files_quarantined", I64, "Files rejected with a reason code."),
         Column("bytes_read", I64, "Bytes of the files read."),
-        Column("discover_seconds", F64, "Time spent discovering files."),
-        Column("extract_seconds", F64, "Time spent reading headers and committing rows."),
+        Column("discover_seconds", F64, "Time spent walking the source and checking the "
+               "file index (files are found while earlier ones are read: part of "
+               "`extract_seconds`)."),
+        Column("extract_seconds", F64, "Time from the start of the walk to the last commit "
+               "of rows (discovery included)."),
         Column("summarize_seconds", F64, "Time spent rebuilding series/studies/patients."),
         Column("total_seconds", F64, "Wall time of the run."),
         Column("workers", I64, "Dask workers used."),

@@ -1,0 +1,100 @@
+"""What the lake already holds, as compact in-memory key indexes for one ingest run.
+
+An ingest asks three questions of the lake over and over: which discovered files
+were already read unchanged (the vault's ``files``), which SOPInstanceUIDs are
+already committed and with what checksum (``instances``), and which
+original <-> pseudonym pairs the vault already has (``identifiers``). Asking
+the tables each time scans a column that grows with the lake, once per wave or
+per flush, so the driver's work would grow with the square of the archive.
+
+Instead each table is scanned once per run, when first needed, into a
+:class:`KeyIndex`: 64-bit MD5-derived keys (DuckDB's ``md5_number_upper``) with
+a 64-bit check value each (``md5_number_lower`` of the same text, or of a
+second text), 16 bytes per row, sorted for binary search. New rows of the run
+are added as sorted chunks. The answers are exact where it matters: an
+instance whose key matches but whose check value differs is looked up in the
+table itself before it is called a conflict.
+"""
+
+from __future__ import annotations
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+#: Chunks of keys before they are merged into one sorted array.
+MAX_CHUNKS = 8
+
+
+class KeyIndex:
+    """Sorted uint64 keys, each with a uint64 check value; lookups are vectorized."""
+
+    def __init__(self) -> None:
+        self._chunks: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def __len__(self) -> int:
+        return sum(len(k) for k, _ in self._chunks)
+
+    def add(self, keys: np.ndarray, values: np.ndarray) -> None:
+        if not len(keys):
+            return
+        order = np.argsort(keys, kind="stable")
+        self._chunks.append((keys[order].astype(np.uint64), values[order].astype(np.uint64)))
+        if len(self._chunks) > MAX_CHUNKS:
+            keys = np.concatenate([k for k, _ in self._chunks])
+            values = np.concatenate([v for _, v in self._chunks])
+            order = np.argsort(keys, kind="stable")
+            self._chunks = [(keys[order], values[order])]
+
+    def lookup(self, keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(present, match)``: whether each key is in the index, and whether one of its
+        entries has the same check value."""
+        present = np.zeros(len(keys), dtype=bool)
+        match = np.zeros(len(keys), dtype=bool)
+        for ck, cv in self._chunks:
+            left = np.searchsorted(ck, keys, side="left")
+            right = np.searchsorted(ck, keys, side="right")
+            hits = right > left
+            present |= hits
+            single = hits & (right - left == 1)
+            idx = np.minimum(left, len(ck) - 1)
+            match |= single & (cv[idx] == values)
+            for i in np.flatnonzero(hits & (right - left > 1)):  # a key held more than once
+                match[i] |= bool(np.any(cv[left[i]:right[i]] == values[i]))
+        return present, match
+
+
+class Hasher:
+    """MD5-derived 64-bit keys and check values of Arrow columns, computed by DuckDB."""
+
+    def __init__(self) -> None:
+        # one thread: the driver shares the cores with the workers
+        self.con = duckdb.connect(config={"threads": 1})
+
+    def close(self) -> None:
+        self.con.close()
+
+    def keys(self, source: pa.Table | object, key_sql: str, check_sql: str,
+             where: str = "true") -> tuple[np.ndarray, np.ndarray]:
+        """``(md5_number_upper(key_sql), md5_number_lower(check_sql))`` over ``source`` (an
+        Arrow table or dataset; the SQL expressions are the module's own, never user input)."""
+        self.con.register("src", source)
+        try:
+            out = self.con.execute(
+                f"SELECT md5_number_upper({key_sql}) AS k, md5_number_lower({check_sql}) AS v "
+                f"FROM src WHERE {where}").fetchnumpy()
+        finally:
+            self.con.unregister("src")
+        return (np.asarray(out["k"], dtype=np.uint64), np.asarray(out["v"], dtype=np.uint64))
+
+
+#: The keys of each question (DuckDB SQL over the table's own columns).
+#: ``files``: the path; checked against path, size and mtime (a file that could not be read
+#: before never matches, so it is tried again).
+FILE_KEY = ("path", "concat_ws(chr(0), path, file_size, mtime_ns, "
+                    "CASE WHEN reason = 'io_error' THEN 'retry' END)")
+#: ``instances``: the SOPInstanceUID, checked against the file's checksum.
+INSTANCE_KEY = ("SOPInstanceUID", "file_sha256")
+#: ``identifiers``: the pair's kind and pseudonym (the original follows from them).
+PAIR_KEY = ("concat_ws(chr(0), kind, pseudonym)", "concat_ws(chr(0), kind, pseudonym)")
+

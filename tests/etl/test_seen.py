@@ -1,0 +1,164 @@
+"""The driver's in-memory indexes of what the lake holds (etl.seen), and ingests that
+depend on them across flushes and runs."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from pydicom.data import get_testdata_file
+
+from catalog import open_lake
+from etl import ingest, seen
+from lakehouse import Lake
+from tests.conftest import fast_config
+
+
+def u64(*values):
+    return np.array(values, dtype=np.uint64)
+
+
+def test_key_index_present_and_match():
+    index = seen.KeyIndex()
+    index.add(u64(5, 1, 9), u64(50, 10, 90))
+    index.add(u64(7), u64(70))
+    present, match = index.lookup(u64(1, 9, 7, 7, 3, 2**64 - 1), u64(10, 91, 70, 0, 30, 0))
+    assert present.tolist() == [True, True, True, True, False, False]
+    assert match.tolist() == [True, False, True, False, False, False]
+    assert len(index) == 4
+
+
+def test_key_index_repeated_keys_and_merged_chunks():
+    index = seen.KeyIndex()
+    for k in range(seen.MAX_CHUNKS + 3):  # more chunks than kept: merged into one
+        index.add(u64(100, k), u64(k, k))
+    assert len(index._chunks) <= seen.MAX_CHUNKS
+    assert len(index) == 2 * (seen.MAX_CHUNKS + 3)
+    # key 100 is held once per chunk, with every check value 0..MAX_CHUNKS+2
+    present, match = index.lookup(u64(100, 100, 3, 3), u64(4, 999, 3, 4))
+    assert present.tolist() == [True, True, True, True]
+    assert match.tolist() == [True, False, True, False]
+    empty = seen.KeyIndex()
+    assert [a.tolist() for a in empty.lookup(u64(1), u64(1))] == [[False], [False]]
+
+
+def test_hasher_keys_are_md5_halves():
+    h = seen.Hasher()
+    try:
+        k, v = h.keys(pa.table({"SOPInstanceUID": ["1.2.3", None], "file_sha256": ["ab", "cd"]}),
+                      *seen.INSTANCE_KEY, where="SOPInstanceUID IS NOT NULL")
+    finally:
+        h.close()
+    import hashlib
+    assert k.tolist() == [int.from_bytes(hashlib.md5(b"1.2.3").digest()[:8], "little")]
+    assert v.tolist() == [int.from_bytes(hashlib.md5(b"ab").digest()[8:], "little")]
+
+
+def _outcomes(lake_dir):
+    with open_lake(lake_dir, vault=True) as c:
+        files = dict(c.con.execute("SELECT path, outcome FROM files").fetchall())
+        pairs = c.con.execute("SELECT count(*), count(DISTINCT (kind, pseudonym)) "
+                      "FROM identifiers").fetchone()
+        counts = c.counts()
+    return files, pairs, counts
+
+
+def test_many_flushes_and_two_runs_give_the_same_lake_as_one_run(archive, tmp_path):
+    """Research lakes committed every few rows: every duplicate and conflict is found (its
+    first copy committed by an earlier flush or run), the vault holds each pseudonym once,
+    and a lake built in two runs is the lake built in one."""
+    src = tmp_path / "pacs"
+    shutil.copytree(archive[0], src)
+    key = tmp_path / "lake.key"  # one key: the same pseudonyms in both lakes
+    tiny = fast_config(flush_rows=7, batch_files=5, batches_per_worker=1)
+    one = Lake.create(tmp_path / "one", key_file=key)
+    s_one = ingest(one, src, tiny, key_file=key)  # one run, a commit every 7 instances
+
+    two = Lake.create(tmp_path / "two", key_file=key)
+    first = ingest(two, src / "archive", tiny, key_file=key)  # the first folder in walk order
+    assert first.outcomes["ingested"] > 0
+    second = ingest(two, src, tiny, key_file=key)  # the rest: what the first run read is unchanged
+    assert second.files_unchanged == first.files_seen
+
+    files_one, pairs_one, counts_one = _outcomes(tmp_path / "one")
+    files_two, pairs_two, counts_two = _outcomes(tmp_path / "two")
+    assert files_two == files_one
+    assert pairs_two[0] == pairs_two[1] == pairs_one[0] == pairs_one[1]
+    for name in ("instances", "series", "studies", "patients", "conflicts", "quarantine"):
+        assert counts_two[name] == counts_one[name], name
+    for k in s_one.outcomes:
+        assert first.outcomes[k] + second.outcomes[k] == s_one.outcomes[k], k
+    # the generator's ground truth: found although each first copy was committed earlier
+    assert s_one.outcomes == archive[1].outcomes
+    assert (s_one.outcomes["duplicate"], s_one.outcomes["conflict"]) == (3, 1)
+
+
+def test_a_conflicting_copy_in_another_partition_is_still_a_conflict(lake_copy, archive,
+                                                                      tmp_path):
+    """The exact lookup tries the new copy's partition first: a copy whose StudyDate (so
+    study_year) changed is found in its old partition by the second pass."""
+    import pydicom
+
+    original = next(p for p in sorted(Path(archive[0], "archive").rglob("*.dcm")))
+    ds = pydicom.dcmread(original)
+    year = int(ds.StudyDate[:4])
+    ds.StudyDate = f"{year - 7}{ds.StudyDate[4:]}"
+    ds.Modality = "OT" if ds.Modality != "OT" else "CT"
+    src = tmp_path / "corrected"
+    src.mkdir()
+    ds.save_as(src / "copy.dcm")
+    lake = Lake.open(lake_copy)
+    before = open_lake(lake_copy).counts()
+    s = ingest(lake, src, fast_config())
+    assert s.outcomes["conflict"] == 1 and s.outcomes["ingested"] == 0
+    with open_lake(lake_copy) as c:
+        after = c.counts()
+        assert after["instances"] == before["instances"]
+        assert after["conflicts"] == before["conflicts"] + 1
+        diff = c.con.execute("SELECT differing_keywords FROM conflicts "
+                             "ORDER BY detected_at DESC LIMIT 1").fetchone()[0]
+        assert {"Modality", "StudyDate"} <= set(diff)
+
+
+def test_files_are_found_while_earlier_ones_are_read(archive, tmp_path, monkeypatch):
+    """The walk runs one index chunk ahead of extraction (memory does not hold the whole
+    archive's file list); the progress total is every file of the source, and a run with
+    nothing to read starts no workers."""
+    import threading
+
+    from etl import jobs
+
+    monkeypatch.setattr(jobs, "INDEX_CHUNK", 40)
+    walked = {"n": 0}
+
+    def counting_walk(source, stats=None):
+        for f in jobs_walk(source, stats):
+            if threading.current_thread().name != "lake-count-files":
+                walked["n"] += 1
+            yield f
+
+    jobs_walk = jobs.walk
+    monkeypatch.setattr(jobs, "walk", counting_walk)
+    calls = []
+    src = tmp_path / "pacs"
+    shutil.copytree(archive[0], src)
+    lake = Lake.create(tmp_path / "lake", profile="identified")
+    config = fast_config(batch_files=10, batches_per_worker=1)
+    s = ingest(lake, src, config,
+               progress=lambda stage, done, total: calls.append((done, total, walked["n"])))
+    n = archive[1].files_total
+    assert s.files_seen == n == 306
+    first = calls[1]  # (calls[0] is the start: nothing done yet)
+    assert first[0] == 10 and first[2] <= 2 * 40 < n
+    assert calls[-1][:2] == (n, n)
+    assert all(done <= total for done, total, _ in calls)
+
+    calls.clear()
+    again = ingest(lake, src, config, progress=lambda *a: calls.append(a))
+    assert (again.files_unchanged, again.workers, calls) == (n, 0, [])
+
+    shutil.copy(get_testdata_file("CT_small.dcm"), src / "new.dcm")
+    calls.clear()
+    third = ingest(lake, src, config, progress=lambda *a: calls.append(a))
+    assert (third.files_seen, third.files_unchanged, third.outcomes["ingested"]) == (n + 1, n, 1)
+    assert calls[-1][1:] == (n + 1, n + 1)  # unchanged files count as done
