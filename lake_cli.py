@@ -1074,7 +1074,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("name")
     c.add_argument("--to", required=True, help="output folder (resumable)")
     c.add_argument("--as", dest="as_", choices=["manifest", "dicom", "nifti"],
-                   default="manifest")
+                   default="manifest", help="manifest (default: Parquet and CSV of series and "
+                   "instances with checksums), dicom (copies; de-identified from a research "
+                   "lake) or nifti (one volume per regular series, with a JSON sidecar)")
     c.add_argument("--no-progress", dest="progress", action="store_false")
     c.add_argument("--json", action="store_true")
     key_opt(c)
@@ -1085,8 +1087,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("demo", help="generate a sample archive, ingest it, print a summary")
     sp.add_argument("--dir", default="lake-demo",
                     help="folder for the archive and the lake (default ./lake-demo)")
-    sp.add_argument("--preset", choices=["test", "demo", "bench"], default="demo")
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--preset", choices=["test", "demo", "bench"], default="demo",
+                    help="archive size: test (about 300 files), demo (default, about 2,000) "
+                    "or bench (about 20,000 files, mostly 512x512 CT: about 9 GB)")
+    sp.add_argument("--seed", type=int, default=0,
+                    help="random seed of the generator (default 0): same seed, same archive")
     sp.add_argument("--fresh", action="store_true", help="delete --dir first")
     sp.add_argument("--no-progress", dest="progress", action="store_false")
     sp.set_defaults(func=cmd_demo)
