@@ -323,6 +323,7 @@ def test_missing_input_file_is_one_line(capsys, built_lake, tmp_path):
 
 # --- PACS sources that cannot be reached ------------------------------------------------
 
+@pytest.mark.slow  # the installed command twice, with 3 s of DICOMweb retry backoff
 @pytest.mark.parametrize("url, message", [
     ("dicomweb+http://127.0.0.1:{port}/dicom-web",
      "cannot connect after 4 attempts (ConnectionError); is the server running and reachable?"),

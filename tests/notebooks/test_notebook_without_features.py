@@ -41,6 +41,7 @@ def empty_lake(tmp_path) -> Path:
     return path
 
 
+@pytest.mark.slow  # a kernel per notebook, about 3 s each
 @pytest.mark.parametrize("name", ["02_utilization.py", "05_cohorts.py"])
 def test_notebooks_on_a_lake_without_studies_say_so(name, empty_lake, monkeypatch, tmp_path):
     _nb, client, failure = _execute(name, empty_lake, monkeypatch, tmp_path)
@@ -52,6 +53,7 @@ def test_notebooks_on_a_lake_without_studies_say_so(name, empty_lake, monkeypatc
         "(`lake ingest FOLDER`), or try `lake demo`")
 
 
+@pytest.mark.slow
 def test_overview_notebook_on_a_lake_without_studies(empty_lake, monkeypatch, tmp_path):
     nb, client, _failure = _execute("01_lake_overview.py", empty_lake, monkeypatch, tmp_path)
     client.execute()
