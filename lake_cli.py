@@ -808,14 +808,19 @@ def cmd_reidentify(args) -> int:
 
     values = list(args.values)
     if args.csv:
-        with open(args.csv, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            cols = [c.strip() for c in args.columns.split(",")] if args.columns else []
-            missing = [c for c in cols if c not in (reader.fieldnames or [])]
-            if not cols or missing:
-                raise CliError(f"--csv needs --columns naming columns of {args.csv} "
-                               f"(missing: {', '.join(missing) or 'none given'})")
-            values += [row[c] for row in reader for c in cols if row[c]]
+        # utf-8-sig: spreadsheet programs start their UTF-8 CSV files with a byte-order mark
+        with open(args.csv, newline="", encoding="utf-8-sig") as fh:
+            try:
+                reader = csv.DictReader(fh)
+                cols = [c.strip() for c in args.columns.split(",")] if args.columns else []
+                missing = [c for c in cols if c not in (reader.fieldnames or [])]
+                if not cols or missing:
+                    raise CliError(f"--csv needs --columns naming columns of {args.csv} "
+                                   f"(missing: {', '.join(missing) or 'none given'})")
+                values += [row[c] for row in reader for c in cols if row[c]]
+            except (UnicodeDecodeError, csv.Error) as exc:
+                raise CliError(f"cannot read {args.csv} as a CSV file in UTF-8 ({exc}): save "
+                               "it as CSV UTF-8") from None
     if not values:
         raise CliError("give pseudonyms to look up, or --csv FILE --columns A,B")
     with open_lake(_lake_dir(args), vault=True) as cat:

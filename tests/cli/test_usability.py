@@ -425,3 +425,45 @@ def test_output_encoding_that_cannot_write_a_name_is_one_line(capsys, built_lake
         "# identified lake: this result may contain patient identifiers\n"
         "lake sql: error: the output holds characters that the output encoding (latin-1) "
         "cannot write: use a UTF-8 locale (LANG=C.UTF-8) or set PYTHONIOENCODING=utf-8\n")
+
+
+# --- reidentify --csv -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def research_lake(tmp_path_factory):
+    from pydicom.data import get_testdata_file
+
+    root = tmp_path_factory.mktemp("research")
+    src = root / "src"
+    src.mkdir()
+    shutil.copy(get_testdata_file("CT_small.dcm"), src / "ct.dcm")
+    lake = root / "lake"
+    key = root / "lake.key"
+    assert main(["init", str(lake), "--key-file", str(key)]) == 0
+    assert main(["ingest", str(src), "--lake", str(lake), "--key-file", str(key),
+                 "--scheduler", "synchronous", "--no-progress"]) == 0
+    return lake
+
+
+def test_reidentify_reads_a_spreadsheet_csv_with_a_byte_order_mark(capsys, research_lake,
+                                                                   tmp_path):
+    capsys.readouterr()
+    code, out, _ = run(capsys, "sql", "SELECT PatientID FROM studies", "--lake",
+                       str(research_lake), "--format", "csv")
+    assert code == 0
+    exported = tmp_path / "result.csv"
+    exported.write_bytes(b"\xef\xbb\xbf" + out.encode("utf-8"))  # as Excel saves CSV UTF-8
+    code, out, err = run(capsys, "reidentify", "--csv", str(exported), "--columns",
+                         "PatientID", "--lake", str(research_lake), "--format", "json")
+    assert code == 0, err
+    assert [(r["kind"], r["original"]) for r in json.loads(out)] == [("PatientID", "1CT1")]
+
+
+def test_reidentify_csv_not_in_utf8_is_one_line(capsys, research_lake, tmp_path):
+    latin = tmp_path / "latin1.csv"
+    latin.write_bytes("PatientID,Name\nX,Müller\n".encode("latin-1"))
+    code, out, err = run(capsys, "reidentify", "--csv", str(latin), "--columns", "PatientID",
+                         "--lake", str(research_lake))
+    assert (code, out) == (1, "")
+    assert err.startswith(f"lake reidentify: error: cannot read {latin} as a CSV file in UTF-8 (")
+    assert err.endswith("): save it as CSV UTF-8\n") and one_line(err)
