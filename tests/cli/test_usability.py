@@ -467,3 +467,17 @@ def test_reidentify_csv_not_in_utf8_is_one_line(capsys, research_lake, tmp_path)
     assert (code, out) == (1, "")
     assert err.startswith(f"lake reidentify: error: cannot read {latin} as a CSV file in UTF-8 (")
     assert err.endswith("): save it as CSV UTF-8\n") and one_line(err)
+
+
+def test_dose_reference_levels_saved_by_a_spreadsheet(capsys, built_lake, tmp_path):
+    """The README says: copy catalog/drl_default.csv, put your levels in. Saved from a
+    spreadsheet as CSV UTF-8 it starts with a byte-order mark."""
+    default = (ROOT / "catalog" / "drl_default.csv").read_bytes()
+    edited = tmp_path / "drl.csv"
+    edited.write_bytes(b"\xef\xbb\xbf" + default)
+    lake = str(built_lake[0])
+    code, expected, _ = run(capsys, "report", "dose", "--lake", lake, "--format", "csv")
+    assert code == 0
+    code, out, err = run(capsys, "report", "dose", "--drl", str(edited), "--lake", lake,
+                         "--format", "csv")
+    assert (code, out) == (0, expected), err
