@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from catalog.config import CatalogConfig
 from catalog.errors import QueryError
+from lakehouse.duck import parquet_relation
 from lakehouse.errors import UnknownTableError
 from lakehouse.schemas import RESEARCH, TABLES, VAULT, TableSpec
 from lakehouse.storage import Storage
@@ -31,10 +32,6 @@ log = logging.getLogger(__name__)
 
 _MISSING_TABLE = re.compile(r"Table with name (\S+) does not exist")
 #: DuckDB types of the Arrow types partition columns may have
-_PARTITION_TYPES = {"string": "VARCHAR", "int32": "INTEGER", "int64": "BIGINT",
-                    "date32[day]": "DATE"}
-
-
 class Catalog:
     """The lake as SQL. ``Catalog(path)`` or :func:`open_lake`; close when done."""
 
@@ -98,40 +95,17 @@ class Catalog:
                        if col not in present)
 
     def _attach_parquet(self, raw: str, name: str, spec: TableSpec) -> set[str] | None:
-        """Scan the snapshot's Parquet files with DuckDB's own reader (parallel, with
-        column and row-group pruning: several times faster than through a pyarrow
-        dataset). For local files, and the files of a lake on object storage (through the
-        registered fsspec filesystem); partition values come from the Hive-style paths
-        the writer lays out. Returns the columns attached, or None when the table has no
-        files or files elsewhere."""
-        files = self.lake.delta(name, self.snapshot).file_uris()
+        """Scan the snapshot's Parquet files with DuckDB's own reader (see
+        :func:`lakehouse.duck.parquet_relation`: local files, and the files of a lake on
+        object storage through the registered fsspec filesystem). Returns the columns
+        attached, or None when the table has to be read through a pyarrow dataset."""
         home = "/" if self.lake.local else self.lake.storage.uri("") + "/"
-        if not files or not all(f.startswith(home) for f in files):
+        found = parquet_relation(self.con, self.lake.delta(name, self.snapshot), spec,
+                                 self.lake.profile, home)
+        if found is None:
             return None
-        if any("%" in f for f in files):
-            # a partition value the writer had to percent-encode in its folder name (a
-            # hostile Modality such as "../x"): only the Delta log has it verbatim
-            return None
-        # union_by_name merges the files' schemas again at every query (14 ms of CPU for
-        # 80 files here); only needed when the schema changed between writes
-        union = len(files) > 1 and self.con.execute(
-            _sql("parquet_schemas"), {"files": files}).fetchall()[0][0] > 1
-        rel = self.con.read_parquet(files, hive_partitioning=True, union_by_name=union)
-        present = set(rel.columns)
-        columns, attached = [], set()
-        # identifiers and types from the declared schema, not user input; a column the
-        # files do not have yet (added to the schema later) is left out here and added as
-        # NULL by _missing_columns
-        for f in spec.storage_schema(self.lake.profile):
-            if f.name not in present:
-                continue
-            if f.name in spec.partition_by:
-                columns.append(f'CAST("{f.name}" AS {_PARTITION_TYPES[str(f.type)]}) '
-                               f'AS "{f.name}"')
-            else:
-                columns.append(f'"{f.name}"')
-            attached.add(f.name)
-        rel.select(", ".join(columns)).create_view(raw)
+        rel, attached = found
+        rel.create_view(raw)
         return attached
 
     def _create_views(self) -> None:
@@ -230,10 +204,6 @@ def open_lake(path: Path | str | Storage, snapshot: int | None = None, *, vault:
     fsspec options of the object store) for SQL, at its latest (or a given) snapshot."""
     lake = Lake.open(path, storage_options)
     return Catalog(lake, snapshot, CatalogConfig(threads=threads, vault=vault))
-
-
-def _sql(name: str) -> str:
-    return resources.files("catalog").joinpath("sql", f"{name}.sql").read_text(encoding="utf-8")
 
 
 def _first_line(exc: Exception) -> str:

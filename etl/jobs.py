@@ -339,7 +339,10 @@ class _Job:
         files = files.append_column("outcome", pa.array(outcome, pa.string()))
         self._files.append(files)
         if take:
-            rows = wave.take(pa.array(take, pa.int64()))
+            rows = wave if len(take) == wave.num_rows else wave.take(pa.array(take, pa.int64()))
+            # pending rows point into the kept rows, so the rest of the wave can be freed
+            for j, i in enumerate(take):
+                self._pending[uids[i]] = (shas[i], self.summary.run_id, rows, j)
             if self.policy is not None:
                 self._id_maps.append(rows.column("id_map"))
             self._ingested.append(rows)
@@ -440,7 +443,7 @@ class _Job:
         current = self.w.versions["instances"]
         if self.w.extra.get("summaries_from") == current:
             return
-        for name, table in summarize.build(self.w.dataset("instances")).items():
+        for name, table in summarize.build(self.lake, self.w.current("instances")).items():
             self.w.overwrite(name, table)
         self.w.extra["summaries_from"] = current
 

@@ -8,12 +8,13 @@ the tables each time scans a column that grows with the lake, once per wave or
 per flush, so the driver's work would grow with the square of the archive.
 
 Instead each table is scanned once per run, when first needed, into a
-:class:`KeyIndex`: 64-bit MD5-derived keys (DuckDB's ``md5_number_upper``) with
-a 64-bit check value each (``md5_number_lower`` of the same text, or of a
-second text), 16 bytes per row, sorted for binary search. New rows of the run
-are added as sorted chunks. The answers are exact where it matters: an
-instance whose key matches but whose check value differs is looked up in the
-table itself before it is called a conflict.
+:class:`KeyIndex`: a 64-bit key per row (DuckDB's ``hash`` of the path, the
+UID, the pair) with a 64-bit check value (a hash of what must also match: the
+path with its size and mtime, the file's checksum; for vault pairs the lower
+half of an MD5), 16 bytes per row, sorted for binary search. New rows of the
+run are added as sorted chunks. A wrong answer needs two 64-bit values to
+collide at once; and an instance whose key matches but whose check value
+differs is looked up in the table itself before it is called a conflict.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class KeyIndex:
 
 
 class Hasher:
-    """MD5-derived 64-bit keys and check values of Arrow columns, computed by DuckDB."""
+    """64-bit keys and check values of Arrow columns, computed by DuckDB."""
 
     def __init__(self) -> None:
         # one thread: the driver shares the cores with the workers
@@ -76,13 +77,12 @@ class Hasher:
 
     def keys(self, source: pa.Table | object, key_sql: str, check_sql: str,
              where: str = "true") -> tuple[np.ndarray, np.ndarray]:
-        """``(md5_number_upper(key_sql), md5_number_lower(check_sql))`` over ``source`` (an
-        Arrow table or dataset; the SQL expressions are the module's own, never user input)."""
+        """``(key_sql, check_sql)`` (two UBIGINT expressions) over ``source`` (an Arrow table
+        or dataset; the SQL expressions are the module's own, never user input)."""
         self.con.register("src", source)
         try:
             out = self.con.execute(
-                f"SELECT md5_number_upper({key_sql}) AS k, md5_number_lower({check_sql}) AS v "
-                f"FROM src WHERE {where}").fetchnumpy()
+                f"SELECT {key_sql} AS k, {check_sql} AS v FROM src WHERE {where}").fetchnumpy()
         finally:
             self.con.unregister("src")
         return (np.asarray(out["k"], dtype=np.uint64), np.asarray(out["v"], dtype=np.uint64))
@@ -91,10 +91,9 @@ class Hasher:
 #: The keys of each question (DuckDB SQL over the table's own columns).
 #: ``files``: the path; checked against path, size and mtime (a file that could not be read
 #: before never matches, so it is tried again).
-FILE_KEY = ("path", "concat_ws(chr(0), path, file_size, mtime_ns, "
-                    "CASE WHEN reason = 'io_error' THEN 'retry' END)")
+FILE_KEY = ("hash(path)", "hash(path, file_size, mtime_ns, coalesce(reason = 'io_error', false))")
 #: ``instances``: the SOPInstanceUID, checked against the file's checksum.
-INSTANCE_KEY = ("SOPInstanceUID", "file_sha256")
-#: ``identifiers``: the pair's kind and pseudonym (the original follows from them).
-PAIR_KEY = ("concat_ws(chr(0), kind, pseudonym)", "concat_ws(chr(0), kind, pseudonym)")
-
+INSTANCE_KEY = ("hash(SOPInstanceUID)", "hash(file_sha256)")
+#: ``identifiers``: the pair's kind and pseudonym (the original follows from them); a
+#: wrongly "known" pair would be missing from the vault, so its check is cryptographic.
+PAIR_KEY = ("hash(kind, pseudonym)", "md5_number_lower(concat_ws(chr(0), kind, pseudonym))")

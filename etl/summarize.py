@@ -14,10 +14,12 @@ from importlib import resources
 
 import duckdb
 import pyarrow as pa
-import pyarrow.dataset as ds
+from deltalake import DeltaTable
 
 from etl import dose
+from lakehouse.duck import parquet_relation
 from lakehouse.schemas import TABLES
+from lakehouse.tables import Lake
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +31,28 @@ def sql(name: str) -> str:
     return resources.files("etl").joinpath("sql", f"{name}.sql").read_text(encoding="utf-8")
 
 
-def build(instances: ds.Dataset) -> dict[str, pa.Table]:
-    """Summary tables computed from an ``instances`` dataset (storage schema)."""
+def build(lake: Lake, instances: DeltaTable) -> dict[str, pa.Table]:
+    """Summary tables computed from a version of ``instances`` of ``lake``.
+
+    DuckDB reads the version's Parquet files itself where it can
+    (:func:`lakehouse.duck.parquet_relation`), through a pyarrow dataset otherwise.
+    """
     con = duckdb.connect()
     try:
         con.execute("SET threads TO 2")
-        con.register("instances_ds", instances)
-        missing = "" if "PatientName" in instances.schema.names else \
-            ", CAST(NULL AS VARCHAR) AS PatientName"
+        fs = lake.storage.duckdb_filesystem()
+        if fs is not None:
+            con.register_filesystem(fs)
+        home = "/" if lake.local else lake.storage.uri("") + "/"
+        found = parquet_relation(con, instances, TABLES["instances"], lake.profile, home)
+        if found is not None:
+            rel, present = found
+            rel.create_view("instances_ds")
+        else:
+            dataset = instances.to_pyarrow_dataset()
+            con.register("instances_ds", dataset)
+            present = set(dataset.schema.names)
+        missing = "" if "PatientName" in present else ", CAST(NULL AS VARCHAR) AS PatientName"
         con.execute(f"CREATE VIEW instances AS SELECT * EXCLUDE (dicom_json){missing} "
                     "FROM instances_ds")
         out = {}

@@ -43,7 +43,7 @@ def schemas_sql() -> str:
     """The catalog's count of distinct schemas among Parquet files."""
     from importlib import resources
 
-    return resources.files("catalog").joinpath("sql", "parquet_schemas.sql").read_text()
+    return resources.files("lakehouse").joinpath("sql", "parquet_schemas.sql").read_text()
 
 
 def test_cached_tables_give_the_same_rows_from_memory(built_lake):

@@ -42,16 +42,23 @@ def test_key_index_repeated_keys_and_merged_chunks():
     assert [a.tolist() for a in empty.lookup(u64(1), u64(1))] == [[False], [False]]
 
 
-def test_hasher_keys_are_md5_halves():
+def test_file_keys_match_only_the_same_path_size_and_mtime():
+    """A file index row matches a found file with the same path, size and mtime, unless
+    it could not be read then (io_error: tried again)."""
+    index_rows = pa.table({"path": ["/a", "/b", "/c"], "file_size": [1, 2, 3],
+                           "mtime_ns": [10, 20, 30], "reason": [None, "io_error", "truncated"]})
+    found = pa.table({"path": ["/a", "/a", "/a", "/b", "/c", "/d"],
+                      "file_size": [1, 2, 1, 2, 3, 1], "mtime_ns": [10, 10, 11, 20, 30, 10],
+                      "reason": pa.nulls(6, pa.string())})
     h = seen.Hasher()
     try:
-        k, v = h.keys(pa.table({"SOPInstanceUID": ["1.2.3", None], "file_sha256": ["ab", "cd"]}),
-                      *seen.INSTANCE_KEY, where="SOPInstanceUID IS NOT NULL")
+        index = seen.KeyIndex()
+        index.add(*h.keys(index_rows, *seen.FILE_KEY))
+        present, same = index.lookup(*h.keys(found, *seen.FILE_KEY))
     finally:
         h.close()
-    import hashlib
-    assert k.tolist() == [int.from_bytes(hashlib.md5(b"1.2.3").digest()[:8], "little")]
-    assert v.tolist() == [int.from_bytes(hashlib.md5(b"ab").digest()[8:], "little")]
+    assert present.tolist() == [True, True, True, True, True, False]
+    assert same.tolist() == [True, False, False, False, True, False]
 
 
 def _outcomes(lake_dir):
