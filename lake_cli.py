@@ -10,12 +10,15 @@ import argparse
 import csv
 import datetime as dt
 import decimal
+import errno
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
 import sys
+import unicodedata
 from pathlib import Path
 
 DEFAULT_LAKE = "lake"
@@ -92,19 +95,16 @@ def cmd_features(args) -> int:
     return 0
 
 
-def _cohort_series(lake_root, name: str) -> tuple[str, ...]:
-    """The series of a saved cohort (a study cohort gives all series of its studies)."""
-    try:
-        from catalog import cohorts  # type: ignore[attr-defined]
-    except ImportError:
-        raise CliError("--cohort needs saved cohorts (catalog.cohorts), which this version of "
-                       "the lake does not have; pass the series with --series") from None
-    from catalog import open_lake
+def _cohort_series(lake, name: str) -> tuple[str, ...]:
+    """The series of a saved cohort (a study cohort gives all series of its studies, as
+    the lake held them at the cohort's snapshot)."""
+    from catalog import cohorts
+    from catalog.connect import Catalog
 
-    result = cohorts.open_cohort(lake_root, name).result()
+    result = cohorts.open_cohort(lake, name).result()
     if result.key == "SeriesInstanceUID":
         return tuple(result.members)
-    with open_lake(lake_root) as cat:
+    with Catalog(lake, result.snapshot) as cat:
         rows = cat.arrow("SELECT SeriesInstanceUID FROM series "
                          "WHERE list_contains($s, StudyInstanceUID) ORDER BY 1",
                          {"s": list(result.members)})
@@ -122,6 +122,8 @@ def cmd_init(args) -> int:
     from lakehouse import Lake
 
     path = _location(args.path, args) if args.path else _lake_dir(args)
+    if isinstance(path, Path):
+        _check_new_lake_folder(path)
     private = []
     for spec in args.private_tag or []:
         parts = [p.strip() for p in spec.split(",")]
@@ -143,6 +145,21 @@ def cmd_init(args) -> int:
         print("identified profile: the tables will hold names and identifiers as found")
     print(f"next: lake ingest /path/to/dicom --lake {lake.location}")
     return 0
+
+
+def _check_new_lake_folder(path: Path) -> None:
+    """`lake init` needs a new or empty folder: say which it is not (a lake, a file,
+    another folder's contents) before anything is written."""
+    from lakehouse import layout
+
+    if layout.manifest_path(path).exists():
+        return  # Lake.create says a lake is there
+    if path.exists() and not path.is_dir():
+        raise CliError(f"{path} is a file, not a folder: give a new or empty folder for the "
+                       "lake")
+    if path.is_dir() and any(path.iterdir()):
+        raise CliError(f"the folder {path} is not empty (and holds no lake): give a new or "
+                       "empty folder for the lake")
 
 
 # --- ingest -------------------------------------------------------------------
@@ -197,9 +214,15 @@ def cmd_ingest(args) -> int:
 
 
 def _ingest_remote(args, lake, source, config, progress, ingest_remote, close_bar) -> int:
-    # client libraries log request URLs, which carry original UIDs: not on the console
+    # client libraries log request URLs, which carry original UIDs: not on the console.
+    # urllib3 warns on every retried connection with the URL path (studies/UID/series/UID/
+    # instances/UID); pynetdicom logs failed associations as errors: the run's error line
+    # says what happened, once (-vv shows pynetdicom's own lines)
     for name in ("dicomweb_client", "pynetdicom"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
+    if args.verbose < 2:
+        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     try:
         pulled = ingest_remote(lake, source, config, progress, key_file=_key_file(args))
     finally:
@@ -295,6 +318,10 @@ def cmd_sql(args) -> int:
     from lakehouse import audit
 
     query = sys.stdin.read() if args.query == "-" else args.query
+    if not query.strip():
+        raise CliError("the query is empty: give a SQL statement, e.g. "
+                       '"SELECT Modality, count(*) AS n FROM studies GROUP BY 1" '
+                       "(or - to read it from stdin)")
     with open_lake(_lake_dir(args), args.snapshot) as cat:
         table = cat.arrow(query)
         audit.record(cat.lake, "sql", text=query, snapshot=cat.snapshot.number,
@@ -306,8 +333,7 @@ def cmd_sql(args) -> int:
     cols = table.column_names
     out = sys.stdout
     if args.format == "json":
-        json.dump(rows, out, default=_json_default, ensure_ascii=False)
-        out.write("\n")
+        _json_rows(rows, out)
     elif args.format == "csv":
         w = csv.writer(out, lineterminator="\n")
         w.writerow(cols)
@@ -322,31 +348,104 @@ def _json_default(v):
     if isinstance(v, dt.date | dt.time | dt.datetime):
         return v.isoformat()
     if isinstance(v, decimal.Decimal):
-        return float(v)
+        return _decimal(v)
     if isinstance(v, bytes):
         return v.hex()
+    if _is_interval(v):
+        return _iso_duration(v)
     return str(v)
+
+
+def _json_rows(rows: list[dict], out) -> None:
+    """One JSON array of row objects: strict JSON (NaN and infinities become null, which
+    JSON has no other way to say), dates and times as ISO strings."""
+    json.dump([{k: _json_value(v) for k, v in r.items()} for r in rows], out,
+              default=_json_default, ensure_ascii=False, allow_nan=False)
+    out.write("\n")
+
+
+def _json_value(v):
+    if _is_interval(v):
+        return _iso_duration(v)
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, decimal.Decimal):
+        return _decimal(v)
+    if isinstance(v, dict):
+        return {k: _json_value(x) for k, x in v.items()}
+    if isinstance(v, list) or (isinstance(v, tuple) and not _is_interval(v)):
+        return [_json_value(x) for x in v]
+    return v
+
+
+def _decimal(v: decimal.Decimal) -> int | float | None:
+    """A DECIMAL (DuckDB's sum() of integers is a HUGEINT, i.e. DECIMAL(38,0)) as a JSON
+    number: an integer when it has no fractional part."""
+    if not v.is_finite():
+        return None
+    return int(v) if v == v.to_integral_value() else float(v)
+
+
+def _is_interval(v) -> bool:
+    return type(v).__name__ == "MonthDayNano" and len(v) == 3
+
+
+def _iso_duration(v) -> str:
+    """A DuckDB INTERVAL (Arrow month_day_nano) as an ISO 8601 duration, e.g. P1M3DT1.5S."""
+    months, days, nanos = v
+    seconds = decimal.Decimal(nanos) / 1_000_000_000
+    text = "P" + (f"{months}M" if months else "") + (f"{days}D" if days else "")
+    if nanos or text == "P":
+        text += f"T{seconds.normalize():f}S"
+    return text
 
 
 def _plain(v) -> str:
     if v is None:
         return ""
-    if isinstance(v, list | dict):
-        return json.dumps(v, default=_json_default, ensure_ascii=False)
+    if _is_interval(v):
+        return _iso_duration(v)
+    if isinstance(v, list | dict | tuple):
+        return json.dumps(_json_value(v), default=_json_default, ensure_ascii=False)
     if isinstance(v, dt.date | dt.time | dt.datetime):
         return v.isoformat()
+    if isinstance(v, bytes):
+        return v.hex()
     return str(v)
 
 
+def _width(text: str) -> int:
+    """Columns a string takes in a terminal: East Asian wide and full-width characters
+    take two, combining marks none."""
+    return sum(0 if unicodedata.combining(ch) else
+               2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+
+
+def _clip(text: str, max_width: int) -> str:
+    if _width(text) <= max_width:
+        return text
+    out, used = [], 0
+    for ch in text:
+        w = _width(ch)
+        if used + w > max_width - 1:
+            break
+        out.append(ch)
+        used += w
+    return "".join(out) + "…"
+
+
+def _pad(text: str, width: int) -> str:
+    return text + " " * (width - _width(text))
+
+
 def _print_table(cols: list[str], rows: list[dict], out, max_width: int = 60) -> None:
-    cells = [[_plain(r[c]) for c in cols] for r in rows]
-    cells = [[v if len(v) <= max_width else v[:max_width - 1] + "…" for v in row]
-             for row in cells]
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
-    out.write("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip() + "\n")
+    cells = [[_clip(_plain(r[c]), max_width) for c in cols] for r in rows]
+    widths = [max([_width(c)] + [_width(row[i]) for row in cells]) for i, c in enumerate(cols)]
+    out.write("  ".join(_pad(c, w) for c, w in zip(cols, widths, strict=True)).rstrip() + "\n")
     out.write("  ".join("-" * w for w in widths) + "\n")
     for row in cells:
-        out.write("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() + "\n")
+        out.write("  ".join(_pad(v, w) for v, w in zip(row, widths, strict=True)).rstrip()
+                  + "\n")
     out.write(f"({len(rows)} row{'s' if len(rows) != 1 else ''})\n")
 
 
@@ -371,11 +470,16 @@ def cmd_report(args) -> int:
         table = reports.run(cat, request)
         if cat.lake.profile == "identified" and args.format != "json" and args.studies:
             print("# identified lake: results may contain patient identifiers", file=sys.stderr)
+        by = set(request.by or reports.DEFAULT_BY[args.kind])
+        if cat.lake.research and (args.date_from or args.date_to or by & _CALENDAR):
+            print("# research lake: each patient's dates are shifted by 1 to 260 weeks, so "
+                  "--from/--to and day/week/month/year groups use shifted dates (intervals, "
+                  "weekdays and hours are exact); calendar trends need an identified lake",
+                  file=sys.stderr)
     rows = table.to_pylist()
     cols = table.column_names
     if args.format == "json":
-        json.dump(rows, sys.stdout, default=_json_default, ensure_ascii=False)
-        sys.stdout.write("\n")
+        _json_rows(rows, sys.stdout)
     elif args.format == "csv":
         w = csv.writer(sys.stdout, lineterminator="\n")
         w.writerow(cols)
@@ -384,6 +488,10 @@ def cmd_report(args) -> int:
     else:
         _print_table(cols, [{c: _rounded(r[c], 4) for c in cols} for r in rows], sys.stdout)
     return 0
+
+
+#: report columns that place a study in calendar time (shifted per patient in research lakes)
+_CALENDAR = {"day", "week", "month", "year", "StudyDate"}
 
 
 def _names(text: str | None) -> list[str]:
@@ -524,11 +632,12 @@ def cmd_cohort(args) -> int:
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2))
     else:
+        files = "" if summary.as_ == "manifest" else (
+            f"{summary.written} {summary.as_} files written, {summary.skipped_existing} "
+            f"already there, {len(summary.not_exported)} not exported; ")
         print(f"exported cohort {summary.cohort} (snapshot {summary.snapshot}) as "
               f"{summary.as_} to {summary.to}: {summary.series} series, {summary.instances} "
-              f"instances; {summary.written} written, {summary.skipped_existing} already "
-              f"there, {len(summary.not_exported)} not exported; {summary.files} files in "
-              "SHA256SUMS")
+              f"instances; {files}{summary.files} files in SHA256SUMS")
         for uid, why in sorted(summary.not_exported.items()):
             print(f"  not exported {uid}: {why}")
     return 0
@@ -620,21 +729,62 @@ def _pivot(cat) -> tuple[list[str], list[dict]]:
 # --- notebook -----------------------------------------------------------------
 
 def cmd_notebook(args) -> int:
+    import secrets
+    import signal
+
     lake = _lake_dir(args)
     from lakehouse import Lake
 
     Lake.open(lake)  # fail early, in one line, when there is no lake
-    if shutil.which("jupyter") is None and not _has_module("jupyterlab"):
+    if not _has_module("jupyterlab"):
         raise CliError("JupyterLab is not installed: pip install 'imaging-lakehouse[notebooks]'")
     folder = Path(args.notebooks) if args.notebooks else _notebooks_dir()
-    env = {**os.environ, "LAKE_DIR": _shown(lake), "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
+    if not folder.is_dir():
+        raise CliError(f"notebook folder {folder} does not exist; pass --notebooks DIR")
+    if not _port_free(args.port):
+        raise CliError(f"port {args.port} on 127.0.0.1 is in use (another JupyterLab?): "
+                       "pass --port N")
+    # our own token, so that the address printed below is the one to open (JupyterLab
+    # prints "token=..." when the token is given); in the environment, not on the
+    # command line where other users' `ps` would show it
+    token = os.environ.get("JUPYTER_TOKEN") or secrets.token_urlsafe(24)
+    env = {**os.environ, "LAKE_DIR": _shown(lake), "JUPYTER_TOKEN": token,
+           "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
     cmd = [sys.executable, "-m", "jupyterlab", f"--notebook-dir={folder}",
-           f"--ServerApp.port={args.port}", "--ServerApp.ip=127.0.0.1"]
+           f"--ServerApp.port={args.port}", "--ServerApp.port_retries=0",
+           "--ServerApp.ip=127.0.0.1"]
     if args.no_browser:
         cmd.append("--no-browser")
-    print(f"JupyterLab on http://127.0.0.1:{args.port} with LAKE_DIR={_shown(lake)} "
-          f"(notebooks in {folder}); Ctrl-C to stop")
-    return subprocess.call(cmd, env=env)
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        # JupyterLab refuses to start as root without this (containers often run as root);
+        # the server only listens on 127.0.0.1 and needs the token
+        cmd.append("--allow-root")
+    print(f"JupyterLab at http://127.0.0.1:{args.port}/lab?token={token}\n"
+          f"  lake {_shown(lake)} (LAKE_DIR); notebooks in {folder} (open a .py notebook "
+          "with right-click > Open With > Notebook); Ctrl-C twice to stop", flush=True)
+    proc = subprocess.Popen(cmd, env=env)
+    # Ctrl-C reaches JupyterLab too (same process group), which asks for confirmation:
+    # wait for it to stop instead of leaving it behind; pass SIGTERM on
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+                signal.SIGTERM: signal.signal(signal.SIGTERM,
+                                              lambda signum, frame: proc.terminate())}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _has_module(name: str) -> bool:
@@ -658,14 +808,19 @@ def cmd_reidentify(args) -> int:
 
     values = list(args.values)
     if args.csv:
-        with open(args.csv, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            cols = [c.strip() for c in args.columns.split(",")] if args.columns else []
-            missing = [c for c in cols if c not in (reader.fieldnames or [])]
-            if not cols or missing:
-                raise CliError(f"--csv needs --columns naming columns of {args.csv} "
-                               f"(missing: {', '.join(missing) or 'none given'})")
-            values += [row[c] for row in reader for c in cols if row[c]]
+        # utf-8-sig: spreadsheet programs start their UTF-8 CSV files with a byte-order mark
+        with open(args.csv, newline="", encoding="utf-8-sig") as fh:
+            try:
+                reader = csv.DictReader(fh)
+                cols = [c.strip() for c in args.columns.split(",")] if args.columns else []
+                missing = [c for c in cols if c not in (reader.fieldnames or [])]
+                if not cols or missing:
+                    raise CliError(f"--csv needs --columns naming columns of {args.csv} "
+                                   f"(missing: {', '.join(missing) or 'none given'})")
+                values += [row[c] for row in reader for c in cols if row[c]]
+            except (UnicodeDecodeError, csv.Error) as exc:
+                raise CliError(f"cannot read {args.csv} as a CSV file in UTF-8 ({exc}): save "
+                               "it as CSV UTF-8") from None
     if not values:
         raise CliError("give pseudonyms to look up, or --csv FILE --columns A,B")
     with open_lake(_lake_dir(args), vault=True) as cat:
@@ -826,7 +981,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("listen", help="receive DICOM instances (C-STORE) and ingest them in "
                         "micro-batches")
     sp.add_argument("--port", type=_positive, required=True, help="TCP port to listen on")
-    sp.add_argument("--ae-title", required=True, help="our AE title (what senders call)")
+    sp.add_argument("--ae-title", required=True, type=_ae_title,
+                    help="our AE title (what senders call): 1 to 16 ASCII characters")
     sp.add_argument("--host", default="0.0.0.0", help="address to bind (default: all)")
     sp.add_argument("--batch-seconds", type=_positive_float, default=10.0,
                     help="ingest what was received every N seconds (default 10)")
@@ -843,7 +999,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("sql", help="run a SQL query (DuckDB) against the lake")
     sp.add_argument("query", help="the query, or - to read it from stdin")
     lake_opt(sp)
-    sp.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    sp.add_argument("--format", choices=["table", "json", "csv"], default="table",
+                    help="table (default: readable columns), json (one array of row objects; "
+                    "dates and times as ISO strings, NaN as null) or csv (a header line, then "
+                    "rows; lists as JSON)")
     sp.add_argument("--snapshot", type=_non_negative, help="query an earlier lake snapshot")
     sp.set_defaults(func=cmd_sql)
 
@@ -920,7 +1079,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("name")
     c.add_argument("--to", required=True, help="output folder (resumable)")
     c.add_argument("--as", dest="as_", choices=["manifest", "dicom", "nifti"],
-                   default="manifest")
+                   default="manifest", help="manifest (default: Parquet and CSV of series and "
+                   "instances with checksums), dicom (copies; de-identified from a research "
+                   "lake) or nifti (one volume per regular series, with a JSON sidecar)")
     c.add_argument("--no-progress", dest="progress", action="store_false")
     c.add_argument("--json", action="store_true")
     key_opt(c)
@@ -931,17 +1092,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("demo", help="generate a sample archive, ingest it, print a summary")
     sp.add_argument("--dir", default="lake-demo",
                     help="folder for the archive and the lake (default ./lake-demo)")
-    sp.add_argument("--preset", choices=["test", "demo", "bench"], default="demo")
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--preset", choices=["test", "demo", "bench"], default="demo",
+                    help="archive size: test (about 300 files), demo (default, about 2,000) "
+                    "or bench (about 20,000 files, mostly 512x512 CT: about 9 GB)")
+    sp.add_argument("--seed", type=int, default=0,
+                    help="random seed of the generator (default 0): same seed, same archive")
     sp.add_argument("--fresh", action="store_true", help="delete --dir first")
     sp.add_argument("--no-progress", dest="progress", action="store_false")
     sp.set_defaults(func=cmd_demo)
 
     sp = sub.add_parser("notebook", help="JupyterLab with the lake attached (LAKE_DIR)")
     lake_opt(sp)
-    sp.add_argument("--port", type=_positive, default=8888)
+    sp.add_argument("--port", type=_positive, default=8888,
+                    help="port on 127.0.0.1 (default 8888); a port in use is an error")
     sp.add_argument("--notebooks", help="notebook folder (default: the project's notebooks/)")
-    sp.add_argument("--no-browser", action="store_true")
+    sp.add_argument("--no-browser", action="store_true", help="do not open a web browser; "
+                    "open the address printed (it carries the access token)")
     sp.set_defaults(func=cmd_notebook)
 
     sp = sub.add_parser("features", help="series geometry, image statistics and radiomics")
@@ -979,7 +1145,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("vacuum", help="delete files no snapshot references (left by killed "
                         "runs) once older than the retention period")
     lake_opt(sp)
-    sp.add_argument("--retention-hours", type=float, default=168.0,
+    sp.add_argument("--retention-hours", type=_non_negative_float, default=168.0,
                     help="keep unreferenced files younger than this (default 168)")
     sp.add_argument("--dry-run", action="store_true", help="list, do not delete")
     sp.add_argument("--json", action="store_true")
@@ -988,9 +1154,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("optimize", help="compact small Parquet files (rows unchanged)")
     lake_opt(sp)
     sp.add_argument("--table", action="append", help="only this table (repeatable; default all)")
-    sp.add_argument("--small-mb", type=float, default=64.0,
+    sp.add_argument("--small-mb", type=_positive_float, default=64.0,
                     help="files smaller than this are compacted (default 64)")
-    sp.add_argument("--target-mb", type=float, default=256.0,
+    sp.add_argument("--target-mb", type=_positive_float, default=256.0,
                     help="size of the files written, about (default 256)")
     sp.add_argument("--dry-run", action="store_true", help="report, do not rewrite")
     sp.add_argument("--json", action="store_true")
@@ -1018,8 +1184,28 @@ def _positive_float(text: str) -> float:
         x = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not x > 0:
+    if not 0 < x < float("inf"):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return x
+
+
+def _ae_title(text: str) -> str:
+    """A DICOM AE title (PS3.5 AE): 1 to 16 printable ASCII characters, no backslash, not
+    only spaces."""
+    if (not text.strip() or len(text) > 16 or "\\" in text
+            or not all(" " <= ch <= "~" for ch in text)):
+        raise argparse.ArgumentTypeError(
+            f"expected an AE title of 1 to 16 ASCII characters (no backslash), got {text!r}")
+    return text
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not 0 <= x < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
     return x
 
 
@@ -1033,7 +1219,24 @@ def _non_negative(text: str) -> int:
     return n
 
 
+def _os_error(exc: OSError) -> str:
+    """An operating-system error as one line that names the file and the next step."""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    where = f" ({exc.filename})" if exc.filename else ""
+    hint = {errno.EACCES: "check the permissions of that folder, or choose another one",
+            errno.EPERM: "check the permissions of that folder, or choose another one",
+            errno.EROFS: "the file system is read-only: choose a writable folder",
+            errno.ENOSPC: "the disk is full: free space, or choose another folder",
+            errno.ENOTDIR: "a file is in the way where a folder should be: choose another path",
+            errno.EEXIST: "a file is in the way where a folder should be: choose another path",
+            errno.ENOENT: "check the path",
+            }.get(exc.errno or 0, "check the path and its permissions")
+    return f"{what}{where}: {hint}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    from deltalake.exceptions import DeltaError
+
     from lakehouse.errors import LakeError
 
     args = build_parser().parse_args(argv)
@@ -1051,8 +1254,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"lake {args.command}: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
+    except DeltaError as exc:  # a table folder or commit log damaged or removed
+        logging.getLogger("lake").debug("%s failed", args.command, exc_info=True)
+        text = str(exc).strip()
+        print(f"lake {args.command}: error: a table of the lake cannot be read: "
+              f"{text.splitlines()[0] if text else type(exc).__name__}; `lake verify` lists "
+              "what is damaged: restore it from a backup", file=sys.stderr)
+        return EXIT_ERROR
+    except UnicodeEncodeError as exc:  # a non-UTF-8 terminal and a name in Japanese
+        print(f"lake {args.command}: error: the output holds characters that the output "
+              f"encoding ({exc.encoding}) cannot write: use a UTF-8 locale (LANG=C.UTF-8) or "
+              "set PYTHONIOENCODING=utf-8", file=sys.stderr)
+        return EXIT_ERROR
+    except BrokenPipeError:  # `lake sql ... | head`: the reader has what it wanted
         return 0
+    except OSError as exc:  # a folder that cannot be written, a file where a folder goes...
+        logging.getLogger("lake").debug("%s failed", args.command, exc_info=True)
+        print(f"lake {args.command}: error: {_os_error(exc)}", file=sys.stderr)
+        return EXIT_ERROR
     finally:
         # Arrow dataset scanners still referenced at interpreter shutdown can abort the
         # process after the work is done (apache/arrow#34314): collect them while Arrow's

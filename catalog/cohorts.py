@@ -177,6 +177,11 @@ def run(cat: Catalog, definition: Definition) -> Result:
     if len(set(names)) != len(names):
         raise CohortQueryError("the query returns two columns of the same name; alias them")
     col = table.column(key)
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)
+            or pa.types.is_string_view(col.type)):
+        raise CohortQueryError(
+            f"the query's {key} column is {col.type}, not text: select the lake's {key} "
+            f"(a UID string) from series or studies")
     if col.null_count:
         raise CohortQueryError(f"{col.null_count} rows have no {key}; filter them out")
     distinct = pc.count_distinct(col).as_py()

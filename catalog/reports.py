@@ -304,7 +304,8 @@ def read_drl(path: Path | str | None = None) -> pa.Table:
         name = "drl_default.csv"
     else:
         try:
-            text = Path(path).read_text(encoding="utf-8")
+            # utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte-order mark
+            text = Path(path).read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as exc:
             raise ReportError(f"cannot read the DRL file {path}: {exc}") from None
         name = str(path)

@@ -417,7 +417,8 @@ def plan(lake: Lake, config: FeaturesConfig) -> list[SeriesTask]:
         if path is None:
             continue
         try:
-            ref = referenced_series(pydicom.dcmread(path, stop_before_pixels=True))
+            # force: the ingest has checked the file; a Part 10 file may lack its preamble
+            ref = referenced_series(pydicom.dcmread(path, stop_before_pixels=True, force=True))
         except Exception as exc:  # an unreadable mask header: nothing to match
             log.warning("mask %s: cannot read its header: %s", m["SOPInstanceUID"], exc)
             continue

@@ -160,7 +160,7 @@ def series_stats(series_uid: str, files: Sequence[tuple[str, str | None]],
             continue
         ds = None
         try:
-            ds = pydicom.dcmread(path)
+            ds = pydicom.dcmread(path, force=True)  # checked at ingest; may lack a preamble
             if "PixelData" not in ds and "FloatPixelData" not in ds:
                 raise ValueError("no pixel data")
             if int(getattr(ds, "SamplesPerPixel", 1) or 1) != 1:

@@ -151,10 +151,13 @@ def _slice_index(geometry: Geometry, position, mask_uid: str | None) -> int:
 def read_seg(path: str | Path, geometry: Geometry) -> MaskSet:
     """A DICOM SEG (binary or fractional) placed frame by frame on the image grid."""
     import highdicom as hd
+    import pydicom
 
     series = _series(geometry)
     try:
-        seg = hd.seg.segread(str(path))
+        # force: checked by the ingest; a Part 10 file may lack its preamble
+        seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(str(path), force=True),
+                                               copy=False)
         frames = seg.pixel_array
     except Exception as exc:
         raise FeatureError("unsupported_mask", series,
@@ -200,7 +203,7 @@ def read_rtstruct(path: str | Path, geometry: Geometry) -> MaskSet:
 
     series = _series(geometry)
     try:
-        ds = pydicom.dcmread(str(path))
+        ds = pydicom.dcmread(str(path), force=True)  # checked at ingest; may lack a preamble
         rois = {int(r.ROINumber): str(getattr(r, "ROIName", r.ROINumber))
                 for r in ds.StructureSetROISequence}
         contours = list(ds.ROIContourSequence)

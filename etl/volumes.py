@@ -220,7 +220,7 @@ def load_volume(geometry: Geometry, paths: dict[str, str]):
     for sop in geometry.order:
         path = paths[sop]
         try:
-            ds = pydicom.dcmread(path)
+            ds = pydicom.dcmread(path, force=True)  # checked at ingest; may lack a preamble
             planes.append(to_modality_units(ds, ds.pixel_array).astype(np.float32))
         except Exception as exc:  # pydicom raises many types for undecodable pixel data
             raise FeatureError("pixel_decode", series,

@@ -416,7 +416,8 @@ DOSE_EVENTS = TableSpec(
         Column("StudyDate", DATE, "Study date.", "StudyDate"),
         Column("event_index", I64, "Position of the CT Acquisition in the report, from 1."),
         Column("IrradiationEventUID", STR, "Irradiation Event UID (113769) of the acquisition."),
-        Column("acquisition_protocol", STR, "Acquisition Protocol (125203), as text."),
+        Column("acquisition_protocol", STR, "Acquisition Protocol (125203), as text; null "
+               "in research lakes (free text of reports is not on the allow-list)."),
         Column("target_region", STR, "Target Region (123014), the code meaning (e.g. Chest)."),
         Column("acquisition_type", STR, "CT Acquisition Type (113820), the code meaning "
                "(Spiral Acquisition, Sequenced Acquisition, Constant Angle Acquisition, ...)."),
@@ -557,7 +558,8 @@ FEATURE_FAILURES = TableSpec(
     columns=(
         Column("SeriesInstanceUID", STR, "Image series concerned.", "SeriesInstanceUID"),
         Column("mask_SOPInstanceUID", STR, "Mask instance concerned, if any."),
-        Column("stage", STR, "volume, image_stats, mask or radiomics."),
+        Column("stage", STR, "volume, mask or radiomics (pixels a series' image statistics "
+               "could not read are in image_stats: status, failure_message)."),
         Column("reason", STR, "Reason code: no_geometry, not_a_volume, pixel_decode, "
                "geometry_mismatch, unsupported_mask, empty_segment, missing_file, feature_error."),
         Column("message", STR, "What was wrong and what to do."),

@@ -18,6 +18,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import pyarrow.compute as pc
+from deltalake.exceptions import DeltaError
 
 from lakehouse import layout
 from lakehouse.checksums import sha256_prefix
@@ -95,9 +96,17 @@ def verify(lake: Lake, snapshot: Snapshot | None = None, sources: bool = False) 
             continue
         store = lake.storage
         root = as_rel(layout.table_path(_REL, name))
-        sums = recorded_checksums(root, store)
-        present = {p: size for p, size, _mtime in store.files(root)}
-        adds = lake.delta(name, snap).get_add_actions(flatten=True)
+        try:
+            sums = recorded_checksums(root, store)
+            present = {p: size for p, size, _mtime in store.files(root)}
+            adds = lake.delta(name, snap).get_add_actions(flatten=True)
+        except (DeltaError, OSError, ValueError) as exc:  # a table folder or log damaged
+            text = str(exc).strip()
+            report.problems.append(Problem(
+                name, root, "unreadable",
+                f"the table (version {snap.versions[name]}) cannot be read: "
+                f"{text.splitlines()[0] if text else type(exc).__name__}"))
+            continue
         for rel, size in zip(adds.column("path").to_pylist(),
                              adds.column("size_bytes").to_pylist(), strict=True):
             report.files_checked += 1

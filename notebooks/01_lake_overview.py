@@ -58,10 +58,13 @@ per_year = cat.df("""
 per_year
 
 # %%
-ax = per_year.plot.bar(stacked=True, figsize=(9, 4), title="Studies per modality and year")
-ax.set_xlabel("year of study")
-ax.set_ylabel("studies")
-plt.tight_layout()
+if per_year.empty:
+    print("no studies yet: ingest DICOM files first (`lake ingest FOLDER`), or try `lake demo`")
+else:
+    ax = per_year.plot.bar(stacked=True, figsize=(9, 4), title="Studies per modality and year")
+    ax.set_xlabel("year of study")
+    ax.set_ylabel("studies")
+    plt.tight_layout()
 
 # %% [markdown]
 # ## Files that did not make it in, by reason

@@ -30,6 +30,9 @@ import numpy as np
 from catalog import open_lake, reports
 
 cat = open_lake(os.environ.get("LAKE_DIR", "lake"))
+if cat.df("SELECT count(*) AS n FROM studies").n[0] == 0:
+    raise RuntimeError(f"the lake at {cat.lake.location} has no studies yet: ingest DICOM "
+                       "files first (`lake ingest FOLDER`), or try `lake demo`")
 cat
 
 # %% [markdown]

@@ -35,6 +35,9 @@ from catalog.spec import compile_spec, where
 
 LAKE = os.environ.get("LAKE_DIR", "lake")
 cat = open_lake(LAKE)
+if cat.df("SELECT count(*) AS n FROM studies").n[0] == 0:
+    raise RuntimeError(f"the lake at {cat.lake.location} has no studies yet: ingest DICOM "
+                       "files first (`lake ingest FOLDER`), or try `lake demo`")
 cat
 
 # %% [markdown]

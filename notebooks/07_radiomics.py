@@ -70,6 +70,11 @@ param_sets = cat.df("""
     GROUP BY ALL
     ORDER BY feature_values DESC, param_hash
 """)
+if param_sets.empty:
+    raise RuntimeError(
+        "this lake has no radiomics features yet: run `lake features` on a lake that holds "
+        "segmentations (DICOM SEG or RTSTRUCT), or give label maps with `lake features "
+        "--mask-file SERIES_UID=mask.nii.gz` (the `lake demo` archive has no segmentations)")
 PARAM_HASH = os.environ.get("PARAM_HASH") or param_sets.param_hash.iloc[0]
 param_sets
 

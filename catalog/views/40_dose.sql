@@ -11,7 +11,9 @@
 --   DLP_total          sum of the events' DLP in mGy.cm (NULL from headers,
 --                      which carry no DLP)
 --   accumulated_DLP    the report's CT Dose Length Product Total in mGy.cm
---   protocols          the acquisition protocols reported, sorted
+--   protocols          the acquisition protocols reported, sorted (empty in research
+--                      lakes: report free text is not kept; DRL protocols then match
+--                      StudyDescription only)
 --   target_regions     the target regions reported, sorted
 --   header_CTDIvol_max largest CTDIvol in the CT image headers (any source)
 CREATE VIEW dose_by_study AS
