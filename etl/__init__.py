@@ -7,11 +7,27 @@
 >>> features = compute_features(Lake.open("lake"))   # geometry, image stats, radiomics
 """
 
-from etl.config import IngestConfig
-from etl.errors import REASONS, SKIP_REASONS, FeatureError, FileRejected, SourceError
-from etl.features import FeaturesConfig, FeaturesSummary, compute_features
-from etl.headers import read_file
-from etl.jobs import RunSummary, ingest
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+#: exported name -> the module that defines it (imported on first use: an ingest worker
+#: imports only what reading files needs, not Dask's scheduler, Delta or DuckDB)
+_EXPORTS = {
+    "REASONS": "etl.errors",
+    "SKIP_REASONS": "etl.errors",
+    "FeatureError": "etl.errors",
+    "FeaturesConfig": "etl.features",
+    "FeaturesSummary": "etl.features",
+    "FileRejected": "etl.errors",
+    "IngestConfig": "etl.config",
+    "RunSummary": "etl.jobs",
+    "SourceError": "etl.errors",
+    "compute_features": "etl.features",
+    "ingest": "etl.jobs",
+    "read_file": "etl.headers",
+}
 
 __all__ = [
     "REASONS",
@@ -27,3 +43,20 @@ __all__ = [
     "ingest",
     "read_file",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'etl' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:
+    from etl.config import IngestConfig
+    from etl.errors import REASONS, SKIP_REASONS, FeatureError, FileRejected, SourceError
+    from etl.features import FeaturesConfig, FeaturesSummary, compute_features
+    from etl.headers import read_file
+    from etl.jobs import RunSummary, ingest

@@ -32,3 +32,18 @@ def test_imports_point_one_way(package):
     for path in (ROOT / package).rglob("*.py"):
         bad = imported_packages(path) - ALLOWED[package] - {package}
         assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+def test_an_ingest_worker_imports_only_what_reading_files_needs():
+    """A spawned worker imports ``etl.extract`` (and what unpickling its task needs):
+    not the Delta, DuckDB, pandas or distributed bindings of the driver (each worker
+    would pay for them at every run)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, etl.extract, etl.config, etl.discover, lakehouse.deid; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'deltalake', 'duckdb', 'pandas', 'distributed', 'dask', 'SimpleITK'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
