@@ -131,14 +131,18 @@ def cmd_init(args) -> int:
             raise CliError(f"--private-tag {spec!r}: expected GROUP,CREATOR,ELEMENT "
                            "(e.g. 0x0019,GEMS_ACQU_01,0x23)")
         private.append({"group": parts[0], "creator": parts[1], "element": parts[2]})
+    if args.profile != "research" and getattr(args, "key_file", None):
+        raise CliError(f"--key-file is for research lakes: an {args.profile} lake keeps "
+                       "identifiers as found and uses no key; leave --key-file out")
+    key_file = _key_file(args) if args.profile == "research" else None
     try:
-        lake = Lake.create(path, profile=args.profile, key_file=_key_file(args),
+        lake = Lake.create(path, profile=args.profile, key_file=key_file,
                            private_allowlist=private, checksum=args.checksum)
     except ValueError as exc:
         raise CliError(str(exc)) from None
     print(f"created {lake.profile} lake at {lake.location}")
     if lake.research:
-        key = _key_file(args) or lake.default_key_path()
+        key = key_file or lake.default_key_path()
         print(f"pseudonymization key: {key} (owner-only; keep it safe and out of the lake: "
               "without it nothing more can be ingested, with it pseudonyms can be recomputed)")
     else:
@@ -830,7 +834,12 @@ def cmd_reidentify(args) -> int:
         print(json.dumps(rows, ensure_ascii=False))
     else:
         _print_table(table.column_names, rows, sys.stdout)
-    return 0
+    unknown = sum(1 for r in rows if r["original"] is None)
+    if unknown:  # kept in the output (as empty rows, in input order), and said
+        asked = len({r["pseudonym"] for r in rows})
+        print(f"# {unknown} of {asked} pseudonyms are not in this lake's vault (a pseudonym "
+              "of another lake or key, or a value that is not a pseudonym)", file=sys.stderr)
+    return 1 if unknown and unknown == len(rows) else 0
 
 
 # --- dictionary ---------------------------------------------------------------

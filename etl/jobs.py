@@ -31,7 +31,7 @@ from etl import replay, seen, summarize
 from etl.config import IngestConfig
 from etl.discover import FoundFile, WalkStats, walk
 from etl.errors import REASONS
-from etl.runners import make_runner
+from etl.runners import check_scheduler, make_runner
 from lakehouse.deid import Policy
 from lakehouse.provenance import code_version, config_hash, new_run_id
 from lakehouse.schemas import SCHEMA_VERSION, TABLES
@@ -93,6 +93,7 @@ def ingest(lake: Lake, source: Path | str, config: IngestConfig | None = None,
     path); a missing or different key stops the run before anything is read.
     """
     config = replace(config or IngestConfig(), checksum=lake.config.checksum)
+    check_scheduler(config.scheduler)
     policy = lake.policy(key_file)
     run_id = new_run_id()
     started = datetime.now(UTC)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -201,6 +202,23 @@ class DistributedRunner:
         self.client.close()
         if self._cluster is not None:
             self._cluster.close()
+
+
+#: A distributed scheduler's address: ``[protocol://]host:port``.
+_ADDRESS = re.compile(r"^([a-z][a-z0-9+]*://)?[^\s/:]+(:\d+)?$|^([a-z][a-z0-9+]*://)\[[0-9a-fA-F:]+\](:\d+)?$")
+
+
+def check_scheduler(scheduler: str) -> None:
+    """Raise SchedulerError unless ``scheduler`` is a local scheduler's name or looks like
+    a distributed scheduler's address (checked before a run reads anything, so that a
+    typo is reported even when there is nothing new to read)."""
+    if scheduler in (*LOCAL_SCHEDULERS, "local-cluster"):
+        return
+    if "://" not in scheduler and ":" not in scheduler:
+        raise SchedulerError(scheduler, "not a scheduler name (processes, threads, "
+                             "synchronous, local-cluster) or address (tcp://host:8786)")
+    if not _ADDRESS.match(scheduler):
+        raise SchedulerError(scheduler, "not an address of the form tcp://host:8786")
 
 
 def make_runner(config: IngestConfig, run_id: str, policy: Policy | None = None) -> Runner:

@@ -38,6 +38,13 @@ class LakeExistsError(LakeError):
         super().__init__(f"a lake already exists at {self.path}; choose another folder")
 
 
+class FolderNotEmptyError(LakeError):
+    def __init__(self, path: Path | str):
+        self.path = str(path)
+        super().__init__(f"{self.path} is not empty and holds no lake; a new lake needs a "
+                         "new or empty folder")
+
+
 class LakeFormatError(LakeError):
     def __init__(self, path: Path | str, detail: str):
         self.path = str(path)

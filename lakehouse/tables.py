@@ -38,6 +38,7 @@ from deltalake.transaction import AddAction, CommitProperties, RemoveAction
 from lakehouse import deid, layout, privacy
 from lakehouse.config import CHECKSUMS, PROFILES, LakeConfig
 from lakehouse.errors import (
+    FolderNotEmptyError,
     LakeError,
     LakeExistsError,
     LakeFormatError,
@@ -157,11 +158,16 @@ class Lake:
             raise ValueError(f"profile must be one of {PROFILES}, not {profile!r}")
         if checksum not in CHECKSUMS:
             raise ValueError(f"checksum must be one of {CHECKSUMS}, not {checksum!r}")
+        if key_file is not None and profile != "research":
+            raise ValueError(f"a key file is for research lakes: an {profile} lake keeps "
+                             "identifiers as found and uses no key; leave the key file out")
         check_bucket = getattr(store, "check_bucket", None)
         if check_bucket is not None:
             check_bucket()
-        if store.exists(as_rel(layout.manifest_path(_REL))) or not store.is_empty():
+        if store.exists(as_rel(layout.manifest_path(_REL))):
             raise LakeExistsError(store.url)
+        if not store.is_empty():
+            raise FolderNotEmptyError(store.url)
         for item in private_allowlist or []:
             deid.private_tag(item)  # validate before anything is written
         lake_id = uuid.uuid4().hex

@@ -481,3 +481,53 @@ def test_dose_reference_levels_saved_by_a_spreadsheet(capsys, built_lake, tmp_pa
     code, out, err = run(capsys, "report", "dose", "--drl", str(edited), "--lake", lake,
                          "--format", "csv")
     assert (code, out) == (0, expected), err
+
+
+def test_reidentify_says_which_pseudonyms_are_unknown(capsys, research_lake):
+    capsys.readouterr()
+    code, out, _ = run(capsys, "sql", "SELECT PatientID FROM studies", "--lake",
+                       str(research_lake), "--format", "json")
+    known = json.loads(out)[0]["PatientID"]
+    code, out, err = run(capsys, "reidentify", known, "NOT-A-PSEUDONYM", "--lake",
+                         str(research_lake), "--format", "json")
+    assert code == 0
+    assert [(r["pseudonym"], r["original"]) for r in json.loads(out)] == [
+        (known, "1CT1"), ("NOT-A-PSEUDONYM", None)]
+    assert err == ("# 1 of 2 pseudonyms are not in this lake's vault (a pseudonym of another "
+                   "lake or key, or a value that is not a pseudonym)\n")
+    code, out, err = run(capsys, "reidentify", "NOT-A-PSEUDONYM", "--lake", str(research_lake))
+    assert code == 1 and err.startswith("# 1 of 1 pseudonyms are not in this lake's vault")
+
+
+def test_init_identified_with_a_key_file_is_refused(capsys, tmp_path):
+    code, out, err = run(capsys, "init", str(tmp_path / "lake"), "--profile", "identified",
+                         "--key-file", str(tmp_path / "k"))
+    assert (code, out) == (1, "")
+    assert err == ("lake init: error: --key-file is for research lakes: an identified lake "
+                   "keeps identifiers as found and uses no key; leave --key-file out\n")
+    assert not (tmp_path / "lake").exists() and not (tmp_path / "k").exists()
+
+
+def test_lake_create_in_a_non_empty_folder_is_not_called_an_existing_lake(tmp_path):
+    from lakehouse import Lake
+    from lakehouse.errors import FolderNotEmptyError
+
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "notes.txt").write_text("x")
+    with pytest.raises(FolderNotEmptyError, match="is not empty and holds no lake"):
+        Lake.create(tmp_path / "f", profile="identified")
+    with pytest.raises(ValueError, match="a key file is for research lakes"):
+        Lake.create(tmp_path / "g", profile="identified", key_file=tmp_path / "k")
+
+
+def test_a_misspelt_scheduler_is_an_error_even_with_nothing_to_read(capsys, research_lake,
+                                                                    tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, out, err = run(capsys, "ingest", str(empty), "--lake", str(research_lake),
+                         "--scheduler", "proceses", "--no-progress")
+    assert (code, out) == (1, "")
+    assert err == ("lake ingest: error: cannot use Dask scheduler proceses: not a scheduler "
+                   "name (processes, threads, synchronous, local-cluster) or address "
+                   "(tcp://host:8786); start one with `dask scheduler` or leave out "
+                   "--scheduler to run locally\n")
