@@ -541,24 +541,19 @@ class LakeWriter:
 
 def _partitions(table: pa.Table, spec: TableSpec) -> Iterator[tuple[dict[str, str | None],
                                                                    pa.Table]]:
-    """Split ``table`` by the spec's partition columns (string partition values): one
-    sort by the keys, then a zero-copy slice per run of equal keys. Rows keep
-    their order within a partition (the sort is stable)."""
+    """Split ``table`` by the spec's partition columns (string partition values)."""
     keys = list(spec.partition_by)
     if not keys:
         yield {}, table
         return
     if table.num_rows == 0:
         return
-    order = pc.sort_indices(table.select(keys), sort_keys=[(k, "ascending") for k in keys])
-    ordered = table.take(order)
-    columns = [ordered.column(k).to_pylist() for k in keys]
-    start = 0
-    n = ordered.num_rows
-    for i in range(1, n + 1):
-        if i < n and all(col[i] == col[start] for col in columns):
-            continue
-        values = {k: (None if col[start] is None else str(col[start]))
-                  for k, col in zip(keys, columns, strict=True)}
-        yield values, ordered.slice(start, i - start)
-        start = i
+    groups = table.group_by(keys, use_threads=False).aggregate([])
+    for row in groups.to_pylist():
+        mask = None
+        for k in keys:
+            col = table.column(k)
+            cond = pc.is_null(col) if row[k] is None else pc.equal(col, row[k])
+            mask = cond if mask is None else pc.and_(mask, cond)
+        values = {k: (None if row[k] is None else str(row[k])) for k in keys}
+        yield values, table.filter(mask)
