@@ -407,6 +407,8 @@ def _iso_duration(v) -> str:
 def _plain(v) -> str:
     if v is None:
         return ""
+    if isinstance(v, bool):  # as SQL and JSON write them (DuckDB's own CSV too)
+        return "true" if v else "false"
     if _is_interval(v):
         return _iso_duration(v)
     if isinstance(v, list | dict | tuple):

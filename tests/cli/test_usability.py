@@ -531,3 +531,9 @@ def test_a_misspelt_scheduler_is_an_error_even_with_nothing_to_read(capsys, rese
                    "name (processes, threads, synchronous, local-cluster) or address "
                    "(tcp://host:8786); start one with `dask scheduler` or leave out "
                    "--scheduler to run locally\n")
+
+
+def test_csv_writes_booleans_as_sql_does(capsys, research_lake):
+    code, out, _ = run(capsys, "sql", "SELECT true AS yes, false AS no, NULL::BOOLEAN AS unknown",
+                       "--lake", str(research_lake), "--format", "csv")
+    assert (code, out) == (0, "yes,no,unknown\ntrue,false,\n")
