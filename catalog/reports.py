@@ -30,6 +30,7 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from catalog.connect import Catalog
 from catalog.errors import QueryError, ReportError
@@ -228,8 +229,23 @@ def _run(cat: Catalog, call: str, params: Mapping[str, object], first: Sequence[
         raise QueryError(str(exc).strip().splitlines()[0]) from None
     if first:  # the grouping columns first, in the order asked for, and sorted by them
         rest = [c for c in table.column_names if c not in first]
-        table = table.select([*first, *rest]).sort_by([(c, "ascending") for c in first])
+        table = table.select([*first, *rest])
+        keys = []
+        for c in first:
+            if c == "weekday_name":  # Monday ... Sunday, not alphabetically
+                table = table.append_column("_weekday_order", pc.index_in(
+                    table.column(c), value_set=pa.array(WEEKDAYS)))
+                keys.append(("_weekday_order", "ascending"))
+            else:
+                keys.append((c, "ascending"))
+        table = table.sort_by(keys)
+        if "_weekday_order" in table.column_names:
+            table = table.drop_columns(["_weekday_order"])
     return table
+
+
+#: ``weekday_name`` values in week order (DuckDB's ``dayname``)
+WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 
 
 # --- utilization --------------------------------------------------------------

@@ -63,6 +63,16 @@ def test_utilization_counts_match_the_truth(cat, truth):
         assert n == truth.tables["studies"], view
 
 
+def test_weekday_names_come_in_week_order(cat):
+    table = reports.utilization(cat, by=["weekday_name", "Modality"])
+    names = list(dict.fromkeys(table.column("weekday_name").to_pylist()))
+    expected = [d for d in reports.WEEKDAYS if d in names]
+    assert names == expected and len(names) >= 5
+    assert "_weekday_order" not in table.column_names
+    n = cat.con.execute("SELECT count(*) FROM studies WHERE StudyDate IS NOT NULL").fetchall()[0][0]
+    assert sum(table.column("studies").to_pylist()) == n
+
+
 def test_utilization_date_range_and_drill_down(cat, truth):
     first_year = min(y for _, y, _ in truth.studies_by_modality_year)
     in_year = sum(n for _, y, n in truth.studies_by_modality_year if y == first_year)

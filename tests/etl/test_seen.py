@@ -65,7 +65,7 @@ def _outcomes(lake_dir):
     with open_lake(lake_dir, vault=True) as c:
         files = dict(c.con.execute("SELECT path, outcome FROM files").fetchall())
         pairs = c.con.execute("SELECT count(*), count(DISTINCT (kind, pseudonym)) "
-                      "FROM identifiers").fetchone()
+                      "FROM identifiers").fetchall()[0]
         counts = c.counts()
     return files, pairs, counts
 
@@ -123,7 +123,7 @@ def test_a_conflicting_copy_in_another_partition_is_still_a_conflict(lake_copy, 
         assert after["instances"] == before["instances"]
         assert after["conflicts"] == before["conflicts"] + 1
         diff = c.con.execute("SELECT differing_keywords FROM conflicts "
-                             "ORDER BY detected_at DESC LIMIT 1").fetchone()[0]
+                             "ORDER BY detected_at DESC LIMIT 1").fetchall()[0][0]
         assert {"Modality", "StudyDate"} <= set(diff)
 
 
