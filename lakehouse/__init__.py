@@ -9,8 +9,9 @@ does not pay for importing the Delta and DuckDB bindings.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from lakehouse.lazy import exports
 
 #: exported name -> the module that defines it
 _EXPORTS = {
@@ -40,13 +41,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'lakehouse' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = exports(__name__, _EXPORTS)
 
 
 if TYPE_CHECKING:
