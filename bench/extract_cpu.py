@@ -44,7 +44,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ingest import _converter, archive_files, prepare_archive, warm_cache
+from ingest import archive_files, baseline_columns, naive_row, prepare_archive, warm_cache
 
 #: a fixed key: the figures do not depend on it, and no key file is needed
 BENCH_KEY = bytes(range(32))
@@ -84,27 +84,15 @@ def run_dcmread(files) -> int:
 
 def run_naive(files) -> int:
     """The per-file work of ``bench/ingest.py``'s baseline (without its Parquet write)."""
-    import pydicom
-
-    from lakehouse.schemas import HEADER_COLUMNS
-
-    columns = [(c.keyword, _converter(c.type)) for c in HEADER_COLUMNS if c.keyword]
+    columns = baseline_columns()
     rows = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for f in files:
             try:
-                ds = pydicom.dcmread(f.path, stop_before_pixels=True)
-                row = {}
-                for kw, conv in columns:
-                    if kw == "TransferSyntaxUID":
-                        v = ds.file_meta.get(kw) if getattr(ds, "file_meta", None) else None
-                    else:
-                        v = ds.get(kw)
-                    row[kw] = conv(v)
+                rows.append(naive_row(f.path, columns))
             except Exception:
                 continue
-            rows.append(row)
     return len(rows)
 
 

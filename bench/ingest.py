@@ -163,28 +163,41 @@ def _converter(arrow_type):
     return scalar(str)  # strings, and DA/TM values kept as their header strings
 
 
+def baseline_columns() -> list:
+    """(keyword, converter) of the header columns the naive baseline reads."""
+    from lakehouse.schemas import HEADER_COLUMNS
+
+    return [(c.keyword, _converter(c.type)) for c in HEADER_COLUMNS if c.keyword]
+
+
+def naive_row(path, columns: list) -> dict:
+    """The naive baseline for one file: ``dcmread(stop_before_pixels=True)``, then each
+    column's value converted (raises whatever pydicom raises on a bad file)."""
+    import pydicom
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    row = {}
+    for kw, conv in columns:
+        if kw == "TransferSyntaxUID":
+            v = ds.file_meta.get(kw) if getattr(ds, "file_meta", None) else None
+        else:
+            v = ds.get(kw)
+        row[kw] = conv(v)
+    return row
+
+
 def run_baseline(root: Path, out: Path) -> dict:
     """One process: dcmread(stop_before_pixels=True) per file, header columns, Parquet."""
     import pandas as pd
-    import pydicom
 
-    from lakehouse.schemas import HEADER_COLUMNS
-
-    columns = [(c.keyword, _converter(c.type)) for c in HEADER_COLUMNS if c.keyword]
+    columns = baseline_columns()
     t = time.perf_counter()
     files = archive_files(root)
     rows: list[dict] = []
     failed = 0
     for p in files:
         try:
-            ds = pydicom.dcmread(p, stop_before_pixels=True)
-            row = {}
-            for kw, conv in columns:
-                if kw == "TransferSyntaxUID":
-                    v = ds.file_meta.get(kw) if getattr(ds, "file_meta", None) else None
-                else:
-                    v = ds.get(kw)
-                row[kw] = conv(v)
+            row = naive_row(p, columns)
         except Exception:
             failed += 1
             continue
