@@ -21,7 +21,6 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -417,13 +416,13 @@ class _Job:
         pairs = pa.Table.from_struct_array(
             pc.list_flatten(pa.chunked_array(
                 [c for arr in self._id_maps for c in arr.chunks], self._id_maps[0].type)))
-        con = duckdb.connect(config={"threads": 1})
+        con = self._hasher.con  # the run's DuckDB connection
+        con.register("new_pairs", pairs)
         try:
-            con.register("new_pairs", pairs)
             fresh = con.sql("SELECT DISTINCT kind, pseudonym, original FROM new_pairs "
                             "ORDER BY 1, 2").to_arrow_table()
         finally:
-            con.close()
+            con.unregister("new_pairs")
         if self._pairs is None:
             self._pairs = seen.KeyIndex()
             self._pairs.add(*self._hasher.keys(self.w.dataset("identifiers"), *seen.PAIR_KEY))
