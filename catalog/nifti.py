@@ -1,0 +1,331 @@
+"""One series as one NIfTI volume: geometry from the DICOM headers, pixels decoded by pydicom.
+
+:func:`build_volume` takes the pydicom datasets of a series' instances and
+returns either a :class:`Volume` (a numpy array ``(slices, rows, columns[, 3])``
+with its patient geometry) or a :class:`Skip` with a reason code (``REASONS``)
+saying why the series cannot be written as one faithful volume.
+
+Every image plane is collected first, whatever the object: one plane per
+single-frame instance (``ImagePositionPatient``, ``ImageOrientationPatient``,
+``PixelSpacing``), one per frame of an enhanced multi-frame object (the
+per-frame and shared functional groups: ``PlanePositionSequence``,
+``PlaneOrientationSequence``, ``PixelMeasuresSequence``), one per frame of a
+classic multi-frame grid (``GridFrameOffsetVector``, as RT Dose has). The planes
+make a volume only when they share one orientation, one matrix size and one
+pixel spacing, lie one behind the other along the slice normal (no two at the
+same place, no shear), evenly spaced. Nothing is invented: planes without a
+position in the patient (projection radiographs, secondary captures, cine
+ultrasound) are skipped (``no_patient_geometry``) rather than stacked on made-up
+coordinates.
+
+Pixels are decoded by pydicom with its installed handlers (pylibjpeg, pyjpegls:
+JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000, RLE, deflate), so
+transfer syntaxes GDCM cannot read are exported too. Values are modality units:
+``RescaleSlope``/``RescaleIntercept`` (per frame for enhanced objects) and RT
+Dose's ``DoseGridScaling`` applied; palette colour becomes RGB, YBR becomes RGB
+(pydicom's conversion); ``MONOCHROME1`` values are kept as stored (the sidecar
+says so).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+#: reason code -> what it means (the export summary and manifest use the codes)
+REASONS: dict[str, str] = {
+    "burned_in_annotation": "identifying text burned into the pixels (research lake)",
+    "source_missing": "a source file of the series is not in the vault",
+    "source_unreadable": "a source file cannot be read",
+    "source_changed": "a source file changed since ingest (checksum differs)",
+    "no_pixel_data": "not an image (no pixel data: report, plan, structure set, waveform...)",
+    "segmentation": "a segmentation object: its frames are segment masks, not one image",
+    "no_patient_geometry": "no position/orientation/pixel spacing in the patient",
+    "mixed_orientations": "planes of more than one orientation",
+    "mixed_dimensions": "planes of more than one matrix size, pixel format or spacing",
+    "overlapping_planes": "two planes at the same position (repeats, several stacks or "
+                          "time points)",
+    "sheared_stack": "planes not stacked along their normal (gantry tilt)",
+    "uneven_spacing": "uneven gaps between planes (missing slices?)",
+    "pixel_decode_failed": "pydicom cannot decode the pixel data",
+}
+
+#: position tolerance (mm) for overlap and shear
+POSITION_TOLERANCE = 1e-3
+#: direction-cosine tolerance for "the same orientation"
+ORIENTATION_TOLERANCE = 1e-4
+#: relative tolerance on the gaps between planes
+SPACING_TOLERANCE = 0.01
+
+SEG = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+@dataclass
+class Skip:
+    """Why a series is not exported: a code of ``REASONS`` and a message naming values
+    (never paths)."""
+
+    reason: str
+    message: str
+
+
+@dataclass
+class _Plane:
+    instance: int  # index into the datasets
+    frame: int  # frame index in that instance
+    position: np.ndarray
+    orientation: np.ndarray
+    spacing: tuple[float, float]  # (row spacing, column spacing): PixelSpacing
+    rows: int
+    columns: int
+
+
+@dataclass
+class Volume:
+    """A volume in DICOM patient coordinates (LPS), as SimpleITK wants it."""
+
+    array: np.ndarray  # (slices, rows, columns) or (slices, rows, columns, 3)
+    origin: tuple[float, float, float]
+    spacing: tuple[float, float, float]  # (column, row, slice) mm
+    direction: tuple[float, ...]  # 3x3 row-major, columns = row dir, column dir, normal
+    #: (instance index, frame index) of each slice, in volume order
+    planes: list[tuple[int, int]] = field(default_factory=list)
+    #: how the values were obtained (the sidecar's "pixel_values")
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+def _floats(v, n: int) -> np.ndarray | None:
+    try:
+        out = np.array([float(x) for x in v], dtype=float)
+    except (TypeError, ValueError):
+        return None
+    return out if out.shape == (n,) and np.all(np.isfinite(out)) else None
+
+
+def _item(ds, seq: str):
+    s = ds.get(seq)
+    return s[0] if s else None
+
+
+def _group_attr(groups: Sequence, seq: str, keyword: str):
+    """``keyword`` of the first item of ``seq`` in the first of ``groups`` that has it."""
+    for g in groups:
+        item = _item(g, seq) if g is not None else None
+        if item is not None and keyword in item:
+            return item.get(keyword)
+    return None
+
+
+def _frames(ds) -> int:
+    try:
+        return max(int(ds.get("NumberOfFrames") or 1), 1)
+    except (TypeError, ValueError):
+        return 1
+
+
+def _planes(index: int, ds) -> list[_Plane] | Skip:
+    rows, columns = ds.get("Rows"), ds.get("Columns")
+    if not rows or not columns:
+        return Skip("no_pixel_data", "an instance has no Rows/Columns")
+    n = _frames(ds)
+    shared = _item(ds, "SharedFunctionalGroupsSequence")
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    out = []
+    if per_frame is not None:  # enhanced multi-frame: functional groups
+        if len(per_frame) != n:
+            return Skip("no_patient_geometry",
+                        f"{len(per_frame)} per-frame functional groups for {n} frames")
+        for k, pf in enumerate(per_frame):
+            groups = [pf, shared]
+            pos = _floats(_group_attr(groups, "PlanePositionSequence",
+                                      "ImagePositionPatient"), 3)
+            iop = _floats(_group_attr(groups, "PlaneOrientationSequence",
+                                      "ImageOrientationPatient"), 6)
+            ps = _floats(_group_attr(groups, "PixelMeasuresSequence", "PixelSpacing"), 2)
+            if pos is None or iop is None or ps is None:
+                return Skip("no_patient_geometry",
+                            f"frame {k + 1} has no plane position, orientation or pixel "
+                            "spacing in its functional groups")
+            out.append(_Plane(index, k, pos, iop, (ps[0], ps[1]), rows, columns))
+        return out
+    pos = _floats(ds.get("ImagePositionPatient"), 3)
+    iop = _floats(ds.get("ImageOrientationPatient"), 6)
+    ps = _floats(ds.get("PixelSpacing"), 2)
+    if pos is None or iop is None or ps is None:
+        missing = [k for k, v in (("ImagePositionPatient", pos),
+                                  ("ImageOrientationPatient", iop),
+                                  ("PixelSpacing", ps)) if v is None]
+        return Skip("no_patient_geometry", f"no {', '.join(missing)}")
+    if n == 1:
+        return [_Plane(index, 0, pos, iop, (ps[0], ps[1]), rows, columns)]
+    offsets = _floats(ds.get("GridFrameOffsetVector") or [], n)
+    if offsets is None:  # a cine loop or time series at one position: not a volume
+        return Skip("no_patient_geometry",
+                    f"{n} frames with one ImagePositionPatient and no per-frame positions")
+    normal = np.cross(iop[:3], iop[3:])
+    return [_Plane(index, k, pos + offsets[k] * normal, iop, (ps[0], ps[1]), rows, columns)
+            for k in range(n)]
+
+
+def plan_volume(datasets: Sequence) -> tuple[list[_Plane], tuple[float, float, float]] | Skip:
+    """The planes of a series in volume order and its spacing, or why they make no volume.
+
+    Headers only: the datasets may be read with ``stop_before_pixels``."""
+    planes: list[_Plane] = []
+    for i, ds in enumerate(datasets):
+        if ds.get("SOPClassUID") == SEG:
+            return Skip("segmentation", "a SEG object; read its segments with highdicom")
+        if "PixelData" not in ds and "FloatPixelData" not in ds \
+                and "DoubleFloatPixelData" not in ds and not ds.get("Rows"):
+            return Skip("no_pixel_data",
+                        f"{ds.get('Modality') or 'an object'} without pixel data")
+        got = _planes(i, ds)
+        if isinstance(got, Skip):
+            return got
+        planes.extend(got)
+    if not planes:
+        return Skip("no_pixel_data", "no image planes")
+    first = planes[0]
+    if any(np.max(np.abs(p.orientation - first.orientation)) > ORIENTATION_TOLERANCE
+           for p in planes):
+        return Skip("mixed_orientations", "planes of more than one orientation")
+    formats = {(p.rows, p.columns) for p in planes}
+    if len(formats) > 1:
+        return Skip("mixed_dimensions", f"matrix sizes {sorted(formats)}")
+    pixel = {(ds.get("SamplesPerPixel"), ds.get("BitsAllocated"),
+              ds.get("PhotometricInterpretation")) for ds in datasets}
+    if len(pixel) > 1:
+        return Skip("mixed_dimensions", "more than one pixel format (samples, bits, "
+                    "photometric interpretation)")
+    if any(abs(p.spacing[0] - first.spacing[0]) > 1e-4
+           or abs(p.spacing[1] - first.spacing[1]) > 1e-4 for p in planes):
+        return Skip("mixed_dimensions", "more than one pixel spacing")
+    row, col = first.orientation[:3], first.orientation[3:]
+    normal = np.cross(row, col)
+    planes.sort(key=lambda p: (float(np.dot(normal, p.position)), p.instance, p.frame))
+    depth = np.array([float(np.dot(normal, p.position)) for p in planes])
+    gaps = np.diff(depth)
+    if len(gaps) and float(gaps.min()) < POSITION_TOLERANCE:
+        return Skip("overlapping_planes",
+                    f"{int(np.sum(gaps < POSITION_TOLERANCE)) + 1} planes share a position")
+    base = planes[0].position
+    for p, d in zip(planes, depth, strict=True):
+        lateral = (p.position - base) - (d - depth[0]) * normal
+        if float(np.linalg.norm(lateral)) > max(POSITION_TOLERANCE, 1e-4 * abs(d - depth[0])):
+            return Skip("sheared_stack", "planes are offset across the slice normal "
+                        f"by up to {float(np.linalg.norm(lateral)):.3g} mm")
+    if len(gaps) and float(gaps.max() - gaps.min()) > SPACING_TOLERANCE * float(
+            np.median(gaps)):
+        return Skip("uneven_spacing", f"gaps from {gaps.min():.4g} to {gaps.max():.4g} mm")
+    if len(gaps):
+        slice_spacing = float(np.mean(gaps))
+    else:  # one plane: its thickness, as SimpleITK and dcm2niix use
+        try:
+            slice_spacing = float(datasets[0].get("SliceThickness") or 1.0) or 1.0
+        except (TypeError, ValueError):
+            slice_spacing = 1.0
+        if not (slice_spacing > 0 and np.isfinite(slice_spacing)):
+            slice_spacing = 1.0
+    return planes, (first.spacing[1], first.spacing[0], slice_spacing)
+
+
+def _rescale(ds, frame: int) -> tuple[float, float]:
+    """(slope, intercept) of one frame: per-frame or shared PixelValueTransformation of an
+    enhanced object, else the top-level attributes; RT Dose's DoseGridScaling as slope."""
+    groups = []
+    pf = ds.get("PerFrameFunctionalGroupsSequence")
+    if pf is not None and frame < len(pf):
+        groups.append(pf[frame])
+    groups.append(_item(ds, "SharedFunctionalGroupsSequence"))
+    slope = _group_attr(groups, "PixelValueTransformationSequence", "RescaleSlope")
+    intercept = _group_attr(groups, "PixelValueTransformationSequence", "RescaleIntercept")
+    if slope is None:
+        slope = ds.get("RescaleSlope")
+    if intercept is None:
+        intercept = ds.get("RescaleIntercept")
+    if slope is None and "DoseGridScaling" in ds:
+        slope = ds.DoseGridScaling
+    try:
+        return (float(slope) if slope is not None else 1.0,
+                float(intercept) if intercept is not None else 0.0)
+    except (TypeError, ValueError):
+        return 1.0, 0.0
+
+
+def _pixels(ds) -> np.ndarray:
+    """All frames of an instance as (frames, rows, columns[, 3]), colour as RGB."""
+    from pydicom.pixels import apply_color_lut
+
+    arr = ds.pixel_array
+    if ds.get("PhotometricInterpretation") == "PALETTE COLOR":
+        arr = apply_color_lut(arr, ds)
+    return arr[np.newaxis] if _frames(ds) == 1 else arr
+
+
+def build_volume(datasets: Sequence) -> Volume | Skip:
+    """The volume of a series' instances (pydicom datasets with their pixel data)."""
+    plan = plan_volume(datasets)
+    if isinstance(plan, Skip):
+        return plan
+    planes, spacing = plan
+    decoded: dict[int, np.ndarray] = {}
+    for p in planes:
+        if p.instance in decoded:
+            continue
+        ds = datasets[p.instance]
+        try:
+            decoded[p.instance] = _pixels(ds)
+        except Exception as exc:  # pydicom raises many kinds for undecodable pixel data
+            ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+            name = getattr(ts, "name", None) or "unknown transfer syntax"
+            return Skip("pixel_decode_failed",
+                        f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+    colour = any(a.ndim == 4 for a in decoded.values())
+    rescales = {(p.instance, p.frame): _rescale(datasets[p.instance], p.frame)
+                for p in planes}
+    identity = all(s == 1.0 and b == 0.0 for s, b in rescales.values())
+    frames = []
+    for p in planes:
+        a = decoded[p.instance][p.frame]
+        if not identity and not colour:
+            s, b = rescales[(p.instance, p.frame)]
+            a = a.astype(np.float64) * s + b
+        frames.append(a)
+    array = np.stack(frames)
+    if not identity and not colour:
+        array = _narrow(array)
+    first = planes[0]
+    row, col = first.orientation[:3], first.orientation[3:]
+    normal = np.cross(row, col)
+    direction = np.column_stack([row, col, normal])
+    ds0 = datasets[first.instance]
+    values = {
+        "PhotometricInterpretation": ds0.get("PhotometricInterpretation"),
+        "stored_as": "RGB" if colour else "MONOCHROME",
+        "rescale_applied": not identity and not colour,
+        "rescale": sorted({f"{s:g}*x+{b:g}" for s, b in rescales.values()}),
+        "dose_grid_scaling": "DoseGridScaling" in ds0,
+    }
+    if ds0.get("PhotometricInterpretation") == "MONOCHROME1":
+        values["note"] = "MONOCHROME1: higher values are displayed darker"
+    return Volume(array, tuple(float(x) for x in first.position),
+                  spacing, tuple(float(x) for x in direction.ravel()),
+                  [(p.instance, p.frame) for p in planes], values)
+
+
+def _narrow(array: np.ndarray) -> np.ndarray:
+    """Rescaled values as integers when they all are (int16 or int32), else float32."""
+    if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
+        return array.astype(np.float32)
+    lo, hi = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+    for t in (np.int16, np.int32):
+        info = np.iinfo(t)
+        if info.min <= lo and hi <= info.max:
+            return array.astype(t)
+    return array.astype(np.float64)
+
+
+__all__ = ["REASONS", "Skip", "Volume", "build_volume", "plan_volume"]
