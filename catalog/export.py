@@ -48,6 +48,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pydicom
@@ -309,7 +310,7 @@ def _export_nifti(cohort: Cohort, series: pa.Table, sources: pa.Table, out: Path
         if isinstance(got, Skip):
             summary.skip(uid, got.reason, got.message)
             row.update(reason=got.reason, message=got.message)
-            log.warning("series %s of cohort %s not exported as NIfTI: %s: %s", uid,
+            log.info("series %s of cohort %s not exported as NIfTI: %s: %s", uid,
                         cohort.name, got.reason, got.message)
             continue
         volume, ordered = got
@@ -371,6 +372,18 @@ _NIFTI_SCHEMA = pa.schema([
 _NIFTI_EMPTY: dict[str, list] = {f.name: [] for f in _NIFTI_SCHEMA}
 
 
+def _gdcm_pixels(path: str) -> np.ndarray:
+    """All frames of one file as GDCM decodes them (SimpleITK applies the rescale):
+    ``(frames, rows, columns[, 3])``."""
+    sitk = _sitk()
+    try:
+        image = sitk.ReadImage(path)
+    except RuntimeError:  # its message names the path: vault only
+        raise ExportError("GDCM cannot read the file either") from None
+    arr = sitk.GetArrayFromImage(image)
+    return arr[np.newaxis] if image.GetDimension() == 2 else arr
+
+
 def _series_volume(s: dict, insts: list[dict], research: bool
                    ) -> tuple[Volume, list[dict]] | Skip:
     """The volume of one series from its source files, or why there is none."""
@@ -379,12 +392,13 @@ def _series_volume(s: dict, insts: list[dict], research: bool
                     "BurnedInAnnotation = YES: identifying text in the pixels")
     # the series table's geometry checks first: no file is read for these
     if (s["distinct_orientations"] or 0) > 1:
-        return Skip("mixed_orientations", "mixed orientations: not one volume")
+        return Skip("mixed_orientations",
+                    f"{s['distinct_orientations']} orientations among the instances")
     if (s["distinct_dimensions"] or 0) > 1:
-        return Skip("mixed_dimensions", "mixed matrix sizes: not one volume")
+        return Skip("mixed_dimensions",
+                    f"{s['distinct_dimensions']} matrix sizes among the instances")
     if s["uneven_spacing"]:
-        return Skip("uneven_spacing",
-                    "uneven slice spacing (missing slices?): not one regular volume")
+        return Skip("uneven_spacing", "uneven gaps between slices (missing slices?)")
     if not insts:
         return Skip("source_missing", "no instances")
     if any(r["path"] is None for r in insts):
@@ -405,7 +419,7 @@ def _series_volume(s: dict, insts: list[dict], research: bool
         except Exception as exc:  # ingested once, so this is rare: say what pydicom said
             return Skip("source_unreadable",
                         f"pydicom cannot read a source file: {type(exc).__name__}")
-    got = build_volume(datasets)
+    got = build_volume(datasets, lambda i: _gdcm_pixels(insts[i]["path"]))
     if isinstance(got, Skip):
         return got
     return got, insts

@@ -29,11 +29,14 @@ says so).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 #: reason code -> what it means (the export summary and manifest use the codes)
 REASONS: dict[str, str] = {
@@ -50,7 +53,8 @@ REASONS: dict[str, str] = {
                           "time points)",
     "sheared_stack": "planes not stacked along their normal (gantry tilt)",
     "uneven_spacing": "uneven gaps between planes (missing slices?)",
-    "pixel_decode_failed": "pydicom cannot decode the pixel data",
+    "invalid_header": "a header value the volume depends on is invalid (NumberOfFrames...)",
+    "pixel_decode_failed": "neither pydicom nor GDCM can decode the pixel data",
 }
 
 #: position tolerance (mm) for overlap and shear
@@ -130,6 +134,13 @@ def _planes(index: int, ds) -> list[_Plane] | Skip:
     rows, columns = ds.get("Rows"), ds.get("Columns")
     if not rows or not columns:
         return Skip("no_pixel_data", "an instance has no Rows/Columns")
+    raw = ds.get("NumberOfFrames")
+    try:
+        valid = raw is None or raw == "" or int(raw) >= 1
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:  # the frames in the pixel data cannot be counted: decoders guess
+        return Skip("invalid_header", f"NumberOfFrames {str(raw)[:20]!r} is not a frame count")
     n = _frames(ds)
     shared = _item(ds, "SharedFunctionalGroupsSequence")
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
@@ -265,28 +276,48 @@ def _pixels(ds) -> np.ndarray:
     return arr[np.newaxis] if _frames(ds) == 1 else arr
 
 
-def build_volume(datasets: Sequence) -> Volume | Skip:
-    """The volume of a series' instances (pydicom datasets with their pixel data)."""
+def build_volume(datasets: Sequence,
+                 fallback: Callable[[int], np.ndarray] | None = None) -> Volume | Skip:
+    """The volume of a series' instances (pydicom datasets with their pixel data).
+
+    ``fallback(i)``: another decoder for instance ``i`` when pydicom cannot decode it
+    (the export passes GDCM's, through SimpleITK): all its frames as
+    ``(frames, rows, columns[, 3])``, already in modality units."""
     plan = plan_volume(datasets)
     if isinstance(plan, Skip):
         return plan
     planes, spacing = plan
     decoded: dict[int, np.ndarray] = {}
+    rescaled: set[int] = set()  # instances the fallback decoded (values already rescaled)
     for p in planes:
         if p.instance in decoded:
             continue
         ds = datasets[p.instance]
         try:
             decoded[p.instance] = _pixels(ds)
+            continue
         except Exception as exc:  # pydicom raises many kinds for undecodable pixel data
             ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
             name = getattr(ts, "name", None) or "unknown transfer syntax"
-            return Skip("pixel_decode_failed",
-                        f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            failure = Skip("pixel_decode_failed", f"{name}: pydicom: {_one_line(exc)}")
+        if fallback is None:
+            return failure
+        try:
+            arr = fallback(p.instance)
+        except Exception as exc:
+            failure.message += f"; GDCM: {_one_line(exc)}"
+            return failure
+        if arr.shape[0] != _frames(ds) or arr.shape[1:3] != (p.rows, p.columns):
+            failure.message += f"; GDCM: decoded shape {arr.shape} does not match the header"
+            return failure
+        log.info("instance %d decoded by the fallback (%s)", p.instance, failure.message)
+        decoded[p.instance] = arr
+        rescaled.add(p.instance)
     colour = any(a.ndim == 4 for a in decoded.values())
-    rescales = {(p.instance, p.frame): _rescale(datasets[p.instance], p.frame)
-                for p in planes}
-    identity = all(s == 1.0 and b == 0.0 for s, b in rescales.values())
+    rescales = {(p.instance, p.frame): (1.0, 0.0) if p.instance in rescaled
+                else _rescale(datasets[p.instance], p.frame) for p in planes}
+    identity = all(s == 1.0 and b == 0.0 for s, b in rescales.values()) and (
+        not rescaled or len({a.dtype for a in decoded.values()}) == 1)
     frames = []
     for p in planes:
         a = decoded[p.instance][p.frame]
@@ -298,9 +329,12 @@ def build_volume(datasets: Sequence) -> Volume | Skip:
     if not identity and not colour:
         array = _narrow(array)
     first = planes[0]
-    row, col = first.orientation[:3], first.orientation[3:]
-    normal = np.cross(row, col)
-    direction = np.column_stack([row, col, normal])
+    # DICOM writes cosines to a few decimals: made orthonormal here, as NIfTI's quaternion
+    # will store them, so that the sidecar says what the file holds
+    row = first.orientation[:3] / np.linalg.norm(first.orientation[:3])
+    col = first.orientation[3:] - np.dot(first.orientation[3:], row) * row
+    col = col / np.linalg.norm(col)
+    direction = np.column_stack([row, col, np.cross(row, col)])
     ds0 = datasets[first.instance]
     values = {
         "PhotometricInterpretation": ds0.get("PhotometricInterpretation"),
@@ -308,12 +342,18 @@ def build_volume(datasets: Sequence) -> Volume | Skip:
         "rescale_applied": not identity and not colour,
         "rescale": sorted({f"{s:g}*x+{b:g}" for s, b in rescales.values()}),
         "dose_grid_scaling": "DoseGridScaling" in ds0,
+        "decoder": "GDCM (pydicom could not decode)" if rescaled else "pydicom",
     }
     if ds0.get("PhotometricInterpretation") == "MONOCHROME1":
         values["note"] = "MONOCHROME1: higher values are displayed darker"
-    return Volume(array, tuple(float(x) for x in first.position),
-                  spacing, tuple(float(x) for x in direction.ravel()),
+    x, y, z = (float(v) for v in first.position)
+    return Volume(array, (x, y, z), spacing, tuple(float(x) for x in direction.ravel()),
                   [(p.instance, p.frame) for p in planes], values)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}"
 
 
 def _narrow(array: np.ndarray) -> np.ndarray:
