@@ -41,6 +41,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -120,7 +121,7 @@ def export(lake: Lake | Path | str, name: str, to: Path | str, as_: str = "manif
     # a research lake's DICOM copies are de-identified with the lake's key: check it first
     policy = lake.policy(key_file) if as_ == "dicom" and lake.research else None
     to = Path(to)
-    to.mkdir(parents=True, exist_ok=True)
+    _writable_folder(to)  # before the audit record: an export that cannot start is none
     summary = ExportSummary(name, cohort.saved.snapshot, as_, str(to))
     members = cohort.result().rows.column(cohort.saved.key)  # verifies the saved hash
     # every export is audited in the vault before anything leaves the lake
@@ -152,6 +153,18 @@ def export(lake: Lake | Path | str, name: str, to: Path | str, as_: str = "manif
 
 
 # --- files ----------------------------------------------------------------------------
+
+def _writable_folder(to: Path) -> None:
+    """Create ``to`` if needed and check that a file can be created in it."""
+    try:
+        to.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=to)
+    except PermissionError as exc:
+        raise ExportError(f"cannot write into {to}: {exc.strerror or exc}; choose a folder "
+                          "you can write, or ask its owner for write access") from None
+    os.close(fd)
+    os.unlink(probe)
+
 
 def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
