@@ -318,16 +318,18 @@ def build_volume(datasets: Sequence,
                 else _rescale(datasets[p.instance], p.frame) for p in planes}
     identity = all(s == 1.0 and b == 0.0 for s, b in rescales.values()) and (
         not rescaled or len({a.dtype for a in decoded.values()}) == 1)
-    frames = []
-    for p in planes:
+    rescale = not identity and not colour
+    dtype = _output_dtype(planes, decoded, rescales) if rescale else np.result_type(
+        *[a.dtype for a in decoded.values()])
+    # filled plane by plane: only one plane at a time is ever in float64
+    array = np.empty((len(planes), *decoded[planes[0].instance].shape[1:]), dtype=dtype)
+    for k, p in enumerate(planes):
         a = decoded[p.instance][p.frame]
-        if not identity and not colour:
+        if rescale:
             s, b = rescales[(p.instance, p.frame)]
-            a = a.astype(np.float64) * s + b
-        frames.append(a)
-    array = np.stack(frames)
-    if not identity and not colour:
-        array = _narrow(array)
+            array[k] = a.astype(np.float64) * s + b
+        else:
+            array[k] = a
     first = planes[0]
     # DICOM writes cosines to a few decimals: made orthonormal here, as NIfTI's quaternion
     # will store them, so that the sidecar says what the file holds
@@ -356,16 +358,24 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:300]}"
 
 
-def _narrow(array: np.ndarray) -> np.ndarray:
-    """Rescaled values as integers when they all are (int16 or int32), else float32."""
-    if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
-        return array.astype(np.float32)
-    lo, hi = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+def _output_dtype(planes: list[_Plane], decoded: dict[int, np.ndarray],
+                  rescales: dict[tuple[int, int], tuple[float, float]]) -> np.dtype:
+    """int16 or int32 when stored integers rescale by integers into its range (CT's
+    slope 1, intercept -1024), else float32."""
+    if not all(float(s).is_integer() and float(b).is_integer() for s, b in rescales.values()):
+        return np.dtype(np.float32)
+    if not all(np.issubdtype(a.dtype, np.integer) for a in decoded.values()):
+        return np.dtype(np.float32)
+    lo, hi = np.inf, -np.inf
+    for p in planes:
+        a = decoded[p.instance][p.frame]
+        s, b = rescales[(p.instance, p.frame)]
+        ends = (float(a.min()) * s + b, float(a.max()) * s + b) if a.size else (b, b)
+        lo, hi = min(lo, *ends), max(hi, *ends)
     for t in (np.int16, np.int32):
-        info = np.iinfo(t)
-        if info.min <= lo and hi <= info.max:
-            return array.astype(t)
-    return array.astype(np.float64)
+        if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max:
+            return np.dtype(t)
+    return np.dtype(np.float64)
 
 
 __all__ = ["REASONS", "Skip", "Volume", "build_volume", "plan_volume"]

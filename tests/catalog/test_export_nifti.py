@@ -217,7 +217,7 @@ def test_volumes_equal_what_pydicom_reads(corpus_export):
         image = sitk.ReadImage(str(out / "nifti" / f"{uid}.nii.gz"))
         origin, spacing, direction, array = _reference(paths)
         got = sitk.GetArrayFromImage(image)
-        shapes[name] = got.shape
+        shapes[name] = (got.shape, got.dtype.name)
         assert got.shape == array.shape, name
         np.testing.assert_allclose(image.GetOrigin(), origin, atol=1e-4, err_msg=name)
         np.testing.assert_allclose(image.GetSpacing(), spacing, rtol=1e-6, err_msg=name)
@@ -227,13 +227,19 @@ def test_volumes_equal_what_pydicom_reads(corpus_export):
         sidecar = json.loads((out / "nifti" / f"{uid}.json").read_text())
         assert sidecar["size"] == list(image.GetSize())
         assert len(sidecar["slices"]) == got.shape[0]
+    # modality units: int16 where stored integers rescale by integers into its range,
+    # float32 for RT Dose (DoseGridScaling 1e-6 Gy), stored type where nothing rescales
     assert shapes == {
-        "CT_small.dcm": (1, 128, 128), "MR_small.dcm": (1, 64, 64), "2062": (5, 16, 16),
-        "4919": (1, 16, 16), "5641": (1, 16, 16), "15820": (1, 16, 16),
-        "15970": (1, 16, 16), "J2K_pixelrep_mismatch.dcm": (1, 512, 512),
-        "pdd_explicit_VR-UN.dcm": (1, 512, 512), "pdd_eCT_Supplemental.dcm": (2, 512, 512),
-        "zz_jpeg12_with_geometry.dcm": (1, 1024, 256), "zz_rtdose_grid.dcm": (15, 10, 10),
-        "zz_rle_dose_plane.dcm": (1, 10, 10)}
+        "CT_small.dcm": ((1, 128, 128), "int16"), "MR_small.dcm": ((1, 64, 64), "int16"),
+        "2062": ((5, 16, 16), "int16"), "4919": ((1, 16, 16), "int16"),
+        "5641": ((1, 16, 16), "int16"), "15820": ((1, 16, 16), "int16"),
+        "15970": ((1, 16, 16), "int16"),
+        "J2K_pixelrep_mismatch.dcm": ((1, 512, 512), "int16"),
+        "pdd_explicit_VR-UN.dcm": ((1, 512, 512), "int16"),
+        "pdd_eCT_Supplemental.dcm": ((2, 512, 512), "int16"),
+        "zz_jpeg12_with_geometry.dcm": ((1, 1024, 256), "uint16"),
+        "zz_rtdose_grid.dcm": ((15, 10, 10), "float32"),
+        "zz_rle_dose_plane.dcm": ((1, 10, 10), "float32")}
 
 
 def test_each_decoder_covers_what_the_other_cannot_read(corpus_export):
@@ -311,3 +317,9 @@ def test_plan_refuses_stacks_that_are_not_one_volume(corpus_export):
     enhanced = _series_datasets(series, "pdd_eCT_Supplemental.dcm")
     del enhanced[0].PerFrameFunctionalGroupsSequence[1].PlanePositionSequence
     assert skip(enhanced) == "no_patient_geometry"
+
+
+def test_the_readme_explains_every_reason_code():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    assert [code for code, meaning in REASONS.items()
+            if f"| `{code}` | {meaning} |" not in readme] == []
