@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+from deltalake.exceptions import DeltaError
 
 from etl import replay, seen, summarize
 from etl.config import IngestConfig
@@ -438,14 +439,32 @@ class _Job:
             self._pairs.add(*keys)
 
     def _summarize_if_stale(self) -> None:
-        """Rebuild series/studies/patients unless they were built from this instances version
-        (also repairs the summaries after a run that died before rebuilding them)."""
-        current = self.w.versions["instances"]
-        if self.w.extra.get("summaries_from") == current:
+        """Bring series/studies/patients/dose_events up to this instances version: updated
+        for what changed since the version they were built from, rebuilt whole on a first
+        run or when the summary code changed (also repairs the summaries after a run that
+        died before summarizing)."""
+        current, code = self.w.versions["instances"], summarize.fingerprint()
+        since = self.w.extra.get("summaries_from")
+        same_code = self.w.extra.get("summaries_code") == code
+        if since == current and same_code:
             return
-        for name, table in summarize.build(self.lake, self.w.current("instances")).items():
-            self.w.overwrite(name, table)
-        self.w.extra["summaries_from"] = current
+        updates = None
+        if since is not None and same_code:
+            try:
+                before = self.lake.open_delta("instances", since)
+            except DeltaError:  # its log is gone (cleaned up): rebuild whole
+                log.info("summaries: instances version %s cannot be opened; rebuilt whole",
+                         since)
+            else:
+                updates = summarize.update(self.lake, before, self.w.current("instances"),
+                                           self.w.current("studies"))
+        if updates is None:
+            for name, table in summarize.build(self.lake, self.w.current("instances")).items():
+                self.w.overwrite(name, table)
+        else:
+            for name, u in updates.items():
+                self.w.replace(name, u.key, u.keys, u.rows)
+        self.w.extra.update(summaries_from=current, summaries_code=code)
 
     def record_run(self, started: datetime, status: str, message: str | None) -> None:
         s = self.summary

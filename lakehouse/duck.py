@@ -26,9 +26,10 @@ def _sql(name: str) -> str:
 
 
 def parquet_relation(con: duckdb.DuckDBPyConnection, dt: DeltaTable, spec: TableSpec,
-                     profile: str, home: str
+                     profile: str, home: str, files: list[str] | None = None
                      ) -> tuple[duckdb.DuckDBPyRelation, set[str]] | None:
-    """The rows of ``dt`` (a version of the table ``spec``) as a relation on ``con``, and
+    """The rows of ``dt`` (a version of the table ``spec``; only its ``files`` when given,
+    a subset of ``dt.file_uris()``) as a relation on ``con``, and
     the columns it has; None when the version has no files, or files outside ``home``
     (the lake's root, ``/`` for a local lake), or a partition value the writer had to
     percent-encode in its folder name (a hostile Modality such as ``../x``: only the Delta
@@ -37,7 +38,7 @@ def parquet_relation(con: duckdb.DuckDBPyConnection, dt: DeltaTable, spec: Table
     Partition values come from the Hive-style paths the writer lays out. Columns the
     files do not have (added to the schema later) are left out.
     """
-    files = dt.file_uris()
+    files = dt.file_uris() if files is None else files
     if not files or not all(f.startswith(home) for f in files):
         return None
     if any("%" in f for f in files):
