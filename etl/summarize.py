@@ -80,25 +80,25 @@ def _connect(lake: Lake) -> tuple[duckdb.DuckDBPyConnection, str]:
     return con, "/" if lake.local else lake.storage.uri("") + "/"
 
 
-def _register(con: duckdb.DuckDBPyConnection, lake: Lake, home: str, name: str,
-              dt: DeltaTable, files: list[str] | None = None) -> set[str]:
-    """``dt`` (a version of table ``name``; only ``files`` of it when given) as the view
-    ``name`` + ``_ds`` on ``con``; returns its columns."""
-    found = parquet_relation(con, dt, TABLES[name], lake.profile, home, files)
+def _register(con: duckdb.DuckDBPyConnection, lake: Lake, home: str, table: str,
+              dt: DeltaTable, view: str, files: list[str] | None = None) -> set[str]:
+    """``dt`` (a version of ``table``; only ``files`` of it when given) as the view ``view``
+    on ``con``; returns its columns."""
+    found = parquet_relation(con, dt, TABLES[table], lake.profile, home, files)
     if found is not None:
         rel, present = found
-        rel.create_view(f"{name}_ds")
+        rel.create_view(view)
         return present
     dataset = dt.to_pyarrow_dataset()
-    con.register(f"{name}_ds", dataset)
+    con.register(view, dataset)
     return set(dataset.schema.names)
 
 
-def _instances_view(con: duckdb.DuckDBPyConnection, present: set[str], where: str = "") -> None:
+def _instances_view(con: duckdb.DuckDBPyConnection, present: set[str]) -> None:
     """The view ``instances`` (what the summary SQL reads) over ``instances_ds``."""
     missing = "" if "PatientName" in present else ", CAST(NULL AS VARCHAR) AS PatientName"
-    con.execute(f"CREATE OR REPLACE VIEW instances AS SELECT * EXCLUDE (dicom_json){missing} "
-                f"FROM instances_ds {where}")
+    con.execute(f"CREATE VIEW instances AS SELECT * EXCLUDE (dicom_json){missing} "
+                "FROM instances_ds")
 
 
 def build(lake: Lake, instances: DeltaTable) -> dict[str, pa.Table]:
@@ -109,7 +109,8 @@ def build(lake: Lake, instances: DeltaTable) -> dict[str, pa.Table]:
     """
     con, home = _connect(lake)
     try:
-        _instances_view(con, _register(con, lake, home, "instances", instances))
+        _instances_view(con, _register(con, lake, home, "instances", instances,
+                                       "instances_ds"))
         out = {}
         for name in SUMMARY_TABLES:
             table = con.sql(sql(name)).to_arrow_table()
@@ -182,10 +183,12 @@ def update(lake: Lake, before: DeltaTable, after: DeltaTable,
         if not all(f.startswith(home) and "%" not in f for f in every):
             return None
         hit = [r[0] for r in con.execute(sql("summary_files"), {"files": every}).fetchall()]
-        present = _register(con, lake, home, "instances", after, hit)
-        _instances_view(con, present, "WHERE SeriesInstanceUID IN (SELECT SeriesInstanceUID "
-                        "FROM changed) OR StudyInstanceUID IN (SELECT StudyInstanceUID "
-                        "FROM changed)")
+        # instances_ds: only the rows of the changed series and studies (dose reports too)
+        present = _register(con, lake, home, "instances", after, "instances_hit", hit)
+        con.execute("CREATE VIEW instances_ds AS SELECT * FROM instances_hit "
+                    "WHERE SeriesInstanceUID IN (SELECT SeriesInstanceUID FROM changed) "
+                    "OR StudyInstanceUID IN (SELECT StudyInstanceUID FROM changed)")
+        _instances_view(con, present)
         keys = {k: pc.unique(changed.column(k)) for k in
                 ("SeriesInstanceUID", "StudyInstanceUID")}
         out = {}
@@ -198,7 +201,7 @@ def update(lake: Lake, before: DeltaTable, after: DeltaTable,
         out["dose_events"] = Update("StudyInstanceUID", keys["StudyInstanceUID"], events.filter(
             pc.is_in(events.column("StudyInstanceUID"), value_set=keys["StudyInstanceUID"])))
         # patients: from their studies, the old rows of the unchanged ones and the new rows
-        _register(con, lake, home, "studies", studies)
+        _register(con, lake, home, "studies", studies, "studies_ds")
         con.register("new_studies", out["studies"].rows)
         con.execute(sql("summary_studies"))
         patients = con.sql("SELECT PatientID FROM changed_patients").to_arrow_table()
