@@ -24,7 +24,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -75,15 +74,25 @@ def add_files(files: list[Path], out: Path, n: int) -> int:
     return written
 
 
+def _status_kib(field: str) -> int:
+    """A memory figure of this process from /proc/self/status, in KiB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def _child(kind: str, lake_dir: str, before: int, after: int, studies_before: int,
            wanted: dict | None, queue) -> None:
-    """In a fresh process: time ``update`` or ``build`` (rows only); put seconds, peak RSS,
-    row counts, the keys changed (update) and the rows of those keys (sorted reprs)."""
+    """In a fresh process: time ``update`` or ``build`` (rows only); put seconds, the RSS
+    before and its peak during the computation, row counts, the keys changed (update) and
+    the rows of those keys (sorted reprs)."""
     from etl import summarize
     from lakehouse import Lake
 
     lake = Lake.open(lake_dir)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss0 = _status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) starts again from here
     t = time.perf_counter()
     if kind == "update":
         out = summarize.update(lake, lake.open_delta("instances", before),
@@ -96,7 +105,7 @@ def _child(kind: str, lake_dir: str, before: int, after: int, studies_before: in
     else:
         rows = summarize.build(lake, lake.open_delta("instances", after))
     seconds = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _status_kib("VmHWM")
     digest = {}
     for name, table in rows.items():
         key, keys = summarize.KEYS[name], set(wanted[name])
@@ -196,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  rows only, best of {args.repeat}: update {u:.3f} s "
               f"(peak {report['update_peak_mib']:.0f} MiB) vs rebuild {b:.3f} s "
               f"(peak {report['rebuild_peak_mib']:.0f} MiB): {report['speedup']:.1f}x")
+        print(f"  RSS before either: {report['process_base_mib']:.0f} MiB (imports, the lake "
+              "opened)")
         print(f"  changed rows {report['update_rows']} of {report['rebuild_rows']}; "
               f"same rows as the rebuild: {same}")
         print(f"  load average {tuple(round(x, 2) for x in report['load_average'])}")

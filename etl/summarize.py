@@ -179,10 +179,12 @@ def update(lake: Lake, before: DeltaTable, after: DeltaTable,
             return None
         con.register("changed", changed)
         # the files of ``after`` holding a row of a changed series or study
-        every = after.file_uris()
-        if not all(f.startswith(home) and "%" not in f for f in every):
+        found = parquet_relation(con, after, TABLES["instances"], lake.profile, home,
+                                 filename=True)
+        if found is None:
             return None
-        hit = [r[0] for r in con.execute(sql("summary_files"), {"files": every}).fetchall()]
+        found[0].create_view("instances_all")
+        hit = [r[0] for r in con.execute(sql("summary_files")).fetchall()]
         # instances_ds: only the rows of the changed series and studies (dose reports too)
         present = _register(con, lake, home, "instances", after, "instances_hit", hit)
         con.execute("CREATE VIEW instances_ds AS SELECT * FROM instances_hit "

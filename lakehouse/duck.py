@@ -26,7 +26,8 @@ def _sql(name: str) -> str:
 
 
 def parquet_relation(con: duckdb.DuckDBPyConnection, dt: DeltaTable, spec: TableSpec,
-                     profile: str, home: str, files: list[str] | None = None
+                     profile: str, home: str, files: list[str] | None = None,
+                     filename: bool = False
                      ) -> tuple[duckdb.DuckDBPyRelation, set[str]] | None:
     """The rows of ``dt`` (a version of the table ``spec``; only its ``files`` when given,
     a subset of ``dt.file_uris()``) as a relation on ``con``, and
@@ -36,7 +37,8 @@ def parquet_relation(con: duckdb.DuckDBPyConnection, dt: DeltaTable, spec: Table
     log has it verbatim). The caller then reads the table through a pyarrow dataset.
 
     Partition values come from the Hive-style paths the writer lays out. Columns the
-    files do not have (added to the schema later) are left out.
+    files do not have (added to the schema later) are left out. With ``filename``, the
+    relation also has the column ``filename``: the file each row comes from.
     """
     files = dt.file_uris() if files is None else files
     if not files or not all(f.startswith(home) for f in files):
@@ -47,7 +49,8 @@ def parquet_relation(con: duckdb.DuckDBPyConnection, dt: DeltaTable, spec: Table
     # 80 files here); only needed when the schema changed between writes
     union = len(files) > 1 and con.execute(
         _sql("parquet_schemas"), {"files": files}).fetchall()[0][0] > 1
-    rel = con.read_parquet(files, hive_partitioning=True, union_by_name=union)
+    rel = con.read_parquet(files, hive_partitioning=True, union_by_name=union,
+                           filename=filename)
     present = set(rel.columns)
     columns, attached = [], set()
     # identifiers and types from the declared schema, not user input
@@ -60,4 +63,6 @@ def parquet_relation(con: duckdb.DuckDBPyConnection, dt: DeltaTable, spec: Table
         else:
             columns.append(f'"{f.name}"')
         attached.add(f.name)
+    if filename:
+        columns.append('"filename"')
     return rel.select(", ".join(columns)), attached
