@@ -60,6 +60,10 @@ class RunSummary:
     scheduler: str = ""
     workers: int = 0
     folders_unreadable: int = 0
+    #: how the summary tables were brought up to date: updated, rebuilt or current
+    summaries: str = ""
+    #: rows written per summary table by an update (the changed ones)
+    summary_rows: dict[str, int] = field(default_factory=dict)
 
     @property
     def files_read(self) -> int:
@@ -74,6 +78,7 @@ class RunSummary:
             "snapshot": self.snapshot, "seconds": round(self.seconds, 3),
             "scheduler": self.scheduler, "workers": self.workers,
             "folders_unreadable": self.folders_unreadable,
+            "summaries": self.summaries, "summary_rows": self.summary_rows,
         }
 
 
@@ -447,6 +452,7 @@ class _Job:
         since = self.w.extra.get("summaries_from")
         same_code = self.w.extra.get("summaries_code") == code
         if since == current and same_code:
+            self.summary.summaries = "current"
             return
         updates = None
         if since is not None and same_code:
@@ -461,9 +467,12 @@ class _Job:
         if updates is None:
             for name, table in summarize.build(self.lake, self.w.current("instances")).items():
                 self.w.overwrite(name, table)
+            self.summary.summaries = "rebuilt"
         else:
             for name, u in updates.items():
                 self.w.replace(name, u.key, u.keys, u.rows)
+                self.summary.summary_rows[name] = u.rows.num_rows
+            self.summary.summaries = "updated"
         self.w.extra.update(summaries_from=current, summaries_code=code)
 
     def record_run(self, started: datetime, status: str, message: str | None) -> None:
@@ -479,7 +488,7 @@ class _Job:
             "bytes_read": s.bytes_read,
             "discover_seconds": self.timings["discover"],
             "extract_seconds": self.timings["extract"],
-            "summarize_seconds": self.timings["summarize"],
+            "summarize_seconds": self.timings["summarize"], "summaries": s.summaries or None,
             "total_seconds": s.seconds, "workers": s.workers, "scheduler": s.scheduler,
             "status": status, "message": message,
         }

@@ -209,7 +209,7 @@ def update(lake: Lake, before: DeltaTable, after: DeltaTable,
         patients = con.sql("SELECT PatientID FROM changed_patients").to_arrow_table()
         rows = con.sql(sql("patients")).to_arrow_table()
         out["patients"] = Update("PatientID", patients.column("PatientID"), rows)
-        return out
+        return {name: out[name] for name in DERIVED_TABLES}
     finally:
         con.close()
 

@@ -372,6 +372,10 @@ INGEST_RUNS = TableSpec(
                "of rows (discovery included)."),
         Column("summarize_seconds", F64, "Time spent bringing series/studies/patients/"
                "dose_events up to date (updated or rebuilt)."),
+        Column("summaries", STR, "How series/studies/patients/dose_events were brought up to "
+               "date: updated (the rows of the series, studies and patients the run changed), "
+               "rebuilt (whole: a first run, most rows new, or other summary code) or current "
+               "(nothing changed)."),
         Column("total_seconds", F64, "Wall time of the run."),
         Column("workers", I64, "Dask workers used."),
         Column("scheduler", STR, "Dask scheduler: processes, threads, synchronous or an address."),

@@ -38,6 +38,19 @@ def last_mode(location, table: str) -> str:
     return Lake.open(location).open_delta(table).history(1)[0]["operationParameters"]["mode"]
 
 
+def changed_rows(path: Path, held: list[Path]) -> dict[str, int]:
+    """How many rows of each derived table belong to the series, studies and patients of
+    the instances read from the files ``held`` (found through the vault's file index)."""
+    with open_lake(path, vault=True) as cat:
+        cat.con.execute("CREATE TEMP TABLE held AS SELECT DISTINCT i.SeriesInstanceUID, "
+                        "i.StudyInstanceUID, i.PatientID FROM files f JOIN instances i "
+                        "USING (SOPInstanceUID) WHERE list_contains(?, f.path)",
+                        [[str(p) for p in held]])
+        return {name: cat.con.execute(
+            f"SELECT count(*) FROM {name} WHERE {key} IN (SELECT {key} FROM held)"
+        ).fetchall()[0][0] for name, key in summarize.KEYS.items()}
+
+
 def split_archive(archive_root: Path, dst: Path) -> list[Path]:
     """The archive's plain folder copied to ``dst``, minus every fourth file and one CT
     dose report (moved to ``dst``/../later): new instances of series, studies and patients
@@ -73,6 +86,8 @@ def test_a_second_run_updates_the_summaries_to_what_one_run_builds(archive, tmp_
     put_back(src)
     second = ingest(two, src, fast_config(), **kw)
     assert second.outcomes["ingested"] == len(held)
+    assert (first.summaries, second.summaries) == ("rebuilt", "updated")
+    assert second.summary_rows == changed_rows(tmp_path / "two", held)
 
     one = Lake.create(tmp_path / "one", profile=profile, **kw)
     whole = ingest(one, src, fast_config(), **kw)
@@ -137,11 +152,16 @@ def test_update_after_compaction_and_when_the_code_changed(archive, tmp_path, mo
 
     # other summary code: a run with nothing new rebuilds the summaries whole, once
     monkeypatch.setattr(summarize, "fingerprint", lambda: "other")
-    assert sum(ingest(two, src, fast_config()).outcomes.values()) == 0
+    noop = ingest(two, src, fast_config())
+    assert sum(noop.outcomes.values()) == 0 and noop.summaries == "rebuilt"
     assert last_mode(tmp_path / "two", "studies") == "Overwrite"
     version = Lake.open(tmp_path / "two").open_delta("studies").version()
-    ingest(two, src, fast_config())
+    assert ingest(two, src, fast_config()).summaries == "current"
     assert Lake.open(tmp_path / "two").open_delta("studies").version() == version
+    with open_lake(tmp_path / "two") as cat:
+        assert [r[0] for r in cat.con.execute(
+            "SELECT summaries FROM ingest_runs ORDER BY started_at").fetchall()] == \
+            ["rebuilt", "updated", "rebuilt", "current"]
     assert derived(tmp_path / "two") == derived(tmp_path / "one")
 
 
