@@ -176,6 +176,9 @@ def _planes(index: int, ds) -> list[_Plane] | Skip:
     if offsets is None:  # a cine loop or time series at one position: not a volume
         return Skip("no_patient_geometry",
                     f"{n} frames with one ImagePositionPatient and no per-frame positions")
+    # relative offsets start at 0; the older absolute form starts at the first plane's
+    # coordinate along the normal (PS3.3 C.8.8.3.2): relative to the first either way
+    offsets = offsets - offsets[0]
     normal = np.cross(iop[:3], iop[3:])
     return [_Plane(index, k, pos + offsets[k] * normal, iop, (ps[0], ps[1]), rows, columns)
             for k in range(n)]
@@ -233,7 +236,7 @@ def plan_volume(datasets: Sequence) -> tuple[list[_Plane], tuple[float, float, f
         return Skip("uneven_spacing", f"gaps from {gaps.min():.4g} to {gaps.max():.4g} mm")
     if len(gaps):
         slice_spacing = float(np.mean(gaps))
-    else:  # one plane: its thickness, as SimpleITK and dcm2niix use
+    else:  # one plane: its SliceThickness as depth (else 1 mm)
         try:
             slice_spacing = float(datasets[0].get("SliceThickness") or 1.0) or 1.0
         except (TypeError, ValueError):
