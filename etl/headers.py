@@ -3,10 +3,11 @@
 ``read_file(path)`` reads the file (only its header, up to the Pixel Data
 element, with ``checksum="header"``; all of it with ``"full"``), checksums it,
 checks the structure (:mod:`etl.safety`), turns the header (never the pixel data) into DICOM JSON
-(PS3.18 F.2) — with the fast raw parser (:mod:`etl.rawjson`) when it applies,
-with pydicom otherwise — validates the required UIDs, applies the privacy
-policy of a research lake to that JSON, and converts the attributes the schema
-names to typed values (:mod:`etl.record`).
+(PS3.18 F.2) — with the fast raw parser (:mod:`etl.rawjson`) when it applies, in the
+same walk over the element headers as the structure checks (:mod:`etl.onewalk`), with
+pydicom otherwise — validates the required UIDs, applies the privacy policy of a
+research lake to that JSON, and converts the attributes the schema names to typed
+values (:mod:`etl.record`).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 
-from etl import rawjson, safety
+from etl import onewalk, safety
 from etl.errors import REQUIRED_UIDS, FileRejected
+from etl.onewalk import strip_bulk as _strip_bulk
 from etl.quality import valid_uid
 from etl.record import COLUMN_TAGS, age_years, parse_date, record_from_json, text
 from lakehouse.deid import Policy
@@ -137,8 +139,11 @@ def _parse(buf: bytes, name: str = "", *, max_depth: int = 64, bulk_data_thresho
            file_size: int | None = None) -> tuple[dict[str, Any], safety.Layout]:
     if not buf:
         raise FileRejected("empty_file", "the file has zero bytes")
-    layout = safety.check(buf, max_depth=max_depth, file_size=file_size)
-    header = rawjson.to_json(buf, layout, bulk_data_threshold) if fast else None
+    if fast:  # the safety checks and the raw JSON in one walk (when the fast path applies)
+        layout, header = onewalk.walk(buf, max_depth=max_depth, file_size=file_size,
+                                      bulk_data_threshold=bulk_data_threshold)
+    else:
+        layout, header = safety.check(buf, max_depth=max_depth, file_size=file_size), None
     dropped: list[str] = []
     media_class = layout.media_storage_sop_class or ""
     ts = layout.transfer_syntax
@@ -152,8 +157,6 @@ def _parse(buf: bytes, name: str = "", *, max_depth: int = 64, bulk_data_thresho
         header = to_json_dict(ds, bulk_data_threshold)
         # values pydicom could not convert were left out of the JSON: flag them
         dropped = [c.name for c, tag in COLUMN_TAGS if tag not in header and int(tag, 16) in ds]
-    else:
-        _strip_bulk(header)
     if name.upper() == "DICOMDIR" or media_class == DICOMDIR_SOP_CLASS \
             or DIRECTORY_RECORD_SEQUENCE in header:
         raise FileRejected("dicomdir", "DICOMDIR media directory")
@@ -270,11 +273,3 @@ def _dumps(header: dict) -> str:
     return _ENCODE(header)
 
 
-def _strip_bulk(obj: dict) -> None:
-    for tag in [t for t, v in obj.items() if "BulkDataURI" in v]:
-        del obj[tag]
-    for v in obj.values():
-        if v.get("vr") == "SQ":
-            for item in v.get("Value", []) or []:
-                if isinstance(item, dict):
-                    _strip_bulk(item)
