@@ -56,8 +56,10 @@ from etl.safety import (
     NeedMore,
 )
 
-#: VRs with a 4-byte length in explicit VR encoding (as text; UN is never decoded here)
-_LONG = frozenset(vr.decode() for vr in safety.LONG_VRS)
+#: ``{VR bytes: VR}`` of the VRs with a 2-byte and with a 4-byte length in explicit VR
+#: encoding (UN is left out: its values go to pydicom)
+_SHORT_VR = {vr: text for vr, text in _VR_TEXT.items() if vr not in safety.LONG_VRS}
+_LONG_VR = {vr: text for vr, text in _VR_TEXT.items() if vr in safety.LONG_VRS}
 _ITEM_GROUP = ITEM >> 16
 
 
@@ -142,6 +144,12 @@ class _Walk:
         whether an item delimiter ended them)."""
         buf, size, avail, partial = self.buf, self.size, self.avail, self.partial
         explicit, dec, bulk, memo = self.explicit, self.dec, self.bulk, _MEMO
+        short_vr, long_vr, keys, header = _SHORT_VR, _LONG_VR, _KEYS, (
+            _EXPLICIT_HEADER if explicit else _IMPLICIT_HEADER)
+        item_group, pixel_data, max_element, undefined = _ITEM_GROUP, PIXEL_DATA, \
+            MAX_ELEMENT, UNDEFINED
+        encoding = dec.encoding
+        plain = encoding.__class__ is str  # a Python codec, not ISO 2022 code extensions
         out: dict[str, Any] = {}
         count = 0
         while pos < end:
@@ -155,17 +163,17 @@ class _Walk:
                 raise FileRejected("truncated", f"file ends inside an element header at "
                                    f"offset {pos}")
             if explicit:
-                group, elem, vr_bytes, length = _EXPLICIT_HEADER(buf, pos)
+                group, elem, vr_bytes, length = header(buf, pos)
             else:
-                group, elem, length = _IMPLICIT_HEADER(buf, pos)
+                group, elem, length = header(buf, pos)
             tag = (group << 16) | elem
-            if group == _ITEM_GROUP:
+            if group == item_group:
                 if tag == ITEM_END:
                     self.count += count
                     return out, pos + 8, True
                 if tag in (ITEM, SEQ_END):
                     raise FileRejected("truncated", f"unexpected delimiter at offset {pos}")
-            if top and tag == PIXEL_DATA:
+            if top and tag == pixel_data:
                 # the end of the header: the safety walker goes on over the pixel data
                 # (fragments) and whatever follows it
                 self.count += count
@@ -176,17 +184,18 @@ class _Walk:
                 self.pixel_offset = pos
                 return out, pos, False
             if explicit:
-                vr = _VR_TEXT.get(vr_bytes)
-                if vr is None:
-                    raise _Fallback  # UN, or an implicit VR element in an explicit data set
-                if vr in _LONG:
+                vr = short_vr.get(vr_bytes)
+                if vr is not None:
+                    start = pos + 8
+                else:
+                    vr = long_vr.get(vr_bytes)
+                    if vr is None:
+                        raise _Fallback  # UN, or an implicit VR element in an explicit set
                     if pos + 12 > size:
                         raise FileRejected("truncated", f"file ends inside an element header "
                                            f"at offset {pos}")
                     length = _U32(buf, pos + 8)[0]
                     start = pos + 12
-                else:
-                    start = pos + 8
             else:
                 start = pos + 8
                 if group & 1:
@@ -198,12 +207,12 @@ class _Walk:
                 if vr == "UN" or " or " in vr:
                     raise _Fallback
             count += 1
-            if length > MAX_ELEMENT and length != UNDEFINED:
+            if length > max_element and length != undefined:
                 safety._bound(length, tag)
-            key = _KEYS.get(tag)
+            key = keys.get(tag)
             if key is None:
-                key = _KEYS[tag] = f"{tag:08X}"
-            if length == UNDEFINED:
+                key = keys[tag] = f"{tag:08X}"
+            if length == undefined:
                 if vr != "SQ":
                     if explicit and tag != PIXEL_DATA:
                         raise FileRejected("truncated", f"element {_tag_text(tag)} has an "
@@ -244,10 +253,9 @@ class _Walk:
             if tag == _SPECIFIC_CHARSET:
                 if not top:
                     raise _Fallback  # a character set of its own inside a sequence item
-                dec.encoding = dec.charset(raw)
-            encoding = dec.encoding
-            if vr in _NOT_MEMOIZED or length > MEMO_VALUE_BYTES \
-                    or encoding.__class__ is not str:
+                encoding = dec.encoding = dec.charset(raw)
+                plain = encoding.__class__ is str
+            if length > MEMO_VALUE_BYTES or vr in _NOT_MEMOIZED or not plain:
                 if length > bulk and vr in _BINARY:
                     continue  # bulk data: left out of the JSON
                 out[key] = dec.element(vr, raw)
