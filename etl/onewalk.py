@@ -148,8 +148,8 @@ class _Walk:
             _EXPLICIT_HEADER if explicit else _IMPLICIT_HEADER)
         item_group, pixel_data, max_element, undefined = _ITEM_GROUP, PIXEL_DATA, \
             MAX_ELEMENT, UNDEFINED
-        encoding = dec.encoding
-        plain = encoding.__class__ is str  # a Python codec, not ISO 2022 code extensions
+        # the Python codec in force, None for ISO 2022 code extensions (never memoized)
+        codec = dec.encoding if isinstance(dec.encoding, str) else None
         out: dict[str, Any] = {}
         count = 0
         while pos < end:
@@ -253,14 +253,14 @@ class _Walk:
             if tag == _SPECIFIC_CHARSET:
                 if not top:
                     raise _Fallback  # a character set of its own inside a sequence item
-                encoding = dec.encoding = dec.charset(raw)
-                plain = encoding.__class__ is str
-            if length > MEMO_VALUE_BYTES or vr in _NOT_MEMOIZED or not plain:
+                dec.encoding = dec.charset(raw)
+                codec = dec.encoding if isinstance(dec.encoding, str) else None
+            if length > MEMO_VALUE_BYTES or vr in _NOT_MEMOIZED or codec is None:
                 if length > bulk and vr in _BINARY:
                     continue  # bulk data: left out of the JSON
                 out[key] = dec.element(vr, raw)
                 continue
-            mkey = (vr, raw, encoding)
+            mkey = (vr, raw, codec)
             values = memo.get(mkey, _MISSING)
             if values is _MISSING:
                 values = dec.element(vr, raw).get("Value")
