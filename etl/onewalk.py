@@ -61,6 +61,8 @@ from etl.safety import (
 _SHORT_VR = {vr: text for vr, text in _VR_TEXT.items() if vr not in safety.LONG_VRS}
 _LONG_VR = {vr: text for vr, text in _VR_TEXT.items() if vr in safety.LONG_VRS}
 _ITEM_GROUP = ITEM >> 16
+#: VRs of a Pixel Data element in explicit VR encoding (a 4-byte length)
+_PIXEL_VRS = (b"OB", b"OW")
 
 
 class _Fallback(Exception):
@@ -174,9 +176,17 @@ class _Walk:
                 if tag in (ITEM, SEQ_END):
                     raise FileRejected("truncated", f"unexpected delimiter at offset {pos}")
             if top and tag == pixel_data:
-                # the end of the header: the safety walker goes on over the pixel data
-                # (fragments) and whatever follows it
+                # the end of the header. The common case, native pixel data of a defined
+                # length that ends the file, passes every check of the safety walk:
                 self.count += count
+                if pos + 12 <= avail and (not explicit or vr_bytes in _PIXEL_VRS):
+                    start = pos + 12 if explicit else pos + 8
+                    length = _U32(buf, start - 4)[0]
+                    if length <= max_element and start + length == size:
+                        self.count += 1
+                        self.pixel_offset = pos
+                        return out, pos, False
+                # anything else (fragments, trailing elements, ...): the safety walker
                 rest = safety._Walker(buf, pos, explicit=explicit, little=True,
                                       max_depth=self.max_depth, size=size)
                 rest.walk_dataset(pos, size, depth=0, top=True)
