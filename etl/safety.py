@@ -5,7 +5,9 @@ whatever length an element declares. So before pydicom sees a file, this
 module walks its elements (tags and lengths only, no value decoding), checks
 every length against the bytes that are really there, limits the nesting
 depth, and finds where the pixel data starts so that only the header is
-handed to pydicom.
+handed to pydicom. On the fast path (:mod:`etl.onewalk`) the same checks run in
+the same pass as the decoding of the values; this walk stays the reference they
+are tested against, and decides every file that pass hands back.
 """
 
 from __future__ import annotations
