@@ -41,12 +41,46 @@ BATCH_SCHEMA = pa.schema(FILE_FIELDS + [f.remove_metadata() for f in INSTANCES.s
                          + [pa.field("id_map", ID_MAP)])
 
 
+#: Columns of ``BATCH_SCHEMA`` that describe the file (the rest come from its record).
+_FILE_COLUMNS = frozenset({"path", "mtime_ns", "status", "reason", "message", "file_size",
+                           "file_sha256", "source_sha256", "ingest_run_id", "checksum_bytes"})
+#: The record of a file that was not read (every record column null).
+_NO_RECORD: dict = {}
+
+
 def extract_batch(files: Sequence[FoundFile], config: IngestConfig, run_id: str,
                   policy: Policy | None = None) -> pa.Table:
-    rows = []
-    for f in files:
-        rows.append(_row(_read_one(f, config, policy), run_id, policy))
-    return pa.Table.from_pylist(rows, schema=BATCH_SCHEMA)
+    return batch_table([_read_one(f, config, policy) for f in files], run_id, policy)
+
+
+def batch_table(results: Sequence[FileResult], run_id: str, policy: Policy | None) -> pa.Table:
+    """One row per result, built column by column: the file's columns, then each record
+    column (null unless the file is ``ok``), in ``BATCH_SCHEMA`` order. The same table as
+    ``pa.Table.from_pylist`` of one dict per file (``tests/etl/test_batch_table.py``),
+    without the per-file dicts."""
+    records = [r.record if r.status == "ok" else _NO_RECORD for r in results]
+    digests = [r.sha256 for r in results]
+    file_columns = {
+        "path": [r.path for r in results],
+        "mtime_ns": [r.mtime_ns for r in results],
+        "status": [r.status for r in results],
+        "reason": [r.reason for r in results],
+        "message": [r.message for r in results],
+        "file_size": [r.size for r in results],
+        # research lakes: a keyed digest (a plain one would find a file's row)
+        "file_sha256": digests if policy is None else
+        [None if d is None else policy.p.file_digest(d) for d in digests],
+        "source_sha256": digests,
+        "ingest_run_id": [run_id] * len(results),
+        "checksum_bytes": [r.checksum_bytes for r in results],
+    }
+    arrays = []
+    for field in BATCH_SCHEMA:
+        name = field.name
+        values = file_columns[name] if name in _FILE_COLUMNS else \
+            [rec.get(name) for rec in records]
+        arrays.append(pa.array(values, type=field.type))
+    return pa.Table.from_arrays(arrays, schema=BATCH_SCHEMA)
 
 
 def _read_one(f: FoundFile, config: IngestConfig, policy: Policy | None) -> FileResult:
@@ -71,22 +105,8 @@ def _read_one(f: FoundFile, config: IngestConfig, policy: Policy | None) -> File
 
 def crashed_batch(files: Sequence[FoundFile], run_id: str) -> pa.Table:
     """Rows for a file whose reading crashed its worker (found by retrying its batch)."""
-    rows = [_row(FileResult(f.path, f.size, f.mtime_ns, status="quarantined",
-                            reason="worker_crash",
-                            message="reading this file crashed the worker process; the rest "
-                            "of its batch was read again without it"), run_id, None)
-            for f in files]
-    return pa.Table.from_pylist(rows, schema=BATCH_SCHEMA)
-
-
-def _row(r: FileResult, run_id: str, policy: Policy | None) -> dict:
-    row = dict(r.record) if r.status == "ok" else {}
-    digest = r.sha256
-    if policy is not None and digest is not None:
-        digest = policy.p.file_digest(digest)
-    row.update(
-        path=r.path, mtime_ns=r.mtime_ns, status=r.status, reason=r.reason, message=r.message,
-        file_size=r.size, file_sha256=digest, source_sha256=r.sha256, ingest_run_id=run_id,
-        checksum_bytes=r.checksum_bytes,
-    )
-    return row
+    return batch_table([FileResult(f.path, f.size, f.mtime_ns, status="quarantined",
+                                   reason="worker_crash",
+                                   message="reading this file crashed the worker process; "
+                                   "the rest of its batch was read again without it")
+                        for f in files], run_id, None)

@@ -3,10 +3,11 @@
 ``read_file(path)`` reads the file (only its header, up to the Pixel Data
 element, with ``checksum="header"``; all of it with ``"full"``), checksums it,
 checks the structure (:mod:`etl.safety`), turns the header (never the pixel data) into DICOM JSON
-(PS3.18 F.2) — with the fast raw parser (:mod:`etl.rawjson`) when it applies,
-with pydicom otherwise — validates the required UIDs, applies the privacy
-policy of a research lake to that JSON, and converts the attributes the schema
-names to typed values (:mod:`etl.record`).
+(PS3.18 F.2) — with the fast raw parser (:mod:`etl.rawjson`) when it applies, in the
+same walk over the element headers as the structure checks (:mod:`etl.onewalk`), with
+pydicom otherwise — validates the required UIDs, applies the privacy policy of a
+research lake to that JSON, and converts the attributes the schema names to typed
+values (:mod:`etl.record`).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 
-from etl import rawjson, safety
+from etl import onewalk, safety
 from etl.errors import REQUIRED_UIDS, FileRejected
+from etl.onewalk import strip_bulk as _strip_bulk
 from etl.quality import valid_uid
 from etl.record import COLUMN_TAGS, age_years, parse_date, record_from_json, text
 from lakehouse.deid import Policy
@@ -73,7 +75,9 @@ def read_file(path: str, size: int = -1, mtime_ns: int = 0, *, max_depth: int = 
         raise ValueError(f"checksum must be one of {CHECKSUMS}, not {checksum!r}")
     result = FileResult(path, size, mtime_ns)
     try:
-        with open(path, "rb") as fh:
+        # unbuffered: the reads below are few and large (a short read only means one
+        # more round of the loop)
+        with open(path, "rb", buffering=0) as fh:
             file_size = os.fstat(fh.fileno()).st_size
             if checksum == "header":
                 buf = fh.read(HEAD_BYTES)
@@ -137,8 +141,11 @@ def _parse(buf: bytes, name: str = "", *, max_depth: int = 64, bulk_data_thresho
            file_size: int | None = None) -> tuple[dict[str, Any], safety.Layout]:
     if not buf:
         raise FileRejected("empty_file", "the file has zero bytes")
-    layout = safety.check(buf, max_depth=max_depth, file_size=file_size)
-    header = rawjson.to_json(buf, layout, bulk_data_threshold) if fast else None
+    if fast:  # the safety checks and the raw JSON in one walk (when the fast path applies)
+        layout, header = onewalk.walk(buf, max_depth=max_depth, file_size=file_size,
+                                      bulk_data_threshold=bulk_data_threshold)
+    else:
+        layout, header = safety.check(buf, max_depth=max_depth, file_size=file_size), None
     dropped: list[str] = []
     media_class = layout.media_storage_sop_class or ""
     ts = layout.transfer_syntax
@@ -152,8 +159,6 @@ def _parse(buf: bytes, name: str = "", *, max_depth: int = 64, bulk_data_thresho
         header = to_json_dict(ds, bulk_data_threshold)
         # values pydicom could not convert were left out of the JSON: flag them
         dropped = [c.name for c, tag in COLUMN_TAGS if tag not in header and int(tag, 16) in ds]
-    else:
-        _strip_bulk(header)
     if name.upper() == "DICOMDIR" or media_class == DICOMDIR_SOP_CLASS \
             or DIRECTORY_RECORD_SEQUENCE in header:
         raise FileRejected("dicomdir", "DICOMDIR media directory")
@@ -262,19 +267,14 @@ def _keep_raw_values(ds: Dataset, data: dict) -> None:
             else {"vr": elem.VR}
 
 
-#: one encoder for every header (``json.dumps`` with options builds a new one per call)
-_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+#: one encoder for every header (``json.dumps`` with options builds a new one per call);
+#: a header is a tree built afresh from the file's bytes, never a cycle, so the encoder
+#: need not track the containers it is inside (the same text, a fifth less CPU)
+_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"),
+                           check_circular=False).encode
 
 
 def _dumps(header: dict) -> str:
     return _ENCODE(header)
 
 
-def _strip_bulk(obj: dict) -> None:
-    for tag in [t for t, v in obj.items() if "BulkDataURI" in v]:
-        del obj[tag]
-    for v in obj.values():
-        if v.get("vr") == "SQ":
-            for item in v.get("Value", []) or []:
-                if isinstance(item, dict):
-                    _strip_bulk(item)

@@ -71,10 +71,13 @@ _PLAN = tuple(
 MEMO_ENTRIES = 1 << 14
 #: Longer values are converted every time (rarely repeated; bounds the memo's memory).
 MEMO_VALUE_CHARS = 256
-#: ``{(tag, vr, *texts): (typed value, valid)}`` for columns whose values are all text:
+#: ``{(tag, vr, *texts) or (tag, vr, number class, *numbers): (typed value, valid)}``:
 #: the files of a series repeat most of their values. Keyed by everything the result
 #: depends on (the column is one-to-one with its tag); a pure cache, shared by files.
-#: (Numbers are not memoized: 0.0 and -0.0 are equal keys but different values.)
+#: Numbers are keyed with their class (1, 1.0 and True are equal keys but different
+#: values) and only when none is zero (0.0 and -0.0 are equal keys, different values):
+#: two equal non-zero numbers of one class are the same number. (NaN never equals itself:
+#: never a hit.)
 _MEMO: dict[tuple, tuple[Any, bool]] = {}
 
 
@@ -91,8 +94,8 @@ def record_from_json(header: dict) -> tuple[dict[str, Any], list[str]]:
             rec[name] = None
             continue
         vr = elem.get("vr")
-        if _memoizable(values):
-            key = (tag, vr, *values)
+        key = _memo_key(tag, vr, values)
+        if key is not None:
             hit = memo.get(key)
             if hit is None:
                 hit = _convert(values, vr, is_list, is_text, conv)
@@ -113,12 +116,23 @@ def record_from_json(header: dict) -> tuple[dict[str, Any], list[str]]:
     return rec, invalid
 
 
-def _memoizable(values: list) -> bool:
-    """Values that are all short text (the memo's keys)."""
-    if len(values) == 1:
-        first = values[0]
-        return first.__class__ is str and len(first) <= MEMO_VALUE_CHARS
-    return all(v.__class__ is str and len(v) <= MEMO_VALUE_CHARS for v in values)
+def _memo_key(tag: str, vr: str | None, values: list) -> tuple | None:
+    """The memo's key for these values: all short text, or all non-zero numbers of one
+    class (int or float); None when they are not memoized."""
+    first = values[0]
+    cls = first.__class__
+    if cls is str:
+        if len(values) == 1:
+            return (tag, vr, first) if len(first) <= MEMO_VALUE_CHARS else None
+        if all(v.__class__ is str and len(v) <= MEMO_VALUE_CHARS for v in values):
+            return (tag, vr, *values)
+        return None
+    if cls is float or cls is int:
+        if len(values) == 1:
+            return (tag, vr, cls, first) if first else None
+        if all(v.__class__ is cls and v for v in values):
+            return (tag, vr, cls, *values)
+    return None
 
 
 def _convert(values: list, vr: str | None, is_list: bool, is_text: bool,

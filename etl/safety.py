@@ -5,7 +5,9 @@ whatever length an element declares. So before pydicom sees a file, this
 module walks its elements (tags and lengths only, no value decoding), checks
 every length against the bytes that are really there, limits the nesting
 depth, and finds where the pixel data starts so that only the header is
-handed to pydicom.
+handed to pydicom. On the fast path (:mod:`etl.onewalk`) the same checks run in
+the same pass as the decoding of the values; this walk stays the reference they
+are tested against, and decides every file that pass hands back.
 """
 
 from __future__ import annotations
@@ -100,25 +102,9 @@ def check(buf: bytes, max_depth: int = 64, file_size: int | None = None) -> Layo
     :class:`NeedMore`. Raises :class:`FileRejected` (``not_dicom``, ``truncated``,
     ``too_deep``).
     """
-    kind = sniff(buf)
-    if kind == "not_dicom":
-        raise FileRejected("not_dicom", "no DICM magic and no DICOM data set at the start")
-    size = len(buf)
-    avail = size
-    if file_size is not None and file_size > size:
-        size = file_size
-    ts: str | None = None
-    media: str | None = None
-    if kind == "part10":
-        pos, ts, media = _walk_meta(buf, PREAMBLE + 4)
-    else:
-        pos = 0
-        if struct.unpack_from("<H", buf, 0)[0] == 0x0002:
-            pos, ts, media = _walk_meta(buf, 0)
+    kind, size, pos, ts, media = begin(buf, file_size)
+    avail = len(buf)
     dataset_offset = pos
-    if ts is not None and not _is_transfer_syntax(ts):
-        raise FileRejected("unsupported_transfer_syntax",
-                           f"transfer syntax {ts[:70]!r} is not a known DICOM transfer syntax")
     if ts == DEFLATED_LE:
         if avail < size:
             raise NeedMore(size)  # inflating needs every byte
@@ -146,6 +132,32 @@ def check(buf: bytes, max_depth: int = 64, file_size: int | None = None) -> Layo
     header_end = walker.pixel_offset if walker.pixel_offset is not None else size
     return Layout(kind, ts, dataset_offset, header_end, elements=walker.count,
                   media_storage_sop_class=media)
+
+
+def begin(buf: bytes, file_size: int | None = None) -> tuple[str, int, int, str | None,
+                                                             str | None]:
+    """The checks of :func:`check` before the data set: sniff the format, walk the file
+    meta, check the transfer syntax. Returns the kind, the size the walk checks lengths
+    against (the file's), the data set offset, the transfer syntax and the media storage
+    SOP class. Raises :class:`FileRejected` as :func:`check` does."""
+    kind = sniff(buf)
+    if kind == "not_dicom":
+        raise FileRejected("not_dicom", "no DICM magic and no DICOM data set at the start")
+    size = len(buf)
+    if file_size is not None and file_size > size:
+        size = file_size
+    ts: str | None = None
+    media: str | None = None
+    if kind == "part10":
+        pos, ts, media = _walk_meta(buf, PREAMBLE + 4)
+    else:
+        pos = 0
+        if struct.unpack_from("<H", buf, 0)[0] == 0x0002:
+            pos, ts, media = _walk_meta(buf, 0)
+    if ts is not None and not _is_transfer_syntax(ts):
+        raise FileRejected("unsupported_transfer_syntax",
+                           f"transfer syntax {ts[:70]!r} is not a known DICOM transfer syntax")
+    return kind, size, pos, ts, media
 
 
 @functools.lru_cache(maxsize=256)

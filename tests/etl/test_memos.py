@@ -158,3 +158,31 @@ def test_long_values_are_never_memoized():
     assert policy._contexts == {}  # the long PatientID is part of the context's key
     _clear_module_memos()
     assert parse(buf, "a.dcm", policy=Policy(Pseudonymizer(KEY))) == warm[0]
+
+
+def test_numbers_are_memoized_by_class_and_never_at_zero():
+    """0.0 and -0.0 (and 1, 1.0) are equal keys but different values: a memoized number
+    is one of its own class and not zero, so each gives its own typed value."""
+    import math
+
+    def rec(vr: str, values: list) -> dict:
+        return record.record_from_json({"00201041": {"vr": vr, "Value": values},   # F64
+                                        "00200032": {"vr": vr, "Value": values * 3},  # list
+                                        "00280010": {"vr": "US", "Value": [512]}})[0]
+
+    record._MEMO.clear()
+    for _ in range(2):  # cold, then warm
+        for zero in (0.0, -0.0, 0.0):
+            r = rec("DS", [zero])
+            assert math.copysign(1, r["SliceLocation"]) == math.copysign(1, zero)
+            assert [math.copysign(1, v) for v in r["ImagePositionPatient"]] == \
+                [math.copysign(1, zero)] * 3
+        r = rec("DS", [-12.5])
+        assert (r["SliceLocation"], r["ImagePositionPatient"], r["Rows"]) == (
+            -12.5, [-12.5] * 3, 512)
+        r["ImagePositionPatient"].append(1.0)  # a caller changing its record in place
+    assert rec("DS", [-12.5])["ImagePositionPatient"] == [-12.5] * 3
+    keys = set(record._MEMO)
+    assert ("00201041", "DS", float, -12.5) in keys and ("00280010", "US", int, 512) in keys
+    assert ("00200032", "DS", float, -12.5, -12.5, -12.5) in keys
+    assert not any(0.0 in k[3:] for k in keys if k[2] in (int, float))

@@ -1,0 +1,281 @@
+"""The one walk (etl.onewalk) against the two walks it replaces (etl.safety.check, then
+etl.rawjson.to_json): the same layout, the same JSON, the same rejection (reason and
+message) and the same request for more bytes, over the whole test corpus, every kind of
+the bad-input corpus, truncated copies, header-only (partial) buffers, a small nesting
+limit and other bulk-data thresholds."""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from etl import onewalk, rawjson, safety
+from etl.errors import FileRejected
+from tests.etl import corpus as bad_inputs
+from tests.etl.test_fastpath import corpus
+
+
+def two_walks(buf: bytes, max_depth: int, file_size: int | None, bulk: int):
+    layout = safety.check(buf, max_depth=max_depth, file_size=file_size)
+    header = rawjson.to_json(buf, layout, bulk)
+    if header is not None:
+        onewalk.strip_bulk(header)
+    return layout, header
+
+
+def outcome(fn, buf: bytes, max_depth: int = 64, file_size: int | None = None,
+            bulk: int = 1024) -> tuple:
+    """What a walk gives, comparable with ==: repr keeps the JSON's key order and types."""
+    try:
+        layout, header = fn(buf, max_depth, file_size, bulk)
+    except FileRejected as exc:
+        return ("rejected", exc.reason, exc.message)
+    except safety.NeedMore as more:
+        return ("more", more.offset)
+    return ("ok", layout, repr(header))
+
+
+def one_walk(buf: bytes, max_depth: int, file_size: int | None, bulk: int):
+    return onewalk.walk(buf, max_depth=max_depth, file_size=file_size,
+                        bulk_data_threshold=bulk)
+
+
+class Tally:
+    """Counts which walk decided each case: the one walk itself, or the two walks it
+    handed the file to."""
+
+    def __init__(self, monkeypatch):
+        self.counts: Counter[str] = Counter()
+        self.handed = False
+        real = onewalk._two_walks
+
+        def counting(*args):
+            self.handed = True
+            return real(*args)
+
+        monkeypatch.setattr(onewalk, "_two_walks", counting)
+
+    def compare(self, buf: bytes, **kw) -> tuple | None:
+        """None when both agree, else the two outcomes."""
+        self.handed = False
+        got = outcome(one_walk, buf, **kw)
+        want = outcome(two_walks, buf, **kw)
+        if not self.handed:
+            self.counts[f"one walk: {got[0]}"] += 1
+        else:
+            self.counts[f"two walks: {got[0]}"] += 1
+        return None if got == want else (got[:2], want[:2])
+
+
+@pytest.fixture(scope="module")
+def files(archive, tmp_path_factory) -> list[Path]:
+    extra = tmp_path_factory.mktemp("bad-inputs")
+    bad_inputs.build(extra)
+    return corpus(archive[0]) + sorted(p for p in extra.rglob("*")
+                                       if p.is_file() and not p.is_symlink())
+
+
+def test_whole_files_give_what_the_two_walks_give(files, monkeypatch):
+    tally = Tally(monkeypatch)
+    differ = []
+    for path in files:
+        buf = path.read_bytes()
+        if not buf:
+            continue
+        for kw in ({}, {"bulk": 0}, {"bulk": 16}, {"max_depth": 1}):
+            d = tally.compare(buf, **kw)
+            if d:
+                differ.append((path.name, kw, d))
+    assert differ == []
+    print(dict(tally.counts))
+    assert tally.counts["one walk: ok"] >= 1000  # most files are decided by the one walk
+    assert tally.counts["one walk: rejected"] >= 50  # too_deep at depth 1, the bad inputs
+    assert tally.counts["two walks: ok"] >= 100  # big endian, deflate, UN, ... handed over
+
+
+def _cuts(n: int, header_end: int) -> list[int]:
+    """Cut points: the start, the file meta, around the data set, and the end."""
+    points = {1, 8, 131, 132, 140, 200, n - 1, n - 2, n - 9, n - 13, header_end,
+              header_end + 4, header_end + 8, header_end + 12}
+    points |= {header_end * k // 7 for k in range(1, 7)}
+    return sorted(p for p in points if 0 < p < n)
+
+
+def test_truncated_and_partial_buffers_give_what_the_two_walks_give(files, monkeypatch):
+    """A truncated copy is a whole (short) file; a partial buffer is the start of the
+    file with the file's size given (a header-only read): the one walk asks for the same
+    bytes, or rejects for the same reason with the same message."""
+    tally = Tally(monkeypatch)
+    differ = []
+    for path in files[::7]:
+        buf = path.read_bytes()
+        try:
+            header_end = safety.check(buf).header_end
+        except FileRejected:
+            header_end = len(buf)
+        for cut in _cuts(len(buf), header_end):
+            for file_size in (None, len(buf)):
+                d = tally.compare(buf[:cut], file_size=file_size)
+                if d:
+                    differ.append((path.name, cut, file_size, d))
+    assert differ == []
+    print(dict(tally.counts))
+    assert tally.counts["one walk: rejected"] >= 300
+    assert tally.counts["one walk: more"] >= 300
+
+
+#: (sequences of defined length, items of defined length)
+LENGTHS = {"undefined": (False, False), "defined": (True, True),
+           "defined-seq-undefined-items": (True, False),
+           "undefined-seq-defined-items": (False, True)}
+
+
+def _nested_dataset(lengths: str) -> Dataset:
+    """Sequences three deep, with empty and bulk values, sequences and items of defined
+    or undefined length."""
+    defined, items_defined = LENGTHS[lengths]
+    ds = bad_inputs.base(bad_inputs._Uids())
+    leaf = Dataset()
+    leaf.CodeValue = "T-D4000"
+    leaf.CodeMeaning = "Abdomen"
+    leaf.add_new(0x00420011, "OB", bytes(range(200)) * 10)  # bulk data inside an item
+    middle = Dataset()
+    middle.ConceptNameCodeSequence = Sequence([leaf, Dataset()])
+    middle.TextValue = "two items, one empty"
+    top = Dataset()
+    top.ContentSequence = Sequence([middle])
+    top.ValueType = "CONTAINER"
+    ds.ContentSequence = Sequence([top, Dataset()])
+    ds.ReferencedImageSequence = Sequence([])
+    for elem in (ds["ContentSequence"], top["ContentSequence"],
+                 middle["ConceptNameCodeSequence"], ds["ReferencedImageSequence"]):
+        elem.is_undefined_length = not defined
+        for item in elem.value:
+            item.is_undefined_length_sequence_item = not items_defined
+    return ds
+
+
+def _file(ds: Dataset, ts: str) -> bytes:
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ts
+    out = io.BytesIO()
+    pydicom.dcmwrite(out, ds, enforce_file_format=True)
+    return out.getvalue()
+
+
+def _raw_implicit(ds: Dataset) -> bytes:
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, True
+    write_dataset(fp, ds)
+    return fp.getvalue()
+
+
+@pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, None],
+                         ids=["explicit", "implicit", "no-meta-implicit"])
+@pytest.mark.parametrize("lengths", list(LENGTHS))
+def test_every_cut_of_a_nested_file_gives_what_the_two_walks_give(ts, lengths, monkeypatch):
+    """Sequences of both length kinds cut at every byte of the header, as a truncated
+    file and as a partial buffer, and the whole file under nesting limits 0 to 4."""
+    ds = _nested_dataset(lengths)
+    buf = _raw_implicit(ds) if ts is None else _file(ds, ts)
+    header_end = safety.check(buf).header_end
+    tally = Tally(monkeypatch)
+    differ = []
+    for cut in range(1, min(len(buf), header_end + 16)):
+        for file_size in (None, len(buf)):
+            d = tally.compare(buf[:cut], file_size=file_size)
+            if d:
+                differ.append((cut, file_size, d))
+    for depth in range(5):
+        for bulk in (0, 1024, 4096):
+            d = tally.compare(buf, max_depth=depth, bulk=bulk)
+            if d:
+                differ.append((depth, bulk, d))
+    assert differ == []
+    if ts is not None:  # a bare data set without file meta is always the two walks'
+        assert tally.counts["one walk: ok"] >= 10
+        assert tally.counts["one walk: more"] >= 100
+        assert tally.counts["one walk: rejected"] >= 100
+
+
+def test_the_json_of_a_nested_file_leaves_bulk_data_out():
+    buf = _file(_nested_dataset("defined"), ExplicitVRLittleEndian)
+    layout, header = onewalk.walk(buf)
+    assert layout == safety.check(buf)
+    item = header["0040A730"]["Value"][0]["0040A730"]["Value"][0]
+    leaf, empty = item["0040A043"]["Value"]
+    assert leaf == {"00080100": {"vr": "SH", "Value": ["T-D4000"]},
+                    "00080104": {"vr": "LO", "Value": ["Abdomen"]}}  # the OB is bulk data
+    assert empty == {}
+    assert header["00081140"] == {"vr": "SQ", "Value": []}
+    assert onewalk.walk(buf, bulk_data_threshold=4096)[1]["0040A730"]["Value"][0][
+        "0040A730"]["Value"][0]["0040A043"]["Value"][0]["00420011"]["vr"] == "OB"
+
+
+def test_limits_are_the_safety_walks():
+    """Each limit raised by the one walk itself, with the safety walk's reason code."""
+    good = bad_inputs.part10(bad_inputs.base(bad_inputs._Uids()))
+    pix = good.index(bad_inputs.PIXEL_TAG)
+    nested = good[:pix] + bad_inputs._nested(100) + good[pix:]
+    with pytest.raises(FileRejected) as exc:
+        onewalk.walk(nested, max_depth=64)
+    assert (exc.value.reason, exc.value.message) == ("too_deep",
+                                                     "sequences nested deeper than 64")
+    huge = bytearray(good)
+    i = huge.index(b"\x08\x00\x3e\x10")  # SeriesDescription: LO, 2-byte length
+    huge[i + 4:i + 8] = b"UT\x00\x00"  # as a UT it gets a 4-byte length ...
+    huge[i + 8:i + 8] = (0xFFFFFFF0).to_bytes(4, "little")  # ... of almost 4 GiB
+    with pytest.raises(FileRejected) as exc:
+        onewalk.walk(bytes(huge))
+    assert exc.value.reason == "element_too_large"
+    start = safety.check(good).dataset_offset
+    with pytest.raises(safety.NeedMore) as more:  # a header-only read asks for more
+        onewalk.walk(good[:start + 10], file_size=len(good))
+    assert more.value.offset == start + 12
+
+
+#: 4-byte patterns written over a header: delimiters, undefined and huge lengths, a
+#: private group, an unknown VR, zeros
+PATTERNS = [b"\xfe\xff\x00\xe0", b"\xfe\xff\x0d\xe0", b"\xfe\xff\xdd\xe0",
+            b"\xff\xff\xff\xff", b"\xf0\xff\xff\xff", b"\x09\x00\x10\x10", b"ZZ\x00\x01",
+            bytes(4)]
+
+
+@pytest.mark.parametrize("stride", [7, pytest.param(1, marks=pytest.mark.slow)],
+                         ids=["every-7th-offset", "every-offset"])
+@pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian],
+                         ids=["explicit", "implicit"])
+@pytest.mark.parametrize("lengths", list(LENGTHS))
+def test_corrupted_headers_give_what_the_two_walks_give(ts, lengths, stride, monkeypatch):
+    """Every 4-byte pattern above written at every offset (every 7th offset, a different
+    phase per case, outside the slow suite) of the data set's header, and the file with
+    trailing zero padding instead of its pixel data: the one walk rejects, hands over or
+    decodes exactly as the two walks do."""
+    buf = _file(_nested_dataset(lengths), ts)
+    layout = safety.check(buf)
+    tally = Tally(monkeypatch)
+    differ = []
+    phase = (len(lengths) + len(ts)) % stride
+    for pos in range(layout.dataset_offset + phase, layout.header_end + 8, stride):
+        for pattern in PATTERNS:
+            bad = buf[:pos] + pattern + buf[pos + 4:]
+            d = tally.compare(bad)
+            if d:
+                differ.append((pos, pattern, d))
+    padded = buf[:layout.header_end] + bytes(7)
+    assert outcome(one_walk, padded)[0] == "ok"
+    d = tally.compare(padded)
+    assert d is None and differ == []
+    assert tally.counts["one walk: rejected"] >= 600 // stride
+    assert tally.counts["one walk: ok"] >= 100 // stride
