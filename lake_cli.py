@@ -259,6 +259,11 @@ def _print_run(s) -> None:
         print(f"  skipped {reason}: {n}")
     if s.folders_unreadable:
         print(f"  warning: {s.folders_unreadable} folders could not be listed")
+    if s.summaries == "updated":
+        rows = ", ".join(f"{t} {n}" for t, n in s.summary_rows.items())
+        print(f"  summaries updated: rows written to {rows}")
+    elif s.summaries == "rebuilt":
+        print("  summaries rebuilt")
     print(f"  lake snapshot {s.snapshot}")
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+from deltalake.exceptions import DeltaError
 
 from etl import replay, seen, summarize
 from etl.config import IngestConfig
@@ -59,6 +60,10 @@ class RunSummary:
     scheduler: str = ""
     workers: int = 0
     folders_unreadable: int = 0
+    #: how the summary tables were brought up to date: updated, rebuilt or current
+    summaries: str = ""
+    #: rows written per summary table by an update (the changed ones)
+    summary_rows: dict[str, int] = field(default_factory=dict)
 
     @property
     def files_read(self) -> int:
@@ -73,6 +78,7 @@ class RunSummary:
             "snapshot": self.snapshot, "seconds": round(self.seconds, 3),
             "scheduler": self.scheduler, "workers": self.workers,
             "folders_unreadable": self.folders_unreadable,
+            "summaries": self.summaries, "summary_rows": self.summary_rows,
         }
 
 
@@ -438,14 +444,36 @@ class _Job:
             self._pairs.add(*keys)
 
     def _summarize_if_stale(self) -> None:
-        """Rebuild series/studies/patients unless they were built from this instances version
-        (also repairs the summaries after a run that died before rebuilding them)."""
-        current = self.w.versions["instances"]
-        if self.w.extra.get("summaries_from") == current:
+        """Bring series/studies/patients/dose_events up to this instances version: updated
+        for what changed since the version they were built from, rebuilt whole on a first
+        run or when the summary code changed (also repairs the summaries after a run that
+        died before summarizing)."""
+        current, code = self.w.versions["instances"], summarize.fingerprint()
+        since = self.w.extra.get("summaries_from")
+        same_code = self.w.extra.get("summaries_code") == code
+        if since == current and same_code:
+            self.summary.summaries = "current"
             return
-        for name, table in summarize.build(self.lake, self.w.current("instances")).items():
-            self.w.overwrite(name, table)
-        self.w.extra["summaries_from"] = current
+        updates = None
+        if since is not None and same_code:
+            try:
+                before = self.lake.open_delta("instances", since)
+            except DeltaError:  # its log is gone (cleaned up): rebuild whole
+                log.info("summaries: instances version %s cannot be opened; rebuilt whole",
+                         since)
+            else:
+                updates = summarize.update(self.lake, before, self.w.current("instances"),
+                                           self.w.current("studies"))
+        if updates is None:
+            for name, table in summarize.build(self.lake, self.w.current("instances")).items():
+                self.w.overwrite(name, table)
+            self.summary.summaries = "rebuilt"
+        else:
+            for name, u in updates.items():
+                self.w.replace(name, u.key, u.keys, u.rows)
+                self.summary.summary_rows[name] = u.rows.num_rows
+            self.summary.summaries = "updated"
+        self.w.extra.update(summaries_from=current, summaries_code=code)
 
     def record_run(self, started: datetime, status: str, message: str | None) -> None:
         s = self.summary
@@ -460,7 +488,7 @@ class _Job:
             "bytes_read": s.bytes_read,
             "discover_seconds": self.timings["discover"],
             "extract_seconds": self.timings["extract"],
-            "summarize_seconds": self.timings["summarize"],
+            "summarize_seconds": self.timings["summarize"], "summaries": s.summaries or None,
             "total_seconds": s.seconds, "workers": s.workers, "scheduler": s.scheduler,
             "status": status, "message": message,
         }

@@ -1,19 +1,31 @@
-"""Rebuild the derived tables (series, studies, patients, dose_events) from instances.
+"""The derived tables (series, studies, patients, dose_events) from instances.
 
-The SQL lives in ``etl/sql/*.sql``; DuckDB runs it over the committed
-``instances`` Delta version. Summaries are rebuilt whole, in one overwrite
-commit per table, whenever ``instances`` changed. ``dose_events`` comes from
-the CT Radiation Dose SRs among the instances, parsed by :mod:`etl.dose`.
+The SQL lives in ``etl/sql/*.sql``; DuckDB runs it over a committed
+``instances`` Delta version. ``dose_events`` comes from the CT Radiation Dose
+SRs among the instances, parsed by :mod:`etl.dose`.
+
+Two ways, the same rows:
+
+- :func:`build` summarizes a whole version (one overwrite commit per table):
+  a lake's first run, or when the summary code changed (:func:`fingerprint`).
+- :func:`update` summarizes only what changed between two versions: the
+  series, studies and patients the new (or removed) instance rows belong to,
+  from the files of the version that hold their rows; the caller puts them in
+  place of the old rows (``LakeWriter.replace``). A nightly run on a large lake
+  then costs what it adds, not the lake.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from importlib import resources
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 from deltalake import DeltaTable
 
 from etl import dose
@@ -25,10 +37,68 @@ log = logging.getLogger(__name__)
 
 SUMMARY_TABLES = ("series", "studies", "patients")
 DERIVED_TABLES = (*SUMMARY_TABLES, "dose_events")
+#: the key each derived table's rows are replaced by in an update
+KEYS = {"series": "SeriesInstanceUID", "studies": "StudyInstanceUID",
+        "patients": "PatientID", "dose_events": "StudyInstanceUID"}
+#: above this share of the instances rows new since the last summary, an update would
+#: read most of the table anyway: the summaries are rebuilt whole instead
+UPDATE_SHARE = 0.5
 
 
 def sql(name: str) -> str:
     return resources.files("etl").joinpath("sql", f"{name}.sql").read_text(encoding="utf-8")
+
+
+def fingerprint() -> str:
+    """A hash of what computes the summaries (their SQL and the dose parser): summaries
+    built by another version of it are rebuilt whole rather than updated."""
+    h = hashlib.sha256()
+    for name in (*SUMMARY_TABLES, "dose_reports"):
+        h.update(sql(name).encode())
+    h.update(resources.files("etl").joinpath("dose.py").read_bytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Update:
+    """The rows of one derived table to put in place of its rows whose ``key`` is in
+    ``keys`` (a key in ``keys`` without a row in ``rows`` is removed)."""
+
+    key: str
+    keys: pa.Array
+    rows: pa.Table
+
+
+def _connect(lake: Lake) -> tuple[duckdb.DuckDBPyConnection, str]:
+    """A DuckDB connection that can read the lake's files, and the lake's root for
+    :func:`lakehouse.duck.parquet_relation`."""
+    con = duckdb.connect()
+    con.execute("SET threads TO 2")
+    fs = lake.storage.duckdb_filesystem()
+    if fs is not None:
+        con.register_filesystem(fs)
+    return con, "/" if lake.local else lake.storage.uri("") + "/"
+
+
+def _register(con: duckdb.DuckDBPyConnection, lake: Lake, home: str, table: str,
+              dt: DeltaTable, view: str, files: list[str] | None = None) -> set[str]:
+    """``dt`` (a version of ``table``; only ``files`` of it when given) as the view ``view``
+    on ``con``; returns its columns."""
+    found = parquet_relation(con, dt, TABLES[table], lake.profile, home, files)
+    if found is not None:
+        rel, present = found
+        rel.create_view(view)
+        return present
+    dataset = dt.to_pyarrow_dataset()
+    con.register(view, dataset)
+    return set(dataset.schema.names)
+
+
+def _instances_view(con: duckdb.DuckDBPyConnection, present: set[str]) -> None:
+    """The view ``instances`` (what the summary SQL reads) over ``instances_ds``."""
+    missing = "" if "PatientName" in present else ", CAST(NULL AS VARCHAR) AS PatientName"
+    con.execute(f"CREATE VIEW instances AS SELECT * EXCLUDE (dicom_json){missing} "
+                "FROM instances_ds")
 
 
 def build(lake: Lake, instances: DeltaTable) -> dict[str, pa.Table]:
@@ -37,24 +107,10 @@ def build(lake: Lake, instances: DeltaTable) -> dict[str, pa.Table]:
     DuckDB reads the version's Parquet files itself where it can
     (:func:`lakehouse.duck.parquet_relation`), through a pyarrow dataset otherwise.
     """
-    con = duckdb.connect()
+    con, home = _connect(lake)
     try:
-        con.execute("SET threads TO 2")
-        fs = lake.storage.duckdb_filesystem()
-        if fs is not None:
-            con.register_filesystem(fs)
-        home = "/" if lake.local else lake.storage.uri("") + "/"
-        found = parquet_relation(con, instances, TABLES["instances"], lake.profile, home)
-        if found is not None:
-            rel, present = found
-            rel.create_view("instances_ds")
-        else:
-            dataset = instances.to_pyarrow_dataset()
-            con.register("instances_ds", dataset)
-            present = set(dataset.schema.names)
-        missing = "" if "PatientName" in present else ", CAST(NULL AS VARCHAR) AS PatientName"
-        con.execute(f"CREATE VIEW instances AS SELECT * EXCLUDE (dicom_json){missing} "
-                    "FROM instances_ds")
+        _instances_view(con, _register(con, lake, home, "instances", instances,
+                                       "instances_ds"))
         out = {}
         for name in SUMMARY_TABLES:
             table = con.sql(sql(name)).to_arrow_table()
@@ -63,6 +119,97 @@ def build(lake: Lake, instances: DeltaTable) -> dict[str, pa.Table]:
                 con.register("studies", table)
         out["dose_events"] = dose_events(con)
         return out
+    finally:
+        con.close()
+
+
+def _files(dt: DeltaTable) -> dict[str, tuple[str, int]] | None:
+    """Each file of the version ``dt``: its path in the table -> (URI, rows); None when the
+    version does not say how many rows a file has."""
+    actions = pa.table(dt.get_add_actions(flatten=True))
+    out = {}
+    for path, rows, uri in zip(actions.column("path").to_pylist(),
+                               actions.column("num_records").to_pylist(), dt.file_uris(),
+                               strict=True):
+        if rows is None or not uri.endswith(path):
+            return None
+        out[path] = (uri, rows)
+    return out
+
+
+def update(lake: Lake, before: DeltaTable, after: DeltaTable,
+           studies: DeltaTable) -> dict[str, Update] | None:
+    """What changes in the derived tables from the ``before`` to the ``after`` version of
+    ``instances``, given ``studies`` (the studies summary of ``before``); None when the
+    tables are better rebuilt whole with :func:`build`: most rows are new, a removed file
+    can no longer be read, a changed row has no series or study UID, or the files cannot
+    be read by DuckDB directly.
+
+    The rows of a series, a study or a patient depend only on the instances of that
+    series, of that study, and on the studies of that patient (``etl/sql``): the changed
+    ones are those of the instance rows added or removed, plus the patients the changed
+    studies belonged to before.
+    """
+    before_files, after_files = _files(before), _files(after)
+    if before_files is None or after_files is None:
+        return None
+    added = {p: n for p, n in after_files.items() if p not in before_files}
+    if sum(n for _, n in added.values()) > UPDATE_SHARE * sum(
+            n for _, n in after_files.values()):
+        return None
+    changed_files = [u for u, _ in added.values()]
+    gone = [u for p, (u, _) in before_files.items() if p not in after_files]
+    con, home = _connect(lake)
+    try:
+        changed_files += gone
+        if not changed_files:
+            return {}
+        if not all(f.startswith(home) and "%" not in f for f in changed_files):
+            return None
+        try:
+            changed = con.sql(
+                "SELECT DISTINCT SeriesInstanceUID, StudyInstanceUID, PatientID "
+                "FROM read_parquet($files, union_by_name = true)",
+                params={"files": changed_files}).to_arrow_table()
+        except duckdb.IOException:  # a removed file no longer there (vacuumed)
+            log.info("summaries: a removed instances file is gone; rebuilt whole")
+            return None
+        if changed.column("SeriesInstanceUID").null_count \
+                or changed.column("StudyInstanceUID").null_count:
+            return None
+        con.register("changed", changed)
+        # the files of ``after`` holding a row of a changed series or study
+        found = parquet_relation(con, after, TABLES["instances"], lake.profile, home,
+                                 filename=True)
+        if found is None:
+            return None
+        found[0].create_view("instances_all")
+        hit = [r[0] for r in con.execute(sql("summary_files")).fetchall()]
+        # instances_ds: only the rows of the changed series and studies (dose reports too)
+        present = _register(con, lake, home, "instances", after, "instances_hit", hit)
+        con.execute("CREATE VIEW instances_ds AS SELECT * FROM instances_hit "
+                    "WHERE SeriesInstanceUID IN (SELECT SeriesInstanceUID FROM changed) "
+                    "OR StudyInstanceUID IN (SELECT StudyInstanceUID FROM changed)")
+        _instances_view(con, present)
+        keys = {k: pc.unique(changed.column(k)) for k in
+                ("SeriesInstanceUID", "StudyInstanceUID")}
+        out = {}
+        for name in ("series", "studies"):
+            rows = con.sql(sql(name)).to_arrow_table()
+            key = KEYS[name]
+            out[name] = Update(key, keys[key], rows.filter(pc.is_in(rows.column(key),
+                                                                   value_set=keys[key])))
+        events = dose_events(con)
+        out["dose_events"] = Update("StudyInstanceUID", keys["StudyInstanceUID"], events.filter(
+            pc.is_in(events.column("StudyInstanceUID"), value_set=keys["StudyInstanceUID"])))
+        # patients: from their studies, the old rows of the unchanged ones and the new rows
+        _register(con, lake, home, "studies", studies, "studies_ds")
+        con.register("new_studies", out["studies"].rows)
+        con.execute(sql("summary_studies"))
+        patients = con.sql("SELECT PatientID FROM changed_patients").to_arrow_table()
+        rows = con.sql(sql("patients")).to_arrow_table()
+        out["patients"] = Update("PatientID", patients.column("PatientID"), rows)
+        return {name: out[name] for name in DERIVED_TABLES}
     finally:
         con.close()
 

@@ -26,18 +26,21 @@ def _sql(name: str) -> str:
 
 
 def parquet_relation(con: duckdb.DuckDBPyConnection, dt: DeltaTable, spec: TableSpec,
-                     profile: str, home: str
+                     profile: str, home: str, files: list[str] | None = None,
+                     filename: bool = False
                      ) -> tuple[duckdb.DuckDBPyRelation, set[str]] | None:
-    """The rows of ``dt`` (a version of the table ``spec``) as a relation on ``con``, and
+    """The rows of ``dt`` (a version of the table ``spec``; only its ``files`` when given,
+    a subset of ``dt.file_uris()``) as a relation on ``con``, and
     the columns it has; None when the version has no files, or files outside ``home``
     (the lake's root, ``/`` for a local lake), or a partition value the writer had to
     percent-encode in its folder name (a hostile Modality such as ``../x``: only the Delta
     log has it verbatim). The caller then reads the table through a pyarrow dataset.
 
     Partition values come from the Hive-style paths the writer lays out. Columns the
-    files do not have (added to the schema later) are left out.
+    files do not have (added to the schema later) are left out. With ``filename``, the
+    relation also has the column ``filename``: the file each row comes from.
     """
-    files = dt.file_uris()
+    files = dt.file_uris() if files is None else files
     if not files or not all(f.startswith(home) for f in files):
         return None
     if any("%" in f for f in files):
@@ -46,7 +49,8 @@ def parquet_relation(con: duckdb.DuckDBPyConnection, dt: DeltaTable, spec: Table
     # 80 files here); only needed when the schema changed between writes
     union = len(files) > 1 and con.execute(
         _sql("parquet_schemas"), {"files": files}).fetchall()[0][0] > 1
-    rel = con.read_parquet(files, hive_partitioning=True, union_by_name=union)
+    rel = con.read_parquet(files, hive_partitioning=True, union_by_name=union,
+                           filename=filename)
     present = set(rel.columns)
     columns, attached = [], set()
     # identifiers and types from the declared schema, not user input
@@ -59,4 +63,6 @@ def parquet_relation(con: duckdb.DuckDBPyConnection, dt: DeltaTable, spec: Table
         else:
             columns.append(f'"{f.name}"')
         attached.add(f.name)
+    if filename:
+        columns.append('"filename"')
     return rel.select(", ".join(columns)), attached

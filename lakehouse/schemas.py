@@ -370,7 +370,12 @@ INGEST_RUNS = TableSpec(
                "`extract_seconds`)."),
         Column("extract_seconds", F64, "Time from the start of the walk to the last commit "
                "of rows (discovery included)."),
-        Column("summarize_seconds", F64, "Time spent rebuilding series/studies/patients."),
+        Column("summarize_seconds", F64, "Time spent bringing series/studies/patients/"
+               "dose_events up to date (updated or rebuilt)."),
+        Column("summaries", STR, "How series/studies/patients/dose_events were brought up to "
+               "date: updated (the rows of the series, studies and patients the run changed), "
+               "rebuilt (whole: a first run, most rows new, or other summary code) or current "
+               "(nothing changed)."),
         Column("total_seconds", F64, "Wall time of the run."),
         Column("workers", I64, "Dask workers used."),
         Column("scheduler", STR, "Dask scheduler: processes, threads, synchronous or an address."),
@@ -407,7 +412,7 @@ DOSE_EVENTS = TableSpec(
     zone=RESEARCH,
     grain="one row per CT irradiation event of a CT Radiation Dose SR",
     description="CT irradiation events parsed from CT Radiation Dose Structured Reports "
-    "(TID 10011), rebuilt from instances.",
+    "(TID 10011), derived from instances.",
     columns=(
         Column("StudyInstanceUID", STR, "Study the report belongs to.", "StudyInstanceUID"),
         Column("SeriesInstanceUID", STR, "Series of the dose report.", "SeriesInstanceUID"),

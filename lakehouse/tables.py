@@ -430,39 +430,73 @@ class LakeWriter:
         """Rewrite ``files`` (rows of ``get_add_actions(flatten=True)`` of the current
         version, all of one partition) as one file, in one commit that adds it and
         removes them (``dataChange`` false: the rows are the same). Returns the version."""
-        spec = TABLES[name]
-        root = as_rel(layout.table_path(_REL, name))
-        keys = list(spec.partition_by)
-        values = {k: files[0].get(f"partition.{k}") for k in keys}
-        parts = []
-        for f in files:
-            path = f"{root}/{f['path']}"
-            if not self.storage.exists(path):
-                path = f"{root}/{unquote(f['path'])}"
-            part = pq.read_table(pa.BufferReader(self.storage.read_bytes(path)))
-            for k in keys:
-                typ = spec.storage_schema(self.lake.profile).field(k).type
-                part = part.append_column(k, pa.array([values[k]] * part.num_rows, typ))
-            parts.append(part)
+        parts = [self._read_file(name, f) for f in files]
         data = pa.concat_tables(parts, promote_options="default")
-        now = int(time.time() * 1000)
-        removes = [RemoveAction(f["path"], False, now, f["size_bytes"],
-                                {k: (None if values[k] is None else str(values[k]))
-                                 for k in keys}) for f in files]
+        removes = [self._remove(name, f, data_change=False) for f in files]
         return self._write(name, data, "append", param_hash, removes=removes)
+
+    def replace(self, name: str, key: str, keys: pa.Array, data: pa.Table,
+                param_hash: str = "") -> int:
+        """Replace the rows of ``name`` whose ``key`` is one of ``keys`` by ``data`` (which
+        should hold rows of those keys only), in one commit: each file of the current
+        version holding such a row is rewritten without them, and ``data`` is added.
+        Returns the version. Files without such a row are not touched (only their ``key``
+        column is read), so the cost follows the rows replaced, not the table."""
+        spec = TABLES[name]
+        if key in spec.partition_by:
+            raise ValueError(f"replace() by a partition column ({key}) is not supported")
+        wanted = pc.unique(pa.array(keys)).drop_null()
+        kept, removes = [], []
+        if len(wanted):
+            for f in pa.table(self.current(name).get_add_actions(flatten=True)).to_pylist():
+                with self.storage.open(self._file_path(name, f)) as fh:
+                    hit = pc.is_in(pq.read_table(fh, columns=[key]).column(key),
+                                   value_set=wanted)
+                if not pc.any(hit).as_py():
+                    continue
+                kept.append(self._read_file(name, f).filter(pc.invert(hit)))
+                removes.append(self._remove(name, f, data_change=True))
+        profile = self.lake.profile
+        data = pa.concat_tables([conform(spec, t, profile) for t in [*kept, data]])
+        return self._write(name, data, "append", param_hash, removes=removes)
+
+    def _file_path(self, name: str, f: dict) -> str:
+        """The storage path of the file ``f`` (an add action) of table ``name``."""
+        path = f"{as_rel(layout.table_path(_REL, name))}/{f['path']}"
+        if not self.storage.exists(path):
+            path = f"{as_rel(layout.table_path(_REL, name))}/{unquote(f['path'])}"
+        return path
+
+    def _read_file(self, name: str, f: dict) -> pa.Table:
+        """The rows of the file ``f`` (an add action) of table ``name``, with its partition
+        columns (which the file itself does not hold)."""
+        spec = TABLES[name]
+        part = pq.read_table(pa.BufferReader(self.storage.read_bytes(self._file_path(name, f))))
+        for k in spec.partition_by:
+            typ = spec.storage_schema(self.lake.profile).field(k).type
+            part = part.append_column(k, pa.array([f.get(f"partition.{k}")] * part.num_rows,
+                                                  typ))
+        return part
+
+    def _remove(self, name: str, f: dict, data_change: bool) -> RemoveAction:
+        """A remove action for the file ``f`` (an add action) of table ``name``."""
+        values = {k: f.get(f"partition.{k}") for k in TABLES[name].partition_by}
+        return RemoveAction(f["path"], data_change, int(time.time() * 1000), f["size_bytes"],
+                            {k: (None if v is None else str(v)) for k, v in values.items()})
 
     def _write(self, name: str, data: pa.Table, mode: str, param_hash: str,
                removes: list[RemoveAction] | None = None) -> int:
         spec = TABLES[name]
         table = conform(spec, data, self.lake.profile)
-        if table.num_rows == 0 and mode == "append":
+        if table.num_rows == 0 and mode == "append" and not removes:
             return self.versions[name]
         root = as_rel(layout.table_path(_REL, name))
         meta = file_metadata(self.run_id, name, param_hash)
         # the commit log records each new file's SHA-256 (``lake verify`` checks them)
         checksums: dict[str, str] = {}
         actions: list[AddAction | RemoveAction] = [
-            self._stage(root, spec, part, values, meta, checksums, data_change=not removes)
+            self._stage(root, spec, part, values, meta, checksums,
+                        data_change=not removes or any(r.data_change for r in removes))
             for values, part in _partitions(table, spec)]
         actions += removes or []
         self._check_lock()

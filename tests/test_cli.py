@@ -99,9 +99,17 @@ def test_init_ingest_status(capsys, tmp_path):
     summary = json.loads(out)
     assert summary["outcomes"]["ingested"] == 1
     assert summary["quarantine_reasons"] == {"not_dicom": 1}
+    assert summary["summaries"] == "rebuilt"
+    # a second file of another series: the summaries are updated, and the output says so
+    shutil.copy(get_testdata_file("MR_small.dcm"), src / "b.dcm")
+    code, out, _ = run(capsys, "ingest", str(src), "--lake", str(lake), "--scheduler",
+                       "synchronous", "--no-progress")
+    assert code == 0
+    assert "  summaries updated: rows written to series 1, studies 1, patients 1, " \
+        "dose_events 0" in out.splitlines()
     code, out, _ = run(capsys, "status", "--lake", str(lake), "--json")
     status = json.loads(out)
-    assert status["tables"]["instances"] == 1
+    assert status["tables"]["instances"] == 2
     assert status["quarantine_by_reason"] == {"not_dicom": 1}
     assert status["profile"] == "identified" and status["key_fingerprint"] is None
     code, out, _ = run(capsys, "status", "--lake", str(lake))

@@ -229,6 +229,30 @@ def test_a_killed_writer_is_invisible_and_the_next_one_converges(s3, tmp_path):
         ["first", "next"]
 
 
+def test_summaries_updated_on_s3_equal_one_local_run(s3, archive, tmp_path):
+    """A second run on an S3 lake updates its summaries (rows replaced through fsspec,
+    changed files read by DuckDB over S3) to what one run on a local lake builds."""
+    from tests.etl.test_summary_update import (
+        DERIVED,
+        derived,
+        last_mode,
+        put_back,
+        split_archive,
+    )
+
+    src = tmp_path / "pacs" / "archive"
+    split_archive(archive[0], src)
+    url = "s3://lakes/updated"
+    lake = Lake.create(url, profile="identified")
+    ingest(lake, src, fast_config())
+    put_back(src)
+    ingest(lake, src, fast_config())
+    one = Lake.create(tmp_path / "one", profile="identified")
+    ingest(one, src, fast_config())
+    assert derived(url) == derived(tmp_path / "one")
+    assert [last_mode(url, t) for t in DERIVED] == ["Append"] * len(DERIVED)
+
+
 def test_errors_are_one_line(s3, tmp_path, capsys):
     code = main(["init", "s3://no-such-bucket/lake"])
     err = capsys.readouterr().err

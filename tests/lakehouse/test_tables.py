@@ -119,3 +119,40 @@ def test_research_profile_schema_has_no_identified_only_columns():
 def test_errors_pickle_with_their_data(tmp_path):
     err = pickle.loads(pickle.dumps(NoLakeError(tmp_path)))
     assert err.path == str(tmp_path) and "lake init" in str(err)
+
+
+def test_replace_rewrites_only_the_files_holding_the_keys(tmp_path):
+    """LakeWriter.replace: the rows of the keys given are replaced (in whichever partition
+    they were), a key without a new row is removed, files without those keys are kept as
+    they are, all in one commit."""
+    lake = Lake.create(tmp_path / "lk", profile="identified")
+    day = dt.date(2024, 5, 1)
+
+    def studies(uids, modality, count):
+        return pa.table({"StudyInstanceUID": uids, "Modality": [modality] * len(uids),
+                         "study_year": [2024] * len(uids), "StudyDate": [day] * len(uids),
+                         "instance_count": [count] * len(uids)})
+
+    with lake.writer("r1") as w:
+        w.append("studies", studies(["1", "2", "3"], "CT", 1))
+        w.append("studies", studies(["4", "5"], "MR", 1))
+        w.append("studies", studies(["6"], "US", 1))
+        w.publish()
+    files = set(lake.delta("studies").file_uris())
+    with lake.writer("r2") as w:
+        # study 2 now MR with 7 instances, study 5 gone, study 9 new; CT's 1 and 3 stay
+        version = w.replace("studies", "StudyInstanceUID", pa.array(["2", "5", "9", None]),
+                            pa.concat_tables([studies(["2"], "MR", 7), studies(["9"], "US", 1)]))
+        with pytest.raises(ValueError, match="partition column"):
+            w.replace("studies", "Modality", pa.array(["CT"]), studies([], "CT", 1))
+        w.publish()
+    assert version == lake.delta("studies").version()
+    rows = sorted((r["StudyInstanceUID"], r["Modality"], r["instance_count"])
+                  for r in lake.read("studies").to_pylist())
+    assert rows == [("1", "CT", 1), ("2", "MR", 7), ("3", "CT", 1), ("4", "MR", 1),
+                    ("6", "US", 1), ("9", "US", 1)]
+    now = set(lake.delta("studies").file_uris())
+    # the US file had none of the keys: the same file; the CT and MR files were rewritten
+    assert len(files & now) == 1 and next(iter(files & now)).split("/")[-3] == "Modality=US"
+    history = lake.delta("studies").history(1)[0]
+    assert history["operationParameters"]["mode"] == "Append"

@@ -1,0 +1,202 @@
+"""Summaries updated for what a run changed (etl.summarize.update, LakeWriter.replace)
+give the rows a whole rebuild gives, and touch only the files that hold changed rows."""
+
+import shutil
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from catalog import open_lake
+from etl import ingest, summarize
+from lakehouse import Lake
+from lakehouse.optimize import optimize
+from lakehouse.schemas import TABLES, conform
+from tests.conftest import fast_config
+
+#: the derived tables, and their columns that name the run that wrote a row
+DERIVED = {"series": ["first_ingest_run_id", "last_ingest_run_id"], "studies": [],
+           "patients": [], "dose_events": []}
+
+
+def rows(table, name: str, profile: str) -> list[tuple]:
+    """The rows of ``table`` in the storage schema of ``name``, run columns left out,
+    sorted."""
+    table = conform(TABLES[name], table, profile).drop_columns(DERIVED[name])
+    return sorted((tuple(r.values()) for r in table.to_pylist()), key=repr)
+
+
+def derived(path: Path) -> dict[str, list[tuple]]:
+    """Every row of the derived tables of the lake at ``path``."""
+    lake = Lake.open(path)
+    return {name: rows(lake.read(name), name, lake.profile) for name in DERIVED}
+
+
+def last_mode(location, table: str) -> str:
+    """The write mode of the last commit of ``table``: Append for an update (rows replaced),
+    Overwrite for a whole rebuild."""
+    return Lake.open(location).open_delta(table).history(1)[0]["operationParameters"]["mode"]
+
+
+def changed_rows(path: Path, held: list[Path]) -> dict[str, int]:
+    """How many rows of each derived table belong to the series, studies and patients of
+    the instances read from the files ``held`` (found through the vault's file index)."""
+    with open_lake(path, vault=True) as cat:
+        cat.con.execute("CREATE TEMP TABLE held AS SELECT DISTINCT i.SeriesInstanceUID, "
+                        "i.StudyInstanceUID, i.PatientID FROM files f JOIN instances i "
+                        "USING (SOPInstanceUID) WHERE list_contains(?, f.path)",
+                        [[str(p) for p in held]])
+        return {name: cat.con.execute(
+            f"SELECT count(*) FROM {name} WHERE {key} IN (SELECT {key} FROM held)"
+        ).fetchall()[0][0] for name, key in summarize.KEYS.items()}
+
+
+def split_archive(archive_root: Path, dst: Path) -> list[Path]:
+    """The archive's plain folder copied to ``dst``, minus every fourth file and one CT
+    dose report (moved to ``dst``/../later): new instances of series, studies and patients
+    the first run has, and new ones."""
+    shutil.copytree(archive_root / "archive", dst)
+    files = sorted(dst.rglob("*.dcm"))
+    dose = [p for p in files if pydicom.dcmread(p, stop_before_pixels=True).Modality == "SR"]
+    held = sorted(set(files[::4]) | {dose[-1]})
+    later = dst.parent / "later"
+    for p in held:
+        target = later / p.relative_to(dst)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        p.rename(target)
+    return held
+
+
+def put_back(dst: Path) -> None:
+    later = dst.parent / "later"
+    for p in sorted(later.rglob("*.dcm")):
+        p.rename(dst / p.relative_to(later))
+
+
+@pytest.mark.parametrize("profile", ["identified", "research"])
+def test_a_second_run_updates_the_summaries_to_what_one_run_builds(archive, tmp_path,
+                                                                   profile):
+    src = tmp_path / "pacs" / "archive"
+    held = split_archive(archive[0], src)
+    key = tmp_path / "lake.key"
+    kw = {"key_file": key} if profile == "research" else {}
+
+    two = Lake.create(tmp_path / "two", profile=profile, **kw)
+    first = ingest(two, src, fast_config(), **kw)
+    put_back(src)
+    second = ingest(two, src, fast_config(), **kw)
+    assert second.outcomes["ingested"] == len(held)
+    assert (first.summaries, second.summaries) == ("rebuilt", "updated")
+    assert second.summary_rows == changed_rows(tmp_path / "two", held)
+
+    one = Lake.create(tmp_path / "one", profile=profile, **kw)
+    whole = ingest(one, src, fast_config(), **kw)
+    assert first.outcomes["ingested"] + len(held) == whole.outcomes["ingested"]
+    assert derived(tmp_path / "two") == derived(tmp_path / "one")
+    # the second run replaced rows (an append with removes), it did not overwrite the tables
+    for table in DERIVED:
+        assert last_mode(tmp_path / "two", table) == "Append", table
+
+
+def test_a_study_moving_to_another_patient_updates_both_patients(lake_copy):
+    """A new instance of an existing study under a PatientID that sorts first: the study's
+    PatientID (the smallest of its instances) changes, so the old patient loses the study
+    and the new patient gains it."""
+    with open_lake(lake_copy, vault=True) as cat:
+        study, old_patient, old_count = cat.con.execute(
+            "SELECT s.StudyInstanceUID, s.PatientID, p.study_count FROM studies s "
+            "JOIN patients p USING (PatientID) ORDER BY s.StudyInstanceUID LIMIT 1").fetchall()[0]
+        path = cat.con.execute("SELECT path FROM files f JOIN instances i USING "
+                               "(SOPInstanceUID) WHERE i.StudyInstanceUID = ? ORDER BY path "
+                               "LIMIT 1", [study]).fetchall()
+    ds = pydicom.dcmread(path[0][0])
+    ds.PatientID = "0000000"
+    ds.SOPInstanceUID = ds.SOPInstanceUID + ".9"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    src = lake_copy.parent / "moved"
+    src.mkdir()
+    ds.save_as(src / "moved.dcm")
+    lake = Lake.open(lake_copy)
+    assert ingest(lake, src, fast_config()).outcomes["ingested"] == 1
+    with open_lake(lake_copy) as cat:
+        patients = dict(cat.con.execute(
+            "SELECT PatientID, study_count FROM patients WHERE PatientID IN (?, ?)",
+            ["0000000", old_patient]).fetchall())
+        moved = cat.con.execute("SELECT PatientID FROM studies WHERE StudyInstanceUID = ?",
+                                [study]).fetchall()
+    assert moved == [("0000000",)]
+    assert patients == ({"0000000": 1} if old_count == 1 else
+                        {"0000000": 1, old_patient: old_count - 1})
+    # every derived table as a whole rebuild of this instances version gives it
+    rebuilt = summarize.build(lake, lake.open_delta("instances"))
+    for name, lake_rows in derived(lake_copy).items():
+        assert lake_rows == rows(rebuilt[name], name, "identified"), name
+    assert last_mode(lake_copy, "patients") == "Append"
+
+
+def test_update_after_compaction_and_when_the_code_changed(archive, tmp_path, monkeypatch):
+    """Files removed by `lake optimize` (their rows rewritten) count as changed; summaries
+    built by other summary code are rebuilt whole."""
+    src = tmp_path / "pacs" / "archive"
+    split_archive(archive[0], src)
+    two = Lake.create(tmp_path / "two", profile="identified")
+    ingest(two, src, fast_config(flush_rows=40))
+    optimize(two)
+    put_back(src)
+    monkeypatch.setattr(summarize, "UPDATE_SHARE", 1.0)  # update however much changed
+    ingest(two, src, fast_config())
+    assert last_mode(tmp_path / "two", "studies") == "Append"
+    one = Lake.create(tmp_path / "one", profile="identified")
+    ingest(one, src, fast_config())
+    assert derived(tmp_path / "two") == derived(tmp_path / "one")
+
+    # other summary code: a run with nothing new rebuilds the summaries whole, once
+    monkeypatch.setattr(summarize, "fingerprint", lambda: "other")
+    noop = ingest(two, src, fast_config())
+    assert sum(noop.outcomes.values()) == 0 and noop.summaries == "rebuilt"
+    assert last_mode(tmp_path / "two", "studies") == "Overwrite"
+    version = Lake.open(tmp_path / "two").open_delta("studies").version()
+    assert ingest(two, src, fast_config()).summaries == "current"
+    assert Lake.open(tmp_path / "two").open_delta("studies").version() == version
+    with open_lake(tmp_path / "two") as cat:
+        assert [r[0] for r in cat.con.execute(
+            "SELECT summaries FROM ingest_runs ORDER BY started_at").fetchall()] == \
+            ["rebuilt", "updated", "rebuilt", "current"]
+    assert derived(tmp_path / "two") == derived(tmp_path / "one")
+
+
+def test_instance_rows_removed_are_summarized_away(lake_copy):
+    """Rows removed from instances (LakeWriter.replace with no new rows: the files holding
+    them rewritten without them) leave the summaries at the next run: the series is gone,
+    its study and patient counted without it."""
+    import pyarrow as pa
+
+    lake = Lake.open(lake_copy)
+    with open_lake(lake_copy) as cat:
+        series, study, count = cat.con.execute(
+            "SELECT SeriesInstanceUID, StudyInstanceUID, instanceCount FROM series "
+            "WHERE StudyInstanceUID IN (SELECT StudyInstanceUID FROM studies "
+            "WHERE series_count > 1) ORDER BY SeriesInstanceUID LIMIT 1").fetchall()[0]
+        before = cat.con.execute("SELECT series_count, instance_count FROM studies "
+                                 "WHERE StudyInstanceUID = ?", [study]).fetchall()[0]
+        files = len(lake.open_delta("instances").file_uris())
+    with lake.writer("remove-series") as w:
+        empty = lake.read("instances").schema.empty_table()
+        w.replace("instances", "SeriesInstanceUID", pa.array([series]), empty)
+        removed = pa.table(w.current("instances").get_add_actions(flatten=True)).num_rows
+        w.publish("a series removed")
+    assert removed == files  # one file rewritten without the series' rows, none added
+    assert lake.read("instances", filter=pa.compute.field("SeriesInstanceUID") == series
+                     ).num_rows == 0
+    (lake_copy.parent / "nothing-new").mkdir()
+    assert sum(ingest(lake, lake_copy.parent / "nothing-new", fast_config()).outcomes.values()) \
+        == 0
+    with open_lake(lake_copy) as cat:
+        assert cat.con.execute("SELECT count(*) FROM series WHERE SeriesInstanceUID = ?",
+                               [series]).fetchall() == [(0,)]
+        assert cat.con.execute("SELECT series_count, instance_count FROM studies "
+                               "WHERE StudyInstanceUID = ?", [study]).fetchall() == \
+            [(before[0] - 1, before[1] - count)]
+    rebuilt = summarize.build(lake, lake.open_delta("instances"))
+    for name, lake_rows in derived(lake_copy).items():
+        assert lake_rows == rows(rebuilt[name], name, "identified"), name
