@@ -3,8 +3,10 @@
 -- for an update of the summaries (etl/summarize.py update()): the only files it
 -- reads beyond two key columns.
 --   filename   the file
-SELECT DISTINCT filename
+--   n          its rows of a changed series or study
+SELECT filename, count(*) AS n
 FROM instances_all
 WHERE SeriesInstanceUID IN (SELECT SeriesInstanceUID FROM changed)
    OR StudyInstanceUID IN (SELECT StudyInstanceUID FROM changed)
+GROUP BY filename
 ORDER BY filename;

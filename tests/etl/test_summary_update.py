@@ -52,13 +52,14 @@ def changed_rows(path: Path, held: list[Path]) -> dict[str, int]:
 
 
 def split_archive(archive_root: Path, dst: Path) -> list[Path]:
-    """The archive's plain folder copied to ``dst``, minus every fourth file and one CT
-    dose report (moved to ``dst``/../later): new instances of series, studies and patients
-    the first run has, and new ones."""
+    """The archive's plain folder copied to ``dst``, minus (moved to ``dst``/../later) a
+    tenth of its files in a row (whole series and studies), every 4th file (late images of
+    series the first run has) and one CT dose report."""
     shutil.copytree(archive_root / "archive", dst)
     files = sorted(dst.rglob("*.dcm"))
     dose = [p for p in files if pydicom.dcmread(p, stop_before_pixels=True).Modality == "SR"]
-    held = sorted(set(files[::4]) | {dose[-1]})
+    n = len(files)
+    held = sorted(set(files[n // 2:n // 2 + n // 10]) | set(files[::4]) | {dose[-1]})
     later = dst.parent / "later"
     for p in held:
         target = later / p.relative_to(dst)
@@ -73,9 +74,16 @@ def put_back(dst: Path) -> None:
         p.rename(dst / p.relative_to(later))
 
 
-@pytest.mark.parametrize("profile", ["identified", "research"])
-def test_a_second_run_updates_the_summaries_to_what_one_run_builds(archive, tmp_path,
-                                                                   profile):
+@pytest.mark.parametrize(("profile", "share", "how"), [
+    ("identified", 1.0, "updated"), ("research", 1.0, "updated"),
+    ("identified", None, "rebuilt")])
+def test_a_second_run_updates_the_summaries_to_what_one_run_builds(
+        archive, tmp_path, monkeypatch, profile, share, how):
+    """Updated (UPDATE_SHARE 1: however much changed), the summaries are what one run
+    builds; with the default UPDATE_SHARE, this many rows of changed series and studies
+    (most of this small archive) make the run rebuild them whole, with the same rows."""
+    if share is not None:
+        monkeypatch.setattr(summarize, "UPDATE_SHARE", share)
     src = tmp_path / "pacs" / "archive"
     held = split_archive(archive[0], src)
     key = tmp_path / "lake.key"
@@ -86,16 +94,18 @@ def test_a_second_run_updates_the_summaries_to_what_one_run_builds(archive, tmp_
     put_back(src)
     second = ingest(two, src, fast_config(), **kw)
     assert second.outcomes["ingested"] == len(held)
-    assert (first.summaries, second.summaries) == ("rebuilt", "updated")
-    assert second.summary_rows == changed_rows(tmp_path / "two", held)
+    assert (first.summaries, second.summaries) == ("rebuilt", how)
+    if how == "updated":
+        assert second.summary_rows == changed_rows(tmp_path / "two", held)
 
     one = Lake.create(tmp_path / "one", profile=profile, **kw)
     whole = ingest(one, src, fast_config(), **kw)
     assert first.outcomes["ingested"] + len(held) == whole.outcomes["ingested"]
     assert derived(tmp_path / "two") == derived(tmp_path / "one")
-    # the second run replaced rows (an append with removes), it did not overwrite the tables
+    # an update replaces rows (an append with removes); a rebuild overwrites the tables
     for table in DERIVED:
-        assert last_mode(tmp_path / "two", table) == "Append", table
+        assert last_mode(tmp_path / "two", table) == \
+            {"updated": "Append", "rebuilt": "Overwrite"}[how], table
 
 
 def test_a_study_moving_to_another_patient_updates_both_patients(lake_copy):
