@@ -649,8 +649,11 @@ def cmd_cohort(args) -> int:
         print(f"exported cohort {summary.cohort} (snapshot {summary.snapshot}) as "
               f"{summary.as_} to {summary.to}: {summary.series} series, {summary.instances} "
               f"instances; {files}{summary.files} files in SHA256SUMS")
-        for uid, why in sorted(summary.not_exported.items()):
-            print(f"  not exported {uid}: {why}")
+    # what was left out goes to stderr, one line per series or instance with its reason
+    # code (also in export.json and, for NIfTI, manifest/nifti.csv)
+    for uid, why in sorted(summary.not_exported.items()):
+        print(f"lake cohort export: not exported {uid}: "
+              f"{summary.reasons.get(uid, 'unknown')}: {why}", file=sys.stderr)
     return 0
 
 
@@ -1262,6 +1265,9 @@ def main(argv: list[str] | None = None) -> int:
         import warnings
 
         warnings.filterwarnings("ignore", module="pydicom")
+        # pydicom logs what it tolerates in a header, and every decoder plugin that fails
+        # (with a traceback) before another one succeeds: -vv shows them
+        logging.getLogger("pydicom").setLevel(logging.CRITICAL)
     try:
         return args.func(args)
     except (LakeError, CliError) as exc:

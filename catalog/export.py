@@ -7,6 +7,7 @@ Everything is read at the cohort's saved snapshot. The output folder::
     DIR/manifest/instances.parquet  one row per instance with file_sha256 (and .csv)
     DIR/dicom/<study>/<series>/<sop>.dcm      --as dicom
     DIR/nifti/<series>.nii.gz + <series>.json --as nifti (sidecar of key attributes)
+    DIR/manifest/nifti.parquet    --as nifti: one row per series, written or skipped and why
     DIR/SHA256SUMS                checksums of every file above, written last
 
 Every file is written to a temporary name and renamed, so an interrupted export
@@ -24,6 +25,11 @@ the research tables; originals never leave the vault. The manifest and NIfTI
 exports work for both profiles: NIfTI keeps only pixels and geometry, its
 sidecar only values of the research tables, and series flagged
 ``BurnedInAnnotation = YES`` are left out of a research lake's NIfTI export.
+
+NIfTI volumes are built by ``catalog.nifti`` (pixels decoded by pydicom,
+geometry from the headers, multi-frame objects included); a series that is not
+one faithful volume is skipped with a reason code (``catalog.nifti.REASONS``),
+in ``ExportSummary.reasons``, ``export.json`` and ``manifest/nifti``.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -51,6 +58,7 @@ from catalog.cohorts import Cohort, open_cohort
 from catalog.config import CatalogConfig
 from catalog.connect import Catalog
 from catalog.errors import ExportError
+from catalog.nifti import Skip, Volume, build_volume
 from lakehouse import audit
 from lakehouse.checksums import data_sha256, sha256_prefix
 from lakehouse.deid import Policy, deidentify_dataset
@@ -77,8 +85,16 @@ class ExportSummary:
     skipped_existing: int = 0
     #: {SeriesInstanceUID or SOPInstanceUID: why it was not exported}
     not_exported: dict[str, str] = field(default_factory=dict)
+    #: {SeriesInstanceUID or SOPInstanceUID: reason code} (catalog.nifti.REASONS, or
+    #: source_missing / source_unreadable / source_changed / deid_mismatch for DICOM)
+    reasons: dict[str, str] = field(default_factory=dict)
     files: int = 0
     code_version: str = ""
+
+    def skip(self, uid: str, reason: str, message: str) -> None:
+        """Record that ``uid`` is not exported, with its reason code."""
+        self.not_exported[uid] = message
+        self.reasons[uid] = reason
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -105,7 +121,7 @@ def export(lake: Lake | Path | str, name: str, to: Path | str, as_: str = "manif
     # a research lake's DICOM copies are de-identified with the lake's key: check it first
     policy = lake.policy(key_file) if as_ == "dicom" and lake.research else None
     to = Path(to)
-    to.mkdir(parents=True, exist_ok=True)
+    _writable_folder(to)  # before the audit record: an export that cannot start is none
     summary = ExportSummary(name, cohort.saved.snapshot, as_, str(to))
     members = cohort.result().rows.column(cohort.saved.key)  # verifies the saved hash
     # every export is audited in the vault before anything leaves the lake
@@ -129,7 +145,7 @@ def export(lake: Lake | Path | str, name: str, to: Path | str, as_: str = "manif
                           policy)
         elif as_ == "nifti":
             _export_nifti(cohort, series, cat.arrow(_sql("cohort_sources")), to / "nifti",
-                          summary, progress)
+                          summary, progress, to / "manifest" / "nifti", meta)
     summary.code_version = code_version()
     summary.files = _write_checksums(to)
     _write_json(to / "export.json", summary.to_dict())
@@ -137,6 +153,18 @@ def export(lake: Lake | Path | str, name: str, to: Path | str, as_: str = "manif
 
 
 # --- files ----------------------------------------------------------------------------
+
+def _writable_folder(to: Path) -> None:
+    """Create ``to`` if needed and check that a file can be created in it."""
+    try:
+        to.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=to)
+    except PermissionError as exc:
+        raise ExportError(f"cannot write into {to}: {exc.strerror or exc}; choose a folder "
+                          "you can write, or ask its owner for write access") from None
+    os.close(fd)
+    os.unlink(probe)
+
 
 def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
@@ -214,7 +242,7 @@ def _export_dicom(sources: pa.Table, out: Path, summary: ExportSummary,
         if progress:
             progress("dicom", i, len(rows))
         if r["path"] is None:
-            summary.not_exported[sop] = "no ingested source file in the vault"
+            summary.skip(sop, "source_missing", "no ingested source file in the vault")
             continue
         expected = r["source_sha256"] or r["file_sha256"]
         covered = r.get("checksum_bytes")  # of the file's first bytes (the header) or all
@@ -228,10 +256,11 @@ def _export_dicom(sources: pa.Table, out: Path, summary: ExportSummary,
         try:
             data = Path(r["path"]).read_bytes()
         except OSError as exc:
-            summary.not_exported[sop] = f"source unreadable: {exc.strerror}"
+            summary.skip(sop, "source_unreadable", f"source unreadable: {exc.strerror}")
             continue
         if data_sha256(data, covered) != expected or len(data) != r["file_size"]:
-            summary.not_exported[sop] = "source file changed since ingest (checksum differs)"
+            summary.skip(sop, "source_changed",
+                         "source file changed since ingest (checksum differs)")
             continue
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = _tmp(dest)
@@ -240,8 +269,8 @@ def _export_dicom(sources: pa.Table, out: Path, summary: ExportSummary,
         else:
             copy = deidentify_dataset(pydicom.dcmread(io.BytesIO(data)), policy)
             if copy.get("SOPInstanceUID") != sop:  # the policy is not the one of the tables
-                summary.not_exported[sop] = ("the de-identified copy's SOPInstanceUID is not "
-                                             "the table's: was the lake ingested with this key?")
+                summary.skip(sop, "deid_mismatch", "the de-identified copy's SOPInstanceUID "
+                             "is not the table's: was the lake ingested with this key?")
                 continue
             pydicom.dcmwrite(tmp, copy, enforce_file_format=True)
         os.replace(tmp, dest)
@@ -261,18 +290,12 @@ def _sitk():
     return sitk
 
 
-def slice_order(rows: list[dict]) -> list[dict]:
-    """Instances sorted along the slice normal (by InstanceNumber when positions are absent)."""
-    iop = rows[0]["ImageOrientationPatient"]
-    if iop and len(iop) == 6 and all(r["ImagePositionPatient"] for r in rows):
-        normal = np.cross(np.array(iop[:3]), np.array(iop[3:]))
-        return sorted(rows, key=lambda r: (float(np.dot(normal, r["ImagePositionPatient"])),
-                                           r["SOPInstanceUID"]))
-    return sorted(rows, key=lambda r: (r["InstanceNumber"] or 0, r["SOPInstanceUID"]))
-
-
 def _export_nifti(cohort: Cohort, series: pa.Table, sources: pa.Table, out: Path,
-                  summary: ExportSummary, progress: Progress | None) -> None:
+                  summary: ExportSummary, progress: Progress | None,
+                  manifest: Path, meta: dict[str, str]) -> None:
+    """One ``.nii.gz`` + sidecar per series that is one faithful volume (catalog.nifti);
+    every series gets a row of ``manifest/nifti.{parquet,csv}``: written, existing or
+    skipped with its reason code."""
     sitk = _sitk()
     by_series: dict[str, list[dict]] = {}
     for r in sources.to_pylist():
@@ -280,39 +303,37 @@ def _export_nifti(cohort: Cohort, series: pa.Table, sources: pa.Table, out: Path
     research = cohort.lake.research
     rows = series.to_pylist()
     out.mkdir(parents=True, exist_ok=True)
+    outcome: list[dict] = []
     for n, s in enumerate(rows):
         uid = s["SeriesInstanceUID"]
         if progress:
             progress("nifti", n, len(rows))
         stem = _safe(uid)
         image_path, sidecar_path = out / f"{stem}.nii.gz", out / f"{stem}.json"
+        row = {"SeriesInstanceUID": uid, "status": "skipped", "reason": None, "message": None,
+               "file": None, "size": None, "spacing": None}
+        outcome.append(row)
         if sidecar_path.exists() and image_path.exists():
             summary.skipped_existing += 1
+            side = json.loads(sidecar_path.read_text(encoding="utf-8"))
+            row.update(status="existing", file=f"nifti/{image_path.name}",
+                       size=side.get("size"), spacing=side.get("spacing"))
             continue
-        reason = _not_volumetric(s, research)
-        insts = by_series.get(uid, [])
-        if reason is None and any(r["path"] is None for r in insts):
-            reason = "a source file is not in the vault"
-        if reason is None and not insts:
-            reason = "no instances"
-        if reason is not None:
-            summary.not_exported[uid] = reason
+        got = _series_volume(s, by_series.get(uid, []), research)
+        if isinstance(got, Skip):
+            summary.skip(uid, got.reason, got.message)
+            row.update(reason=got.reason, message=got.message)
+            log.info("series %s of cohort %s not exported as NIfTI: %s: %s", uid,
+                        cohort.name, got.reason, got.message)
             continue
-        ordered = slice_order(insts)
-        try:
-            image = sitk.ReadImage([r["path"] for r in ordered])
-        except RuntimeError:
-            # SimpleITK's message names the source paths, which identify patients (vault
-            # only): neither the summary nor the log may carry it
-            summary.not_exported[uid] = "SimpleITK cannot read the series' files"
-            log.warning("SimpleITK cannot read series %s of cohort %s", uid, cohort.name)
-            continue
+        volume, ordered = got
         # pixels and geometry only: no DICOM metadata travels into the NIfTI header
-        clean = sitk.GetImageFromArray(sitk.GetArrayFromImage(image),
-                                       isVector=image.GetNumberOfComponentsPerPixel() > 1)
-        clean.CopyInformation(image)
+        image = sitk.GetImageFromArray(volume.array, isVector=volume.array.ndim == 4)
+        image.SetOrigin(volume.origin)
+        image.SetSpacing(volume.spacing)
+        image.SetDirection(volume.direction)
         tmp = out / f".{stem}.{uuid.uuid4().hex[:8]}.tmp.nii.gz"
-        sitk.WriteImage(clean, str(tmp), True)
+        sitk.WriteImage(image, str(tmp), True)
         os.replace(tmp, image_path)
         sidecar = {
             "SeriesInstanceUID": uid,
@@ -324,31 +345,97 @@ def _export_nifti(cohort: Cohort, series: pa.Table, sources: pa.Table, out: Path
             "SeriesNumber": s["SeriesNumber"],
             "SeriesDescription": s["SeriesDescription"],
             "instanceCount": s["instanceCount"],
-            "size": list(clean.GetSize()),
-            "spacing": list(clean.GetSpacing()),
-            "origin": list(clean.GetOrigin()),
-            "direction": list(clean.GetDirection()),
-            "coordinate_system": "LPS (DICOM patient coordinates, as SimpleITK reads them)",
+            "size": list(image.GetSize()),
+            "spacing": list(image.GetSpacing()),
+            "origin": list(image.GetOrigin()),
+            "direction": list(image.GetDirection()),
+            "coordinate_system": "LPS (DICOM patient coordinates; SimpleITK convention)",
+            "pixel_values": volume.values,
+            # the instance (and frame, from 0) of each slice, in volume order
+            "slices": [[ordered[i]["SOPInstanceUID"], f] for i, f in volume.planes],
             "sop_instance_uids": [r["SOPInstanceUID"] for r in ordered],
             "cohort": cohort.name,
             "lake_snapshot": cohort.saved.snapshot,
         }
         _write_json(sidecar_path, sidecar)
         summary.written += 1
+        row.update(status="written", file=f"nifti/{image_path.name}",
+                   size=list(image.GetSize()), spacing=list(image.GetSpacing()))
     if progress:
         progress("nifti", len(rows), len(rows))
+    _write_table(manifest, pa.table(
+        {k: [r[k] for r in outcome] for k in outcome[0]} if outcome else _NIFTI_EMPTY,
+        schema=_NIFTI_SCHEMA), meta)
 
 
-def _not_volumetric(s: dict, research: bool) -> str | None:
+#: manifest/nifti: one row per series of the cohort
+_NIFTI_SCHEMA = pa.schema([
+    pa.field("SeriesInstanceUID", pa.string()),
+    # written | existing (an earlier run wrote it) | skipped
+    pa.field("status", pa.string()),
+    # reason code of a skipped series (catalog.nifti.REASONS), else null
+    pa.field("reason", pa.string()),
+    pa.field("message", pa.string()),
+    # the volume, relative to the export folder
+    pa.field("file", pa.string()),
+    # NIfTI size (columns, rows, slices) and spacing (mm)
+    pa.field("size", pa.list_(pa.int64())),
+    pa.field("spacing", pa.list_(pa.float64())),
+])
+_NIFTI_EMPTY: dict[str, list] = {f.name: [] for f in _NIFTI_SCHEMA}
+
+
+def _gdcm_pixels(path: str) -> np.ndarray:
+    """All frames of one file as GDCM decodes them (SimpleITK applies the rescale):
+    ``(frames, rows, columns[, 3])``."""
+    sitk = _sitk()
+    try:
+        image = sitk.ReadImage(path)
+    except RuntimeError:  # its message names the path: vault only
+        raise ExportError("GDCM cannot read the file either") from None
+    arr = sitk.GetArrayFromImage(image)
+    return arr[np.newaxis] if image.GetDimension() == 2 else arr
+
+
+def _series_volume(s: dict, insts: list[dict], research: bool
+                   ) -> tuple[Volume, list[dict]] | Skip:
+    """The volume of one series from its source files, or why there is none."""
     if research and s["BurnedInAnnotation"] == "YES":
-        return "burned-in annotation (identifying text in the pixels)"
+        return Skip("burned_in_annotation",
+                    "BurnedInAnnotation = YES: identifying text in the pixels")
+    # the series table's geometry checks first: no file is read for these
     if (s["distinct_orientations"] or 0) > 1:
-        return "mixed orientations: not one volume"
+        return Skip("mixed_orientations",
+                    f"{s['distinct_orientations']} orientations among the instances")
     if (s["distinct_dimensions"] or 0) > 1:
-        return "mixed matrix sizes: not one volume"
+        return Skip("mixed_dimensions",
+                    f"{s['distinct_dimensions']} matrix sizes among the instances")
     if s["uneven_spacing"]:
-        return "uneven slice spacing (missing slices?): not one regular volume"
-    return None
+        return Skip("uneven_spacing", "uneven gaps between slices (missing slices?)")
+    if not insts:
+        return Skip("source_missing", "no instances")
+    if any(r["path"] is None for r in insts):
+        return Skip("source_missing", "a source file is not in the vault")
+    datasets = []
+    for r in insts:
+        try:
+            data = Path(r["path"]).read_bytes()
+        except OSError as exc:  # the message names no path: paths are vault-only
+            return Skip("source_unreadable", f"a source file cannot be read: {exc.strerror}")
+        if (data_sha256(data, r.get("checksum_bytes")) != (r["source_sha256"]
+                                                            or r["file_sha256"])
+                or len(data) != r["file_size"]):
+            return Skip("source_changed", "a source file changed since ingest "
+                        "(checksum differs)")
+        try:
+            datasets.append(pydicom.dcmread(io.BytesIO(data), force=True))
+        except Exception as exc:  # ingested once, so this is rare: say what pydicom said
+            return Skip("source_unreadable",
+                        f"pydicom cannot read a source file: {type(exc).__name__}")
+    got = build_volume(datasets, lambda i: _gdcm_pixels(insts[i]["path"]))
+    if isinstance(got, Skip):
+        return got
+    return got, insts
 
 
-__all__ = ["FORMATS", "ExportSummary", "export", "sha256_file", "slice_order"]
+__all__ = ["FORMATS", "ExportSummary", "export", "sha256_file"]

@@ -3,7 +3,8 @@
 Walk order is depth first with the entries of each folder sorted by name; it
 decides which of two copies of an instance counts as the first. Symbolic links
 to folders are followed once (a folder reached again, through a loop or a
-second link, is not walked twice).
+second link, is not walked twice). A folder that cannot be listed
+(permissions) is yielded itself, with its error, so that the run reports it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ class FoundFile:
     path: str
     size: int
     mtime_ns: int
-    #: Set when the file could not even be stat'ed (broken link, permissions).
+    #: Set when the file could not even be stat'ed (broken link, permissions), or when
+    #: ``path`` is a folder that could not be listed.
     error: str | None = None
 
 
@@ -73,7 +75,11 @@ def _walk_dir(folder: str, seen: set[tuple[int, int]], stats: WalkStats) -> Iter
             entries = sorted(it, key=lambda e: e.name)
     except OSError as exc:
         stats.folders_unreadable += 1
-        log.warning("cannot list %s: %s", folder, exc.strerror or exc)
+        log.warning("cannot list a folder of the source: %s", exc.strerror or exc)
+        # the folder itself is reported (an io_error quarantine row, read again by the next
+        # run): the files it holds are unknown, never silently left out
+        yield FoundFile(folder, 0, 0, error=f"folder cannot be listed: "
+                                            f"{exc.strerror or exc}")
         return
     for entry in entries:
         path = entry.path

@@ -17,8 +17,8 @@ REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOP
 #: Quarantine reason codes: code -> what it means and what to do.
 REASONS: dict[str, str] = {
     "empty_file": "the file has zero bytes",
-    "io_error": "the file could not be opened or read (permissions, I/O error); it is read "
-    "again by the next run",
+    "io_error": "the file could not be opened or read, or the folder (the row's path) could "
+    "not be listed (permissions, I/O error); it is read again by the next run",
     "not_dicom": "no DICM magic and no recognisable DICOM data set at the start",
     "truncated": "the file ends inside the file meta, an element header, a value or the pixel "
     "data (element offsets checked against the file size)",

@@ -59,6 +59,20 @@ class UnknownTableError(LakeError):
         super().__init__(f"unknown table {name!r}; tables are: {', '.join(known)}")
 
 
+class LakeAccessError(LakeError):
+    """The operating system refuses this user the lake (permissions)."""
+
+    def __init__(self, path: Path | str, access: str, detail: str):
+        self.path = str(path)
+        self.access = access  # "read" or "write"
+        self.detail = detail
+        needs = ("read access to the lake folder (its _lake/ and research/ folders; the "
+                 "audit log in vault/ must be writable)" if access == "read" else
+                 "write access to the lake folder (ingest, cohorts, vacuum write to it)")
+        super().__init__(f"cannot {access} the lake at {self.path}: {detail}; this needs "
+                         f"{needs}: ask the lake's owner, or use another lake")
+
+
 class LakeBusyError(LakeError):
     def __init__(self, path: Path | str):
         self.path = str(path)

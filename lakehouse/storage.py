@@ -37,7 +37,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from lakehouse.errors import LakeBusyError, LakeError
+from lakehouse.errors import LakeAccessError, LakeBusyError, LakeError
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +271,12 @@ class _FileLock(WriterLock):
         self._fh: IO[str] | None = None
 
     def acquire(self) -> None:
-        fh = open(self.path, "a+")  # noqa: SIM115 (held until release)
+        try:
+            fh = open(self.path, "a+")  # noqa: SIM115 (held until release)
+        except PermissionError as exc:
+            raise LakeAccessError(self.url, "write", "the write lock "
+                                  f"{self.path.name} cannot be opened: "
+                                  f"{exc.strerror or exc}") from None
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -39,6 +39,7 @@ from lakehouse import deid, layout, privacy
 from lakehouse.config import CHECKSUMS, PROFILES, LakeConfig
 from lakehouse.errors import (
     FolderNotEmptyError,
+    LakeAccessError,
     LakeError,
     LakeExistsError,
     LakeFormatError,
@@ -216,6 +217,8 @@ class Lake:
             data = store.read_text(manifest)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise NoLakeError(store.url) from None
+        except PermissionError as exc:
+            raise LakeAccessError(store.url, "read", exc.strerror or str(exc)) from None
         try:
             config = LakeConfig.from_dict(json.loads(data))
         except (OSError, ValueError, TypeError) as exc:

@@ -119,6 +119,15 @@ out = Path(tempfile.mkdtemp(prefix="cohort-export-"))
 summary = export(LAKE, "notebook_chest_ct", out, "nifti")
 summary.to_dict()
 
+# %% [markdown]
+# Every series of the cohort has a row in `manifest/nifti`: written, or skipped
+# with a reason code (a series that is not one volume, an image without a place
+# in the patient...).
+
+# %%
+pd.read_parquet(out / "manifest" / "nifti.parquet")[
+    ["SeriesInstanceUID", "status", "reason", "message", "size"]]
+
 # %%
 pd.read_parquet(out / "manifest" / "instances.parquet").head()
 
