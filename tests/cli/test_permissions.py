@@ -35,6 +35,29 @@ pytestmark = pytest.mark.skipif(
 LAKE = str(Path(sys.executable).with_name("lake"))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _reachable_by_nobody():
+    """The repository and its virtual environment may sit under a folder only root may
+    enter (a clone in a ``mktemp -d`` folder, 0700): nobody could not even start ``lake``.
+    For these tests, such folders above them get the search bit for others (enter, not
+    list), and get their mode back afterwards."""
+    import stat
+
+    folders = {a for start in (Path(LAKE).parent, Path(__file__).resolve().parents[2])
+               for a in [start, *start.parents]}
+    changed = []
+    try:
+        for folder in sorted(folders):
+            mode = folder.stat().st_mode
+            if not mode & stat.S_IXOTH:
+                os.chmod(folder, stat.S_IMODE(mode) | stat.S_IXOTH)
+                changed.append((folder, stat.S_IMODE(mode)))
+        yield
+    finally:
+        for folder, mode in changed:
+            os.chmod(folder, mode)
+
+
 @pytest.fixture()
 def area():
     """A folder under /tmp that nobody can reach (pytest's tmp_path is root-only), with a
