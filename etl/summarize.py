@@ -144,9 +144,9 @@ def update(lake: Lake, before: DeltaTable, after: DeltaTable,
     """What changes in the derived tables from the ``before`` to the ``after`` version of
     ``instances``, given ``studies`` (the studies summary of ``before``); None when the
     tables are better rebuilt whole with :func:`build`: many rows are new or belong to a
-    changed series or study (``UPDATE_SHARE``), a removed file
-    can no longer be read, a changed row has no series or study UID, or the files cannot
-    be read by DuckDB directly.
+    changed series or study (``UPDATE_SHARE``), a removed file can no longer be read, a
+    changed row has no series or study UID, or the files cannot be read by DuckDB
+    directly.
 
     The rows of a series, a study or a patient depend only on the instances of that
     series, of that study, and on the studies of that patient (``etl/sql``): the changed
@@ -157,8 +157,8 @@ def update(lake: Lake, before: DeltaTable, after: DeltaTable,
     if before_files is None or after_files is None:
         return None
     added = {p: n for p, n in after_files.items() if p not in before_files}
-    if sum(n for _, n in added.values()) > UPDATE_SHARE * sum(
-            n for _, n in after_files.values()):
+    most = UPDATE_SHARE * sum(n for _, n in after_files.values())
+    if sum(n for _, n in added.values()) > most:
         return None
     changed_files = [u for u, _ in added.values()]
     gone = [u for p, (u, _) in before_files.items() if p not in after_files]
@@ -188,8 +188,8 @@ def update(lake: Lake, before: DeltaTable, after: DeltaTable,
             return None
         found[0].create_view("instances_all")
         touched = con.execute(sql("summary_files")).fetchall()
-        if sum(n for _, n in touched) > UPDATE_SHARE * sum(n for _, n in after_files.values()):
-            return None  # most rows are read again anyway: rebuilt whole, in one pass
+        if sum(n for _, n in touched) > most:
+            return None  # many rows would be read again: rebuilt whole, in one pass
         hit = [f for f, _ in touched]
         # instances_ds: only the rows of the changed series and studies (dose reports too)
         present = _register(con, lake, home, "instances", after, "instances_hit", hit)
