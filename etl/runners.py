@@ -65,7 +65,9 @@ class LocalRunner:
                      dask.delayed(b, name=f"files-{uuid.uuid4().hex}", traverse=False),
                      self.config, self.run_id, self.policy)
                  for b in batches]
-        kwargs: dict = {"scheduler": self.scheduler}
+        # the scheduler's own function: by name, dask.compute imports ``distributed`` to
+        # look for a client (half a second of the driver's CPU, for nothing)
+        kwargs: dict = {"scheduler": _LOCAL_GET[self.scheduler]()}
         if self._pool is not None:
             # one task at a time per worker (Dask's default chunks of 6 leave a worker
             # idle), and a second one queued behind it: Dask hands out a new task only
@@ -93,6 +95,29 @@ class LocalRunner:
             # every wave has been collected: the workers exit (interpreter shutdown takes
             # them a while) while the driver goes on to commit and summarize
             self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _multiprocessing_get() -> Callable:
+    import dask.multiprocessing
+
+    return dask.multiprocessing.get
+
+
+def _threaded_get() -> Callable:
+    import dask.threaded
+
+    return dask.threaded.get
+
+
+def _sync_get() -> Callable:
+    import dask.local
+
+    return dask.local.get_sync
+
+
+#: The get function of each local scheduler (imported when first used).
+_LOCAL_GET: dict[str, Callable[[], Callable]] = {
+    "processes": _multiprocessing_get, "threads": _threaded_get, "synchronous": _sync_get}
 
 
 class _Queued:
