@@ -30,6 +30,11 @@ class FoundFile:
     #: ``path`` is a folder that could not be listed.
     error: str | None = None
 
+    def __reduce__(self):
+        # a plain tuple: the dataclass default for frozen slots pickles through
+        # ``dataclasses.fields`` per object (a third of the cost of sending a batch)
+        return FoundFile, (self.path, self.size, self.mtime_ns, self.error)
+
 
 @dataclass
 class WalkStats:
@@ -93,3 +98,51 @@ def _walk_dir(folder: str, seen: set[tuple[int, int]], stats: WalkStats) -> Iter
         elif stat.S_ISREG(est.st_mode):
             yield FoundFile(path, est.st_size, est.st_mtime_ns)
         # sockets, fifos and devices are not files of an archive: ignored
+
+
+def tally(source: Path | str) -> Iterator[int]:
+    """How many files :func:`walk` would yield, folder by folder (one number per folder
+    listed; their sum is the count), without a ``stat`` per file: the type of an entry
+    comes with its folder's listing, and only links and entries of unknown type are
+    looked at further. For the progress bar's total; a few times cheaper than a walk."""
+    root = Path(source)
+    try:
+        st = os.stat(root)
+    except OSError:
+        return
+    if stat.S_ISREG(st.st_mode):
+        yield 1
+    elif stat.S_ISDIR(st.st_mode):
+        yield from _tally_dir(str(root.absolute()), set())
+
+
+def _tally_dir(folder: str, seen: set[tuple[int, int]]) -> Iterator[int]:
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return
+    key = (st.st_dev, st.st_ino)
+    if key in seen:
+        return
+    seen.add(key)
+    try:
+        with os.scandir(folder) as it:
+            entries = list(it)
+    except OSError:
+        yield 1  # walk yields the folder itself, with its error
+        return
+    files = 0
+    folders = []
+    for entry in entries:
+        if entry.is_dir():  # follows links, like walk
+            folders.append(entry.path)
+        elif entry.is_file():
+            files += 1
+        else:  # not a folder or a regular file: walk yields it only when stat fails
+            try:
+                entry.stat(follow_symlinks=True)
+            except OSError:
+                files += 1
+    yield files
+    for path in folders:
+        yield from _tally_dir(path, seen)

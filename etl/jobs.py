@@ -29,7 +29,7 @@ from deltalake.exceptions import DeltaError
 
 from etl import replay, seen, summarize
 from etl.config import IngestConfig
-from etl.discover import FoundFile, WalkStats, walk
+from etl.discover import FoundFile, WalkStats, tally, walk
 from etl.errors import REASONS
 from etl.runners import check_scheduler, make_runner
 from lakehouse.deid import Policy
@@ -501,8 +501,9 @@ def _chunked(items: Iterator, n: int) -> Iterator[list]:
 
 
 class _Counter:
-    """Counts the files below a source in a background thread (the same walk, nothing
-    kept), so the progress bar has a total while the files are found as they are read."""
+    """Counts the files below a source in a background thread (``discover.tally``: the
+    folders listed, no ``stat`` per file), so the progress bar has a total while the
+    files are found as they are read."""
 
     def __init__(self, source: Path):
         self._count = 0
@@ -514,8 +515,8 @@ class _Counter:
 
     def _run(self, source: Path) -> None:
         try:
-            for _ in walk(source):
-                self._count += 1
+            for n in tally(source):
+                self._count += n
                 if self._stop.is_set():
                     return
         except Exception:  # only the progress bar depends on it; the real walk reports

@@ -32,3 +32,27 @@ def test_a_single_file_source(tmp_path):
     f.write_bytes(b"abc")
     (found,) = walk(f)
     assert found.size == 3
+
+
+def test_tally_counts_what_walk_yields(tmp_path):
+    """The progress bar's count (no stat per file) agrees with the walk: links to files
+    and folders followed, a loop counted once, broken links and unreadable entries
+    counted (the walk yields them with their error), fifos left out."""
+    from etl.discover import tally
+
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "x").mkdir(parents=True)
+    for rel in ("a/x/2", "a/x/1.dcm", "a/z", "b/y", "c"):
+        (tmp_path / rel).write_bytes(b"x")
+    os.symlink(tmp_path, tmp_path / "b" / "loop")
+    os.symlink(tmp_path / "a", tmp_path / "b" / "second")  # a folder reached twice
+    os.symlink(tmp_path / "nowhere", tmp_path / "broken")
+    os.symlink(tmp_path / "c", tmp_path / "b" / "to-file")
+    os.mkfifo(tmp_path / "a" / "fifo")
+    os.symlink(tmp_path / "a" / "fifo", tmp_path / "to-fifo")
+    found = list(walk(tmp_path))
+    assert len(found) == 7  # 5 files, the broken link, the link to a file
+    assert sum(tally(tmp_path)) == 7
+    assert sum(tally(tmp_path / "c")) == 1
+    assert sum(tally(tmp_path / "a" / "fifo")) == 0
+    assert sum(tally(tmp_path / "nope")) == 0
