@@ -35,7 +35,7 @@ from etl.runners import check_scheduler, make_runner
 from lakehouse.deid import Policy
 from lakehouse.provenance import code_version, config_hash, new_run_id
 from lakehouse.schemas import SCHEMA_VERSION, TABLES
-from lakehouse.tables import Lake, LakeWriter
+from lakehouse.tables import Lake, LakeWriter, group_order
 
 log = logging.getLogger(__name__)
 
@@ -343,10 +343,17 @@ class _Job:
                              "checksum_bytes",
                              "reason", "message", "SOPInstanceUID", "ingest_run_id", "status"])
         files = files.append_column("outcome", pa.array(outcome, pa.string()))
-        self._files.append(files)
+        # copied (a few hundred bytes a row): a column read from a worker's IPC stream is
+        # a slice of its batch's one buffer, and would keep the whole batch (its DICOM
+        # JSON too) in memory until the commit
+        self._files.append(files.take(pa.array(np.arange(files.num_rows))))
         if take:
-            rows = wave if len(take) == wave.num_rows else wave.take(pa.array(take, pa.int64()))
-            # pending rows point into the kept rows, so the rest of the wave can be freed
+            # the kept rows in partition order (in walk order within a partition): the
+            # commit then writes each partition's runs without copying the buffer again.
+            # Pending rows point into the kept rows, so the rest of the wave can be freed
+            kept = wave.select(PARTITION).take(pa.array(take, pa.int64()))
+            take = np.asarray(take, np.int64)[group_order(kept, PARTITION)].tolist()
+            rows = wave.take(pa.array(take, pa.int64()))
             for j, i in enumerate(take):
                 self._pending[uids[i]] = (shas[i], self.summary.run_id, rows, j)
             if self.policy is not None:

@@ -577,15 +577,46 @@ class LakeWriter:
         return snap
 
 
+def partition_codes(table: pa.Table, keys: list[str]) -> tuple[np.ndarray, list[list]]:
+    """One int64 group number per row of ``table`` for its values of ``keys``, and the
+    dictionary of each key (code 0 is null, code i + 1 value i of the dictionary; the
+    group number combines the codes, first key most significant)."""
+    group = np.zeros(table.num_rows, dtype=np.int64)
+    dictionaries = []
+    for k in keys:
+        col = table.column(k)
+        encoded = pc.dictionary_encode(col.combine_chunks() if col.num_chunks != 1
+                                       else col.chunk(0))
+        codes = pc.fill_null(encoded.indices.cast(pa.int64()), -1).to_numpy() + 1
+        group = group * (len(encoded.dictionary) + 1) + codes
+        dictionaries.append(encoded.dictionary.to_pylist())
+    return group, dictionaries
+
+
+def group_order(table: pa.Table, keys: list[str]) -> np.ndarray:
+    """Row indices of ``table`` in the order of its partitions (stable: rows keep their
+    order within a partition). A table taken in this order is split by
+    :func:`_partitions` into zero-copy slices."""
+    group, _ = partition_codes(table, keys)
+    return np.argsort(group, kind="stable")
+
+
+#: Rows per run of one partition, on average, from which a table is split into zero-copy
+#: slices of its runs rather than copied whole in partition order.
+MIN_RUN_ROWS = 8
+
+
 def _partitions(table: pa.Table, spec: TableSpec) -> Iterator[tuple[dict[str, str | None],
                                                                    pa.Table]]:
     """Split ``table`` by the spec's partition columns (string partition values).
 
-    One pass: each partition column is dictionary-encoded, the codes combined into
-    one group number per row, the rows put in group order by one stable sort (a
-    single ``take``; rows keep their order within a group) and each group yielded as
-    a zero-copy slice. (A filter per group scanned the whole table once per group:
-    a hundred (Modality, year) partitions made each commit a hundred scans.)
+    Each partition column is dictionary-encoded and the codes combined into one group
+    number per row. When the rows come in runs of one partition (a commit buffer whose
+    waves were each put in partition order, :func:`group_order`), each partition is its
+    runs, sliced without a copy; otherwise the rows are put in partition order by one
+    stable sort and one ``take`` (a copy of the table). Rows keep their order within a
+    partition. (A filter per partition scanned the whole table once per partition: a
+    hundred (Modality, year) partitions made each commit a hundred scans.)
     """
     keys = list(spec.partition_by)
     if not keys:
@@ -593,29 +624,28 @@ def _partitions(table: pa.Table, spec: TableSpec) -> Iterator[tuple[dict[str, st
         return
     if table.num_rows == 0:
         return
-    group = np.zeros(table.num_rows, dtype=np.int64)
-    dictionaries = []
-    for k in keys:
-        col = table.column(k)
-        encoded = pc.dictionary_encode(col.combine_chunks() if col.num_chunks != 1
-                                       else col.chunk(0))
-        # code 0 is null; value i of the dictionary is code i + 1
-        codes = pc.fill_null(encoded.indices.cast(pa.int64()), -1).to_numpy() + 1
-        group = group * (len(encoded.dictionary) + 1) + codes
-        dictionaries.append((k, encoded.dictionary.to_pylist()))
-    if group.min() == group.max():  # one partition: no reordering
-        order = None
-        starts = np.array([0])
-    else:
-        order = np.argsort(group, kind="stable")
-        group = group[order]
-        starts = np.concatenate([[0], np.flatnonzero(group[1:] != group[:-1]) + 1])
-    ordered = table if order is None else table.take(pa.array(order))
+    group, dictionaries = partition_codes(table, keys)
+
+    def values(code: int) -> dict[str, str | None]:
+        out: dict[str, str | None] = {}
+        for k, dictionary in reversed(list(zip(keys, dictionaries, strict=True))):
+            code, c = divmod(code, len(dictionary) + 1)
+            out[k] = None if c == 0 else str(dictionary[c - 1])
+        return {k: out[k] for k in keys}
+
+    starts = np.concatenate([[0], np.flatnonzero(group[1:] != group[:-1]) + 1])
+    if len(starts) * MIN_RUN_ROWS <= table.num_rows or len(starts) == 1:
+        ends = [*starts[1:].tolist(), table.num_rows]
+        runs: dict[int, list[pa.Table]] = {}
+        for start, end in zip(starts.tolist(), ends, strict=True):
+            runs.setdefault(int(group[start]), []).append(table.slice(start, end - start))
+        for code, parts in runs.items():
+            yield values(code), parts[0] if len(parts) == 1 else pa.concat_tables(parts)
+        return
+    order = np.argsort(group, kind="stable")
+    group = group[order]
+    ordered = table.take(pa.array(order))
+    starts = np.concatenate([[0], np.flatnonzero(group[1:] != group[:-1]) + 1])
     ends = [*starts[1:].tolist(), table.num_rows]
     for start, end in zip(starts.tolist(), ends, strict=True):
-        code = int(group[start])
-        values: dict[str, str | None] = {}
-        for k, dictionary in reversed(dictionaries):
-            code, c = divmod(code, len(dictionary) + 1)
-            values[k] = None if c == 0 else str(dictionary[c - 1])
-        yield {k: values[k] for k in keys}, ordered.slice(start, end - start)
+        yield values(int(group[start])), ordered.slice(start, end - start)

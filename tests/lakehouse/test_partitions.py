@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 
 from lakehouse.schemas import TABLES
@@ -60,3 +61,34 @@ def test_chunked_columns_and_one_partition():
     assert parts[0][0] == {"Modality": "US", "study_year": "1999"}
     assert parts[0][1].column("n").to_pylist() == [3, 1, 2]
     assert list(_partitions(one.slice(0, 0), SPEC)) == []
+
+
+def test_waves_in_partition_order_are_split_without_a_copy():
+    """The ingest puts each wave's rows in partition order (group_order); a buffer of
+    such waves is split into slices of its runs, sharing the waves' memory."""
+    from lakehouse.tables import MIN_RUN_ROWS, group_order
+
+    rng = np.random.default_rng(7)
+    waves = []
+    for w in range(4):
+        n = 600
+        wave = pa.table({"n": np.arange(w * n, (w + 1) * n),
+                         "Modality": rng.choice(["CT", "MR", "US"], n).tolist(),
+                         "study_year": pa.array(rng.choice([2019, 2020], n), pa.int32())})
+        order = group_order(wave, list(SPEC.partition_by))
+        assert sorted(order.tolist()) == list(range(n))
+        waves.append(wave.take(pa.array(order)))
+    table = pa.concat_tables(waves)
+    assert 4 * 6 * MIN_RUN_ROWS <= table.num_rows  # runs long enough to be sliced
+    got = _split(table)
+    assert got == _reference(table)
+    assert len(got) == 6
+    inputs = {c.buffers()[1].address: c.buffers()[1].size for c in table.column("n").chunks}
+    for _, part in _partitions(table, SPEC):
+        for chunk in part.column("n").chunks:
+            address = chunk.buffers()[1].address
+            assert any(a <= address < a + size for a, size in inputs.items())
+    # within a partition, the rows of each wave stay in walk order
+    for rows in got.values():
+        ns = [r["n"] for r in rows]
+        assert ns == sorted(ns)

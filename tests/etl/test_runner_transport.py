@@ -1,0 +1,67 @@
+"""How batches travel between the driver and worker processes: files in as pickled
+``FoundFile`` tuples, tables back as Arrow IPC streams (``etl.runners.extract_ipc``)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import cloudpickle
+import pytest
+
+from etl.config import IngestConfig
+from etl.discover import FoundFile, walk
+from etl.extract import BATCH_SCHEMA, extract_batch
+from etl.runners import LocalRunner, extract_ipc, from_ipc
+from lakehouse.deid import Policy
+from lakehouse.privacy import Pseudonymizer
+from tests.etl import corpus as bad_inputs
+
+POLICY = Policy(Pseudonymizer(bytes(range(32))))
+
+
+@pytest.fixture(scope="module")
+def files(archive, tmp_path_factory) -> list[FoundFile]:
+    """Synthetic instances, the bad-input corpus (quarantined and skipped files) and a
+    broken link (an io_error row)."""
+    extra = tmp_path_factory.mktemp("transport")
+    bad_inputs.build(extra)
+    os.symlink(extra / "nowhere", extra / "zz-broken-link")
+    found = list(walk(archive[0]))[:40] + list(walk(extra))
+    assert any(f.error for f in found)
+    return found
+
+
+def test_found_file_pickles_as_itself():
+    for f in (FoundFile("/a/b.dcm", 12, 34), FoundFile("/a/c", 0, 0, error="denied")):
+        assert pickle.loads(pickle.dumps(f)) == f
+        assert cloudpickle.loads(cloudpickle.dumps(f)) == f
+        assert type(pickle.loads(pickle.dumps(f))) is FoundFile
+
+
+@pytest.mark.parametrize("policy", [None, POLICY], ids=["identified", "research"])
+def test_ipc_stream_gives_the_batch_table(files, policy):
+    config = IngestConfig(checksum="header")
+    want = extract_batch(files, config, "run-1", policy)
+    assert set(want.column("status").to_pylist()) == {"ok", "quarantined", "skipped"}
+    stream = extract_ipc(files, config, "run-1", policy)
+    got = from_ipc(pickle.loads(pickle.dumps(stream)))  # as it crosses the process pool
+    assert got.schema == BATCH_SCHEMA
+    assert got.num_rows == len(files)
+    assert got.equals(want)
+
+
+def test_process_runner_returns_the_tables_of_the_synchronous_one(files):
+    batches = [files[:7], files[7:30], files[30:]]
+    config = IngestConfig(checksum="header", workers=2)
+    tables = {}
+    for scheduler in ("processes", "synchronous"):
+        runner = LocalRunner(IngestConfig(**{**config.to_dict(), "scheduler": scheduler}),
+                             "run-1", POLICY)
+        try:
+            tables[scheduler] = runner.submit(batches).result()
+        finally:
+            runner.close()
+    assert [t.num_rows for t in tables["processes"]] == [7, 23, len(files) - 30]
+    for got, want in zip(tables["processes"], tables["synchronous"], strict=True):
+        assert got.equals(want)
