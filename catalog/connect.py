@@ -133,14 +133,19 @@ class Catalog:
         costs the Parquet footers only: no row group has a null ``instance_kinds``."""
         if "legacy_kind_instances" not in self._views:
             return
-        (nulls,) = self.con.execute(
-            "SELECT count(*) FROM studies WHERE instance_kinds IS NULL").fetchall()[0]
-        if nulls:
+        try:
+            (nulls,) = self.con.execute(
+                "SELECT count(*) FROM studies WHERE instance_kinds IS NULL").fetchall()[0]
+            if nulls:
+                return
+            # the same columns and types, no rows (identifiers and types from the view)
+            view = self.con.table("legacy_kind_instances")
+            columns, types = view.columns, view.types
+        except duckdb.Error as exc:  # unreadable files: the queries will say so
+            log.warning("catalog: legacy_kind_instances kept as is: %s", _first_line(exc))
             return
-        # the same columns and types, no rows (identifiers and types from the view itself)
-        view = self.con.table("legacy_kind_instances")
         empty = ", ".join(f'CAST(NULL AS {typ}) AS "{col}"'
-                          for col, typ in zip(view.columns, view.types, strict=True))
+                          for col, typ in zip(columns, types, strict=True))
         self.con.execute(f"CREATE OR REPLACE VIEW legacy_kind_instances AS "
                          f"SELECT {empty} WHERE false")
 
