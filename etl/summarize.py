@@ -46,11 +46,11 @@ KEYS = {"series": "SeriesInstanceUID", "studies": "StudyInstanceUID",
 #: the rows, 1.3 s against 1.2 s for a rebuild; at 1 %, 0.8 s against 1.4 s)
 UPDATE_SHARE = 0.25
 #: when the files holding those rows hold more than this share of all instances rows, the
-#: summaries are rebuilt whole too: an update reads those files whole (bench/summaries.py,
-#: 100,000 files + 1 %: files with 44 % of the rows read, 0.87 s against 1.43 s for a
-#: rebuild; after `lake optimize`, one file per partition, every file read: 1.5 s against
-#: 1.1 s)
-READ_SHARE = 0.6
+#: summaries are rebuilt whole too: an update reads those files whole, which pays while
+#: it summarizes fewer rows (bench/summaries.py, 100,000 files + 1 %: files with 74 % of
+#: the rows read, 0.87 s against 1.43 s for a rebuild) but not once it reads every file
+#: (after `lake optimize` left one file per partition: 1.5 s against 1.1 s)
+READ_SHARE = 0.9
 
 
 def sql(name: str) -> str:
@@ -165,7 +165,10 @@ def update(lake: Lake, before: DeltaTable, after: DeltaTable,
     added = {p: n for p, n in after_files.items() if p not in before_files}
     most = UPDATE_SHARE * sum(n for _, n in after_files.values())
     moved = _rows_moved(lake, before.version(), after.version())
-    if not moved and sum(n for _, n in added.values()) > most:
+    # rows moved (compacted) are compared row by row: no cheaper than a rebuild for many
+    # rows (bench/summaries.py --optimize: 2.5 s against 1.9 s for the whole table)
+    if sum(n for p, (_, n) in before_files.items() if p not in after_files) > most \
+            or (not moved and sum(n for _, n in added.values()) > most):
         return None
     new = [u for u, _ in added.values()]
     gone = [u for p, (u, _) in before_files.items() if p not in after_files]
