@@ -20,6 +20,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import pydicom
 from pydicom.dataset import Dataset
 
@@ -269,12 +270,24 @@ def _keep_raw_values(ds: Dataset, data: dict) -> None:
 
 #: one encoder for every header (``json.dumps`` with options builds a new one per call);
 #: a header is a tree built afresh from the file's bytes, never a cycle, so the encoder
-#: need not track the containers it is inside (the same text, a fifth less CPU)
+#: need not track the containers it is inside. The fallback of :func:`_dumps`.
 _ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"),
                            check_circular=False).encode
 
 
 def _dumps(header: dict) -> str:
-    return _ENCODE(header)
-
-
+    """The header's DICOM JSON text: orjson's (compact, UTF-8, about a fifth of the CPU
+    of ``json``), which parses to the same values as ``json``'s text. Floats may be
+    written differently (``1e-7`` for ``1e-07``, ``0.000015`` for ``1.5e-05``: the same
+    number). Where the two would not parse alike, the text is ``json``'s, as before:
+    orjson writes NaN and infinities as ``null`` (``json`` writes ``NaN`` and
+    ``Infinity``), so a text with a ``null`` in it (a NaN, or a None value, or only the
+    word in a string) is written by ``json``; and orjson refuses integers beyond 64 bits
+    and strings with lone surrogates, which ``json`` writes."""
+    try:
+        data = orjson.dumps(header)
+    except TypeError:  # orjson.JSONEncodeError
+        return _ENCODE(header)
+    if b"null" in data:
+        return _ENCODE(header)
+    return data.decode()
