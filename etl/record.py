@@ -105,6 +105,7 @@ def record_from_json(header: dict) -> tuple[dict[str, Any], list[str]]:
         name, is_list, is_text, conv = plan
         vr = elem.get("vr")
         # the memo's key (:func:`_memo_key`), the common one-value cases inline
+        key: tuple | None
         if len(values) == 1:
             first = values[0]
             cls = first.__class__
