@@ -166,6 +166,7 @@ class _Walk:
         out: dict[str, Any] = {}
         count = 0
         vr: str | None
+        key: str | None
         while pos < end:
             # --- the element header, checked as etl.safety's walk checks it
             if partial and pos + 12 > avail:
