@@ -180,8 +180,12 @@ def _parse(buf: bytes, name: str = "", *, max_depth: int = 64, bulk_data_thresho
 def _deidentified_record(header: dict, uids: dict[str, str],
                          policy: Policy) -> tuple[dict[str, Any], list[str]]:
     """The record of the de-identified header: every value comes from the filtered JSON."""
-    original_age = age_years(_first(header, _AGE), parse_date(_first(header, _BIRTH)),
-                             parse_date(_first(header, _STUDY_DATE)))
+    age = _first(header, _AGE)
+    # the dates only when the age string does not give the age
+    original_age = age_years(age, None, None)
+    if original_age is None:
+        original_age = age_years(age, parse_date(_first(header, _BIRTH)),
+                                 parse_date(_first(header, _STUDY_DATE)))
     result = policy.apply(header)
     record, invalid = record_from_json(result.json)
     for keyword in INSTANCE_UIDS:
@@ -195,9 +199,15 @@ def _deidentified_record(header: dict, uids: dict[str, str],
 
 
 def _first(header: dict, tag: str) -> str | None:
+    """``text`` of the element's first value (a string's, inline)."""
     elem = header.get(tag)
     values = elem.get("Value") if elem else None
-    return text(values[0]) if values else None
+    if not values:
+        return None
+    value = values[0]
+    if value.__class__ is str:
+        return value.strip().strip("\x00").strip() or None
+    return text(value)
 
 
 def _dcmread(buf: bytes, layout: safety.Layout) -> Dataset:

@@ -362,10 +362,18 @@ def _memo_key(elem: dict | None):
     values = elem.get("Value")
     if not values:
         return ()
-    if len(values) == 1 and values[0].__class__ is str:  # the common case, as below
-        if len(values[0]) > MEMO_VALUE_CHARS:
-            raise ValueError("too long to memoize")
-        return (values[0],)
+    if len(values) == 1:  # the common cases, as below
+        value = values[0]
+        if value.__class__ is str:
+            if len(value) > MEMO_VALUE_CHARS:
+                raise ValueError("too long to memoize")
+            return (value,)
+        if value.__class__ is dict:  # a person name's component groups
+            items = tuple(value.items())
+            for _, part in items:
+                if len(str(part)) > MEMO_VALUE_CHARS:
+                    raise ValueError("too long to memoize")
+            return (items,)
     if len(values) > 8 or any(_long(v) for v in values):
         raise ValueError("too long to memoize")
     return tuple(tuple(v.items()) if isinstance(v, dict) else v for v in values)
