@@ -45,6 +45,12 @@ KEYS = {"series": "SeriesInstanceUID", "studies": "StudyInstanceUID",
 #: reads those rows once per summary and is no cheaper (bench/summaries.py: at 56 % of
 #: the rows, 1.3 s against 1.2 s for a rebuild; at 1 %, 0.8 s against 1.4 s)
 UPDATE_SHARE = 0.25
+#: when the files holding those rows hold more than this share of all instances rows, the
+#: summaries are rebuilt whole too: an update reads those files whole, which pays while
+#: it summarizes fewer rows (bench/summaries.py, 100,000 files + 1 %: files with 74 % of
+#: the rows read, 0.87 s against 1.43 s for a rebuild) but not once it reads every file
+#: (after `lake optimize` left one file per partition: 1.5 s against 1.1 s)
+READ_SHARE = 0.9
 
 
 def sql(name: str) -> str:
@@ -158,25 +164,25 @@ def update(lake: Lake, before: DeltaTable, after: DeltaTable,
         return None
     added = {p: n for p, n in after_files.items() if p not in before_files}
     most = UPDATE_SHARE * sum(n for _, n in after_files.values())
-    if sum(n for _, n in added.values()) > most:
+    moved = _rows_moved(lake, before.version(), after.version())
+    if not moved and sum(n for _, n in added.values()) > most:
         return None
-    changed_files = [u for u, _ in added.values()]
+    new = [u for u, _ in added.values()]
     gone = [u for p, (u, _) in before_files.items() if p not in after_files]
     con, home = _connect(lake)
     try:
-        changed_files += gone
-        if not changed_files:
+        if not new and not gone:
             return {}
-        if not all(f.startswith(home) and "%" not in f for f in changed_files):
+        if not all(f.startswith(home) and "%" not in f for f in new + gone):
             return None
         try:
-            changed = con.sql(
-                "SELECT DISTINCT SeriesInstanceUID, StudyInstanceUID, PatientID "
-                "FROM read_parquet($files, union_by_name = true)",
-                params={"files": changed_files}).to_arrow_table()
+            changed = _changed_keys(con, new, gone, moved)
         except duckdb.IOException:  # a removed file no longer there (vacuumed)
             log.info("summaries: a removed instances file is gone; rebuilt whole")
             return None
+        if moved and sum(changed.column("rows").to_pylist()) > most:
+            return None
+        changed = changed.drop_columns(["rows"])
         if changed.column("SeriesInstanceUID").null_count \
                 or changed.column("StudyInstanceUID").null_count:
             return None
@@ -189,8 +195,11 @@ def update(lake: Lake, before: DeltaTable, after: DeltaTable,
         found[0].create_view("instances_all")
         touched = con.execute(sql("summary_files")).fetchall()
         if sum(n for _, n in touched) > most:
-            return None  # many rows would be read again: rebuilt whole, in one pass
+            return None  # many rows would be summarized again: rebuilt whole, in one pass
         hit = [f for f, _ in touched]
+        rows_in = dict(after_files.values())
+        if sum(rows_in.get(f, 0) for f in hit) > READ_SHARE * sum(rows_in.values()):
+            return None  # the files holding them are most of the table: read it once
         # instances_ds: only the rows of the changed series and studies (dose reports too)
         present = _register(con, lake, home, "instances", after, "instances_hit", hit)
         con.execute("CREATE VIEW instances_ds AS SELECT * FROM instances_hit "
@@ -218,6 +227,47 @@ def update(lake: Lake, before: DeltaTable, after: DeltaTable,
         return {name: out[name] for name in DERIVED_TABLES}
     finally:
         con.close()
+
+
+def _rows_moved(lake: Lake, before: int, after: int) -> bool:
+    """Whether some commits of ``instances`` from version ``before`` to ``after`` only
+    move rows (every action ``dataChange`` false, as ``lake optimize`` compacts) and the
+    others only add files. Then a row in an added file may be an old row in a new place,
+    and the changed rows are told by comparing rows, not files. False also when a commit
+    cannot be read (its log cleaned up): every row of the files added or removed then
+    counts as changed, which is always right, only slower."""
+    moved = False
+    for version in range(before + 1, after + 1):
+        actions = lake.commit_actions("instances", version)
+        if actions is None:
+            return False
+        files = [a[kind] for a in actions for kind in ("add", "remove") if kind in a]
+        if files and not any(f.get("dataChange", True) for f in files):
+            moved = True
+        elif any("remove" in a for a in actions):
+            return False  # rows removed or rewritten: the files tell
+    return moved
+
+
+#: the columns of an instances row the changed keys are found from: the instance, the run
+#: that added it, and the keys its summaries are grouped by
+_ROW_IDENTITY = "SOPInstanceUID, ingest_run_id, SeriesInstanceUID, StudyInstanceUID, PatientID"
+
+
+def _changed_keys(con: duckdb.DuckDBPyConnection, new: list[str], gone: list[str],
+                  moved: bool) -> pa.Table:
+    """The series, study and patient keys of the instance rows in the files ``new`` (added)
+    and ``gone`` (removed), with the number of such rows (``rows``). When rows may only
+    have ``moved`` between files, a row found in both is not a change
+    (``etl/sql/summary_changes.sql``)."""
+    for view, files in (("rows_new", new), ("rows_gone", gone)):
+        if files:
+            rows = con.sql(f"SELECT {_ROW_IDENTITY} FROM read_parquet($files, "
+                           "union_by_name = true)", params={"files": files}).to_arrow_table()
+        else:
+            rows = pa.table({c: pa.array([], pa.string()) for c in _ROW_IDENTITY.split(", ")})
+        con.register(view, rows)
+    return con.sql(sql("summary_changes"), params={"moved": moved}).to_arrow_table()
 
 
 def dose_events(con: duckdb.DuckDBPyConnection) -> pa.Table:

@@ -290,6 +290,17 @@ class Lake:
         return DeltaTable(self.table_uri(name), version=version,
                           storage_options=self.storage.delta_options)
 
+    def commit_actions(self, name: str, version: int) -> list[dict] | None:
+        """The actions of commit ``version`` of table ``name``, each a one-key dict as in
+        the Delta log (``{"add": {...}}``, ``{"remove": {...}}``, ``{"commitInfo": ...}``);
+        None when that commit's log file is gone (log clean-up after a checkpoint)."""
+        log_file = f"{as_rel(layout.table_path(_REL, name))}/_delta_log/{version:020d}.json"
+        try:
+            text = self.storage.read_text(log_file)
+        except FileNotFoundError:
+            return None
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
     def delta(self, name: str, snapshot: Snapshot | None = None) -> DeltaTable:
         snap = snapshot or self.snapshot()
         return self.open_delta(name, snap.versions[name])
@@ -523,15 +534,9 @@ class LakeWriter:
 
     def _commit_id(self, name: str, version: int) -> str | None:
         """The ``lake.commit_id`` of commit ``version`` of table ``name`` (None: none)."""
-        log_file = f"{as_rel(layout.table_path(_REL, name))}/_delta_log/{version:020d}.json"
-        try:
-            text = self.storage.read_text(log_file)
-        except FileNotFoundError:
-            return None
-        for line in text.splitlines():
-            info = json.loads(line).get("commitInfo") if line.strip() else None
-            if info is not None:
-                return info.get(COMMIT_ID_KEY)
+        for action in self.lake.commit_actions(name, version) or []:
+            if "commitInfo" in action:
+                return action["commitInfo"].get(COMMIT_ID_KEY)
         return None
 
     def _stage(self, root: str, spec: TableSpec, part: pa.Table, values: dict[str, str | None],

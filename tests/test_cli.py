@@ -105,6 +105,7 @@ def test_init_ingest_status(capsys, tmp_path, monkeypatch):
     from etl import summarize
 
     monkeypatch.setattr(summarize, "UPDATE_SHARE", 1.0)
+    monkeypatch.setattr(summarize, "READ_SHARE", 1.0)
     shutil.copy(get_testdata_file("MR_small.dcm"), src / "b.dcm")
     code, out, _ = run(capsys, "ingest", str(src), "--lake", str(lake), "--scheduler",
                        "synchronous", "--no-progress")

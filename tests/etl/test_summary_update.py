@@ -74,16 +74,18 @@ def put_back(dst: Path) -> None:
         p.rename(dst / p.relative_to(later))
 
 
-@pytest.mark.parametrize(("profile", "share", "how"), [
-    ("identified", 1.0, "updated"), ("research", 1.0, "updated"),
-    ("identified", None, "rebuilt")])
+@pytest.mark.parametrize(("profile", "shares", "how"), [
+    ("identified", (1.0, 1.0), "updated"), ("research", (1.0, 1.0), "updated"),
+    ("identified", None, "rebuilt"), ("identified", (1.0, 0.0), "rebuilt")])
 def test_a_second_run_updates_the_summaries_to_what_one_run_builds(
-        archive, tmp_path, monkeypatch, profile, share, how):
-    """Updated (UPDATE_SHARE 1: however much changed), the summaries are what one run
-    builds; with the default UPDATE_SHARE, this many rows of changed series and studies
-    (most of this small archive) make the run rebuild them whole, with the same rows."""
-    if share is not None:
-        monkeypatch.setattr(summarize, "UPDATE_SHARE", share)
+        archive, tmp_path, monkeypatch, profile, shares, how):
+    """Updated (UPDATE_SHARE and READ_SHARE 1: however much changed or must be read), the
+    summaries are what one run builds; with the default UPDATE_SHARE, this many rows of
+    changed series and studies (most of this small archive) make the run rebuild them
+    whole, with the same rows; so does a READ_SHARE the files to read exceed."""
+    if shares is not None:
+        monkeypatch.setattr(summarize, "UPDATE_SHARE", shares[0])
+        monkeypatch.setattr(summarize, "READ_SHARE", shares[1])
     src = tmp_path / "pacs" / "archive"
     held = split_archive(archive[0], src)
     key = tmp_path / "lake.key"
@@ -145,17 +147,23 @@ def test_a_study_moving_to_another_patient_updates_both_patients(lake_copy):
 
 
 def test_update_after_compaction_and_when_the_code_changed(archive, tmp_path, monkeypatch):
-    """Files removed by `lake optimize` (their rows rewritten) count as changed; summaries
-    built by other summary code are rebuilt whole."""
+    """Rows `lake optimize` moved into new files are not changes: the update after it
+    writes the rows of what the run added only; summaries built by other summary code are
+    rebuilt whole."""
     src = tmp_path / "pacs" / "archive"
-    split_archive(archive[0], src)
+    held = split_archive(archive[0], src)
     two = Lake.create(tmp_path / "two", profile="identified")
-    ingest(two, src, fast_config(flush_rows=40))
+    # small batches and commits: many small files for optimize to compact
+    ingest(two, src, fast_config(batch_files=8, batches_per_worker=1, flush_rows=20))
+    before = Lake.open(tmp_path / "two").open_delta("instances").version()
     optimize(two)
+    assert Lake.open(tmp_path / "two").open_delta("instances").version() > before  # compacted
     put_back(src)
     monkeypatch.setattr(summarize, "UPDATE_SHARE", 1.0)  # update however much changed
-    ingest(two, src, fast_config())
-    assert last_mode(tmp_path / "two", "studies") == "Append"
+    monkeypatch.setattr(summarize, "READ_SHARE", 1.0)
+    second = ingest(two, src, fast_config())
+    assert second.summaries == "updated" and last_mode(tmp_path / "two", "studies") == "Append"
+    assert second.summary_rows == changed_rows(tmp_path / "two", held)
     one = Lake.create(tmp_path / "one", profile="identified")
     ingest(one, src, fast_config())
     assert derived(tmp_path / "two") == derived(tmp_path / "one")

@@ -242,6 +242,7 @@ def test_summaries_updated_on_s3_equal_one_local_run(s3, archive, tmp_path, monk
     )
 
     monkeypatch.setattr(summarize, "UPDATE_SHARE", 1.0)  # update however much changed
+    monkeypatch.setattr(summarize, "READ_SHARE", 1.0)
     src = tmp_path / "pacs" / "archive"
     split_archive(archive[0], src)
     url = "s3://lakes/updated"
