@@ -71,8 +71,20 @@ _PIXEL_VRS = (b"OB", b"OW")
 #: and the character set's codec), so a repeated element is one slice and one lookup.
 #: Only elements that pass every check of the walk the same way wherever they are (no
 #: item delimiters, no Pixel Data, no Specific Character Set, no sequences, values of at
-#: most ``MEMO_VALUE_BYTES``) are kept; each table holds ``rawjson.MEMO_ENTRIES`` at most.
+#: most ``MEMO_VALUE_BYTES``) are kept; each table holds ``rawjson.MEMO_ENTRIES`` at most,
+#: and there are at most ``MEMO_TABLES`` tables (all start over when one more is needed).
 _ELEMENTS: dict[tuple[bool, str], dict[bytes, tuple[str, str, list | None]]] = {}
+MEMO_TABLES = 4
+
+
+def _table(explicit: bool, codec: str) -> dict[bytes, tuple[str, str, list | None]]:
+    """The memo of whole elements for this encoding and codec."""
+    table = _ELEMENTS.get((explicit, codec))
+    if table is None:
+        if len(_ELEMENTS) >= MEMO_TABLES:
+            _ELEMENTS.clear()
+        table = _ELEMENTS[(explicit, codec)] = {}
+    return table
 
 
 class _Fallback(Exception):
@@ -162,7 +174,7 @@ class _Walk:
             MAX_ELEMENT, UNDEFINED
         # the Python codec in force, None for ISO 2022 code extensions (never memoized)
         codec = dec.encoding if isinstance(dec.encoding, str) else None
-        elements = None if codec is None else _ELEMENTS.setdefault((explicit, codec), {})
+        elements = None if codec is None else _table(explicit, codec)
         out: dict[str, Any] = {}
         count = 0
         vr: str | None
@@ -291,8 +303,7 @@ class _Walk:
                     raise _Fallback  # a character set of its own inside a sequence item
                 dec.encoding = dec.charset(raw)
                 codec = dec.encoding if isinstance(dec.encoding, str) else None
-                elements = None if codec is None else \
-                    _ELEMENTS.setdefault((explicit, codec), {})
+                elements = None if codec is None else _table(explicit, codec)
             if length > MEMO_VALUE_BYTES or vr in _NOT_MEMOIZED or codec is None:
                 if length > bulk and vr in _BINARY:
                     continue  # bulk data: left out of the JSON

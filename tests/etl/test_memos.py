@@ -71,6 +71,19 @@ def test_warm_cold_and_cleared_memos_give_the_same_rows(files, research, monkeyp
     assert warm == cleared
 
 
+def test_the_walks_element_tables_are_bounded(files, monkeypatch):
+    """One table of whole elements per encoding and codec, at most MEMO_TABLES of them
+    (the corpus has more codecs than that)."""
+    _clear_module_memos()
+    _parse_all(files, None)
+    bound = onewalk.MEMO_TABLES
+    assert 1 <= len(onewalk._ELEMENTS) <= bound
+    monkeypatch.setattr(onewalk, "MEMO_TABLES", 100)  # unbounded: the corpus needs more
+    _clear_module_memos()
+    _parse_all(files, None)
+    assert len(onewalk._ELEMENTS) > bound
+
+
 def _patient_file(tmp_path: Path, uid: _Uids, name: str, pid: str, person: str) -> FoundFile:
     ds = base(uid)
     ds.PatientID = pid
