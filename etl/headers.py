@@ -20,6 +20,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import pydicom
 from pydicom.dataset import Dataset
 
@@ -179,8 +180,12 @@ def _parse(buf: bytes, name: str = "", *, max_depth: int = 64, bulk_data_thresho
 def _deidentified_record(header: dict, uids: dict[str, str],
                          policy: Policy) -> tuple[dict[str, Any], list[str]]:
     """The record of the de-identified header: every value comes from the filtered JSON."""
-    original_age = age_years(_first(header, _AGE), parse_date(_first(header, _BIRTH)),
-                             parse_date(_first(header, _STUDY_DATE)))
+    age = _first(header, _AGE)
+    # the dates only when the age string does not give the age
+    original_age = age_years(age, None, None)
+    if original_age is None:
+        original_age = age_years(age, parse_date(_first(header, _BIRTH)),
+                                 parse_date(_first(header, _STUDY_DATE)))
     result = policy.apply(header)
     record, invalid = record_from_json(result.json)
     for keyword in INSTANCE_UIDS:
@@ -194,9 +199,15 @@ def _deidentified_record(header: dict, uids: dict[str, str],
 
 
 def _first(header: dict, tag: str) -> str | None:
+    """``text`` of the element's first value (a string's, inline)."""
     elem = header.get(tag)
     values = elem.get("Value") if elem else None
-    return text(values[0]) if values else None
+    if not values:
+        return None
+    value = values[0]
+    if value.__class__ is str:
+        return value.strip().strip("\x00").strip() or None
+    return text(value)
 
 
 def _dcmread(buf: bytes, layout: safety.Layout) -> Dataset:
@@ -269,12 +280,24 @@ def _keep_raw_values(ds: Dataset, data: dict) -> None:
 
 #: one encoder for every header (``json.dumps`` with options builds a new one per call);
 #: a header is a tree built afresh from the file's bytes, never a cycle, so the encoder
-#: need not track the containers it is inside (the same text, a fifth less CPU)
+#: need not track the containers it is inside. The fallback of :func:`_dumps`.
 _ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"),
                            check_circular=False).encode
 
 
 def _dumps(header: dict) -> str:
-    return _ENCODE(header)
-
-
+    """The header's DICOM JSON text: orjson's (compact, UTF-8, about a fifth of the CPU
+    of ``json``), which parses to the same values as ``json``'s text. Floats may be
+    written differently (``1e-7`` for ``1e-07``, ``0.000015`` for ``1.5e-05``: the same
+    number). Where the two would not parse alike, the text is ``json``'s, as before:
+    orjson writes NaN and infinities as ``null`` (``json`` writes ``NaN`` and
+    ``Infinity``), so a text with a ``null`` in it (a NaN, or a None value, or only the
+    word in a string) is written by ``json``; and orjson refuses integers beyond 64 bits
+    and strings with lone surrogates, which ``json`` writes."""
+    try:
+        data = orjson.dumps(header)
+    except TypeError:  # orjson.JSONEncodeError
+        return _ENCODE(header)
+    if b"null" in data:
+        return _ENCODE(header)
+    return data.decode()

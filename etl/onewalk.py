@@ -65,6 +65,28 @@ _ITEM_GROUP = ITEM >> 16
 _PIXEL_VRS = (b"OB", b"OW")
 
 
+#: ``{(explicit VR, codec): {element bytes: (JSON key, VR, "Value" list or None)}}``: the
+#: elements the walk decoded and memoized (as ``rawjson._MEMO``), keyed by their whole
+#: bytes (tag, VR, length and value: everything their JSON depends on, with the encoding
+#: and the character set's codec), so a repeated element is one slice and one lookup.
+#: Only elements that pass every check of the walk the same way wherever they are (no
+#: item delimiters, no Pixel Data, no Specific Character Set, no sequences, values of at
+#: most ``MEMO_VALUE_BYTES``) are kept; each table holds ``rawjson.MEMO_ENTRIES`` at most,
+#: and there are at most ``MEMO_TABLES`` tables (all start over when one more is needed).
+_ELEMENTS: dict[tuple[bool, str], dict[bytes, tuple[str, str, list | None]]] = {}
+MEMO_TABLES = 4
+
+
+def _table(explicit: bool, codec: str) -> dict[bytes, tuple[str, str, list | None]]:
+    """The memo of whole elements for this encoding and codec."""
+    table = _ELEMENTS.get((explicit, codec))
+    if table is None:
+        if len(_ELEMENTS) >= MEMO_TABLES:
+            _ELEMENTS.clear()
+        table = _ELEMENTS[(explicit, codec)] = {}
+    return table
+
+
 class _Fallback(Exception):
     """The two separate walks decide this file."""
 
@@ -152,8 +174,11 @@ class _Walk:
             MAX_ELEMENT, UNDEFINED
         # the Python codec in force, None for ISO 2022 code extensions (never memoized)
         codec = dec.encoding if isinstance(dec.encoding, str) else None
+        elements = None if codec is None else _table(explicit, codec)
         out: dict[str, Any] = {}
         count = 0
+        vr: str | None
+        key: str | None
         while pos < end:
             # --- the element header, checked as etl.safety's walk checks it
             if partial and pos + 12 > avail:
@@ -168,6 +193,19 @@ class _Walk:
                 group, elem, vr_bytes, length = header(buf, pos)
             else:
                 group, elem, length = header(buf, pos)
+            # an element met before (an 8-byte header, its value in the buffer): every
+            # check below passed for these bytes and the value decoded to these values
+            stop = pos + 8 + length
+            if elements is not None and stop <= avail:
+                hit = elements.get(buf[pos:stop])
+                if hit is not None:
+                    key, vr, values = hit
+                    count += 1
+                    out[key] = {"vr": vr} if values is None else \
+                        {"vr": vr, "Value": values.copy()}
+                    pos = stop
+                    continue
+            at = pos
             tag = (group << 16) | elem
             if group == item_group:
                 if tag == ITEM_END:
@@ -265,6 +303,7 @@ class _Walk:
                     raise _Fallback  # a character set of its own inside a sequence item
                 dec.encoding = dec.charset(raw)
                 codec = dec.encoding if isinstance(dec.encoding, str) else None
+                elements = None if codec is None else _table(explicit, codec)
             if length > MEMO_VALUE_BYTES or vr in _NOT_MEMOIZED or codec is None:
                 if length > bulk and vr in _BINARY:
                     continue  # bulk data: left out of the JSON
@@ -277,6 +316,11 @@ class _Walk:
                 if len(memo) >= rawjson.MEMO_ENTRIES:
                     memo.clear()
                 memo[mkey] = values
+            if start == at + 8 and group != item_group and tag != pixel_data \
+                    and tag != _SPECIFIC_CHARSET and elements is not None:
+                if len(elements) >= rawjson.MEMO_ENTRIES:
+                    elements.clear()
+                elements[buf[at:stop]] = (key, vr, values)
             # a new element each time: the memo's value list is never handed out
             out[key] = {"vr": vr} if values is None else {"vr": vr, "Value": values.copy()}
         self.count += count

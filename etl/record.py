@@ -81,20 +81,42 @@ MEMO_VALUE_CHARS = 256
 _MEMO: dict[tuple, tuple[Any, bool]] = {}
 
 
+#: ``{tag: (column name, is a list column, is a text column, value conversion)}``
+_BY_TAG = {tag: (name, is_list, is_text, conv) for name, tag, is_list, is_text, conv in _PLAN}
+#: the record's keys, in schema order (the record starts with every column null)
+_NAMES = tuple(name for name, *_ in _PLAN)
+_ORDER = {name: i for i, name in enumerate(_NAMES)}
+
+
 def record_from_json(header: dict) -> tuple[dict[str, Any], list[str]]:
     """Typed values of the schema's header columns, and the keywords present whose
     value could not be converted (a data-quality flag; the column is then null)."""
-    rec: dict[str, Any] = {}
+    rec: dict[str, Any] = dict.fromkeys(_NAMES)
     invalid: list[str] = []
-    get = header.get
     memo = _MEMO
-    for name, tag, is_list, is_text, conv in _PLAN:
-        elem = get(tag)
-        if not elem or not (values := elem.get("Value")):
-            rec[name] = None
+    by_tag = _BY_TAG
+    # the header's elements, each looked up once; for a long header, the columns' tags
+    elements = header.items() if len(header) <= 4 * len(by_tag) else \
+        [(tag, header[tag]) for tag in by_tag if tag in header]
+    for tag, elem in elements:
+        plan = by_tag.get(tag)
+        if plan is None or not elem or not (values := elem.get("Value")):
             continue
+        name, is_list, is_text, conv = plan
         vr = elem.get("vr")
-        key = _memo_key(tag, vr, values)
+        # the memo's key (:func:`_memo_key`), the common one-value cases inline
+        key: tuple | None
+        if len(values) == 1:
+            first = values[0]
+            cls = first.__class__
+            if cls is str:
+                key = (tag, vr, first) if len(first) <= MEMO_VALUE_CHARS else None
+            elif (cls is float or cls is int) and first:
+                key = (tag, vr, cls, first)
+            else:
+                key = None
+        else:
+            key = _memo_key(tag, vr, values)
         if key is not None:
             hit = memo.get(key)
             if hit is None:
@@ -107,12 +129,15 @@ def record_from_json(header: dict) -> tuple[dict[str, Any], list[str]]:
                 typed = typed.copy()  # the memo's list is never handed out
         else:
             typed, ok = _convert(values, vr, is_list, is_text, conv)
-        rec[name] = typed if ok else None
-        if not ok:
+        if ok:
+            rec[name] = typed
+        else:
             invalid.append(name)
-    rec["patient_age_years"] = age_years(rec.get("PatientAge"), rec.get("PatientBirthDate"),
-                                         rec.get("StudyDate"))
-    rec["study_year"] = rec["StudyDate"].year if rec.get("StudyDate") else None
+    if len(invalid) > 1:
+        invalid.sort(key=_ORDER.__getitem__)  # in schema order, whatever the header's
+    study = rec["StudyDate"]
+    rec["patient_age_years"] = age_years(rec["PatientAge"], rec["PatientBirthDate"], study)
+    rec["study_year"] = study.year if study else None
     return rec, invalid
 
 

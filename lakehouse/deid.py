@@ -141,6 +141,11 @@ def _action(tag: str) -> int:
 
 #: ``{tag: action}`` for every allowed public tag; a tag not in it is dropped.
 _ACTIONS: dict[str, int] = {tag: _action(tag) for tag in ALLOWED_TAGS}
+#: VRs an element of a ``_KEEP`` tag is kept with as it is (when it has values; else
+#: as ``{"vr": VR}``): all but PN, SQ, UI, DA and DT, which the filter changes
+_PLAIN_VRS = frozenset({"AE", "AS", "AT", "CS", "DS", "FD", "FL", "IS", "LO", "LT", "OB",
+                        "OD", "OF", "OL", "OV", "OW", "SH", "SL", "SS", "ST", "SV", "TM", "UC",
+                        "UL", "UN", "UR", "US", "UT", "UV"})
 #: the header values the patient context is computed from (its cache key)
 _CONTEXT_TAGS = (*_ID_TOKEN_TAGS, _NAME_TAG, _BIRTH_TAG, _STUDY_UID_TAG)
 #: Entries a memo table holds before it starts over (bounds a worker's memory).
@@ -228,7 +233,7 @@ class Policy:
     # -- context -------------------------------------------------------------
     def context(self, header: dict) -> PatientContext:
         try:
-            key = tuple(_memo_key(header.get(tag)) for tag in _CONTEXT_TAGS)
+            key = tuple(map(_memo_key, map(header.get, _CONTEXT_TAGS)))
             ctx = self._contexts.get(key)
         except (TypeError, ValueError):  # an unhashable or long value: no memo
             return self._context(header)
@@ -273,9 +278,9 @@ class Policy:
     def _filter(self, ds: dict, ctx: PatientContext, mapping: list, depth: int) -> dict:
         out: dict = {}
         creators = _private_creators(ds) if self.private else {}
-        actions = _ACTIONS
+        actions, plain, odd = _ACTIONS, _PLAIN_VRS, _ODD_HEX
         for tag, elem in ds.items():
-            if tag[3] in _ODD_HEX:  # an odd group: a private attribute
+            if tag[3] in odd:  # an odd group: a private attribute
                 if not self._private_allowed(tag, int(tag[:4], 16), creators):
                     continue
                 out[tag] = elem
@@ -284,6 +289,9 @@ class Policy:
             if action is None:
                 continue
             vr = elem.get("vr")
+            if action == _KEEP and vr in plain:  # most elements: kept as they are
+                out[tag] = elem if elem.get("Value") is not None else {"vr": vr}
+                continue
             if vr == "PN":
                 continue
             values = elem.get("Value")
@@ -354,6 +362,18 @@ def _memo_key(elem: dict | None):
     values = elem.get("Value")
     if not values:
         return ()
+    if len(values) == 1:  # the common cases, as below
+        value = values[0]
+        if value.__class__ is str:
+            if len(value) > MEMO_VALUE_CHARS:
+                raise ValueError("too long to memoize")
+            return (value,)
+        if value.__class__ is dict:  # a person name's component groups
+            items = tuple(value.items())
+            for _, part in items:
+                if len(str(part)) > MEMO_VALUE_CHARS:
+                    raise ValueError("too long to memoize")
+            return (items,)
     if len(values) > 8 or any(_long(v) for v in values):
         raise ValueError("too long to memoize")
     return tuple(tuple(v.items()) if isinstance(v, dict) else v for v in values)

@@ -18,7 +18,26 @@
 -- The test reads studies.instance_kinds (the kinds of instance each study has,
 -- written by the summary): a study is an exam when it has a kind with none of
 -- the excluded bits. Studies summarized before that column existed (NULL) are
--- tested on their instances instead, with the same result.
+-- tested on their instances instead (legacy_kind_instances), with the same result.
+
+-- legacy_kind_instances: the instances of the studies whose instance_kinds is NULL
+-- (summarized before the column existed) that some exclusion may set aside (a cheap,
+-- constant test); exam_studies tests the exclusions asked for on these rows only.
+-- A catalog whose studies all have instance_kinds (every lake summarized since)
+-- replaces this view by one of no rows with the same columns when it opens
+-- (catalog/connect.py), so the repeat-exam queries neither bind nor scan `instances`.
+--   StudyInstanceUID   study UID
+--   ImageType          the instance's ImageType values
+--   SOPClassUID        the instance's SOP class
+--   Modality           the instance's modality
+CREATE VIEW legacy_kind_instances AS
+SELECT StudyInstanceUID, ImageType, SOPClassUID, Modality
+FROM instances
+SEMI JOIN (SELECT StudyInstanceUID FROM studies WHERE instance_kinds IS NULL) USING (StudyInstanceUID)
+WHERE list_contains(ImageType, 'LOCALIZER') OR list_contains(ImageType, 'DERIVED')
+   OR list_contains(ImageType, 'SECONDARY') OR is_secondary_capture(SOPClassUID)
+   OR Modality IN ('SR', 'KO', 'PR', 'REG', 'SEG', 'RTSTRUCT', 'DOC');
+
 CREATE MACRO exam_studies(exclude_localizers := true, exclude_derived := true,
                           exclude_secondary := true, exclude_non_image := true) AS TABLE
 WITH asked AS (  -- the kinds (0-15) that keep a study: those without an excluded bit
@@ -27,19 +46,9 @@ WITH asked AS (  -- the kinds (0-15) that keep a study: those without an exclude
     WHERE k & (exclude_localizers::INTEGER + 2 * exclude_derived::INTEGER
                + 4 * exclude_secondary::INTEGER + 8 * exclude_non_image::INTEGER) = 0
 ),
-legacy AS (  -- studies without instance_kinds (none in a lake summarized since)
-    SELECT StudyInstanceUID FROM studies WHERE instance_kinds IS NULL
-),
-candidates AS (  -- their images some exclusion may set aside (a cheap, constant test)
-    SELECT StudyInstanceUID, ImageType, SOPClassUID, Modality
-    FROM instances SEMI JOIN legacy USING (StudyInstanceUID)
-    WHERE list_contains(ImageType, 'LOCALIZER') OR list_contains(ImageType, 'DERIVED')
-       OR list_contains(ImageType, 'SECONDARY') OR is_secondary_capture(SOPClassUID)
-       OR Modality IN ('SR', 'KO', 'PR', 'REG', 'SEG', 'RTSTRUCT', 'DOC')
-),
-excluded AS (  -- the exclusions asked for, tested on those few rows only
+excluded AS (  -- the exclusions asked for, tested on the studies without instance_kinds
     SELECT StudyInstanceUID, count(*) AS n
-    FROM candidates
+    FROM legacy_kind_instances
     WHERE (exclude_localizers AND list_contains(ImageType, 'LOCALIZER'))
        OR (exclude_derived AND list_contains(ImageType, 'DERIVED'))
        OR (exclude_secondary AND (list_contains(ImageType, 'SECONDARY')

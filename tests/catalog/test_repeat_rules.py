@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.util
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from catalog import open_lake, reports
+from catalog.errors import QueryError
 from lakehouse import Lake
 
 D = dt.date(2024, 3, 1)
@@ -142,6 +144,30 @@ def _bench_module():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_instances_are_read_only_for_studies_without_kinds(small, tmp_path):
+    """Where every study has instance_kinds, the repeat exams never read `instances`: the
+    catalog empties legacy_kind_instances when it opens, and queries keep working once the
+    instances files are gone; where studies lack it, their instances are read."""
+    copy = tmp_path / "lake"
+    shutil.copytree(small.lake.root, copy)
+    written = small.con.execute("SELECT count(instance_kinds) FROM studies").fetchall()[0][0] > 0
+    with open_lake(copy) as cat:
+        before = flags(cat)
+        legacy = cat.con.execute(
+            "SELECT StudyInstanceUID FROM legacy_kind_instances ORDER BY 1").fetchall()
+        # the localizer of 4.2 and of 4.5, the derived 4.3, the secondary capture 4.4
+        assert legacy == ([] if written else [("4.2",), ("4.3",), ("4.4",), ("4.5",)])
+        for f in (copy / "research" / "instances").rglob("*.parquet"):
+            f.unlink()
+        if written:
+            assert flags(cat) == before
+            assert reports.repeat_rates(cat, by=["Modality"]).column("repeats").to_pylist() \
+                == [4]
+        else:
+            with pytest.raises(QueryError):
+                flags(cat)
 
 
 def test_sql_agrees_with_an_independent_pandas_version(tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydicom.data import get_charset_files
 
-from etl import rawjson, record, safety
+from etl import onewalk, rawjson, record, safety
 from etl.config import IngestConfig
 from etl.discover import FoundFile
 from etl.errors import FileRejected
@@ -25,6 +25,7 @@ KEY = bytes(range(32))
 
 def _clear_module_memos() -> None:
     rawjson._MEMO.clear()
+    onewalk._ELEMENTS.clear()
     record._MEMO.clear()
 
 
@@ -61,12 +62,26 @@ def test_warm_cold_and_cleared_memos_give_the_same_rows(files, research, monkeyp
     policy = Policy(Pseudonymizer(KEY)) if research else None
     cleared = _parse_all(files, policy)
     assert len(rawjson._MEMO) <= 2 and len(record._MEMO) <= 2
+    assert onewalk._ELEMENTS and all(len(t) <= 2 for t in onewalk._ELEMENTS.values())
     if policy is not None:
         assert max(len(policy._uids), len(policy._ids), len(policy._dates),
                    len(policy._contexts)) <= 2
     assert sum(1 for v in warm.values() if isinstance(v, dict)) >= 300
     assert warm == cold
     assert warm == cleared
+
+
+def test_the_walks_element_tables_are_bounded(files, monkeypatch):
+    """One table of whole elements per encoding and codec, at most MEMO_TABLES of them
+    (the corpus has more codecs than that)."""
+    _clear_module_memos()
+    _parse_all(files, None)
+    bound = onewalk.MEMO_TABLES
+    assert 1 <= len(onewalk._ELEMENTS) <= bound
+    monkeypatch.setattr(onewalk, "MEMO_TABLES", 100)  # unbounded: the corpus needs more
+    _clear_module_memos()
+    _parse_all(files, None)
+    assert len(onewalk._ELEMENTS) > bound
 
 
 def _patient_file(tmp_path: Path, uid: _Uids, name: str, pid: str, person: str) -> FoundFile:
@@ -153,6 +168,9 @@ def test_long_values_are_never_memoized():
     assert warm[0]["PatientID"] == Pseudonymizer(KEY).patient_id("P" * 300)
     assert rawjson._MEMO and record._MEMO and policy._uids  # the short values are memoized
     assert max(len(k[1]) for k in rawjson._MEMO) <= rawjson.MEMO_VALUE_BYTES
+    # whole elements: an 8-byte header and a value of at most MEMO_VALUE_BYTES
+    assert max(len(k) for t in onewalk._ELEMENTS.values() for k in t) <= \
+        rawjson.MEMO_VALUE_BYTES + 8
     assert max(len(str(v)) for k in record._MEMO for v in k[2:]) <= record.MEMO_VALUE_CHARS
     assert all(len(k[1]) <= deid.MEMO_VALUE_CHARS for k in policy._ids)
     assert policy._contexts == {}  # the long PatientID is part of the context's key

@@ -279,3 +279,51 @@ def test_corrupted_headers_give_what_the_two_walks_give(ts, lengths, stride, mon
     assert d is None and differ == []
     assert tally.counts["one walk: rejected"] >= 600 // stride
     assert tally.counts["one walk: ok"] >= 100 // stride
+
+
+@pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian],
+                         ids=["explicit", "implicit"])
+def test_elements_met_before_decide_as_the_first_time(ts, monkeypatch):
+    """The walk's memo of whole elements (``onewalk._ELEMENTS``): a Pixel Data element
+    with a short VR inside an item (an ordinary element there) ends the data set at the
+    top level; a repeated Specific Character Set still switches the codec; a repeated
+    element in a header-only buffer that ends inside it asks for more bytes. Walked
+    cold, then warm, then with the memo starting over at every second entry."""
+    def with_charset(charset: str) -> bytes:
+        ds = bad_inputs.base(bad_inputs._Uids())
+        ds.SpecificCharacterSet = charset
+        item = Dataset()
+        item.add_new(0x7FE00010, "US", 7)  # Pixel Data: an ordinary element in an item
+        item.CodeValue = "T-D4000"
+        ds.ReferencedImageSequence = Sequence([item])
+        ds.PatientName = "Müller^Jürgen"
+        return _file(ds, ts)
+
+    latin, utf8 = with_charset("ISO_IR 100"), with_charset("ISO_IR 192")
+    top = bad_inputs.base(bad_inputs._Uids())
+    top.CodeValue = "T-D4000"
+    top.add_new(0x7FE00010, "US", 7)  # Pixel Data, the same bytes as in the item
+    pixel_at_top = _file(top, ExplicitVRLittleEndian)
+    tally = Tally(monkeypatch)
+    cases = [(latin, {}), (utf8, {}), (pixel_at_top, {})]
+    cases += [(buf[:cut], {"file_size": len(buf)}) for buf in (latin, utf8)
+              for cut in range(len(buf) - 40, len(buf), 3)]
+    differ = []
+    onewalk._ELEMENTS.clear()
+    for _ in range(2):  # cold, then warm
+        for buf, kw in cases:
+            if d := tally.compare(buf, **kw):
+                differ.append(d)
+    monkeypatch.setattr(rawjson, "MEMO_ENTRIES", 2)
+    onewalk._ELEMENTS.clear()
+    for buf, kw in cases:
+        if d := tally.compare(buf, **kw):
+            differ.append(d)
+    assert differ == []
+    assert all(len(t) <= 2 for t in onewalk._ELEMENTS.values())
+    if ts == ImplicitVRLittleEndian:  # Pixel Data has no VR there: the two walks decide
+        assert tally.counts["two walks: ok"] >= 3
+        return
+    header = onewalk.walk(utf8)[1]
+    assert header["00100010"]["Value"] == [{"Alphabetic": "Müller^Jürgen"}]
+    assert header["00081140"]["Value"][0]["7FE00010"] == {"vr": "US", "Value": [7]}
