@@ -638,11 +638,10 @@ def _partitions(table: pa.Table, spec: TableSpec) -> Iterator[tuple[dict[str, st
             out[k] = None if c == 0 else str(dictionary[c - 1])
         return {k: out[k] for k in keys}
 
-    starts = np.concatenate([[0], np.flatnonzero(group[1:] != group[:-1]) + 1])
-    if len(starts) * MIN_RUN_ROWS <= table.num_rows or len(starts) == 1:
-        ends = [*starts[1:].tolist(), table.num_rows]
+    bounds = _runs(group)
+    if len(bounds) * MIN_RUN_ROWS <= table.num_rows or len(bounds) == 1:
         runs: dict[int, list[pa.Table]] = {}
-        for start, end in zip(starts.tolist(), ends, strict=True):
+        for start, end in bounds:
             runs.setdefault(int(group[start]), []).append(table.slice(start, end - start))
         for code, parts in runs.items():
             yield values(code), parts[0] if len(parts) == 1 else pa.concat_tables(parts)
@@ -650,7 +649,11 @@ def _partitions(table: pa.Table, spec: TableSpec) -> Iterator[tuple[dict[str, st
     order = np.argsort(group, kind="stable")
     group = group[order]
     ordered = table.take(pa.array(order))
-    starts = np.concatenate([[0], np.flatnonzero(group[1:] != group[:-1]) + 1])
-    ends = [*starts[1:].tolist(), table.num_rows]
-    for start, end in zip(starts.tolist(), ends, strict=True):
+    for start, end in _runs(group):
         yield values(int(group[start])), ordered.slice(start, end - start)
+
+
+def _runs(group: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) of each run of equal values in ``group`` (not empty)."""
+    starts = np.concatenate([[0], np.flatnonzero(group[1:] != group[:-1]) + 1]).tolist()
+    return list(zip(starts, [*starts[1:], len(group)], strict=True))
