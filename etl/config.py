@@ -20,6 +20,12 @@ class IngestConfig:
     flush_rows: int = 20_000
     #: Buffered DICOM JSON bytes before a commit (bounds the driver's memory).
     flush_bytes: int = 96 * 1024 * 1024
+    #: At a commit that is not the run's last, the rows of the smallest (Modality, year)
+    #: partitions, up to this share of ``flush_rows`` and of ``flush_bytes``, are held
+    #: back for the next commit (with their files' vault rows): rows of a partition
+    #: then gather into fewer, larger Parquet files while the buffer stays within
+    #: ``flush_rows`` / ``flush_bytes``. 0 writes every buffered row at each commit.
+    hold_share: float = 0.25
     #: Local worker processes (default: CPU count).
     workers: int | None = None
     #: ``processes`` (default), ``threads``, ``synchronous``, ``local-cluster`` or the

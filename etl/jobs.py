@@ -35,7 +35,7 @@ from etl.runners import check_scheduler, make_runner
 from lakehouse.deid import Policy
 from lakehouse.provenance import code_version, config_hash, new_run_id
 from lakehouse.schemas import SCHEMA_VERSION, TABLES
-from lakehouse.tables import Lake, LakeWriter, group_order
+from lakehouse.tables import Lake, LakeWriter, group_order, partition_codes
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ class _Job:
                 self.progress("extract", done + self.summary.files_unchanged, total)
                 if (self._buffer_rows >= self.config.flush_rows
                         or self._buffer_bytes >= self.config.flush_bytes):
-                    self._flush()
+                    self._flush(final=False)
             self._flush()
         finally:
             counter.stop()
@@ -388,12 +388,27 @@ class _Job:
         return None
 
     # -- commits ---------------------------------------------------------------
-    def _flush(self) -> None:
+    def _flush(self, final: bool = True) -> None:
+        """Commit the buffered rows. A commit that is not the run's last (``final``) holds
+        back the rows of the smallest partitions (``IngestConfig.hold_share``) and the
+        vault ``files`` rows of their files: those files are committed, and so known to
+        be read, only with their instances (a run killed meanwhile reads them again)."""
         if not self._files:
             return
         files = pa.concat_tables(self._files)
+        held: pa.Table | None = None
         if self._ingested:
             instances = pa.concat_tables(self._ingested)
+            if not final and self.config.hold_share > 0:
+                instances, held = hold_back(
+                    instances, int(self.config.hold_share * self.config.flush_rows),
+                    int(self.config.hold_share * self.config.flush_bytes))
+            if held is not None and held.num_rows:
+                waiting = pc.and_(pc.equal(files.column("outcome"), "ingested"),
+                                  pc.is_in(files.column("SOPInstanceUID"),
+                                           value_set=held.column("SOPInstanceUID")))
+                self._files = [files.filter(waiting)]
+                files = files.filter(pc.invert(waiting))
             self.w.append("instances", instances)
             if self._uids is not None:
                 assert self._hasher is not None
@@ -419,9 +434,21 @@ class _Job:
             replay.resolve_fixed(self.w, again, self.summary.run_id)
         self.w.append("files", files)
         self.w.publish(note=f"ingest {self.summary.run_id}: {files.num_rows} files")
-        self._files, self._ingested, self._conflicts, self._id_maps = [], [], [], []
+        self._conflicts, self._id_maps = [], []
         self._pending.clear()
-        self._buffer_rows = self._buffer_bytes = 0
+        if held is not None and held.num_rows:
+            # the held rows wait for the next commit: still pending in this run
+            run_id = self.summary.run_id
+            for j, (uid, sha) in enumerate(zip(held.column("SOPInstanceUID").to_pylist(),
+                                               held.column("file_sha256").to_pylist(),
+                                               strict=True)):
+                self._pending[uid] = (sha, run_id, held, j)
+            self._ingested = [held]
+            self._buffer_rows = held.num_rows
+            self._buffer_bytes = held.column("dicom_json").nbytes
+        else:
+            self._files, self._ingested = [], []
+            self._buffer_rows = self._buffer_bytes = 0
 
     def _append_identifiers(self) -> None:
         """New original <-> pseudonym pairs of this flush into the vault."""
@@ -500,6 +527,39 @@ class _Job:
             "status": status, "message": message,
         }
         self.w.append("ingest_runs", pa.Table.from_pylist([row]))
+
+
+def hold_back(rows: pa.Table, max_rows: int, max_bytes: int) -> tuple[pa.Table, pa.Table]:
+    """``(write, held)``: ``rows`` (instances, in runs of one partition) split by partition.
+    ``held``: the rows of the smallest (Modality, study_year) partitions, smallest first,
+    as many whole partitions as fit in ``max_rows`` rows and ``max_bytes`` of DICOM JSON,
+    copied in partition order (so they keep no wave's buffers alive); ``write``: the
+    others, sliced from ``rows`` without a copy. Rows keep their order within a
+    partition. A partition held back at each commit gathers its rows into one file
+    later instead of one small file per commit."""
+    if not rows.num_rows or max_rows <= 0:
+        return rows, rows.slice(0, 0)
+    group, _ = partition_codes(rows, PARTITION)
+    codes, inverse, counts = np.unique(group, return_inverse=True, return_counts=True)
+    lengths = pc.binary_length(rows.column("dicom_json")).to_numpy(zero_copy_only=False)
+    json_bytes = np.bincount(inverse, weights=np.nan_to_num(lengths.astype(np.float64)),
+                             minlength=len(codes))
+    order = np.argsort(counts, kind="stable")  # smallest partitions first
+    fits = (np.cumsum(counts[order]) <= max_rows) & (np.cumsum(json_bytes[order]) <= max_bytes)
+    # a partition that does not fit ends the held ones: all of them would be more
+    held_codes = codes[order[:int(np.argmin(fits)) if not fits.all() else len(order)]]
+    if not len(held_codes) or len(held_codes) == len(codes):
+        return rows, rows.slice(0, 0)
+    is_held = np.isin(group, held_codes)
+    starts = np.concatenate([[0], np.flatnonzero(
+        (group[1:] != group[:-1]) | (is_held[1:] != is_held[:-1])) + 1])
+    ends = np.append(starts[1:], len(group))
+    write = [rows.slice(int(a), int(b - a)) for a, b in zip(starts, ends, strict=True)
+             if not is_held[a]]
+    taken = np.flatnonzero(is_held)
+    held = rows.take(pa.array(taken[np.argsort(group[taken], kind="stable")]))
+    out = pa.concat_tables(write) if write else rows.slice(0, 0)
+    return out, held
 
 
 def _chunked(items: Iterator, n: int) -> Iterator[list]:
