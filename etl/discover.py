@@ -43,8 +43,45 @@ class WalkStats:
     loops_skipped: int = 0
 
 
+#: Files per chunk of :func:`walk_columns` for :func:`walk` (which yields them one by one).
+WALK_CHUNK = 256
+
+
+@dataclass(slots=True)
+class Found:
+    """A chunk of the files of a walk, in walk order, as columns (no object per file):
+    ``errors`` maps a position in the chunk to the error of that entry (a file that could
+    not be stat'ed, or a folder that could not be listed; its size and mtime are 0)."""
+
+    paths: list[str]
+    sizes: list[int]
+    mtimes: list[int]
+    errors: dict[int, str]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def file(self, i: int) -> FoundFile:
+        return FoundFile(self.paths[i], self.sizes[i], self.mtimes[i], self.errors.get(i))
+
+
 def walk(source: Path | str, stats: WalkStats | None = None) -> Iterator[FoundFile]:
     """Yield every file below ``source`` (or ``source`` itself when it is a file)."""
+    for found in walk_columns(source, stats, WALK_CHUNK):
+        for i in range(len(found)):
+            yield found.file(i)
+
+
+def walk_columns(source: Path | str, stats: WalkStats | None = None,
+                 chunk: int = 20_000) -> Iterator[Found]:
+    """The files of :func:`walk`, in the same order, in chunks of ``chunk`` files (the last
+    one smaller; never empty), found as the chunks are taken.
+
+    One ``stat`` per entry (following links) and one listing per folder, nothing else:
+    an entry's ``stat`` also gives a folder's device and inode (the loop check), and the
+    walk keeps its place in each open folder on a stack of its own rather than in a
+    generator per folder level (a file found eight levels down went through eight
+    generators)."""
     root = Path(source)
     stats = stats if stats is not None else WalkStats()
     try:
@@ -52,52 +89,84 @@ def walk(source: Path | str, stats: WalkStats | None = None) -> Iterator[FoundFi
     except OSError as exc:
         raise SourceError(str(root), exc.strerror or str(exc)) from None
     if stat.S_ISREG(st.st_mode):
-        yield FoundFile(str(root.absolute()), st.st_size, st.st_mtime_ns)
+        yield Found([str(root.absolute())], [st.st_size], [st.st_mtime_ns], {})
         return
     if not stat.S_ISDIR(st.st_mode):
         raise SourceError(str(root), "not a folder or a regular file")
     if not os.access(root, os.R_OK | os.X_OK):
         raise SourceError(str(root), "permission denied")
     seen: set[tuple[int, int]] = set()
-    yield from _walk_dir(str(root.absolute()), seen, stats)
+    paths: list[str] = []
+    sizes: list[int] = []
+    mtimes: list[int] = []
+    errors: dict[int, str] = {}
 
-
-def _walk_dir(folder: str, seen: set[tuple[int, int]], stats: WalkStats) -> Iterator[FoundFile]:
-    try:
-        st = os.stat(folder)
-    except OSError:
-        stats.folders_unreadable += 1
-        return
-    key = (st.st_dev, st.st_ino)
-    if key in seen:
-        stats.loops_skipped += 1
-        log.debug("folder %s already walked (link loop or second link)", folder)
-        return
-    seen.add(key)
-    stats.folders += 1
-    try:
-        with os.scandir(folder) as it:
-            entries = sorted(it, key=lambda e: e.name)
-    except OSError as exc:
-        stats.folders_unreadable += 1
-        log.warning("cannot list a folder of the source: %s", exc.strerror or exc)
-        # the folder itself is reported (an io_error quarantine row, read again by the next
-        # run): the files it holds are unknown, never silently left out
-        yield FoundFile(folder, 0, 0, error=f"folder cannot be listed: "
-                                            f"{exc.strerror or exc}")
-        return
-    for entry in entries:
-        path = entry.path
+    def listing(folder: str, st: os.stat_result) -> list[str] | None:
+        """The sorted names in ``folder`` (None: already walked, or not listable)."""
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            stats.loops_skipped += 1
+            log.debug("folder %s already walked (link loop or second link)", folder)
+            return None
+        seen.add(key)
+        stats.folders += 1
         try:
-            est = entry.stat(follow_symlinks=True)
+            names = os.listdir(folder)
         except OSError as exc:
-            yield FoundFile(path, 0, 0, error=exc.strerror or str(exc))
-            continue
-        if stat.S_ISDIR(est.st_mode):
-            yield from _walk_dir(path, seen, stats)
-        elif stat.S_ISREG(est.st_mode):
-            yield FoundFile(path, est.st_size, est.st_mtime_ns)
-        # sockets, fifos and devices are not files of an archive: ignored
+            stats.folders_unreadable += 1
+            log.warning("cannot list a folder of the source: %s", exc.strerror or exc)
+            # the folder itself is reported (an io_error quarantine row, read again by the
+            # next run): the files it holds are unknown, never silently left out
+            errors[len(paths)] = f"folder cannot be listed: {exc.strerror or exc}"
+            paths.append(folder)
+            sizes.append(0)
+            mtimes.append(0)
+            return None
+        names.sort()
+        return names
+
+    top = str(root.absolute())
+    names = listing(top, st)
+    # each open folder: [its path with a trailing separator, its sorted names, next index]
+    stack: list[list] = [] if names is None else [[os.path.join(top, ""), names, 0]]
+    is_reg, is_dir, stat_of = stat.S_ISREG, stat.S_ISDIR, os.stat
+    while stack:
+        frame = stack[-1]
+        prefix, names, i = frame
+        n = len(names)
+        while i < n:
+            path = prefix + names[i]
+            i += 1
+            try:
+                est = stat_of(path)
+            except OSError as exc:
+                errors[len(paths)] = exc.strerror or str(exc)
+                paths.append(path)
+                sizes.append(0)
+                mtimes.append(0)
+                continue
+            mode = est.st_mode
+            if is_reg(mode):
+                paths.append(path)
+                sizes.append(est.st_size)
+                mtimes.append(est.st_mtime_ns)
+                if len(paths) >= chunk:
+                    yield Found(paths, sizes, mtimes, errors)
+                    paths, sizes, mtimes, errors = [], [], [], {}
+            elif is_dir(mode):
+                sub = listing(path, est)
+                if sub is not None:
+                    frame[2] = i
+                    stack.append([path + "/", sub, 0])
+                    break
+            # sockets, fifos and devices are not files of an archive: ignored
+        else:
+            stack.pop()
+        if len(paths) >= chunk:
+            yield Found(paths, sizes, mtimes, errors)
+            paths, sizes, mtimes, errors = [], [], [], {}
+    if paths:
+        yield Found(paths, sizes, mtimes, errors)
 
 
 def tally(source: Path | str) -> Iterator[int]:

@@ -29,7 +29,7 @@ from deltalake.exceptions import DeltaError
 
 from etl import replay, seen, summarize
 from etl.config import IngestConfig
-from etl.discover import FoundFile, WalkStats, tally, walk
+from etl.discover import Found, FoundFile, WalkStats, tally, walk_columns
 from etl.errors import REASONS
 from etl.runners import check_scheduler, make_runner
 from lakehouse.deid import Policy
@@ -159,7 +159,8 @@ class _Job:
 
     def _run(self, source: Path) -> None:
         stats = WalkStats()
-        found = walk(source, stats)  # a generator: files are found as extraction goes
+        # a generator: files are found as extraction goes, INDEX_CHUNK at a time
+        found = walk_columns(source, stats, INDEX_CHUNK)
         t = time.perf_counter()
         todo = self._changed(found, stats)
         self._extract(source, todo)
@@ -171,10 +172,11 @@ class _Job:
         self._summarize_if_stale()
         self.timings["summarize"] = time.perf_counter() - t
 
-    def _changed(self, found: Iterator[FoundFile], stats: WalkStats) -> Iterator[FoundFile]:
+    def _changed(self, found: Iterator[Found], stats: WalkStats) -> Iterator[FoundFile]:
         """The files of ``found`` not already read with the same path, size and mtime (one
-        scan of the file index per run, then lookups in memory), ``INDEX_CHUNK`` at a time:
-        the walk runs only as far ahead of extraction as one chunk."""
+        scan of the file index per run, then lookups in memory), a chunk of the walk at a
+        time: the walk runs only as far ahead of extraction as one chunk. An unchanged
+        file costs its ``stat`` and its share of a few column operations: no object."""
         assert self._hasher is not None
         t = time.perf_counter()
         index = seen.KeyIndex()
@@ -182,28 +184,31 @@ class _Job:
         self.timings["discover"] += time.perf_counter() - t
         while True:
             t = time.perf_counter()
-            chunk = list(itertools.islice(found, INDEX_CHUNK))
+            chunk = next(found, None)
             self.summary.folders_unreadable = stats.folders_unreadable
-            if not chunk:
+            if chunk is None:
                 self.timings["discover"] += time.perf_counter() - t
                 self._walked = True
                 return
-            self.summary.files_seen += len(chunk)
+            n = len(chunk)
+            self.summary.files_seen += n
             table = pa.table({
-                "path": pa.array([f.path for f in chunk], pa.string()),
-                "file_size": pa.array([f.size for f in chunk], pa.int64()),
-                "mtime_ns": pa.array([f.mtime_ns for f in chunk], pa.int64()),
-                "reason": pa.nulls(len(chunk), pa.string()),
+                "path": pa.array(chunk.paths, pa.string()),
+                "file_size": pa.array(chunk.sizes, pa.int64()),
+                "mtime_ns": pa.array(chunk.mtimes, pa.int64()),
+                "reason": pa.nulls(n, pa.string()),
             })
             present, unchanged = index.lookup(*self._hasher.keys(table, *seen.FILE_KEY))
+            if chunk.errors:  # a file that could not be stat'ed is never unchanged
+                unchanged[list(chunk.errors)] = False
+            todo = np.flatnonzero(~unchanged).tolist()
+            self.summary.files_unchanged += n - len(todo)
             self.timings["discover"] += time.perf_counter() - t
-            for f, known, same in zip(chunk, present.tolist(), unchanged.tolist(), strict=True):
-                if f.error is not None or not same:
-                    if known:
-                        self._reread.add(f.path)
-                    yield f
-                else:
-                    self.summary.files_unchanged += 1
+            for i in todo:
+                f = chunk.file(i)
+                if present[i]:
+                    self._reread.add(f.path)
+                yield f
 
     def _batches(self, files: Iterator[FoundFile]) -> Iterator[list[FoundFile]]:
         batch: list[FoundFile] = []

@@ -138,14 +138,14 @@ def test_files_are_found_while_earlier_ones_are_read(archive, tmp_path, monkeypa
     monkeypatch.setattr(jobs, "INDEX_CHUNK", 40)
     walked = {"n": 0}
 
-    def counting_walk(source, stats=None):
-        for f in jobs_walk(source, stats):
+    def counting_walk(source, stats=None, chunk=20_000):
+        for found in jobs_walk(source, stats, chunk):
             if threading.current_thread().name != "lake-count-files":
-                walked["n"] += 1
-            yield f
+                walked["n"] += len(found)
+            yield found
 
-    jobs_walk = jobs.walk
-    monkeypatch.setattr(jobs, "walk", counting_walk)
+    jobs_walk = jobs.walk_columns
+    monkeypatch.setattr(jobs, "walk_columns", counting_walk)
     calls = []
     src = tmp_path / "pacs"
     shutil.copytree(archive[0], src)
