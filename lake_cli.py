@@ -207,7 +207,8 @@ def cmd_ingest(args) -> int:
     if not isinstance(source, Path):
         return _ingest_remote(args, lake, source, config, progress, ingest_remote, close_bar)
     try:
-        summary = ingest(lake, source, config, progress, key_file=_key_file(args))
+        summary = ingest(lake, source, config, progress if show else None,
+                         key_file=_key_file(args))
     finally:
         close_bar()
     if args.json:

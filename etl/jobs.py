@@ -106,6 +106,7 @@ def ingest(lake: Lake, source: Path | str, config: IngestConfig | None = None,
     summary = RunSummary(run_id)
     with lake.writer(run_id) as writer:
         job = _Job(lake, writer, config, summary, progress or (lambda *_: None), policy)
+        job.count = progress is not None  # the total only a progress bar needs
         job.source_kind = source_kind
         try:
             job.run(Path(source))
@@ -132,6 +133,8 @@ class _Job:
         self.timings = {"discover": 0.0, "extract": 0.0, "summarize": 0.0}
         self.runner = None
         self.source_kind = "folder"
+        #: count the source's files for the progress total (a second, cheaper walk)
+        self.count = True
         # rows not yet committed
         self._ingested: list[pa.Table] = []
         self._files: list[pa.Table] = []
@@ -234,8 +237,9 @@ class _Job:
         self.summary.workers = runner.workers
         wave_size = max(1, runner.workers * self.config.batches_per_worker)
         waves = _chunked(itertools.chain([first], batches), wave_size)
-        # the total for the progress bar comes from a second walk that only counts
-        counter = _Counter(source)
+        # the total for the progress bar comes from a second walk that only counts (none
+        # without a progress bar: 0.3 CPU-s per 100,000 files)
+        counter = _Counter(source) if self.count else None
         done = 0
         self.progress("extract", 0, 0)
         try:
@@ -247,7 +251,7 @@ class _Job:
                 wave = pa.concat_tables(tables)
                 self._classify(wave)
                 done += wave.num_rows
-                total = self.summary.files_seen if self._walked \
+                total = self.summary.files_seen if self._walked or counter is None \
                     else counter.total(self.summary.files_seen)
                 self.progress("extract", done + self.summary.files_unchanged, total)
                 if (self._buffer_rows >= self.config.flush_rows
@@ -255,7 +259,8 @@ class _Job:
                     self._flush(final=False)
             self._flush()
         finally:
-            counter.stop()
+            if counter is not None:
+                counter.stop()
             runner.close()
 
     # -- classification --------------------------------------------------------

@@ -169,3 +169,27 @@ def test_files_are_found_while_earlier_ones_are_read(archive, tmp_path, monkeypa
     third = ingest(lake, src, config, progress=lambda *a: calls.append(a))
     assert (third.files_seen, third.files_unchanged, third.outcomes["ingested"]) == (n + 1, n, 1)
     assert calls[-1][1:] == (n + 1, n + 1)  # unchanged files count as done
+
+
+def test_the_source_is_counted_only_for_a_progress_bar(archive, tmp_path, monkeypatch):
+    """The second walk that counts the files (the progress total) runs only when a
+    progress callback is given; the run is the same either way."""
+    from etl import jobs
+
+    counted = []
+    real_tally = jobs.tally
+
+    def counting_tally(source):
+        counted.append(str(source))
+        yield from real_tally(source)
+
+    monkeypatch.setattr(jobs, "tally", counting_tally)
+    config = fast_config(batch_files=50, batches_per_worker=1)
+    quiet = ingest(Lake.create(tmp_path / "quiet", profile="identified"), archive[0], config)
+    assert counted == []
+    calls = []
+    shown = ingest(Lake.create(tmp_path / "shown", profile="identified"), archive[0], config,
+                   progress=lambda *a: calls.append(a))
+    assert counted == [str(archive[0])]
+    assert quiet.outcomes == shown.outcomes == archive[1].outcomes
+    assert calls[-1] == ("extract", 306, 306)
