@@ -564,11 +564,12 @@ def hold_back(rows: pa.Table, max_rows: int, max_bytes: int) -> tuple[pa.Table, 
     starts = np.concatenate([[0], np.flatnonzero(
         (group[1:] != group[:-1]) | (is_held[1:] != is_held[:-1])) + 1])
     ends = np.append(starts[1:], len(group))
-    runs = [(int(a), int(b - a)) for a, b in zip(starts, ends, strict=True)]
-    write = [rows.slice(a, n) for a, n in runs if not is_held[a]]
+    runs = list(zip(starts.tolist(), (ends - starts).tolist(), is_held[starts].tolist(),
+                    strict=True))
+    write = [rows.slice(a, n) for a, n, h in runs if not h]
     # only the held rows are copied: a ``take`` over the whole buffer (many chunks) would
     # first concatenate every chunk of it, a transient copy of the buffer
-    held = pa.concat_tables([rows.slice(a, n) for a, n in runs if is_held[a]]).combine_chunks()
+    held = pa.concat_tables([rows.slice(a, n) for a, n, h in runs if h]).combine_chunks()
     held = held.take(pa.array(np.argsort(group[is_held], kind="stable")))
     out = pa.concat_tables(write) if write else rows.slice(0, 0)
     return out, held
