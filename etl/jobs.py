@@ -15,6 +15,7 @@ import json
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
@@ -323,9 +324,15 @@ class _Job:
         known = self._committed(wave, [i for i, s in enumerate(status) if s == "ok"])
         outcome: list[str] = []
         take: list[int] = []
+        self.summary.bytes_read += sum(s for s in sizes if s)
+        pending, run_id = self._pending, self.summary.run_id
         for i, (st, uid, sha) in enumerate(zip(status, uids, shas, strict=True)):
-            self.summary.bytes_read += sizes[i] or 0
-            if st == "skipped":
+            if st != "skipped" and st != "quarantined" and uid not in pending \
+                    and uid not in known:  # the common case first: a new instance
+                outcome.append("ingested")
+                pending[uid] = (sha, run_id, wave, i)
+                take.append(i)
+            elif st == "skipped":
                 outcome.append("skipped")
                 self.summary.skipped_reasons[reasons[i]] = \
                     self.summary.skipped_reasons.get(reasons[i], 0) + 1
@@ -333,8 +340,8 @@ class _Job:
                 outcome.append("quarantined")
                 self.summary.quarantine_reasons[reasons[i]] = \
                     self.summary.quarantine_reasons.get(reasons[i], 0) + 1
-            elif uid in self._pending or uid in known:
-                kept_sha, kept_run, *where = self._pending.get(uid) or known[uid]
+            else:  # the UID is pending in this run or committed
+                kept_sha, kept_run, *where = pending.get(uid) or known[uid]
                 if kept_sha == sha:
                     outcome.append("duplicate")
                 else:
@@ -343,12 +350,8 @@ class _Job:
                                  else self._committed_json(uid))
                     self._conflicts.append(self._conflict(wave, i, kept_sha, kept_run,
                                                           kept_json))
-            else:
-                outcome.append("ingested")
-                self._pending[uid] = (sha, self.summary.run_id, wave, i)
-                take.append(i)
-        for o in outcome:
-            self.summary.outcomes[o] += 1
+        for o, n in Counter(outcome).items():
+            self.summary.outcomes[o] += n
         files = wave.select(["path", "file_size", "mtime_ns", "file_sha256", "source_sha256",
                              "checksum_bytes",
                              "reason", "message", "SOPInstanceUID", "ingest_run_id", "status"])
