@@ -166,7 +166,10 @@ _MEMOS: dict[str, tuple[dict, dict, dict, dict]] = {}
 
 def clear_memos() -> None:
     """Forget what every policy of this process memoized (a cold start, for tests and
-    benchmarks)."""
+    benchmarks), existing policies included."""
+    for memos in _MEMOS.values():
+        for memo in memos:
+            memo.clear()
     _MEMOS.clear()
 
 

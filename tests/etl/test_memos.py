@@ -163,7 +163,7 @@ def test_policy_memos_stay_in_the_process_and_are_shared_by_its_copies(files):
     assert not set(other._uids.values()) & set(uids.values())
     # a cold start forgets them all
     deid.clear_memos()
-    assert Policy(Pseudonymizer(KEY))._uids == {}
+    assert Policy(Pseudonymizer(KEY))._uids == {} and policy._uids == {}
     # a process keeps the memos of MEMO_KEYS keys at most
     for i in range(deid.MEMO_KEYS + 1):
         Policy(Pseudonymizer(bytes([i + 1]) * 32))
