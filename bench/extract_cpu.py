@@ -202,8 +202,12 @@ def _stage_loop(files, policy, head_bytes: int, names: list[str], totals: dict) 
     clock = time.process_time_ns
     for f in files:
         t0 = clock()
-        with open(f.path, "rb", buffering=0) as fh:  # as etl.headers
-            buf = fh.read(head_bytes)
+        fd = os.open(f.path, os.O_RDONLY)  # as etl.headers
+        try:
+            os.fstat(fd)
+            buf = os.read(fd, head_bytes)
+        finally:
+            os.close(fd)
         t1 = clock()
         try:
             layout, header = onewalk.walk(buf, file_size=f.size)

@@ -76,14 +76,16 @@ def read_file(path: str, size: int = -1, mtime_ns: int = 0, *, max_depth: int = 
         raise ValueError(f"checksum must be one of {CHECKSUMS}, not {checksum!r}")
     result = FileResult(path, size, mtime_ns)
     try:
-        # unbuffered: the reads below are few and large (a short read only means one
-        # more round of the loop)
-        with open(path, "rb", buffering=0) as fh:
-            file_size = os.fstat(fh.fileno()).st_size
+        # the file descriptor itself, no file object (a fifth of the CPU of the reads of
+        # a small file): the reads below are few and large, and a short read only means
+        # one more round of the loop
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            file_size = os.fstat(fd).st_size
             if checksum == "header":
-                buf = fh.read(HEAD_BYTES)
+                buf = os.read(fd, HEAD_BYTES)
             else:
-                buf = fh.read()
+                buf = _read_rest(fd, file_size)
                 file_size = len(buf)
             while True:
                 try:
@@ -93,7 +95,7 @@ def read_file(path: str, size: int = -1, mtime_ns: int = 0, *, max_depth: int = 
                     break
                 except safety.NeedMore as more:
                     want = min(max(more.offset, 2 * len(buf)), file_size)
-                    chunk = fh.read(want - len(buf))
+                    chunk = os.read(fd, want - len(buf))
                     if len(buf) >= file_size or not chunk:
                         raise FileRejected("truncated", "the file shrank while being read") \
                             from None
@@ -101,7 +103,10 @@ def read_file(path: str, size: int = -1, mtime_ns: int = 0, *, max_depth: int = 
                 except FileRejected:
                     if len(buf) >= file_size:
                         raise
-                    buf += fh.read()  # a rejection is decided, and hashed, on the whole file
+                    buf += _read_rest(fd, file_size - len(buf))  # a rejection is decided,
+                    # and hashed, on the whole file
+        finally:
+            os.close(fd)
     except OSError as exc:
         return _reject(result, FileRejected("io_error", exc.strerror or type(exc).__name__))
     except FileRejected as exc:
@@ -115,6 +120,15 @@ def read_file(path: str, size: int = -1, mtime_ns: int = 0, *, max_depth: int = 
     result.checksum_bytes = covered
     result.record = record
     return result
+
+
+def _read_rest(fd: int, expected: int) -> bytes:
+    """Every byte from the file position to the end of the file (``expected`` of them,
+    unless the file changed since its ``fstat``)."""
+    parts = []
+    while chunk := os.read(fd, max(expected, 64 * 1024)):
+        parts.append(chunk)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _reject(result: FileResult, exc: FileRejected) -> FileResult:
