@@ -144,8 +144,9 @@ def parse(buf: bytes, name: str = "", *, max_depth: int = 64, bulk_data_threshol
 
     With a ``policy`` (research lakes) the record and its DICOM JSON are those of
     the de-identified header, and ``record["id_map"]`` lists the original ↔
-    pseudonym pairs used (for the vault). ``fast=False`` forces the pydicom path
-    (the reference the fast path is tested against).
+    pseudonym pairs used (for the vault), as ``(kind, original, pseudonym)`` tuples.
+    ``fast=False`` forces the pydicom path (the reference the fast path is tested
+    against).
     """
     return _parse(buf, name, max_depth=max_depth, bulk_data_threshold=bulk_data_threshold,
                   policy=policy, fast=fast)[0]
@@ -207,8 +208,8 @@ def _deidentified_record(header: dict, uids: dict[str, str],
     record["SOPClassUID"] = uids["SOPClassUID"]  # a class, not an instance: never remapped
     record["patient_age_years"] = None if original_age is None else min(original_age, 90.0)
     record["dicom_json"] = _dumps(result.json)
-    record["id_map"] = [{"kind": k, "original": o, "pseudonym": p}
-                        for k, o, p in dict.fromkeys(result.mapping)]
+    # (kind, original, pseudonym) tuples: Arrow fills the struct fields by position
+    record["id_map"] = list(dict.fromkeys(result.mapping))
     return record, invalid
 
 
