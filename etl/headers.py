@@ -158,8 +158,10 @@ def _parse(buf: bytes, name: str = "", *, max_depth: int = 64, bulk_data_thresho
     if not buf:
         raise FileRejected("empty_file", "the file has zero bytes")
     if fast:  # the safety checks and the raw JSON in one walk (when the fast path applies)
+        # shared: nothing below changes the header (it is filtered into new containers,
+        # converted and written), so remembered elements need not be copied
         layout, header = onewalk.walk(buf, max_depth=max_depth, file_size=file_size,
-                                      bulk_data_threshold=bulk_data_threshold)
+                                      bulk_data_threshold=bulk_data_threshold, shared=True)
     else:
         layout, header = safety.check(buf, max_depth=max_depth, file_size=file_size), None
     dropped: list[str] = []
