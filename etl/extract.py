@@ -6,6 +6,7 @@ Every file gives exactly one row, whatever happens to it.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from collections.abc import Sequence
@@ -23,6 +24,24 @@ log = logging.getLogger(__name__)
 #: Test hook (never set in production): a worker reading a file whose name contains
 #: this string exits at once, as a segfault in a parser would.
 _CRASH_MARKER = os.environ.get("LAKE_TEST_CRASH_MARKER", "")
+
+#: The first threshold of the garbage collector in a worker process (Python's default:
+#: 700). A batch keeps the headers and records of its files alive until its table is
+#: built, and the memos keep the values of a series, so with the default each batch
+#: of 128 files set off about five young and a few older collections, each walking
+#: those survivors: 0.013 (identified) and 0.022 ms (research) of CPU per small file,
+#: measured with ``gc.callbacks``. With this threshold a worker collects about once
+#: every 2,500 files: 0.002 and 0.004 ms. Reference counting frees every object the
+#: worker code makes (it makes no cycles); the collector only bounds stray cycles.
+WORKER_GC_THRESHOLD = 20_000
+
+
+def start_worker() -> None:
+    """Set up a worker process of a local process pool before its first batch (the
+    pool's ``initializer``): the collector's first threshold to
+    :data:`WORKER_GC_THRESHOLD`. Never called in the driver."""
+    gc.set_threshold(WORKER_GC_THRESHOLD, *gc.get_threshold()[1:])
+
 
 #: Columns describing the file itself and what happened to it.
 FILE_FIELDS = [

@@ -65,7 +65,7 @@ _ITEM_GROUP = ITEM >> 16
 _PIXEL_VRS = (b"OB", b"OW")
 
 
-#: ``{(explicit VR, codec): {element bytes: (JSON key, VR, "Value" list or None)}}``: the
+#: ``{(explicit VR, codec): {element bytes: (JSON key, its JSON element)}}``: the
 #: elements the walk decoded and memoized (as ``rawjson._MEMO``), keyed by their whole
 #: bytes (tag, VR, length and value: everything their JSON depends on, with the encoding
 #: and the character set's codec), so a repeated element is one slice and one lookup.
@@ -73,11 +73,11 @@ _PIXEL_VRS = (b"OB", b"OW")
 #: item delimiters, no Pixel Data, no Specific Character Set, no sequences, values of at
 #: most ``MEMO_VALUE_BYTES``) are kept; each table holds ``rawjson.MEMO_ENTRIES`` at most,
 #: and there are at most ``MEMO_TABLES`` tables (all start over when one more is needed).
-_ELEMENTS: dict[tuple[bool, str], dict[bytes, tuple[str, str, list | None]]] = {}
+_ELEMENTS: dict[tuple[bool, str], dict[bytes, tuple[str, dict]]] = {}
 MEMO_TABLES = 4
 
 
-def _table(explicit: bool, codec: str) -> dict[bytes, tuple[str, str, list | None]]:
+def _table(explicit: bool, codec: str) -> dict[bytes, tuple[str, dict]]:
     """The memo of whole elements for this encoding and codec."""
     table = _ELEMENTS.get((explicit, codec))
     if table is None:
@@ -87,23 +87,37 @@ def _table(explicit: bool, codec: str) -> dict[bytes, tuple[str, str, list | Non
     return table
 
 
+def _copy(json_elem: dict) -> dict:
+    """A new ``{"vr": ..., "Value": [...]}`` equal to a remembered element."""
+    values = json_elem.get("Value")
+    return {"vr": json_elem["vr"]} if values is None else \
+        {"vr": json_elem["vr"], "Value": values.copy()}
+
+
 class _Fallback(Exception):
     """The two separate walks decide this file."""
 
 
 def walk(buf: bytes, *, max_depth: int = 64, file_size: int | None = None,
-         bulk_data_threshold: int = 1024) -> tuple[Layout, dict | None]:
+         bulk_data_threshold: int = 1024, shared: bool = False) -> tuple[Layout, dict | None]:
     """``(safety.check(buf, ...), the header's DICOM JSON)`` in one walk where it applies.
 
     The JSON is that of :func:`etl.rawjson.to_json` with the bulk data elements left out
     (as :func:`strip_bulk` leaves them out), or None when the fast path does not apply
     (the caller reads the header with pydicom). Raises what :func:`etl.safety.check`
     raises for ``buf``: :class:`FileRejected` or :class:`~etl.safety.NeedMore`.
+
+    ``shared=True`` is for a caller that never changes the JSON it gets (the ingest's
+    :func:`etl.headers.parse` only reads it): a remembered element is then handed out
+    as the remembered ``{"vr": ..., "Value": [...]}`` object itself, shared with every
+    other header it occurs in, instead of a fresh copy (a dict and a list less per
+    element). Changing such a header would change the memo.
     """
     kind, size, pos, ts, media = safety.begin(buf, file_size)
     if ts is None or ts in (EXPLICIT_BE, DEFLATED_LE):
         return _two_walks(buf, max_depth, file_size, bulk_data_threshold)
-    walker = _Walk(buf, ts != IMPLICIT_LE, (bulk_data_threshold // 4) * 3, size, max_depth)
+    walker = _Walk(buf, ts != IMPLICIT_LE, (bulk_data_threshold // 4) * 3, size, max_depth,
+                   shared)
     try:
         header = walker.dataset(pos, size, 0, True)[0]
     except (FileRejected, NeedMore):
@@ -146,10 +160,13 @@ class _Walk:
     counterpart checks, in the same order, and builds what its JSON counterpart builds."""
 
     __slots__ = ("avail", "buf", "bulk", "count", "dec", "explicit", "max_depth", "partial",
-                 "pixel_offset", "size")
+                 "pixel_offset", "shared", "size")
 
-    def __init__(self, buf: bytes, explicit: bool, bulk: int, size: int, max_depth: int):
+    def __init__(self, buf: bytes, explicit: bool, bulk: int, size: int, max_depth: int,
+                 shared: bool = False):
         self.buf = buf
+        #: hand out remembered elements themselves (see :func:`walk`)
+        self.shared = shared
         #: bytes in the buffer; ``size`` is the file's size (larger for a partial read)
         self.avail = len(buf)
         self.size = size
@@ -167,7 +184,8 @@ class _Walk:
         """Elements from ``pos`` to ``end`` or an item delimiter: (their JSON, the end,
         whether an item delimiter ended them)."""
         buf, size, avail, partial = self.buf, self.size, self.avail, self.partial
-        explicit, dec, bulk, memo = self.explicit, self.dec, self.bulk, _MEMO
+        explicit, dec, bulk, memo, shared = self.explicit, self.dec, self.bulk, _MEMO, \
+            self.shared
         short_vr, long_vr, keys, header = _SHORT_VR, _LONG_VR, _KEYS, (
             _EXPLICIT_HEADER if explicit else _IMPLICIT_HEADER)
         item_group, pixel_data, max_element, undefined = _ITEM_GROUP, PIXEL_DATA, \
@@ -199,10 +217,9 @@ class _Walk:
             if elements is not None and stop <= avail:
                 hit = elements.get(buf[pos:stop])
                 if hit is not None:
-                    key, vr, values = hit
+                    key, json_elem = hit
                     count += 1
-                    out[key] = {"vr": vr} if values is None else \
-                        {"vr": vr, "Value": values.copy()}
+                    out[key] = json_elem if shared else _copy(json_elem)
                     pos = stop
                     continue
             at = pos
@@ -316,13 +333,16 @@ class _Walk:
                 if len(memo) >= rawjson.MEMO_ENTRIES:
                     memo.clear()
                 memo[mkey] = values
+            # a new element each time: the value memo's list is never handed out
+            json_elem = {"vr": vr} if values is None else {"vr": vr, "Value": values.copy()}
             if start == at + 8 and group != item_group and tag != pixel_data \
                     and tag != _SPECIFIC_CHARSET and elements is not None:
                 if len(elements) >= rawjson.MEMO_ENTRIES:
                     elements.clear()
-                elements[buf[at:stop]] = (key, vr, values)
-            # a new element each time: the memo's value list is never handed out
-            out[key] = {"vr": vr} if values is None else {"vr": vr, "Value": values.copy()}
+                elements[buf[at:stop]] = (key, json_elem)
+                if not shared:  # the memo's element is never handed out
+                    json_elem = _copy(json_elem)
+            out[key] = json_elem
         self.count += count
         return out, pos, False
 

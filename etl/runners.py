@@ -22,7 +22,7 @@ import pyarrow as pa
 from etl.config import IngestConfig
 from etl.discover import FoundFile
 from etl.errors import SchedulerError
-from etl.extract import crashed_batch, extract_batch
+from etl.extract import crashed_batch, extract_batch, start_worker
 from lakehouse.deid import Policy
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,8 @@ class LocalRunner:
 
     def _new_pool(self) -> ProcessPoolExecutor:
         # spawn: the driver holds DuckDB and Delta (Rust) threads; forking them is unsafe
-        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=start_worker)
 
     def _compute(self, batches: list[list[FoundFile]]) -> list[pa.Table]:
         # worker processes send their tables back as Arrow IPC streams (see extract_ipc)

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pydicom._uid_dict import UID_dictionary
 from pydicom.datadict import tag_for_keyword
 
-from lakehouse.privacy import Pseudonymizer
+from lakehouse.privacy import Pseudonymizer, fingerprint
 from lakehouse.schemas import header_allowlist
 
 PSEUDONYMIZED = {"PatientID": "PatientID", "AccessionNumber": "AccessionNumber",
@@ -152,6 +152,25 @@ _CONTEXT_TAGS = (*_ID_TOKEN_TAGS, _NAME_TAG, _BIRTH_TAG, _STUDY_UID_TAG)
 MEMO_ENTRIES = 1 << 14
 #: Longer values are never memoized (rarely repeated; bounds the memos' memory).
 MEMO_VALUE_CHARS = 256
+#: Keys whose memos a process keeps at once (all start over when one more is needed).
+MEMO_KEYS = 4
+#: ``{key fingerprint: (identifiers, UIDs, dates, contexts)}``: the memos of this
+#: process's policies, shared by every policy with the same key. A Dask task carries
+#: its own unpickled copy of the policy, so without this each batch of a worker started
+#: with empty memos and recomputed the pseudonyms, UIDs, dates and contexts of the
+#: series the batch before it had already seen. Every memo is keyed by the complete
+#: input of a function of the key alone (the private allow-list plays no part), so
+#: copies with one key may share them.
+_MEMOS: dict[str, tuple[dict, dict, dict, dict]] = {}
+
+
+def clear_memos() -> None:
+    """Forget what every policy of this process memoized (a cold start, for tests and
+    benchmarks), existing policies included."""
+    for memos in _MEMOS.values():
+        for memo in memos:
+            memo.clear()
+    _MEMOS.clear()
 
 
 class Policy:
@@ -161,7 +180,8 @@ class Policy:
     UIDs, shifted dates, patient contexts, cleaned text): the files of one series
     or study repeat most of them. Every memo is keyed by the complete input of the
     computation, so a value never leaks from one patient's file into another's;
-    the memos are bounded (:data:`MEMO_ENTRIES`) and not pickled.
+    the memos are bounded (:data:`MEMO_ENTRIES`), not pickled, and shared by the
+    policies of one process that have the same key (:data:`_MEMOS`).
     """
 
     def __init__(self, pseudonymizer: Pseudonymizer,
@@ -171,10 +191,17 @@ class Policy:
         self._reset_memos()
 
     def _reset_memos(self) -> None:
-        self._ids: dict[tuple[str, str, str | None], str] = {}
-        self._uids: dict[str, str] = {}
-        self._dates: dict[tuple[str, int], str | None] = {}
-        self._contexts: dict[tuple, PatientContext] = {}
+        """Take this process's memos for the policy's key (new ones if it has none)."""
+        fp = fingerprint(self.p.key)
+        memos = _MEMOS.get(fp)
+        if memos is None:
+            if len(_MEMOS) >= MEMO_KEYS:
+                _MEMOS.clear()
+            memos = _MEMOS[fp] = ({}, {}, {}, {})
+        self._ids: dict[tuple[str, str, str | None], str] = memos[0]
+        self._uids: dict[str, str] = memos[1]
+        self._dates: dict[tuple[str, int], str | None] = memos[2]
+        self._contexts: dict[tuple, PatientContext] = memos[3]
 
     def __getstate__(self) -> dict:
         return {"p": self.p, "private": self.private}

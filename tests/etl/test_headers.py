@@ -77,6 +77,21 @@ def test_unreadable_and_empty_files(tmp_path):
     text.write_text("not an image at all")
     r = read_file(str(text))
     assert (r.status, r.reason) == ("quarantined", "not_dicom")
+    for checksum in ("header", "full"):  # a folder opens, and fails on its first read
+        r = read_file(str(tmp_path), checksum=checksum)
+        assert (r.status, r.reason, r.message) == ("quarantined", "io_error", "Is a directory")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux /proc/self/fd")
+def test_every_outcome_closes_its_file(tmp_path):
+    (tmp_path / "empty").write_bytes(b"")
+    (tmp_path / "text").write_text("not an image at all")
+    paths = [str(tmp_path / "empty"), str(tmp_path / "text"), str(tmp_path),
+             get_testdata_file("CT_small.dcm"), get_testdata_file("rtplan_truncated.dcm")]
+    before = len(os.listdir("/proc/self/fd"))
+    reasons = [read_file(p, checksum=c).reason for p in paths * 20 for c in ("header", "full")]
+    assert set(reasons) == {"empty_file", "not_dicom", "io_error", None, "truncated"}
+    assert len(os.listdir("/proc/self/fd")) == before
 
 
 def test_pydicom_truncated_files_are_caught():

@@ -27,6 +27,7 @@ def _clear_module_memos() -> None:
     rawjson._MEMO.clear()
     onewalk._ELEMENTS.clear()
     record._MEMO.clear()
+    deid.clear_memos()
 
 
 def _parse_all(files: list[Path], policy: Policy | None) -> dict[str, object]:
@@ -51,7 +52,7 @@ def test_warm_cold_and_cleared_memos_give_the_same_rows(files, research, monkeyp
     # warm: one policy and the module memos shared by every file, in walk order
     _clear_module_memos()
     warm = _parse_all(files, Policy(Pseudonymizer(KEY)) if research else None)
-    # cold: every memo empty before each file (a fresh policy per file)
+    # cold: every memo empty before each file (a fresh policy per file, memos cleared)
     cold = {}
     for path in files:
         _clear_module_memos()
@@ -140,14 +141,33 @@ def test_memoized_elements_are_handed_out_as_copies(tmp_path):
     assert again["00080060"] == {"vr": "CS", "Value": ["CT"]}
 
 
-def test_policy_memos_stay_in_the_process(files):
+def test_policy_memos_stay_in_the_process_and_are_shared_by_its_copies(files):
+    """A Dask task carries its own unpickled copy of the policy: the copy finds the memos
+    the policies with the same key filled in this process; another key has its own."""
+    _clear_module_memos()
     policy = Policy(Pseudonymizer(KEY))
-    _parse_all(files[:20], policy)
+    rows = _parse_all(files[:20], policy)
     assert policy._uids and policy._contexts
-    copy = pickle.loads(pickle.dumps(policy))
-    assert (copy._uids, copy._ids, copy._dates, copy._contexts) == ({}, {}, {}, {})
+    state = pickle.dumps(policy)
+    assert next(iter(policy._uids.values())).encode() not in state  # memos are not pickled
+    copy = pickle.loads(state)
     assert copy.p == policy.p and copy.private == policy.private
-    assert _parse_all(files[:20], copy) == _parse_all(files[:20], policy)
+    assert copy._uids is policy._uids and copy._contexts is policy._contexts
+    assert copy._ids is policy._ids and copy._dates is policy._dates
+    uids = dict(policy._uids)
+    assert _parse_all(files[:20], copy) == rows
+    assert policy._uids == uids  # every UID was found in the shared memo
+    other = Policy(Pseudonymizer(bytes(32)))
+    assert other._uids is not policy._uids and other._uids == {}
+    assert _parse_all(files[:20], other) != rows
+    assert not set(other._uids.values()) & set(uids.values())
+    # a cold start forgets them all
+    deid.clear_memos()
+    assert Policy(Pseudonymizer(KEY))._uids == {} and policy._uids == {}
+    # a process keeps the memos of MEMO_KEYS keys at most
+    for i in range(deid.MEMO_KEYS + 1):
+        Policy(Pseudonymizer(bytes([i + 1]) * 32))
+    assert len(deid._MEMOS) <= deid.MEMO_KEYS
 
 
 @pytest.mark.filterwarnings("ignore:The value length")

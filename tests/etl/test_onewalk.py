@@ -327,3 +327,35 @@ def test_elements_met_before_decide_as_the_first_time(ts, monkeypatch):
     header = onewalk.walk(utf8)[1]
     assert header["00100010"]["Value"] == [{"Alphabetic": "Müller^Jürgen"}]
     assert header["00081140"]["Value"][0]["7FE00010"] == {"vr": "US", "Value": [7]}
+
+
+def test_shared_elements_are_the_memos_own_and_copies_are_not(files):
+    """``walk(shared=True)`` (the ingest's read, which never changes the header) hands
+    out remembered elements themselves; the default hands out copies, so a caller that
+    changes its header changes nothing the next walk gives. Both give the same JSON."""
+    bufs = [p.read_bytes() for p in files[:60]]
+
+    def walks(shared: bool) -> list[tuple]:
+        return [outcome(lambda b, d, f, k: onewalk.walk(b, shared=shared), buf)
+                for buf in bufs]
+
+    onewalk._ELEMENTS.clear()
+    want = walks(False)
+    assert sum(1 for o in want if o[0] == "ok") >= 40
+    onewalk._ELEMENTS.clear()
+    assert walks(True) == want  # cold
+    assert walks(True) == want  # warm
+    assert walks(False) == want
+    ok = next(b for b, o in zip(bufs, want, strict=True) if o[0] == "ok")
+    first, again = onewalk.walk(ok, shared=True)[1], onewalk.walk(ok, shared=True)[1]
+    assert first is not again
+    shared = [t for t in first if first[t] is again[t]]
+    assert len(shared) >= 20
+    copied = onewalk.walk(ok)[1]
+    assert not any(copied[t] is first[t] for t in copied)
+    for elem in copied.values():  # a caller changing its (copied) header in place
+        if "Value" in elem:
+            elem["Value"].append("changed")
+        elem["vr"] = "XX"
+    assert repr(onewalk.walk(ok, shared=True)[1]) == repr(first)
+    assert repr(onewalk.walk(ok)[1]) == repr(first)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 
@@ -11,7 +12,7 @@ import pytest
 
 from etl.config import IngestConfig
 from etl.discover import FoundFile, walk
-from etl.extract import BATCH_SCHEMA, extract_batch
+from etl.extract import BATCH_SCHEMA, WORKER_GC_THRESHOLD, extract_batch
 from etl.runners import LocalRunner, extract_ipc, from_ipc
 from lakehouse.deid import Policy
 from lakehouse.privacy import Pseudonymizer
@@ -65,3 +66,18 @@ def test_process_runner_returns_the_tables_of_the_synchronous_one(files):
     assert [t.num_rows for t in tables["processes"]] == [7, 23, len(files) - 30]
     for got, want in zip(tables["processes"], tables["synchronous"], strict=True):
         assert got.equals(want)
+
+
+def test_worker_processes_collect_garbage_less_often_than_the_driver():
+    """The pool's workers start with the collector's first threshold raised
+    (``etl.extract.start_worker``); the driver's is left as it was."""
+    driver = gc.get_threshold()
+    assert driver[0] != WORKER_GC_THRESHOLD
+    runner = LocalRunner(IngestConfig(scheduler="processes", workers=2), "run-1", POLICY)
+    try:
+        assert runner._pool is not None
+        got = {runner._pool.submit(gc.get_threshold).result() for _ in range(4)}
+    finally:
+        runner.close()
+    assert got == {(WORKER_GC_THRESHOLD, *driver[1:])}
+    assert gc.get_threshold() == driver
