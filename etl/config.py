@@ -41,6 +41,11 @@ class IngestConfig:
     #: What file checksums cover, ``header`` or ``full``; :func:`etl.jobs.ingest` sets
     #: it from the lake's configuration (``LakeConfig.checksum``).
     checksum: str = "full"
+    #: Read each batch column by column (:mod:`etl.batchread`: the element walk of the
+    #: whole batch in compiled code, each distinct element decoded once), files it
+    #: cannot take file by file; False reads every file file by file (the reference
+    #: the batch path is tested against). The rows are the same.
+    columnar: bool = True
 
     def resolved_workers(self) -> int:
         return self.workers or os.cpu_count() or 1

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import pyarrow as pa
 
+from etl.batchread import read_batch
 from etl.config import IngestConfig
 from etl.discover import FoundFile
 from etl.headers import FileResult, read_file
@@ -69,7 +70,15 @@ _NO_RECORD: dict = {}
 
 def extract_batch(files: Sequence[FoundFile], config: IngestConfig, run_id: str,
                   policy: Policy | None = None) -> pa.Table:
+    if config.columnar:
+        return read_batch(files, config, run_id, policy,
+                          lambda f: _read_one(f, config, policy))
     return batch_table([_read_one(f, config, policy) for f in files], run_id, policy)
+
+
+def crash_marked(path: str) -> bool:
+    """Whether the test hook ``LAKE_TEST_CRASH_MARKER`` marks this file."""
+    return bool(_CRASH_MARKER) and _CRASH_MARKER in os.path.basename(path)
 
 
 def batch_table(results: Sequence[FileResult], run_id: str, policy: Policy | None) -> pa.Table:
@@ -106,7 +115,7 @@ def _read_one(f: FoundFile, config: IngestConfig, policy: Policy | None) -> File
     if f.error is not None:
         return FileResult(f.path, f.size, f.mtime_ns, status="quarantined", reason="io_error",
                           message=f.error)
-    if _CRASH_MARKER and _CRASH_MARKER in os.path.basename(f.path):
+    if crash_marked(f.path):
         os._exit(70)  # test hook: this file kills its worker process
     try:
         return read_file(f.path, f.size, f.mtime_ns, max_depth=config.max_depth,

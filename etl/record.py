@@ -102,43 +102,61 @@ def record_from_json(header: dict) -> tuple[dict[str, Any], list[str]]:
         plan = by_tag.get(tag)
         if plan is None or not elem or not (values := elem.get("Value")):
             continue
-        name, is_list, is_text, conv = plan
-        vr = elem.get("vr")
-        # the memo's key (:func:`_memo_key`), the common one-value cases inline
-        key: tuple | None
-        if len(values) == 1:
-            first = values[0]
-            cls = first.__class__
-            if cls is str:
-                key = (tag, vr, first) if len(first) <= MEMO_VALUE_CHARS else None
-            elif (cls is float or cls is int) and first:
-                key = (tag, vr, cls, first)
-            else:
-                key = None
-        else:
-            key = _memo_key(tag, vr, values)
-        if key is not None:
-            hit = memo.get(key)
-            if hit is None:
-                hit = _convert(values, vr, is_list, is_text, conv)
-                if len(memo) >= MEMO_ENTRIES:
-                    memo.clear()
-                memo[key] = hit
-            typed, ok = hit
-            if is_list and typed is not None:
-                typed = typed.copy()  # the memo's list is never handed out
-        else:
-            typed, ok = _convert(values, vr, is_list, is_text, conv)
+        typed, ok = _typed(plan, tag, elem.get("vr"), values, memo)
         if ok:
-            rec[name] = typed
+            rec[plan[0]] = typed
         else:
-            invalid.append(name)
+            invalid.append(plan[0])
     if len(invalid) > 1:
         invalid.sort(key=_ORDER.__getitem__)  # in schema order, whatever the header's
     study = rec["StudyDate"]
     rec["patient_age_years"] = age_years(rec["PatientAge"], rec["PatientBirthDate"], study)
     rec["study_year"] = study.year if study else None
     return rec, invalid
+
+
+def column_value(tag: str, elem: dict) -> tuple[int, Any, bool] | None:
+    """The typed value of one element of a header for its column, as
+    :func:`record_from_json` converts it: (the column's index in schema order, the value,
+    whether it is valid), or None when the tag has no column or the element no values
+    (the column is then null and not invalid). The value may be the memo's own list:
+    never change it."""
+    plan = _BY_TAG.get(tag)
+    if plan is None or not elem or not (values := elem.get("Value")):
+        return None
+    typed, ok = _typed(plan, tag, elem.get("vr"), values, _MEMO, copy=False)
+    return _ORDER[plan[0]], typed, ok
+
+
+def _typed(plan: tuple, tag: str, vr: str | None, values: list, memo: dict,
+           copy: bool = True) -> tuple[Any, bool]:
+    """(typed value, valid) of an element's values for its column's ``plan``."""
+    _, is_list, is_text, conv = plan
+    # the memo's key (:func:`_memo_key`), the common one-value cases inline
+    key: tuple | None
+    if len(values) == 1:
+        first = values[0]
+        cls = first.__class__
+        if cls is str:
+            key = (tag, vr, first) if len(first) <= MEMO_VALUE_CHARS else None
+        elif (cls is float or cls is int) and first:
+            key = (tag, vr, cls, first)
+        else:
+            key = None
+    else:
+        key = _memo_key(tag, vr, values)
+    if key is None:
+        return _convert(values, vr, is_list, is_text, conv)
+    hit = memo.get(key)
+    if hit is None:
+        hit = _convert(values, vr, is_list, is_text, conv)
+        if len(memo) >= MEMO_ENTRIES:
+            memo.clear()
+        memo[key] = hit
+    typed, ok = hit
+    if copy and is_list and typed is not None:
+        typed = typed.copy()  # the memo's list is never handed out
+    return typed, ok
 
 
 def _memo_key(tag: str, vr: str | None, values: list) -> tuple | None:

@@ -1,0 +1,617 @@
+"""A batch of files in, one Arrow table out, column by column.
+
+:func:`etl.extract.extract_batch` reads a batch file by file: each file's header is
+walked, decoded, filtered and converted element by element in Python, then written
+as JSON. Yet the files of a series repeat most of their elements byte for byte.
+:func:`read_batch` therefore
+
+1. reads every file's first bytes (or all of them, with whole-file checksums);
+2. walks the element headers of the whole batch in compiled code
+   (:mod:`etl.batchwalk`);
+3. gathers the batch's elements as one Arrow binary column (each element's bytes,
+   prefixed by its encoding) and dictionary-encodes it: each *distinct* element is
+   decoded once (:mod:`etl.rawjson`'s decoding, its JSON text written by orjson, its
+   typed column value by :mod:`etl.record`), and remembered across batches;
+4. in research lakes, de-identifies each distinct element once per patient context
+   with the policy's own filter (:meth:`lakehouse.deid.Policy._filter`);
+5. assembles the batch's columns with Arrow: each file's DICOM JSON text is its
+   elements' JSON texts joined, each typed column a ``take`` of the distinct values.
+
+Every file the walk does not call clean, and every file with an element whose
+decoding is not plain (a value pydicom must decode, a ``null`` in the JSON text, an
+ISO 2022 character set, a private attribute under a private allow-list, ...), is read
+down the per-file path (:func:`etl.extract.read_one`), which decides exactly as it
+always did. The rows are the same either way: ``tests/etl/test_batchread.py``
+compares every column of every row with the per-file path over the whole test corpus.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numba
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from etl import batchwalk, rawjson
+from etl.config import IngestConfig
+from etl.discover import FoundFile
+from etl.headers import _AGE, _BIRTH, DICOMDIR_SOP_CLASS, HEAD_BYTES, UID_TAGS, _read_rest
+from etl.headers import _STUDY_DATE as _STUDY_DATE_TAG
+from etl.headers import _first as header_first
+from etl.quality import valid_uid
+from etl.record import _NAMES, age_years, column_value, parse_date
+from lakehouse import deid
+from lakehouse.deid import Policy
+from lakehouse.privacy import fingerprint
+
+log = logging.getLogger(__name__)
+
+_CHARSET_TAG = 0x00080005
+#: JSON keys by tag, and VR texts by their 16-bit code
+_KEYS: dict[int, str] = {}
+_VR_TEXT = {vr[0] | (vr[1] << 8): text for vr, text in rawjson._VR_TEXT.items()}
+#: the columns whose values the ingest needs from every file
+_COL = {name: i for i, name in enumerate(_NAMES)}
+_UID_COLS = {keyword: _COL[keyword] for keyword in UID_TAGS}
+_AGE_COLS = (_COL["PatientAge"], _COL["PatientBirthDate"], _COL["StudyDate"])
+_STUDY_DATE = _COL["StudyDate"]
+
+#: Distinct elements a process remembers before it starts over (bounds its memory).
+MEMO_ENTRIES = 1 << 15
+
+
+class _Unit:
+    """One distinct element (its bytes, in one encoding) decoded: what a file with it
+    gets in its JSON text and in its column."""
+
+    __slots__ = ("col", "elem", "first", "fragment", "key", "kind", "mkey", "ok", "plain",
+                 "typed")
+
+    def __init__(self, key: str, elem: dict | None, fragment: bytes | None):
+        self.key = key
+        #: its DICOM JSON element (None: left out as bulk data)
+        self.elem = elem
+        #: its ``"GGGGEEEE":{...}`` text (None: the file goes down the per-file path)
+        self.fragment = fragment
+        #: False when a file with it must go down the per-file path
+        self.plain = fragment is not None or elem is None
+        self.col = -1
+        self.typed: Any = None
+        self.ok = True
+        #: the first value's text (``headers._first``), for the required UIDs
+        self.first: str | None = None
+        #: what the de-identification filter does with it (``_kind``; -1: not yet known)
+        self.kind = -1
+        #: its key in ``_UNITS``
+        self.mkey = b""
+
+
+#: ``{class byte + element bytes: _Unit}``, shared by the batches of a process
+_UNITS: dict[bytes, _Unit] = {}
+#: ``{(explicit, codec): class byte}`` (the first byte of an element's memo key)
+_CLASSES: dict[tuple[bool, str], int] = {}
+
+
+def _class(explicit: bool, codec: str) -> int | None:
+    """The class byte of an encoding and codec (None when a byte has none left)."""
+    cls = _CLASSES.get((explicit, codec))
+    if cls is None:
+        if len(_CLASSES) >= 256:
+            return None
+        cls = _CLASSES[(explicit, codec)] = len(_CLASSES)
+    return cls
+
+
+def read_batch(files: Sequence[FoundFile], config: IngestConfig, run_id: str,
+               policy: Policy | None, read_one) -> pa.Table:
+    """The rows of ``files`` (``BATCH_SCHEMA``), the same as ``read_one`` gives file by
+    file, in the order of ``files``."""
+    from etl.extract import BATCH_SCHEMA, batch_table, crash_marked
+
+    n = len(files)
+    full = config.checksum == "full"
+    bufs: list[bytes] = []
+    whole: list[bytes] = []
+    sizes: list[int] = []
+    index: list[int] = []  # the files read here
+    for i, f in enumerate(files):
+        if f.error is not None or crash_marked(f.path):
+            continue
+        try:
+            fd = os.open(f.path, os.O_RDONLY)
+            try:
+                size = os.fstat(fd).st_size
+                if full:
+                    buf = _read_rest(fd, size)
+                    size = len(buf)
+                    whole.append(buf)
+                    buf = buf[:HEAD_BYTES]
+                else:
+                    buf = os.read(fd, HEAD_BYTES)
+            finally:
+                os.close(fd)
+        except OSError:
+            continue  # the per-file path says what went wrong
+        bufs.append(buf)
+        sizes.append(size)
+        index.append(i)
+    fast = _fast_rows(files, index, bufs, whole if full else None, sizes, config, run_id,
+                      policy) if bufs else None
+    done = set() if fast is None else set(fast[0])
+    slow = [i for i in range(n) if i not in done]
+    tables = []
+    order = []
+    if fast is not None and fast[0]:
+        tables.append(fast[1])
+        order += fast[0]
+    if slow:
+        tables.append(batch_table([read_one(files[i]) for i in slow], run_id, policy))
+        order += slow
+    if len(tables) == 1 and order == list(range(n)):
+        return tables[0]
+    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    position = np.empty(n, dtype=np.int64)
+    position[np.asarray(order, dtype=np.int64)] = np.arange(n)
+    return table.take(pa.array(position)).cast(BATCH_SCHEMA)
+
+
+def _fast_rows(files, index, bufs, whole, sizes, config, run_id, policy):
+    """(the positions in ``files`` read here, their rows) for the files the batch path
+    reads; the others are left to the per-file path."""
+    from etl.extract import BATCH_SCHEMA
+
+    if len(_CLASSES) > 128:  # between batches: every class byte may be given anew
+        _CLASSES.clear()
+        _UNITS.clear()
+    w = batchwalk.walk(bufs, sizes)
+    nb = len(bufs)
+    ok = w.status == batchwalk.CLEAN
+    for j in np.flatnonzero(ok).tolist():
+        name = os.path.basename(files[index[j]].path)
+        if name.upper() == "DICOMDIR" or w.media[j] == DICOMDIR_SOP_CLASS:
+            ok[j] = False
+    counts = np.diff(w.first)
+    file_of = np.repeat(np.arange(nb), counts)
+    bulk = (config.bulk_data_threshold // 4) * 3
+    # --- each element's class: its encoding and character set, then its memo key
+    cls_of_file = np.zeros(nb, dtype=np.uint8)
+    charset_at = np.full(nb, np.iinfo(np.int64).max, dtype=np.int64)
+    default = {True: _class(True, "latin_1") or 0, False: _class(False, "latin_1") or 0}
+    for j in range(nb):
+        cls_of_file[j] = default[bool(w.explicit[j])]
+    for e in np.flatnonzero(w.tag == _CHARSET_TAG).tolist():
+        j = int(file_of[e])
+        raw = w.data[w.start[e]:w.stop[e]].tobytes()
+        try:
+            codec = rawjson._Reader(b"", True, bulk).charset(raw)
+        except Exception:
+            ok[j] = False
+            continue
+        cls = _class(bool(w.explicit[j]), codec) if isinstance(codec, str) else None
+        if cls is None:
+            ok[j] = False  # ISO 2022 code extensions: pydicom's decoder
+            continue
+        cls_of_file[j] = cls
+        charset_at[j] = e
+    el_cls = cls_of_file[file_of]
+    before = np.arange(len(file_of)) < charset_at[file_of]
+    if before.any():
+        el_cls = el_cls.copy()
+        el_cls[before] = np.where(w.explicit[file_of[before]], default[True], default[False])
+    keys = _keys(w.data, w.at, w.stop, el_cls)
+    encoded = pc.dictionary_encode(keys)
+    codes = encoded.indices.to_numpy()
+    distinct = encoded.dictionary.to_pylist()
+    _, rep = np.unique(codes, return_index=True)
+    if len(_UNITS) + len(distinct) > MEMO_ENTRIES:
+        _UNITS.clear()
+    units: list[_Unit] = []
+    for u, key in enumerate(distinct):
+        unit = _UNITS.get(key)
+        if unit is None:
+            e = int(rep[u])
+            unit = _decode(key, int(w.tag[e]), int(w.vr[e]), int(w.start[e] - w.at[e]),
+                           bulk)
+            unit.mkey = key
+            _UNITS[key] = unit
+        units.append(unit)
+    plain = np.fromiter((u.plain for u in units), dtype=np.bool_, count=len(units))
+    if not plain.all():
+        ok[np.unique(file_of[~plain[codes]])] = False
+    cols = np.fromiter((u.col for u in units), dtype=np.int64, count=len(units))
+    # --- the required UIDs, present and valid, as the per-file path checks them
+    for c in _UID_COLS.values():
+        has = np.zeros(nb, dtype=np.bool_)
+        sel = cols[codes] == c
+        good = np.fromiter((u.first is not None and valid_uid(u.first) if u.col == c else False
+                            for u in units), dtype=np.bool_, count=len(units))
+        has[file_of[sel & good[codes]]] = True
+        ok &= has
+    # --- research lakes: each distinct element de-identified once per patient context
+    id_maps: list | None = None
+    uid_units = units
+    if policy is not None:
+        cand = ok[file_of]
+        found = _deidentify(units, w.tag, codes, file_of, cand, nb, policy)
+        ok &= ~found[0]
+        final, units, maps = found[1], found[2], found[3]
+        keep_el = ok[file_of] & (final >= 0)
+        f_codes = final[keep_el]
+        id_maps = [maps[j] for j in np.flatnonzero(ok).tolist()]
+    else:
+        keep_el = ok[file_of]
+        f_codes = codes[keep_el]
+    fast = np.flatnonzero(ok)
+    if not len(fast):
+        return None
+    cols = np.fromiter((u.col for u in units), dtype=np.int64, count=len(units))
+    rank = np.cumsum(ok) - 1  # a fast file's row
+    f_row = rank[file_of[keep_el]]
+    nf = len(fast)
+    matrix = np.full((nf, len(_NAMES)), -1, dtype=np.int64)
+    has_col = cols[f_codes] >= 0
+    matrix[f_row[has_col], cols[f_codes][has_col]] = f_codes[has_col]
+    columns: dict[str, pa.Array] = {}
+    column_arrays = _typed_columns(units, cols, matrix, BATCH_SCHEMA)
+    columns.update(column_arrays)
+    # the required UIDs: their first value's text, as the per-file path sets them
+    for keyword, c in _UID_COLS.items():
+        firsts = [units[u].first if u >= 0 else None for u in matrix[:, c].tolist()]
+        columns[keyword] = pa.array(firsts, pa.string())
+    invalid = _invalid(units, matrix)
+    columns["invalid_attributes"] = pa.array(invalid, BATCH_SCHEMA.field(
+        "invalid_attributes").type)
+    # patient_age_years and study_year, from the typed values
+    ages = []
+    memo: dict[tuple, Any] = {}
+    for a, b, s in matrix[:, _AGE_COLS].tolist():
+        got = memo.get((a, b, s))
+        if got is None and (a, b, s) not in memo:
+            got = memo[(a, b, s)] = age_years(*(_value(units, x) for x in (a, b, s)))
+        ages.append(got)
+    if policy is not None:  # the age of the original header, capped at 90
+        ages = _original_ages(uid_units, w.tag, codes, file_of, ok)
+        columns["SOPClassUID"] = pa.array(
+            [None if u < 0 else uid_units[u].first for u in
+             _by_tag(w.tag, codes, file_of, ok, (_SOP_CLASS_TAG,))[:, 0].tolist()], pa.string())
+    columns["patient_age_years"] = pa.array(ages, pa.float64())
+    years = [None if (d := _value(units, x)) is None else d.year
+             for x in matrix[:, _STUDY_DATE].tolist()]
+    columns["study_year"] = pa.array(years, pa.int32())
+    columns["dicom_json"] = _json_texts(units, f_codes, f_row, nf)
+    columns["TransferSyntaxUID"] = pa.array([w.transfer_syntax[j] for j in fast.tolist()],
+                                            pa.string())
+    id_type = BATCH_SCHEMA.field("id_map").type
+    columns["id_map"] = pa.nulls(nf, id_type) if id_maps is None else \
+        pa.array(id_maps, id_type)
+    # --- the file's own columns
+    positions = [index[j] for j in fast.tolist()]
+    header_end = w.header_end[fast].tolist()
+    digests, covered = [], []
+    for j, end in zip(fast.tolist(), header_end, strict=True):
+        if whole is not None:
+            buf = whole[j]
+            covered.append(len(buf))
+            digests.append(hashlib.sha256(buf).hexdigest())
+        else:
+            covered.append(end)
+            digests.append(hashlib.sha256(memoryview(bufs[j])[:end]).hexdigest())
+    chosen = [files[i] for i in positions]
+    columns["path"] = pa.array([f.path for f in chosen], pa.string())
+    columns["mtime_ns"] = pa.array([f.mtime_ns for f in chosen], pa.int64())
+    columns["status"] = pa.array(["ok"] * nf, pa.string())
+    columns["reason"] = pa.nulls(nf, pa.string())
+    columns["message"] = pa.nulls(nf, pa.string())
+    columns["file_size"] = pa.array([sizes[j] for j in fast.tolist()], pa.int64())
+    columns["file_sha256"] = pa.array(digests if policy is None else
+                                      [policy.p.file_digest(d) for d in digests], pa.string())
+    columns["source_sha256"] = pa.array(digests, pa.string())
+    columns["ingest_run_id"] = pa.array([run_id] * nf, pa.string())
+    columns["checksum_bytes"] = pa.array(covered, pa.int64())
+    table = pa.Table.from_arrays([columns[f.name] for f in BATCH_SCHEMA], schema=BATCH_SCHEMA)
+    return positions, table
+
+
+def _typed_columns(units: list[_Unit], cols: np.ndarray, matrix: np.ndarray,
+                   schema: pa.Schema) -> dict[str, pa.Array]:
+    """Each header column: the typed values of its distinct elements, taken per file."""
+    out = {}
+    order = np.argsort(cols, kind="stable")
+    bounds = np.searchsorted(cols[order], np.arange(len(_NAMES) + 1))
+    slot = np.empty(len(units), dtype=np.int64)
+    slot[order] = np.arange(len(units)) - bounds[np.clip(cols[order], 0, None)]
+    for c, name in enumerate(_NAMES):
+        typ = schema.field(name).type
+        members = order[bounds[c]:bounds[c + 1]]
+        idx = matrix[:, c]
+        present = idx >= 0
+        if not len(members) or not present.any():
+            out[name] = pa.nulls(len(idx), typ)
+            continue
+        values = pa.array([units[u].typed if units[u].ok else None for u in members.tolist()],
+                          typ)
+        where = slot[np.where(present, idx, 0)]
+        out[name] = values.take(pa.array(where, mask=~present))
+    return out
+
+
+def _value(units: list[_Unit], u: int) -> Any:
+    """The column value a file gets from unit ``u`` (-1: none): None when invalid."""
+    if u < 0:
+        return None
+    unit = units[u]
+    return unit.typed if unit.ok else None
+
+
+def _invalid(units: list[_Unit], matrix: np.ndarray) -> list[list[str] | None]:
+    bad = np.fromiter((not u.ok for u in units), dtype=np.bool_, count=len(units))
+    flags = (matrix >= 0) & bad[np.where(matrix >= 0, matrix, 0)]
+    out: list[list[str] | None] = [None] * len(matrix)
+    for row in np.flatnonzero(flags.any(axis=1)).tolist():
+        out[row] = [_NAMES[c] for c in np.flatnonzero(flags[row]).tolist()]
+    return out
+
+
+def _json_texts(units: list[_Unit], codes: np.ndarray, rows: np.ndarray, nf: int) -> pa.Array:
+    """Each file's DICOM JSON text: ``{`` + its elements' texts joined by commas + ``}``."""
+    fragments = pa.array([u.fragment if u.elem is not None else None for u in units],
+                         pa.binary())
+    kept = np.fromiter((u.elem is not None for u in units), dtype=np.bool_,
+                       count=len(units))[codes]
+    codes, rows = codes[kept], rows[kept]
+    offsets = np.zeros(nf + 1, dtype=np.int32)
+    np.cumsum(np.bincount(rows, minlength=nf), out=offsets[1:])
+    lists = pa.ListArray.from_arrays(pa.array(offsets), fragments.take(pa.array(codes)))
+    joined = pc.binary_join(lists, b",")
+    return pc.binary_join_element_wise(b"{", joined, b"}", b"").view(pa.string())
+
+
+def _decode(key: bytes, tag: int, vr_code: int, header: int, bulk: int) -> _Unit:
+    """A distinct element decoded as :func:`etl.onewalk.walk` decodes it."""
+    explicit, codec = _class_of(key[0])
+    json_key = _KEYS.get(tag)
+    if json_key is None:
+        json_key = _KEYS[tag] = f"{tag:08X}"
+    vr = _VR_TEXT.get(vr_code)
+    if vr is None:
+        return _Unit(json_key, {}, None)
+    raw = key[1 + header:]
+    dec = rawjson._Reader(b"", explicit, bulk)
+    dec.encoding = codec
+    try:
+        if len(raw) > rawjson.MEMO_VALUE_BYTES or vr in rawjson._NOT_MEMOIZED:
+            if len(raw) > bulk and vr in rawjson._BINARY:
+                return _Unit(json_key, None, None)  # bulk data: left out of the JSON
+            elem = dec.element(vr, raw)
+        else:
+            values = dec.element(vr, raw).get("Value")
+            elem = {"vr": vr} if values is None else {"vr": vr, "Value": values}
+        fragment = orjson.dumps({json_key: elem})[1:-1]
+    except Exception:  # what the per-file walk leaves to pydicom, or orjson refuses
+        return _Unit(json_key, {}, None)
+    return _typed_unit(json_key, elem, None if b"null" in fragment else fragment)
+
+
+def _typed_unit(key: str, elem: dict, fragment: bytes | None) -> _Unit:
+    """A unit with its column value and, for the required UIDs, its first value."""
+    unit = _Unit(key, elem, fragment)
+    typed = column_value(key, elem)
+    if typed is not None:
+        unit.col, unit.typed, unit.ok = typed
+    if key in _UID_KEYS:
+        unit.first = header_first({key: elem}, key)
+    return unit
+
+
+def _filter_one(unit: _Unit, ctx, issuer: int, units: list[_Unit],
+                policy: Policy) -> tuple[_Unit | None, tuple]:
+    """One element through the policy's filter, as :meth:`Policy.apply` filters it in
+    a whole header: (its filtered unit, None when dropped, ``_BAD`` when the batch path
+    cannot write it; the id pairs it used)."""
+    mapping: list[tuple[str, str, str]] = []
+    key = unit.key
+    try:
+        out = policy._filter({key: unit.elem}, ctx, mapping, 0)
+        if key == deid._PID_TAG:  # Policy.apply: the PatientID with its issuer
+            pid = deid._first(unit.elem)
+            if pid:
+                if key not in out:
+                    return _BAD, ()  # apply would add it at the end of the header
+                iss = deid._first(units[issuer].elem) if issuer >= 0 else None
+                out[key] = {"vr": "LO", "Value": [policy._identifier("PatientID", pid, iss)]}
+        if not out:
+            return None, tuple(mapping)
+        fragment = orjson.dumps(out)[1:-1]
+    except Exception:  # whatever it is, the per-file path decides
+        return _BAD, ()
+    if b"null" in fragment:
+        return _BAD, ()
+    return _typed_unit(key, out[key], fragment), tuple(mapping)
+
+
+def _original_ages(units: list[_Unit], tags: np.ndarray, codes: np.ndarray,
+                   file_of: np.ndarray, ok: np.ndarray) -> list[float | None]:
+    """``patient_age_years`` of research lakes: from the original header's PatientAge,
+    else its birth and study dates (:func:`etl.headers._deidentified_record`), at most
+    90."""
+    wanted = (int(_AGE, 16), int(_BIRTH, 16), int(_STUDY_DATE_TAG, 16))
+    keys = (_AGE, _BIRTH, _STUDY_DATE_TAG)
+
+    def first(u: int, k: int) -> str | None:
+        if u < 0 or units[u].elem is None:
+            return None
+        return header_first({keys[k]: units[u].elem}, keys[k])
+
+    memo: dict[tuple, float | None] = {}
+    out = []
+    for row in map(tuple, _by_tag(tags, codes, file_of, ok, wanted).tolist()):
+        if row not in memo:
+            age = first(row[0], 0)
+            years = age_years(age, None, None)
+            if years is None:
+                years = age_years(age, parse_date(first(row[1], 1)),
+                                  parse_date(first(row[2], 2)))
+            memo[row] = None if years is None else min(years, 90.0)
+        out.append(memo[row])
+    return out
+
+
+_UID_KEYS = frozenset(UID_TAGS.values())
+_SOP_CLASS_TAG = int(UID_TAGS["SOPClassUID"], 16)
+
+
+def _by_tag(tags: np.ndarray, codes: np.ndarray, file_of: np.ndarray, ok: np.ndarray,
+            wanted: tuple[int, ...]) -> np.ndarray:
+    """For each file with ``ok``, the unit of each ``wanted`` tag (-1: absent)."""
+    rank = np.cumsum(ok) - 1
+    out = np.full((int(ok.sum()), len(wanted)), -1, dtype=np.int64)
+    for k, tag in enumerate(wanted):
+        sel = (tags == tag) & ok[file_of]
+        out[rank[file_of[sel]], k] = codes[sel]
+    return out
+
+
+# --- research lakes ---------------------------------------------------------------
+
+#: what the policy's filter does with a distinct element (``_Unit.kind``)
+_SAME, _DROP, _PRIVATE, _CALL, _CALL_CTX = range(5)
+_CONTEXT_TAGS = tuple(int(t, 16) for t in deid._CONTEXT_TAGS)
+_ISSUER_AT = deid._CONTEXT_TAGS.index(deid._ISSUER_TAG)
+#: ``{(key fingerprint, unit key): (filtered unit or None, its id pairs)}`` for the
+#: elements whose filtering does not depend on the patient (most UIDs, identifiers)
+_FILTERED: dict[tuple[str, bytes], tuple[_Unit | None, tuple]] = {}
+_BAD = _Unit("", {}, None)  # a filtered element the batch path does not write
+
+
+def _kind(unit: _Unit) -> int:
+    """What :meth:`lakehouse.deid.Policy._filter` does with this element: keeps it as it
+    is, drops it, must ask about a private attribute, or must be called (with the
+    patient's context when the result depends on it)."""
+    key, elem = unit.key, unit.elem
+    if elem is None:
+        return _DROP  # bulk data, not in the header
+    if key[3] in deid._ODD_HEX:
+        return _PRIVATE
+    action = deid._ACTIONS.get(key)
+    if action is None:
+        return _DROP
+    vr = elem.get("vr")
+    if action == deid._KEEP and vr in deid._PLAIN_VRS and elem.get("Value") is not None:
+        return _SAME
+    if vr in ("SQ", "DA", "DT") or action == deid._CLEAN or key == deid._PID_TAG:
+        return _CALL_CTX
+    return _CALL
+
+
+def _deidentify(units: list[_Unit], tags: np.ndarray, codes: np.ndarray,
+                file_of: np.ndarray, cand: np.ndarray, nb: int, policy: Policy):
+    """The policy's filter over the candidate files' elements: (files left to the
+    per-file path, each element's filtered unit or -1, the units, each file's id pairs)."""
+    units = list(units)
+    nu = len(units)
+    for unit in units:
+        if unit.kind < 0:
+            unit.kind = _kind(unit)
+    kinds = np.fromiter((u.kind for u in units), dtype=np.int8, count=nu)[codes]
+    bad = np.zeros(nb, dtype=np.bool_)
+    private = (kinds == _PRIVATE) & cand
+    if policy.private and private.any():
+        bad[file_of[private]] = True  # the private allow-list needs the file's creators
+    final = np.where(kinds == _SAME, codes, -1)
+    # the patient contexts, one per distinct set of context elements
+    rows = np.full((nb, len(_CONTEXT_TAGS)), -1, dtype=np.int64)
+    for k, tag in enumerate(_CONTEXT_TAGS):
+        sel = (tags == tag) & cand
+        rows[file_of[sel], k] = codes[sel]
+    distinct, ctx_of = np.unique(rows, axis=0, return_inverse=True)
+    ctx_of = ctx_of.reshape(-1)
+    contexts = []
+    for row in distinct.tolist():
+        mini = {deid._CONTEXT_TAGS[k]: units[u].elem for k, u in enumerate(row)
+                if u >= 0 and units[u].elem is not None}
+        contexts.append((policy.context(mini), row[_ISSUER_AT]))
+    # each distinct (element, context) the filter must see, once
+    call = ((kinds == _CALL) | (kinds == _CALL_CTX)) & cand
+    where = np.flatnonzero(call)
+    ctx_el = np.where(kinds[where] == _CALL_CTX, ctx_of[file_of[where]], -1)
+    pair = codes[where] * (len(contexts) + 1) + (ctx_el + 1)
+    pairs, inverse = np.unique(pair, return_inverse=True)
+    fp = fingerprint(policy.p.key)
+    if len(_FILTERED) > MEMO_ENTRIES:
+        _FILTERED.clear()
+    results: list[tuple[int, tuple]] = []
+    for p in pairs.tolist():
+        u, c = divmod(p, len(contexts) + 1)
+        unit = units[u]
+        memo_key = (fp, unit.mkey) if c == 0 else None
+        got = _FILTERED.get(memo_key) if memo_key else None
+        if got is None:
+            # an element whose filtering does not depend on the patient: any context
+            ctx, issuer = contexts[c - 1] if c else (contexts[0][0], -1)
+            got = _filter_one(unit, ctx, issuer, units, policy)
+            if memo_key:
+                _FILTERED[memo_key] = got
+        filtered, mapping = got
+        if filtered is None:
+            results.append((-1, mapping))
+        elif filtered is _BAD:
+            results.append((-2, mapping))
+        else:
+            units.append(filtered)
+            results.append((len(units) - 1, mapping))
+    result_unit = np.fromiter((r[0] for r in results), dtype=np.int64, count=len(results))
+    final[where] = result_unit[inverse.reshape(-1)]
+    broken = where[final[where] == -2]
+    bad[file_of[broken]] = True
+    final[broken] = -1
+    # each file's id pairs, in the order of its elements, each pair once
+    maps: list[list | None] = [None] * nb
+    mapped = [i for i, r in enumerate(results) if r[1]]
+    if mapped:
+        has = np.zeros(len(results), dtype=np.bool_)
+        has[mapped] = True
+        inv = inverse.reshape(-1)
+        for e, r in zip(where[has[inv]].tolist(), inv[has[inv]].tolist(), strict=True):
+            j = int(file_of[e])
+            if maps[j] is None:
+                maps[j] = []
+            maps[j].extend(results[r][1])
+    out = [list(dict.fromkeys(m)) if m else [] for m in maps]
+    return bad, final, units, out
+
+
+def _class_of(cls: int) -> tuple[bool, str]:
+    for key, value in _CLASSES.items():
+        if value == cls:
+            return key
+    raise KeyError(cls)
+
+
+@numba.njit(cache=True, nogil=True)
+def _gather(data, at, stop, cls, offsets, out):
+    pos = 0
+    for e in range(len(at)):
+        offsets[e] = pos
+        out[pos] = cls[e]
+        pos += 1
+        n = stop[e] - at[e]
+        out[pos:pos + n] = data[at[e]:stop[e]]
+        pos += n
+    offsets[len(at)] = pos
+
+
+def _keys(data: np.ndarray, at: np.ndarray, stop: np.ndarray, cls: np.ndarray) -> pa.Array:
+    """Each element's class byte and bytes, as one binary column."""
+    total = int((stop - at).sum()) + len(at)
+    out = np.empty(total, dtype=np.uint8)
+    offsets = np.empty(len(at) + 1, dtype=np.int64)
+    _gather(data, at, stop, cls, offsets, out)
+    return pa.Array.from_buffers(pa.large_binary(), len(at),
+                                 [None, pa.py_buffer(offsets), pa.py_buffer(out)])
