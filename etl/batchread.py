@@ -95,11 +95,12 @@ class _Unit:
 
 #: ``{class byte + element bytes: _Unit}``, shared by the batches of a process
 _UNITS: dict[bytes, _Unit] = {}
-#: ``{(explicit, codec): class byte}`` (the first byte of an element's memo key)
-_CLASSES: dict[tuple[bool, str], int] = {}
+#: ``{(explicit, codec): class byte}`` (the first byte of an element's memo key); the
+#: codec is a Python codec name, or a tuple of them for ISO 2022 code extensions
+_CLASSES: dict[tuple[bool, str | tuple[str, ...]], int] = {}
 
 
-def _class(explicit: bool, codec: str) -> int | None:
+def _class(explicit: bool, codec: str | tuple[str, ...]) -> int | None:
     """The class byte of an encoding and codec (None when a byte has none left)."""
     cls = _CLASSES.get((explicit, codec))
     if cls is None:
@@ -194,9 +195,9 @@ def _fast_rows(files, index, bufs, whole, sizes, config, run_id, policy):
         except Exception:
             ok[j] = False
             continue
-        cls = _class(bool(w.explicit[j]), codec) if isinstance(codec, str) else None
+        cls = _class(bool(w.explicit[j]), codec if isinstance(codec, str) else tuple(codec))
         if cls is None:
-            ok[j] = False  # ISO 2022 code extensions: pydicom's decoder
+            ok[j] = False
             continue
         cls_of_file[j] = cls
         charset_at[j] = e
@@ -384,9 +385,11 @@ def _decode(key: bytes, tag: int, vr_code: int, header: int, bulk: int) -> _Unit
         return _Unit(json_key, {}, None)
     raw = key[1 + header:]
     dec = rawjson._Reader(b"", explicit, bulk)
-    dec.encoding = codec
+    # ISO 2022 code extensions: pydicom's list of encodings, and its decoder
+    dec.encoding = codec if isinstance(codec, str) else list(codec)
     try:
-        if len(raw) > rawjson.MEMO_VALUE_BYTES or vr in rawjson._NOT_MEMOIZED:
+        if len(raw) > rawjson.MEMO_VALUE_BYTES or vr in rawjson._NOT_MEMOIZED \
+                or not isinstance(codec, str):
             if len(raw) > bulk and vr in rawjson._BINARY:
                 return _Unit(json_key, None, None)  # bulk data: left out of the JSON
             elem = dec.element(vr, raw)
@@ -587,7 +590,7 @@ def _deidentify(units: list[_Unit], tags: np.ndarray, codes: np.ndarray,
     return bad, final, units, out
 
 
-def _class_of(cls: int) -> tuple[bool, str]:
+def _class_of(cls: int) -> tuple[bool, str | tuple[str, ...]]:
     for key, value in _CLASSES.items():
         if value == cls:
             return key
