@@ -39,7 +39,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from etl import batchwalk, rawjson
+from etl import batchwalk, onewalk, rawjson
 from etl.config import IngestConfig
 from etl.discover import FoundFile
 from etl.headers import _AGE, _BIRTH, DICOMDIR_SOP_CLASS, HEAD_BYTES, UID_TAGS, _read_rest
@@ -95,18 +95,21 @@ class _Unit:
 
 #: ``{class byte + element bytes: _Unit}``, shared by the batches of a process
 _UNITS: dict[bytes, _Unit] = {}
-#: ``{(explicit, codec): class byte}`` (the first byte of an element's memo key); the
-#: codec is a Python codec name, or a tuple of them for ISO 2022 code extensions
-_CLASSES: dict[tuple[bool, str | tuple[str, ...]], int] = {}
+#: ``{(explicit, codec, bulk, max_depth): class byte}``: everything an element's
+#: decoding depends on besides its bytes (the first byte of its memo key); the codec is
+#: a Python codec name, or a tuple of them for ISO 2022 code extensions
+_CLASSES: dict[tuple, int] = {}
 
 
-def _class(explicit: bool, codec: str | tuple[str, ...]) -> int | None:
+def _class(explicit: bool, codec: str | tuple[str, ...], bulk: int,
+           max_depth: int) -> int | None:
     """The class byte of an encoding and codec (None when a byte has none left)."""
-    cls = _CLASSES.get((explicit, codec))
+    key = (explicit, codec, bulk, max_depth)
+    cls = _CLASSES.get(key)
     if cls is None:
         if len(_CLASSES) >= 256:
             return None
-        cls = _CLASSES[(explicit, codec)] = len(_CLASSES)
+        cls = _CLASSES[key] = len(_CLASSES)
     return cls
 
 
@@ -184,7 +187,9 @@ def _fast_rows(files, index, bufs, whole, sizes, config, run_id, policy):
     # --- each element's class: its encoding and character set, then its memo key
     cls_of_file = np.zeros(nb, dtype=np.uint8)
     charset_at = np.full(nb, np.iinfo(np.int64).max, dtype=np.int64)
-    default = {True: _class(True, "latin_1") or 0, False: _class(False, "latin_1") or 0}
+    depth = config.max_depth
+    default = {True: _class(True, "latin_1", bulk, depth) or 0,
+               False: _class(False, "latin_1", bulk, depth) or 0}
     for j in range(nb):
         cls_of_file[j] = default[bool(w.explicit[j])]
     for e in np.flatnonzero(w.tag == _CHARSET_TAG).tolist():
@@ -195,7 +200,8 @@ def _fast_rows(files, index, bufs, whole, sizes, config, run_id, policy):
         except Exception:
             ok[j] = False
             continue
-        cls = _class(bool(w.explicit[j]), codec if isinstance(codec, str) else tuple(codec))
+        cls = _class(bool(w.explicit[j]), codec if isinstance(codec, str) else tuple(codec),
+                     bulk, depth)
         if cls is None:
             ok[j] = False
             continue
@@ -218,8 +224,7 @@ def _fast_rows(files, index, bufs, whole, sizes, config, run_id, policy):
         unit = _UNITS.get(key)
         if unit is None:
             e = int(rep[u])
-            unit = _decode(key, int(w.tag[e]), int(w.vr[e]), int(w.start[e] - w.at[e]),
-                           bulk)
+            unit = _decode(key, int(w.tag[e]), int(w.vr[e]), int(w.start[e] - w.at[e]))
             unit.mkey = key
             _UNITS[key] = unit
         units.append(unit)
@@ -374,15 +379,17 @@ def _json_texts(units: list[_Unit], codes: np.ndarray, rows: np.ndarray, nf: int
     return pc.binary_join_element_wise(b"{", joined, b"}", b"").view(pa.string())
 
 
-def _decode(key: bytes, tag: int, vr_code: int, header: int, bulk: int) -> _Unit:
+def _decode(key: bytes, tag: int, vr_code: int, header: int) -> _Unit:
     """A distinct element decoded as :func:`etl.onewalk.walk` decodes it."""
-    explicit, codec = _class_of(key[0])
+    explicit, codec, bulk, max_depth = _class_of(key[0])
     json_key = _KEYS.get(tag)
     if json_key is None:
         json_key = _KEYS[tag] = f"{tag:08X}"
     vr = _VR_TEXT.get(vr_code)
     if vr is None:
         return _Unit(json_key, {}, None)
+    if vr == "SQ":
+        return _sequence(key, json_key, explicit, codec, bulk, max_depth)
     raw = key[1 + header:]
     dec = rawjson._Reader(b"", explicit, bulk)
     # ISO 2022 code extensions: pydicom's list of encodings, and its decoder
@@ -398,6 +405,25 @@ def _decode(key: bytes, tag: int, vr_code: int, header: int, bulk: int) -> _Unit
             elem = {"vr": vr} if values is None else {"vr": vr, "Value": values}
         fragment = orjson.dumps({json_key: elem})[1:-1]
     except Exception:  # what the per-file walk leaves to pydicom, or orjson refuses
+        return _Unit(json_key, {}, None)
+    return _typed_unit(json_key, elem, None if b"null" in fragment else fragment)
+
+
+def _sequence(key: bytes, json_key: str, explicit: bool, codec: str | tuple[str, ...],
+              bulk: int, max_depth: int) -> _Unit:
+    """A sequence, decoded and checked by the per-file walk over its element's bytes
+    (nested sequences, items, character sets, depth and all): anything it would not
+    decode on its own fast path sends the file down the per-file path."""
+    data = key[1:]
+    walker = onewalk._Walk(data, explicit, bulk, len(data), max_depth, shared=True)
+    walker.dec.encoding = codec if isinstance(codec, str) else list(codec)
+    try:
+        header, end, closed = walker.dataset(0, len(data), 0)
+        if end != len(data) or closed or list(header) != [json_key]:
+            return _Unit(json_key, {}, None)
+        elem = header[json_key]
+        fragment = orjson.dumps({json_key: elem})[1:-1]
+    except Exception:  # FileRejected, NeedMore, _Fallback, ...: the per-file path
         return _Unit(json_key, {}, None)
     return _typed_unit(json_key, elem, None if b"null" in fragment else fragment)
 
@@ -590,7 +616,7 @@ def _deidentify(units: list[_Unit], tags: np.ndarray, codes: np.ndarray,
     return bad, final, units, out
 
 
-def _class_of(cls: int) -> tuple[bool, str | tuple[str, ...]]:
+def _class_of(cls: int) -> tuple:
     for key, value in _CLASSES.items():
         if value == cls:
             return key
