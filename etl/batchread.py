@@ -61,6 +61,7 @@ _VR_TEXT = {vr[0] | (vr[1] << 8): text for vr, text in rawjson._VR_TEXT.items()}
 #: the columns whose values the ingest needs from every file
 _COL = {name: i for i, name in enumerate(_NAMES)}
 _UID_COLS = {keyword: _COL[keyword] for keyword in UID_TAGS}
+_UID_COL_SET = frozenset(_UID_COLS.values())
 _AGE_COLS = (_COL["PatientAge"], _COL["PatientBirthDate"], _COL["StudyDate"])
 _STUDY_DATE = _COL["StudyDate"]
 
@@ -239,11 +240,10 @@ def _fast_rows(files, index, bufs, whole, sizes, config, run_id, policy):
     if before.any():
         el_cls = el_cls.copy()
         el_cls[before] = np.where(w.explicit[file_of[before]], default[True], default[False])
-    keys = _keys(w.data, w.at, w.stop, el_cls)
-    encoded = pc.dictionary_encode(keys)
-    codes = encoded.indices.to_numpy()
-    distinct = encoded.dictionary.to_pylist()
-    _, rep = np.unique(codes, return_index=True)
+    codes, rep = _distinct(w.data, w.at, w.stop, el_cls)
+    raw = w.raw
+    distinct = [_PREFIX[c] + raw[a:b] for c, a, b in
+                zip(el_cls[rep].tolist(), w.at[rep].tolist(), w.stop[rep].tolist(), strict=True)]
     if len(memos.units) + len(distinct) > MEMO_ENTRIES:
         memos.units.clear()
     units: list[_Unit] = []
@@ -256,17 +256,18 @@ def _fast_rows(files, index, bufs, whole, sizes, config, run_id, policy):
             unit.mkey = key
             memos.units[key] = unit
         units.append(unit)
-    plain = np.fromiter((u.plain for u in units), dtype=np.bool_, count=len(units))
+    # per unit: plain, its column, a valid required UID
+    attrs = np.array([(u.plain, u.col, u.col in _UID_COL_SET and u.first is not None
+                       and valid_uid(u.first)) for u in units], dtype=np.int64).reshape(-1, 3)
+    plain, cols, good = attrs[:, 0].astype(bool), attrs[:, 1], attrs[:, 2].astype(bool)
     if not plain.all():
         ok[np.unique(file_of[~plain[codes]])] = False
-    cols = np.fromiter((u.col for u in units), dtype=np.int64, count=len(units))
     # --- the required UIDs, present and valid, as the per-file path checks them
+    el_cols = cols[codes]
+    el_good = good[codes]
     for c in _UID_COLS.values():
         has = np.zeros(nb, dtype=np.bool_)
-        sel = cols[codes] == c
-        good = np.fromiter((u.first is not None and valid_uid(u.first) if u.col == c else False
-                            for u in units), dtype=np.bool_, count=len(units))
-        has[file_of[sel & good[codes]]] = True
+        has[file_of[(el_cols == c) & el_good]] = True
         ok &= has
     # --- research lakes: each distinct element de-identified once per patient context
     id_maps: list | None = None
@@ -598,13 +599,17 @@ def _deidentify(units: list[_Unit], tags: np.ndarray, codes: np.ndarray,
     for k, tag in enumerate(_CONTEXT_TAGS):
         sel = (tags == tag) & cand
         rows[file_of[sel], k] = codes[sel]
-    distinct, ctx_of = np.unique(rows, axis=0, return_inverse=True)
-    ctx_of = ctx_of.reshape(-1)
+    numbers: dict[tuple, int] = {}
     contexts = []
-    for row in distinct.tolist():
-        mini = {deid._CONTEXT_TAGS[k]: units[u].elem for k, u in enumerate(row)
-                if u >= 0 and units[u].elem is not None}
-        contexts.append((policy.context(mini), row[_ISSUER_AT]))
+    ctx_of = np.empty(nb, dtype=np.int64)
+    for j, row in enumerate(map(tuple, rows.tolist())):
+        c = numbers.get(row)
+        if c is None:
+            c = numbers[row] = len(contexts)
+            mini = {deid._CONTEXT_TAGS[k]: units[u].elem for k, u in enumerate(row)
+                    if u >= 0 and units[u].elem is not None}
+            contexts.append((policy.context(mini), row[_ISSUER_AT]))
+        ctx_of[j] = c
     # each distinct (element, context) the filter must see, once
     call = ((kinds == _CALL) | (kinds == _CALL_CTX)) & cand
     where = np.flatnonzero(call)
@@ -656,24 +661,57 @@ def _deidentify(units: list[_Unit], tags: np.ndarray, codes: np.ndarray,
     return bad, final, units, out
 
 
+#: the class bytes, as the first byte of a memo key
+_PREFIX = [bytes([c]) for c in range(256)]
+
+
 @numba.njit(cache=True, nogil=True)
-def _gather(data, at, stop, cls, offsets, out):
-    pos = 0
-    for e in range(len(at)):
-        offsets[e] = pos
-        out[pos] = cls[e]
-        pos += 1
-        n = stop[e] - at[e]
-        out[pos:pos + n] = data[at[e]:stop[e]]
-        pos += n
-    offsets[len(at)] = pos
+def _distinct_into(data, at, stop, cls, codes, reps):
+    """Number the distinct (class, bytes) elements in order of first appearance: each
+    element's number in ``codes``, each number's first element in ``reps``; returns how
+    many there are. Open addressing over FNV-1a hashes, the bytes compared on a match."""
+    n = len(at)
+    size = 1
+    while size < 2 * n:
+        size *= 2
+    mask = size - 1
+    slots = np.full(size, -1, dtype=np.int64)
+    hashes = np.empty(n, dtype=np.uint64)
+    count = 0
+    for e in range(n):
+        h = np.uint64(14695981039346656037) ^ np.uint64(cls[e])
+        h *= np.uint64(1099511628211)
+        for k in range(at[e], stop[e]):
+            h ^= np.uint64(data[k])
+            h *= np.uint64(1099511628211)
+        hashes[e] = h
+        i = np.int64(h & np.uint64(mask))
+        while True:
+            r = slots[i]
+            if r < 0:
+                slots[i] = e
+                codes[e] = count
+                reps[count] = e
+                count += 1
+                break
+            if hashes[r] == h and cls[r] == cls[e] and stop[r] - at[r] == stop[e] - at[e]:
+                same = True
+                d = at[r] - at[e]
+                for k in range(at[e], stop[e]):
+                    if data[k + d] != data[k]:
+                        same = False
+                        break
+                if same:
+                    codes[e] = codes[r]
+                    break
+            i = (i + 1) & mask
+    return count
 
 
-def _keys(data: np.ndarray, at: np.ndarray, stop: np.ndarray, cls: np.ndarray) -> pa.Array:
-    """Each element's class byte and bytes, as one binary column."""
-    total = int((stop - at).sum()) + len(at)
-    out = np.empty(total, dtype=np.uint8)
-    offsets = np.empty(len(at) + 1, dtype=np.int64)
-    _gather(data, at, stop, cls, offsets, out)
-    return pa.Array.from_buffers(pa.large_binary(), len(at),
-                                 [None, pa.py_buffer(offsets), pa.py_buffer(out)])
+def _distinct(data: np.ndarray, at: np.ndarray, stop: np.ndarray,
+              cls: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(each element's number, each number's first element) of the distinct elements."""
+    codes = np.empty(len(at), dtype=np.int64)
+    reps = np.empty(len(at), dtype=np.int64)
+    count = _distinct_into(data, at, stop, cls, codes, reps)
+    return codes, reps[:count]

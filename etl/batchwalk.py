@@ -360,7 +360,9 @@ def _walk(data, offsets, sizes, explicit, status, dataset, header_end, first,
 class Walked:
     """Every file's outcome and the top-level elements of the clean ones."""
 
-    #: the batch's buffers end to end (``offsets[i]:offsets[i + 1]`` is file i's)
+    #: the batch's buffers end to end (``offsets[i]:offsets[i + 1]`` is file i's), as
+    #: bytes and as an array over them
+    raw: bytes
     data: np.ndarray
     offsets: np.ndarray
     #: per file: 0 (clean) or why not (the codes above)
@@ -389,7 +391,8 @@ def walk(buffers: list[bytes], sizes: list[int]) -> Walked:
     lengths = np.fromiter(map(len, buffers), dtype=np.int64, count=n)
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    data = np.frombuffer(b"".join(buffers), dtype=np.uint8)
+    raw = b"".join(buffers)
+    data = np.frombuffer(raw, dtype=np.uint8)
     status = np.zeros(n, dtype=np.int8)
     spans = np.empty((n, 4), dtype=np.int64)
     dataset = np.zeros(n, dtype=np.int64)
@@ -420,7 +423,7 @@ def walk(buffers: list[bytes], sizes: list[int]) -> Walked:
         if count >= 0:
             break
         cap *= 4
-    return Walked(data, offsets, st, explicit, syntaxes, medias, dataset, header_end,
+    return Walked(raw, data, offsets, st, explicit, syntaxes, medias, dataset, header_end,
                   first, at[:count], start[:count], stop[:count], tag[:count], vr[:count])
 
 
