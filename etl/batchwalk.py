@@ -412,7 +412,7 @@ def walk(buffers: list[bytes], sizes: list[int]) -> Walked:
     sizes_a = np.maximum(np.asarray(sizes, dtype=np.int64), lengths)
     header_end = np.zeros(n, dtype=np.int64)
     first = np.zeros(n + 1, dtype=np.int64)
-    cap = max(64, len(data) // 16)
+    cap = 160 * n + 64  # elements; more when a batch has more (rare)
     while True:
         at, start, stop = (np.empty(cap, dtype=np.int64) for _ in range(3))
         tag = np.empty(cap, dtype=np.uint32)
