@@ -35,7 +35,6 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-import numba
 import numpy as np
 import orjson
 import pyarrow as pa
@@ -665,7 +664,7 @@ def _deidentify(units: list[_Unit], tags: np.ndarray, codes: np.ndarray,
 _PREFIX = [bytes([c]) for c in range(256)]
 
 
-@numba.njit(cache=True, nogil=True)
+@batchwalk.jit
 def _distinct_into(data, at, stop, cls, codes, reps):
     """Number the distinct (class, bytes) elements in order of first appearance: each
     element's number in ``codes``, each number's first element in ``reps``; returns how
