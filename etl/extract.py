@@ -77,7 +77,12 @@ def extract_batch(files: Sequence[FoundFile], config: IngestConfig, run_id: str,
     # file by file (never a file marked by the crash test hook: that one must crash)
     hooked = [i for i, f in enumerate(files) if crash_marked(f.path)]
     candidates = [f for i, f in enumerate(files) if i not in hooked] if hooked else files
-    read, table = read_batch(candidates, config, run_id, policy, BATCH_SCHEMA)
+    try:
+        read, table = read_batch(candidates, config, run_id, policy, BATCH_SCHEMA)
+    except (Exception, MemoryError) as exc:  # never a lost batch: every file file by file
+        log.warning("the batch path failed (%s); this batch is read file by file",
+                    type(exc).__name__)
+        read, table = [], BATCH_SCHEMA.empty_table()
     if hooked:
         keep = [i for i in range(len(files)) if i not in hooked]
         read = [keep[i] for i in read]
