@@ -14,8 +14,6 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 
-from etl import batchread, batchwalk
-from etl.batchread import read_batch
 from etl.config import IngestConfig
 from etl.discover import FoundFile
 from etl.headers import FileResult, read_file
@@ -56,6 +54,8 @@ def warm_up() -> None:
     starts its code generator: about 0.4 CPU-s) and pyarrow's pandas shim (it imports
     pandas on its first conversion of Python values: 0.3 CPU-s). The workers of a local
     pool are forked from a server process that did this once (``etl.runners``)."""
+    from etl import batchread, batchwalk
+
     batchwalk.walk([b""], [0])
     data = np.frombuffer(bytes(16), dtype=np.uint8)
     at = np.zeros(1, dtype=np.int64)
@@ -95,6 +95,9 @@ def extract_batch(files: Sequence[FoundFile], config: IngestConfig, run_id: str,
     # file by file (never a file marked by the crash test hook: that one must crash)
     hooked = [i for i, f in enumerate(files) if crash_marked(f.path)]
     candidates = [f for i, f in enumerate(files) if i not in hooked] if hooked else files
+    from etl.batchread import read_batch  # (numba: not imported by a driver that never
+    # reads a batch itself)
+
     try:
         read, table = read_batch(candidates, config, run_id, policy, BATCH_SCHEMA)
     except (Exception, MemoryError) as exc:  # never a lost batch: every file file by file
