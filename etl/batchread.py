@@ -43,7 +43,15 @@ import pyarrow.compute as pc
 from etl import batchwalk, onewalk, rawjson
 from etl.config import IngestConfig
 from etl.discover import FoundFile
-from etl.headers import _AGE, _BIRTH, DICOMDIR_SOP_CLASS, HEAD_BYTES, UID_TAGS, _read_rest
+from etl.headers import (
+    _AGE,
+    _BIRTH,
+    DICOMDIR_SOP_CLASS,
+    DIRECTORY_RECORD_SEQUENCE,
+    HEAD_BYTES,
+    UID_TAGS,
+    _read_rest,
+)
 from etl.headers import _STUDY_DATE as _STUDY_DATE_TAG
 from etl.headers import _first as header_first
 from etl.quality import valid_uid
@@ -55,6 +63,7 @@ from lakehouse.privacy import fingerprint
 log = logging.getLogger(__name__)
 
 _CHARSET_TAG = 0x00080005
+_DIRECTORY_RECORDS = int(DIRECTORY_RECORD_SEQUENCE, 16)
 #: JSON keys by tag, and VR texts by their 16-bit code
 _KEYS: dict[int, str] = {}
 _VR_TEXT = {vr[0] | (vr[1] << 8): text for vr, text in rawjson._VR_TEXT.items()}
@@ -193,6 +202,8 @@ def _fast_rows(files, index, bufs, whole_digests, sizes, config, run_id, policy,
             ok[j] = False
     counts = np.diff(w.first)
     file_of = np.repeat(np.arange(nb), counts)
+    # a directory record sequence makes a file a DICOMDIR, whatever its name and class
+    ok[file_of[w.tag == _DIRECTORY_RECORDS]] = False
     bulk = (config.bulk_data_threshold // 4) * 3
     # --- each element's class: its encoding and character set, then its memo key
     cls_of_file = np.zeros(nb, dtype=np.uint8)
@@ -554,7 +565,7 @@ def _kind(unit: _Unit) -> int:
     if key[3] in deid._ODD_HEX:
         return _PRIVATE
     action = deid._ACTIONS.get(key)
-    if action is None:
+    if action is None or key == deid._ISSUER_TAG:  # the filter removes the issuer last
         return _DROP
     vr = elem.get("vr")
     if action == deid._KEEP and vr in deid._PLAIN_VRS and elem.get("Value") is not None:

@@ -64,6 +64,7 @@ class LocalRunner:
         # once (``WORKER_PRELOAD``): each worker then starts in milliseconds instead of
         # importing and loading for 1.5 CPU-s. Where there is no fork server: spawn.
         marker = os.environ.get("LAKE_TEST_CRASH_MARKER", "")
+        ctx: multiprocessing.context.BaseContext
         if "forkserver" in multiprocessing.get_all_start_methods():
             ctx = multiprocessing.get_context("forkserver")
             ctx.set_forkserver_preload([WORKER_PRELOAD])
