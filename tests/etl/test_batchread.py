@@ -1,0 +1,541 @@
+"""The batch reader (:mod:`etl.batchread`) against the per-file path, its reference.
+
+``extract_batch`` with ``IngestConfig(columnar=True)`` must return the very table the
+per-file path (``columnar=False``) returns for the same files: the same schema, the
+same rows in the same order, every value equal by ``repr`` (so 0.0 and -0.0, 1 and
+1.0 differ), the same DICOM JSON texts, quarantine reasons and messages. These tests
+run both over the session's sample archive, the bad-input corpus, pydicom's files,
+its character-set files and those of pydicom-data, for an identified lake, a research
+lake and a research lake with a private allow-list, in both checksum modes; over
+crafted files for each reason the element walk (:mod:`etl.batchwalk`) gives a file to
+the per-file path; and with the batch reader's memos warm, cold and shared by two keys.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import struct
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+)
+
+from etl import batchread, batchwalk, extract
+from etl.batchread import read_batch
+from etl.config import IngestConfig
+from etl.discover import FoundFile, walk
+from etl.extract import extract_batch
+from etl.headers import HEAD_BYTES, FileResult
+from etl.rawjson import ISO2022
+from lakehouse import deid
+from lakehouse.deid import Policy, private_tag
+from lakehouse.privacy import Pseudonymizer
+from tests.etl import corpus as bad_corpus
+from tests.etl.corpus import PIXEL_TAG, _dataset_bytes, _Uids, base, part10
+
+KEY_A = bytes(range(32))
+KEY_B = bytes(range(32, 64))
+#: a private allow-list entry (GE's acquisition group, present in pydicom's files)
+PRIVATE = {"group": "0x0019", "creator": "GEMS_ACQU_01", "element": "0x1e"}
+POLICIES = ("identified", "research", "research-private")
+CHECKSUMS = ("header", "full")
+
+
+def make_policy(name: str, key: bytes = KEY_A) -> Policy | None:
+    if name == "identified":
+        return None
+    return Policy(Pseudonymizer(key),
+                  [private_tag(PRIVATE)] if name == "research-private" else [])
+
+
+def found(paths: Sequence[Path | str]) -> list[FoundFile]:
+    """The files as discovery gives them (a path that cannot be stat'ed: an error)."""
+    out = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError as exc:
+            out.append(FoundFile(str(p), 0, 0, error=str(exc)))
+            continue
+        out.append(FoundFile(str(p), st.st_size, st.st_mtime_ns))
+    return out
+
+
+def clear_batch_memos() -> None:
+    """The batch reader's memos empty (a worker process's first batch)."""
+    batchread._UNITS.clear()
+    batchread._FILTERED.clear()
+    batchread._CLASSES.clear()
+
+
+def run(files: Sequence[FoundFile], policy: Policy | None, *, columnar: bool,
+        batch: int = 128, **config) -> pa.Table:
+    """``extract_batch`` over ``files`` in batches of ``batch``, as workers read them."""
+    cfg = IngestConfig(columnar=columnar, **config)
+    tables = [extract_batch(files[i:i + batch], cfg, "run-batchread", policy)
+              for i in range(0, len(files), batch)]
+    return pa.concat_tables(tables) if tables else extract_batch([], cfg, "run", policy)
+
+
+def table_differences(got: pa.Table, ref: pa.Table) -> list[str]:
+    """Where ``got`` differs from ``ref``: [] when equal; else the first differing row
+    (its path, column and both values' ``repr``) and the differing values per column."""
+    if got.schema != ref.schema:
+        return [f"schemas differ:\n{got.schema}\n--- reference ---\n{ref.schema}"]
+    if got.num_rows != ref.num_rows:
+        return [f"{got.num_rows} rows, the reference has {ref.num_rows}"]
+    per_column: Counter[str] = Counter()
+    first: tuple[int, str, str, str] | None = None
+    for name in ref.column_names:
+        a, b = got.column(name).to_pylist(), ref.column(name).to_pylist()
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            rx, ry = repr(x), repr(y)
+            if rx != ry:
+                per_column[name] += 1
+                if first is None or i < first[0]:
+                    first = (i, name, rx, ry)
+    if first is None:
+        return []
+    i, name, rx, ry = first
+    paths = ref.column("path").to_pylist()
+    return [f"row {i} ({paths[i]}), column {name}:\n  batch path: {rx[:600]}\n"
+            f"  per-file:   {ry[:600]}",
+            f"differing values per column: {dict(per_column)}"]
+
+
+def assert_same_rows(files: Sequence[FoundFile], policy: Policy | None, *,
+                     batch: int = 128, **config) -> pa.Table:
+    """The batch path's table equals the per-file path's; returns it."""
+    got = run(files, policy, columnar=True, batch=batch, **config)
+    ref = run(files, policy, columnar=False, batch=batch, **config)
+    diff = table_differences(got, ref)
+    assert not diff, "\n".join(diff)
+    return got
+
+
+def statuses(paths: Sequence[Path], *, whole: bool = False) -> list[int]:
+    """The element walk's status of each file, from its first ``HEAD_BYTES`` (a
+    header-only read) or from all of it (``whole``)."""
+    bufs, sizes = [], []
+    for p in paths:
+        data = p.read_bytes()
+        bufs.append(data if whole else data[:HEAD_BYTES])
+        sizes.append(len(data))
+    return batchwalk.walk(bufs, sizes).status.tolist()
+
+
+# --- the corpora --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def archive_files(archive) -> list[FoundFile]:
+    """The session's sample archive, as discovery finds it, in path order."""
+    return sorted(walk(archive[0]), key=lambda f: f.path)
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory) -> list[FoundFile]:
+    """The bad-input corpus as discovery finds it (its broken link: an ``io_error`` row;
+    its link loop: skipped)."""
+    root = tmp_path_factory.mktemp("bad-corpus")
+    bad_corpus.build(root)
+    return sorted(walk(root), key=lambda f: f.path)
+
+
+@pytest.fixture(scope="module")
+def pydicom_files() -> list[FoundFile]:
+    """pydicom's bundled test files, its character-set files and pydicom-data's, listed
+    from disk (``get_testdata_files`` would try to download missing ones)."""
+    import pydicom.data
+    from pydicom.data import get_charset_files
+    from pydicom.data.data_manager import external_data_sources
+
+    roots = [Path(pydicom.data.__file__).parent / "test_files"]
+    roots += [Path(src.data_path) for src in external_data_sources().values()
+              if hasattr(src, "data_path")]
+    paths = {p for root in roots if root.is_dir() for p in root.rglob("*") if p.is_file()}
+    paths |= {Path(f) for f in get_charset_files("*")}
+    return found(sorted(paths))
+
+
+@pytest.fixture(scope="module")
+def all_files(archive_files, bad_files, pydicom_files) -> list[FoundFile]:
+    return archive_files + bad_files + pydicom_files
+
+
+def test_the_corpus_is_the_one_the_counts_below_are_for(archive_files, bad_files,
+                                                        pydicom_files):
+    assert len(archive_files) == 306
+    assert len(bad_files) == 64
+    assert [f.error for f in bad_files if f.error] == ["No such file or directory"]
+    assert len(pydicom_files) >= 250  # pydicom's own files and pydicom-data's
+
+
+# --- 2. the whole corpus, every policy, both checksum modes, two batch sizes --------
+
+@pytest.mark.parametrize("batch", [128, 37])
+@pytest.mark.parametrize("checksum", CHECKSUMS)
+@pytest.mark.parametrize("policy_name", POLICIES)
+def test_batch_path_gives_the_rows_of_the_per_file_path(all_files, policy_name, checksum,
+                                                        batch):
+    got = assert_same_rows(all_files, make_policy(policy_name), batch=batch,
+                           checksum=checksum)
+    status = Counter(got.column("status").to_pylist())
+    assert sum(status.values()) == len(all_files)
+    assert status["ok"] > 300
+
+
+@pytest.mark.parametrize("policy_name", POLICIES)
+def test_shuffled_order_gives_the_rows_of_the_per_file_path(all_files, policy_name):
+    files = list(all_files)
+    random.Random(9).shuffle(files)
+    got = assert_same_rows(files, make_policy(policy_name), checksum="full")
+    assert got.column("path").to_pylist() == [f.path for f in files]
+
+
+def _binary_elements_file(root: Path) -> FoundFile:
+    """A file with short binary values (OW, OB) that a small bulk data threshold leaves
+    out of the DICOM JSON and the default one keeps."""
+    root.mkdir(parents=True, exist_ok=True)
+    ds = base(_Uids())
+    ds.add_new(0x00281201, "OW", bytes(range(100)))  # RedPaletteColorLookupTableData
+    ds.add_new(0x00181010, "LO", "ST-1")  # SecondaryCaptureDeviceID
+    ds.add_new(0x00189361, "OB", b"abcdef")  # within a threshold of 8: kept
+    path = root / "binary_values.dcm"
+    path.write_bytes(part10(ds))
+    return found([path])[0]
+
+
+@pytest.mark.parametrize("policy_name", ["identified", "research"])
+def test_small_bulk_data_threshold(archive_files, pydicom_files, tmp_path, policy_name):
+    clear_batch_memos()
+    files = [_binary_elements_file(tmp_path)] + archive_files[:100] + [
+        f for f in pydicom_files if "charset_files" in f.path]
+    got = assert_same_rows(files, make_policy(policy_name), bulk_data_threshold=8,
+                           checksum="header")
+    text = got.column("dicom_json")[0].as_py()
+    assert '"00281201"' not in text  # 100 bytes: bulk data
+    assert '"00189361"' in text or policy_name == "research"  # not allowed in research
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "etl.batchread._UNITS is keyed by the element's bytes only, not by the bulk data "
+    "threshold: an element decoded under one threshold is reused under another (the "
+    "100-byte OW read with 1024 stays in the DICOM JSON under 8, the per-file path "
+    "leaves it out)"))
+def test_memos_do_not_carry_one_bulk_data_threshold_into_another(tmp_path):
+    clear_batch_memos()
+    files = [_binary_elements_file(tmp_path)]
+    assert_same_rows(files, None, bulk_data_threshold=1024)
+    assert_same_rows(files, None, bulk_data_threshold=8)
+
+
+# --- 3. exact counts: the sample archive's files on each path ------------------------
+
+def test_sample_archive_walk_statuses(archive, archive_files):
+    paths = [Path(f.path) for f in archive_files]
+    walked = statuses(paths)
+    by_status = Counter(walked)
+    assert by_status == {
+        batchwalk.CLEAN: 286,
+        # misc/empty.dcm (0 bytes), misc/screenshot.png (a PNG), readme.txt (text): no
+        # preamble and DICM
+        batchwalk.NOT_PART10: 3,
+        # 10 PET slices (RadiopharmaceuticalInformationSequence), 4 CT radiation dose SRs
+        # (ConceptNameCodeSequence, ContentSequence, ...) and media/DICOMDIR
+        # (DirectoryRecordSequence): the batch path reads no sequences
+        batchwalk.SEQUENCE: 15,
+        # misc/CT_cut_in_header.dcm: cut inside an element
+        batchwalk.STRUCTURE: 1,
+        # misc/CT_cut_in_pixels.dcm: Pixel Data longer than what is left of the file
+        batchwalk.PIXELS: 1,
+    }
+    named = {str(p.relative_to(archive[0])): s for p, s in zip(paths, walked, strict=True)
+             if s}
+    by_name = {Path(p).name: s for p, s in named.items()}
+    assert by_name["empty.dcm"] == by_name["screenshot.png"] == by_name["readme.txt"] \
+        == batchwalk.NOT_PART10
+    assert by_name["DICOMDIR"] == batchwalk.SEQUENCE
+    assert by_name["CT_cut_in_header.dcm"] == batchwalk.STRUCTURE
+    assert by_name["CT_cut_in_pixels.dcm"] == batchwalk.PIXELS
+    assert sum("_PT" in p for p, s in named.items() if s == batchwalk.SEQUENCE) == 10
+
+
+def _per_file_paths(files: Sequence[FoundFile], policy: Policy | None,
+                    **config) -> tuple[pa.Table, list[str]]:
+    """``read_batch``'s table and the paths it gave to the per-file path."""
+    cfg = IngestConfig(**config)
+    sent: list[str] = []
+
+    def read_one(f: FoundFile) -> FileResult:
+        sent.append(f.path)
+        return extract._read_one(f, cfg, policy)
+
+    tables = [read_batch(files[i:i + 128], cfg, "run", policy, read_one)
+              for i in range(0, len(files), 128)]
+    return pa.concat_tables(tables), sent
+
+
+@pytest.mark.parametrize("policy_name", POLICIES)
+def test_sample_archive_files_on_each_path(archive_files, policy_name):
+    table, sent = _per_file_paths(archive_files, make_policy(policy_name), checksum="header")
+    names = sorted(os.path.basename(p) for p in sent)
+    # the 20 files the walk does not call clean, and three clean ones without a required
+    # UID (misc/no_study_uid.dcm, misc/no_series_uid, misc/no_sop_uid.dcm): the per-file
+    # path quarantines those; the other 283 files are read column by column
+    assert len(sent) == 23
+    assert {"no_study_uid.dcm", "no_series_uid", "no_sop_uid.dcm", "DICOMDIR", "empty.dcm",
+            "readme.txt", "screenshot.png"} <= set(names)
+    assert Counter(table.column("status").to_pylist()) == {"ok": 297, "quarantined": 8,
+                                                          "skipped": 1}
+
+
+# --- 4. crafted files for each status of the walk ------------------------------------
+
+def _replace_vr(data: bytes, tag: bytes, vr: bytes) -> bytes:
+    i = data.index(tag)
+    return data[:i + 4] + vr + data[i + 6:]
+
+
+def _crafted(root: Path) -> dict[str, tuple[bytes, int, int]]:
+    """{name: (bytes, walk status of a header-only read, of a whole-file read)}."""
+    uid = _Uids()
+    w = batchwalk
+    out: dict[str, tuple[bytes, int, int]] = {}
+    good = part10(base(uid))
+    out["clean.dcm"] = (good, w.CLEAN, w.CLEAN)
+    out["raw_explicit"] = (_dataset_bytes(base(uid), implicit=False), w.NOT_PART10,
+                           w.NOT_PART10)
+    out["raw_implicit"] = (_dataset_bytes(base(uid), implicit=True), w.NOT_PART10,
+                           w.NOT_PART10)
+    # the transfer syntax UID (0002,0010) with a VR that is no VR
+    meta_bad = _replace_vr(part10(base(uid)), b"\x02\x00\x10\x00UI", b"Q!")
+    out["meta_bad_vr.dcm"] = (meta_bad, w.META, w.META)
+    ds = base(uid)
+    ds.PixelData = bytes(64)
+    out["big_endian.dcm"] = (part10(ds, ExplicitVRBigEndian), w.SYNTAX, w.SYNTAX)
+    out["deflated.dcm"] = (part10(base(uid), DeflatedExplicitVRLittleEndian), w.SYNTAX,
+                           w.SYNTAX)
+    unknown = part10(base(uid)).replace(ExplicitVRLittleEndian.encode() + b"\x00",
+                                        b"1.2.3.4.5.6.7.8.9.1\x00")
+    out["unknown_syntax.dcm"] = (unknown, w.SYNTAX, w.SYNTAX)
+    # a header of 40 KB: a header-only read of 32 KB must read on; a whole read is clean
+    ds = base(uid)
+    ds.ImageComments = "long comment " * 3000
+    out["header_40k.dcm"] = (part10(ds), w.MORE, w.CLEAN)
+    desc = good.index(b"Axial 1.25")
+    out["cut_in_element.dcm"] = (good[:desc + 4], w.STRUCTURE, w.STRUCTURE)
+    # SeriesDescription (0008,103E) rewritten with VR UN (a 4-byte length)
+    data = part10(base(uid))
+    i = data.index(b"\x08\x00\x3e\x10LO")
+    n = struct.unpack_from("<H", data, i + 6)[0]
+    un = data[i:i + 4] + b"UN\x00\x00" + struct.pack("<I", n) + data[i + 8:i + 8 + n]
+    out["un_element.dcm"] = (data[:i] + un + data[i + 8 + n:], w.VR, w.VR)
+    ds = base(uid)
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = "T-D1100", "SRT", "Head"
+    ds.AnatomicRegionSequence = DicomSequence([item])
+    out["sequence.dcm"] = (part10(ds), w.SEQUENCE, w.SEQUENCE)
+    # the Modality element twice in a row
+    data = part10(base(uid))
+    i = data.index(b"\x08\x00\x60\x00CS")
+    n = 8 + struct.unpack_from("<H", data, i + 6)[0]
+    out["repeated_tag.dcm"] = (data[:i + n] + data[i:], w.ORDER, w.ORDER)
+    ds = base(uid)
+    ds.PixelData = encapsulate([b"\xff\xd8 not a jpeg stream \xff\xd9" * 3])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    ds.PhotometricInterpretation = "YBR_FULL_422"
+    out["encapsulated.dcm"] = (part10(ds, JPEGBaseline8Bit), w.PIXELS, w.PIXELS)
+    out["implicit.dcm"] = (part10(base(uid), ImplicitVRLittleEndian), w.CLEAN, w.CLEAN)
+    # Pixel Data declared longer than the file
+    data = part10(base(uid))
+    out["pixels_cut.dcm"] = (data[:len(data) - 10], w.PIXELS, w.PIXELS)
+    root.mkdir(parents=True, exist_ok=True)
+    for name, (data, _, _) in out.items():
+        (root / name).write_bytes(data)
+    return out
+
+
+#: what the per-file path makes of each crafted file (status, reason)
+CRAFTED_OUTCOMES = {
+    "clean.dcm": ("ok", None),
+    "raw_explicit": ("ok", None),
+    "raw_implicit": ("ok", None),
+    "meta_bad_vr.dcm": ("quarantined", "not_dicom"),
+    "big_endian.dcm": ("ok", None),
+    "deflated.dcm": ("ok", None),
+    "unknown_syntax.dcm": ("quarantined", "unsupported_transfer_syntax"),
+    "header_40k.dcm": ("ok", None),
+    "cut_in_element.dcm": ("quarantined", "truncated"),
+    "un_element.dcm": ("ok", None),
+    "sequence.dcm": ("ok", None),
+    "repeated_tag.dcm": ("ok", None),
+    "encapsulated.dcm": ("ok", None),
+    "implicit.dcm": ("ok", None),
+    "pixels_cut.dcm": ("quarantined", "truncated"),
+}
+
+
+@pytest.fixture(scope="module")
+def crafted(tmp_path_factory) -> tuple[Path, dict[str, tuple[bytes, int, int]]]:
+    root = tmp_path_factory.mktemp("crafted")
+    return root, _crafted(root)
+
+
+@pytest.mark.parametrize("name", list(CRAFTED_OUTCOMES))
+def test_crafted_file_status_and_fallback(crafted, name):
+    root, files = crafted
+    data, head_status, whole_status = files[name]
+    path = root / name
+    assert statuses([path]) == [head_status]
+    assert statuses([path], whole=True) == [whole_status]
+    for policy_name, checksum in itertools.product(POLICIES, CHECKSUMS):
+        got = assert_same_rows(found([path]), make_policy(policy_name), checksum=checksum)
+        row = got.to_pylist()[0]
+        assert (row["status"], row["reason"]) == CRAFTED_OUTCOMES[name], \
+            (policy_name, checksum)
+
+
+def test_crafted_files_in_one_batch(crafted):
+    """All of them at once, between clean files: the rows come back in order."""
+    root, files = crafted
+    paths = sorted(root / n for n in files)
+    for policy_name, checksum in itertools.product(POLICIES, CHECKSUMS):
+        got = assert_same_rows(found(paths), make_policy(policy_name), checksum=checksum)
+        assert got.column("path").to_pylist() == [str(p) for p in paths]
+
+
+# --- 5. files the batch path must not read -------------------------------------------
+
+def test_crash_marked_file_goes_to_the_per_file_path(crafted, monkeypatch):
+    root, files = crafted
+    marked = root / "clean_poison_crash.dcm"
+    marked.write_bytes(files["clean.dcm"][0])
+    batch = found([root / "clean.dcm", marked, root / "implicit.dcm"])
+    monkeypatch.setattr(extract, "_CRASH_MARKER", "poison_crash")
+    sent: list[str] = []
+
+    def read_one(f: FoundFile) -> FileResult:  # stands in for the worker's exit
+        sent.append(f.path)
+        return FileResult(f.path, f.size, f.mtime_ns, status="quarantined",
+                          reason="worker_crash", message="read by the per-file path")
+
+    table = read_batch(batch, IngestConfig(), "run-batchread", None, read_one)
+    assert sent == [str(marked)]
+    assert table.column("path").to_pylist() == [f.path for f in batch]
+    assert table.column("reason").to_pylist() == [None, "worker_crash", None]
+    monkeypatch.setattr(extract, "_CRASH_MARKER", "")
+    ref = run(batch, None, columnar=False)
+    clean = [0, 2]
+    diff = table_differences(table.take(clean), ref.take(clean))
+    assert not diff, "\n".join(diff)
+
+
+@pytest.mark.parametrize("policy_name", ["identified", "research"])
+def test_vanished_and_unreadable_files(crafted, tmp_path, policy_name):
+    root, files = crafted
+    gone = tmp_path / "gone.dcm"
+    gone.write_bytes(files["clean.dcm"][0])
+    batch = found([root / "clean.dcm", gone, root / "implicit.dcm"])
+    gone.unlink()  # vanished between discovery and reading
+    batch.append(FoundFile(str(tmp_path / "denied.dcm"), 10, 1, error="Permission denied"))
+    batch.append(found([root / "sequence.dcm"])[0])
+    got = assert_same_rows(batch, make_policy(policy_name))
+    assert got.column("reason").to_pylist() == [None, "io_error", None, "io_error", None]
+    assert got.column("message").to_pylist()[1] == "No such file or directory"
+    assert got.column("message").to_pylist()[3] == "Permission denied"
+
+
+# --- 6. memos across batches and keys ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def memo_files(archive_files, pydicom_files) -> list[FoundFile]:
+    return archive_files + [f for f in pydicom_files if "charset_files" in f.path]
+
+
+@pytest.mark.parametrize("policy_name", POLICIES)
+def test_warm_and_cleared_memos_give_the_same_rows(memo_files, policy_name):
+    policy = make_policy(policy_name)
+    ref = run(memo_files, policy, columnar=False)
+    clear_batch_memos()
+    deid.clear_memos()
+    runs: list[Callable[[], None]] = [
+        lambda: None,  # cold
+        lambda: None,  # warm: the memos of the run before
+        deid.clear_memos,  # the policy's memos cleared, the batch reader's warm
+        clear_batch_memos,  # the batch reader's cleared, the policy's warm
+    ]
+    for i, before in enumerate(runs):
+        before()
+        got = run(memo_files, make_policy(policy_name), columnar=True)
+        diff = table_differences(got, ref)
+        assert not diff, f"run {i}:\n" + "\n".join(diff)
+    assert len(batchread._UNITS) > 0
+    if policy is not None:
+        assert len(batchread._FILTERED) > 0
+
+
+def test_two_keys_one_after_the_other(memo_files):
+    """A memo never carries a pseudonym of key A into a lake with key B."""
+    clear_batch_memos()
+    deid.clear_memos()
+    got_a = run(memo_files, make_policy("research", KEY_A), columnar=True)
+    got_b = run(memo_files, make_policy("research", KEY_B), columnar=True)
+    got_a2 = run(memo_files, make_policy("research", KEY_A), columnar=True)
+    deid.clear_memos()
+    ref_a = run(memo_files, make_policy("research", KEY_A), columnar=False)
+    ref_b = run(memo_files, make_policy("research", KEY_B), columnar=False)
+    for name, got, ref in (("A", got_a, ref_a), ("B", got_b, ref_b), ("A again", got_a2,
+                                                                       ref_a)):
+        diff = table_differences(got, ref)
+        assert not diff, f"key {name}:\n" + "\n".join(diff)
+    # the keys give different pseudonyms: had B reused A's, it would differ from ref_b
+    a_uids = set(got_a.column("SOPInstanceUID").drop_null().to_pylist())
+    b_uids = set(got_b.column("SOPInstanceUID").drop_null().to_pylist())
+    assert len(a_uids) > 250 and not a_uids & b_uids
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "etl.batchread: when more than 128 (explicit, character set) classes have been seen "
+    "_CLASSES and _UNITS start over but _FILTERED keeps its entries, keyed by the old "
+    "class bytes: an AccessionNumber read in ISO_IR 144 then gets the pseudonym (and the "
+    "vault's original text) of the same bytes read in ISO_IR 101"))
+def test_class_bytes_starting_over_do_not_reuse_filtered_elements(tmp_path):
+    clear_batch_memos()
+    deid.clear_memos()
+    uid = _Uids()
+
+    def put(name: str, charset, accession: bytes = b"") -> FoundFile:
+        ds = base(uid)
+        ds.SpecificCharacterSet = charset
+        data = part10(ds)
+        if accession:
+            ds.AccessionNumber = "XBC"
+            data = part10(ds).replace(b"XBC", accession)
+        (tmp_path / name).write_bytes(data)
+        return found([tmp_path / name])[0]
+
+    # one batch with more than 128 classes: 130 distinct pairs of ISO 2022 sets
+    terms = sorted(t for t in ISO2022 if t.startswith("ISO 2022 IR") and t != "ISO 2022 IR 6")
+    pairs = list(itertools.permutations(terms, 2))[:130]
+    first = [put("a.dcm", "ISO_IR 101", b"\xb1BC")]  # Latin-2: "ąBC"
+    first += [put(f"c{i:03d}.dcm", list(p)) for i, p in enumerate(pairs)]
+    second = [put("b.dcm", "ISO_IR 144", b"\xb1BC")]  # Cyrillic: "БBC"
+    policy = make_policy("research")
+    assert_same_rows(first, policy)
+    assert len(batchread._CLASSES) > 128
+    assert_same_rows(second, policy)
