@@ -564,6 +564,57 @@ def _edge_files(root: Path) -> list[Path]:
     del ds.PixelData
     ds.add_new(0xFFFCFFFC, "OB", bytes(8))
     put("trailing_padding.dcm", ds)
+    # odd groups before the first public element, group lengths, repeating groups
+    ds = base(uid)
+    ds.add_new(0x00010010, "LO", "X")
+    ds.add_new(0x00030010, "LO", "CREATOR")
+    ds.add_new(0x00031001, "LO", "v")
+    put("low_odd_groups.dcm", ds)
+    ds = base(uid)
+    ds.add_new(0x00080000, "UL", 100)
+    ds.add_new(0x00180000, "UL", 10)
+    put("group_lengths.dcm", ds)
+    ds = base(uid)
+    ds.add_new(0x50000005, "US", 2)
+    ds.add_new(0x60000010, "US", 8)
+    ds.add_new(0x60000011, "US", 8)
+    ds.add_new(0x60003000, "OW", bytes(8))
+    put("curve_and_overlay.dcm", ds)
+    ds = base(uid)
+    ds.add_new(0x00280034, "IS", ["1", "1"])
+    ds.add_new(0x00181310, "US", [0, 8, 8, 0])
+    ds.add_new(0x00283002, "US", [256, 0, 16])
+    ds.add_new(0x00181150, "IS", "0012")
+    ds.add_new(0x00200032, "DS", ["-0.0", "1.0", "1.00000000000000001"])
+    ds.add_new(0x00200037, "DS", ["1", "0", "0", "0", "1", "0"])
+    put("multi_valued_numbers.dcm", ds)
+    ds = base(uid)
+    ds.add_new(0x00181030, "LO", "\\")
+    ds.add_new(0x00080070, "LO", "ACME\\")
+    ds.add_new(0x00080090, "PN", "a=b=c")
+    ds.PatientName = "Doe^Jane\\Roe^R"
+    ds.add_new(0x00080008, "CS", ["ORIGINAL", "PRIMARY", "AXIAL"])
+    ds.add_new(0x00180015, "CS", "head")
+    ds.add_new(0x00100040, "CS", "X")
+    put("strings_and_names.dcm", ds)
+    ds = base(uid)
+    ds.add_new(0x00080023, "DA", "19000101")
+    ds.add_new(0x00080033, "TM", "2400")
+    ds.add_new(0x00080022, "DA", "00010101")
+    put("old_dates.dcm", ds)
+    ds = base(uid)
+    ds.StudyDate = ds.PatientBirthDate = "00010101"
+    put("year_1.dcm", ds)
+    ds = base(uid)
+    ds.StudyDate = "99991231"
+    ds.PatientAge = "000D"
+    put("year_9999.dcm", ds)
+    ds = base(uid)
+    ds.PatientAge = "999Y"
+    put("age_999.dcm", ds)
+    ds = base(uid)
+    ds.StudyInstanceUID = "1.2.840.10008.5.1.4.1.1.2"  # a dictionary UID as a study's
+    put("study_uid_in_dictionary.dcm", ds)
     root.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
         (root / name).write_bytes(data)
@@ -576,7 +627,7 @@ def edge_files(tmp_path_factory) -> list[Path]:
 
 
 def test_edge_files_are_clean(edge_files):
-    assert len(edge_files) == 42
+    assert len(edge_files) == 52
     assert statuses(edge_files) == [batchwalk.CLEAN] * len(edge_files)
 
 
@@ -590,11 +641,11 @@ def test_edge_values_give_the_rows_of_the_per_file_path(edge_files, policy_name,
     status = Counter(zip(got.column("status").to_pylist(), got.column("reason").to_pylist(),
                          strict=True))
     # dicomdir, DicomDir, dicomdir_media.dcm and sop_class_dicomdir.dcm are skipped
-    assert status == {("ok", None): 38, ("skipped", "dicomdir"): 4}
+    assert status == {("ok", None): 48, ("skipped", "dicomdir"): 4}
 
 
 @pytest.mark.parametrize(("policy_name", "expected"), [
-    ("identified", 11), ("research", 14), ("research-private", 15)])
+    ("identified", 11), ("research", 16), ("research-private", 18)])
 def test_edge_files_on_each_path(edge_files, policy_name, expected):
     _, sent = _per_file_paths(found(edge_files), make_policy(policy_name), checksum="header")
     names = sorted(Path(p).name for p in sent)
@@ -605,10 +656,12 @@ def test_edge_files_on_each_path(edge_files, policy_name, expected):
               "charset_10.dcm", "dicomdir", "dicomdir_media.dcm", "ds_inf.dcm", "ds_nan.dcm",
               "sop_class_dicomdir.dcm", "texts.dcm"]
     if policy_name != "identified":
-        # dates the filter cannot shift (an impossible birth date, a range, "2023")
-        common += ["age_2.dcm", "age_5.dcm", "dates.dcm"]
+        # dates the filter cannot shift (an impossible birth date, a range, "2023",
+        # year 1 shifted to before year 1)
+        common += ["age_2.dcm", "age_5.dcm", "dates.dcm", "old_dates.dcm", "year_1.dcm"]
     if policy_name == "research-private":
-        common.append("private.dcm")  # the private allow-list needs the file's creators
+        # the private allow-list needs the file's private creators
+        common += ["low_odd_groups.dcm", "private.dcm"]
     assert len(sent) == expected
     assert names == sorted(common)
 
@@ -672,10 +725,16 @@ def test_vanished_and_unreadable_files(crafted, tmp_path, policy_name):
     gone.unlink()  # vanished between discovery and reading
     batch.append(FoundFile(str(tmp_path / "denied.dcm"), 10, 1, error="Permission denied"))
     batch.append(found([root / "sequence.dcm"])[0])
+    # changed since discovery: the size and time discovery saw are not the file's
+    stale = found([root / "clean.dcm"])[0]
+    batch.append(FoundFile(stale.path, stale.size - 100, stale.mtime_ns - 1))
     got = assert_same_rows(batch, make_policy(policy_name))
-    assert got.column("reason").to_pylist() == [None, "io_error", None, "io_error", None]
+    assert got.column("reason").to_pylist() == [None, "io_error", None, "io_error", None,
+                                                None]
     assert got.column("message").to_pylist()[1] == "No such file or directory"
     assert got.column("message").to_pylist()[3] == "Permission denied"
+    assert got.column("file_size").to_pylist()[5] == stale.size  # what was read
+    assert got.column("mtime_ns").to_pylist()[5] == stale.mtime_ns - 1  # as discovered
 
 
 # --- 6. memos across batches and keys ------------------------------------------------
