@@ -45,7 +45,7 @@ from lakehouse import deid
 from lakehouse.deid import Policy, private_tag
 from lakehouse.privacy import Pseudonymizer
 from tests.etl import corpus as bad_corpus
-from tests.etl.corpus import _dataset_bytes, _Uids, base, part10
+from tests.etl.corpus import PIXEL_TAG, _dataset_bytes, _Uids, base, part10
 
 KEY_A = bytes(range(32))
 KEY_B = bytes(range(32, 64))
@@ -370,6 +370,24 @@ def _crafted(root: Path) -> dict[str, tuple[bytes, int, int]]:
     # Pixel Data declared longer than the file
     data = part10(base(uid))
     out["pixels_cut.dcm"] = (data[:len(data) - 10], w.PIXELS, w.PIXELS)
+    # Pixel Data beyond the first read (a header-only read stops before it), explicit
+    # and implicit; empty Pixel Data; a TIFF preamble: all clean
+    ds = base(uid)
+    ds.PixelData = bytes(40000)
+    out["pixels_40k.dcm"] = (part10(ds), w.CLEAN, w.CLEAN)
+    out["pixels_40k_implicit.dcm"] = (part10(ds, ImplicitVRLittleEndian), w.CLEAN, w.CLEAN)
+    ds = base(uid)
+    ds.PixelData = b""
+    out["pixels_empty.dcm"] = (part10(ds), w.CLEAN, w.CLEAN)
+    data = part10(base(uid))
+    out["tiff_preamble.dcm"] = (b"II*\x00" + bytes(range(124)) + data[128:], w.CLEAN,
+                                w.CLEAN)
+    # bytes after Pixel Data; Pixel Data with VR UN
+    out["after_pixels.dcm"] = (data + bytes(2), w.PIXELS, w.PIXELS)
+    i = data.index(PIXEL_TAG)
+    out["pixels_un.dcm"] = (data[:i + 4] + b"UN" + data[i + 6:], w.PIXELS, w.PIXELS)
+    # a file meta and no data set: clean, without the required UIDs
+    out["meta_only.dcm"] = (data[:data.index(b"\x08\x00\x05\x00")], w.CLEAN, w.CLEAN)
     root.mkdir(parents=True, exist_ok=True)
     for name, (data, _, _) in out.items():
         (root / name).write_bytes(data)
@@ -393,6 +411,13 @@ CRAFTED_OUTCOMES = {
     "encapsulated.dcm": ("ok", None),
     "implicit.dcm": ("ok", None),
     "pixels_cut.dcm": ("quarantined", "truncated"),
+    "pixels_40k.dcm": ("ok", None),
+    "pixels_40k_implicit.dcm": ("ok", None),
+    "pixels_empty.dcm": ("ok", None),
+    "tiff_preamble.dcm": ("ok", None),
+    "after_pixels.dcm": ("ok", None),
+    "pixels_un.dcm": ("ok", None),
+    "meta_only.dcm": ("quarantined", "truncated"),
 }
 
 
@@ -423,6 +448,21 @@ def test_crafted_files_in_one_batch(crafted):
     for policy_name, checksum in itertools.product(POLICIES, CHECKSUMS):
         got = assert_same_rows(found(paths), make_policy(policy_name), checksum=checksum)
         assert got.column("path").to_pylist() == [str(p) for p in paths]
+
+
+@pytest.mark.parametrize("checksum", CHECKSUMS)
+def test_crafted_files_on_each_path(crafted, checksum):
+    """Exactly the files the walk does not call clean, and the clean one without its
+    required UIDs, go to the per-file path; the rest are read column by column. The
+    batch path walks a file's first ``HEAD_BYTES`` whatever the checksum mode, so
+    header_40k.dcm goes to the per-file path even when the whole file was read."""
+    root, files = crafted
+    paths = sorted(root / n for n in files)
+    _, sent = _per_file_paths(found(paths), None, checksum=checksum)
+    expected = sorted(str(root / n) for n, (_, head, _) in files.items()
+                      if head != batchwalk.CLEAN or n == "meta_only.dcm")
+    assert sorted(sent) == expected
+    assert len(sent) == 16
 
 
 # --- values at the edges: files the walk calls clean, with values that are not plain --
