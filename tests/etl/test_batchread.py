@@ -85,10 +85,10 @@ def clear_batch_memos() -> None:
 def run(files: Sequence[FoundFile], policy: Policy | None, *, columnar: bool,
         batch: int = 128, **config) -> pa.Table:
     """``extract_batch`` over ``files`` in batches of ``batch``, as workers read them."""
+    assert files, "an empty batch: see test_empty_batch"
     cfg = IngestConfig(columnar=columnar, **config)
-    tables = [extract_batch(files[i:i + batch], cfg, "run-batchread", policy)
-              for i in range(0, len(files), batch)]
-    return pa.concat_tables(tables) if tables else extract_batch([], cfg, "run", policy)
+    return pa.concat_tables([extract_batch(files[i:i + batch], cfg, "run-batchread", policy)
+                             for i in range(0, len(files), batch)])
 
 
 def table_differences(got: pa.Table, ref: pa.Table) -> list[str]:
@@ -775,6 +775,25 @@ def test_vanished_and_unreadable_files(crafted, tmp_path, policy_name):
     assert got.column("message").to_pylist()[3] == "Permission denied"
     assert got.column("file_size").to_pylist()[5] == stale.size  # what was read
     assert got.column("mtime_ns").to_pylist()[5] == stale.mtime_ns - 1  # as discovered
+
+
+def test_same_file_twice_in_a_batch(crafted):
+    root, _ = crafted
+    batch = found([root / "clean.dcm", root / "sequence.dcm", root / "clean.dcm",
+                   root / "sequence.dcm"])
+    got = assert_same_rows(batch, make_policy("research"))
+    assert got.column("status").to_pylist() == ["ok"] * 4
+
+
+@pytest.mark.xfail(strict=True, raises=IndexError, reason=(
+    "etl.batchread.read_batch: with no files it indexes an empty list of tables "
+    "(IndexError); the per-file path returns an empty table. The runners never submit "
+    "an empty batch (bisection stops at one file), so only a direct caller meets it"))
+def test_empty_batch():
+    ref = extract_batch([], IngestConfig(columnar=False), "run", None)
+    got = extract_batch([], IngestConfig(columnar=True), "run", None)
+    assert not table_differences(got, ref)
+    assert got.num_rows == 0
 
 
 # --- 6. memos across batches and keys ------------------------------------------------
