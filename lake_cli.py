@@ -990,7 +990,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--scheduler-timeout", type=_positive_float, default=10.0,
                     help="seconds to wait for a --scheduler (and its first worker) "
                     "before giving up (default 10)")
-    sp.add_argument("--batch-files", type=_positive, default=128,  # IngestConfig.batch_files
+    sp.add_argument("--batch-files", type=_positive, default=512,  # IngestConfig.batch_files
                     help="files per Dask task (default %(default)s)")
     sp.add_argument("--no-progress", dest="progress", action="store_false",
                     help="no progress bar (also off when stderr is not a terminal)")

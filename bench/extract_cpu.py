@@ -11,7 +11,14 @@ process over the files of a generated archive, for:
   converts values lazily, so this is parsing without conversion);
 - ``identified``: ``extract_batch`` without a policy (identified lakes);
 - ``research``: ``extract_batch`` with the research policy (the default profile:
-  pseudonyms, UID remapping, date shifts, the header allow-list).
+  pseudonyms, UID remapping, date shifts, the header allow-list);
+- ``identified-per-file`` and ``research-per-file``: the same with
+  ``IngestConfig(columnar=False)``: every file read file by file, as before the batch
+  path (:mod:`etl.batchread`), which the two above use.
+
+Before anything is timed, each contender reads the first 50 files once: the batch
+path's compiled code is loaded once per process (about 0.4 CPU-s, numba's code
+generator starting up, as in each worker of an ingest), not per file.
 
 Files are read in batches of ``IngestConfig.batch_files`` with the checksum mode
 of new lakes (``header``), after a page-cache warming read. Each contender runs
@@ -102,7 +109,7 @@ def run_naive(files) -> int:
     return len(rows)
 
 
-def run_extract(files, policy, batch: int) -> int:
+def run_extract(files, policy, batch: int, columnar: bool = True) -> int:
     """``extract_batch`` batch by batch, each with its own unpickled copy of the policy
     (as each Dask task carries one to its worker), in a process set up as a worker
     (``etl.extract.start_worker``, where the code has it; the other contenders run with
@@ -111,10 +118,9 @@ def run_extract(files, policy, batch: int) -> int:
     import pickle
 
     import etl.extract
-    from etl.config import IngestConfig
     from etl.extract import extract_batch
 
-    config = IngestConfig(checksum="header")
+    config = _config(columnar)
     state = pickle.dumps(policy)
     ok = 0
     saved = gc.get_threshold()
@@ -128,12 +134,25 @@ def run_extract(files, policy, batch: int) -> int:
     return ok
 
 
+def _config(columnar: bool):
+    """The worker's configuration (code without the batch path has no ``columnar``)."""
+    import dataclasses
+
+    from etl.config import IngestConfig
+
+    fields = {f.name for f in dataclasses.fields(IngestConfig)}
+    return IngestConfig(checksum="header", **({"columnar": columnar} if "columnar" in fields
+                                              else {}))
+
+
 def contenders(policy, batch: int) -> dict:
     return {
         "naive": run_naive,
         "dcmread": run_dcmread,
         "identified": lambda files: run_extract(files, None, batch),
         "research": lambda files: run_extract(files, policy, batch),
+        "identified-per-file": lambda files: run_extract(files, None, batch, False),
+        "research-per-file": lambda files: run_extract(files, policy, batch, False),
     }
 
 
@@ -142,6 +161,11 @@ def clear_memos() -> None:
     from etl import onewalk, rawjson, record
     from lakehouse import deid
 
+    try:
+        from etl import batchread
+        batchread.clear_memos()
+    except ImportError:  # code before the batch path
+        pass
     onewalk._ELEMENTS.clear()
     rawjson._MEMO.clear()
     record._MEMO.clear()
@@ -266,6 +290,8 @@ def bench_kind(kind: str, args, log) -> dict:
         "ok_files": ok,
         "speedup_vs_naive": {k: round(base / v, 2) for k, v in best.items()},
         "research_over_identified": round(best["research"] / best["identified"], 3),
+        "per_file_over_batch": {k: round(best[f"{k}-per-file"] / best[k], 2)
+                                for k in ("identified", "research")},
     }
 
 
@@ -278,10 +304,12 @@ def render(results: list[dict], load: tuple[float, ...]) -> str:
             continue
         lines.append(f"== {r['kind']}: {r['files']} files, best of {r['repeat']}, "
                      f"memos {r['memos']}")
-        lines.append(f"{'contender':<12} {'CPU ms/file':>12} {'x naive':>10}")
+        lines.append(f"{'contender':<20} {'CPU ms/file':>12} {'x naive':>10}")
         for name, ms in r["cpu_ms_per_file"].items():
-            lines.append(f"{name:<12} {ms:>12.3f} {r['speedup_vs_naive'][name]:>10.2f}")
+            lines.append(f"{name:<20} {ms:>12.3f} {r['speedup_vs_naive'][name]:>10.2f}")
         lines.append(f"research / identified: {r['research_over_identified']:.3f}")
+        for name, ratio in r["per_file_over_batch"].items():
+            lines.append(f"{name}: per-file path / batch path: {ratio:.2f}")
         for name, steps in r["stages_cpu_ms_per_file"].items():
             total = r["cpu_ms_per_file"][name]
             glue = total - sum(steps.values())
@@ -300,9 +328,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "bt", "w20"),
                     help="where archives are generated or reused")
     ap.add_argument("--seed", type=int, default=0, help="archive seed (as bench/ingest.py)")
-    ap.add_argument("--batch", type=int, default=128, help="files per extract_batch call")
+    ap.add_argument("--batch", type=int, default=512,
+                    help="files per extract_batch call (IngestConfig.batch_files)")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--profile", choices=["naive", "dcmread", "identified", "research"],
+    ap.add_argument("--profile", choices=["naive", "dcmread", "identified", "research",
+                                          "identified-per-file", "research-per-file"],
                     help="print a cProfile of this contender instead of timings")
     ap.add_argument("--top", type=int, default=30, help="functions in the profile")
     ap.add_argument("--stages", action="store_true",

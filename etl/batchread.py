@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,14 +40,14 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from etl import batchwalk, rawjson
+from etl import batchwalk, onewalk, rawjson
 from etl.config import IngestConfig
 from etl.discover import FoundFile
 from etl.headers import _AGE, _BIRTH, DICOMDIR_SOP_CLASS, HEAD_BYTES, UID_TAGS, _read_rest
 from etl.headers import _STUDY_DATE as _STUDY_DATE_TAG
 from etl.headers import _first as header_first
 from etl.quality import valid_uid
-from etl.record import _NAMES, age_years, column_value, parse_date
+from etl.record import _BY_TAG, _NAMES, age_years, column_value, parse_date
 from lakehouse import deid
 from lakehouse.deid import Policy
 from lakehouse.privacy import fingerprint
@@ -60,6 +61,7 @@ _VR_TEXT = {vr[0] | (vr[1] << 8): text for vr, text in rawjson._VR_TEXT.items()}
 #: the columns whose values the ingest needs from every file
 _COL = {name: i for i, name in enumerate(_NAMES)}
 _UID_COLS = {keyword: _COL[keyword] for keyword in UID_TAGS}
+_UID_COL_SET = frozenset(_UID_COLS.values())
 _AGE_COLS = (_COL["PatientAge"], _COL["PatientBirthDate"], _COL["StudyDate"])
 _STUDY_DATE = _COL["StudyDate"]
 
@@ -82,6 +84,8 @@ class _Unit:
         self.fragment = fragment
         #: False when a file with it must go down the per-file path
         self.plain = fragment is not None or elem is None
+        #: its column (schema order; -1: none, or no values), its typed value and whether
+        #: that is valid (``_PENDING`` until a file's column needs it: :func:`_resolve`)
         self.col = -1
         self.typed: Any = None
         self.ok = True
@@ -89,25 +93,52 @@ class _Unit:
         self.first: str | None = None
         #: what the de-identification filter does with it (``_kind``; -1: not yet known)
         self.kind = -1
-        #: its key in ``_UNITS``
+        #: its key in ``_Memos.units``
         self.mkey = b""
 
 
-#: ``{class byte + element bytes: _Unit}``, shared by the batches of a process
-_UNITS: dict[bytes, _Unit] = {}
-#: ``{(explicit, codec): class byte}`` (the first byte of an element's memo key); the
-#: codec is a Python codec name, or a tuple of them for ISO 2022 code extensions
-_CLASSES: dict[tuple[bool, str | tuple[str, ...]], int] = {}
+class _Memos(threading.local):
+    """What the batches of one thread remember (a thread's own: the ``threads``
+    scheduler runs batches side by side in one process)."""
+
+    def __init__(self) -> None:
+        #: ``{class byte + element bytes: _Unit}``
+        self.units: dict[bytes, _Unit] = {}
+        #: ``{(explicit, codec, bulk, max_depth): class byte}``: everything an element's
+        #: decoding depends on besides its bytes (the first byte of its memo key); the
+        #: codec is a Python codec name, or a tuple of them for ISO 2022 code extensions
+        self.classes: dict[tuple, int] = {}
+        #: the same, by class byte
+        self.by_byte: list[tuple] = []
+        #: ``{(key fingerprint, unit key): (filtered unit or None, its id pairs)}`` for
+        #: the elements whose filtering does not depend on the patient (research lakes)
+        self.filtered: dict[tuple[str, bytes], tuple[_Unit | None, tuple]] = {}
+
+    def clear(self) -> None:
+        self.units.clear()
+        self.classes.clear()
+        self.by_byte.clear()
+        self.filtered.clear()
+
+    def cls(self, explicit: bool, codec: str | tuple[str, ...], bulk: int,
+            max_depth: int) -> int | None:
+        """The class byte of an encoding and codec (None when a byte has none left)."""
+        key = (explicit, codec, bulk, max_depth)
+        cls = self.classes.get(key)
+        if cls is None:
+            if len(self.by_byte) >= 256:
+                return None
+            cls = self.classes[key] = len(self.by_byte)
+            self.by_byte.append(key)
+        return cls
 
 
-def _class(explicit: bool, codec: str | tuple[str, ...]) -> int | None:
-    """The class byte of an encoding and codec (None when a byte has none left)."""
-    cls = _CLASSES.get((explicit, codec))
-    if cls is None:
-        if len(_CLASSES) >= 256:
-            return None
-        cls = _CLASSES[(explicit, codec)] = len(_CLASSES)
-    return cls
+_MEMOS = _Memos()
+
+
+def clear_memos() -> None:
+    """Forget the distinct elements this thread decoded and filtered (a cold start)."""
+    _MEMOS.clear()
 
 
 def read_batch(files: Sequence[FoundFile], config: IngestConfig, run_id: str,
@@ -168,9 +199,9 @@ def _fast_rows(files, index, bufs, whole, sizes, config, run_id, policy):
     reads; the others are left to the per-file path."""
     from etl.extract import BATCH_SCHEMA
 
-    if len(_CLASSES) > 128:  # between batches: every class byte may be given anew
-        _CLASSES.clear()
-        _UNITS.clear()
+    memos = _MEMOS
+    if len(memos.by_byte) > 128:  # between batches: every class byte may be given anew
+        memos.clear()
     w = batchwalk.walk(bufs, sizes)
     nb = len(bufs)
     ok = w.status == batchwalk.CLEAN
@@ -184,7 +215,9 @@ def _fast_rows(files, index, bufs, whole, sizes, config, run_id, policy):
     # --- each element's class: its encoding and character set, then its memo key
     cls_of_file = np.zeros(nb, dtype=np.uint8)
     charset_at = np.full(nb, np.iinfo(np.int64).max, dtype=np.int64)
-    default = {True: _class(True, "latin_1") or 0, False: _class(False, "latin_1") or 0}
+    depth = config.max_depth
+    default = {True: memos.cls(True, "latin_1", bulk, depth) or 0,
+               False: memos.cls(False, "latin_1", bulk, depth) or 0}
     for j in range(nb):
         cls_of_file[j] = default[bool(w.explicit[j])]
     for e in np.flatnonzero(w.tag == _CHARSET_TAG).tolist():
@@ -195,7 +228,8 @@ def _fast_rows(files, index, bufs, whole, sizes, config, run_id, policy):
         except Exception:
             ok[j] = False
             continue
-        cls = _class(bool(w.explicit[j]), codec if isinstance(codec, str) else tuple(codec))
+        cls = memos.cls(bool(w.explicit[j]),
+                        codec if isinstance(codec, str) else tuple(codec), bulk, depth)
         if cls is None:
             ok[j] = False
             continue
@@ -206,34 +240,34 @@ def _fast_rows(files, index, bufs, whole, sizes, config, run_id, policy):
     if before.any():
         el_cls = el_cls.copy()
         el_cls[before] = np.where(w.explicit[file_of[before]], default[True], default[False])
-    keys = _keys(w.data, w.at, w.stop, el_cls)
-    encoded = pc.dictionary_encode(keys)
-    codes = encoded.indices.to_numpy()
-    distinct = encoded.dictionary.to_pylist()
-    _, rep = np.unique(codes, return_index=True)
-    if len(_UNITS) + len(distinct) > MEMO_ENTRIES:
-        _UNITS.clear()
+    codes, rep = _distinct(w.data, w.at, w.stop, el_cls)
+    raw = w.raw
+    distinct = [_PREFIX[c] + raw[a:b] for c, a, b in
+                zip(el_cls[rep].tolist(), w.at[rep].tolist(), w.stop[rep].tolist(), strict=True)]
+    if len(memos.units) + len(distinct) > MEMO_ENTRIES:
+        memos.units.clear()
     units: list[_Unit] = []
     for u, key in enumerate(distinct):
-        unit = _UNITS.get(key)
+        unit = memos.units.get(key)
         if unit is None:
             e = int(rep[u])
-            unit = _decode(key, int(w.tag[e]), int(w.vr[e]), int(w.start[e] - w.at[e]),
-                           bulk)
+            unit = _decode(key, memos.by_byte[key[0]], int(w.tag[e]), int(w.vr[e]),
+                           int(w.start[e] - w.at[e]))
             unit.mkey = key
-            _UNITS[key] = unit
+            memos.units[key] = unit
         units.append(unit)
-    plain = np.fromiter((u.plain for u in units), dtype=np.bool_, count=len(units))
+    # per unit: plain, its column, a valid required UID
+    attrs = np.array([(u.plain, u.col, u.col in _UID_COL_SET and u.first is not None
+                       and valid_uid(u.first)) for u in units], dtype=np.int64).reshape(-1, 3)
+    plain, cols, good = attrs[:, 0].astype(bool), attrs[:, 1], attrs[:, 2].astype(bool)
     if not plain.all():
         ok[np.unique(file_of[~plain[codes]])] = False
-    cols = np.fromiter((u.col for u in units), dtype=np.int64, count=len(units))
     # --- the required UIDs, present and valid, as the per-file path checks them
+    el_cols = cols[codes]
+    el_good = good[codes]
     for c in _UID_COLS.values():
         has = np.zeros(nb, dtype=np.bool_)
-        sel = cols[codes] == c
-        good = np.fromiter((u.first is not None and valid_uid(u.first) if u.col == c else False
-                            for u in units), dtype=np.bool_, count=len(units))
-        has[file_of[sel & good[codes]]] = True
+        has[file_of[(el_cols == c) & el_good]] = True
         ok &= has
     # --- research lakes: each distinct element de-identified once per patient context
     id_maps: list | None = None
@@ -259,6 +293,7 @@ def _fast_rows(files, index, bufs, whole, sizes, config, run_id, policy):
     matrix = np.full((nf, len(_NAMES)), -1, dtype=np.int64)
     has_col = cols[f_codes] >= 0
     matrix[f_row[has_col], cols[f_codes][has_col]] = f_codes[has_col]
+    _resolve(units, np.unique(matrix[matrix >= 0]))
     columns: dict[str, pa.Array] = {}
     column_arrays = _typed_columns(units, cols, matrix, BATCH_SCHEMA)
     columns.update(column_arrays)
@@ -336,8 +371,7 @@ def _typed_columns(units: list[_Unit], cols: np.ndarray, matrix: np.ndarray,
         if not len(members) or not present.any():
             out[name] = pa.nulls(len(idx), typ)
             continue
-        values = pa.array([units[u].typed if units[u].ok else None for u in members.tolist()],
-                          typ)
+        values = pa.array([_value(units, u) for u in members.tolist()], typ)
         where = slot[np.where(present, idx, 0)]
         out[name] = values.take(pa.array(where, mask=~present))
     return out
@@ -348,11 +382,12 @@ def _value(units: list[_Unit], u: int) -> Any:
     if u < 0:
         return None
     unit = units[u]
-    return unit.typed if unit.ok else None
+    return unit.typed if unit.ok and unit.typed is not _PENDING else None
 
 
 def _invalid(units: list[_Unit], matrix: np.ndarray) -> list[list[str] | None]:
     bad = np.fromiter((not u.ok for u in units), dtype=np.bool_, count=len(units))
+    # (units no file uses here may be pending: their flag is never read)
     flags = (matrix >= 0) & bad[np.where(matrix >= 0, matrix, 0)]
     out: list[list[str] | None] = [None] * len(matrix)
     for row in np.flatnonzero(flags.any(axis=1)).tolist():
@@ -374,15 +409,18 @@ def _json_texts(units: list[_Unit], codes: np.ndarray, rows: np.ndarray, nf: int
     return pc.binary_join_element_wise(b"{", joined, b"}", b"").view(pa.string())
 
 
-def _decode(key: bytes, tag: int, vr_code: int, header: int, bulk: int) -> _Unit:
-    """A distinct element decoded as :func:`etl.onewalk.walk` decodes it."""
-    explicit, codec = _class_of(key[0])
+def _decode(key: bytes, cls: tuple, tag: int, vr_code: int, header: int) -> _Unit:
+    """A distinct element (``key``: its class byte and bytes, ``cls`` what the byte
+    stands for) decoded as :func:`etl.onewalk.walk` decodes it."""
+    explicit, codec, bulk, max_depth = cls
     json_key = _KEYS.get(tag)
     if json_key is None:
         json_key = _KEYS[tag] = f"{tag:08X}"
     vr = _VR_TEXT.get(vr_code)
     if vr is None:
         return _Unit(json_key, {}, None)
+    if vr == "SQ":
+        return _sequence(key, json_key, explicit, codec, bulk, max_depth)
     raw = key[1 + header:]
     dec = rawjson._Reader(b"", explicit, bulk)
     # ISO 2022 code extensions: pydicom's list of encodings, and its decoder
@@ -402,12 +440,32 @@ def _decode(key: bytes, tag: int, vr_code: int, header: int, bulk: int) -> _Unit
     return _typed_unit(json_key, elem, None if b"null" in fragment else fragment)
 
 
+def _sequence(key: bytes, json_key: str, explicit: bool, codec: str | tuple[str, ...],
+              bulk: int, max_depth: int) -> _Unit:
+    """A sequence, decoded and checked by the per-file walk over its element's bytes
+    (nested sequences, items, character sets, depth and all): anything it would not
+    decode on its own fast path sends the file down the per-file path."""
+    data = key[1:]
+    walker = onewalk._Walk(data, explicit, bulk, len(data), max_depth, shared=True)
+    walker.dec.encoding = codec if isinstance(codec, str) else list(codec)
+    try:
+        header, end, closed = walker.dataset(0, len(data), 0)
+        if end != len(data) or closed or list(header) != [json_key]:
+            return _Unit(json_key, {}, None)
+        elem = header[json_key]
+        fragment = orjson.dumps({json_key: elem})[1:-1]
+    except Exception:  # FileRejected, NeedMore, _Fallback, ...: the per-file path
+        return _Unit(json_key, {}, None)
+    return _typed_unit(json_key, elem, None if b"null" in fragment else fragment)
+
+
 def _typed_unit(key: str, elem: dict, fragment: bytes | None) -> _Unit:
-    """A unit with its column value and, for the required UIDs, its first value."""
+    """A unit with its column (its value converted when needed) and, for the required
+    UIDs, its first value."""
     unit = _Unit(key, elem, fragment)
-    typed = column_value(key, elem)
-    if typed is not None:
-        unit.col, unit.typed, unit.ok = typed
+    col = _COLUMN_OF.get(key)
+    if col is not None and elem and elem.get("Value"):
+        unit.col, unit.typed = col, _PENDING
     if key in _UID_KEYS:
         unit.first = header_first({key: elem}, key)
     return unit
@@ -467,6 +525,17 @@ def _original_ages(units: list[_Unit], tags: np.ndarray, codes: np.ndarray,
 
 
 _UID_KEYS = frozenset(UID_TAGS.values())
+#: ``{JSON key: column index}`` of the header columns
+_COLUMN_OF = {tag: _COL[name] for tag, (name, *_) in _BY_TAG.items()}
+_PENDING: Any = object()
+
+
+def _resolve(units: list[_Unit], used: np.ndarray) -> None:
+    """Convert the column values of the units ``used`` by the batch's files."""
+    for u in used.tolist():
+        unit = units[u]
+        if unit.typed is _PENDING:
+            _, unit.typed, unit.ok = column_value(unit.key, unit.elem)
 _SOP_CLASS_TAG = int(UID_TAGS["SOPClassUID"], 16)
 
 
@@ -487,9 +556,6 @@ def _by_tag(tags: np.ndarray, codes: np.ndarray, file_of: np.ndarray, ok: np.nda
 _SAME, _DROP, _PRIVATE, _CALL, _CALL_CTX = range(5)
 _CONTEXT_TAGS = tuple(int(t, 16) for t in deid._CONTEXT_TAGS)
 _ISSUER_AT = deid._CONTEXT_TAGS.index(deid._ISSUER_TAG)
-#: ``{(key fingerprint, unit key): (filtered unit or None, its id pairs)}`` for the
-#: elements whose filtering does not depend on the patient (most UIDs, identifiers)
-_FILTERED: dict[tuple[str, bytes], tuple[_Unit | None, tuple]] = {}
 _BAD = _Unit("", {}, None)  # a filtered element the batch path does not write
 
 
@@ -533,13 +599,17 @@ def _deidentify(units: list[_Unit], tags: np.ndarray, codes: np.ndarray,
     for k, tag in enumerate(_CONTEXT_TAGS):
         sel = (tags == tag) & cand
         rows[file_of[sel], k] = codes[sel]
-    distinct, ctx_of = np.unique(rows, axis=0, return_inverse=True)
-    ctx_of = ctx_of.reshape(-1)
+    numbers: dict[tuple, int] = {}
     contexts = []
-    for row in distinct.tolist():
-        mini = {deid._CONTEXT_TAGS[k]: units[u].elem for k, u in enumerate(row)
-                if u >= 0 and units[u].elem is not None}
-        contexts.append((policy.context(mini), row[_ISSUER_AT]))
+    ctx_of = np.empty(nb, dtype=np.int64)
+    for j, row in enumerate(map(tuple, rows.tolist())):
+        c = numbers.get(row)
+        if c is None:
+            c = numbers[row] = len(contexts)
+            mini = {deid._CONTEXT_TAGS[k]: units[u].elem for k, u in enumerate(row)
+                    if u >= 0 and units[u].elem is not None}
+            contexts.append((policy.context(mini), row[_ISSUER_AT]))
+        ctx_of[j] = c
     # each distinct (element, context) the filter must see, once
     call = ((kinds == _CALL) | (kinds == _CALL_CTX)) & cand
     where = np.flatnonzero(call)
@@ -547,20 +617,21 @@ def _deidentify(units: list[_Unit], tags: np.ndarray, codes: np.ndarray,
     pair = codes[where] * (len(contexts) + 1) + (ctx_el + 1)
     pairs, inverse = np.unique(pair, return_inverse=True)
     fp = fingerprint(policy.p.key)
-    if len(_FILTERED) > MEMO_ENTRIES:
-        _FILTERED.clear()
+    filtered_memo = _MEMOS.filtered
+    if len(filtered_memo) > MEMO_ENTRIES:
+        filtered_memo.clear()
     results: list[tuple[int, tuple]] = []
     for p in pairs.tolist():
         u, c = divmod(p, len(contexts) + 1)
         unit = units[u]
         memo_key = (fp, unit.mkey) if c == 0 else None
-        got = _FILTERED.get(memo_key) if memo_key else None
+        got = filtered_memo.get(memo_key) if memo_key else None
         if got is None:
             # an element whose filtering does not depend on the patient: any context
             ctx, issuer = contexts[c - 1] if c else (contexts[0][0], -1)
             got = _filter_one(unit, ctx, issuer, units, policy)
             if memo_key:
-                _FILTERED[memo_key] = got
+                filtered_memo[memo_key] = got
         filtered, mapping = got
         if filtered is None:
             results.append((-1, mapping))
@@ -590,31 +661,57 @@ def _deidentify(units: list[_Unit], tags: np.ndarray, codes: np.ndarray,
     return bad, final, units, out
 
 
-def _class_of(cls: int) -> tuple[bool, str | tuple[str, ...]]:
-    for key, value in _CLASSES.items():
-        if value == cls:
-            return key
-    raise KeyError(cls)
+#: the class bytes, as the first byte of a memo key
+_PREFIX = [bytes([c]) for c in range(256)]
 
 
 @numba.njit(cache=True, nogil=True)
-def _gather(data, at, stop, cls, offsets, out):
-    pos = 0
-    for e in range(len(at)):
-        offsets[e] = pos
-        out[pos] = cls[e]
-        pos += 1
-        n = stop[e] - at[e]
-        out[pos:pos + n] = data[at[e]:stop[e]]
-        pos += n
-    offsets[len(at)] = pos
+def _distinct_into(data, at, stop, cls, codes, reps):
+    """Number the distinct (class, bytes) elements in order of first appearance: each
+    element's number in ``codes``, each number's first element in ``reps``; returns how
+    many there are. Open addressing over FNV-1a hashes, the bytes compared on a match."""
+    n = len(at)
+    size = 1
+    while size < 2 * n:
+        size *= 2
+    mask = size - 1
+    slots = np.full(size, -1, dtype=np.int64)
+    hashes = np.empty(n, dtype=np.uint64)
+    count = 0
+    for e in range(n):
+        h = np.uint64(14695981039346656037) ^ np.uint64(cls[e])
+        h *= np.uint64(1099511628211)
+        for k in range(at[e], stop[e]):
+            h ^= np.uint64(data[k])
+            h *= np.uint64(1099511628211)
+        hashes[e] = h
+        i = np.int64(h & np.uint64(mask))
+        while True:
+            r = slots[i]
+            if r < 0:
+                slots[i] = e
+                codes[e] = count
+                reps[count] = e
+                count += 1
+                break
+            if hashes[r] == h and cls[r] == cls[e] and stop[r] - at[r] == stop[e] - at[e]:
+                same = True
+                d = at[r] - at[e]
+                for k in range(at[e], stop[e]):
+                    if data[k + d] != data[k]:
+                        same = False
+                        break
+                if same:
+                    codes[e] = codes[r]
+                    break
+            i = (i + 1) & mask
+    return count
 
 
-def _keys(data: np.ndarray, at: np.ndarray, stop: np.ndarray, cls: np.ndarray) -> pa.Array:
-    """Each element's class byte and bytes, as one binary column."""
-    total = int((stop - at).sum()) + len(at)
-    out = np.empty(total, dtype=np.uint8)
-    offsets = np.empty(len(at) + 1, dtype=np.int64)
-    _gather(data, at, stop, cls, offsets, out)
-    return pa.Array.from_buffers(pa.large_binary(), len(at),
-                                 [None, pa.py_buffer(offsets), pa.py_buffer(out)])
+def _distinct(data: np.ndarray, at: np.ndarray, stop: np.ndarray,
+              cls: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(each element's number, each number's first element) of the distinct elements."""
+    codes = np.empty(len(at), dtype=np.int64)
+    reps = np.empty(len(at), dtype=np.int64)
+    count = _distinct_into(data, at, stop, cls, codes, reps)
+    return codes, reps[:count]

@@ -54,6 +54,9 @@ REASONS = {NOT_PART10: "not a Part 10 file", META: "file meta", SYNTAX: "transfe
 
 _PIXEL_DATA = 0x7FE00010
 _UNDEFINED = 0xFFFFFFFF
+#: nesting of sequences and items the walk follows to find a sequence's end (deeper:
+#: the per-file walk, which applies the configured limit)
+_MAX_NESTING = 32
 
 
 def _vr_code(vr: bytes) -> int:
@@ -156,6 +159,74 @@ def _dict_vr(tags, vrs, tag):
 
 
 @numba.njit(cache=True, nogil=True)
+def _sequence_end(data, base, pos, avail):
+    """The end of the explicit VR sequence of undefined length whose value starts at
+    ``pos`` (just past its delimitation item), or -1 when its structure is not plain:
+    items of either length, elements of a plain VR or nested sequences inside them.
+    Only the end is found here; the sequence's value is checked and decoded by the
+    per-file walk (:class:`etl.onewalk._Walk`) of the element's bytes alone."""
+    vr_class = _VR_CLASS
+    modes = np.zeros(_MAX_NESTING, dtype=np.int8)  # 0: in a sequence, 1: in an item
+    depth = 1
+    while True:
+        if pos + 8 > avail:
+            return -1
+        p = base + pos
+        group = _u16(data, p)
+        elem = _u16(data, p + 2)
+        if modes[depth - 1] == 0:
+            if group != 0xFFFE:
+                return -1
+            length = np.int64(_u32(data, p + 4))
+            if elem == 0xE0DD:
+                pos += 8
+                depth -= 1
+                if depth == 0:
+                    return pos
+            elif elem == 0xE000:
+                if length == _UNDEFINED:
+                    if depth >= _MAX_NESTING:
+                        return -1
+                    modes[depth] = 1
+                    depth += 1
+                    pos += 8
+                elif length > MAX_ELEMENT or pos + 8 + length > avail:
+                    return -1
+                else:
+                    pos += 8 + length
+            else:
+                return -1
+            continue
+        if group == 0xFFFE:
+            if elem != 0xE00D:
+                return -1
+            pos += 8
+            depth -= 1
+            continue
+        cls = vr_class[_u16(data, p + 4)]
+        if cls == 1:
+            length = np.int64(_u16(data, p + 6))
+            start = pos + 8
+        elif cls == 2 or cls == 4:
+            if pos + 12 > avail:
+                return -1
+            length = np.int64(_u32(data, p + 8))
+            start = pos + 12
+        else:
+            return -1
+        if length == _UNDEFINED:
+            if cls != 4 or depth >= _MAX_NESTING:
+                return -1
+            modes[depth] = 0
+            depth += 1
+            pos = start
+            continue
+        if length > MAX_ELEMENT or start + length > avail:
+            return -1
+        pos = start + length
+
+
+@numba.njit(cache=True, nogil=True)
 def _walk(data, offsets, sizes, explicit, status, dataset, header_end, first,
           el_at, el_start, el_stop, el_tag, el_vr, dict_tags, dict_vrs):
     """The top-level elements of every file whose status is still clean. Returns the
@@ -215,9 +286,27 @@ def _walk(data, offsets, sizes, explicit, status, dataset, header_end, first,
                         break
                     length = np.int64(_u32(data, p + 8))
                     start = pos + 12
-                elif cls == 4:
-                    ok = SEQUENCE
-                    break
+                elif cls == 4:  # a sequence: one element, decoded by the per-file walk
+                    if pos + 12 > avail:
+                        ok = MORE if partial else STRUCTURE
+                        break
+                    length = np.int64(_u32(data, p + 8))
+                    start = pos + 12
+                    if length == _UNDEFINED:
+                        stop = _sequence_end(data, base, start, avail)
+                        if stop < 0:
+                            ok = SEQUENCE
+                            break
+                        if e >= cap:
+                            return -1
+                        el_at[e] = base + pos
+                        el_start[e] = base + start
+                        el_stop[e] = base + stop
+                        el_tag[e] = tag
+                        el_vr[e] = vr
+                        e += 1
+                        pos = stop
+                        continue
                 else:
                     ok = VR
                     break
@@ -271,7 +360,9 @@ def _walk(data, offsets, sizes, explicit, status, dataset, header_end, first,
 class Walked:
     """Every file's outcome and the top-level elements of the clean ones."""
 
-    #: the batch's buffers end to end (``offsets[i]:offsets[i + 1]`` is file i's)
+    #: the batch's buffers end to end (``offsets[i]:offsets[i + 1]`` is file i's), as
+    #: bytes and as an array over them
+    raw: bytes
     data: np.ndarray
     offsets: np.ndarray
     #: per file: 0 (clean) or why not (the codes above)
@@ -300,7 +391,8 @@ def walk(buffers: list[bytes], sizes: list[int]) -> Walked:
     lengths = np.fromiter(map(len, buffers), dtype=np.int64, count=n)
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    data = np.frombuffer(b"".join(buffers), dtype=np.uint8)
+    raw = b"".join(buffers)
+    data = np.frombuffer(raw, dtype=np.uint8)
     status = np.zeros(n, dtype=np.int8)
     spans = np.empty((n, 4), dtype=np.int64)
     dataset = np.zeros(n, dtype=np.int64)
@@ -331,7 +423,7 @@ def walk(buffers: list[bytes], sizes: list[int]) -> Walked:
         if count >= 0:
             break
         cap *= 4
-    return Walked(data, offsets, st, explicit, syntaxes, medias, dataset, header_end,
+    return Walked(raw, data, offsets, st, explicit, syntaxes, medias, dataset, header_end,
                   first, at[:count], start[:count], stop[:count], tag[:count], vr[:count])
 
 

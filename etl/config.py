@@ -11,7 +11,9 @@ class IngestConfig:
     #: Files per Dask task. Per-task overhead is milliseconds, so batches are a
     #: hundred files or more (never one task per file); smaller batches shorten the
     #: tail of each wave, when one worker finishes its last batch and the other waits.
-    batch_files: int = 128
+    #: A batch read column by column (``columnar``) costs about 4 ms on its own
+    #: whatever its size: 0.03 ms per file at 128 files, 0.01 at 512.
+    batch_files: int = 512
     #: A batch also closes once its files add up to this many bytes.
     batch_bytes: int = 128 * 1024 * 1024
     #: Batches in flight per worker; a wave is ``workers * batches_per_worker``.
