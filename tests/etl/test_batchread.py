@@ -464,6 +464,101 @@ def test_crafted_files_on_each_path(crafted, checksum):
     assert len(sent) == 17
 
 
+# --- sequences (explicit VR: on the batch path, decoded by the per-file walk) ---------
+
+def _code(value: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "SRT", meaning
+    return item
+
+
+def _sequence_files(root: Path) -> list[Path]:
+    uid = _Uids()
+    files: dict[str, bytes] = {}
+
+    def seq(ds: Dataset, keyword: str, items: list[Dataset], undefined: bool) -> None:
+        setattr(ds, keyword, DicomSequence(items))
+        ds[keyword].is_undefined_length = undefined
+        for item in items:
+            item.is_undefined_length_sequence_item = undefined
+
+    for undefined in (False, True):
+        tag = "undefined" if undefined else "defined"
+        ds = base(uid)
+        refs = []
+        for n in (9, 10):
+            item = Dataset()
+            item.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+            item.ReferencedSOPInstanceUID = f"1.2.3.{n}"
+            refs.append(item)
+        seq(ds, "ReferencedImageSequence", refs, undefined)
+        files[f"references_{tag}.dcm"] = part10(ds)
+        ds = base(uid)
+        request = Dataset()
+        request.AccessionNumber = "A1"
+        request.RequestedProcedureID = "R1"
+        request.ScheduledProcedureStepStartDate = "20230104"
+        request.ScheduledProcedureStepID = "Doe step"
+        study = Dataset()
+        study.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"
+        study.ReferencedSOPInstanceUID = ds.StudyInstanceUID
+        seq(request, "ReferencedStudySequence", [study], undefined)
+        seq(ds, "RequestAttributesSequence", [request], undefined)
+        files[f"request_{tag}.dcm"] = part10(ds)
+    ds = base(uid)
+    ds.add_new(0x00190010, "LO", "GEMS_ACQU_01")
+    item = _code("T-D1100", "Head")
+    item.add_new(0x00190010, "LO", "GEMS_ACQU_01")
+    item.add_new(0x0019101E, "DS", "3.5")  # allowed by the private allow-list
+    item.add_new(0x00191001, "LO", "not allowed")
+    ds.AnatomicRegionSequence = DicomSequence([item])
+    files["private_in_item.dcm"] = part10(ds)
+    ds = base(uid)
+    ds.ReferencedImageSequence = DicomSequence([])
+    ds.AnatomicRegionSequence = DicomSequence([Dataset()])
+    files["empty_sequence_and_item.dcm"] = part10(ds)
+    ds = base(uid)
+    other = Dataset()
+    other.PatientID = "P1-OLD"
+    other.IssuerOfPatientID = "HOSPITAL B"
+    ds.OtherPatientIDsSequence = DicomSequence([other])
+    files["other_patient_ids.dcm"] = part10(ds)
+    ds = base(uid)
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.PatientName = "Müller^Jürgen"
+    ds.AnatomicRegionSequence = DicomSequence([_code("T-D1100", "Tête, Müller")])
+    files["utf8_in_item.dcm"] = part10(ds)
+    ds = base(uid)
+    inner = _code("T-1", "Head")
+    for _ in range(4):  # five levels of sequences
+        outer = _code("T-2", "Outer")
+        outer.ConceptNameCodeSequence = DicomSequence([inner])
+        inner = outer
+    ds.ConceptNameCodeSequence = DicomSequence([inner])
+    files["five_levels.dcm"] = part10(ds)
+    root.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    return [root / name for name in files]
+
+
+@pytest.mark.parametrize("max_depth", [64, 3])
+@pytest.mark.parametrize("policy_name", POLICIES)
+def test_sequences_give_the_rows_of_the_per_file_path(tmp_path, policy_name, max_depth):
+    paths = _sequence_files(tmp_path)
+    assert statuses(paths) == [batchwalk.CLEAN] * 9
+    got = assert_same_rows(found(paths), make_policy(policy_name), max_depth=max_depth)
+    reasons = got.column("reason").to_pylist()
+    assert reasons == [None] * 8 + ["too_deep" if max_depth == 3 else None]
+    _, sent = _per_file_paths(found(paths), make_policy(policy_name), max_depth=max_depth)
+    # on the batch path, but the private allow-list needs the creators, and the depth
+    # limit is the per-file walk's to decide
+    expected = {"private_in_item.dcm"} if policy_name == "research-private" else set()
+    if max_depth == 3:
+        expected.add("five_levels.dcm")
+    assert {Path(p).name for p in sent} == expected
+
+
 # --- values at the edges: files the walk calls clean, with values that are not plain --
 
 def _edge_files(root: Path) -> list[Path]:
