@@ -5,7 +5,8 @@ walked, decoded, filtered and converted element by element in Python, then writt
 as JSON. Yet the files of a series repeat most of their elements byte for byte.
 :func:`read_batch` therefore
 
-1. reads every file's first bytes (or all of them, with whole-file checksums);
+1. reads every file's first bytes (with whole-file checksums, all of them, hashed as
+   they are read: only the first bytes are kept);
 2. walks the element headers of the whole batch in compiled code
    (:mod:`etl.batchwalk`);
 3. gathers the batch's elements as one Arrow binary column (each element's bytes,
@@ -34,7 +35,6 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-import numba
 import numpy as np
 import orjson
 import pyarrow as pa
@@ -150,7 +150,7 @@ def read_batch(files: Sequence[FoundFile], config: IngestConfig, run_id: str,
     n = len(files)
     full = config.checksum == "full"
     bufs: list[bytes] = []
-    whole: list[bytes] = []
+    digests: list[str] = []  # whole-file checksums: each file's, taken as it is read
     sizes: list[int] = []
     index: list[int] = []  # the files read here
     for i, f in enumerate(files):
@@ -163,7 +163,7 @@ def read_batch(files: Sequence[FoundFile], config: IngestConfig, run_id: str,
                 if full:
                     buf = _read_rest(fd, size)
                     size = len(buf)
-                    whole.append(buf)
+                    digests.append(hashlib.sha256(buf).hexdigest())
                     buf = buf[:HEAD_BYTES]
                 else:
                     buf = os.read(fd, HEAD_BYTES)
@@ -174,7 +174,7 @@ def read_batch(files: Sequence[FoundFile], config: IngestConfig, run_id: str,
         bufs.append(buf)
         sizes.append(size)
         index.append(i)
-    fast = _fast_rows(files, index, bufs, whole if full else None, sizes, config, run_id,
+    fast = _fast_rows(files, index, bufs, digests if full else None, sizes, config, run_id,
                       policy) if bufs else None
     done = set() if fast is None else set(fast[0])
     slow = [i for i in range(n) if i not in done]
@@ -194,7 +194,7 @@ def read_batch(files: Sequence[FoundFile], config: IngestConfig, run_id: str,
     return table.take(pa.array(position)).cast(BATCH_SCHEMA)
 
 
-def _fast_rows(files, index, bufs, whole, sizes, config, run_id, policy):
+def _fast_rows(files, index, bufs, whole_digests, sizes, config, run_id, policy):
     """(the positions in ``files`` read here, their rows) for the files the batch path
     reads; the others are left to the per-file path."""
     from etl.extract import BATCH_SCHEMA
@@ -332,10 +332,9 @@ def _fast_rows(files, index, bufs, whole, sizes, config, run_id, policy):
     header_end = w.header_end[fast].tolist()
     digests, covered = [], []
     for j, end in zip(fast.tolist(), header_end, strict=True):
-        if whole is not None:
-            buf = whole[j]
-            covered.append(len(buf))
-            digests.append(hashlib.sha256(buf).hexdigest())
+        if whole_digests is not None:
+            covered.append(sizes[j])
+            digests.append(whole_digests[j])
         else:
             covered.append(end)
             digests.append(hashlib.sha256(memoryview(bufs[j])[:end]).hexdigest())
@@ -665,7 +664,7 @@ def _deidentify(units: list[_Unit], tags: np.ndarray, codes: np.ndarray,
 _PREFIX = [bytes([c]) for c in range(256)]
 
 
-@numba.njit(cache=True, nogil=True)
+@batchwalk.jit
 def _distinct_into(data, at, stop, cls, codes, reps):
     """Number the distinct (class, bytes) elements in order of first appearance: each
     element's number in ``codes``, each number's first element in ``reps``; returns how

@@ -21,6 +21,7 @@ pydicom).
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import numba
@@ -59,6 +60,22 @@ _UNDEFINED = 0xFFFFFFFF
 _MAX_NESTING = 32
 
 
+def jit(func):
+    """``numba.njit`` with the compiled code cached on disk (next to the module, or, when
+    the process may not write there, in a folder of the user's own: without a cache
+    each worker process would compile for seconds); without the GIL."""
+    try:
+        return numba.njit(cache=True, nogil=True)(func)
+    except RuntimeError:  # "no locator available": the module's folder is read-only
+        numba.config.CACHE_DIR = os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+            "imaging-lakehouse", "numba")
+        try:
+            return numba.njit(cache=True, nogil=True)(func)
+        except (RuntimeError, OSError):  # no writable folder at all: compiled per process
+            return numba.njit(cache=False, nogil=True)(func)
+
+
 def _vr_code(vr: bytes) -> int:
     return vr[0] | (vr[1] << 8)
 
@@ -87,18 +104,18 @@ def _dictionary() -> tuple[np.ndarray, np.ndarray]:
 _DICT_TAGS, _DICT_VRS = _dictionary()
 
 
-@numba.njit(cache=True, nogil=True)
+@jit
 def _u16(data, p):
     return np.uint32(data[p]) | (np.uint32(data[p + 1]) << np.uint32(8))
 
 
-@numba.njit(cache=True, nogil=True)
+@jit
 def _u32(data, p):
     return (np.uint32(data[p]) | (np.uint32(data[p + 1]) << np.uint32(8))
             | (np.uint32(data[p + 2]) << np.uint32(16)) | (np.uint32(data[p + 3]) << np.uint32(24)))
 
 
-@numba.njit(cache=True, nogil=True)
+@jit
 def _meta(data, offsets, status, spans, dataset):
     """The file meta of every file: DICM, then group 0002 elements in explicit VR; the
     spans of the transfer syntax and media storage SOP class values; the data set
@@ -144,7 +161,7 @@ def _meta(data, offsets, status, spans, dataset):
         dataset[f] = pos
 
 
-@numba.njit(cache=True, nogil=True)
+@jit
 def _dict_vr(tags, vrs, tag):
     lo, hi = 0, len(tags)
     while lo < hi:
@@ -158,7 +175,7 @@ def _dict_vr(tags, vrs, tag):
     return np.uint16(0)
 
 
-@numba.njit(cache=True, nogil=True)
+@jit
 def _sequence_end(data, base, pos, avail):
     """The end of the explicit VR sequence of undefined length whose value starts at
     ``pos`` (just past its delimitation item), or -1 when its structure is not plain:
@@ -226,7 +243,7 @@ def _sequence_end(data, base, pos, avail):
         pos = start + length
 
 
-@numba.njit(cache=True, nogil=True)
+@jit
 def _walk(data, offsets, sizes, explicit, status, dataset, header_end, first,
           el_at, el_start, el_stop, el_tag, el_vr, dict_tags, dict_vrs):
     """The top-level elements of every file whose status is still clean. Returns the
@@ -412,7 +429,7 @@ def walk(buffers: list[bytes], sizes: list[int]) -> Walked:
     sizes_a = np.maximum(np.asarray(sizes, dtype=np.int64), lengths)
     header_end = np.zeros(n, dtype=np.int64)
     first = np.zeros(n + 1, dtype=np.int64)
-    cap = max(64, len(data) // 16)
+    cap = 160 * n + 64  # elements; more when a batch has more (rare)
     while True:
         at, start, stop = (np.empty(cap, dtype=np.int64) for _ in range(3))
         tag = np.empty(cap, dtype=np.uint32)
