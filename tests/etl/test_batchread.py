@@ -513,6 +513,8 @@ def _sequence_files(root: Path) -> list[Path]:
     item.add_new(0x00191001, "LO", "not allowed")
     ds.AnatomicRegionSequence = DicomSequence([item])
     files["private_in_item.dcm"] = part10(ds)
+    del ds[0x00190010]  # private attributes in the item only: on the batch path
+    files["private_only_in_item.dcm"] = part10(ds)
     ds = base(uid)
     ds.ReferencedImageSequence = DicomSequence([])
     ds.AnatomicRegionSequence = DicomSequence([Dataset()])
@@ -546,10 +548,16 @@ def _sequence_files(root: Path) -> list[Path]:
 @pytest.mark.parametrize("policy_name", POLICIES)
 def test_sequences_give_the_rows_of_the_per_file_path(tmp_path, policy_name, max_depth):
     paths = _sequence_files(tmp_path)
-    assert statuses(paths) == [batchwalk.CLEAN] * 9
+    assert statuses(paths) == [batchwalk.CLEAN] * 10
     got = assert_same_rows(found(paths), make_policy(policy_name), max_depth=max_depth)
     reasons = got.column("reason").to_pylist()
-    assert reasons == [None] * 8 + ["too_deep" if max_depth == 3 else None]
+    assert reasons == [None] * 9 + ["too_deep" if max_depth == 3 else None]
+    texts = dict(zip(got.column("path").to_pylist(), got.column("dicom_json").to_pylist(),
+                     strict=True))
+    item_only = texts[str(tmp_path / "private_only_in_item.dcm")]
+    # the allow-list applies inside items too: (0019,101E) kept, (0019,1001) dropped
+    assert ('"0019101E"' in item_only) == (policy_name != "research")
+    assert ('"00191001"' in item_only) == (policy_name == "identified")
     _, sent = _per_file_paths(found(paths), make_policy(policy_name), max_depth=max_depth)
     # on the batch path, but the private allow-list needs the creators, and the depth
     # limit is the per-file walk's to decide
@@ -985,3 +993,26 @@ def test_class_bytes_starting_over_do_not_reuse_filtered_elements(tmp_path):
     assert_same_rows(first, policy, batch=len(first))
     assert len(batchread._MEMOS.by_byte) > 128
     assert_same_rows(second, policy)
+
+
+def test_threads_with_two_keys_side_by_side(memo_files):
+    """The ``threads`` scheduler runs batches side by side in one process: each thread
+    has its own memos, and two keys at once never mix."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = memo_files[:200]
+    batches = [files[i:i + 25] for i in range(0, len(files), 25)]
+    keys = [KEY_A, KEY_B] * (len(batches) // 2)
+    config = IngestConfig(columnar=True)
+
+    def one(args: tuple[list[FoundFile], bytes]) -> pa.Table:
+        batch, key = args
+        return extract_batch(batch, config, "run-batchread", make_policy("research", key))
+
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(one, zip(batches, keys, strict=True)))
+    for batch, key, table in zip(batches, keys, got, strict=True):
+        ref = extract_batch(batch, IngestConfig(columnar=False), "run-batchread",
+                            make_policy("research", key))
+        diff = table_differences(table, ref)
+        assert not diff, "\n".join(diff)
