@@ -142,19 +142,17 @@ def clear_memos() -> None:
 
 
 def read_batch(files: Sequence[FoundFile], config: IngestConfig, run_id: str,
-               policy: Policy | None, read_one) -> pa.Table:
-    """The rows of ``files`` (``BATCH_SCHEMA``), the same as ``read_one`` gives file by
-    file, in the order of ``files``."""
-    from etl.extract import BATCH_SCHEMA, batch_table, crash_marked
-
-    n = len(files)
+               policy: Policy | None, schema: pa.Schema) -> tuple[list[int], pa.Table]:
+    """The rows (``schema``: ``etl.extract.BATCH_SCHEMA``) of the files of ``files`` the
+    batch path reads, and their positions in ``files``; the other files are left to the
+    per-file path (their rows are not here)."""
     full = config.checksum == "full"
     bufs: list[bytes] = []
     digests: list[str] = []  # whole-file checksums: each file's, taken as it is read
     sizes: list[int] = []
     index: list[int] = []  # the files read here
     for i, f in enumerate(files):
-        if f.error is not None or crash_marked(f.path):
+        if f.error is not None:
             continue
         try:
             fd = os.open(f.path, os.O_RDONLY)
@@ -174,31 +172,15 @@ def read_batch(files: Sequence[FoundFile], config: IngestConfig, run_id: str,
         bufs.append(buf)
         sizes.append(size)
         index.append(i)
-    fast = _fast_rows(files, index, bufs, digests if full else None, sizes, config, run_id,
-                      policy) if bufs else None
-    done = set() if fast is None else set(fast[0])
-    slow = [i for i in range(n) if i not in done]
-    tables = []
-    order = []
-    if fast is not None and fast[0]:
-        tables.append(fast[1])
-        order += fast[0]
-    if slow:
-        tables.append(batch_table([read_one(files[i]) for i in slow], run_id, policy))
-        order += slow
-    if len(tables) == 1 and order == list(range(n)):
-        return tables[0]
-    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-    position = np.empty(n, dtype=np.int64)
-    position[np.asarray(order, dtype=np.int64)] = np.arange(n)
-    return table.take(pa.array(position)).cast(BATCH_SCHEMA)
+    if not bufs:
+        return [], schema.empty_table()
+    return _fast_rows(files, index, bufs, digests if full else None, sizes, config, run_id,
+                      policy, schema)
 
 
-def _fast_rows(files, index, bufs, whole_digests, sizes, config, run_id, policy):
-    """(the positions in ``files`` read here, their rows) for the files the batch path
-    reads; the others are left to the per-file path."""
-    from etl.extract import BATCH_SCHEMA
-
+def _fast_rows(files, index, bufs, whole_digests, sizes, config, run_id, policy,
+               schema: pa.Schema) -> tuple[list[int], pa.Table]:
+    """(the positions in ``files`` of the files the batch path reads, their rows)."""
     memos = _MEMOS
     if len(memos.by_byte) > 128:  # between batches: every class byte may be given anew
         memos.clear()
@@ -285,7 +267,7 @@ def _fast_rows(files, index, bufs, whole_digests, sizes, config, run_id, policy)
         f_codes = codes[keep_el]
     fast = np.flatnonzero(ok)
     if not len(fast):
-        return None
+        return [], schema.empty_table()
     cols = np.fromiter((u.col for u in units), dtype=np.int64, count=len(units))
     rank = np.cumsum(ok) - 1  # a fast file's row
     f_row = rank[file_of[keep_el]]
@@ -295,14 +277,14 @@ def _fast_rows(files, index, bufs, whole_digests, sizes, config, run_id, policy)
     matrix[f_row[has_col], cols[f_codes][has_col]] = f_codes[has_col]
     _resolve(units, np.unique(matrix[matrix >= 0]))
     columns: dict[str, pa.Array] = {}
-    column_arrays = _typed_columns(units, cols, matrix, BATCH_SCHEMA)
+    column_arrays = _typed_columns(units, cols, matrix, schema)
     columns.update(column_arrays)
     # the required UIDs: their first value's text, as the per-file path sets them
     for keyword, c in _UID_COLS.items():
         firsts = [units[u].first if u >= 0 else None for u in matrix[:, c].tolist()]
         columns[keyword] = pa.array(firsts, pa.string())
     invalid = _invalid(units, matrix)
-    columns["invalid_attributes"] = pa.array(invalid, BATCH_SCHEMA.field(
+    columns["invalid_attributes"] = pa.array(invalid, schema.field(
         "invalid_attributes").type)
     # patient_age_years and study_year, from the typed values
     ages = []
@@ -324,7 +306,7 @@ def _fast_rows(files, index, bufs, whole_digests, sizes, config, run_id, policy)
     columns["dicom_json"] = _json_texts(units, f_codes, f_row, nf)
     columns["TransferSyntaxUID"] = pa.array([w.transfer_syntax[j] for j in fast.tolist()],
                                             pa.string())
-    id_type = BATCH_SCHEMA.field("id_map").type
+    id_type = schema.field("id_map").type
     columns["id_map"] = pa.nulls(nf, id_type) if id_maps is None else \
         pa.array(id_maps, id_type)
     # --- the file's own columns
@@ -350,7 +332,7 @@ def _fast_rows(files, index, bufs, whole_digests, sizes, config, run_id, policy)
     columns["source_sha256"] = pa.array(digests, pa.string())
     columns["ingest_run_id"] = pa.array([run_id] * nf, pa.string())
     columns["checksum_bytes"] = pa.array(covered, pa.int64())
-    table = pa.Table.from_arrays([columns[f.name] for f in BATCH_SCHEMA], schema=BATCH_SCHEMA)
+    table = pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
     return positions, table
 
 
