@@ -277,17 +277,17 @@ def test_sample_archive_walk_statuses(archive, archive_files):
 
 def _per_file_paths(files: Sequence[FoundFile], policy: Policy | None,
                     **config) -> tuple[pa.Table, list[str]]:
-    """``read_batch``'s table and the paths it gave to the per-file path."""
+    """``extract_batch``'s table (the batch path's) and the paths the batch path left to
+    the per-file path (``read_batch`` does not return their rows)."""
     cfg = IngestConfig(**config)
     sent: list[str] = []
-
-    def read_one(f: FoundFile) -> FileResult:
-        sent.append(f.path)
-        return extract._read_one(f, cfg, policy)
-
-    tables = [read_batch(files[i:i + 128], cfg, "run", policy, read_one)
-              for i in range(0, len(files), 128)]
-    return pa.concat_tables(tables), sent
+    for i in range(0, len(files), 128):
+        batch = files[i:i + 128]
+        read, table = read_batch(batch, cfg, "run-batchread", policy, extract.BATCH_SCHEMA)
+        assert table.num_rows == len(read)
+        done = set(read)
+        sent += [f.path for j, f in enumerate(batch) if j not in done]
+    return run(files, policy, columnar=True, **config), sent
 
 
 @pytest.mark.parametrize("policy_name", POLICIES)
@@ -856,6 +856,8 @@ def test_issuer_of_patient_id_research(tmp_path, policy_name):
 # --- 5. files the batch path must not read -------------------------------------------
 
 def test_crash_marked_file_goes_to_the_per_file_path(crafted, monkeypatch):
+    """A file marked by the crash test hook is never read by the batch path: the per-file
+    path reads it (and in a worker, exits)."""
     root, files = crafted
     marked = root / "clean_poison_crash.dcm"
     marked.write_bytes(files["clean.dcm"][0])
@@ -863,16 +865,17 @@ def test_crash_marked_file_goes_to_the_per_file_path(crafted, monkeypatch):
     monkeypatch.setattr(extract, "_CRASH_MARKER", "poison_crash")
     sent: list[str] = []
 
-    def read_one(f: FoundFile) -> FileResult:  # stands in for the worker's exit
-        sent.append(f.path)
+    def read_one(f: FoundFile, config: IngestConfig, policy: Policy | None) -> FileResult:
+        sent.append(f.path)  # stands in for the worker's exit
         return FileResult(f.path, f.size, f.mtime_ns, status="quarantined",
                           reason="worker_crash", message="read by the per-file path")
 
-    table = read_batch(batch, IngestConfig(), "run-batchread", None, read_one)
+    monkeypatch.setattr(extract, "_read_one", read_one)
+    table = extract_batch(batch, IngestConfig(), "run-batchread", None)
     assert sent == [str(marked)]
     assert table.column("path").to_pylist() == [f.path for f in batch]
     assert table.column("reason").to_pylist() == [None, "worker_crash", None]
-    monkeypatch.setattr(extract, "_CRASH_MARKER", "")
+    monkeypatch.undo()
     ref = run(batch, None, columnar=False)
     clean = [0, 2]
     diff = table_differences(table.take(clean), ref.take(clean))
@@ -908,11 +911,8 @@ def test_same_file_twice_in_a_batch(crafted):
     assert got.column("status").to_pylist() == ["ok"] * 4
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError, reason=(
-    "etl.batchread.read_batch: with no files it indexes an empty list of tables "
-    "(IndexError); the per-file path returns an empty table. The runners never submit "
-    "an empty batch (bisection stops at one file), so only a direct caller meets it"))
 def test_empty_batch():
+    """No files, no rows (the runners never submit an empty batch; a direct caller may)."""
     ref = extract_batch([], IngestConfig(columnar=False), "run", None)
     got = extract_batch([], IngestConfig(columnar=True), "run", None)
     assert not table_differences(got, ref)
