@@ -853,6 +853,27 @@ def test_issuer_of_patient_id_research(tmp_path, policy_name):
     assert got.column("IssuerOfPatientID").to_pylist() == [None]
 
 
+def test_thousands_of_elements_in_one_file(tmp_path):
+    """More elements than the walk's first element arrays hold (about 160 a file): they
+    grow, and the file is still read column by column."""
+    ds = base(_Uids())
+    for group in range(0x0009, 0x0009 + 2 * 11, 2):  # 11 private blocks of 255 elements
+        ds.add_new((group << 16) | 0x0010, "LO", "ACME")
+        for element in range(0x1000, 0x10FF):
+            ds.add_new((group << 16) | element, "LO", "x")
+    (tmp_path / "many.dcm").write_bytes(part10(ds))
+    files = found([tmp_path / "many.dcm"])
+    assert statuses([tmp_path / "many.dcm"]) == [batchwalk.CLEAN]
+    texts = {}
+    for policy_name in ("identified", "research"):
+        got = assert_same_rows(files, make_policy(policy_name))
+        assert got.column("status").to_pylist() == ["ok"]
+        assert _per_file_paths(files, make_policy(policy_name))[1] == []
+        texts[policy_name] = got.column("dicom_json")[0].as_py()
+    assert texts["identified"].count('{"vr":"LO","Value":["x"]}') == 11 * 255
+    assert '"0009' not in texts["research"]  # no private attribute in a research lake
+
+
 # --- 5. files the batch path must not read -------------------------------------------
 
 def test_crash_marked_file_goes_to_the_per_file_path(crafted, monkeypatch):
