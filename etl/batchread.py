@@ -516,7 +516,11 @@ def _resolve(units: list[_Unit], used: np.ndarray) -> None:
     for u in used.tolist():
         unit = units[u]
         if unit.typed is _PENDING:
-            _, unit.typed, unit.ok = column_value(unit.key, unit.elem)
+            got = column_value(unit.key, unit.elem)
+            # (a unit has a column only with values, so there is always one)
+            unit.typed, unit.ok = (None, True) if got is None else got[1:]
+
+
 _SOP_CLASS_TAG = int(UID_TAGS["SOPClassUID"], 16)
 
 
@@ -581,7 +585,7 @@ def _deidentify(units: list[_Unit], tags: np.ndarray, codes: np.ndarray,
         sel = (tags == tag) & cand
         rows[file_of[sel], k] = codes[sel]
     numbers: dict[tuple, int] = {}
-    contexts = []
+    contexts: list[tuple[deid.PatientContext, int]] = []
     ctx_of = np.empty(nb, dtype=np.int64)
     for j, row in enumerate(map(tuple, rows.tolist())):
         c = numbers.get(row)
@@ -627,17 +631,14 @@ def _deidentify(units: list[_Unit], tags: np.ndarray, codes: np.ndarray,
     bad[file_of[broken]] = True
     final[broken] = -1
     # each file's id pairs, in the order of its elements, each pair once
-    maps: list[list | None] = [None] * nb
+    maps: list[list] = [[] for _ in range(nb)]
     mapped = [i for i, r in enumerate(results) if r[1]]
     if mapped:
         has = np.zeros(len(results), dtype=np.bool_)
         has[mapped] = True
         inv = inverse.reshape(-1)
         for e, r in zip(where[has[inv]].tolist(), inv[has[inv]].tolist(), strict=True):
-            j = int(file_of[e])
-            if maps[j] is None:
-                maps[j] = []
-            maps[j].extend(results[r][1])
+            maps[int(file_of[e])].extend(results[r][1])
     out = [list(dict.fromkeys(m)) if m else [] for m in maps]
     return bad, final, units, out
 

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 
-from etl.batchread import read_batch
 from etl.config import IngestConfig
 from etl.discover import FoundFile
 from etl.headers import FileResult, read_file
@@ -38,11 +37,30 @@ _CRASH_MARKER = os.environ.get("LAKE_TEST_CRASH_MARKER", "")
 WORKER_GC_THRESHOLD = 20_000
 
 
-def start_worker() -> None:
+def start_worker(crash_marker: str | None = None) -> None:
     """Set up a worker process of a local process pool before its first batch (the
     pool's ``initializer``): the collector's first threshold to
-    :data:`WORKER_GC_THRESHOLD`. Never called in the driver."""
+    :data:`WORKER_GC_THRESHOLD`; the driver's test hook (a worker forked from a server
+    started earlier has that server's environment, not the driver's). Never called in
+    the driver."""
+    global _CRASH_MARKER
     gc.set_threshold(WORKER_GC_THRESHOLD, *gc.get_threshold()[1:])
+    if crash_marker is not None:
+        _CRASH_MARKER = crash_marker
+
+
+def warm_up() -> None:
+    """Load what a worker's first batch would load: the batch path's compiled code (numba
+    starts its code generator: about 0.4 CPU-s) and pyarrow's pandas shim (it imports
+    pandas on its first conversion of Python values: 0.3 CPU-s). The workers of a local
+    pool are forked from a server process that did this once (``etl.runners``)."""
+    from etl import batchread, batchwalk
+
+    batchwalk.walk([b""], [0])
+    data = np.frombuffer(bytes(16), dtype=np.uint8)
+    at = np.zeros(1, dtype=np.int64)
+    batchread._distinct(data, at, at + 4, np.zeros(1, dtype=np.uint8))
+    pa.array([0])
 
 
 #: Columns describing the file itself and what happened to it.
@@ -77,7 +95,15 @@ def extract_batch(files: Sequence[FoundFile], config: IngestConfig, run_id: str,
     # file by file (never a file marked by the crash test hook: that one must crash)
     hooked = [i for i, f in enumerate(files) if crash_marked(f.path)]
     candidates = [f for i, f in enumerate(files) if i not in hooked] if hooked else files
-    read, table = read_batch(candidates, config, run_id, policy, BATCH_SCHEMA)
+    from etl.batchread import read_batch  # (numba: not imported by a driver that never
+    # reads a batch itself)
+
+    try:
+        read, table = read_batch(candidates, config, run_id, policy, BATCH_SCHEMA)
+    except (Exception, MemoryError) as exc:  # never a lost batch: every file file by file
+        log.warning("the batch path failed (%s); this batch is read file by file",
+                    type(exc).__name__)
+        read, table = [], BATCH_SCHEMA.empty_table()
     if hooked:
         keep = [i for i in range(len(files)) if i not in hooked]
         read = [keep[i] for i in read]

@@ -60,6 +60,10 @@ from etl.discover import walk
 from etl.extract import extract_batch
 src = sys.argv[1]
 found = sorted(walk(src), key=lambda f: f.path)
+# a worker's first batch loads its code (the batch path's compiled code: numba's code
+# generator reserves address space; pyarrow's pandas shim): the limit is what a file may
+# take beyond that
+extract_batch(found[1:], IngestConfig(), "warm-up")
 with open("/proc/self/statm") as fh:
     vm = int(fh.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
 resource.setrlimit(resource.RLIMIT_AS, (vm + (160 << 20), resource.RLIM_INFINITY))

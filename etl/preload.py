@@ -1,0 +1,12 @@
+"""What the fork server of a local process pool imports before it forks any worker.
+
+:class:`etl.runners.LocalRunner` forks its worker processes from a
+``multiprocessing`` fork server. The server imports this module once: the worker code
+with its libraries (pydicom, pyarrow, numba: about a second of CPU), and
+:func:`etl.extract.warm_up` loads the batch path's compiled code. Each worker forked
+from it starts with all of that done, instead of every worker doing it again.
+"""
+
+from etl.extract import warm_up
+
+warm_up()
