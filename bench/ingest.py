@@ -256,6 +256,18 @@ def _hwm_bytes(pid: int) -> int:
     return 0
 
 
+def _pss_bytes(pid: int) -> int:
+    """Pss (proportional set size) of a process, from /proc; 0 if unavailable."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 class TreeMemorySampler:
     """Samples the summed RSS of a process and all its descendants (psutil).
 
@@ -268,6 +280,10 @@ class TreeMemorySampler:
     machine had to hold at once, give or take the sampling interval).
     ``hwm_sum``: the sum over processes of each one's own peak (VmHWM, read
     while it was alive); an upper bound, since those peaks need not coincide.
+    ``peak_pss``: the largest summed proportional set size (``Pss`` of
+    /proc/<pid>/smaps_rollup: a page shared by n processes counts 1/n in each),
+    read at each re-listing: the memory the tree held, pages shared between
+    processes (worker processes forked from one server) counted once.
     """
 
     def __init__(self, pid: int, interval: float = SAMPLE_SECONDS):
@@ -278,6 +294,7 @@ class TreeMemorySampler:
         self.interval = interval
         self.peak_sum = 0
         self.peak_procs = 0
+        self.peak_pss = 0
         self.hwm: dict[tuple[int, float], int] = {}
         #: last CPU seconds (user + system) seen per process; the root's is the driver's
         self.cpu: dict[tuple[int, float], float] = {}
@@ -303,6 +320,7 @@ class TreeMemorySampler:
         except ps.Error:
             return
         keep = []
+        pss = 0
         for p in procs:
             try:
                 key = (p.pid, p.create_time())
@@ -310,11 +328,13 @@ class TreeMemorySampler:
             except ps.Error:
                 continue
             self.cpu[key] = t.user + t.system
+            pss += _pss_bytes(p.pid)
             hwm = _hwm_bytes(p.pid)
             if hwm > self.hwm.get(key, 0):
                 self.hwm[key] = hwm
             keep.append(p)
         self._procs = keep
+        self.peak_pss = max(self.peak_pss, pss)
 
     def _sample(self) -> None:
         """Sum the current RSS of the known processes (cheap: /proc/<pid>/statm)."""
@@ -374,7 +394,7 @@ def run_ingest_child(lake_dir: Path, archive: Path, scheduler: str, workers: int
         raise RuntimeError(f"ingest child failed with exit code {rc}: {' '.join(cmd)}")
     out = json.loads(result.read_text(encoding="utf-8"))
     out["exit_code"] = rc
-    out.update(wall_seconds=wall, peak_rss_sum=sampler.peak_sum,
+    out.update(wall_seconds=wall, peak_rss_sum=sampler.peak_sum, peak_pss_sum=sampler.peak_pss,
                peak_rss_procs=sampler.peak_procs, hwm_sum=sampler.hwm_sum,
                processes_seen=len(sampler.hwm), samples=sampler.samples,
                cpu_driver=sampler.cpu_driver, cpu_workers=sampler.cpu_others)
@@ -447,6 +467,7 @@ def bench_size(workdir: Path, n: int, args, log, kind: str = "ct") -> dict:
             "ratio_vs_floor": fps / floor_fps,
             "peak_mib": max(x["full"]["peak_rss_sum"] for x in runs) / MiB,
             "peak_mib_upper_bound": max(x["full"]["hwm_sum"] for x in runs) / MiB,
+            "peak_pss_mib": max(x["full"].get("peak_pss_sum", 0) for x in runs) / MiB,
             "processes": full["processes_seen"],
             "child_wall_seconds": full["wall_seconds"],
             "phases": full["phases"],
@@ -534,7 +555,8 @@ def render(report: dict) -> str:
         for res in size["ingest"].values():
             out.append(f"  {res['scheduler']} ({res['checksum']} checksums): "
                        f"{res['seconds']:.1f} s, peak {res['peak_mib']:,.0f} "
-                       f"MiB (upper bound {res['peak_mib_upper_bound']:,.0f} MiB, "
+                       f"MiB (proportional {res['peak_pss_mib']:,.0f} MiB, "
+                       f"upper bound {res['peak_mib_upper_bound']:,.0f} MiB, "
                        f"{res['processes']} processes); {_fmt_phases(res['phases'])}; "
                        f"CPU s driver {res['cpu_seconds_driver']:.0f} / workers "
                        f"{res['cpu_seconds_workers']:.0f}; "

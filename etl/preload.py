@@ -7,6 +7,12 @@ with its libraries (pydicom, pyarrow, numba: about a second of CPU), and
 from it starts with all of that done, instead of every worker doing it again.
 """
 
+import gc
+
 from etl.extract import warm_up
 
 warm_up()
+
+# what the server holds now is shared with every worker forked from it: kept out of the
+# collector's generations, so that collections in a worker do not copy those pages
+gc.freeze()
