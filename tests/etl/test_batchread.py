@@ -11,7 +11,9 @@ crafted files for each reason the element walk (:mod:`etl.batchwalk`) gives a fi
 the per-file path; over clean files with values at the edges (character sets, dates,
 numbers, identifiers, sequences, private attributes); and with the batch reader's memos
 warm, cold, shared by two keys one after the other and by two threads side by side.
-The tests marked ``xfail(strict=True)`` are differences found and not yet fixed.
+Each difference these tests found was fixed in the batch path; their tests stay, as
+regression tests (an issuer kept in research lakes; a DICOMDIR told only by its name and
+class; the bulk threshold, the character-set classes and the empty batch of the memos).
 """
 
 from __future__ import annotations
@@ -815,12 +817,6 @@ def test_edge_files_on_each_path(edge_files, policy_name, expected):
     assert names == sorted(common)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "etl.batchread._fast_rows tells a DICOMDIR by its name and media storage SOP class "
-    "only; the per-file path also skips any header with a DirectoryRecordSequence "
-    "(0004,1220). Now that explicit VR sequences are on the batch path, a file with that "
-    "sequence, the four required UIDs and another media class is ingested (ok) by the "
-    "batch path and skipped (dicomdir) by the per-file path"))
 def test_directory_record_sequence_without_dicomdir_name_or_class(tmp_path):
     ds = base(_Uids())
     item = Dataset()
@@ -845,11 +841,6 @@ def test_issuer_of_patient_id_identified(tmp_path):
     assert got.column("IssuerOfPatientID").to_pylist() == ["HOSPITAL A"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "etl.batchread._kind: IssuerOfPatientID is an allowed _KEEP tag with a plain VR, so "
-    "the batch path keeps it as it is (_SAME), but Policy._filter pops it from every "
-    "filtered header: research rows of the batch path hold the issuer in the "
-    "IssuerOfPatientID column and in dicom_json, the per-file path's do not"))
 @pytest.mark.parametrize("policy_name", ["research", "research-private"])
 def test_issuer_of_patient_id_research(tmp_path, policy_name):
     got = assert_same_rows(_issuer_file(tmp_path), make_policy(policy_name))
