@@ -95,10 +95,10 @@ def extract_batch(files: Sequence[FoundFile], config: IngestConfig, run_id: str,
     # file by file (never a file marked by the crash test hook: that one must crash)
     hooked = [i for i, f in enumerate(files) if crash_marked(f.path)]
     candidates = [f for i, f in enumerate(files) if i not in hooked] if hooked else files
-    from etl.batchread import read_batch  # (numba: not imported by a driver that never
-    # reads a batch itself)
-
     try:
+        # imported here: a driver that never reads a batch itself never loads numba
+        from etl.batchread import read_batch
+
         read, table = read_batch(candidates, config, run_id, policy, BATCH_SCHEMA)
     except (Exception, MemoryError) as exc:  # never a lost batch: every file file by file
         log.warning("the batch path failed (%s); this batch is read file by file",
