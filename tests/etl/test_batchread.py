@@ -1035,3 +1035,28 @@ def test_threads_with_two_keys_side_by_side(memo_files):
                             make_policy("research", key))
         diff = table_differences(table, ref)
         assert not diff, "\n".join(diff)
+
+
+def test_a_failing_batch_path_reads_the_batch_file_by_file(tmp_path, monkeypatch, caplog):
+    """Whatever goes wrong in the batch path (here: it raises), no file is lost: the batch
+    is read file by file, with a warning that names the error's type only."""
+    uid = _Uids()
+    paths = []
+    for i in range(3):
+        ds = base(uid)
+        ds.SOPInstanceUID = f"{ds.SOPInstanceUID}.{i + 1}"
+        paths.append(tmp_path / f"f{i}.dcm")
+        paths[-1].write_bytes(part10(ds))
+    files = found(paths)
+    reference = extract_batch(files, IngestConfig(checksum="header", columnar=False), "run")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in the batch path")
+
+    monkeypatch.setattr(batchread, "read_batch", broken)
+    with caplog.at_level("WARNING", logger="etl.extract"):
+        got = extract_batch(files, IngestConfig(checksum="header"), "run")
+    assert got.equals(reference)
+    assert got.column("status").to_pylist() == ["ok", "ok", "ok"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "the batch path failed (RuntimeError); this batch is read file by file"]
