@@ -268,6 +268,7 @@ def _walk(data, offsets, sizes, explicit, status, dataset, header_end, first,
                 ok = MORE if partial else STRUCTURE
                 break
             p = base + pos
+            stop = np.int64(-1)
             tag = np.int64((_u16(data, p) << np.uint32(16)) | _u16(data, p + 2))
             if tag <= last:
                 ok = ORDER
@@ -314,16 +315,6 @@ def _walk(data, offsets, sizes, explicit, status, dataset, header_end, first,
                         if stop < 0:
                             ok = SEQUENCE
                             break
-                        if e >= cap:
-                            return -1
-                        el_at[e] = base + pos
-                        el_start[e] = base + start
-                        el_stop[e] = base + stop
-                        el_tag[e] = tag
-                        el_vr[e] = vr
-                        e += 1
-                        pos = stop
-                        continue
                 else:
                     ok = VR
                     break
@@ -340,19 +331,20 @@ def _walk(data, offsets, sizes, explicit, status, dataset, header_end, first,
                     break
                 length = np.int64(_u32(data, p + 4))
                 start = pos + 8
-            if length == _UNDEFINED:
-                ok = SEQUENCE
-                break
-            if length > MAX_ELEMENT:
-                ok = STRUCTURE
-                break
-            stop = start + length
-            if stop > size:
-                ok = STRUCTURE
-                break
-            if stop > avail:
-                ok = MORE
-                break
+            if stop < 0:  # (an undefined-length sequence has its end already)
+                if length == _UNDEFINED:
+                    ok = SEQUENCE
+                    break
+                if length > MAX_ELEMENT:
+                    ok = STRUCTURE
+                    break
+                stop = start + length
+                if stop > size:
+                    ok = STRUCTURE
+                    break
+                if stop > avail:
+                    ok = MORE
+                    break
             if e >= cap:
                 return -1
             el_at[e] = base + pos
