@@ -244,28 +244,26 @@ def child_main(argv: list[str]) -> None:
                             encoding="utf-8")
 
 
-def _hwm_bytes(pid: int) -> int:
-    """VmHWM (peak resident set) of a process, from /proc; 0 if unavailable."""
+def _proc_bytes(pid: int, name: str, field: str) -> int:
+    """A ``field:`` line (in kB) of /proc/<pid>/<name>, in bytes; 0 if unavailable."""
     try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+        with open(f"/proc/{pid}/{name}", encoding="ascii") as fh:
             for line in fh:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError):
         pass
     return 0
+
+
+def _hwm_bytes(pid: int) -> int:
+    """VmHWM (peak resident set) of a process; 0 if unavailable."""
+    return _proc_bytes(pid, "status", "VmHWM:")
 
 
 def _pss_bytes(pid: int) -> int:
-    """Pss (proportional set size) of a process, from /proc; 0 if unavailable."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return 0
+    """Pss (proportional set size) of a process; 0 if unavailable."""
+    return _proc_bytes(pid, "smaps_rollup", "Pss:")
 
 
 class TreeMemorySampler:
