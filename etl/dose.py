@@ -59,8 +59,7 @@ FIELDS = ("event_index", "IrradiationEventUID", "acquisition_protocol", "target_
 
 def is_ct_dose_report(header: dict[str, Any]) -> bool:
     """True when the document title is X-Ray Radiation Dose Report and it has CT content."""
-    name = _code(header, CONCEPT_NAME)
-    if name is None or name[0] != XRAY_DOSE_REPORT:
+    if _concept(header) != XRAY_DOSE_REPORT:
         return False
     return any(_concept(item) == ACQUISITION or _concept(item) == ACCUMULATED
                for item in _children(header))
@@ -68,32 +67,65 @@ def is_ct_dose_report(header: dict[str, Any]) -> bool:
 
 def events(header: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per CT Acquisition of a TID 10011 report (keys: :data:`FIELDS`)."""
-    if not isinstance(header, dict) or not is_ct_dose_report(header):
+    if not isinstance(header, dict) or _concept(header) != XRAY_DOSE_REPORT:
+        return []
+    items = [(_concept(item), item) for item in _children(header)]
+    if not any(c in (ACQUISITION, ACCUMULATED) for c, _ in items):
         return []
     accumulated = None
-    for item in _children(header):
-        if _concept(item) == ACCUMULATED:
-            accumulated = _first_num(item, DLP_TOTAL)
+    for concept, item in items:
+        if concept == ACCUMULATED:  # the last one counts
+            accumulated = _measured(_index(item).get(DLP_TOTAL))
     rows: list[dict[str, Any]] = []
-    for item in _children(header):
-        if _concept(item) != ACQUISITION:
+    for concept, item in items:
+        if concept != ACQUISITION:
             continue
-        dose = next((c for c in _children(item) if _concept(c) == CT_DOSE), {})
-        phantom = _child_code(dose, PHANTOM)
-        region = _child_code(item, TARGET_REGION)
-        acq_type = _child_code(item, ACQUISITION_TYPE)
+        # each item's children by concept, looked up once (the first of a concept counts)
+        first = _index(item)
+        dose = _index(first.get(CT_DOSE, {}))
+        phantom = _coded(dose.get(PHANTOM))
+        region = _coded(first.get(TARGET_REGION))
+        acq_type = _coded(first.get(ACQUISITION_TYPE))
+        event_uid, protocol = first.get(EVENT_UID), first.get(PROTOCOL)
         rows.append({
             "event_index": len(rows) + 1,
-            "IrradiationEventUID": _child_value(item, EVENT_UID, UID_VALUE),
-            "acquisition_protocol": _child_value(item, PROTOCOL, TEXT_VALUE),
+            "IrradiationEventUID": None if event_uid is None
+            else _text(_values(event_uid, UID_VALUE)),
+            "acquisition_protocol": None if protocol is None
+            else _text(_values(protocol, TEXT_VALUE)),
             "target_region": region[2] if region else None,
             "acquisition_type": acq_type[2] if acq_type else None,
             "phantom_type": phantom[2] if phantom else None,
-            "CTDIvol": _first_num(dose, CTDIVOL),
-            "DLP": _first_num(dose, DLP),
+            "CTDIvol": _measured(dose.get(CTDIVOL)),
+            "DLP": _measured(dose.get(DLP)),
             "accumulated_DLP": accumulated,
         })
     return rows
+
+
+def _index(item: Any) -> dict[str, dict[str, Any]]:
+    """The children of ``item`` by concept: the first child of each concept."""
+    first: dict[str, dict[str, Any]] = {}
+    for child in _children(item):
+        concept = _concept(child)
+        if concept is not None and concept not in first:
+            first[concept] = child
+    return first
+
+
+def _coded(child: dict[str, Any] | None) -> tuple[str, str | None, str | None] | None:
+    """The coded value of a CODE content item (None: no item)."""
+    return None if child is None else _code(child, CONCEPT_CODE)
+
+
+def _measured(child: dict[str, Any] | None) -> float | None:
+    """The number of a NUM content item (None: no item, or no readable number)."""
+    if child is None:
+        return None
+    measured = _values(child, MEASURED_VALUE)
+    if not measured:
+        return None
+    return _number(_values(measured[0], NUMERIC_VALUE))
 
 
 # --- DICOM JSON helpers -------------------------------------------------------
@@ -126,32 +158,11 @@ def _code(item: Any, tag: str) -> tuple[str, str | None, str | None] | None:
 
 
 def _concept(item: Any) -> str | None:
-    code = _code(item, CONCEPT_NAME)
-    return code[0] if code else None
-
-
-def _child(item: Any, concept: str) -> dict[str, Any] | None:
-    return next((c for c in _children(item) if _concept(c) == concept), None)
-
-
-def _child_code(item: Any, concept: str) -> tuple[str, str | None, str | None] | None:
-    child = _child(item, concept)
-    return _code(child, CONCEPT_CODE) if child is not None else None
-
-
-def _child_value(item: Any, concept: str, tag: str) -> str | None:
-    child = _child(item, concept)
-    return _text(_values(child, tag)) if child is not None else None
-
-
-def _first_num(item: Any, concept: str) -> float | None:
-    child = _child(item, concept)
-    if child is None:
+    """The CodeValue of the item's concept name (what :func:`_code` gives first)."""
+    seq = _values(item, CONCEPT_NAME)
+    if not seq or not isinstance(seq[0], dict):
         return None
-    measured = _values(child, MEASURED_VALUE)
-    if not measured:
-        return None
-    return _number(_values(measured[0], NUMERIC_VALUE))
+    return _text(_values(seq[0], CODE_VALUE))
 
 
 def _text(values: list[Any]) -> str | None:

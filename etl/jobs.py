@@ -10,6 +10,8 @@ At the end the summary tables are rebuilt and the run is recorded.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import itertools
 import json
 import logging
@@ -45,6 +47,8 @@ OUTCOMES = ("ingested", "duplicate", "conflict", "skipped", "quarantined")
 PARTITION = list(TABLES["instances"].partition_by)
 #: Discovered files are checked against the file index this many at a time.
 INDEX_CHUNK = 20_000
+#: The collector's youngest-generation threshold during a run (Python's default: 700).
+GC_YOUNG = 50_000
 
 
 @dataclass
@@ -105,7 +109,7 @@ def ingest(lake: Lake, source: Path | str, config: IngestConfig | None = None,
     started = datetime.now(UTC)
     t0 = time.perf_counter()
     summary = RunSummary(run_id)
-    with lake.writer(run_id) as writer:
+    with lake.writer(run_id) as writer, _fewer_collections():
         job = _Job(lake, writer, config, summary, progress or (lambda *_: None), policy)
         job.count = progress is not None  # the total only a progress bar needs
         job.source_kind = source_kind
@@ -120,6 +124,19 @@ def ingest(lake: Lake, source: Path | str, config: IngestConfig | None = None,
         job.record_run(started, "completed", None)
         summary.snapshot = writer.publish(note=f"ingest {run_id}").number
     return summary
+
+
+@contextlib.contextmanager
+def _fewer_collections(young: int = GC_YOUNG) -> Iterator[None]:
+    """The cyclic garbage collector run less often while the driver works: a run keeps
+    an entry per pending instance and its files' columns alive, which each collection
+    walked again (0.3 CPU-s per 100,000 files). Cycles are still collected."""
+    before = gc.get_threshold()
+    gc.set_threshold(max(before[0], young), *before[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
 
 
 class _Job:

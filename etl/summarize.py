@@ -20,10 +20,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 
 import duckdb
+import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import DeltaTable
@@ -120,12 +122,14 @@ def build(lake: Lake, instances: DeltaTable) -> dict[str, pa.Table]:
         _instances_view(con, _register(con, lake, home, "instances", instances,
                                        "instances_ds"))
         out = {}
-        for name in SUMMARY_TABLES:
-            table = con.sql(sql(name)).to_arrow_table()
-            out[name] = table
-            if name == "studies":
-                con.register("studies", table)
-        out["dose_events"] = dose_events(con)
+        with ThreadPoolExecutor(1, thread_name_prefix="dose") as pool:
+            events = _dose_events_meanwhile(pool, con)
+            for name in SUMMARY_TABLES:
+                table = con.sql(sql(name)).to_arrow_table()
+                out[name] = table
+                if name == "studies":
+                    con.register("studies", table)
+            out["dose_events"] = events.result()
         return out
     finally:
         con.close()
@@ -189,7 +193,9 @@ def update(lake: Lake, before: DeltaTable, after: DeltaTable,
         if changed.column("SeriesInstanceUID").null_count \
                 or changed.column("StudyInstanceUID").null_count:
             return None
-        con.register("changed", changed)
+        # a table, not a registered view: the dose reports' cursor sees it too
+        con.register("changed_rows", changed)
+        con.execute("CREATE TABLE changed AS SELECT * FROM changed_rows")
         # the files of ``after`` holding a row of a changed series or study
         found = parquet_relation(con, after, TABLES["instances"], lake.profile, home,
                                  filename=True)
@@ -212,12 +218,14 @@ def update(lake: Lake, before: DeltaTable, after: DeltaTable,
         keys = {k: pc.unique(changed.column(k)) for k in
                 ("SeriesInstanceUID", "StudyInstanceUID")}
         out = {}
-        for name in ("series", "studies"):
-            rows = con.sql(sql(name)).to_arrow_table()
-            key = KEYS[name]
-            out[name] = Update(key, keys[key], rows.filter(pc.is_in(rows.column(key),
-                                                                   value_set=keys[key])))
-        events = dose_events(con)
+        with ThreadPoolExecutor(1, thread_name_prefix="dose") as pool:
+            pending = _dose_events_meanwhile(pool, con)
+            for name in ("series", "studies"):
+                rows = con.sql(sql(name)).to_arrow_table()
+                key = KEYS[name]
+                out[name] = Update(key, keys[key], rows.filter(
+                    pc.is_in(rows.column(key), value_set=keys[key])))
+            events = pending.result()
         out["dose_events"] = Update("StudyInstanceUID", keys["StudyInstanceUID"], events.filter(
             pc.is_in(events.column("StudyInstanceUID"), value_set=keys["StudyInstanceUID"])))
         # patients: from their studies, the old rows of the unchanged ones and the new rows
@@ -273,6 +281,39 @@ def _changed_keys(con: duckdb.DuckDBPyConnection, new: list[str], gone: list[str
     return con.sql(sql("summary_changes"), params={"moved": moved}).to_arrow_table()
 
 
+def _dose_events_meanwhile(pool: ThreadPoolExecutor,
+                           con: duckdb.DuckDBPyConnection) -> Future[pa.Table]:
+    """:func:`dose_events` in ``pool``, on a cursor of its own: the dose reports are parsed
+    in Python while DuckDB computes the other summaries (which release the GIL). A cursor
+    does not see what was registered on ``con`` (a pyarrow dataset ``instances_ds``, when
+    DuckDB cannot read the files itself): then they are parsed here, first."""
+    cursor = con.cursor()
+    try:
+        cursor.execute("SELECT 1 FROM instances_ds LIMIT 0")
+    except duckdb.CatalogException:
+        cursor.close()
+        done: Future[pa.Table] = Future()
+        done.set_result(dose_events(con))
+        return done
+
+    def parse() -> pa.Table:
+        try:
+            return dose_events(cursor)
+        finally:
+            cursor.close()
+
+    return pool.submit(parse)
+
+
+def _parse(text: str) -> object:
+    """A DICOM JSON text (orjson; the standard library for what orjson refuses, such as
+    an integer beyond 64 bits). Raises ValueError when neither parses it."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
+
+
 def dose_events(con: duckdb.DuckDBPyConnection) -> pa.Table:
     """The ``dose_events`` rows of the dose reports in ``instances_ds`` (registered on ``con``)."""
     reports = con.execute(sql("dose_reports"), {"classes": list(dose.DOSE_SR_CLASSES)})
@@ -280,7 +321,7 @@ def dose_events(con: duckdb.DuckDBPyConnection) -> pa.Table:
     while batch := reports.fetchmany(1000):
         for study, series, sop, patient, date, text in batch:
             try:
-                header = json.loads(text) if text else None
+                header = _parse(text) if text else None
             except ValueError:
                 log.warning("dose report %s: its DICOM JSON does not parse; skipped", sop)
                 continue

@@ -23,6 +23,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -60,6 +61,12 @@ CHECKSUMS_KEY = "lake.checksums"
 COMMIT_ID_KEY = "lake.commit_id"
 #: Rows per Parquet row group; large enough for scans, small enough for pruning.
 ROW_GROUP_ROWS = 64_000
+#: Partition files of one commit encoded and written at once (Parquet encoding, zstd,
+#: the checksum and the write release the GIL).
+STAGE_THREADS = 2
+#: Columns whose values are (nearly) all distinct: no dictionary encoding (Parquet would
+#: build a dictionary for each of their pages, then give it up).
+NO_DICTIONARY = frozenset({"dicom_json"})
 
 
 @dataclass(frozen=True)
@@ -509,10 +516,18 @@ class LakeWriter:
         meta = file_metadata(self.run_id, name, param_hash)
         # the commit log records each new file's SHA-256 (``lake verify`` checks them)
         checksums: dict[str, str] = {}
-        actions: list[AddAction | RemoveAction] = [
-            self._stage(root, spec, part, values, meta, checksums,
-                        data_change=not removes or any(r.data_change for r in removes))
-            for values, part in _partitions(table, spec)]
+        data_change = not removes or any(r.data_change for r in removes)
+        parts = list(_partitions(table, spec))
+
+        def stage(item: tuple[dict[str, str | None], pa.Table]) -> AddAction:
+            return self._stage(root, spec, item[1], item[0], meta, checksums, data_change)
+
+        actions: list[AddAction | RemoveAction]
+        if len(parts) > 1:
+            with ThreadPoolExecutor(STAGE_THREADS, thread_name_prefix="stage") as pool:
+                actions = list(pool.map(stage, parts))
+        else:
+            actions = [stage(item) for item in parts]
         actions += removes or []
         self._check_lock()
         expected = self.versions[name] + 1
@@ -552,7 +567,8 @@ class LakeWriter:
         body = part.drop_columns(list(spec.partition_by))
         body = body.replace_schema_metadata({**(body.schema.metadata or {}), **meta})
         sink = pa.BufferOutputStream()
-        pq.write_table(body, sink, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+        pq.write_table(body, sink, compression="zstd", row_group_size=ROW_GROUP_ROWS,
+                       use_dictionary=dictionary_columns(body.schema))
         data = sink.getvalue().to_pybytes()
         # written whole (a local temporary file renamed, or one object PUT)
         self.storage.write_bytes(f"{root}/{rel}", data, sync=False)
@@ -580,6 +596,30 @@ class LakeWriter:
             raise self._conflict from None
         self.base = snap
         return snap
+
+
+def dictionary_columns(schema: pa.Schema) -> list[str]:
+    """The Parquet column paths (leaves: ``a.list.element`` for a list ``a``) of ``schema``
+    to dictionary-encode: every column but those of :data:`NO_DICTIONARY`."""
+    out: list[str] = []
+
+    def leaves(path: str, typ: pa.DataType) -> None:
+        if pa.types.is_list(typ) or pa.types.is_large_list(typ) \
+                or pa.types.is_fixed_size_list(typ):
+            leaves(f"{path}.list.element", typ.value_type)
+        elif pa.types.is_struct(typ):
+            for child in typ:
+                leaves(f"{path}.{child.name}", child.type)
+        elif pa.types.is_map(typ):
+            leaves(f"{path}.key_value.key", typ.key_type)
+            leaves(f"{path}.key_value.value", typ.item_type)
+        else:
+            out.append(path)
+
+    for f in schema:
+        if f.name not in NO_DICTIONARY:
+            leaves(f.name, f.type)
+    return out
 
 
 def partition_codes(table: pa.Table, keys: list[str]) -> tuple[np.ndarray, list[list]]:

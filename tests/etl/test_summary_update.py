@@ -218,3 +218,30 @@ def test_instance_rows_removed_are_summarized_away(lake_copy):
     rebuilt = summarize.build(lake, lake.open_delta("instances"))
     for name, lake_rows in derived(lake_copy).items():
         assert lake_rows == rows(rebuilt[name], name, "identified"), name
+
+
+def test_dose_reports_parsed_beside_the_queries_or_first_through_a_dataset(
+        built_lake, monkeypatch):
+    """The dose reports are parsed on a thread of their own while DuckDB computes the
+    other summaries; when DuckDB reads ``instances`` through a registered pyarrow dataset
+    (which the dose thread's cursor cannot see), they are parsed first, on the caller's
+    thread. Both give the rows of the lake's own (ingest-built) dose_events."""
+    import threading
+
+    lake = Lake.open(built_lake[0])
+    threads: list[str] = []
+    parse = summarize.dose_events
+
+    def spy(con):
+        threads.append(threading.current_thread().name)
+        return parse(con)
+
+    monkeypatch.setattr(summarize, "dose_events", spy)
+    beside = summarize.build(lake, lake.open_delta("instances"))
+    monkeypatch.setattr(summarize, "parquet_relation", lambda *a, **k: None)
+    first = summarize.build(lake, lake.open_delta("instances"))
+    assert threads[0].startswith("dose") and threads[1] == threading.main_thread().name
+    expected = rows(lake.read("dose_events"), "dose_events", lake.profile)
+    assert len(expected) > 3
+    for built in (beside, first):
+        assert rows(built["dose_events"], "dose_events", lake.profile) == expected

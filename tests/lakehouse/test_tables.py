@@ -156,3 +156,51 @@ def test_replace_rewrites_only_the_files_holding_the_keys(tmp_path):
     assert len(files & now) == 1 and next(iter(files & now)).split("/")[-3] == "Modality=US"
     history = lake.delta("studies").history(1)[0]
     assert history["operationParameters"]["mode"] == "Append"
+
+
+def test_partition_files_are_written_by_threads_with_dictionaries_where_values_repeat(
+        tmp_path, monkeypatch):
+    """An append of many partitions writes one file per partition (staged by a pool of
+    threads), each with every column dictionary-encoded, lists included, but the DICOM
+    JSON (every header is distinct)."""
+    import threading
+
+    from lakehouse.tables import LakeWriter, dictionary_columns
+
+    threads: list[str] = []
+    stage = LakeWriter._stage
+
+    def spy(self, *args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return stage(self, *args, **kwargs)
+
+    monkeypatch.setattr(LakeWriter, "_stage", spy)
+
+    lake = Lake.create(tmp_path / "lake")
+    spec = TABLES["instances"]
+    n = 60
+    rows = [{"SOPInstanceUID": f"1.2.{i}", "StudyInstanceUID": "1.2", "SeriesInstanceUID":
+             "1.2.3", "Modality": ["CT", "MR", "US"][i % 3], "study_year": 2000 + i % 5,
+             "ImageType": ["ORIGINAL", "PRIMARY"], "dicom_json": f'{{"i": {i}}}'}
+            for i in range(n)]
+    data = conform(spec, pa.Table.from_pylist(rows), lake.profile)
+    with lake.writer("run") as w:
+        w.append("instances", data)
+        w.publish()
+        files = pa.table(w.current("instances").get_add_actions(flatten=True)).to_pylist()
+    assert len(files) == 15  # 3 modalities x 5 years
+    encodings = {}
+    for f in files:
+        meta = pq.read_metadata(table_path(tmp_path / "lake", "instances") / f["path"])
+        for c in range(meta.num_columns):
+            col = meta.row_group(0).column(c)
+            encodings.setdefault(col.path_in_schema, set()).update(col.encodings)
+    assert "RLE_DICTIONARY" not in encodings["dicom_json"]
+    assert "RLE_DICTIONARY" in encodings["ImageType.list.element"]
+    assert "RLE_DICTIONARY" in encodings["SOPInstanceUID"]
+    assert set(dictionary_columns(data.schema)) - set(spec.partition_by) == \
+        set(encodings) - {"dicom_json"}
+    assert threads and all(t.startswith("stage") for t in threads)
+    back = Lake.open(tmp_path / "lake").read("instances")
+    assert sorted(back.column("SOPInstanceUID").to_pylist()) == sorted(r["SOPInstanceUID"]
+                                                                       for r in rows)
