@@ -34,7 +34,7 @@ from etl import replay, seen, summarize
 from etl.config import IngestConfig
 from etl.discover import Found, FoundFile, WalkStats, tally, walk_columns
 from etl.errors import REASONS
-from etl.runners import check_scheduler, make_runner
+from etl.runners import check_scheduler, make_runner, prestart
 from lakehouse.deid import Policy
 from lakehouse.provenance import code_version, config_hash, new_run_id
 from lakehouse.schemas import SCHEMA_VERSION, TABLES
@@ -202,6 +202,8 @@ class _Job:
         t = time.perf_counter()
         index = seen.KeyIndex()
         index.add(*self._hasher.keys(self.w.dataset("files"), *seen.FILE_KEY))
+        if not len(index):  # the lake's first run: every file found will be read
+            prestart(self.config)
         self.timings["discover"] += time.perf_counter() - t
         while True:
             t = time.perf_counter()

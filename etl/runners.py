@@ -64,14 +64,8 @@ class LocalRunner:
         # once (``WORKER_PRELOAD``): each worker then starts in milliseconds instead of
         # importing and loading for 1.5 CPU-s. Where there is no fork server: spawn.
         marker = os.environ.get("LAKE_TEST_CRASH_MARKER", "")
-        ctx: multiprocessing.context.BaseContext
-        if "forkserver" in multiprocessing.get_all_start_methods():
-            ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload([WORKER_PRELOAD])
-        else:
-            ctx = multiprocessing.get_context("spawn")
-        return ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=start_worker,
-                                   initargs=(marker,))
+        return ProcessPoolExecutor(self.workers, mp_context=_worker_context(),
+                                   initializer=start_worker, initargs=(marker,))
 
     def _compute(self, batches: list[list[FoundFile]]) -> list[pa.Table]:
         # worker processes send their tables back as Arrow IPC streams (see extract_ipc)
@@ -115,6 +109,28 @@ class LocalRunner:
             # every wave has been collected: the workers exit (interpreter shutdown takes
             # them a while) while the driver goes on to commit and summarize
             self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """How the local pool starts its workers: forked from the fork server (which imports
+    ``WORKER_PRELOAD`` first), or spawned where there is none."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload([WORKER_PRELOAD])
+        return ctx
+    return multiprocessing.get_context("spawn")
+
+
+def prestart(config: IngestConfig) -> None:
+    """Start the local pool's fork server now, for a run that is sure to read files: it
+    imports the worker code (about a second of CPU) in the background while the driver
+    walks the source, instead of after the first batch is found. Returns at once."""
+    if config.scheduler == "processes" and \
+            "forkserver" in multiprocessing.get_all_start_methods():
+        from multiprocessing import forkserver
+
+        _worker_context()
+        forkserver.ensure_running()
 
 
 def extract_ipc(files: Sequence[FoundFile], config: IngestConfig, run_id: str,

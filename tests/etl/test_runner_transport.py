@@ -81,3 +81,29 @@ def test_worker_processes_collect_garbage_less_often_than_the_driver():
         runner.close()
     assert got == {(WORKER_GC_THRESHOLD, *driver[1:])}
     assert gc.get_threshold() == driver
+
+
+def test_prestart_starts_the_fork_server_for_the_process_pool_only():
+    """``prestart`` (a lake's first run, before its walk) starts the fork server that the
+    process pool's workers are forked from, with the worker code to preload; for the
+    thread and synchronous schedulers it starts nothing. In a fresh interpreter, where
+    no server runs yet."""
+    import subprocess
+    import sys
+
+    code = (
+        "import multiprocessing.forkserver as fs, os\n"
+        "from etl.config import IngestConfig\n"
+        "from etl.runners import prestart\n"
+        "prestart(IngestConfig(scheduler='threads'))\n"
+        "prestart(IngestConfig(scheduler='synchronous'))\n"
+        "print(fs._forkserver._forkserver_pid)\n"
+        "prestart(IngestConfig(scheduler='processes'))\n"
+        "pid = fs._forkserver._forkserver_pid\n"
+        "os.kill(pid, 0)\n"  # alive
+        "print(pid, fs._forkserver._preload_modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True).stdout.splitlines()
+    assert out[0] == "None"
+    pid, preload = out[1].split(" ", 1)
+    assert int(pid) > 0 and preload == "['etl.preload']"
