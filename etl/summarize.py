@@ -99,7 +99,7 @@ def _register(con: duckdb.DuckDBPyConnection, lake: Lake, home: str, table: str,
         rel, present = found
         rel.create_view(view)
         return present
-    dataset = dt.to_pyarrow_dataset()
+    dataset = lake.arrow_dataset(table, dt)
     con.register(view, dataset)
     return set(dataset.schema.names)
 

@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
 from deltalake.transaction import AddAction, CommitProperties, RemoveAction
@@ -309,6 +310,18 @@ class Lake:
             return None
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
+    def arrow_dataset(self, name: str, dt: DeltaTable) -> ds.Dataset:
+        """``dt`` (a version of table ``name``) as a pyarrow dataset. A local lake's files
+        are read through Arrow's own file system: deltalake's default, a Python file system
+        over its Rust object store, aborts the interpreter at exit in most runs once a
+        dataset of it was scanned (``terminate called without an active exception``;
+        delta-io/delta-rs#2184, apache/arrow#34314)."""
+        if self.local:
+            root = self.table_uri(name)  # a local path
+            return dt.to_pyarrow_dataset(
+                filesystem=pafs.SubTreeFileSystem(root, pafs.LocalFileSystem()))
+        return dt.to_pyarrow_dataset()
+
     def delta(self, name: str, snapshot: Snapshot | None = None) -> DeltaTable:
         snap = snapshot or self.snapshot()
         return self.open_delta(name, snap.versions[name])
@@ -331,7 +344,7 @@ class Lake:
             # a table added to the schemas after this snapshot was published: empty
             spec = TABLES[name]
             return ds.dataset(spec.storage_schema(self.profile).empty_table())
-        return self.delta(name, snap).to_pyarrow_dataset()
+        return self.arrow_dataset(name, self.delta(name, snap))
 
     def read(self, name: str, snapshot: Snapshot | None = None, columns: list[str] | None = None,
              filter: ds.Expression | None = None) -> pa.Table:
@@ -440,7 +453,7 @@ class LakeWriter:
         return self.lake.open_delta(name, self.versions[name])
 
     def dataset(self, name: str) -> ds.Dataset:
-        return self.current(name).to_pyarrow_dataset()
+        return self.lake.arrow_dataset(name, self.current(name))
 
     def append(self, name: str, data: pa.Table, param_hash: str = "") -> int:
         return self._write(name, data, "append", param_hash)
