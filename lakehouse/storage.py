@@ -95,6 +95,14 @@ class Storage:
         """A table or file location as deltalake and DuckDB take it."""
         raise NotImplementedError
 
+    def arrow_filesystem(self, rel: str) -> Any:
+        """A ``pyarrow.fs`` file system rooted at ``rel`` (a table's folder), native to
+        Arrow: deltalake's default for its datasets, a Python file system, aborts the
+        interpreter at exit in most runs once a dataset of it was scanned (``terminate
+        called without an active exception``; delta-io/delta-rs#2184, apache/arrow#34314:
+        an Arrow thread still calling into Python when the interpreter finalizes)."""
+        raise NotImplementedError
+
     def exists(self, rel: str) -> bool:
         raise NotImplementedError
 
@@ -185,6 +193,11 @@ class LocalStorage(Storage):
 
     def uri(self, rel: str = "") -> str:
         return str(self.path(rel))
+
+    def arrow_filesystem(self, rel: str) -> Any:
+        import pyarrow.fs as pafs
+
+        return pafs.SubTreeFileSystem(str(self.path(rel)), pafs.LocalFileSystem())
 
     def exists(self, rel: str) -> bool:
         return self.path(rel).exists()
@@ -444,6 +457,30 @@ class ObjectStorage(Storage):
 
     def duckdb_filesystem(self) -> Any:
         return _immutable_files(self.fs)
+
+    def arrow_filesystem(self, rel: str) -> Any:
+        """Arrow's own S3 client, with the options deltalake gets (unset ones from the
+        environment, as both read it)."""
+        import pyarrow.fs as pafs
+
+        opts = self.delta_options or {}
+        kw: dict[str, Any] = {}
+        endpoint = opts.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3") \
+            or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            scheme, _, rest = endpoint.partition("://")
+            kw.update(endpoint_override=rest.rstrip("/") if rest else scheme,
+                      scheme=scheme if rest else "https")
+        if opts.get("AWS_ACCESS_KEY_ID"):
+            kw.update(access_key=opts["AWS_ACCESS_KEY_ID"],
+                      secret_key=opts.get("AWS_SECRET_ACCESS_KEY"),
+                      session_token=opts.get("AWS_SESSION_TOKEN"))
+        region = opts.get("AWS_REGION") or os.environ.get("AWS_REGION") \
+            or os.environ.get("AWS_DEFAULT_REGION")
+        if region:
+            kw["region"] = region
+        return pafs.SubTreeFileSystem(posixpath.join(self.prefix, rel),
+                                      pafs.S3FileSystem(**kw))
 
 
 #: Bytes of data files a DuckDB connection keeps in memory (least recently used dropped).

@@ -33,7 +33,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
 from deltalake.transaction import AddAction, CommitProperties, RemoveAction
@@ -311,16 +310,10 @@ class Lake:
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
     def arrow_dataset(self, name: str, dt: DeltaTable) -> ds.Dataset:
-        """``dt`` (a version of table ``name``) as a pyarrow dataset. A local lake's files
-        are read through Arrow's own file system: deltalake's default, a Python file system
-        over its Rust object store, aborts the interpreter at exit in most runs once a
-        dataset of it was scanned (``terminate called without an active exception``;
-        delta-io/delta-rs#2184, apache/arrow#34314)."""
-        if self.local:
-            root = self.table_uri(name)  # a local path
-            return dt.to_pyarrow_dataset(
-                filesystem=pafs.SubTreeFileSystem(root, pafs.LocalFileSystem()))
-        return dt.to_pyarrow_dataset()
+        """``dt`` (a version of table ``name``) as a pyarrow dataset, its files read
+        through Arrow's own file system (:meth:`Storage.arrow_filesystem`)."""
+        fs = self.storage.arrow_filesystem(as_rel(layout.table_path(_REL, name)))
+        return dt.to_pyarrow_dataset(filesystem=fs)
 
     def delta(self, name: str, snapshot: Snapshot | None = None) -> DeltaTable:
         snap = snapshot or self.snapshot()

@@ -20,6 +20,7 @@ from etl import ingest
 from lake_cli import main
 from lakehouse import Lake, audit
 from lakehouse.errors import LakeBusyError
+from lakehouse.schemas import TABLES, conform
 from lakehouse.storage import LeaseHeldError, LockLostError, open_storage
 from lakehouse.tables import ConcurrentWriteError
 from lakehouse.vacuum import vacuum
@@ -380,3 +381,41 @@ def test_optimize_and_verify_on_s3(s3, capsys):
         ["r0", "r1", "r2"]
     assert main(["verify", "--lake", url]) == 0
     assert capsys.readouterr().out.splitlines() == ["snapshot 4: 1 data files checked", "ok"]
+
+
+def test_tables_are_read_by_arrow_s3_and_a_reading_process_exits_cleanly(s3, monkeypatch):
+    """An object-store lake's tables are read through Arrow's own S3 client (endpoint and
+    keys from the environment, or from storage options), with the rows deltalake's file
+    system gives; and a process that read one exits with 0 (deltalake's Python file
+    system aborted most such processes at exit)."""
+    import pyarrow.fs as pafs
+
+    lake = Lake.create("s3://lakes/arrow-fs", profile="identified")
+    rows = [{"SOPInstanceUID": f"1.2.{i}", "StudyInstanceUID": "1.2",
+             "SeriesInstanceUID": "1.2.3", "Modality": ["CT", "MR", None][i % 3],
+             "study_year": 2020, "dicom_json": "{}"} for i in range(30)]
+    with lake.writer("run") as w:
+        w.append("instances", conform(TABLES["instances"], pa.Table.from_pylist(rows),
+                                      lake.profile))
+        w.publish("rows")
+    lake = Lake.open("s3://lakes/arrow-fs")
+    dataset = lake.dataset("instances")
+    assert isinstance(dataset.filesystem, pafs.SubTreeFileSystem)
+    assert isinstance(dataset.filesystem.base_fs, pafs.S3FileSystem)
+    columns = ["SOPInstanceUID", "Modality"]
+    key = [("SOPInstanceUID", "ascending")]
+    theirs = lake.delta("instances").to_pyarrow_dataset().to_table(columns=columns)
+    assert dataset.to_table(columns=columns).sort_by(key).to_pylist() == \
+        theirs.sort_by(key).to_pylist()
+    code = ("import sys\nfrom lakehouse import Lake\n"
+            "print(Lake.open(sys.argv[1]).read('instances').num_rows)\n")
+    for _ in range(3):
+        run = subprocess.run([sys.executable, "-c", code, "s3://lakes/arrow-fs"],
+                             capture_output=True, text=True, timeout=120, cwd=REPO)
+        assert (run.returncode, run.stdout.strip()) == (0, "30"), run.stderr[-500:]
+    # the same lake by storage options alone, the environment's endpoint and keys gone
+    for name in s3.env:
+        monkeypatch.delenv(name)
+    by_options = Lake.open("s3://lakes/arrow-fs", storage_options=s3.options)
+    assert by_options.read("instances", columns=columns).sort_by(key).to_pylist() == \
+        theirs.sort_by(key).to_pylist()
