@@ -126,17 +126,36 @@ def ingest(lake: Lake, source: Path | str, config: IngestConfig | None = None,
     return summary
 
 
-@contextlib.contextmanager
-def _fewer_collections(young: int = GC_YOUNG) -> Iterator[None]:
-    """The cyclic garbage collector run less often while the driver works: a run keeps
-    an entry per pending instance and its files' columns alive, which each collection
-    walked again (0.3 CPU-s per 100,000 files). Cycles are still collected."""
-    before = gc.get_threshold()
-    gc.set_threshold(max(before[0], young), *before[1:])
-    try:
-        yield
-    finally:
-        gc.set_threshold(*before)
+class _FewerCollections:
+    """The cyclic garbage collector run less often while ingest runs (in any thread of
+    the process): a run keeps an entry per pending instance and its files' columns
+    alive, which each collection walked again (0.3 CPU-s per 100,000 files). Cycles are
+    still collected. The first run to start raises the youngest generation's threshold,
+    the last one to end puts back what was there."""
+
+    def __init__(self, young: int) -> None:
+        self.young = young
+        self._lock = threading.Lock()
+        self._runs = 0
+        self._before: tuple[int, ...] = ()
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if not self._runs:
+                self._before = gc.get_threshold()
+                gc.set_threshold(max(self._before[0], self.young), *self._before[1:])
+            self._runs += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._runs -= 1
+                if not self._runs:
+                    gc.set_threshold(*self._before)
+
+
+_fewer_collections = _FewerCollections(GC_YOUNG)
 
 
 class _Job:

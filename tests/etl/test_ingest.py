@@ -210,3 +210,25 @@ def test_unreadable_source_is_a_clear_error(tmp_path):
     lake = Lake.create(tmp_path / "lk", profile="identified")
     with pytest.raises(SourceError, match="cannot read source"):
         ingest(lake, tmp_path / "missing", fast_config())
+
+
+def test_runs_raise_the_collector_threshold_and_the_last_one_puts_it_back():
+    """Ingest runs (in any threads) raise the youngest generation's threshold while they
+    last; overlapping runs leave the process's own threshold when the last one ends."""
+    import gc
+
+    from etl.jobs import GC_YOUNG, _fewer_collections
+
+    before = gc.get_threshold()
+    gc.set_threshold(900, before[1], before[2])
+    try:
+        first, second = _fewer_collections(), _fewer_collections()
+        first.__enter__()
+        assert gc.get_threshold()[0] == GC_YOUNG
+        second.__enter__()
+        first.__exit__(None, None, None)  # the first run ends while the second goes on
+        assert gc.get_threshold()[0] == GC_YOUNG
+        second.__exit__(None, None, None)
+        assert gc.get_threshold() == (900, before[1], before[2])
+    finally:
+        gc.set_threshold(*before)
