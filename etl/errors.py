@@ -76,6 +76,20 @@ class SchedulerError(LakeError):
         )
 
 
+class WorkerStartError(LakeError):
+    """The local pool's worker processes died while starting, before any of them could
+    take a batch: usually a script that calls ``ingest()`` at its top level without
+    ``if __name__ == "__main__":`` (each worker imports the main module, which starts
+    the ingest again)."""
+
+    def __init__(self, main: str | None):
+        where = f" ({main})" if main else ""
+        super().__init__(
+            "the ingest worker processes died while starting, before reading any file. "
+            "Each worker imports the main module: a script that calls ingest() must do so "
+            f"under `if __name__ == \"__main__\":`{where}; or use scheduler=\"threads\"")
+
+
 #: Reason codes of ``feature_failures`` rows (image-derived features).
 FEATURE_REASONS: dict[str, str] = {
     "no_geometry": "the series has no usable ImagePositionPatient/ImageOrientationPatient/"

@@ -37,16 +37,23 @@ _CRASH_MARKER = os.environ.get("LAKE_TEST_CRASH_MARKER", "")
 WORKER_GC_THRESHOLD = 20_000
 
 
-def start_worker(crash_marker: str | None = None) -> None:
+def start_worker(crash_marker: str | None = None, started: str | None = None) -> None:
     """Set up a worker process of a local process pool before its first batch (the
     pool's ``initializer``): the collector's first threshold to
     :data:`WORKER_GC_THRESHOLD`; the driver's test hook (a worker forked from a server
-    started earlier has that server's environment, not the driver's). Never called in
-    the driver."""
+    started earlier has that server's environment, not the driver's); a line with its
+    pid appended to ``started``, the driver's sign that a worker got this far. Never
+    called in the driver."""
     global _CRASH_MARKER
     gc.set_threshold(WORKER_GC_THRESHOLD, *gc.get_threshold()[1:])
     if crash_marker is not None:
         _CRASH_MARKER = crash_marker
+    if started:
+        fd = os.open(started, os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, f"{os.getpid()}\n".encode())
+        finally:
+            os.close(fd)
 
 
 def warm_up() -> None:

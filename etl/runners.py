@@ -7,10 +7,13 @@ next wave while a wave is computing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
 import re
+import sys
+import tempfile
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -22,7 +25,7 @@ import pyarrow as pa
 
 from etl.config import IngestConfig
 from etl.discover import FoundFile
-from etl.errors import SchedulerError
+from etl.errors import SchedulerError, WorkerStartError
 from etl.extract import crashed_batch, extract_batch, start_worker
 from lakehouse.deid import Policy
 
@@ -53,6 +56,8 @@ class LocalRunner:
         self.workers = 1 if self.scheduler == "synchronous" else config.resolved_workers()
         self.description = self.scheduler
         self._pool: ProcessPoolExecutor | None = None
+        #: a file each worker appends its pid to once started (``start_worker``)
+        self._started: str | None = None
         if self.scheduler == "processes":
             self._pool = self._new_pool()
         self._driver = ThreadPoolExecutor(1, thread_name_prefix="lake-wave")
@@ -64,8 +69,11 @@ class LocalRunner:
         # once (``WORKER_PRELOAD``): each worker then starts in milliseconds instead of
         # importing and loading for 1.5 CPU-s. Where there is no fork server: spawn.
         marker = os.environ.get("LAKE_TEST_CRASH_MARKER", "")
+        if self._started is None:
+            fd, self._started = tempfile.mkstemp(prefix="lake-workers-", suffix=".pids")
+            os.close(fd)
         return ProcessPoolExecutor(self.workers, mp_context=_worker_context(),
-                                   initializer=start_worker, initargs=(marker,))
+                                   initializer=start_worker, initargs=(marker, self._started))
 
     def _compute(self, batches: list[list[FoundFile]]) -> list[pa.Table]:
         # worker processes send their tables back as Arrow IPC streams (see extract_ipc)
@@ -93,9 +101,14 @@ class LocalRunner:
         return list(results)
 
     def _reset(self) -> None:
-        """A worker died: the pool is broken; start a new one."""
+        """A worker died: the pool is broken; start a new one. When no worker ever got as
+        far as its initializer, they die while starting (a new pool would too, for ever):
+        :class:`WorkerStartError`."""
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+            if self._started is not None and not os.path.getsize(self._started):
+                main = getattr(sys.modules.get("__main__"), "__file__", None)
+                raise WorkerStartError(main)
             self._pool = self._new_pool()
 
     def submit(self, batches):
@@ -105,6 +118,9 @@ class LocalRunner:
 
     def close(self) -> None:
         self._driver.shutdown(wait=True)
+        if self._started is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._started)
         if self._pool is not None:
             # every wave has been collected: the workers exit (interpreter shutdown takes
             # them a while) while the driver goes on to commit and summarize

@@ -107,3 +107,39 @@ def test_prestart_starts_the_fork_server_for_the_process_pool_only():
     assert out[0] == "None"
     pid, preload = out[1].split(" ", 1)
     assert int(pid) > 0 and preload == "['etl.preload']"
+
+
+def test_a_script_without_a_main_guard_fails_at_once_with_what_to_do(archive, tmp_path):
+    """Each worker of the process pool imports the main module: a script that calls
+    ingest() at its top level starts it again in every worker, which dies while starting
+    (here: the lake is being written). The run stops at the first crash with an error
+    that says what to do, instead of retrying (each retry's workers die the same way)."""
+    import subprocess
+    import sys
+
+    from lakehouse import Lake
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, p in enumerate(sorted((archive[0] / "archive").rglob("*.dcm"))[:20]):
+        (src / f"{i:03d}.dcm").write_bytes(p.read_bytes())
+    Lake.create(tmp_path / "lake", profile="identified")
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from etl import IngestConfig, ingest\nfrom lakehouse import Lake\n"
+        f"ingest(Lake.open({str(tmp_path / 'lake')!r}), {str(src)!r}, "
+        "IngestConfig(scheduler='processes', workers=2))\nprint('finished')\n")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 1 and "finished" not in run.stdout
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("etl.errors.WorkerStartError: the ingest worker processes died")
+    assert 'under `if __name__ == "__main__":`' in last and str(script) in last
+    # the same script, guarded, ingests the files
+    script.write_text(script.read_text().replace("ingest(", "if __name__ == '__main__':\n"
+                                                            "    ingest(", 1)
+                      .replace("print(", "    print(", 1))
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=300)
+    assert (run.returncode, run.stdout.strip()) == (0, "finished"), run.stderr[-800:]
+    assert Lake.open(tmp_path / "lake").count("instances") == 20
