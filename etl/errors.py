@@ -83,11 +83,12 @@ class WorkerStartError(LakeError):
     the ingest again)."""
 
     def __init__(self, main: str | None):
-        where = f" ({main})" if main else ""
+        where = f", here {main}" if main else ""
         super().__init__(
-            "the ingest worker processes died while starting, before reading any file. "
-            "Each worker imports the main module: a script that calls ingest() must do so "
-            f"under `if __name__ == \"__main__\":`{where}; or use scheduler=\"threads\"")
+            "the ingest worker processes died while starting, before reading any file "
+            "(their error is above). A script that calls ingest() must do so under "
+            f"`if __name__ == \"__main__\":` (each worker imports the main module{where}), "
+            "or use scheduler=\"threads\"")
 
 
 #: Reason codes of ``feature_failures`` rows (image-derived features).
