@@ -176,7 +176,8 @@ def cmd_ingest(args) -> int:
     lake = Lake.open(_lake_dir(args))
     scheduler = args.scheduler or ("local-cluster" if args.workers else "processes")
     config = IngestConfig(workers=args.workers, scheduler=scheduler,
-                          batch_files=args.batch_files, scheduler_timeout=args.scheduler_timeout)
+                          batch_files=args.batch_files, scheduler_timeout=args.scheduler_timeout,
+                          reuse_listings=not args.relist)
     show = args.progress and sys.stderr.isatty()
     bar = None
     bar_stage = ""
@@ -992,6 +993,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "before giving up (default 10)")
     sp.add_argument("--batch-files", type=_positive, default=512,  # IngestConfig.batch_files
                     help="files per Dask task (default %(default)s)")
+    sp.add_argument("--relist", action="store_true", help="list every folder of the source "
+                    "again (by default a folder whose mtime and ctime are unchanged since the "
+                    "last run keeps that run's listing; every file is checked either way)")
     sp.add_argument("--no-progress", dest="progress", action="store_false",
                     help="no progress bar (also off when stderr is not a terminal)")
     sp.add_argument("--json", action="store_true", help="print the run summary as JSON")

@@ -48,6 +48,11 @@ class IngestConfig:
     #: cannot take file by file; False reads every file file by file (the reference
     #: the batch path is tested against). The rows are the same.
     columnar: bool = True
+    #: Take the names of a source folder unchanged since the last run (same device, inode,
+    #: mtime and ctime) from that run's walk instead of listing it again
+    #: (:mod:`etl.listings`); every file is still ``stat``-ed. False lists every folder
+    #: (and keeps those listings for the next run).
+    reuse_listings: bool = True
 
     def resolved_workers(self) -> int:
         return self.workers or os.cpu_count() or 1

@@ -15,8 +15,12 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from etl.errors import SourceError
+
+if TYPE_CHECKING:
+    from etl.listings import Listings
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +77,7 @@ def walk(source: Path | str, stats: WalkStats | None = None) -> Iterator[FoundFi
 
 
 def walk_columns(source: Path | str, stats: WalkStats | None = None,
-                 chunk: int = 20_000) -> Iterator[Found]:
+                 chunk: int = 20_000, listings: Listings | None = None) -> Iterator[Found]:
     """The files of :func:`walk`, in the same order, in chunks of ``chunk`` files (the last
     one smaller; never empty), found as the chunks are taken.
 
@@ -81,7 +85,11 @@ def walk_columns(source: Path | str, stats: WalkStats | None = None,
     an entry's ``stat`` also gives a folder's device and inode (the loop check), and the
     walk keeps its place in each open folder on a stack of its own rather than in a
     generator per folder level (a file found eight levels down went through eight
-    generators)."""
+    generators).
+
+    ``listings``: the folder listings of the last walk of this source; a folder unchanged
+    since is not listed again (:mod:`etl.listings`), and this walk's listings are saved
+    there when the walk ends (not when it is abandoned)."""
     root = Path(source)
     stats = stats if stats is not None else WalkStats()
     try:
@@ -95,6 +103,19 @@ def walk_columns(source: Path | str, stats: WalkStats | None = None,
         raise SourceError(str(root), "not a folder or a regular file")
     if not os.access(root, os.R_OK | os.X_OK):
         raise SourceError(str(root), "permission denied")
+    top = str(root.absolute())
+    if listings is None:
+        yield from _walk(top, st, stats, chunk, None)
+        return
+    try:
+        yield from _walk(top, st, stats, chunk, listings)
+        listings.save()
+    finally:
+        listings.discard()  # nothing left to drop once saved
+
+
+def _walk(top: str, st: os.stat_result, stats: WalkStats, chunk: int,
+          listings: Listings | None) -> Iterator[Found]:
     seen: set[tuple[int, int]] = set()
     paths: list[str] = []
     sizes: list[int] = []
@@ -110,6 +131,11 @@ def walk_columns(source: Path | str, stats: WalkStats | None = None,
             return None
         seen.add(key)
         stats.folders += 1
+        if listings is not None:
+            names = listings.get(folder, st)
+            if names is not None:
+                return names
+            listed_at = listings.now_ns()
         try:
             names = os.listdir(folder)
         except OSError as exc:
@@ -123,9 +149,10 @@ def walk_columns(source: Path | str, stats: WalkStats | None = None,
             mtimes.append(0)
             return None
         names.sort()
+        if listings is not None:
+            listings.put(folder, st, listed_at, names)
         return names
 
-    top = str(root.absolute())
     names = listing(top, st)
     # each open folder: [its path with a trailing separator, its sorted names, next index]
     stack: list[list] = [] if names is None else [[os.path.join(top, ""), names, 0]]

@@ -34,6 +34,7 @@ from etl import replay, seen, summarize
 from etl.config import IngestConfig
 from etl.discover import Found, FoundFile, WalkStats, tally, walk_columns
 from etl.errors import REASONS
+from etl.listings import Listings, listings_path
 from etl.runners import check_scheduler, make_runner, prestart
 from lakehouse.deid import Policy
 from lakehouse.provenance import code_version, config_hash, new_run_id
@@ -199,14 +200,21 @@ class _Job:
 
     def _run(self, source: Path) -> None:
         stats = WalkStats()
+        listings = None
+        if self.source_kind == "folder" and source.is_dir():
+            listings = Listings(listings_path(self.lake.work_dir(), str(source.absolute())),
+                                reuse=self.config.reuse_listings)
         # a generator: files are found as extraction goes, INDEX_CHUNK at a time
-        found = walk_columns(source, stats, INDEX_CHUNK)
+        found = walk_columns(source, stats, INDEX_CHUNK, listings)
         t = time.perf_counter()
         todo = self._changed(found, stats)
         self._extract(source, todo)
         self.timings["extract"] = time.perf_counter() - t
         log.info("%d files found, %d unchanged, %d read", self.summary.files_seen,
                  self.summary.files_unchanged, self.summary.files_read)
+        if listings is not None:
+            log.info("%d folders listed, %d unchanged since the last run", listings.listed,
+                     listings.reused)
 
         t = time.perf_counter()
         self._summarize_if_stale()

@@ -407,6 +407,11 @@ class LakeWriter:
 
     def _recover(self) -> None:
         for name, version in self.versions.items():
+            # Delta versions have no gaps: without a commit after the published one there
+            # is nothing to undo (a file check, not a load of the table's state)
+            log_dir = f"{as_rel(layout.table_path(_REL, name))}/_delta_log"
+            if not self.storage.exists(f"{log_dir}/{version + 1:020d}.json"):
+                continue
             dt = self.lake.open_delta(name)
             if dt.version() > version:
                 log.warning("rolling %s back from unpublished version %d to %d",

@@ -107,9 +107,11 @@ def test_init_ingest_status(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(summarize, "UPDATE_SHARE", 1.0)
     monkeypatch.setattr(summarize, "READ_SHARE", 1.0)
     shutil.copy(get_testdata_file("MR_small.dcm"), src / "b.dcm")
+    (kept,) = (lake / "vault" / "walk").iterdir()  # the folder listings (etl.listings)
+    before = kept.stat().st_mtime_ns
     code, out, _ = run(capsys, "ingest", str(src), "--lake", str(lake), "--scheduler",
-                       "synchronous", "--no-progress")
-    assert code == 0
+                       "synchronous", "--no-progress", "--relist")
+    assert code == 0 and kept.stat().st_mtime_ns > before  # listed again, and kept
     assert "  summaries updated: rows written to series 1, studies 1, patients 1, " \
         "dose_events 0" in out.splitlines()
     code, out, _ = run(capsys, "status", "--lake", str(lake), "--json")
