@@ -110,7 +110,7 @@ def ingest(lake: Lake, source: Path | str, config: IngestConfig | None = None,
     started = datetime.now(UTC)
     t0 = time.perf_counter()
     summary = RunSummary(run_id)
-    with lake.writer(run_id) as writer, _fewer_collections():
+    with lake.writer(run_id) as writer, _run_settings():
         job = _Job(lake, writer, config, summary, progress or (lambda *_: None), policy)
         job.count = progress is not None  # the total only a progress bar needs
         job.source_kind = source_kind
@@ -127,25 +127,34 @@ def ingest(lake: Lake, source: Path | str, config: IngestConfig | None = None,
     return summary
 
 
-class _FewerCollections:
-    """The cyclic garbage collector run less often while ingest runs (in any thread of
-    the process): a run keeps an entry per pending instance and its files' columns
-    alive, which each collection walked again (0.3 CPU-s per 100,000 files). Cycles are
-    still collected. The first run to start raises the youngest generation's threshold,
-    the last one to end puts back what was there."""
+class _RunSettings:
+    """Process settings for as long as ingest runs (in any thread of the process); the
+    first run to start sets them, the last one to end puts back what was there.
+
+    - The cyclic garbage collector runs less often: a run keeps an entry per pending
+      instance and its files' columns alive, which each collection walked again (0.3
+      CPU-s per 100,000 files). Cycles are still collected.
+    - Arrow allocates from the C library's allocator instead of its default (mimalloc),
+      which hands freed pages back to the system and faults them in again: the driver's
+      kernel time per 100,000 files 2.3-2.5 s against 1.6-1.8 s, at the same peak memory
+      (``bench/README.md``). Buffers keep the pool they came from, so buffers allocated
+      before or after a run are unaffected."""
 
     def __init__(self, young: int) -> None:
         self.young = young
         self._lock = threading.Lock()
         self._runs = 0
-        self._before: tuple[int, ...] = ()
+        self._gc: tuple[int, ...] = ()
+        self._pool: pa.MemoryPool | None = None
 
     @contextlib.contextmanager
     def __call__(self) -> Iterator[None]:
         with self._lock:
             if not self._runs:
-                self._before = gc.get_threshold()
-                gc.set_threshold(max(self._before[0], self.young), *self._before[1:])
+                self._gc = gc.get_threshold()
+                gc.set_threshold(max(self._gc[0], self.young), *self._gc[1:])
+                self._pool = pa.default_memory_pool()
+                pa.set_memory_pool(pa.system_memory_pool())
             self._runs += 1
         try:
             yield
@@ -153,10 +162,12 @@ class _FewerCollections:
             with self._lock:
                 self._runs -= 1
                 if not self._runs:
-                    gc.set_threshold(*self._before)
+                    gc.set_threshold(*self._gc)
+                    assert self._pool is not None
+                    pa.set_memory_pool(self._pool)
 
 
-_fewer_collections = _FewerCollections(GC_YOUNG)
+_run_settings = _RunSettings(GC_YOUNG)
 
 
 class _Job:

@@ -212,23 +212,29 @@ def test_unreadable_source_is_a_clear_error(tmp_path):
         ingest(lake, tmp_path / "missing", fast_config())
 
 
-def test_runs_raise_the_collector_threshold_and_the_last_one_puts_it_back():
-    """Ingest runs (in any threads) raise the youngest generation's threshold while they
-    last; overlapping runs leave the process's own threshold when the last one ends."""
+def test_runs_set_process_settings_and_the_last_one_puts_them_back():
+    """Ingest runs (in any threads) raise the youngest generation's threshold and allocate
+    Arrow memory from the system allocator while they last; overlapping runs leave the
+    process's own settings when the last one ends."""
     import gc
 
-    from etl.jobs import GC_YOUNG, _fewer_collections
+    from etl.jobs import GC_YOUNG, _run_settings
 
     before = gc.get_threshold()
+    pool = pa.default_memory_pool()
     gc.set_threshold(900, before[1], before[2])
     try:
-        first, second = _fewer_collections(), _fewer_collections()
+        first, second = _run_settings(), _run_settings()
         first.__enter__()
         assert gc.get_threshold()[0] == GC_YOUNG
+        assert pa.default_memory_pool().backend_name == "system"
         second.__enter__()
         first.__exit__(None, None, None)  # the first run ends while the second goes on
         assert gc.get_threshold()[0] == GC_YOUNG
+        assert pa.default_memory_pool().backend_name == "system"
         second.__exit__(None, None, None)
         assert gc.get_threshold() == (900, before[1], before[2])
+        assert pa.default_memory_pool().backend_name == pool.backend_name
     finally:
         gc.set_threshold(*before)
+        pa.set_memory_pool(pool)
