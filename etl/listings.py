@@ -201,6 +201,9 @@ class Listings:
         self._writer = None
         os.replace(self._tmp, self.path)
         self._tmp = None
+        # what a walk killed while writing left (one writer per lake: none is running)
+        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
 
     def discard(self) -> None:
         """Drop what this walk wrote (a walk that did not end: its listings are partial)."""

@@ -118,6 +118,10 @@ def test_an_abandoned_walk_keeps_nothing(tmp_path, settled):
     found.close()
     assert not cache.exists()
     assert os.listdir(tmp_path) == ["src"]  # no temporary file left either
+    # a walk killed while writing leaves its temporary file: the next one removes it
+    (tmp_path / ".walk.arrow.99999.tmp").write_bytes(b"partial")
+    walk_twice(src, cache)
+    assert sorted(os.listdir(tmp_path)) == ["src", "walk.arrow"]
 
 
 def test_names_arrow_cannot_hold_are_walked_and_not_kept(tmp_path, settled, caplog):
