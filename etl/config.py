@@ -18,10 +18,13 @@ class IngestConfig:
     batch_bytes: int = 128 * 1024 * 1024
     #: Batches in flight per worker; a wave is ``workers * batches_per_worker``.
     batches_per_worker: int = 8
-    #: Buffered instance rows before they are committed to the lake.
-    flush_rows: int = 20_000
+    #: Buffered instance rows before they are committed to the lake. A commit writes a
+    #: file per (Modality, year) partition it holds: fewer, larger commits leave fewer
+    #: files for every later scan (at 100,012 small files: 154 files instead of 257 at
+    #: 20,000, the driver 1-1.3 CPU-s less, its peak memory 150 MB more).
+    flush_rows: int = 40_000
     #: Buffered DICOM JSON bytes before a commit (bounds the driver's memory).
-    flush_bytes: int = 96 * 1024 * 1024
+    flush_bytes: int = 192 * 1024 * 1024
     #: At a commit that is not the run's last, the rows of the smallest (Modality, year)
     #: partitions, up to this share of ``flush_rows`` and of ``flush_bytes``, are held
     #: back for the next commit (with their files' vault rows): rows of a partition
