@@ -14,7 +14,8 @@ A listing is reused only when it was taken more than :data:`SETTLE_NS` after the
 folder's last change (its ctime): the clock file systems stamp changes with ticks
 coarsely, so a change made in the same tick as an earlier one, but after the listing,
 would leave the folder's times as recorded (git's "racy" index entries). ctime cannot
-be set back by a program (``touch``, ``rsync -t``) the way mtime can.
+be set back by a program (``touch``, ``rsync -t``) the way mtime can. A folder whose
+times are zero (a file system that does not keep them) is always listed.
 
 The listings of one source, for one lake, are one Arrow IPC file in the lake's
 working folder (:meth:`lakehouse.tables.Lake.work_dir`, owner-only: the names are the
@@ -107,8 +108,9 @@ class Listings:
                     batch.column(0).to_pylist(), keys, batch.column(5).to_pylist(),
                     strict=True)):
                 # a listing taken too soon after its folder's last change is not reused
-                # (the folder's times, compared with these, are then the same too)
-                if listed_at - max(key[2], key[3]) > SETTLE_NS:
+                # (the folder's times, compared with these, are then the same too), nor
+                # one of a file system that does not keep folder times (zero)
+                if listed_at - max(key[2], key[3]) > SETTLE_NS and min(key[2], key[3]) > 0:
                     self._index[folder] = (b, row, key)
 
     # -- during the walk -------------------------------------------------------

@@ -156,6 +156,28 @@ def test_a_damaged_or_foreign_file_is_ignored_and_replaced(tmp_path, settled, ca
     assert Listings(cache).get(str(src), os.stat(src)) is None
 
 
+def test_folders_without_times_are_always_listed(tmp_path, settled, monkeypatch):
+    """A file system that reports no folder times (zero) never has its listings reused:
+    its folders would look unchanged for ever."""
+    src, cache = tmp_path / "src", tmp_path / "walk.arrow"
+    src.mkdir()
+    make_tree(src)
+    real_stat = os.stat
+
+    def timeless(path, *args, **kwargs):
+        st = real_stat(path, *args, **kwargs)
+        if not stat.S_ISDIR(st.st_mode):
+            return st
+        fields = list(st)
+        fields[7:10] = [0, 0, 0]  # atime, mtime, ctime (seconds)
+        return os.stat_result(fields, {"st_atime_ns": 0, "st_mtime_ns": 0, "st_ctime_ns": 0})
+
+    monkeypatch.setattr(os, "stat", timeless)
+    walk_twice(src, cache)
+    again, _ = walk_twice(src, cache)
+    assert (again.listed, again.reused) == (6, 0)
+
+
 def test_listings_path_is_per_source(tmp_path):
     a = listings_path(tmp_path, "/archive/a")
     assert a == listings_path(tmp_path, "/archive/a")
