@@ -134,11 +134,11 @@ class _RunSettings:
     - The cyclic garbage collector runs less often: a run keeps an entry per pending
       instance and its files' columns alive, which each collection walked again (0.3
       CPU-s per 100,000 files). Cycles are still collected.
-    - Arrow allocates from the C library's allocator instead of its default (mimalloc),
-      which hands freed pages back to the system and faults them in again: the driver's
-      kernel time per 100,000 files 2.3-2.5 s against 1.6-1.8 s, at the same peak memory
-      (``bench/README.md``). Buffers keep the pool they came from, so buffers allocated
-      before or after a run are unaffected."""
+    - Arrow allocates from the C library's allocator instead of its default (mimalloc):
+      the driver's kernel time per 100,000 files was 2.3-2.5 s with mimalloc and 1.6-1.8 s
+      with it, at the same peak memory (measured in-process, ``bench/README.md``).
+      Buffers keep the pool they came from, so buffers allocated before or after a run
+      are unaffected."""
 
     def __init__(self, young: int) -> None:
         self.young = young
