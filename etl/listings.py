@@ -100,18 +100,24 @@ class Listings:
         if reader.schema.metadata != SCHEMA.metadata or not reader.schema.equals(SCHEMA):
             log.info("ignoring the folder listings in %s: an older format", self.path)
             return
-        for b in range(reader.num_record_batches):
-            batch = reader.get_batch(b)
-            self._batches.append(batch)
-            keys = zip(*(batch.column(c).to_pylist() for c in range(1, 5)), strict=True)
-            for row, (folder, key, listed_at) in enumerate(zip(
-                    batch.column(0).to_pylist(), keys, batch.column(5).to_pylist(),
-                    strict=True)):
-                # a listing taken too soon after its folder's last change is not reused
-                # (the folder's times, compared with these, are then the same too), nor
-                # one of a file system that does not keep folder times (zero)
-                if listed_at - max(key[2], key[3]) > SETTLE_NS and min(key[2], key[3]) > 0:
-                    self._index[folder] = (b, row, key)
+        try:
+            for b in range(reader.num_record_batches):
+                batch = reader.get_batch(b)
+                batch.validate(full=True)
+                self._batches.append(batch)
+                keys = zip(*(batch.column(c).to_pylist() for c in range(1, 5)), strict=True)
+                for row, (folder, key, listed_at) in enumerate(zip(
+                        batch.column(0).to_pylist(), keys, batch.column(5).to_pylist(),
+                        strict=True)):
+                    # a listing taken too soon after its folder's last change is not
+                    # reused (the folder's times, compared with these, are then the same
+                    # too), nor one of a file system that keeps no folder times (zero)
+                    if listed_at - max(key[2], key[3]) > SETTLE_NS \
+                            and min(key[2], key[3]) > 0:
+                        self._index[folder] = (b, row, key)
+        except (OSError, pa.ArrowException, ValueError) as exc:  # damaged past its footer
+            log.warning("ignoring the folder listings kept in %s: %s", self.path, exc)
+            self._batches, self._index = [], {}
 
     # -- during the walk -------------------------------------------------------
     def get(self, folder: str, st: os.stat_result) -> list[str] | None:

@@ -149,6 +149,15 @@ def test_a_damaged_or_foreign_file_is_ignored_and_replaced(tmp_path, settled, ca
     assert listings.listed == 6 and "ignoring" in caplog.text
     again, _ = walk_twice(src, cache)
     assert again.reused == 6
+    # damaged inside, its footer intact: ignored too
+    data = bytearray(cache.read_bytes())
+    middle = len(data) // 2  # the batches (the start repeats the footer's schema)
+    data[middle - 100:middle + 100] = b"\xff" * 200
+    cache.write_bytes(bytes(data))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="etl.listings"):
+        damaged, _ = walk_twice(src, cache)
+    assert damaged.listed == 6 and "ignoring" in caplog.text
     # a file of another format (an older version of the code) is ignored too
     table = pa.ipc.open_file(str(cache)).read_all()
     with pa.ipc.new_file(str(cache), table.schema.with_metadata({"format": "0"})) as w:
