@@ -28,6 +28,14 @@ def make_tree(root):
     os.symlink(root / "nowhere", root / "broken")
 
 
+def made_tree(tmp_path):
+    """(the source folder, made by :func:`make_tree`; where its listings are kept)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    make_tree(src)
+    return src, tmp_path / "walk.arrow"
+
+
 def rows(found):
     return [(p, s, m, f.errors.get(i)) for f in found
             for i, (p, s, m) in enumerate(zip(f.paths, f.sizes, f.mtimes, strict=True))]
@@ -62,9 +70,7 @@ def test_an_unchanged_tree_is_not_listed_again(tmp_path, settled):
 
 
 def test_only_changed_folders_are_listed_again(tmp_path, settled):
-    src, cache = tmp_path / "src", tmp_path / "walk.arrow"
-    src.mkdir()
-    make_tree(src)
+    src, cache = made_tree(tmp_path)
     walk_twice(src, cache)
     (src / "p1" / "s1" / "new.dcm").write_bytes(b"y")     # added: s1 changes
     (src / "p2" / "s3" / "d.dcm").unlink()                  # removed: s3 changes
@@ -81,9 +87,7 @@ def test_only_changed_folders_are_listed_again(tmp_path, settled):
 
 
 def test_a_folder_replaced_or_removed(tmp_path, settled):
-    src, cache = tmp_path / "src", tmp_path / "walk.arrow"
-    src.mkdir()
-    make_tree(src)
+    src, cache = made_tree(tmp_path)
     walk_twice(src, cache)
     # same path, same names, another folder (new inode and ctime): listed again
     os.rename(src / "p1" / "s2", tmp_path / "old-s2")
@@ -101,18 +105,14 @@ def test_a_folder_replaced_or_removed(tmp_path, settled):
 def test_a_listing_taken_soon_after_a_change_is_not_reused(tmp_path):
     """The default settle time: folders changed just now are listed again (a change in the
     same clock tick as the recorded one would not show in their times)."""
-    src, cache = tmp_path / "src", tmp_path / "walk.arrow"
-    src.mkdir()
-    make_tree(src)
+    src, cache = made_tree(tmp_path)
     walk_twice(src, cache)
     listings, _ = walk_twice(src, cache)
     assert (listings.listed, listings.reused) == (6, 0)
 
 
 def test_an_abandoned_walk_keeps_nothing(tmp_path, settled):
-    src, cache = tmp_path / "src", tmp_path / "walk.arrow"
-    src.mkdir()
-    make_tree(src)
+    src, cache = made_tree(tmp_path)
     found = walk_columns(src, WalkStats(), 1, Listings(cache))
     next(found)
     found.close()
@@ -125,9 +125,7 @@ def test_an_abandoned_walk_keeps_nothing(tmp_path, settled):
 
 
 def test_names_arrow_cannot_hold_are_walked_and_not_kept(tmp_path, settled, caplog):
-    src, cache = tmp_path / "src", tmp_path / "walk.arrow"
-    src.mkdir()
-    make_tree(src)
+    src, cache = made_tree(tmp_path)
     odd = os.path.join(os.fsencode(src), b"p1", b"caf\xe9.dcm")  # Latin-1, not UTF-8
     with open(odd, "wb") as fh:
         fh.write(b"z")
@@ -140,9 +138,7 @@ def test_names_arrow_cannot_hold_are_walked_and_not_kept(tmp_path, settled, capl
 
 
 def test_a_damaged_or_foreign_file_is_ignored_and_replaced(tmp_path, settled, caplog):
-    src, cache = tmp_path / "src", tmp_path / "walk.arrow"
-    src.mkdir()
-    make_tree(src)
+    src, cache = made_tree(tmp_path)
     cache.write_bytes(b"not an arrow file")
     with caplog.at_level(logging.WARNING, logger="etl.listings"):
         listings, _ = walk_twice(src, cache)
@@ -168,9 +164,7 @@ def test_a_damaged_or_foreign_file_is_ignored_and_replaced(tmp_path, settled, ca
 def test_folders_without_times_are_always_listed(tmp_path, settled, monkeypatch):
     """A file system that reports no folder times (zero) never has its listings reused:
     its folders would look unchanged for ever."""
-    src, cache = tmp_path / "src", tmp_path / "walk.arrow"
-    src.mkdir()
-    make_tree(src)
+    src, cache = made_tree(tmp_path)
     real_stat = os.stat
 
     def timeless(path, *args, **kwargs):
