@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,7 +136,7 @@ def _walk(top: str, st: os.stat_result, stats: WalkStats, chunk: int,
             names = listings.get(folder, st)
             if names is not None:
                 return names
-            listed_at = listings.now_ns()
+            listed_at = time.time_ns()  # just before the listing
         try:
             names = os.listdir(folder)
         except OSError as exc:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -92,18 +91,12 @@ class Listings:
     def _load(self) -> None:
         try:
             reader = pa.ipc.open_file(pa.memory_map(str(self.path)))
-        except FileNotFoundError:
-            return
-        except (OSError, pa.ArrowInvalid) as exc:
-            log.warning("ignoring the folder listings kept in %s: %s", self.path, exc)
-            return
-        if reader.schema.metadata != SCHEMA.metadata or not reader.schema.equals(SCHEMA):
-            log.info("ignoring the folder listings in %s: an older format", self.path)
-            return
-        try:
+            if reader.schema.metadata != SCHEMA.metadata or not reader.schema.equals(SCHEMA):
+                log.info("ignoring the folder listings in %s: an older format", self.path)
+                return
             for b in range(reader.num_record_batches):
                 batch = reader.get_batch(b)
-                batch.validate(full=True)
+                batch.validate(full=True)  # damaged behind an intact footer
                 self._batches.append(batch)
                 keys = zip(*(batch.column(c).to_pylist() for c in range(1, 5)), strict=True)
                 for row, (folder, key, listed_at) in enumerate(zip(
@@ -115,7 +108,9 @@ class Listings:
                     if listed_at - max(key[2], key[3]) > SETTLE_NS \
                             and min(key[2], key[3]) > 0:
                         self._index[folder] = (b, row, key)
-        except (OSError, pa.ArrowException, ValueError) as exc:  # damaged past its footer
+        except FileNotFoundError:
+            return
+        except (OSError, pa.ArrowException, ValueError) as exc:
             log.warning("ignoring the folder listings kept in %s: %s", self.path, exc)
             self._batches, self._index = [], {}
 
@@ -158,10 +153,6 @@ class Listings:
         self._fresh_count += 1
         if len(fresh["folder"]) >= BATCH_FOLDERS:
             self._write_fresh()
-
-    @staticmethod
-    def now_ns() -> int:
-        return time.time_ns()
 
     # -- after the walk --------------------------------------------------------
     def _write(self, batch: pa.RecordBatch) -> None:
