@@ -302,7 +302,7 @@ class Lake:
         """The actions of commit ``version`` of table ``name``, each a one-key dict as in
         the Delta log (``{"add": {...}}``, ``{"remove": {...}}``, ``{"commitInfo": ...}``);
         None when that commit's log file is gone (log clean-up after a checkpoint)."""
-        log_file = f"{as_rel(layout.table_path(_REL, name))}/_delta_log/{version:020d}.json"
+        log_file = commit_file(name, version)
         try:
             text = self.storage.read_text(log_file)
         except FileNotFoundError:
@@ -409,8 +409,7 @@ class LakeWriter:
         for name, version in self.versions.items():
             # Delta versions have no gaps: without a commit after the published one there
             # is nothing to undo (a file check, not a load of the table's state)
-            log_dir = f"{as_rel(layout.table_path(_REL, name))}/_delta_log"
-            if not self.storage.exists(f"{log_dir}/{version + 1:020d}.json"):
+            if not self.storage.exists(commit_file(name, version + 1)):
                 continue
             dt = self.lake.open_delta(name)
             if dt.version() > version:
@@ -647,6 +646,11 @@ def partition_codes(table: pa.Table, keys: list[str]) -> tuple[np.ndarray, list[
         group = group * (len(encoded.dictionary) + 1) + codes
         dictionaries.append(encoded.dictionary.to_pylist())
     return group, dictionaries
+
+
+def commit_file(name: str, version: int) -> str:
+    """The log file of commit ``version`` of table ``name``, relative to the lake."""
+    return f"{as_rel(layout.table_path(_REL, name))}/_delta_log/{version:020d}.json"
 
 
 def group_order(table: pa.Table, keys: list[str]) -> np.ndarray:
