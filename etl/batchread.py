@@ -82,8 +82,8 @@ class _Unit:
     """One distinct element (its bytes, in one encoding) decoded: what a file with it
     gets in its JSON text and in its column."""
 
-    __slots__ = ("col", "elem", "first", "fragment", "key", "kind", "mkey", "ok", "plain",
-                 "typed")
+    __slots__ = ("col", "elem", "first", "fragment", "good", "key", "kind", "mkey", "ok",
+                 "plain", "typed")
 
     def __init__(self, key: str, elem: dict | None, fragment: bytes | None):
         self.key = key
@@ -104,6 +104,8 @@ class _Unit:
         self.kind = -1
         #: its key in ``_Memos.units``
         self.mkey = b""
+        #: a required UID's column with a valid first value (set by :func:`_remember`)
+        self.good = False
 
 
 class _Memos(threading.local):
@@ -246,13 +248,14 @@ def _fast_rows(files, index, bufs, whole_digests, sizes, config, run_id, policy,
             e = int(rep[u])
             unit = _decode(key, memos.by_byte[key[0]], int(w.tag[e]), int(w.vr[e]),
                            int(w.start[e] - w.at[e]))
-            unit.mkey = key
+            _remember(unit, key)
             memos.units[key] = unit
         units.append(unit)
     # per unit: plain, its column, a valid required UID
-    attrs = np.array([(u.plain, u.col, u.col in _UID_COL_SET and u.first is not None
-                       and valid_uid(u.first)) for u in units], dtype=np.int64).reshape(-1, 3)
-    plain, cols, good = attrs[:, 0].astype(bool), attrs[:, 1], attrs[:, 2].astype(bool)
+    nu = len(units)
+    plain = np.fromiter((u.plain for u in units), dtype=np.bool_, count=nu)
+    cols = np.fromiter((u.col for u in units), dtype=np.int64, count=nu)
+    good = np.fromiter((u.good for u in units), dtype=np.bool_, count=nu)
     if not plain.all():
         ok[np.unique(file_of[~plain[codes]])] = False
     # --- the required UIDs, present and valid, as the per-file path checks them
@@ -449,6 +452,13 @@ def _sequence(key: bytes, json_key: str, explicit: bool, codec: str | tuple[str,
     except Exception:  # FileRejected, NeedMore, _Fallback, ...: the per-file path
         return _Unit(json_key, {}, None)
     return _typed_unit(json_key, elem, None if b"null" in fragment else fragment)
+
+
+def _remember(unit: _Unit, key: bytes) -> None:
+    """Set what the batches that meet ``unit`` again read of it: its memo key, and
+    whether it is a required UID with a valid first value."""
+    unit.mkey = key
+    unit.good = unit.col in _UID_COL_SET and unit.first is not None and valid_uid(unit.first)
 
 
 def _typed_unit(key: str, elem: dict, fragment: bytes | None) -> _Unit:
