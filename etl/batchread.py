@@ -83,7 +83,7 @@ class _Unit:
     gets in its JSON text and in its column."""
 
     __slots__ = ("col", "elem", "first", "fragment", "good", "key", "kind", "mkey", "ok",
-                 "plain", "typed")
+                 "plain", "tokens", "typed")
 
     def __init__(self, key: str, elem: dict | None, fragment: bytes | None):
         self.key = key
@@ -106,6 +106,8 @@ class _Unit:
         self.mkey = b""
         #: a required UID's column with a valid first value (set by :func:`_remember`)
         self.good = False
+        #: the words of its text values (cleaned free text: :func:`_patient_part`)
+        self.tokens: frozenset[str] | None = None
 
 
 class _Memos(threading.local):
@@ -585,6 +587,37 @@ def _kind(unit: _Unit) -> int:
     return _CALL
 
 
+def _patient_part(unit: _Unit, ctx: deid.PatientContext, issuer: int,
+                  units: list[_Unit]) -> tuple | None:
+    """What of the patient's context :func:`_filter_one` reads for an element whose
+    filtering depends on it (``_CALL_CTX``), following the branches of
+    :meth:`lakehouse.deid.Policy._filter`: the date offset for dates, the issuer for
+    the PatientID, the patient's identifier words found in cleaned free text (and
+    whether there are any). Elements of different patients that agree on it filter
+    the same. None: all of it (a sequence)."""
+    elem = unit.elem
+    if not elem:
+        return ()
+    vr = elem.get("vr")
+    if vr == "SQ":
+        return None
+    if unit.key == deid._PID_TAG:
+        return (0, deid._first(units[issuer].elem) if issuer >= 0 else None)
+    values = elem.get("Value")
+    if vr in ("DA", "DT"):
+        if deid._ACTIONS.get(unit.key) == deid._PSEUDONYM or values is None:
+            return ()
+        return (1, ctx.offset_days)
+    if deid._ACTIONS.get(unit.key) == deid._CLEAN and vr != "PN" and values:
+        words = unit.tokens
+        if words is None:
+            words = unit.tokens = frozenset().union(
+                *(deid._tokens(v) for v in values if isinstance(v, str)))
+        have = ctx.identifier_tokens
+        return (2, bool(have), words & have)
+    return ()
+
+
 def _deidentify(units: list[_Unit], tags: np.ndarray, codes: np.ndarray,
                 file_of: np.ndarray, cand: np.ndarray, nb: int, policy: Policy):
     """The policy's filter over the candidate files' elements: (files left to the
@@ -630,11 +663,15 @@ def _deidentify(units: list[_Unit], tags: np.ndarray, codes: np.ndarray,
     for p in pairs.tolist():
         u, c = divmod(p, len(contexts) + 1)
         unit = units[u]
-        memo_key = (fp, unit.mkey) if c == 0 else None
+        if c == 0:  # an element whose filtering does not depend on the patient
+            ctx, issuer = contexts[0][0], -1
+            memo_key: tuple | None = (fp, unit.mkey)
+        else:
+            ctx, issuer = contexts[c - 1]
+            part = _patient_part(unit, ctx, issuer, units)
+            memo_key = None if part is None else (fp, unit.mkey, part)
         got = filtered_memo.get(memo_key) if memo_key else None
         if got is None:
-            # an element whose filtering does not depend on the patient: any context
-            ctx, issuer = contexts[c - 1] if c else (contexts[0][0], -1)
             got = _filter_one(unit, ctx, issuer, units, policy)
             if memo_key:
                 filtered_memo[memo_key] = got

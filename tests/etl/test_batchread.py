@@ -1060,3 +1060,81 @@ def test_a_failing_batch_path_reads_the_batch_file_by_file(tmp_path, monkeypatch
     assert got.column("status").to_pylist() == ["ok", "ok", "ok"]
     assert [r.getMessage() for r in caplog.records] == [
         "the batch path failed (RuntimeError); this batch is read file by file"]
+
+
+def _patients_files(root: Path) -> list[FoundFile]:
+    """Studies of four patients whose dates, free text and PatientID filter differently
+    by patient: A (P1, Doe^Jane) three studies, B (P2, Roe^Rick), C (P1 from another
+    issuer), D (no identifiers at all: no words to clean)."""
+    uid = _Uids()
+    patients = {"A": ("P1", "Doe^Jane", None), "B": ("P2", "Roe^Rick", None),
+                "C": ("P1", "Doe^Jane", "HOSPITAL B"), "D": (None, None, None)}
+    paths = []
+    for study, who in enumerate("AABACDAD"):
+        pid, name, issuer = patients[who]
+        study_uid = uid()
+        for k in range(2):
+            ds = base(uid)
+            ds.StudyInstanceUID = study_uid
+            del ds.PatientID, ds.PatientName
+            if pid:
+                ds.PatientID = pid
+                ds.PatientName = name
+            if issuer:
+                ds.IssuerOfPatientID = issuer
+            ds.StudyDescription = "CT Doe follow-up" if study in (1, 2, 5) else \
+                "Chest  routine "
+            ds.SeriesDescription = "Jane  axial"
+            ds.ProtocolName = "Roe protocol\\plain"
+            ds.SeriesDate = ds.ContentDate = "20230106"
+            ds.AcquisitionDateTime = "20230106101500.5"
+            p = root / f"s{study}_{k}.dcm"
+            p.write_bytes(part10(ds))
+            paths.append(p)
+    return found(paths)
+
+
+@pytest.mark.parametrize("batch", [2, 5, 64])
+def test_patient_dependent_elements_filtered_once_per_what_they_depend_on(
+        tmp_path, monkeypatch, batch):
+    """A date is filtered once per date offset, cleaned free text once per set of the
+    patient's words it contains, the PatientID once per issuer, across contexts and
+    batches; the rows are the per-file path's."""
+    files = _patients_files(tmp_path)
+    policy = make_policy("research")
+    calls: Counter = Counter()
+    real = batchread._filter_one
+
+    def counting(unit, *args):
+        calls[unit.key] += 1
+        return real(unit, *args)
+
+    monkeypatch.setattr(batchread, "_filter_one", counting)
+    clear_batch_memos()
+    deid.clear_memos()
+    got = assert_same_rows(files, policy, batch=batch)
+    # warm memos, shuffled order: the same rows
+    shuffled = files[:]
+    random.Random(3).shuffle(shuffled)
+    assert_same_rows(shuffled, policy, batch=batch)
+    rows = got.to_pylist()
+    desc = [r["StudyDescription"] for r in rows]
+    # A's "Doe" is removed, B's kept; D, with no identifiers, keeps the text as it was
+    # (two spaces); the others get it with its spaces tidied
+    assert desc[0:4] == ["Chest routine"] * 2 + ["CT follow-up"] * 2
+    assert desc[4:6] == desc[10:12] == ["CT Doe follow-up"] * 2
+    assert desc[8:10] == ["Chest routine"] * 2 and desc[14:16] == ["Chest  routine"] * 2
+    assert [r["SeriesDescription"] for r in rows][::2] == \
+        ["axial", "axial", "Jane axial", "axial", "axial", "Jane  axial", "axial",
+         "Jane  axial"]
+    assert {r["ProtocolName"] for r in rows} == {"protocol\\plain", "Roe protocol\\plain"}
+    # eight studies (patient contexts), four PatientIDs (D has none) ...
+    assert len({r["PatientID"] for r in rows}) == 4
+    # ... and the filter saw each date element once per date offset, not once per
+    # study (in the first run: the shuffled one found everything in the memos), the
+    # PatientID once per (value, issuer)
+    n_offsets = len({r["SeriesDate"] for r in rows})
+    assert 2 <= n_offsets <= 5  # A, B, C and D's two studies (offsets may coincide)
+    assert calls[deid._tag("SeriesDate")] == n_offsets
+    assert calls[deid._tag("AcquisitionDateTime")] == n_offsets
+    assert calls[deid._PID_TAG] == 3  # P1, P2, P1 of HOSPITAL B
