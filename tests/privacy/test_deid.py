@@ -7,6 +7,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
+from lakehouse import privacy
 from lakehouse.deid import Policy, deidentify_dataset, private_tag
 from lakehouse.privacy import Pseudonymizer
 from synth import generate_archive
@@ -87,3 +88,26 @@ def test_bad_private_allowlist_entries_are_refused():
         private_tag({"group": "0x0010", "creator": "X", "element": "0x01"})
     with pytest.raises(ValueError, match="needs group"):
         private_tag({"creator": "X"})
+
+
+@pytest.mark.parametrize("key_bytes", [0, 1, 32, 63, 64, 65, 200])
+def test_pseudonyms_are_the_standard_hmac(key_bytes):
+    """The MAC continued from the key's padded states is RFC 2104's HMAC-SHA256, for
+    keys shorter than, as long as and longer than a block, and the pseudonyms are
+    derived from it as documented."""
+    import hashlib
+    import hmac
+    import random
+
+    rng = random.Random(key_bytes)
+    key = bytes(rng.randrange(256) for _ in range(key_bytes))
+    p = Pseudonymizer(key)
+    for n in (0, 1, 55, 56, 64, 119, 1000):
+        msg = bytes(rng.randrange(256) for _ in range(n))
+        assert privacy._hmac_sha256(key, msg) == hmac.new(key, msg, hashlib.sha256).digest()
+    mac = hmac.new(key, b"UID\x1f1.2.3.4", hashlib.sha256).digest()
+    assert p.uid("1.2.3.4") == "2.25." + str(int.from_bytes(mac[:16], "big"))
+    mac = hmac.new(key, "PatientID\x1f\x1eP\u00e91".encode(), hashlib.sha256).digest()
+    assert p.patient_id("P\u00e91") == mac.hex()[:16].upper()
+    mac = hmac.new(key, b"file-sha256\x1f" + b"ab" * 32, hashlib.sha256).hexdigest()
+    assert p.file_digest("ab" * 32) == mac
