@@ -35,6 +35,8 @@ _CRASH_MARKER = os.environ.get("LAKE_TEST_CRASH_MARKER", "")
 #: every 2,500 files: 0.002 and 0.004 ms. Reference counting frees every object the
 #: worker code makes (it makes no cycles); the collector only bounds stray cycles.
 WORKER_GC_THRESHOLD = 20_000
+#: Whether this process is a worker of a local pool (:func:`start_worker` ran).
+_IN_WORKER = False
 
 
 def start_worker(crash_marker: str | None = None, started: str | None = None) -> None:
@@ -44,8 +46,9 @@ def start_worker(crash_marker: str | None = None, started: str | None = None) ->
     started earlier has that server's environment, not the driver's); a line with its
     pid appended to ``started``, the driver's sign that a worker got this far. Never
     called in the driver."""
-    global _CRASH_MARKER
+    global _CRASH_MARKER, _IN_WORKER
     gc.set_threshold(WORKER_GC_THRESHOLD, *gc.get_threshold()[1:])
+    _IN_WORKER = True
     if crash_marker is not None:
         _CRASH_MARKER = crash_marker
     if started:
@@ -54,6 +57,18 @@ def start_worker(crash_marker: str | None = None, started: str | None = None) ->
             os.write(fd, f"{os.getpid()}\n".encode())
         finally:
             os.close(fd)
+
+
+def after_batch() -> None:
+    """In a worker process of a local pool, after each batch: what outlives the batch
+    (the memos of distinct elements, pseudonyms, contexts: hundreds of thousands of
+    objects) is moved out of the collector's generations, as the fork server moved
+    what it imported. Each later collection then walks only the objects of the batch
+    being read: at 16,384 small research files, 0.05-0.15 s of collections with
+    :data:`WORKER_GC_THRESHOLD` alone, 0.01 s with this. The memos hold no reference
+    cycles, so none is left uncollected: reference counting frees what they drop."""
+    if _IN_WORKER:
+        gc.freeze()
 
 
 def warm_up() -> None:

@@ -26,7 +26,7 @@ import pyarrow as pa
 from etl.config import IngestConfig
 from etl.discover import FoundFile
 from etl.errors import SchedulerError, WorkerStartError
-from etl.extract import crashed_batch, extract_batch, start_worker
+from etl.extract import after_batch, crashed_batch, extract_batch, start_worker
 from lakehouse.deid import Policy
 
 log = logging.getLogger(__name__)
@@ -159,6 +159,8 @@ def extract_ipc(files: Sequence[FoundFile], config: IngestConfig, run_id: str,
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as out:
         out.write_table(table)
+    del table
+    after_batch()
     return sink.getvalue()
 
 

@@ -83,6 +83,33 @@ def test_worker_processes_collect_garbage_less_often_than_the_driver():
     assert gc.get_threshold() == driver
 
 
+def _frozen_after_a_batch(files: list[FoundFile]) -> tuple[int, int]:
+    """(objects frozen before, after) a batch read by ``extract_ipc`` in this process."""
+    before = gc.get_freeze_count()
+    extract_ipc(files, IngestConfig(checksum="header"), "run-1", POLICY)
+    return before, gc.get_freeze_count()
+
+
+def test_workers_freeze_what_outlives_a_batch(files):
+    """A pool's worker moves what outlives each batch (the memos) out of the collector's
+    generations; a driver reading a batch itself (``extract_ipc`` is only ever called in
+    workers, but whatever calls it) leaves its own collector alone."""
+    before, after = _frozen_after_a_batch(files)
+    assert after == before  # this process is no worker
+    runner = LocalRunner(IngestConfig(scheduler="processes", workers=1), "run-1", POLICY)
+    try:
+        assert runner._pool is not None
+        first = runner._pool.submit(_frozen_after_a_batch, files).result()
+        second = runner._pool.submit(_frozen_after_a_batch, files[:5]).result()
+    finally:
+        runner.close()
+    # the fork server's imports were frozen before; the first batch's memos (thousands
+    # of objects) join them, and stay there for the next batch
+    assert first[0] > 100_000
+    assert first[1] > first[0] + 1_000
+    assert second[0] > first[0] + 1_000
+
+
 def test_prestart_starts_the_fork_server_for_the_process_pool_only():
     """``prestart`` (a lake's first run, before its walk) starts the fork server that the
     process pool's workers are forked from, with the worker code to preload; for the
