@@ -299,13 +299,21 @@ class _Job:
         # without a progress bar: 0.3 CPU-s per 100,000 files)
         counter = _Counter(source) if self.count else None
         done = 0
+        queued: Future | None = None
         self.progress("extract", 0, 0)
         try:
+            # two waves submitted at a time: the runner starts the second as soon as the
+            # first is done, while this thread takes the first's tables and walks on to
+            # the third (with one, the workers waited for that walk after every wave)
             pending: Future | None = runner.submit(next(waves))
+            wave_next = next(waves, None)
+            queued = runner.submit(wave_next) if wave_next is not None else None
             while pending is not None:
                 tables = pending.result()
-                wave_next = next(waves, None)
-                pending = runner.submit(wave_next) if wave_next is not None else None
+                pending, queued = queued, None
+                if pending is not None:
+                    wave_next = next(waves, None)
+                    queued = runner.submit(wave_next) if wave_next is not None else None
                 wave = pa.concat_tables(tables)
                 self._classify(wave)
                 done += wave.num_rows
@@ -317,6 +325,8 @@ class _Job:
                     self._flush(final=False)
             self._flush()
         finally:
+            if queued is not None:  # a wave failed: the one behind it is not wanted
+                queued.cancel()
             if counter is not None:
                 counter.stop()
             runner.close()

@@ -238,3 +238,74 @@ def test_runs_set_process_settings_and_the_last_one_puts_them_back():
     finally:
         gc.set_threshold(*before)
         pa.set_memory_pool(pool)
+
+
+class _RecordingRunner:
+    """A synchronous runner that keeps its waves' futures: each wave is computed when
+    the one before it is done, as the real runners' one wave thread does."""
+
+    def __init__(self, real, fail_wave: int | None = None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.real, self.fail_wave = real, fail_wave
+        self.workers, self.description = real.workers, real.description
+        self.futures: list = []
+        self.started: list[int] = []
+        #: waves submitted while a wave before them was still being read
+        self.ahead = 0
+        self._thread = ThreadPoolExecutor(1)
+
+    def _compute(self, k: int, batches):
+        import time
+
+        self.started.append(k)
+        time.sleep(0.05)  # the driver gets ahead: the next wave is queued meanwhile
+        if k == self.fail_wave:
+            raise RuntimeError(f"wave {k} failed")
+        return self.real._compute(batches)
+
+    def submit(self, batches):
+        self.ahead += any(not f.done() for f in self.futures)
+        f = self._thread.submit(self._compute, len(self.futures), [list(b) for b in batches])
+        self.futures.append(f)
+        return f
+
+    def close(self):
+        self._thread.shutdown(wait=True)
+        self.real.close()
+
+
+@pytest.mark.parametrize("fail_wave", [None, 1])
+def test_the_next_wave_is_queued_while_one_is_read(tmp_path, archive, monkeypatch,
+                                                   fail_wave):
+    """The driver submits a wave before it waits for the one before (the workers never
+    wait for its walk between waves); every wave is read once, in order; when a wave
+    fails, the run stops with its error: the wave queued behind it is cancelled (unless
+    the runner had started it already) and no later wave is walked or submitted."""
+    from etl import jobs
+
+    runners: list[_RecordingRunner] = []
+    real_make = jobs.make_runner
+
+    def make(config, run_id, policy=None):
+        runners.append(_RecordingRunner(real_make(config, run_id, policy), fail_wave))
+        return runners[-1]
+
+    monkeypatch.setattr(jobs, "make_runner", make)
+    lake = Lake.create(tmp_path / "lk", profile="identified")
+    config = fast_config(scheduler="synchronous", batch_files=32, batches_per_worker=2)
+    if fail_wave is None:
+        s = ingest(lake, archive[0], config)
+        (runner,) = runners
+        n = len(runner.futures)
+        assert n == -(-s.files_seen // 64) > 3  # one worker: waves of 2 batches of 32 files
+        assert runner.started == list(range(n))
+        assert runner.ahead == n - 1
+        assert sum(s.outcomes.values()) == s.files_seen
+        return
+    with pytest.raises(RuntimeError, match="wave 1 failed"):
+        ingest(lake, archive[0], config)
+    (runner,) = runners
+    assert len(runner.futures) == 3  # wave 2 was queued, no wave after it
+    assert runner.started == [0, 1, 2] or runner.futures[2].cancelled()
+    assert not Lake.open(tmp_path / "lk").read("instances").num_rows
