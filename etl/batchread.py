@@ -291,15 +291,16 @@ def _fast_rows(files, index, bufs, whole_digests, sizes, config, run_id, policy,
     matrix = np.full((nf, len(_NAMES)), -1, dtype=np.int64)
     has_col = cols[f_codes] >= 0
     matrix[f_row[has_col], cols[f_codes][has_col]] = f_codes[has_col]
-    _resolve(units, np.unique(matrix[matrix >= 0]))
+    used = np.unique(matrix[matrix >= 0])
+    _resolve(units, used)
     columns: dict[str, pa.Array] = {}
-    column_arrays = _typed_columns(units, cols, matrix, schema)
+    column_arrays = _typed_columns(units, cols, used, matrix, schema)
     columns.update(column_arrays)
     # the required UIDs: their first value's text, as the per-file path sets them
     for keyword, c in _UID_COLS.items():
         firsts = [units[u].first if u >= 0 else None for u in matrix[:, c].tolist()]
         columns[keyword] = pa.array(firsts, pa.string())
-    invalid = _invalid(units, matrix)
+    invalid = _invalid(units, used, matrix)
     columns["invalid_attributes"] = pa.array(invalid, schema.field(
         "invalid_attributes").type)
     # patient_age_years and study_year, from the typed values
@@ -352,10 +353,13 @@ def _fast_rows(files, index, bufs, whole_digests, sizes, config, run_id, policy,
     return positions, table
 
 
-def _typed_columns(units: list[_Unit], cols: np.ndarray, matrix: np.ndarray,
-                   schema: pa.Schema) -> dict[str, pa.Array]:
-    """Each header column: the typed values of its distinct elements, taken per file."""
+def _typed_columns(units: list[_Unit], all_cols: np.ndarray, used: np.ndarray,
+                   matrix: np.ndarray, schema: pa.Schema) -> dict[str, pa.Array]:
+    """Each header column: the typed values of its distinct elements that the batch's
+    files use (``used``: resolved), taken per file."""
     out = {}
+    cols = np.full(len(units), -1, dtype=np.int64)
+    cols[used] = all_cols[used]
     order = np.argsort(cols, kind="stable")
     bounds = np.searchsorted(cols[order], np.arange(len(_NAMES) + 1))
     slot = np.empty(len(units), dtype=np.int64)
@@ -368,7 +372,8 @@ def _typed_columns(units: list[_Unit], cols: np.ndarray, matrix: np.ndarray,
         if not len(members) or not present.any():
             out[name] = pa.nulls(len(idx), typ)
             continue
-        values = pa.array([_value(units, u) for u in members.tolist()], typ)
+        values = pa.array([unit.typed if (unit := units[u]).ok else None
+                           for u in members.tolist()], typ)
         where = slot[np.where(present, idx, 0)]
         out[name] = values.take(pa.array(where, mask=~present))
     return out
@@ -382,8 +387,11 @@ def _value(units: list[_Unit], u: int) -> Any:
     return unit.typed if unit.ok and unit.typed is not _PENDING else None
 
 
-def _invalid(units: list[_Unit], matrix: np.ndarray) -> list[list[str] | None]:
-    bad = np.fromiter((not u.ok for u in units), dtype=np.bool_, count=len(units))
+def _invalid(units: list[_Unit], used: np.ndarray,
+             matrix: np.ndarray) -> list[list[str] | None]:
+    """Each file's columns whose value is invalid (None: none is)."""
+    bad = np.zeros(len(units), dtype=np.bool_)
+    bad[used] = [not units[u].ok for u in used.tolist()]
     # (units no file uses here may be pending: their flag is never read)
     flags = (matrix >= 0) & bad[np.where(matrix >= 0, matrix, 0)]
     out: list[list[str] | None] = [None] * len(matrix)
@@ -394,10 +402,16 @@ def _invalid(units: list[_Unit], matrix: np.ndarray) -> list[list[str] | None]:
 
 def _json_texts(units: list[_Unit], codes: np.ndarray, rows: np.ndarray, nf: int) -> pa.Array:
     """Each file's DICOM JSON text: ``{`` + its elements' texts joined by commas + ``}``."""
-    fragments = pa.array([u.fragment if u.elem is not None else None for u in units],
+    # the units the files use (in research lakes, about half are originals replaced by
+    # their filtered units), numbered anew
+    used = np.zeros(len(units), dtype=np.bool_)
+    used[codes] = True
+    members = [units[u] for u in np.flatnonzero(used).tolist()]
+    fragments = pa.array([u.fragment if u.elem is not None else None for u in members],
                          pa.binary())
-    kept = np.fromiter((u.elem is not None for u in units), dtype=np.bool_,
-                       count=len(units))[codes]
+    codes = (np.cumsum(used) - 1)[codes]
+    kept = np.fromiter((u.elem is not None for u in members), dtype=np.bool_,
+                       count=len(members))[codes]
     codes, rows = codes[kept], rows[kept]
     offsets = np.zeros(nf + 1, dtype=np.int32)
     np.cumsum(np.bincount(rows, minlength=nf), out=offsets[1:])
