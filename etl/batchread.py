@@ -123,15 +123,18 @@ class _Memos(threading.local):
         self.classes: dict[tuple, int] = {}
         #: the same, by class byte
         self.by_byte: list[tuple] = []
-        #: ``{(key fingerprint, unit key): (filtered unit or None, its id pairs)}`` for
-        #: the elements whose filtering does not depend on the patient (research lakes)
-        self.filtered: dict[tuple[str, bytes], tuple[_Unit | None, tuple]] = {}
+        #: ``{(key fingerprint, unit key[, what of the patient it depends on]): (filtered
+        #: unit or None, its id pairs)}`` (research lakes; :func:`_patient_part`)
+        self.filtered: dict[tuple, tuple[_Unit | None, tuple]] = {}
+        #: ``{(key fingerprint, unit key of each context element): patient context}``
+        self.contexts: dict[tuple, deid.PatientContext] = {}
 
     def clear(self) -> None:
         self.units.clear()
         self.classes.clear()
         self.by_byte.clear()
         self.filtered.clear()
+        self.contexts.clear()
 
     def cls(self, explicit: bool, codec: str | tuple[str, ...], bulk: int,
             max_depth: int) -> int | None:
@@ -655,13 +658,21 @@ def _deidentify(units: list[_Unit], tags: np.ndarray, codes: np.ndarray,
     numbers: dict[tuple, int] = {}
     contexts: list[tuple[deid.PatientContext, int]] = []
     ctx_of = np.empty(nb, dtype=np.int64)
+    fp = fingerprint(policy.p.key)
+    known = _MEMOS.contexts  # the contexts of earlier batches, by their elements
+    if len(known) > MEMO_ENTRIES:
+        known.clear()
     for j, row in enumerate(map(tuple, rows.tolist())):
         c = numbers.get(row)
         if c is None:
             c = numbers[row] = len(contexts)
-            mini = {deid._CONTEXT_TAGS[k]: units[u].elem for k, u in enumerate(row)
-                    if u >= 0 and units[u].elem is not None}
-            contexts.append((policy.context(mini), row[_ISSUER_AT]))
+            key = (fp, *[units[u].mkey if u >= 0 else b"" for u in row])
+            ctx = known.get(key)
+            if ctx is None:
+                mini = {deid._CONTEXT_TAGS[k]: units[u].elem for k, u in enumerate(row)
+                        if u >= 0 and units[u].elem is not None}
+                ctx = known[key] = policy.context(mini)
+            contexts.append((ctx, row[_ISSUER_AT]))
         ctx_of[j] = c
     # each distinct (element, context) the filter must see, once
     call = ((kinds == _CALL) | (kinds == _CALL_CTX)) & cand
@@ -669,7 +680,6 @@ def _deidentify(units: list[_Unit], tags: np.ndarray, codes: np.ndarray,
     ctx_el = np.where(kinds[where] == _CALL_CTX, ctx_of[file_of[where]], -1)
     pair = codes[where] * (len(contexts) + 1) + (ctx_el + 1)
     pairs, inverse = np.unique(pair, return_inverse=True)
-    fp = fingerprint(policy.p.key)
     filtered_memo = _MEMOS.filtered
     if len(filtered_memo) > MEMO_ENTRIES:
         filtered_memo.clear()

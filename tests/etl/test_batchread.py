@@ -1110,13 +1110,23 @@ def test_patient_dependent_elements_filtered_once_per_what_they_depend_on(
         return real(unit, *args)
 
     monkeypatch.setattr(batchread, "_filter_one", counting)
+    real_context = policy.context
+
+    def context(header):
+        calls["context"] += 1
+        return real_context(header)
+
+    monkeypatch.setattr(policy, "context", context)
     clear_batch_memos()
     deid.clear_memos()
     got = assert_same_rows(files, policy, batch=batch)
-    # warm memos, shuffled order: the same rows
+    # each study's context made once, though batches of 5 split studies
+    assert calls["context"] == 8 + 16  # the batch path's, then the per-file path's (a file each)
+    # warm memos, shuffled order: the same rows, no context made again by the batch path
     shuffled = files[:]
     random.Random(3).shuffle(shuffled)
     assert_same_rows(shuffled, policy, batch=batch)
+    assert calls["context"] == 8 + 16 + 0 + 16
     rows = got.to_pylist()
     desc = [r["StudyDescription"] for r in rows]
     # A's "Doe" is removed, B's kept; D, with no identifiers, keeps the text as it was
