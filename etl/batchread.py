@@ -606,33 +606,17 @@ def _kind(unit: _Unit) -> int:
 
 def _patient_part(unit: _Unit, ctx: deid.PatientContext, issuer: int,
                   units: list[_Unit]) -> tuple | None:
-    """What of the patient's context :func:`_filter_one` reads for an element whose
-    filtering depends on it (``_CALL_CTX``), following the branches of
-    :meth:`lakehouse.deid.Policy._filter`: the date offset for dates, the issuer for
-    the PatientID, the patient's identifier words found in cleaned free text (and
-    whether there are any). Elements of different patients that agree on it filter
-    the same. None: all of it (a sequence)."""
-    elem = unit.elem
-    if not elem:
-        return ()
-    vr = elem.get("vr")
-    if vr == "SQ":
-        return None
-    if unit.key == deid._PID_TAG:
-        return (0, deid._first(units[issuer].elem) if issuer >= 0 else None)
-    values = elem.get("Value")
-    if vr in ("DA", "DT"):
-        if deid._ACTIONS.get(unit.key) == deid._PSEUDONYM or values is None:
-            return ()
-        return (1, ctx.offset_days)
-    if deid._ACTIONS.get(unit.key) == deid._CLEAN and vr != "PN" and values:
-        words = unit.tokens
-        if words is None:
-            words = unit.tokens = frozenset().union(
-                *(deid._tokens(v) for v in values if isinstance(v, str)))
-        have = ctx.identifier_tokens
-        return (2, bool(have), words & have)
-    return ()
+    """:meth:`lakehouse.deid.Policy.patient_part` of an element whose filtering depends
+    on the patient (``_CALL_CTX``); the words of its text are found once per unit."""
+
+    def words() -> frozenset[str]:
+        if unit.tokens is None:
+            unit.tokens = deid.text_words(unit.elem or {})
+        return unit.tokens
+
+    pid = unit.key == deid._PID_TAG and issuer >= 0  # only the PatientID reads it
+    return Policy.patient_part(unit.key, unit.elem, ctx,
+                               deid._first(units[issuer].elem) if pid else None, words)
 
 
 def _deidentify(units: list[_Unit], tags: np.ndarray, codes: np.ndarray,

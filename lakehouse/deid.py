@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from pydicom._uid_dict import UID_dictionary
@@ -303,6 +303,8 @@ class Policy:
         return Deidentified(out, mapping, ctx.offset_days)
 
     def _filter(self, ds: dict, ctx: PatientContext, mapping: list, depth: int) -> dict:
+        # what an element's result reads of ``ctx`` is :meth:`patient_part`'s: keep the two
+        # in step (the batch reader remembers filtered elements under it)
         out: dict = {}
         creators = _private_creators(ds) if self.private else {}
         actions, plain, odd = _ACTIONS, _PLAIN_VRS, _ODD_HEX
@@ -369,6 +371,33 @@ class Policy:
                 out[tag] = elem
         out.pop(_ISSUER_TAG, None)
         return out
+
+    @staticmethod
+    def patient_part(tag: str, elem: dict | None, ctx: PatientContext, issuer: str | None,
+                     words: Callable[[], frozenset[str]]) -> tuple | None:
+        """What of the patient :meth:`_filter` reads when it filters the one element
+        ``elem`` of ``tag`` (with :meth:`apply`'s PatientID, whose pseudonym takes the
+        header's ``issuer``), following its branches: the date offset for a date, the
+        issuer for the PatientID, for cleaned free text the patient's identifier words
+        it contains (``words``: the words of its text values) and whether the patient
+        has any; ``()`` for nothing; None for all of it (a sequence, filtered item by
+        item). Two patients that agree on it get the same filtered element, so a
+        filtered element may be remembered under it. Keep in step with :meth:`_filter`."""
+        if not elem:
+            return ()
+        vr = elem.get("vr")
+        if vr == "SQ":
+            return None
+        if tag == _PID_TAG:
+            return (0, issuer)
+        values = elem.get("Value")
+        action = _ACTIONS.get(tag)
+        if vr in ("DA", "DT"):
+            return () if action == _PSEUDONYM or values is None else (1, ctx.offset_days)
+        if action == _CLEAN and vr != "PN" and values:
+            have = ctx.identifier_tokens
+            return (2, bool(have), words() & have)
+        return ()
 
     def _private_allowed(self, tag: str, group: int, creators: dict[tuple[int, int], str]) -> bool:
         if not self.private:
@@ -442,6 +471,12 @@ def _first(elem: dict | None) -> str | None:
 
 def _tokens(text: str) -> set[str]:
     return {t.lower() for t in _TOKEN.findall(text)}
+
+
+def text_words(elem: dict) -> frozenset[str]:
+    """The words of an element's text values, as cleaning matches them."""
+    return frozenset().union(*(_tokens(v) for v in elem.get("Value") or ()
+                               if isinstance(v, str)))
 
 
 def _date_tokens(da: str) -> set[str]:

@@ -111,3 +111,29 @@ def test_pseudonyms_are_the_standard_hmac(key_bytes):
     assert p.patient_id("P\u00e91") == mac.hex()[:16].upper()
     mac = hmac.new(key, b"file-sha256\x1f" + b"ab" * 32, hashlib.sha256).hexdigest()
     assert p.file_digest("ab" * 32) == mac
+
+
+def test_what_the_filter_reads_of_the_patient():
+    """``Policy.patient_part``: the date offset for dates, the issuer for the PatientID,
+    the patient's words found in cleaned text (and whether there are any), nothing for
+    the rest, everything (None) for a sequence."""
+    from lakehouse.deid import PatientContext, text_words
+
+    ctx = PatientContext("k", -14, {"doe", "jane"})
+    bare = PatientContext("", -21, set())
+
+    def part(keyword, elem, c=ctx, issuer=None):
+        tag = f"{pydicom.datadict.tag_for_keyword(keyword):08X}"
+        return Policy.patient_part(tag, elem, c, issuer, lambda: text_words(elem))
+
+    date = {"vr": "DA", "Value": ["20230105"]}
+    assert part("StudyDate", date) == (1, -14) and part("StudyDate", date, bare) == (1, -21)
+    assert part("StudyDate", {"vr": "DA"}) == ()
+    assert part("PatientID", {"vr": "LO", "Value": ["P1"]}, issuer="A") == (0, "A")
+    text = {"vr": "LO", "Value": ["CT Doe follow-up", "Jane"]}
+    assert part("StudyDescription", text) == (2, True, frozenset({"doe", "jane"}))
+    assert part("StudyDescription", {"vr": "LO", "Value": ["Chest"]}) == (2, True, frozenset())
+    assert part("StudyDescription", text, bare) == (2, False, frozenset())
+    assert part("StudyDescription", {"vr": "PN", "Value": [{"Alphabetic": "Doe"}]}) == ()
+    assert part("SliceThickness", {"vr": "DS", "Value": [1.25]}) == ()
+    assert part("ReferencedStudySequence", {"vr": "SQ", "Value": [{}]}) is None
