@@ -41,6 +41,28 @@ class FoundFile:
         return FoundFile, (self.path, self.size, self.mtime_ns, self.error)
 
 
+class FileBatch(list):
+    """The files of one task: a list of :class:`FoundFile` that pickles as four columns.
+    A batch travels to a worker process as one object; pickled file by file, cloudpickle
+    (Dask's) called back into Python for every file: 3.7 µs per file of the driver's CPU
+    against 0.3 µs as columns, and 2.1 against 0.6 µs to unpickle in the worker."""
+
+    __slots__ = ()
+
+    def __reduce__(self):
+        errors = {i: f.error for i, f in enumerate(self) if f.error is not None}
+        return _file_batch, ([f.path for f in self], [f.size for f in self],
+                             [f.mtime_ns for f in self], errors)
+
+
+def _file_batch(paths: list[str], sizes: list[int], mtimes: list[int],
+                errors: dict[int, str]) -> FileBatch:
+    batch = FileBatch(map(FoundFile, paths, sizes, mtimes))
+    for i, error in errors.items():
+        batch[i] = FoundFile(paths[i], sizes[i], mtimes[i], error)
+    return batch
+
+
 @dataclass
 class WalkStats:
     folders: int = 0

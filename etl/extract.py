@@ -73,9 +73,10 @@ def after_batch() -> None:
 
 def warm_up() -> None:
     """Load what a worker's first batch would load: the batch path's compiled code (numba
-    starts its code generator: about 0.4 CPU-s) and pyarrow's pandas shim (it imports
-    pandas on its first conversion of Python values: 0.3 CPU-s). The workers of a local
-    pool are forked from a server process that did this once (``etl.runners``)."""
+    starts its code generator: about 0.4 CPU-s) and pyarrow's check for pandas on its
+    first conversion of Python values (which imports pandas where it can: 0.3 CPU-s).
+    The workers of a local pool are forked from a server process that did this once,
+    with pandas and scipy left out (``etl.preload``)."""
     from etl import batchread, batchwalk
 
     batchwalk.walk([b""], [0])

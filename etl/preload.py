@@ -1,21 +1,60 @@
 """What the fork server of a local process pool imports before it forks any worker.
 
-:class:`etl.runners.LocalRunner` forks its worker processes from a
-``multiprocessing`` fork server. The server imports this module once: the worker code
-with its libraries (pydicom, pyarrow, numba: about a second of CPU), and
-:func:`etl.extract.warm_up` loads the batch path's compiled code. Each worker forked
-from it starts with all of that done, instead of every worker doing it again.
+:class:`etl.runners.LocalRunner` forks its worker processes from the lake's own fork
+server (``etl.runners._SERVER``, not the one ``multiprocessing`` shares with other
+code). The server imports this module once: the worker code with its libraries
+(pydicom, pyarrow, numba), and :func:`etl.extract.warm_up` loads the batch path's
+compiled code. Each worker forked from it starts with all of that done, instead of
+every worker doing it again.
+
+Optional libraries that the workers never use are kept out: importing them was more
+than a third of the server's start, and the workers wait for it.
+
+- scipy, which numba imports to look for a BLAS when its code generator starts
+  (0.26 s; the batch path's compiled code does no linear algebra);
+- pandas, which pyarrow imports on its first conversion of Python values, to check
+  whether they are pandas objects (0.33 s; a worker builds Arrow arrays from Python
+  values and numpy arrays only);
+- requests and tqdm, which pydicom imports to download its test files (0.09 s), and
+  cffi, which numba imports to call C functions through it (0.03 s).
+
+They stay importable in the workers afterwards; only what those libraries found missing
+at import stays so there (numba's BLAS functions, pydicom's downloads through requests;
+pyarrow's own pandas conversions still import pandas when called).
 """
 
 import contextlib
 import gc
+import sys
 
-from etl.extract import warm_up
+#: Packages the server does not import while it loads the worker code (see above).
+LEFT_OUT = ("scipy", "pandas", "requests", "tqdm", "cffi")
+
+
+class _LeaveOut:
+    """A finder that makes ``import`` of a :data:`LEFT_OUT` package fail, as if it were
+    not installed (a library that can do without it then does)."""
+
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name.partition(".")[0] in LEFT_OUT:
+            raise ModuleNotFoundError(f"{name} is left out of the ingest fork server",
+                                      name=name)
+        return None
+
 
 # the server must start whatever happens here: each worker then loads the code at its
 # first batch, and a batch path that cannot run reads its batches file by file
-with contextlib.suppress(Exception):
-    warm_up()
+if not any(m in sys.modules for m in LEFT_OUT):
+    sys.meta_path.insert(0, _LeaveOut)
+try:
+    with contextlib.suppress(Exception):
+        from etl.extract import warm_up
+
+        warm_up()
+finally:
+    with contextlib.suppress(ValueError):
+        sys.meta_path.remove(_LeaveOut)
 
 # what the server holds now is shared with every worker forked from it: kept out of the
 # collector's generations, so that collections in a worker do not copy those pages

@@ -8,6 +8,7 @@ next wave while a wave is computing.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import multiprocessing
 import os
@@ -18,13 +19,15 @@ import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import forkserver, popen_forkserver, reduction, spawn, util
+from multiprocessing.context import ForkServerContext, ForkServerProcess, set_spawning_popen
 from typing import Protocol
 
 import dask
 import pyarrow as pa
 
 from etl.config import IngestConfig
-from etl.discover import FoundFile
+from etl.discover import FileBatch, FoundFile
 from etl.errors import SchedulerError, WorkerStartError
 from etl.extract import after_batch, crashed_batch, extract_batch, start_worker
 from lakehouse.deid import Policy
@@ -112,7 +115,7 @@ class LocalRunner:
             self._pool = self._new_pool()
 
     def submit(self, batches):
-        batches = [list(b) for b in batches]
+        batches = [FileBatch(b) for b in batches]
         return self._driver.submit(survive_crashes, self._compute, self._reset, batches,
                                    self.run_id)
 
@@ -128,12 +131,10 @@ class LocalRunner:
 
 
 def _worker_context() -> multiprocessing.context.BaseContext:
-    """How the local pool starts its workers: forked from the fork server (which imports
-    ``WORKER_PRELOAD`` first), or spawned where there is none."""
+    """How the local pool starts its workers: forked from the lake's fork server (which
+    imports ``WORKER_PRELOAD`` first), or spawned where there is none."""
     if "forkserver" in multiprocessing.get_all_start_methods():
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload([WORKER_PRELOAD])
-        return ctx
+        return _WorkerContext()
     return multiprocessing.get_context("spawn")
 
 
@@ -143,10 +144,46 @@ def prestart(config: IngestConfig) -> None:
     walks the source, instead of after the first batch is found. Returns at once."""
     if config.scheduler == "processes" and \
             "forkserver" in multiprocessing.get_all_start_methods():
-        from multiprocessing import forkserver
+        _SERVER.ensure_running()
 
-        _worker_context()
-        forkserver.ensure_running()
+
+# --- the lake's own fork server ------------------------------------------------------
+# Not multiprocessing's: that one is shared by every user of the "forkserver" start method
+# in this process (Python 3.14's default), and the server's imports leave pyarrow and numba
+# without pandas and scipy (``etl.preload``), which the ingest workers never use but other
+# code forked from it might. The classes below are ``multiprocessing``'s own, pointed at
+# this server instead (``Popen._launch`` is the standard library's, Python 3.11-3.13).
+_SERVER = forkserver.ForkServer()
+_SERVER.set_forkserver_preload([WORKER_PRELOAD])
+
+
+class _WorkerPopen(popen_forkserver.Popen):
+    def _launch(self, process_obj):
+        prep_data = spawn.get_preparation_data(process_obj._name)
+        buf = io.BytesIO()
+        set_spawning_popen(self)
+        try:
+            reduction.dump(prep_data, buf)
+            reduction.dump(process_obj, buf)
+        finally:
+            set_spawning_popen(None)
+        self.sentinel, w = _SERVER.connect_to_new_process(self._fds)
+        # a duplicate of the data pipe's write end: the child's sign that its parent lives
+        _parent_w = os.dup(w)
+        self.finalizer = util.Finalize(self, util.close_fds, (_parent_w, self.sentinel))
+        with open(w, "wb", closefd=True) as f:
+            f.write(buf.getbuffer())
+        self.pid = forkserver.read_signed(self.sentinel)
+
+
+class _WorkerProcess(ForkServerProcess):
+    @staticmethod
+    def _Popen(process_obj):
+        return _WorkerPopen(process_obj)
+
+
+class _WorkerContext(ForkServerContext):
+    Process = _WorkerProcess
 
 
 def extract_ipc(files: Sequence[FoundFile], config: IngestConfig, run_id: str,
@@ -241,7 +278,7 @@ def survive_crashes(compute: Callable[[list[list[FoundFile]]], list[pa.Table]],
             log.warning("reading a file crashed its worker: quarantined as worker_crash")
             return crashed_batch(batch, run_id)
         mid = len(batch) // 2
-        return pa.concat_tables([one(batch[:mid]), one(batch[mid:])])
+        return pa.concat_tables([one(FileBatch(batch[:mid])), one(FileBatch(batch[mid:]))])
 
     return [one(b) for b in batches]
 
@@ -296,7 +333,7 @@ class DistributedRunner:
         # a worker that dies is restarted by its nanny; the scheduler gives up on a
         # task after a few deaths (KilledWorker), and the batch is then bisected
         return self._driver.submit(survive_crashes, self._compute, lambda: None,
-                                   [list(b) for b in batches], self.run_id)
+                                   [FileBatch(b) for b in batches], self.run_id)
 
     def close(self) -> None:
         self._driver.shutdown(wait=True)

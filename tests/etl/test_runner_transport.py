@@ -11,7 +11,7 @@ import cloudpickle
 import pytest
 
 from etl.config import IngestConfig
-from etl.discover import FoundFile, walk
+from etl.discover import FileBatch, FoundFile, walk
 from etl.extract import BATCH_SCHEMA, WORKER_GC_THRESHOLD, extract_batch
 from etl.runners import LocalRunner, extract_ipc, from_ipc
 from lakehouse.deid import Policy
@@ -31,6 +31,25 @@ def files(archive, tmp_path_factory) -> list[FoundFile]:
     found = list(walk(archive[0]))[:40] + list(walk(extra))
     assert any(f.error for f in found)
     return found
+
+
+def test_a_batch_pickles_as_columns(monkeypatch):
+    """A batch goes to a worker as four columns, never file by file (each file's own
+    reduction is not called), and comes back as the same files, errors included."""
+    files = [FoundFile(f"/a/{i}.dcm", i * 10, 1_700_000_000_000_000_000 + i)
+             for i in range(300)]
+    files[7] = FoundFile("/a/gone", 0, 0, error="FileNotFoundError")
+    batch = FileBatch(files)
+
+    def no(self):
+        raise AssertionError("pickled file by file")
+
+    monkeypatch.setattr(FoundFile, "__reduce__", no)
+    for dumps in (pickle.dumps, cloudpickle.dumps):
+        back = pickle.loads(dumps(batch))
+        assert type(back) is FileBatch and back == files
+        assert back[7].error == "FileNotFoundError" and back[8].error is None
+    assert pickle.loads(pickle.dumps(FileBatch())) == []
 
 
 def test_found_file_pickles_as_itself():
@@ -113,27 +132,77 @@ def test_workers_freeze_what_outlives_a_batch(files):
 def test_prestart_starts_the_fork_server_for_the_process_pool_only():
     """``prestart`` (a lake's first run, before its walk) starts the fork server that the
     process pool's workers are forked from, with the worker code to preload; for the
-    thread and synchronous schedulers it starts nothing. In a fresh interpreter, where
-    no server runs yet."""
+    thread and synchronous schedulers it starts nothing. The server is the lake's own:
+    ``multiprocessing``'s shared one is not started. In a fresh interpreter, where no
+    server runs yet."""
     import subprocess
     import sys
 
     code = (
         "import multiprocessing.forkserver as fs, os\n"
         "from etl.config import IngestConfig\n"
-        "from etl.runners import prestart\n"
-        "prestart(IngestConfig(scheduler='threads'))\n"
-        "prestart(IngestConfig(scheduler='synchronous'))\n"
-        "print(fs._forkserver._forkserver_pid)\n"
-        "prestart(IngestConfig(scheduler='processes'))\n"
-        "pid = fs._forkserver._forkserver_pid\n"
+        "from etl import runners\n"
+        "runners.prestart(IngestConfig(scheduler='threads'))\n"
+        "runners.prestart(IngestConfig(scheduler='synchronous'))\n"
+        "print(runners._SERVER._forkserver_pid)\n"
+        "runners.prestart(IngestConfig(scheduler='processes'))\n"
+        "pid = runners._SERVER._forkserver_pid\n"
         "os.kill(pid, 0)\n"  # alive
-        "print(pid, fs._forkserver._preload_modules)\n")
+        "print(pid, runners._SERVER._preload_modules)\n"
+        "print(fs._forkserver._forkserver_pid)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, check=True).stdout.splitlines()
     assert out[0] == "None"
     pid, preload = out[1].split(" ", 1)
     assert int(pid) > 0 and preload == "['etl.preload']"
+    assert out[2] == "None"
+
+
+def _imports_after_a_batch(files: list) -> dict:
+    import sys
+
+    import numba.np.arraymath
+
+    from etl.config import IngestConfig
+    from etl.preload import LEFT_OUT
+
+    table = from_ipc(extract_ipc(files, IngestConfig(checksum="header"), "r1"))
+    loaded = sorted(m for m in LEFT_OUT if m in sys.modules)
+    # still there when asked for: pyarrow's pandas conversion imports pandas
+    frame = table.select(["status"]).to_pandas()
+    return {"ok": table.column("status").to_pylist().count("ok"), "loaded": loaded,
+            "blas": numba.np.arraymath._HAVE_BLAS, "frame": len(frame)}
+
+
+def _imports_of_a_child() -> list:
+    import sys
+
+    import pyarrow as pa
+
+    pa.array([1, 2])
+    return sorted(m for m in ("etl.preload", "pandas") if m in sys.modules)
+
+
+def test_the_fork_server_leaves_pandas_and_scipy_out_of_the_workers(archive):
+    """The workers read their batches without ever importing pandas (pyarrow's check for
+    pandas objects), scipy (numba's look for a BLAS) or the other libraries of
+    ``etl.preload.LEFT_OUT``, which the server would import for 0.7 s before any worker
+    can start; pandas is still there when asked for. Code forked by ``multiprocessing``'s
+    own fork server in the same process is untouched: it imports neither the worker code
+    nor anything less."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    files = list(walk(archive[0]))[:40]
+    runner = LocalRunner(IngestConfig(scheduler="processes", workers=1), "r1")
+    try:
+        assert runner._pool is not None
+        got = runner._pool.submit(_imports_after_a_batch, files).result()
+    finally:
+        runner.close()
+    assert got == {"ok": 40, "loaded": [], "blas": False, "frame": 40}
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("forkserver")) as ex:
+        assert ex.submit(_imports_of_a_child).result() == ["pandas"]
 
 
 def test_a_script_without_a_main_guard_fails_at_once_with_what_to_do(archive, tmp_path):
