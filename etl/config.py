@@ -14,7 +14,8 @@ class IngestConfig:
     #: A batch read column by column (``columnar``) costs about 4 ms on its own
     #: whatever its size: 0.03 ms per file at 128 files, 0.01 at 512.
     batch_files: int = 512
-    #: A batch also closes once its files add up to this many bytes.
+    #: A batch also closes once what its worker reads of its files adds up to this many
+    #: bytes: whole files for whole-file checksums, else at most each file's first 32 KB.
     batch_bytes: int = 128 * 1024 * 1024
     #: Batches in flight per worker; a wave is ``workers * batches_per_worker``.
     batches_per_worker: int = 8

@@ -309,3 +309,36 @@ def test_the_next_wave_is_queued_while_one_is_read(tmp_path, archive, monkeypatc
     assert len(runner.futures) == 3  # wave 2 was queued, no wave after it
     assert runner.started == [0, 1, 2] or runner.futures[2].cancelled()
     assert not Lake.open(tmp_path / "lk").read("instances").num_rows
+
+
+@pytest.mark.parametrize(("checksum", "sizes"), [("header", [4, 4, 2]), ("full", [2] * 5)])
+def test_a_batch_closes_on_the_bytes_its_worker_reads(tmp_path, monkeypatch, checksum,
+                                                      sizes):
+    """``batch_bytes`` counts what a worker reads of each file: the whole file when the
+    lake checksums whole files, else at most its header's first 32 KB (a batch of CT
+    slices is then closed by its file count, not by their pixel data)."""
+    from etl import jobs
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(10):  # 50,000 bytes each: not DICOM, so each is a quarantine row
+        (src / f"f{i:02d}.bin").write_bytes(bytes([i]) * 50_000)
+    seen: list[list[int]] = []
+    real_make = jobs.make_runner
+
+    def make(config, run_id, policy=None):
+        runner = real_make(config, run_id, policy)
+        real_submit = runner.submit
+
+        def submit(batches):
+            seen.append([len(b) for b in batches])
+            return real_submit(batches)
+
+        runner.submit = submit
+        return runner
+
+    monkeypatch.setattr(jobs, "make_runner", make)
+    lake = Lake.create(tmp_path / "lk", profile="identified", checksum=checksum)
+    s = ingest(lake, src, fast_config(scheduler="synchronous", batch_bytes=100_000))
+    assert [n for wave in seen for n in wave] == sizes
+    assert s.outcomes["quarantined"] == 10
