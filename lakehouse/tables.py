@@ -67,6 +67,13 @@ STAGE_THREADS = 2
 #: Columns whose values are (nearly) all distinct: no dictionary encoding (Parquet would
 #: build a dictionary for each of their pages, then give it up).
 NO_DICTIONARY = frozenset({"dicom_json"})
+#: Files of fewer rows are written without dictionaries: a dictionary page per column
+#: costs more to write (a third of a small file's encoding) and to store than it saves
+#: on a few hundred rows (bench/README.md, thirteenth session).
+DICTIONARY_MIN_ROWS = 1_000
+#: Columns written without min/max statistics: nothing filters on them, and the largest
+#: values of a page of whole headers made 18 % of an instances file.
+NO_STATISTICS = frozenset({"dicom_json"})
 
 
 @dataclass(frozen=True)
@@ -578,7 +585,9 @@ class LakeWriter:
         body = body.replace_schema_metadata({**(body.schema.metadata or {}), **meta})
         sink = pa.BufferOutputStream()
         pq.write_table(body, sink, compression="zstd", row_group_size=ROW_GROUP_ROWS,
-                       use_dictionary=dictionary_columns(body.schema))
+                       use_dictionary=dictionary_columns(body.schema)
+                       if body.num_rows >= DICTIONARY_MIN_ROWS else False,
+                       write_statistics=leaf_columns(body.schema, NO_STATISTICS))
         data = sink.getvalue().to_pybytes()
         # written whole (a local temporary file renamed, or one object PUT)
         self.storage.write_bytes(f"{root}/{rel}", data, sync=False)
@@ -609,8 +618,14 @@ class LakeWriter:
 
 
 def dictionary_columns(schema: pa.Schema) -> list[str]:
-    """The Parquet column paths (leaves: ``a.list.element`` for a list ``a``) of ``schema``
-    to dictionary-encode: every column but those of :data:`NO_DICTIONARY`."""
+    """The Parquet column paths of ``schema`` to dictionary-encode (in a file of at least
+    :data:`DICTIONARY_MIN_ROWS` rows): every column but those of :data:`NO_DICTIONARY`."""
+    return leaf_columns(schema, NO_DICTIONARY)
+
+
+def leaf_columns(schema: pa.Schema, leave_out: frozenset[str] = frozenset()) -> list[str]:
+    """The Parquet column paths (leaves: ``a.list.element`` for a list ``a``) of the
+    columns of ``schema`` not named in ``leave_out``."""
     out: list[str] = []
 
     def leaves(path: str, typ: pa.DataType) -> None:
@@ -627,7 +642,7 @@ def dictionary_columns(schema: pa.Schema) -> list[str]:
             out.append(path)
 
     for f in schema:
-        if f.name not in NO_DICTIONARY:
+        if f.name not in leave_out:
             leaves(f.name, f.type)
     return out
 

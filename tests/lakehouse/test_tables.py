@@ -161,11 +161,13 @@ def test_replace_rewrites_only_the_files_holding_the_keys(tmp_path):
 def test_partition_files_are_written_by_threads_with_dictionaries_where_values_repeat(
         tmp_path, monkeypatch):
     """An append of many partitions writes one file per partition (staged by a pool of
-    threads), each with every column dictionary-encoded, lists included, but the DICOM
-    JSON (every header is distinct)."""
+    threads). A file of at least DICTIONARY_MIN_ROWS rows has every column
+    dictionary-encoded, lists included, but the DICOM JSON (every header is distinct); a
+    smaller file has no dictionaries. No file has statistics of the DICOM JSON; every
+    other column has them."""
     import threading
 
-    from lakehouse.tables import LakeWriter, dictionary_columns
+    from lakehouse.tables import DICTIONARY_MIN_ROWS, LakeWriter, dictionary_columns
 
     threads: list[str] = []
     stage = LakeWriter._stage
@@ -178,28 +180,34 @@ def test_partition_files_are_written_by_threads_with_dictionaries_where_values_r
 
     lake = Lake.create(tmp_path / "lake")
     spec = TABLES["instances"]
-    n = 60
+    small = 60  # 3 modalities x 5 years, 4 rows each; then one file of many rows
     rows = [{"SOPInstanceUID": f"1.2.{i}", "StudyInstanceUID": "1.2", "SeriesInstanceUID":
-             "1.2.3", "Modality": ["CT", "MR", "US"][i % 3], "study_year": 2000 + i % 5,
+             "1.2.3", "Modality": ["CT", "MR", "US"][i % 3] if i < small else "MG",
+             "study_year": 2000 + i % 5 if i < small else 2010,
              "ImageType": ["ORIGINAL", "PRIMARY"], "dicom_json": f'{{"i": {i}}}'}
-            for i in range(n)]
+            for i in range(small + DICTIONARY_MIN_ROWS)]
     data = conform(spec, pa.Table.from_pylist(rows), lake.profile)
     with lake.writer("run") as w:
         w.append("instances", data)
         w.publish()
         files = pa.table(w.current("instances").get_add_actions(flatten=True)).to_pylist()
-    assert len(files) == 15  # 3 modalities x 5 years
-    encodings = {}
+    assert len(files) == 16
+    encodings: dict[int, dict[str, set]] = {}
     for f in files:
         meta = pq.read_metadata(table_path(tmp_path / "lake", "instances") / f["path"])
+        assert meta.num_rows in (4, DICTIONARY_MIN_ROWS)
         for c in range(meta.num_columns):
             col = meta.row_group(0).column(c)
-            encodings.setdefault(col.path_in_schema, set()).update(col.encodings)
-    assert "RLE_DICTIONARY" not in encodings["dicom_json"]
-    assert "RLE_DICTIONARY" in encodings["ImageType.list.element"]
-    assert "RLE_DICTIONARY" in encodings["SOPInstanceUID"]
+            encodings.setdefault(meta.num_rows, {}).setdefault(
+                col.path_in_schema, set()).update(col.encodings)
+            assert col.is_stats_set == (col.path_in_schema != "dicom_json"), col.path_in_schema
+    large, tiny = encodings[DICTIONARY_MIN_ROWS], encodings[4]
+    assert "RLE_DICTIONARY" not in large["dicom_json"]
+    assert "RLE_DICTIONARY" in large["ImageType.list.element"]
+    assert "RLE_DICTIONARY" in large["SOPInstanceUID"]
     assert set(dictionary_columns(data.schema)) - set(spec.partition_by) == \
-        set(encodings) - {"dicom_json"}
+        {c for c, e in large.items() if "RLE_DICTIONARY" in e}
+    assert not any("RLE_DICTIONARY" in e for e in tiny.values())
     assert threads and all(t.startswith("stage") for t in threads)
     back = Lake.open(tmp_path / "lake").read("instances")
     assert sorted(back.column("SOPInstanceUID").to_pylist()) == sorted(r["SOPInstanceUID"]
