@@ -1,7 +1,7 @@
 """What the fork server of a local process pool imports before it forks any worker.
 
 :class:`etl.runners.LocalRunner` forks its worker processes from the lake's own fork
-server (``etl.runners._SERVER``, not the one ``multiprocessing`` shares with other
+server (``etl.workerserver.SERVER``, not the one ``multiprocessing`` shares with other
 code). The server imports this module once: the worker code with its libraries
 (pydicom, pyarrow, numba), and :func:`etl.extract.warm_up` loads the batch path's
 compiled code. Each worker forked from it starts with all of that done, instead of

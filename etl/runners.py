@@ -8,7 +8,6 @@ next wave while a wave is computing.
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import multiprocessing
 import os
@@ -19,13 +18,12 @@ import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from multiprocessing import forkserver, popen_forkserver, reduction, spawn, util
-from multiprocessing.context import ForkServerContext, ForkServerProcess, set_spawning_popen
 from typing import Protocol
 
 import dask
 import pyarrow as pa
 
+from etl import workerserver
 from etl.config import IngestConfig
 from etl.discover import FileBatch, FoundFile
 from etl.errors import SchedulerError, WorkerStartError
@@ -35,8 +33,6 @@ from lakehouse.deid import Policy
 log = logging.getLogger(__name__)
 
 LOCAL_SCHEDULERS = ("processes", "threads", "synchronous")
-#: the module the fork server of the local process pool imports (``etl.preload``)
-WORKER_PRELOAD = "etl.preload"
 
 
 class Runner(Protocol):
@@ -69,7 +65,7 @@ class LocalRunner:
         # never forked from the driver: it holds DuckDB and Delta (Rust) threads. Workers
         # are forked from a server process (one per driver process, started on first use,
         # single-threaded) that imported the worker code and loaded its compiled code
-        # once (``WORKER_PRELOAD``): each worker then starts in milliseconds instead of
+        # once (``etl.workerserver``): each worker then starts in milliseconds instead of
         # importing and loading for 1.5 CPU-s. Where there is no fork server: spawn.
         marker = os.environ.get("LAKE_TEST_CRASH_MARKER", "")
         if self._started is None:
@@ -131,10 +127,11 @@ class LocalRunner:
 
 
 def _worker_context() -> multiprocessing.context.BaseContext:
-    """How the local pool starts its workers: forked from the lake's fork server (which
-    imports ``WORKER_PRELOAD`` first), or spawned where there is none."""
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        return _WorkerContext()
+    """How the local pool starts its workers: forked from the lake's fork server
+    (:mod:`etl.workerserver`, which imports the worker code first), or spawned where
+    there is none."""
+    if workerserver.available():
+        return workerserver.WorkerContext()
     return multiprocessing.get_context("spawn")
 
 
@@ -142,48 +139,7 @@ def prestart(config: IngestConfig) -> None:
     """Start the local pool's fork server now, for a run that is sure to read files: it
     imports the worker code (about a second of CPU) in the background while the driver
     walks the source, instead of after the first batch is found. Returns at once."""
-    if config.scheduler == "processes" and \
-            "forkserver" in multiprocessing.get_all_start_methods():
-        _SERVER.ensure_running()
-
-
-# --- the lake's own fork server ------------------------------------------------------
-# Not multiprocessing's: that one is shared by every user of the "forkserver" start method
-# in this process (Python 3.14's default), and the server's imports leave pyarrow and numba
-# without pandas and scipy (``etl.preload``), which the ingest workers never use but other
-# code forked from it might. The classes below are ``multiprocessing``'s own, pointed at
-# this server instead (``Popen._launch`` is the standard library's, Python 3.11-3.13).
-_SERVER = forkserver.ForkServer()
-_SERVER.set_forkserver_preload([WORKER_PRELOAD])
-
-
-class _WorkerPopen(popen_forkserver.Popen):
-    def _launch(self, process_obj):
-        prep_data = spawn.get_preparation_data(process_obj._name)
-        buf = io.BytesIO()
-        set_spawning_popen(self)
-        try:
-            reduction.dump(prep_data, buf)
-            reduction.dump(process_obj, buf)
-        finally:
-            set_spawning_popen(None)
-        self.sentinel, w = _SERVER.connect_to_new_process(self._fds)
-        # a duplicate of the data pipe's write end: the child's sign that its parent lives
-        _parent_w = os.dup(w)
-        self.finalizer = util.Finalize(self, util.close_fds, (_parent_w, self.sentinel))
-        with open(w, "wb", closefd=True) as f:
-            f.write(buf.getbuffer())
-        self.pid = forkserver.read_signed(self.sentinel)
-
-
-class _WorkerProcess(ForkServerProcess):
-    @staticmethod
-    def _Popen(process_obj):
-        return _WorkerPopen(process_obj)
-
-
-class _WorkerContext(ForkServerContext):
-    Process = _WorkerProcess
+    workerserver.start(config.scheduler)
 
 
 def extract_ipc(files: Sequence[FoundFile], config: IngestConfig, run_id: str,

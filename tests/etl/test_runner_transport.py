@@ -141,14 +141,14 @@ def test_prestart_starts_the_fork_server_for_the_process_pool_only():
     code = (
         "import multiprocessing.forkserver as fs, os\n"
         "from etl.config import IngestConfig\n"
-        "from etl import runners\n"
+        "from etl import runners, workerserver\n"
         "runners.prestart(IngestConfig(scheduler='threads'))\n"
         "runners.prestart(IngestConfig(scheduler='synchronous'))\n"
-        "print(runners._SERVER._forkserver_pid)\n"
+        "print(workerserver.SERVER._forkserver_pid)\n"
         "runners.prestart(IngestConfig(scheduler='processes'))\n"
-        "pid = runners._SERVER._forkserver_pid\n"
+        "pid = workerserver.SERVER._forkserver_pid\n"
         "os.kill(pid, 0)\n"  # alive
-        "print(pid, runners._SERVER._preload_modules)\n"
+        "print(pid, workerserver.SERVER._preload_modules)\n"
         "print(fs._forkserver._forkserver_pid)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, check=True).stdout.splitlines()
@@ -239,3 +239,42 @@ def test_a_script_without_a_main_guard_fails_at_once_with_what_to_do(archive, tm
                          timeout=300)
     assert (run.returncode, run.stdout.strip()) == (0, "finished"), run.stderr[-800:]
     assert Lake.open(tmp_path / "lake").count("instances") == 20
+
+
+def test_lake_ingest_starts_the_fork_server_before_its_own_imports(tmp_path):
+    """``lake ingest`` with the process pool starts the workers' fork server first, before
+    it imports the ingest code, DuckDB or pydicom (the server's imports then run beside
+    its own); with the thread scheduler it starts none. Each in a fresh interpreter."""
+    import shutil
+    import subprocess
+    import sys
+
+    from pydicom.data import get_testdata_file
+
+    from lakehouse.tables import Lake
+
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(get_testdata_file("CT_small.dcm"), src / "a.dcm")
+    out = []
+    for name, extra in (("pool", []), ("threads", ["--scheduler", "threads"])):
+        Lake.create(tmp_path / name)
+        argv = ["ingest", str(src), "--lake", str(tmp_path / name), *extra]
+        code = (
+            "import sys\n"
+            "from etl import workerserver\n"
+            "calls = []\n"
+            "real = workerserver.start\n"
+            "def spy(scheduler):\n"
+            "    heavy = [m for m in ('etl.jobs', 'duckdb', 'pydicom') if m in sys.modules]\n"
+            "    calls.append((scheduler, heavy))\n"
+            "    real(scheduler)\n"
+            "workerserver.start = spy\n"
+            "from lake_cli import main\n"
+            f"assert main({argv!r}) == 0\n"
+            "print('first', calls[0], workerserver.SERVER._forkserver_pid is not None)\n")
+        out += [line for line in subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=180,
+            check=True).stdout.splitlines() if line.startswith("first")]
+        assert Lake.open(tmp_path / name).count("instances") == 1
+    assert out == ["first ('processes', []) True", "first ('threads', []) False"]
