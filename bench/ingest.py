@@ -13,9 +13,10 @@ For each archive kind (``ct``: preset "bench", mostly 512x512 int16 CT slices;
    keywords with simple conversion, rows into a pandas DataFrame, ``to_parquet``;
 5. runs ``etl.jobs.ingest`` on a fresh lake (``--checksums``: header, the
    default of new lakes, and/or full) in a child process (default
-   ``IngestConfig()``, and optionally ``scheduler="local-cluster"``), timed end
-   to end inside the child, while this process samples the memory of the child
-   and all its descendants;
+   ``IngestConfig()``, and optionally ``scheduler="local-cluster"``) that starts
+   as ``lake ingest`` does (the workers' fork server before its own imports),
+   timed end to end inside the child (its whole wall time printed beside), while
+   this process samples the memory of the child and all its descendants;
 6. runs ``ingest`` a second time on the same lake (nothing changed: a no-op).
 
 Figures are ratios against the baseline measured in the same run (machines
