@@ -100,9 +100,11 @@ def walk(source: Path | str, stats: WalkStats | None = None) -> Iterator[FoundFi
 
 
 def walk_columns(source: Path | str, stats: WalkStats | None = None,
-                 chunk: int = 20_000, listings: Listings | None = None) -> Iterator[Found]:
+                 chunk: int = 20_000, listings: Listings | None = None,
+                 first: int | None = None) -> Iterator[Found]:
     """The files of :func:`walk`, in the same order, in chunks of ``chunk`` files (the last
-    one smaller; never empty), found as the chunks are taken.
+    one smaller; never empty), found as the chunks are taken. ``first``: the size of the
+    first chunk, when it should come sooner (default ``chunk``).
 
     One ``stat`` per entry (following links) and one listing per folder, nothing else:
     an entry's ``stat`` also gives a folder's device and inode (the loop check), and the
@@ -127,18 +129,20 @@ def walk_columns(source: Path | str, stats: WalkStats | None = None,
     if not os.access(root, os.R_OK | os.X_OK):
         raise SourceError(str(root), "permission denied")
     top = str(root.absolute())
+    chunks = (first or chunk, chunk)
     if listings is None:
-        yield from _walk(top, st, stats, chunk, None)
+        yield from _walk(top, st, stats, chunks, None)
         return
     try:
-        yield from _walk(top, st, stats, chunk, listings)
+        yield from _walk(top, st, stats, chunks, listings)
         listings.save()
     finally:
         listings.discard()  # nothing left to drop once saved
 
 
-def _walk(top: str, st: os.stat_result, stats: WalkStats, chunk: int,
+def _walk(top: str, st: os.stat_result, stats: WalkStats, chunks: tuple[int, int],
           listings: Listings | None) -> Iterator[Found]:
+    chunk, later = chunks  # the first chunk's size, then the others'
     seen: set[tuple[int, int]] = set()
     paths: list[str] = []
     sizes: list[int] = []
@@ -203,6 +207,7 @@ def _walk(top: str, st: os.stat_result, stats: WalkStats, chunk: int,
                 if len(paths) >= chunk:
                     yield Found(paths, sizes, mtimes, errors)
                     paths, sizes, mtimes, errors = [], [], [], {}
+                    chunk = later
             elif is_dir(mode):
                 sub = listing(path, est)
                 if sub is not None:
@@ -215,6 +220,7 @@ def _walk(top: str, st: os.stat_result, stats: WalkStats, chunk: int,
         if len(paths) >= chunk:
             yield Found(paths, sizes, mtimes, errors)
             paths, sizes, mtimes, errors = [], [], [], {}
+            chunk = later
     if paths:
         yield Found(paths, sizes, mtimes, errors)
 

@@ -216,8 +216,10 @@ class _Job:
         if self.source_kind == "folder" and source.is_dir():
             listings = Listings(listings_path(self.lake.work_dir(), str(source.absolute())),
                                 reuse=self.config.reuse_listings)
-        # a generator: files are found as extraction goes, INDEX_CHUNK at a time
-        found = walk_columns(source, stats, INDEX_CHUNK, listings)
+        # a generator: files are found as extraction goes, INDEX_CHUNK at a time after a
+        # first chunk of one batch per worker, which the workers can start on at once
+        found = walk_columns(source, stats, INDEX_CHUNK, listings,
+                             first=self.config.batch_files * self.config.resolved_workers())
         t = time.perf_counter()
         todo = self._changed(found, stats)
         self._extract(source, todo)
@@ -299,7 +301,10 @@ class _Job:
         self.summary.scheduler = runner.description
         self.summary.workers = runner.workers
         wave_size = max(1, runner.workers * self.config.batches_per_worker)
-        waves = _chunked(itertools.chain([first], batches), wave_size)
+        # a first wave of one batch per worker: they start on it while the files of the
+        # next wave (16 batches) are walked
+        waves = itertools.chain([[first, *itertools.islice(batches, runner.workers - 1)]],
+                                _chunked(batches, wave_size))
         # the total for the progress bar comes from a second walk that only counts (none
         # without a progress bar: 0.3 CPU-s per 100,000 files)
         counter = _Counter(source) if self.count else None

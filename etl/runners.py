@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import util as mp_util
 from typing import Protocol
 
 import dask
@@ -69,7 +70,11 @@ class LocalRunner:
         # importing and loading for 1.5 CPU-s. Where there is no fork server: spawn.
         marker = os.environ.get("LAKE_TEST_CRASH_MARKER", "")
         if self._started is None:
-            fd, self._started = tempfile.mkstemp(prefix="lake-workers-", suffix=".pids")
+            # in multiprocessing's temporary folder of this process, beside the fork
+            # server's socket: removed with it at exit, and a killed driver leaves that
+            # one folder behind, not a file more in the system's temporary folder
+            fd, self._started = tempfile.mkstemp(prefix="lake-workers-", suffix=".pids",
+                                                 dir=mp_util.get_temp_dir())
             os.close(fd)
         return ProcessPoolExecutor(self.workers, mp_context=_worker_context(),
                                    initializer=start_worker, initargs=(marker, self._started))

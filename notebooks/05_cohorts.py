@@ -22,6 +22,7 @@
 # %%
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -140,6 +141,11 @@ plt.imshow(array[array.shape[0] // 2], cmap="gray")
 plt.title("middle slice of the first exported volume")
 plt.axis("off")
 
+# %% [markdown]
+# The notebook cleans up after itself: the cohort it saved and the export it wrote (a
+# temporary folder here; `lake cohort export` writes where you tell it to).
+
 # %%
 cohorts.delete(LAKE, "notebook_chest_ct")
+shutil.rmtree(out)
 cat.close()

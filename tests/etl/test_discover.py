@@ -79,11 +79,14 @@ def _reference_walk(folder: str, seen: set) -> list[tuple[str, int, int, bool]]:
     return out
 
 
-@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 1000])
-def test_walk_columns_in_chunks_is_the_walk(tmp_path, chunk):
+@pytest.mark.parametrize(("chunk", "first"),
+                         [(1, None), (2, None), (3, None), (7, None), (1000, None), (7, 2),
+                          (3, 5), (1000, 1)])
+def test_walk_columns_in_chunks_is_the_walk(tmp_path, chunk, first):
     """Files before, between and after subfolders, deep nesting, links to folders (a loop,
     a second link), broken links and a fifo: the same entries in the same order as the
-    recursive walk, in chunks of ``chunk`` files, and ``walk`` yields the same."""
+    recursive walk, in chunks of ``chunk`` files after a first one of ``first`` (default
+    ``chunk``), and ``walk`` yields the same."""
     import random
 
     from etl.discover import walk_columns
@@ -111,9 +114,10 @@ def test_walk_columns_in_chunks_is_the_walk(tmp_path, chunk):
 
     expected = _reference_walk(str(tmp_path), set())
     stats = WalkStats()
-    chunks = list(walk_columns(tmp_path, stats, chunk))
-    assert all(0 < len(c) <= chunk for c in chunks)
-    assert all(len(c) == chunk for c in chunks[:-1])
+    chunks = list(walk_columns(tmp_path, stats, chunk, first=first))
+    sizes = [first or chunk] + [chunk] * (len(chunks) - 1)
+    assert [len(c) for c in chunks[:-1]] == sizes[:-1]
+    assert 0 < len(chunks[-1]) <= sizes[-1]
     got = [(c.paths[i], c.sizes[i], c.mtimes[i], i in c.errors)
            for c in chunks for i in range(len(c))]
     assert got == expected

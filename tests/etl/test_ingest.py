@@ -251,6 +251,8 @@ class _RecordingRunner:
         self.workers, self.description = real.workers, real.description
         self.futures: list = []
         self.started: list[int] = []
+        #: the number of batches of each wave
+        self.sizes: list[int] = []
         #: waves submitted while a wave before them was still being read
         self.ahead = 0
         self._thread = ThreadPoolExecutor(1)
@@ -266,6 +268,7 @@ class _RecordingRunner:
 
     def submit(self, batches):
         self.ahead += any(not f.done() for f in self.futures)
+        self.sizes.append(len(batches))
         f = self._thread.submit(self._compute, len(self.futures), [list(b) for b in batches])
         self.futures.append(f)
         return f
@@ -279,7 +282,8 @@ class _RecordingRunner:
 def test_the_next_wave_is_queued_while_one_is_read(tmp_path, archive, monkeypatch,
                                                    fail_wave):
     """The driver submits a wave before it waits for the one before (the workers never
-    wait for its walk between waves); every wave is read once, in order; when a wave
+    wait for its walk between waves); the first wave is one batch per worker (they start
+    on it while the next wave is walked); every wave is read once, in order; when a wave
     fails, the run stops with its error: the wave queued behind it is cancelled (unless
     the runner had started it already) and no later wave is walked or submitted."""
     from etl import jobs
@@ -298,7 +302,9 @@ def test_the_next_wave_is_queued_while_one_is_read(tmp_path, archive, monkeypatc
         s = ingest(lake, archive[0], config)
         (runner,) = runners
         n = len(runner.futures)
-        assert n == -(-s.files_seen // 64) > 3  # one worker: waves of 2 batches of 32 files
+        # one worker: a first wave of one batch of 32 files, then waves of 2 batches
+        assert n == 1 + -(-(s.files_seen - 32) // 64) > 3
+        assert runner.sizes[:-1] == [1] + [2] * (n - 2)
         assert runner.started == list(range(n))
         assert runner.ahead == n - 1
         assert sum(s.outcomes.values()) == s.files_seen

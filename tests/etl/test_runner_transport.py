@@ -205,6 +205,43 @@ def test_the_fork_server_leaves_pandas_and_scipy_out_of_the_workers(archive):
         assert ex.submit(_imports_of_a_child).result() == ["pandas"]
 
 
+def test_the_workers_start_with_dasks_scheduler_code_imported():
+    """Dask's local scheduler sends each task as a function of ``dask.local``: a worker
+    whose server had not imported dask imported it while the first wave waited (0.1-0.16
+    s per worker). The server imports it with the worker code; a worker's first call
+    finds it there (``eval``, a builtin, so that nothing is imported to unpickle it)."""
+    runner = LocalRunner(IngestConfig(scheduler="processes", workers=1), "r1")
+    try:
+        assert runner._pool is not None
+        got = runner._pool.submit(
+            eval, "sorted(m for m in ('dask', 'dask.local', 'etl.extract') "
+                  "if m in __import__('sys').modules)").result()
+    finally:
+        runner.close()
+    assert got == ["dask", "dask.local", "etl.extract"]
+
+
+def test_the_workers_pid_file_is_in_multiprocessings_folder_and_removed_on_close():
+    """Each worker of the pool writes its pid to a file (the driver's sign that a worker
+    started): in ``multiprocessing``'s temporary folder of this process, removed with it
+    at exit (a driver killed by a signal left ``lake-workers-*.pids`` files behind in the
+    system's temporary folder), and removed when the runner closes."""
+    import os
+    from multiprocessing import util
+
+    runner = LocalRunner(IngestConfig(scheduler="processes", workers=1), "r1")
+    try:
+        assert runner._pool is not None and runner._started is not None
+        started = runner._started
+        assert os.path.dirname(started) == util.get_temp_dir()
+        pid = runner._pool.submit(eval, "__import__('os').getpid()").result()
+        with open(started) as f:
+            assert f.read() == f"{pid}\n"
+    finally:
+        runner.close()
+    assert not os.path.exists(started)
+
+
 def test_a_script_without_a_main_guard_fails_at_once_with_what_to_do(archive, tmp_path):
     """Each worker of the process pool imports the main module: a script that calls
     ingest() at its top level starts it again in every worker, which dies while starting

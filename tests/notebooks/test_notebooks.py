@@ -21,6 +21,10 @@ def test_notebook_executes(path, request, monkeypatch, tmp_path):
         shutil.copytree(request.getfixturevalue("built_lake")[0], lake, symlinks=True)
     monkeypatch.setenv("LAKE_DIR", str(lake))
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    # the kernel's temporary folder, which each notebook must leave as it found it
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temporary))
     nb = jupytext.read(path)
     client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=180,
                                      resources={"metadata": {"path": str(tmp_path)}})
@@ -29,3 +33,4 @@ def test_notebook_executes(path, request, monkeypatch, tmp_path):
               if o.get("output_type") == "error"]
     assert errors == []
     assert any(c.get("outputs") for c in nb.cells if c.cell_type == "code")
+    assert sorted(p.name for p in temporary.iterdir()) == []
