@@ -313,8 +313,9 @@ class _Job:
         self.progress("extract", 0, 0)
         try:
             # two waves submitted at a time: the runner starts the second as soon as the
-            # first is done, while this thread takes the first's tables and walks on to
-            # the third (with one, the workers waited for that walk after every wave)
+            # first has handed its last task to the workers (the process pool; else when
+            # the first is done), while this thread takes the first's tables and walks on
+            # to the third (with one, the workers waited for that walk after every wave)
             pending: Future | None = runner.submit(next(waves))
             wave_next = next(waves, None)
             queued = runner.submit(wave_next) if wave_next is not None else None

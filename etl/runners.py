@@ -14,8 +14,9 @@ import os
 import re
 import sys
 import tempfile
+import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import util as mp_util
@@ -60,7 +61,16 @@ class LocalRunner:
         self._started: str | None = None
         if self.scheduler == "processes":
             self._pool = self._new_pool()
-        self._driver = ThreadPoolExecutor(1, thread_name_prefix="lake-wave")
+        # two waves computing at a time: a wave starts as soon as the one before it has
+        # handed its last task to the pool (its tasks queue behind those), so the
+        # workers go on to the next wave's batches instead of waiting at each wave's end
+        # for its last batch and for the next wave's start (a tenth of their time).
+        # Waves that do not run in the pool (threads, synchronous) go one after another.
+        self._driver = ThreadPoolExecutor(2, thread_name_prefix="lake-wave")
+        self._gate = _Gate()
+        #: set when the last wave submitted has handed every task to the pool
+        self._handed = threading.Event()
+        self._handed.set()
 
     def _new_pool(self) -> ProcessPoolExecutor:
         # never forked from the driver: it holds DuckDB and Delta (Rust) threads. Workers
@@ -79,7 +89,10 @@ class LocalRunner:
         return ProcessPoolExecutor(self.workers, mp_context=_worker_context(),
                                    initializer=start_worker, initargs=(marker, self._started))
 
-    def _compute(self, batches: list[list[FoundFile]]) -> list[pa.Table]:
+    def _compute(self, batches: list[list[FoundFile]],
+                 handed: threading.Event | None = None) -> list[pa.Table]:
+        """The tables of ``batches``; ``handed`` is set once their last task is in the
+        pool (only for the process pool: other schedulers never set it)."""
         # worker processes send their tables back as Arrow IPC streams (see extract_ipc)
         fn = extract_ipc if self._pool is not None else extract_batch
         # each batch goes in as one opaque literal: Dask would otherwise walk the list
@@ -96,7 +109,8 @@ class LocalRunner:
             # idle), and a second one queued behind it: Dask hands out a new task only
             # when its scheduler thread in this process gets to a finished one, which
             # can wait while the driver classifies and commits
-            kwargs.update(pool=_Queued(self._pool, depth=2), chunksize=1)
+            kwargs.update(pool=_Queued(self._pool, depth=2, tasks=len(tasks), handed=handed),
+                          chunksize=1)
         elif self.scheduler == "threads":
             kwargs["num_workers"] = self.workers
         results = dask.compute(*tasks, **kwargs)
@@ -117,8 +131,26 @@ class LocalRunner:
 
     def submit(self, batches):
         batches = [FileBatch(b) for b in batches]
-        return self._driver.submit(survive_crashes, self._compute, self._reset, batches,
-                                   self.run_id)
+        before, self._handed = self._handed, threading.Event()
+        return self._driver.submit(self._wave, batches, before, self._handed)
+
+    def _wave(self, batches: list[list[FoundFile]], before: threading.Event,
+              handed: threading.Event) -> list[pa.Table]:
+        try:
+            before.wait()  # the wave before has handed its last task to the pool
+            with self._gate.shared():
+                try:
+                    return self._compute(batches, handed)
+                except BaseException as exc:
+                    if not _is_crash(exc):
+                        raise
+        finally:
+            handed.set()
+        # a worker died, in this wave or in the other one computing: this wave is read
+        # again alone (batch by batch once the pool is broken, see survive_crashes), no
+        # other wave computing meanwhile, whose crash would be blamed on its files
+        with self._gate.exclusive():
+            return survive_crashes(self._compute, self._reset, batches, self.run_id)
 
     def close(self) -> None:
         self._driver.shutdown(wait=True)
@@ -193,14 +225,60 @@ _LOCAL_GET: dict[str, Callable[[], Callable]] = {
 class _Queued:
     """A process pool as Dask's local scheduler sees it: ``depth`` task slots per worker
     process (Dask keeps ``pool._max_workers`` tasks in flight), so that each worker
-    has its next task waiting in the pool's queue when it finishes one."""
+    has its next task waiting in the pool's queue when it finishes one. ``handed`` is set
+    when the last of the compute's ``tasks`` is submitted."""
 
-    def __init__(self, pool: ProcessPoolExecutor, depth: int):
+    def __init__(self, pool: ProcessPoolExecutor, depth: int, tasks: int = 0,
+                 handed: threading.Event | None = None):
         self._pool = pool
         self._max_workers = pool._max_workers * depth  # type: ignore[attr-defined]
+        self._left = tasks
+        self._handed = handed
 
     def submit(self, fn, /, *args, **kwargs):
-        return self._pool.submit(fn, *args, **kwargs)
+        future = self._pool.submit(fn, *args, **kwargs)
+        self._left -= 1
+        if self._left <= 0 and self._handed is not None:
+            self._handed.set()
+        return future
+
+
+class _Gate:
+    """Waves compute side by side (``shared``); a wave read again after a worker died
+    computes alone (``exclusive``: it waits for the waves computing to end, and waves
+    that come after it wait for it)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0  # exclusive turns asked for
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive and not self._waiting)
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            self._cond.wait_for(lambda: not self._exclusive and not self._shared)
+            self._waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
 
 
 def _is_crash(exc: BaseException) -> bool:

@@ -12,23 +12,32 @@ from lakehouse import Lake
 from tests.etl import corpus
 
 
-def test_a_worker_crash_quarantines_only_the_poisoned_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize(("files", "poisoned", "batch_files", "batches_per_worker"),
+                         [(9, [5], 4, 8), (30, [3, 17, 26], 2, 1)])
+def test_a_worker_crash_quarantines_only_the_poisoned_file(tmp_path, monkeypatch, files,
+                                                           poisoned, batch_files,
+                                                           batches_per_worker):
+    """One poisoned file; then three, in waves of two batches that compute side by side
+    (a crash in one wave also breaks the other's pool: each is read again alone, and only
+    the poisoned files become quarantine rows)."""
     src = tmp_path / "src"
     src.mkdir()
     uid = corpus._Uids()
-    names = [f"f{i:02d}.dcm" for i in range(9)]
-    names.insert(5, "f04_poison_crash.dcm")
+    names = [f"f{i:02d}.dcm" for i in range(files)]
+    for i in poisoned:
+        names.insert(i, f"f{i - 1:02d}_poison_crash.dcm")
     for name in names:
         (src / name).write_bytes(corpus.part10(corpus.base(uid)))
     # spawned workers inherit the environment: reading this file calls os._exit in the worker
     monkeypatch.setenv("LAKE_TEST_CRASH_MARKER", "poison_crash")
     lake = Lake.create(tmp_path / "lake")
-    s = ingest(lake, src, IngestConfig(scheduler="processes", workers=2, batch_files=4))
-    assert s.outcomes["ingested"] == 9 and s.outcomes["quarantined"] == 1
-    assert s.quarantine_reasons == {"worker_crash": 1}
+    s = ingest(lake, src, IngestConfig(scheduler="processes", workers=2, batch_files=batch_files,
+                                       batches_per_worker=batches_per_worker))
+    assert s.outcomes["ingested"] == files and s.outcomes["quarantined"] == len(poisoned)
+    assert s.quarantine_reasons == {"worker_crash": len(poisoned)}
     with open_lake(tmp_path / "lake", vault=True) as c:
         rows = dict(c.con.execute("SELECT path, reason FROM files").fetchall())
-        assert c.counts()["instances"] == 9
+        assert c.counts()["instances"] == files
     assert rows == {str(src / n): ("worker_crash" if "poison" in n else None) for n in names}
 
 

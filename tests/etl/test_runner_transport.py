@@ -242,6 +242,49 @@ def test_the_workers_pid_file_is_in_multiprocessings_folder_and_removed_on_close
     assert not os.path.exists(started)
 
 
+def test_a_wave_starts_once_the_wave_before_has_handed_its_last_task_to_the_pool(
+        archive, monkeypatch):
+    """Two waves compute side by side: the second hands its first task to the pool as soon
+    as the first has handed its last one, before that task is done (the worker goes on to
+    it instead of waiting for the first wave's end). Each wave gets its own tables, in
+    order. One worker; the first wave's last batch is large, so that it is still running
+    when the second wave starts."""
+    import threading
+    import time
+
+    from etl import runners
+
+    found = sorted(walk(archive[0]), key=lambda f: f.path)
+    first = [found[:5], found[5:10], found[10:210]]
+    second = [found[210:215], found[215:220]]
+    events: list[tuple[str, int, float]] = []
+    waves: dict[int, int] = {}
+    lock = threading.Lock()
+    real = runners._Queued.submit
+
+    def submit(self, fn, *args, **kwargs):
+        future = real(self, fn, *args, **kwargs)
+        with lock:
+            wave = waves.setdefault(id(self), len(waves))
+            events.append(("submitted", wave, time.perf_counter()))
+        future.add_done_callback(
+            lambda _: events.append(("done", wave, time.perf_counter())))
+        return future
+
+    monkeypatch.setattr(runners._Queued, "submit", submit)
+    runner = LocalRunner(IngestConfig(scheduler="processes", workers=1), "r1")
+    try:
+        one, two = runner.submit(first), runner.submit(second)
+        tables = one.result(), two.result()
+    finally:
+        runner.close()
+    started = min(t for kind, wave, t in events if (kind, wave) == ("submitted", 1))
+    first_done = max(t for kind, wave, t in events if (kind, wave) == ("done", 0))
+    assert started < first_done
+    assert [[t.column("path").to_pylist() for t in wave] for wave in tables] == [
+        [[f.path for f in b] for b in batches] for batches in (first, second)]
+
+
 def test_a_script_without_a_main_guard_fails_at_once_with_what_to_do(archive, tmp_path):
     """Each worker of the process pool imports the main module: a script that calls
     ingest() at its top level starts it again in every worker, which dies while starting
