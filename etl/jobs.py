@@ -194,6 +194,9 @@ class _Job:
         self._pending: dict[str, tuple[str, str, pa.Table, int]] = {}
         self._buffer_rows = 0
         self._buffer_bytes = 0
+        self._instance_commits = 0
+        #: every instances row of the run, when it committed them all at its end, at once
+        self._run_instances: pa.Table | None = None
         # what the lake holds, scanned once per run when first needed (etl.seen)
         self._hasher: seen.Hasher | None = None
         self._uids: seen.KeyIndex | None = None
@@ -501,6 +504,9 @@ class _Job:
                 self._files = [files.filter(waiting)]
                 files = files.filter(pc.invert(waiting))
             self.w.append("instances", instances)
+            self._instance_commits += 1
+            # the run's only commit of instances: the summaries read them from memory
+            self._run_instances = instances if final and self._instance_commits == 1 else None
             if self._uids is not None:
                 assert self._hasher is not None
                 self._uids.add(*self._hasher.keys(
@@ -573,6 +579,7 @@ class _Job:
         for what changed since the version they were built from, rebuilt whole on a first
         run or when the summary code changed (also repairs the summaries after a run that
         died before summarizing)."""
+        rows, self._run_instances = self._run_instances, None
         current, code = self.w.versions["instances"], summarize.fingerprint()
         since = self.w.extra.get("summaries_from")
         same_code = self.w.extra.get("summaries_code") == code
@@ -590,7 +597,10 @@ class _Job:
                 updates = summarize.update(self.lake, before, self.w.current("instances"),
                                            self.w.current("studies"))
         if updates is None:
-            for name, table in summarize.build(self.lake, self.w.current("instances")).items():
+            # the run's rows are all of the version's when the lake had none before it
+            # (build checks the count: ingest only ever appends instances)
+            built = summarize.build(self.lake, self.w.current("instances"), rows)
+            for name, table in built.items():
                 self.w.overwrite(name, table)
             self.summary.summaries = "rebuilt"
         else:

@@ -32,7 +32,7 @@ from deltalake import DeltaTable
 
 from etl import dose
 from lakehouse.duck import parquet_relation
-from lakehouse.schemas import TABLES
+from lakehouse.schemas import TABLES, conform
 from lakehouse.tables import Lake
 
 log = logging.getLogger(__name__)
@@ -115,16 +115,30 @@ def _instances_view(con: duckdb.DuckDBPyConnection, present: set[str]) -> None:
                 "FROM instances_ds")
 
 
-def build(lake: Lake, instances: DeltaTable) -> dict[str, pa.Table]:
+def build(lake: Lake, instances: DeltaTable, rows: pa.Table | None = None
+          ) -> dict[str, pa.Table]:
     """Summary tables computed from a version of ``instances`` of ``lake``.
 
     DuckDB reads the version's Parquet files itself where it can
     (:func:`lakehouse.duck.parquet_relation`), through a pyarrow dataset otherwise.
+    ``rows``: every row of that version, when the caller still holds them (the ingest run
+    that wrote all of them, in one commit): DuckDB reads them in memory instead, as they
+    were written (``conform``), without decoding the files again (the summaries of a
+    20,000-file first run in half the time). Ignored when the version has another number
+    of rows.
     """
     con, home = _connect(lake)
     try:
-        _instances_view(con, _register(con, lake, home, "instances", instances,
-                                       "instances_ds"))
+        if rows is not None and rows.num_rows != _row_count(instances):
+            log.debug("summaries: the rows given are not the version's; its files are read")
+            rows = None
+        if rows is None:
+            present = _register(con, lake, home, "instances", instances, "instances_ds")
+        else:
+            rows = conform(TABLES["instances"], rows, lake.profile)
+            con.from_arrow(rows).create_view("instances_ds")
+            present = set(rows.column_names)
+        _instances_view(con, present)
         out = {}
         with ThreadPoolExecutor(1, thread_name_prefix="dose") as pool:
             events = _dose_events_meanwhile(pool, con)
@@ -137,6 +151,12 @@ def build(lake: Lake, instances: DeltaTable) -> dict[str, pa.Table]:
         return out
     finally:
         con.close()
+
+
+def _row_count(dt: DeltaTable) -> int | None:
+    """The rows of the version ``dt`` (None when its log does not say)."""
+    records = pa.table(dt.get_add_actions(flatten=True)).column("num_records")
+    return None if records.null_count else pc.sum(records).as_py() or 0
 
 
 def _files(dt: DeltaTable) -> dict[str, tuple[str, int]] | None:

@@ -245,3 +245,41 @@ def test_dose_reports_parsed_beside_the_queries_or_first_through_a_dataset(
     assert len(expected) > 3
     for built in (beside, first):
         assert rows(built["dose_events"], "dose_events", lake.profile) == expected
+
+
+@pytest.mark.parametrize("profile", ["identified", "research"])
+def test_a_first_run_summarizes_its_rows_in_memory_as_from_its_files(archive, tmp_path,
+                                                                     monkeypatch, profile):
+    """A run that commits all its instances at its end, at once, gives them to
+    ``summarize.build``, which reads them in memory instead of decoding the files just
+    written: the summaries are the rows a build from the files gives. Rows that are not
+    all of the version's (another count: a lake that had instances before the run) are
+    not used; a run that committed its instances in several parts gives none."""
+    calls: list[int | None] = []
+    real = summarize.build
+
+    def spy(lake, instances, rows=None):
+        calls.append(None if rows is None else rows.num_rows)
+        return real(lake, instances, rows)
+
+    monkeypatch.setattr(summarize, "build", spy)
+    key = tmp_path / "lake.key" if profile == "research" else None
+    lake = Lake.create(tmp_path / "lake", profile=profile, key_file=key)
+    s = ingest(lake, archive[0], fast_config(), key_file=key)
+    assert calls == [s.outcomes["ingested"]] and s.summaries == "rebuilt"
+    lake = Lake.open(tmp_path / "lake")
+    version = lake.open_delta("instances")
+    from_files = real(lake, version)
+    assert derived(tmp_path / "lake") == {
+        name: rows(from_files[name], name, profile) for name in DERIVED}
+    # rows that are not all of the version's: its files are read
+    some = lake.read("instances").slice(0, 10)
+    assert {n: t.num_rows for n, t in real(lake, version, some).items()} == {
+        n: t.num_rows for n, t in from_files.items()}
+
+    # several commits of instances in one run (a small flush_rows): the files are read
+    calls.clear()
+    again = Lake.create(tmp_path / "again", profile=profile, key_file=key)
+    s = ingest(again, archive[0], fast_config(flush_rows=100, hold_share=0), key_file=key)
+    assert calls == [None] and s.summaries == "rebuilt"
+    assert derived(tmp_path / "again") == derived(tmp_path / "lake")
