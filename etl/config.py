@@ -17,7 +17,8 @@ class IngestConfig:
     #: A batch also closes once what its worker reads of its files adds up to this many
     #: bytes: whole files for whole-file checksums, else at most each file's first 32 KB.
     batch_bytes: int = 128 * 1024 * 1024
-    #: Batches in flight per worker; a wave is ``workers * batches_per_worker``.
+    #: Batches in flight per worker; a wave is ``workers * batches_per_worker`` (the
+    #: run's first wave: one batch per worker, so that they start at once).
     batches_per_worker: int = 8
     #: Buffered instance rows before they are committed to the lake. A commit writes a
     #: file per (Modality, year) partition it holds: fewer, larger commits leave fewer
