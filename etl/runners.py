@@ -59,7 +59,7 @@ class LocalRunner:
         self._pool: ProcessPoolExecutor | None = None
         #: a file each worker appends its pid to once started (``start_worker``)
         self._started: str | None = None
-        if self.scheduler == "processes":
+        if self.scheduler == workerserver.SCHEDULER:  # the pool forked from the server
             self._pool = self._new_pool()
         # two waves computing at a time: a wave starts as soon as the one before it has
         # handed its last task to the pool (its tasks queue behind those), so the
