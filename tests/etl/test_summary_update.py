@@ -8,7 +8,7 @@ import pydicom
 import pytest
 
 from catalog import open_lake
-from etl import ingest, summarize
+from etl import ingest, jobs, summarize
 from lakehouse import Lake
 from lakehouse.optimize import optimize
 from lakehouse.schemas import TABLES, conform
@@ -250,11 +250,12 @@ def test_dose_reports_parsed_beside_the_queries_or_first_through_a_dataset(
 @pytest.mark.parametrize("profile", ["identified", "research"])
 def test_a_first_run_summarizes_its_rows_in_memory_as_from_its_files(archive, tmp_path,
                                                                      monkeypatch, profile):
-    """A run that commits all its instances at its end, at once, gives them to
-    ``summarize.build``, which reads them in memory instead of decoding the files just
-    written: the summaries are the rows a build from the files gives. Rows that are not
-    all of the version's (another count: a lake that had instances before the run) are
-    not used; a run that committed its instances in several parts gives none."""
+    """A run into a lake without instances keeps what the summaries read of the rows it
+    commits (in one commit or several) and gives them to ``summarize.build``, which reads
+    them in memory instead of decoding the files just written: the summaries are the rows
+    a build from the files gives. Rows that are not all of the version's (another count:
+    a lake that had instances before the run) are not used; nor are a run's rows past
+    ``SUMMARY_ROWS_BYTES`` (the files are read)."""
     calls: list[int | None] = []
     real = summarize.build
 
@@ -277,9 +278,43 @@ def test_a_first_run_summarizes_its_rows_in_memory_as_from_its_files(archive, tm
     assert {n: t.num_rows for n, t in real(lake, version, some).items()} == {
         n: t.num_rows for n, t in from_files.items()}
 
-    # several commits of instances in one run (a small flush_rows): the files are read
+    # several commits of instances in one run (a small flush_rows): all of them kept
     calls.clear()
     again = Lake.create(tmp_path / "again", profile=profile, key_file=key)
-    s = ingest(again, archive[0], fast_config(flush_rows=100, hold_share=0), key_file=key)
-    assert calls == [None] and s.summaries == "rebuilt"
+    several = fast_config(batch_files=16, batches_per_worker=1, flush_rows=100, hold_share=0)
+    kept: list[int] = []  # the bytes kept of each commit
+    real_rows = summarize.summary_rows
+
+    def summary_rows(rows, profile):
+        out = real_rows(rows, profile)
+        kept.append(out.nbytes)
+        return out
+
+    monkeypatch.setattr(summarize, "summary_rows", summary_rows)
+    s = ingest(again, archive[0], several, key_file=key)
+    assert calls == [s.outcomes["ingested"]] and s.summaries == "rebuilt"
+    assert Lake.open(tmp_path / "again").snapshot().versions["instances"] >= 3
     assert derived(tmp_path / "again") == derived(tmp_path / "lake")
+
+    # more than SUMMARY_ROWS_BYTES of them: the files are read
+    calls.clear()
+    assert len(kept) >= 3
+    monkeypatch.setattr(jobs, "SUMMARY_ROWS_BYTES", kept[0])  # past it at the 2nd commit
+    kept.clear()
+    third = Lake.create(tmp_path / "third", profile=profile, key_file=key)
+    s = ingest(third, archive[0], several, key_file=key)
+    assert calls == [None] and s.summaries == "rebuilt" and len(kept) == 2
+    assert derived(tmp_path / "third") == derived(tmp_path / "lake")
+
+    # a lake with instances before the run (summaries rebuilt: another code's): its rows
+    # are not all of the version's, and are not kept
+    calls.clear()
+    with Lake.open(tmp_path / "third").writer("old-code") as w:
+        w.extra["summaries_code"] = "another"
+        w.publish(note="summaries of another code")
+    (tmp_path / "more").mkdir()
+    ds = pydicom.dcmread(sorted((archive[0] / "archive").rglob("*.dcm"))[0])
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(tmp_path / "more" / "new.dcm")
+    s = ingest(Lake.open(tmp_path / "third"), tmp_path / "more", fast_config(), key_file=key)
+    assert s.outcomes["ingested"] == 1 and s.summaries == "rebuilt" and calls == [None]
