@@ -53,15 +53,18 @@ class KeyIndex:
         present = np.zeros(len(keys), dtype=bool)
         match = np.zeros(len(keys), dtype=bool)
         for ck, cv in self._chunks:
+            # one binary search (the key's first entry); a key held more than once has its
+            # next entry equal too, and is looked at alone
             left = np.searchsorted(ck, keys, side="left")
-            right = np.searchsorted(ck, keys, side="right")
-            hits = right > left
-            present |= hits
-            single = hits & (right - left == 1)
             idx = np.minimum(left, len(ck) - 1)
-            match |= single & (cv[idx] == values)
-            for i in np.flatnonzero(hits & (right - left > 1)):  # a key held more than once
-                match[i] |= bool(np.any(cv[left[i]:right[i]] == values[i]))
+            hits = ck[idx] == keys
+            present |= hits
+            after = np.minimum(idx + 1, len(ck) - 1)
+            more = hits & (after > idx) & (ck[after] == keys)
+            match |= hits & ~more & (cv[idx] == values)
+            for i in np.flatnonzero(more):
+                right = np.searchsorted(ck, keys[i], side="right")
+                match[i] |= bool(np.any(cv[left[i]:right] == values[i]))
         return present, match
 
 

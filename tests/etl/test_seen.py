@@ -42,6 +42,26 @@ def test_key_index_repeated_keys_and_merged_chunks():
     assert [a.tolist() for a in empty.lookup(u64(1), u64(1))] == [[False], [False]]
 
 
+def test_key_index_lookups_equal_a_dictionarys():
+    """Random keys, many held more than once (in one chunk and across chunks, at either
+    end of a chunk): each lookup says what a dictionary of key -> check values says."""
+    rng = np.random.default_rng(7)
+    index, held = seen.KeyIndex(), {}
+    for _ in range(5):
+        keys = rng.integers(0, 60, 40).astype(np.uint64)
+        values = rng.integers(0, 4, 40).astype(np.uint64)
+        index.add(keys, values)
+        for k, v in zip(keys.tolist(), values.tolist(), strict=True):
+            held.setdefault(k, set()).add(v)
+    keys = rng.integers(0, 70, 500).astype(np.uint64)
+    values = rng.integers(0, 4, 500).astype(np.uint64)
+    present, match = index.lookup(keys, values)
+    assert present.tolist() == [k in held for k in keys.tolist()]
+    assert match.tolist() == [v in held.get(k, ()) for k, v in
+                              zip(keys.tolist(), values.tolist(), strict=True)]
+    assert 0 < match.sum() < present.sum() < len(keys)
+
+
 def test_file_keys_match_only_the_same_path_size_and_mtime():
     """A file index row matches a found file with the same path, size and mtime, unless
     it could not be read then (io_error: tried again)."""
