@@ -51,10 +51,10 @@ PARTITION = list(TABLES["instances"].partition_by)
 INDEX_CHUNK = 20_000
 #: The collector's youngest-generation threshold during a run (Python's default: 700).
 GC_YOUNG = 50_000
-#: A run into a lake without instances keeps what the summaries read of its rows (about
-#: 700 bytes a row: 380,000 rows) up to this size, and summarizes them from memory at
-#: its end instead of decoding the files it wrote (100,000 small files: 0.44-0.51 s
-#: against 0.82-0.94 s); past it, it drops them and reads the files.
+#: A run into a lake without instances keeps what the summaries read of its rows (700-870
+#: bytes a row: some 300,000 rows) up to this size, and summarizes them from memory at
+#: its end instead of decoding the files it wrote (100,000 small files: 0.62-0.76 s
+#: against 1.10-1.35 s); past it, it drops them and reads the files.
 SUMMARY_ROWS_BYTES = 256 << 20
 
 
