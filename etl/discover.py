@@ -22,6 +22,7 @@ from etl.errors import SourceError
 
 if TYPE_CHECKING:
     from etl.listings import Listings
+    from etl.statahead import Results, StatAhead
 
 log = logging.getLogger(__name__)
 
@@ -131,17 +132,23 @@ def walk_columns(source: Path | str, stats: WalkStats | None = None,
     top = str(root.absolute())
     chunks = (first or chunk, chunk)
     if listings is None:
-        yield from _walk(top, st, stats, chunks, None)
+        yield from _walk(top, st, stats, chunks, None, None)
         return
+    from etl.statahead import StatAhead  # numpy and Arrow: only with listings
+
+    ahead = StatAhead.start(listings.reusable_names, listings.tree)
     try:
-        yield from _walk(top, st, stats, chunks, listings)
+        yield from _walk(top, st, stats, chunks, listings, ahead)
         listings.save()
     finally:
         listings.discard()  # nothing left to drop once saved
+        if ahead is not None:
+            ahead.close()
+            log.debug("%d folders stat-ed ahead by a second process", ahead.taken)
 
 
 def _walk(top: str, st: os.stat_result, stats: WalkStats, chunks: tuple[int, int],
-          listings: Listings | None) -> Iterator[Found]:
+          listings: Listings | None, ahead: StatAhead | None) -> Iterator[Found]:
     chunk, later = chunks  # the first chunk's size, then the others'
     seen: set[tuple[int, int]] = set()
     paths: list[str] = []
@@ -149,9 +156,11 @@ def _walk(top: str, st: os.stat_result, stats: WalkStats, chunks: tuple[int, int
     mtimes: list[int] = []
     errors: dict[int, str] = {}
 
-    def listing(folder: str, st: os.stat_result) -> list[str] | None:
-        """The sorted names in ``folder`` (None: already walked, or not listable)."""
-        key = (st.st_dev, st.st_ino)
+    def listing(folder: str, dev: int, ino: int, mtime: int,
+                ctime: int) -> tuple[list[str], Results | None] | None:
+        """The sorted names in ``folder``, with their ``stat`` results when the second
+        process has them (None: already walked, or not listable)."""
+        key = (dev, ino)
         if key in seen:
             stats.loops_skipped += 1
             log.debug("folder %s already walked (link loop or second link)", folder)
@@ -159,9 +168,9 @@ def _walk(top: str, st: os.stat_result, stats: WalkStats, chunks: tuple[int, int
         seen.add(key)
         stats.folders += 1
         if listings is not None:
-            names = listings.get(folder, st)
+            names = listings.get(folder, dev, ino, mtime, ctime)
             if names is not None:
-                return names
+                return names, None if ahead is None else ahead.get(folder, len(names))
             listed_at = time.time_ns()  # just before the listing
         try:
             names = os.listdir(folder)
@@ -177,42 +186,64 @@ def _walk(top: str, st: os.stat_result, stats: WalkStats, chunks: tuple[int, int
             return None
         names.sort()
         if listings is not None:
-            listings.put(folder, st, listed_at, names)
-        return names
+            listings.put(folder, dev, ino, mtime, ctime, listed_at, names)
+        return names, None
 
-    names = listing(top, st)
-    # each open folder: [its path with a trailing separator, its sorted names, next index]
-    stack: list[list] = [] if names is None else [[os.path.join(top, ""), names, 0]]
+    # each open folder: [its path with a trailing separator, its sorted names, next
+    # index, its entries' stat results from the second process or None]
+    opened = listing(top, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+    stack: list[list] = [] if opened is None else \
+        [[os.path.join(top, ""), opened[0], 0, opened[1]]]
     is_reg, is_dir, stat_of = stat.S_ISREG, stat.S_ISDIR, os.stat
     while stack:
         frame = stack[-1]
-        prefix, names, i = frame
+        prefix, names, i, ready = frame
         n = len(names)
+        if ready is not None:
+            modes, rsizes, rmtimes, devs, inos, ctimes, base, plain = ready
+            if plain:  # regular files only, every one stat-ed: a chunk's room at a time
+                while i < n:
+                    k = min(n - i, chunk - len(paths))
+                    paths += [prefix + name for name in names[i:i + k]]
+                    sizes += rsizes[base + i:base + i + k]
+                    mtimes += rmtimes[base + i:base + i + k]
+                    i += k
+                    if len(paths) >= chunk:
+                        yield Found(paths, sizes, mtimes, errors)
+                        paths, sizes, mtimes, errors = [], [], [], {}
+                        chunk = later
+                stack.pop()
+                continue
         while i < n:
             path = prefix + names[i]
             i += 1
-            try:
-                est = stat_of(path)
-            except OSError as exc:
-                errors[len(paths)] = exc.strerror or str(exc)
-                paths.append(path)
-                sizes.append(0)
-                mtimes.append(0)
-                continue
-            mode = est.st_mode
+            if ready is not None and (mode := modes[j := base + i - 1]):
+                size, mtime = rsizes[j], rmtimes[j]
+            else:
+                j = -1
+                try:
+                    est = stat_of(path)
+                except OSError as exc:
+                    errors[len(paths)] = exc.strerror or str(exc)
+                    paths.append(path)
+                    sizes.append(0)
+                    mtimes.append(0)
+                    continue
+                mode, size, mtime = est.st_mode, est.st_size, est.st_mtime_ns
             if is_reg(mode):
                 paths.append(path)
-                sizes.append(est.st_size)
-                mtimes.append(est.st_mtime_ns)
+                sizes.append(size)
+                mtimes.append(mtime)
                 if len(paths) >= chunk:
                     yield Found(paths, sizes, mtimes, errors)
                     paths, sizes, mtimes, errors = [], [], [], {}
                     chunk = later
             elif is_dir(mode):
-                sub = listing(path, est)
+                sub = listing(path, int(devs[j]), int(inos[j]), mtime, int(ctimes[j])) \
+                    if j >= 0 else listing(path, est.st_dev, est.st_ino, mtime, est.st_ctime_ns)
                 if sub is not None:
                     frame[2] = i
-                    stack.append([path + "/", sub, 0])
+                    stack.append([path + "/", sub[0], 0, sub[1]])
                     break
             # sockets, fifos and devices are not files of an archive: ignored
         else:

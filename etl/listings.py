@@ -71,7 +71,10 @@ class Listings:
         # mtime_ns, ctime_ns) columns
         self._index: dict[str, tuple[int, int]] = {}
         self._keys: list[tuple[list[int], ...]] = []
-        self._names_of: tuple[int, list[str], np.ndarray] | None = None
+        self._reusable: list[np.ndarray] = []  # each batch's rows that may be reused
+        #: the names in the listings that may be reused
+        self.reusable_names = 0
+        self._names_of: tuple[int, list[str], list[int]] | None = None
         self._reused: list[tuple[int, int]] = []
         self._fresh: dict[str, list] = {name: [] for name in SCHEMA.names}
         self._fresh_count = 0
@@ -109,30 +112,48 @@ class Listings:
                     & (np.minimum(mtime, ctime) > 0)
                 # columns, not a tuple per folder: a third of the time of the load
                 self._keys.append(tuple(batch.column(c).to_pylist() for c in range(1, 5)))
+                rows = np.flatnonzero(reusable)
                 self._index.update(zip(
                     itertools.compress(batch.column(0).to_pylist(), reusable),
-                    zip(itertools.repeat(b), np.flatnonzero(reusable).tolist()), strict=True))
+                    zip(itertools.repeat(b), rows.tolist()), strict=True))
+                self._reusable.append(rows)
+                counts = np.diff(batch.column(6).offsets.to_numpy())
+                self.reusable_names += int(counts[rows].sum())
         except FileNotFoundError:
             return
         except (OSError, pa.ArrowException, ValueError) as exc:
             log.warning("ignoring the folder listings kept in %s: %s", self.path, exc)
-            self._batches, self._index, self._keys = [], {}, []
+            self._batches, self._index, self._keys, self._reusable = [], {}, [], []
+            self.reusable_names = 0
 
     # -- during the walk -------------------------------------------------------
-    def get(self, folder: str, st: os.stat_result) -> list[str] | None:
-        """The sorted names of ``folder`` (whose ``stat`` is ``st``) as last listed, or None
-        when it must be listed again (never listed, changed since, or listed too soon
-        after a change)."""
+    def get(self, folder: str, dev: int, ino: int, mtime_ns: int,
+            ctime_ns: int) -> list[str] | None:
+        """The sorted names of ``folder`` (whose ``stat`` gave these device, inode and times)
+        as last listed, or None when it must be listed again (never listed, changed since,
+        or listed too soon after a change)."""
         known = self._index.get(folder)
         if known is None:
             return None
         b, row = known
-        dev, ino, mtime, ctime = self._keys[b]
-        if mtime[row] != st.st_mtime_ns or ctime[row] != st.st_ctime_ns \
-                or ino[row] != st.st_ino or dev[row] != st.st_dev:
+        devs, inos, mtimes, ctimes = self._keys[b]
+        if mtimes[row] != mtime_ns or ctimes[row] != ctime_ns or inos[row] != ino \
+                or devs[row] != dev:
             return None
         self._reused.append((b, row))
         return self._names(b, row)
+
+    def tree(self) -> tuple[pa.Array, pa.Array]:
+        """``(folders, names)`` of every listing that may be reused (large strings, and
+        large lists of them): what :mod:`etl.statahead` is given to ``stat`` ahead."""
+        folders, names = [], []
+        for batch, rows in zip(self._batches, self._reusable, strict=True):
+            part = batch.take(pa.array(rows, pa.int64()))
+            folders.append(part.column(0).cast(pa.large_string()))
+            names.append(part.column(6).cast(pa.large_list(pa.large_string())))
+        if not folders:
+            return pa.array([], pa.large_string()), pa.array([], pa.large_list(pa.large_string()))
+        return pa.concat_arrays(folders), pa.concat_arrays(names)
 
     def _names(self, b: int, row: int) -> list[str]:
         # the names of one batch at a time as Python strings: the walk asks for the
@@ -140,20 +161,22 @@ class Listings:
         if self._names_of is None or self._names_of[0] != b:
             names = self._batches[b].column(6)
             offsets = names.offsets.to_numpy()
-            self._names_of = (b, names.flatten().to_pylist(), offsets - offsets[0])
+            self._names_of = (b, names.flatten().to_pylist(), (offsets - offsets[0]).tolist())
         _, values, offsets = self._names_of
         return values[offsets[row]:offsets[row + 1]]
 
-    def put(self, folder: str, st: os.stat_result, listed_at_ns: int, names: list[str]) -> None:
-        """Record a listing of ``folder`` taken now (``listed_at_ns``: just before it)."""
+    def put(self, folder: str, dev: int, ino: int, mtime_ns: int, ctime_ns: int,
+            listed_at_ns: int, names: list[str]) -> None:
+        """Record a listing of ``folder`` taken now (``listed_at_ns``: just before it), with
+        the device, inode and times of its ``stat``."""
         if self._broken:
             return
         fresh = self._fresh
         fresh["folder"].append(folder)
-        fresh["dev"].append(st.st_dev)
-        fresh["ino"].append(st.st_ino)
-        fresh["mtime_ns"].append(st.st_mtime_ns)
-        fresh["ctime_ns"].append(st.st_ctime_ns)
+        fresh["dev"].append(dev)
+        fresh["ino"].append(ino)
+        fresh["mtime_ns"].append(mtime_ns)
+        fresh["ctime_ns"].append(ctime_ns)
         fresh["listed_at_ns"].append(listed_at_ns)
         fresh["names"].append(names)
         self._fresh_count += 1

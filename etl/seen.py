@@ -72,11 +72,19 @@ class Hasher:
     """64-bit keys and check values of Arrow columns, computed by DuckDB."""
 
     def __init__(self) -> None:
-        # one thread: the driver shares the cores with the workers
-        self.con = duckdb.connect(config={"threads": 1})
+        self._con: duckdb.DuckDBPyConnection | None = None
+
+    @property
+    def con(self) -> duckdb.DuckDBPyConnection:
+        """The connection, made when first used (25-40 ms)."""
+        if self._con is None:
+            # one thread: the driver shares the cores with the workers
+            self._con = duckdb.connect(config={"threads": 1})
+        return self._con
 
     def close(self) -> None:
-        self.con.close()
+        if self._con is not None:
+            self._con.close()
 
     def keys(self, source: pa.Table | object, key_sql: str, check_sql: str,
              where: str = "true") -> tuple[np.ndarray, np.ndarray]:

@@ -158,7 +158,9 @@ def test_a_damaged_or_foreign_file_is_ignored_and_replaced(tmp_path, settled, ca
     table = pa.ipc.open_file(str(cache)).read_all()
     with pa.ipc.new_file(str(cache), table.schema.with_metadata({"format": "0"})) as w:
         w.write_table(table.replace_schema_metadata({"format": "0"}))
-    assert Listings(cache).get(str(src), os.stat(src)) is None
+    st = os.stat(src)
+    assert Listings(cache).get(str(src), st.st_dev, st.st_ino, st.st_mtime_ns,
+                               st.st_ctime_ns) is None
 
 
 def test_folders_without_times_are_always_listed(tmp_path, settled, monkeypatch):
