@@ -261,15 +261,15 @@ class _Job:
             # ``files``: 50-100 ms at 100,000 files, mostly without the GIL) while the walk
             # starts, up to a chunk ahead
             made: Future = Future()
-            threading.Thread(target=_settle, args=(made, lambda: hasher.keys(
-                files, *seen.FILE_KEY)), name="lake-files-index").start()
+            threading.Thread(target=_settle, args=(made, lambda: index.add(*hasher.keys(
+                files, *seen.FILE_KEY))), name="lake-files-index").start()
             try:
                 while not made.done() and sum(map(len, walked)) < INDEX_CHUNK \
                         and (chunk := next(found, None)) is not None:
                     walked.append(chunk)
             finally:
                 made.exception()  # the connection is not closed under the thread
-            index.add(*made.result())
+            made.result()
         if not len(index):  # the lake's first run: every file found will be read
             prestart(self.config)
         self.timings["discover"] += time.perf_counter() - t
