@@ -16,12 +16,17 @@ from tests.etl.test_listings import make_tree, rows
 
 
 @pytest.fixture
-def forced(monkeypatch):
-    """The child starts for any walk with listings, and has finished before the walk
-    starts (so the walk takes every folder it can from it); listings count as settled."""
+def eager(monkeypatch):
+    """The child starts for any walk with listings; listings count as settled."""
     monkeypatch.setattr(listings_mod, "SETTLE_NS", 0)
     monkeypatch.setattr(statahead, "MIN_ENTRIES", 0)
     monkeypatch.setattr(statahead, "usable_cpus", lambda: 2)
+
+
+@pytest.fixture
+def forced(eager, monkeypatch):
+    """:func:`eager`, and the child has finished before the walk starts (so the walk
+    takes every folder it can from it)."""
     started = []
     start = statahead.StatAhead.start.__func__
 
@@ -110,10 +115,7 @@ def test_entries_the_child_cannot_stat_are_stat_ed_by_the_walk(tmp_path, forced)
     "import sys; sys.stdin.buffer.read(); sys.stdout.buffer.write(b'\\x01' * 40)",  # garbage
     "import sys, time; sys.stdin.buffer.read(); time.sleep(60)",                # never answers
 ])
-def test_a_child_that_fails_changes_nothing(tmp_path, monkeypatch, child):
-    monkeypatch.setattr(listings_mod, "SETTLE_NS", 0)
-    monkeypatch.setattr(statahead, "MIN_ENTRIES", 0)
-    monkeypatch.setattr(statahead, "usable_cpus", lambda: 2)
+def test_a_child_that_fails_changes_nothing(tmp_path, monkeypatch, eager, child):
     script = tmp_path / "child.py"
     script.write_text(child)
     monkeypatch.setattr(statahead, "CHILD", script)
