@@ -248,7 +248,8 @@ class _Job:
     def _changed(self, found: Iterator[Found], stats: WalkStats) -> Iterator[FoundFile]:
         """The files of ``found`` not already read with the same path, size and mtime (one
         scan of the file index per run, then lookups in memory), a chunk of the walk at a
-        time: the walk runs only as far ahead of extraction as one chunk. An unchanged
+        time: the walk runs only as far ahead of extraction as one chunk (at the start of
+        a rerun, while the index is made, up to ``INDEX_CHUNK`` files more). An unchanged
         file costs its ``stat`` and its share of a few column operations: no object."""
         hasher = self._hasher
         assert hasher is not None
