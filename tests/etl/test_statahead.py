@@ -57,6 +57,14 @@ def tree_with_more(root):
         os.chmod(root / "locked", 0)
 
 
+def source(tmp_path, make=tree_with_more):
+    """(a source folder made by ``make``; where its listings are kept)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    make(src)
+    return src, tmp_path / "walk.arrow"
+
+
 def walk(source, cache):
     listings = Listings(cache)
     stats = WalkStats()
@@ -64,10 +72,7 @@ def walk(source, cache):
 
 
 def test_the_walk_is_the_same_with_the_child(tmp_path, forced):
-    src = tmp_path / "src"
-    src.mkdir()
-    tree_with_more(src)
-    cache = tmp_path / "walk.arrow"
+    src, cache = source(tmp_path)
     first, first_stats, _ = walk(src, cache)  # no listings yet: no child
     assert forced == []
     second, second_stats, listings = walk(src, cache)
@@ -99,10 +104,7 @@ def test_the_walk_is_the_same_with_the_child(tmp_path, forced):
 
 def test_entries_the_child_cannot_stat_are_stat_ed_by_the_walk(tmp_path, forced):
     """A broken link fails in the child too; the walk stats it again for its error."""
-    src = tmp_path / "src"
-    src.mkdir()
-    make_tree(src)
-    cache = tmp_path / "walk.arrow"
+    src, cache = source(tmp_path, make_tree)
     first, _, _ = walk(src, cache)
     again, _, _ = walk(src, cache)
     assert again == first
@@ -119,10 +121,7 @@ def test_a_child_that_fails_changes_nothing(tmp_path, monkeypatch, eager, child)
     script = tmp_path / "child.py"
     script.write_text(child)
     monkeypatch.setattr(statahead, "CHILD", script)
-    src = tmp_path / "src"
-    src.mkdir()
-    tree_with_more(src)
-    cache = tmp_path / "walk.arrow"
+    src, cache = source(tmp_path)
     first, first_stats, _ = walk(src, cache)
     again, again_stats, listings = walk(src, cache)
     assert again == first and again_stats == first_stats
@@ -130,10 +129,7 @@ def test_a_child_that_fails_changes_nothing(tmp_path, monkeypatch, eager, child)
 
 
 def test_an_abandoned_walk_ends_the_child(tmp_path, forced):
-    src = tmp_path / "src"
-    src.mkdir()
-    tree_with_more(src)
-    cache = tmp_path / "walk.arrow"
+    src, cache = source(tmp_path)
     walk(src, cache)
     found = walk_columns(src, WalkStats(), 1, Listings(cache))
     next(found)
@@ -153,10 +149,7 @@ def test_small_walks_and_one_cpu_start_no_child(tmp_path, monkeypatch):
         return real_popen(*args, **kwargs)
 
     monkeypatch.setattr(statahead.subprocess, "Popen", popen)
-    src = tmp_path / "src"
-    src.mkdir()
-    make_tree(src)
-    cache = tmp_path / "walk.arrow"
+    src, cache = source(tmp_path, make_tree)
     walk(src, cache)
     walk(src, cache)  # 8 names: under MIN_ENTRIES
     monkeypatch.setattr(statahead, "MIN_ENTRIES", 0)
