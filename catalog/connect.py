@@ -15,18 +15,21 @@ import logging
 import re
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
-import pandas as pd
 import pyarrow as pa
 
 from catalog.config import CatalogConfig
 from catalog.errors import QueryError
-from lakehouse.duck import parquet_relation
+from lakehouse.duck import parquet_relation, sql_type
 from lakehouse.errors import UnknownTableError
 from lakehouse.schemas import RESEARCH, TABLES, VAULT, TableSpec
 from lakehouse.storage import Storage
 from lakehouse.tables import Lake, Snapshot
+
+if TYPE_CHECKING:  # pandas only for df(): a catalog that never asks for one never loads it
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +73,7 @@ class Catalog:
             present: set[str] | None = None
             if name not in self.snapshot.versions:
                 # a table added after this lake was created: empty until written
-                empty = spec.storage_schema(self.lake.profile).empty_table()
-                self.con.register(raw, empty)
-                present = set(empty.column_names)
+                present = self._attach_empty(raw, spec)
             else:
                 present = self._attach_parquet(raw, name, spec)
             if present is None:
@@ -90,10 +91,30 @@ class Catalog:
         """``, NULL AS "c"`` for each declared column the table's files do not have (a
         column added to the schema after the table was last written), typed as declared,
         so that views and macros can rely on the declared schema of every lake."""
-        declared = self.con.from_arrow(spec.schema(self.lake.profile).empty_table())
-        return "".join(f', CAST(NULL AS {typ}) AS "{col}"'
-                       for col, typ in zip(declared.columns, declared.types, strict=True)
-                       if col not in present)
+        schema = spec.schema(self.lake.profile)
+        missing = [f for f in schema if f.name not in present]
+        if not missing:
+            return ""
+        types = [sql_type(f.type) for f in missing]
+        if None in types:  # a type sql_type does not know: DuckDB's own reading of it
+            declared = self.con.from_arrow(schema.empty_table())
+            known = dict(zip(declared.columns, map(str, declared.types), strict=True))
+            types = [known[f.name] for f in missing]
+        return "".join(f', CAST(NULL AS {typ}) AS "{f.name}"'
+                       for f, typ in zip(missing, types, strict=True))
+
+    def _attach_empty(self, raw: str, spec: TableSpec) -> set[str]:
+        """``raw`` as a view of no rows with the table's storage columns (a table not
+        written yet, or a version without files)."""
+        schema = spec.storage_schema(self.lake.profile)
+        types = [sql_type(f.type) for f in schema]
+        if None in types:
+            self.con.register(raw, schema.empty_table())
+        else:
+            columns = ", ".join(f'CAST(NULL AS {typ}) AS "{f.name}"'
+                                for f, typ in zip(schema, types, strict=True))
+            self.con.execute(f'CREATE VIEW "{raw}" AS SELECT {columns} WHERE false')
+        return set(schema.names)
 
     def _attach_parquet(self, raw: str, name: str, spec: TableSpec) -> set[str] | None:
         """Scan the snapshot's Parquet files with DuckDB's own reader (see
@@ -101,8 +122,11 @@ class Catalog:
         object storage through the registered fsspec filesystem). Returns the columns
         attached, or None when the table has to be read through a pyarrow dataset."""
         home = "/" if self.lake.local else self.lake.storage.uri("") + "/"
-        found = parquet_relation(self.con, self.lake.delta(name, self.snapshot), spec,
-                                 self.lake.profile, home)
+        dt = self.lake.delta(name, self.snapshot)
+        files = dt.file_uris()
+        if not files:
+            return self._attach_empty(raw, spec)
+        found = parquet_relation(self.con, dt, spec, self.lake.profile, home, files)
         if found is None:
             return None
         rel, attached = found

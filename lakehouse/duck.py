@@ -11,13 +11,27 @@ from __future__ import annotations
 from importlib import resources
 
 import duckdb
+import pyarrow as pa
 from deltalake import DeltaTable
 
 from lakehouse.schemas import TableSpec
 
-#: SQL types of partition values (the Hive-style folder names are text).
-PARTITION_TYPES = {"string": "VARCHAR", "int32": "INTEGER", "int64": "BIGINT",
-                   "date32[day]": "DATE"}
+#: SQL types of the Arrow types the table schemas use (what DuckDB makes of each).
+_SQL_TYPES = {pa.bool_(): "BOOLEAN", pa.int32(): "INTEGER", pa.int64(): "BIGINT",
+              pa.float64(): "DOUBLE", pa.string(): "VARCHAR", pa.large_string(): "VARCHAR",
+              pa.date32(): "DATE", pa.time64("us"): "TIME",
+              pa.timestamp("us", tz="UTC"): "TIMESTAMP WITH TIME ZONE"}
+
+
+def sql_type(typ: pa.DataType) -> str | None:
+    """The DuckDB type of a column of Arrow type ``typ``, as DuckDB reads it from Arrow;
+    None for a type not in the table schemas. Known without registering Arrow data with
+    DuckDB, which loads pandas (0.3 s) in the process: a catalog opened for a CLI
+    report does not need it."""
+    if pa.types.is_list(typ) or pa.types.is_large_list(typ):
+        inner = sql_type(typ.value_type)
+        return None if inner is None else f"{inner}[]"
+    return _SQL_TYPES.get(typ)
 
 
 def _sql(name: str) -> str:
@@ -57,8 +71,8 @@ def parquet_relation(con: duckdb.DuckDBPyConnection, dt: DeltaTable, spec: Table
     for f in spec.storage_schema(profile):
         if f.name not in present:
             continue
-        if f.name in spec.partition_by:
-            columns.append(f'CAST("{f.name}" AS {PARTITION_TYPES[str(f.type)]}) '
+        if f.name in spec.partition_by:  # the Hive-style folder names are text
+            columns.append(f'CAST("{f.name}" AS {sql_type(f.type)}) '
                            f'AS "{f.name}"')
         else:
             columns.append(f'"{f.name}"')

@@ -27,17 +27,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
 from deltalake.transaction import AddAction, CommitProperties, RemoveAction
 
-from lakehouse import deid, layout, privacy
+from lakehouse import layout, privacy
 from lakehouse.config import CHECKSUMS, PROFILES, LakeConfig
 from lakehouse.errors import (
     FolderNotEmptyError,
@@ -51,6 +51,11 @@ from lakehouse.errors import (
 from lakehouse.provenance import file_metadata
 from lakehouse.schemas import TABLES, VAULT, TableSpec, conform
 from lakehouse.storage import DEFAULT_LEASE_SECONDS, Storage, WriterLock, open_storage
+
+if TYPE_CHECKING:
+    import pyarrow.dataset as ds
+
+    from lakehouse import deid
 
 log = logging.getLogger(__name__)
 
@@ -184,8 +189,11 @@ class Lake:
             raise LakeExistsError(store.url)
         if not store.is_empty():
             raise FolderNotEmptyError(store.url)
-        for item in private_allowlist or []:
-            deid.private_tag(item)  # validate before anything is written
+        if private_allowlist:
+            from lakehouse import deid  # pydicom: only where tags are parsed (0.2 s)
+
+            for item in private_allowlist:
+                deid.private_tag(item)  # validate before anything is written
         lake_id = uuid.uuid4().hex
         fp = None
         if profile == "research":
@@ -265,6 +273,8 @@ class Lake:
             raise privacy.KeyError_(path, f"key file {path} is not the key of the lake at "
                                           f"{self.location} (fingerprints differ); use the key "
                                           "created by `lake init` for this lake")
+        from lakehouse import deid  # pydicom: not loaded by a lake only read
+
         tags = [deid.private_tag(item) for item in self.config.private_allowlist]
         return deid.Policy(privacy.Pseudonymizer(key), tags)
 
@@ -342,6 +352,8 @@ class Lake:
         snap = snapshot or self.snapshot()
         if name not in snap.versions:
             # a table added to the schemas after this snapshot was published: empty
+            import pyarrow.dataset as ds  # with pandas (0.3 s): not for a catalog's SQL
+
             spec = TABLES[name]
             return ds.dataset(spec.storage_schema(self.profile).empty_table())
         return self.arrow_dataset(name, self.delta(name, snap))

@@ -4,14 +4,20 @@ or several (merged by name), and tables kept in memory for a session."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 
+import duckdb
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from catalog import cohorts, open_lake
 from catalog.spec import where
 from lakehouse import Lake
+from lakehouse.duck import sql_type
 from lakehouse.errors import UnknownTableError
+from lakehouse.schemas import TABLES
 
 
 def test_files_written_with_an_older_schema_are_read_by_column_name(built_lake, tmp_path):
@@ -61,3 +67,50 @@ def test_cached_tables_give_the_same_rows_from_memory(built_lake):
         assert cat.counts() == counts
         with pytest.raises(UnknownTableError, match="nope"):
             cat.cache("nope")
+
+
+@pytest.mark.parametrize("profile", ["identified", "research"])
+def test_sql_types_of_the_schemas_are_duckdbs_own(profile):
+    """The catalog types empty tables and missing columns without registering Arrow data
+    (which loads pandas): its types are those DuckDB gives the same Arrow columns."""
+    con = duckdb.connect()
+    for spec in TABLES.values():
+        for schema in (spec.schema(profile), spec.storage_schema(profile)):
+            rel = con.from_arrow(schema.empty_table())
+            assert [sql_type(f.type) for f in schema] == list(map(str, rel.types)), spec.name
+    assert sql_type(pa.map_(pa.string(), pa.string())) is None
+
+
+def test_tables_without_files_and_columns_no_file_has(built_lake, tmp_path):
+    dest = tmp_path / "lake"
+    shutil.copytree(built_lake[0], dest, symlinks=True)
+    lake = Lake.open(dest)
+    with open_lake(dest) as cat:
+        declared = {name: dict(zip(cat.table(name).columns, map(str, cat.table(name).types),
+                                   strict=True)) for name in cat.tables}
+        n_series = cat.counts()["series"]
+    assert declared["series"]["SeriesTime"] == "TIME" and declared["series"]["kvp_max"] == "DOUBLE"
+    assert declared["image_stats"]  # a table no run wrote: no files
+    assert not lake.delta("image_stats", lake.snapshot()).file_uris()
+    # every series file as an older writer left it, without two columns
+    for path in lake.delta("series", lake.snapshot()).file_uris():
+        pq.write_table(pq.read_table(path).drop_columns(["SeriesTime", "kvp_max"]), path)
+    with open_lake(dest) as cat:
+        for name in cat.tables:
+            rel = cat.table(name)
+            assert dict(zip(rel.columns, map(str, rel.types), strict=True)) == declared[name]
+        assert cat.con.execute("SELECT count(*), count(SeriesTime), count(kvp_max) "
+                               "FROM series").fetchall() == [(n_series, 0, 0)]
+        assert cat.counts()["image_stats"] == 0
+
+
+def test_a_report_from_the_command_line_loads_neither_pandas_nor_pydicom(built_lake):
+    code = ("import sys, lake_cli\n"
+            f"sys.argv = ['lake', 'report', 'repeats', '--lake', {str(built_lake[0])!r}, "
+            "'--format', 'csv']\n"
+            "assert lake_cli.main() in (0, None)\n"
+            "print(sorted(m for m in ('pandas', 'pydicom', 'pyarrow.dataset') "
+            "if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.splitlines()[-1] == "[]"
