@@ -89,7 +89,7 @@ class StatAhead:
         proc = self._proc
         assert proc.stdin is not None and proc.stdout is not None
         try:
-            folders, names = tree()
+            folders, names = from_the_end(*tree())
             paths: list[str] = folders.to_pylist()
             counts: list[int] = np.diff(names.offsets.to_numpy()).tolist()
             for part in _request(folders, names):
@@ -138,6 +138,15 @@ class StatAhead:
             if stream is not None:
                 with contextlib.suppress(OSError):
                     stream.close()
+
+
+def from_the_end(folders: pa.Array, names: pa.Array) -> tuple[pa.Array, pa.Array]:
+    """``folders`` and their ``names`` in the reverse of the order the walk meets them: it
+    goes depth first, names sorted, so in the order of the paths with "/" sorting first
+    (Arrow sorts strings bytewise, as the walk's ``sort`` of names does)."""
+    order = pc.array_sort_indices(pc.replace_substring(folders, "/", "\0"),
+                                  order="descending")
+    return folders.take(order), names.take(order)
 
 
 def _request(folders: pa.Array, names: pa.Array) -> list[bytes | memoryview]:

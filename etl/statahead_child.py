@@ -1,5 +1,5 @@
 """The second process of :mod:`etl.statahead`: ``stat`` every entry of the folders it is
-given, the folders in the reverse of the walk's order, and write the results back as
+given, in the order given (the reverse of the walk's), and write the results back as
 they come.
 
 Run as a script (``python -I -S statahead_child.py``), not imported: the standard
@@ -44,17 +44,12 @@ def main() -> None:
     names_at = _int64s(src, n_folders + 1)
     folders = _read(src, folder_bytes)
     names = _read(src, name_bytes)
-    paths = [folders[folder_at[i]:folder_at[i + 1]] for i in range(n_folders)]
-    # the walk goes depth first, names sorted, so it meets the folders in the order of
-    # their paths with "/" sorting first: this process starts from the other end
-    order = sorted(range(n_folders), key=lambda i: paths[i].replace(b"/", b"\0"),
-                   reverse=True)
     stat = os.stat
     done, plain, rows = array("q"), array("q"), array("q")
     put = rows.extend
-    for i in order:
+    for i in range(n_folders):
         start = len(rows)
-        prefix = paths[i] + b"/"
+        prefix = folders[folder_at[i]:folder_at[i + 1]] + b"/"
         joined = names[names_at[i]:names_at[i + 1]]
         for name in joined.split(b"\0") if joined else ():
             try:

@@ -162,8 +162,8 @@ def test_small_walks_and_one_cpu_start_no_child(tmp_path, monkeypatch):
 
 
 def test_the_child_reports_each_folder_in_the_reverse_of_the_walk(tmp_path):
-    """The child's own output, read directly: folders from the walk's end, each entry's
-    stat in order, and which folders hold regular files only."""
+    """The child's own output, read directly: folders from the walk's end (in the order
+    given), each entry's stat in order, and which folders hold regular files only."""
     import numpy as np
     import pyarrow as pa
 
@@ -174,8 +174,11 @@ def test_the_child_reports_each_folder_in_the_reverse_of_the_walk(tmp_path):
     tree = {str(root): ["a", "a.b", "b", "gone"], str(root / "a"): ["x.dcm", "y.dcm"],
             str(root / "a.b"): ["z.dcm"], str(root / "b"): ["c"],
             str(root / "b" / "c"): ["w.dcm"]}
-    folders = pa.array(list(tree), pa.large_string())
-    names = pa.array(list(tree.values()), pa.large_list(pa.large_string()))
+    folders, names = statahead.from_the_end(
+        pa.array(list(tree), pa.large_string()),
+        pa.array(list(tree.values()), pa.large_list(pa.large_string())))
+    given = folders.to_pylist()
+    assert names.to_pylist() == [tree[f] for f in given]
     out = subprocess.run([os.sys.executable, "-I", "-S", str(statahead.CHILD)],
                          input=b"".join(bytes(p) for p in statahead._request(folders, names)),
                          capture_output=True, check=True).stdout
@@ -190,7 +193,7 @@ def test_the_child_reports_each_folder_in_the_reverse_of_the_walk(tmp_path):
         at += 48 * n_entries
         start = 0
         for i, flat in zip(done, plain, strict=True):
-            folder = list(tree)[i]
+            folder = given[i]
             for k, name in enumerate(tree[folder]):
                 mode, size, mtime, dev, ino, ctime = rows[start + k].tolist()
                 if name == "gone":
