@@ -540,11 +540,11 @@ def cmd_status(args) -> int:
             "tables": cat.counts(),
             "quarantine_by_reason": dict(cat.con.execute(
                 "SELECT reason, count(*) FROM quarantine GROUP BY 1 ORDER BY 1").fetchall()),
-            "last_runs": cat.df(
+            "last_runs": cat.arrow(
                 "SELECT ingest_run_id, status, files_seen, files_unchanged, files_ingested, "
                 "files_duplicate, files_conflict, files_skipped, files_quarantined, "
                 "round(total_seconds, 2) AS seconds FROM ingest_runs "
-                "ORDER BY started_at DESC LIMIT 5").to_dict("records"),
+                "ORDER BY started_at DESC LIMIT 5").to_pylist(),
         }
     if args.json:
         print(json.dumps(status, indent=2, default=_json_default))

@@ -315,6 +315,11 @@ def retakes(cat: Catalog, date_from=None, date_to=None,
 
 def read_drl(path: Path | str | None = None) -> pa.Table:
     """Reference levels from a CSV (see ``catalog/drl_default.csv``; None: that file)."""
+    return pa.Table.from_pylist(_drl_rows(path), schema=DRL_SCHEMA)
+
+
+def _drl_rows(path: Path | str | None) -> list[dict]:
+    """The rows of :func:`read_drl`, checked, as Python values."""
     if path is None:
         text = resources.files("catalog").joinpath("drl_default.csv").read_text(encoding="utf-8")
         name = "drl_default.csv"
@@ -344,7 +349,7 @@ def read_drl(path: Path | str | None = None) -> pa.Table:
             "DLP_mGycm": _level(row.get("DLP_mGycm"), name, n - 1, "DLP_mGycm"),
             "note": row.get("note") or None,
         })
-    return pa.Table.from_pylist(rows, schema=DRL_SCHEMA)
+    return rows
 
 
 def _level(text: str | None, name: str, row: int, column: str) -> float | None:
@@ -359,16 +364,17 @@ def _level(text: str | None, name: str, row: int, column: str) -> float | None:
     return value
 
 
-def load_drl(cat: Catalog, path: Path | str | None = None) -> pa.Table:
-    """Replace the catalog's ``drl_levels`` with the levels of ``path`` (None: the default)."""
-    levels = read_drl(path)
-    cat.con.register("_drl_new", levels)
-    try:
-        cat.con.execute("DELETE FROM drl_levels")
-        cat.con.execute("INSERT INTO drl_levels SELECT * FROM _drl_new")
-    finally:
-        cat.con.unregister("_drl_new")
-    return levels
+def load_drl(cat: Catalog, path: Path | str | None = None) -> int:
+    """Replace the catalog's ``drl_levels`` with the levels of ``path`` (None: the default);
+    returns how many there are."""
+    rows = _drl_rows(path)
+    cat.con.execute("DELETE FROM drl_levels")
+    if rows:
+        # as parameters (a few dozen rows): Arrow data made from Python values, or
+        # registered with DuckDB, would load pandas into a command-line report
+        cat.con.executemany("INSERT INTO drl_levels VALUES (?, ?, ?, ?, ?)",
+                            [[r[c] for c in DRL_COLUMNS] for r in rows])
+    return len(rows)
 
 
 def dose_summary(cat: Catalog, by: Sequence[str] | None = None, date_from=None, date_to=None,

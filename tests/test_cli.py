@@ -119,6 +119,10 @@ def test_init_ingest_status(capsys, tmp_path, monkeypatch):
     assert status["tables"]["instances"] == 2
     assert status["quarantine_by_reason"] == {"not_dicom": 1}
     assert status["profile"] == "identified" and status["key_fingerprint"] is None
+    runs = status["last_runs"]  # newest first; JSON values (no NaN for a missing number)
+    assert [(r["status"], r["files_seen"], r["files_ingested"]) for r in runs[:2]] == [
+        ("completed", 3, 1), ("completed", 2, 1)]
+    assert all(isinstance(r["seconds"], float) for r in runs)
     code, out, _ = run(capsys, "status", "--lake", str(lake))
     assert "instances" in out and "not_dicom" in out
 

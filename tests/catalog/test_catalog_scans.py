@@ -104,10 +104,13 @@ def test_tables_without_files_and_columns_no_file_has(built_lake, tmp_path):
         assert cat.counts()["image_stats"] == 0
 
 
-def test_a_report_from_the_command_line_loads_neither_pandas_nor_pydicom(built_lake):
+@pytest.mark.parametrize("command", [["report", "repeats", "--format", "csv"],
+                                     ["report", "dose", "--studies"], ["status"]])
+def test_reports_and_status_from_the_command_line_load_neither_pandas_nor_pydicom(
+        built_lake, command):
+    argv = ["lake", *command, "--lake", str(built_lake[0])]
     code = ("import sys, lake_cli\n"
-            f"sys.argv = ['lake', 'report', 'repeats', '--lake', {str(built_lake[0])!r}, "
-            "'--format', 'csv']\n"
+            f"sys.argv = {argv!r}\n"
             "assert lake_cli.main() in (0, None)\n"
             "print(sorted(m for m in ('pandas', 'pydicom', 'pyarrow.dataset') "
             "if m in sys.modules))\n")
