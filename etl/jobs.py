@@ -295,6 +295,10 @@ class _Job:
             if chunk.errors:  # a file that could not be stat'ed is never unchanged
                 unchanged[list(chunk.errors)] = False
             todo = np.flatnonzero(~unchanged).tolist()
+            if todo and len(index):
+                # a rerun with files to read: the workers' server starts now (a first run
+                # started it above; `lake ingest` starts it first unless this is a rerun)
+                prestart(self.config)
             self.summary.files_unchanged += n - len(todo)
             self.timings["discover"] += time.perf_counter() - t
             for i in todo:
