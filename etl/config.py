@@ -3,7 +3,30 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass
+
+from etl.errors import SchedulerError
+
+#: First read of a header-only read; the buffer grows (doubling) only as the walk needs.
+HEAD_BYTES = 32 * 1024
+#: The schedulers of this machine's own processes or threads.
+LOCAL_SCHEDULERS = ("processes", "threads", "synchronous")
+#: A distributed scheduler's address: ``[protocol://]host:port``.
+_ADDRESS = re.compile(r"^([a-z][a-z0-9+]*://)?[^\s/:]+(:\d+)?$|^([a-z][a-z0-9+]*://)\[[0-9a-fA-F:]+\](:\d+)?$")
+
+
+def check_scheduler(scheduler: str) -> None:
+    """Raise SchedulerError unless ``scheduler`` is a local scheduler's name or looks like
+    a distributed scheduler's address (checked before a run reads anything, so that a
+    typo is reported even when there is nothing new to read)."""
+    if scheduler in (*LOCAL_SCHEDULERS, "local-cluster"):
+        return
+    if "://" not in scheduler and ":" not in scheduler:
+        raise SchedulerError(scheduler, "not a scheduler name (processes, threads, "
+                             "synchronous, local-cluster) or address (tcp://host:8786)")
+    if not _ADDRESS.match(scheduler):
+        raise SchedulerError(scheduler, "not an address of the form tcp://host:8786")
 
 
 @dataclass(frozen=True)

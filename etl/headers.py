@@ -25,6 +25,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from etl import onewalk, safety
+from etl.config import HEAD_BYTES
 from etl.errors import REQUIRED_UIDS, FileRejected
 from etl.onewalk import strip_bulk as _strip_bulk
 from etl.quality import valid_uid
@@ -42,8 +43,6 @@ _AGE, _BIRTH, _STUDY_DATE = "00101010", "00100030", "00080020"
 #: ``full``: SHA-256 of every byte of the file; ``header``: of the bytes before the Pixel
 #: Data element (the whole file when it has none), so pixel bytes are never read.
 CHECKSUMS = ("header", "full")
-#: First read of a header-only read; the buffer grows (doubling) only as the walk needs.
-HEAD_BYTES = 32 * 1024
 
 
 @dataclass(slots=True)

@@ -11,6 +11,7 @@ At the end the summary tables are rebuilt and the run is recorded.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import itertools
 import json
@@ -23,6 +24,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -30,17 +32,17 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 from deltalake.exceptions import DeltaError
 
-from etl import replay, seen, summarize
-from etl.config import IngestConfig
+from etl import replay, seen, summarize, workerserver
+from etl.config import HEAD_BYTES, IngestConfig, check_scheduler
 from etl.discover import Found, FoundFile, WalkStats, tally, walk_columns
 from etl.errors import REASONS
-from etl.headers import HEAD_BYTES
 from etl.listings import Listings, listings_path
-from etl.runners import check_scheduler, make_runner, prestart
-from lakehouse.deid import Policy
 from lakehouse.provenance import code_version, config_hash, new_run_id
 from lakehouse.schemas import SCHEMA_VERSION, TABLES
 from lakehouse.tables import Lake, LakeWriter, group_order, partition_codes
+
+if TYPE_CHECKING:  # pydicom, through the policy: a no-op rerun never loads it
+    from lakehouse.deid import Policy
 
 log = logging.getLogger(__name__)
 
@@ -111,13 +113,14 @@ def ingest(lake: Lake, source: Path | str, config: IngestConfig | None = None,
     """
     config = replace(config or IngestConfig(), checksum=lake.config.checksum)
     check_scheduler(config.scheduler)
-    policy = lake.policy(key_file)
+    key = lake.key(key_file)  # a missing or wrong key stops the run before it reads
     run_id = new_run_id()
     started = datetime.now(UTC)
     t0 = time.perf_counter()
     summary = RunSummary(run_id)
     with lake.writer(run_id) as writer, _run_settings():
-        job = _Job(lake, writer, config, summary, progress or (lambda *_: None), policy)
+        job = _Job(lake, writer, config, summary, progress or (lambda *_: None),
+                   functools.partial(lake.policy_of, key))
         job.count = progress is not None  # the total only a progress bar needs
         job.source_kind = source_kind
         try:
@@ -178,8 +181,9 @@ _run_settings = _RunSettings(GC_YOUNG)
 
 class _Job:
     def __init__(self, lake: Lake, writer: LakeWriter, config: IngestConfig,
-                 summary: RunSummary, progress: Progress, policy: Policy | None):
-        self.policy = policy
+                 summary: RunSummary, progress: Progress,
+                 policy: Callable[[], Policy | None]):
+        self._make_policy = policy
         self.lake = lake
         self.w = writer
         self.config = config
@@ -330,6 +334,9 @@ class _Job:
         first = next(batches, None)
         if first is None:
             return
+        # Dask and the worker code: imported by a run that reads files only
+        from etl.runners import make_runner
+
         runner = make_runner(self.config, self.summary.run_id, self.policy)
         self.summary.scheduler = runner.description
         self.summary.workers = runner.workers
@@ -374,6 +381,12 @@ class _Job:
             if counter is not None:
                 counter.stop()
             runner.close()
+
+    @functools.cached_property
+    def policy(self) -> Policy | None:
+        """The lake's de-identification policy, made when first needed (with pydicom: a
+        run that reads no file never loads it)."""
+        return self._make_policy()
 
     # -- classification --------------------------------------------------------
     def _known(self, uids: list[str], where: pa.Table | None = None
@@ -710,6 +723,15 @@ def hold_back(rows: pa.Table, max_rows: int, max_bytes: int) -> tuple[pa.Table, 
     held = held.take(pa.array(np.argsort(group[is_held], kind="stable")))
     out = pa.concat_tables(write) if write else rows.slice(0, 0)
     return out, held
+
+
+def prestart(config: IngestConfig) -> None:
+    """Start the local pool's fork server now, for a run that is sure to read files: it
+    imports the worker code (about a second of CPU) in the background while the driver
+    walks the source, instead of after the first batch is found. Returns at once. (Here,
+    not in :mod:`etl.runners`: a run that reads nothing imports neither Dask nor the
+    worker code.)"""
+    workerserver.start(config.scheduler)
 
 
 def _settle(future: Future, work: Callable[[], object]) -> None:

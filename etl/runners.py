@@ -11,7 +11,6 @@ import contextlib
 import logging
 import multiprocessing
 import os
-import re
 import sys
 import tempfile
 import threading
@@ -26,15 +25,13 @@ import dask
 import pyarrow as pa
 
 from etl import workerserver
-from etl.config import IngestConfig
+from etl.config import LOCAL_SCHEDULERS, IngestConfig, check_scheduler  # noqa: F401 (here too)
 from etl.discover import FileBatch, FoundFile
 from etl.errors import SchedulerError, WorkerStartError
 from etl.extract import after_batch, crashed_batch, extract_batch, start_worker
 from lakehouse.deid import Policy
 
 log = logging.getLogger(__name__)
-
-LOCAL_SCHEDULERS = ("processes", "threads", "synchronous")
 
 
 class Runner(Protocol):
@@ -170,13 +167,6 @@ def _worker_context() -> multiprocessing.context.BaseContext:
     if workerserver.available():
         return workerserver.WorkerContext()
     return multiprocessing.get_context("spawn")
-
-
-def prestart(config: IngestConfig) -> None:
-    """Start the local pool's fork server now, for a run that is sure to read files: it
-    imports the worker code (about a second of CPU) in the background while the driver
-    walks the source, instead of after the first batch is found. Returns at once."""
-    workerserver.start(config.scheduler)
 
 
 def extract_ipc(files: Sequence[FoundFile], config: IngestConfig, run_id: str,
@@ -379,23 +369,6 @@ class DistributedRunner:
         self.client.close()
         if self._cluster is not None:
             self._cluster.close()
-
-
-#: A distributed scheduler's address: ``[protocol://]host:port``.
-_ADDRESS = re.compile(r"^([a-z][a-z0-9+]*://)?[^\s/:]+(:\d+)?$|^([a-z][a-z0-9+]*://)\[[0-9a-fA-F:]+\](:\d+)?$")
-
-
-def check_scheduler(scheduler: str) -> None:
-    """Raise SchedulerError unless ``scheduler`` is a local scheduler's name or looks like
-    a distributed scheduler's address (checked before a run reads anything, so that a
-    typo is reported even when there is nothing new to read)."""
-    if scheduler in (*LOCAL_SCHEDULERS, "local-cluster"):
-        return
-    if "://" not in scheduler and ":" not in scheduler:
-        raise SchedulerError(scheduler, "not a scheduler name (processes, threads, "
-                             "synchronous, local-cluster) or address (tcp://host:8786)")
-    if not _ADDRESS.match(scheduler):
-        raise SchedulerError(scheduler, "not an address of the form tcp://host:8786")
 
 
 def make_runner(config: IngestConfig, run_id: str, policy: Policy | None = None) -> Runner:

@@ -48,7 +48,7 @@ def start(scheduler: str, lake: str | os.PathLike | None = None,
     walk's folder listings are kept there): such a run is most often a no-op rerun, which
     needs no worker, and the server's imports would take a CPU-second from its walk (a
     tenth of a no-op rerun of 100,000 files, measured). A rerun that finds files to read
-    starts the server when it finds them (:func:`etl.runners.prestart`)."""
+    starts the server when it finds them (:func:`etl.jobs.prestart`)."""
     if scheduler != SCHEDULER or not available():
         return
     if lake is not None and source is not None and walked_before(lake, source):

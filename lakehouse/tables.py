@@ -265,6 +265,12 @@ class Lake:
         Reads the key from ``key_file`` (default: the lake's default key path) and
         refuses a key whose fingerprint is not the lake's.
         """
+        return self.policy_of(self.key(key_file))
+
+    def key(self, key_file: Path | str | None = None) -> bytes | None:
+        """The key of a research lake (None for identified lakes), read from ``key_file``
+        (default: the lake's default key path); a key whose fingerprint is not the lake's
+        is refused."""
         if not self.research:
             return None
         path = Path(key_file) if key_file else self.default_key_path()
@@ -273,6 +279,12 @@ class Lake:
             raise privacy.KeyError_(path, f"key file {path} is not the key of the lake at "
                                           f"{self.location} (fingerprints differ); use the key "
                                           "created by `lake init` for this lake")
+        return key
+
+    def policy_of(self, key: bytes | None) -> deid.Policy | None:
+        """The de-identification policy of this lake with ``key`` (from :meth:`key`)."""
+        if key is None:
+            return None
         from lakehouse import deid  # pydicom: not loaded by a lake only read
 
         tags = [deid.private_tag(item) for item in self.config.private_allowlist]

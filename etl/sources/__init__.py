@@ -31,10 +31,9 @@ _DIMSE = re.compile(r"^dimse://(?P<ae>[^@/]{1,16})@(?P<host>[^:/]+):(?P<port>\d{
 def parse_filters(items: list[str] | None, since: str | None = None
                   ) -> tuple[tuple[str, str], ...]:
     """``KEY=VALUE`` strings (DICOM keywords) and an ISO date into query filters."""
-    from pydicom.datadict import tag_for_keyword
-
     out: dict[str, str] = {}
     for item in items or []:
+        from pydicom.datadict import tag_for_keyword  # only with filters: a PACS source
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or not key:

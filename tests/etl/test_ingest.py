@@ -286,16 +286,16 @@ def test_the_next_wave_is_queued_while_one_is_read(tmp_path, archive, monkeypatc
     on it while the next wave is walked); every wave is read once, in order; when a wave
     fails, the run stops with its error: the wave queued behind it is cancelled (unless
     the runner had started it already) and no later wave is walked or submitted."""
-    from etl import jobs
+    from etl import runners as runner_module
 
     runners: list[_RecordingRunner] = []
-    real_make = jobs.make_runner
+    real_make = runner_module.make_runner
 
     def make(config, run_id, policy=None):
         runners.append(_RecordingRunner(real_make(config, run_id, policy), fail_wave))
         return runners[-1]
 
-    monkeypatch.setattr(jobs, "make_runner", make)
+    monkeypatch.setattr(runner_module, "make_runner", make)  # jobs imports it when reading
     lake = Lake.create(tmp_path / "lk", profile="identified")
     config = fast_config(scheduler="synchronous", batch_files=32, batches_per_worker=2)
     if fail_wave is None:
@@ -323,14 +323,14 @@ def test_a_batch_closes_on_the_bytes_its_worker_reads(tmp_path, monkeypatch, che
     """``batch_bytes`` counts what a worker reads of each file: the whole file when the
     lake checksums whole files, else at most its header's first 32 KB (a batch of CT
     slices is then closed by its file count, not by their pixel data)."""
-    from etl import jobs
+    from etl import runners as runner_module
 
     src = tmp_path / "src"
     src.mkdir()
     for i in range(10):  # 50,000 bytes each: not DICOM, so each is a quarantine row
         (src / f"f{i:02d}.bin").write_bytes(bytes([i]) * 50_000)
     seen: list[list[int]] = []
-    real_make = jobs.make_runner
+    real_make = runner_module.make_runner
 
     def make(config, run_id, policy=None):
         runner = real_make(config, run_id, policy)
@@ -343,7 +343,7 @@ def test_a_batch_closes_on_the_bytes_its_worker_reads(tmp_path, monkeypatch, che
         runner.submit = submit
         return runner
 
-    monkeypatch.setattr(jobs, "make_runner", make)
+    monkeypatch.setattr(runner_module, "make_runner", make)  # jobs imports it when reading
     lake = Lake.create(tmp_path / "lk", profile="identified", checksum=checksum)
     s = ingest(lake, src, fast_config(scheduler="synchronous", batch_bytes=100_000))
     assert [n for wave in seen for n in wave] == sizes

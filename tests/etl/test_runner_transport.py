@@ -141,11 +141,11 @@ def test_prestart_starts_the_fork_server_for_the_process_pool_only():
     code = (
         "import multiprocessing.forkserver as fs, os\n"
         "from etl.config import IngestConfig\n"
-        "from etl import runners, workerserver\n"
-        "runners.prestart(IngestConfig(scheduler='threads'))\n"
-        "runners.prestart(IngestConfig(scheduler='synchronous'))\n"
+        "from etl import jobs, workerserver\n"
+        "jobs.prestart(IngestConfig(scheduler='threads'))\n"
+        "jobs.prestart(IngestConfig(scheduler='synchronous'))\n"
         "print(workerserver.SERVER._forkserver_pid)\n"
-        "runners.prestart(IngestConfig(scheduler='processes'))\n"
+        "jobs.prestart(IngestConfig(scheduler='processes'))\n"
         "pid = workerserver.SERVER._forkserver_pid\n"
         "os.kill(pid, 0)\n"  # alive
         "print(pid, workerserver.SERVER._preload_modules)\n"
