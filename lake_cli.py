@@ -35,15 +35,10 @@ class CliError(Exception):
     """A mistake in how the command was called; printed as one line."""
 
 
-def _lake_arg(args) -> str:
-    """The lake named by --lake, $LAKE_DIR or ./lake, as given."""
-    return args.lake or os.environ.get("LAKE_DIR") or DEFAULT_LAKE
-
-
 def _lake_dir(args):
     """The lake named by --lake, $LAKE_DIR or ./lake: a folder (Path), or a Storage for
     ``s3://bucket/prefix``."""
-    return _location(_lake_arg(args), args)
+    return _location(args.lake or os.environ.get("LAKE_DIR") or DEFAULT_LAKE, args)
 
 
 def _location(value: str, args):
@@ -173,19 +168,18 @@ def _check_new_lake_folder(path: Path) -> None:
 
 # --- ingest -------------------------------------------------------------------
 
-def _start_workers(scheduler: str, lake: str | None = None, source: str | None = None) -> None:
+def _start_workers(scheduler: str) -> None:
     """Start the ingest workers' fork server before this process imports the rest: the
     server's imports of the worker code (about a second) then run beside this process's
-    own, instead of after them while the first files wait (``etl.workerserver``); not
-    for a folder walked into this lake before (a rerun starts it when it finds files)."""
+    own, instead of after them while the first files wait (``etl.workerserver``)."""
     from etl.workerserver import start
 
-    start(scheduler, lake, source)
+    start(scheduler)
 
 
 def cmd_ingest(args) -> int:
     scheduler = args.scheduler or ("local-cluster" if args.workers else "processes")
-    _start_workers(scheduler, _lake_arg(args), args.source)
+    _start_workers(scheduler)
     from etl import IngestConfig, ingest
     from etl.sources import ingest_remote, load_storage_options, parse_filters, resolve
     from lakehouse import Lake
@@ -681,15 +675,13 @@ def cmd_demo(args) -> int:
     from etl.config import IngestConfig
 
     config = IngestConfig()
-    root = Path(args.dir)
-    # the demo's archive and lake: a second demo in the same folder is a no-op rerun
-    _start_workers(config.scheduler, None if args.fresh else str(root / "lake"),
-                   str(root / "archive"))
+    _start_workers(config.scheduler)
     from catalog import open_lake
     from etl import ingest
     from lakehouse import Lake
     from synth import generate_archive
 
+    root = Path(args.dir)
     archive, lake_dir, truth = root / "archive", root / "lake", root / "ground_truth.json"
     key_file = root / "lake.key"
     if args.fresh and root.exists():

@@ -217,10 +217,10 @@ def child_main(argv: list[str]) -> None:
     lake_dir, archive, scheduler, workers, result, mode, checksum, profile = argv
     # as `lake ingest` does: the workers' fork server starts before this process's own
     # imports, which run beside the server's (the child's whole wall time, start-up
-    # included, is reported too); for a rerun, when it finds files to read
+    # included, is reported too)
     from etl.workerserver import start
 
-    start(scheduler, lake_dir, archive)
+    start(scheduler)
     import logging
 
     from etl.config import IngestConfig

@@ -11,8 +11,7 @@ The server imports the worker code once (about a second of CPU), and every worke
 from it starts with that done. :func:`start` starts it in the background: ``lake
 ingest`` calls it before its own imports, which then run beside the server's.
 
-This module imports the standard library only, so that it can run first (and, to tell a
-rerun, the listings' path: numpy and pyarrow).
+This module imports the standard library only, so that it can run first.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ import multiprocessing
 import os
 from multiprocessing import forkserver, popen_forkserver, reduction, spawn, util
 from multiprocessing.context import ForkServerContext, ForkServerProcess, set_spawning_popen
-from pathlib import Path
 
 #: the module the server imports before it forks any worker
 WORKER_PRELOAD = "etl.preload"
@@ -38,37 +36,12 @@ def available() -> bool:
     return "forkserver" in multiprocessing.get_all_start_methods()
 
 
-def start(scheduler: str, lake: str | os.PathLike | None = None,
-          source: str | os.PathLike | None = None) -> None:
+def start(scheduler: str) -> None:
     """Start the server now if ``scheduler`` forks its workers from it: it imports the
     worker code in the background while this process goes on. Returns at once; a server
-    already running is left as it is.
-
-    Not when the folder ``source`` was walked into the local lake at ``lake`` before (the
-    walk's folder listings are kept there): such a run is most often a no-op rerun, which
-    needs no worker, and the server's imports would take a CPU-second from its walk (a
-    tenth of a no-op rerun of 100,000 files, measured). A rerun that finds files to read
-    starts the server when it finds them (:func:`etl.jobs.prestart`)."""
-    if scheduler != SCHEDULER or not available():
-        return
-    if lake is not None and source is not None and walked_before(lake, source):
-        return
-    SERVER.ensure_running()
-
-
-def walked_before(lake: str | os.PathLike, source: str | os.PathLike) -> bool:
-    """Whether the folder ``source`` was walked into the local lake at ``lake`` (False for
-    anything else: a lake on object storage, a PACS, a file)."""
-    from etl.listings import listings_path
-    from lakehouse.layout import zone_path
-    from lakehouse.schemas import VAULT
-
-    folder = os.path.abspath(source)
-    try:
-        return os.path.isdir(folder) and listings_path(
-            zone_path(Path(lake), VAULT), folder).is_file()
-    except (OSError, ValueError, TypeError):
-        return False
+    already running is left as it is."""
+    if scheduler == SCHEDULER and available():
+        SERVER.ensure_running()
 
 
 class _WorkerPopen(popen_forkserver.Popen):

@@ -324,8 +324,7 @@ def test_a_script_without_a_main_guard_fails_at_once_with_what_to_do(archive, tm
 def test_lake_ingest_starts_the_fork_server_before_its_own_imports(tmp_path):
     """``lake ingest`` with the process pool starts the workers' fork server first, before
     it imports the ingest code, DuckDB or pydicom (the server's imports then run beside
-    its own); with the thread scheduler it starts none; a no-op rerun of the same folder
-    starts none either. Each in a fresh interpreter."""
+    its own); with the thread scheduler it starts none. Each in a fresh interpreter."""
     import shutil
     import subprocess
     import sys
@@ -338,19 +337,18 @@ def test_lake_ingest_starts_the_fork_server_before_its_own_imports(tmp_path):
     src.mkdir()
     shutil.copy(get_testdata_file("CT_small.dcm"), src / "a.dcm")
     out = []
-    for name, extra in (("pool", []), ("threads", ["--scheduler", "threads"]), ("pool", [])):
-        if not (tmp_path / name).exists():
-            Lake.create(tmp_path / name)
+    for name, extra in (("pool", []), ("threads", ["--scheduler", "threads"])):
+        Lake.create(tmp_path / name)
         argv = ["ingest", str(src), "--lake", str(tmp_path / name), *extra]
         code = (
             "import sys\n"
             "from etl import workerserver\n"
             "calls = []\n"
             "real = workerserver.start\n"
-            "def spy(scheduler, *where):\n"
+            "def spy(scheduler):\n"
             "    heavy = [m for m in ('etl.jobs', 'duckdb', 'pydicom') if m in sys.modules]\n"
             "    calls.append((scheduler, heavy))\n"
-            "    real(scheduler, *where)\n"
+            "    real(scheduler)\n"
             "workerserver.start = spy\n"
             "from lake_cli import main\n"
             f"assert main({argv!r}) == 0\n"
@@ -359,54 +357,31 @@ def test_lake_ingest_starts_the_fork_server_before_its_own_imports(tmp_path):
             [sys.executable, "-c", code], capture_output=True, text=True, timeout=180,
             check=True).stdout.splitlines() if line.startswith("first")]
         assert Lake.open(tmp_path / name).count("instances") == 1
-    assert out == ["first ('processes', []) True", "first ('threads', []) False",
-                   "first ('processes', []) False"]
+    assert out == ["first ('processes', []) True", "first ('threads', []) False"]
 
 
-def test_a_rerun_starts_the_fork_server_only_when_it_finds_files_to_read(tmp_path, monkeypatch):
-    """`lake ingest` starts the server first, but not for a folder walked into the lake
-    before (most such runs read nothing); the rerun starts it when it finds files."""
+def test_a_rerun_starts_the_fork_server_when_it_finds_files_to_read(tmp_path, monkeypatch):
+    """`ingest` starts the server before the walk on a lake's first run; on a rerun, only
+    when the walk finds a file to read (`lake ingest` starts it first anyway)."""
     import shutil
-    import subprocess
-    import sys
 
     from pydicom.data import get_testdata_file
 
-    from etl import ingest, jobs, workerserver
+    from etl import ingest, jobs
     from lakehouse import Lake
     from tests.conftest import fast_config
 
     src = tmp_path / "src"
     src.mkdir()
     shutil.copy(get_testdata_file("CT_small.dcm"), src / "a.dcm")
-    other = tmp_path / "other"
-    other.mkdir()
-    lake_dir = tmp_path / "lk"
-    lake = Lake.create(lake_dir)
-    assert not workerserver.walked_before(lake_dir, src)
+    lake = Lake.create(tmp_path / "lk")
     calls = []
     monkeypatch.setattr(jobs, "prestart", lambda config: calls.append(config.scheduler))
     ingest(lake, src, fast_config())
     assert calls == ["synchronous"]  # a first run: at once, before its walk
-    assert workerserver.walked_before(lake_dir, src)
-    assert not workerserver.walked_before(lake_dir, other)
-    assert not workerserver.walked_before("s3://bucket/lake", src)
-    assert not workerserver.walked_before(lake_dir, src / "a.dcm")
     calls.clear()
     ingest(lake, src, fast_config())
     assert calls == []  # nothing to read
     shutil.copy(get_testdata_file("MR_small.dcm"), src / "b.dcm")
     assert ingest(lake, src, fast_config()).outcomes["ingested"] == 1
     assert calls == ["synchronous"]
-
-    code = (
-        "import sys\n"
-        "from etl import workerserver\n"
-        "workerserver.start('processes', sys.argv[1], sys.argv[2])\n"
-        "print(workerserver.SERVER._forkserver_pid)\n"
-        "workerserver.start('processes', sys.argv[1], sys.argv[3])\n"
-        "print(workerserver.SERVER._forkserver_pid is not None)\n")
-    out = subprocess.run([sys.executable, "-c", code, str(lake_dir), str(src), str(other)],
-                         capture_output=True, text=True, timeout=120,
-                         check=True).stdout.splitlines()
-    assert out == ["None", "True"]
