@@ -300,8 +300,8 @@ class _Job:
                 unchanged[list(chunk.errors)] = False
             todo = np.flatnonzero(~unchanged).tolist()
             if todo and len(index):
-                # a rerun with files to read: the workers' server starts now (a first run
-                # started it above; `lake ingest` starts it first unless this is a rerun)
+                # a rerun with files to read: the workers' server starts now, if it is not
+                # running yet (a first run started it above, `lake ingest` at its start)
                 prestart(self.config)
             self.summary.files_unchanged += n - len(todo)
             self.timings["discover"] += time.perf_counter() - t

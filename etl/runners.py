@@ -25,7 +25,7 @@ import dask
 import pyarrow as pa
 
 from etl import workerserver
-from etl.config import LOCAL_SCHEDULERS, IngestConfig, check_scheduler  # noqa: F401 (here too)
+from etl.config import LOCAL_SCHEDULERS, IngestConfig
 from etl.discover import FileBatch, FoundFile
 from etl.errors import SchedulerError, WorkerStartError
 from etl.extract import after_batch, crashed_batch, extract_batch, start_worker
