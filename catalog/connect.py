@@ -93,27 +93,25 @@ class Catalog:
         so that views and macros can rely on the declared schema of every lake."""
         schema = spec.schema(self.lake.profile)
         missing = [f for f in schema if f.name not in present]
-        if not missing:
-            return ""
-        types = [sql_type(f.type) for f in missing]
-        if None in types:  # a type sql_type does not know: DuckDB's own reading of it
+        return "".join(f", {c}" for c in self._typed_nulls(pa.schema(missing))) \
+            if missing else ""
+
+    def _typed_nulls(self, schema: pa.Schema) -> list[str]:
+        """``CAST(NULL AS type) AS "name"`` for each field of ``schema``, typed as DuckDB
+        reads the Arrow type (:func:`lakehouse.duck.sql_type`; for a type it does not
+        know, DuckDB's own reading of an empty table, which loads pandas)."""
+        types = [sql_type(f.type) for f in schema]
+        if None in types:
             declared = self.con.from_arrow(schema.empty_table())
-            known = dict(zip(declared.columns, map(str, declared.types), strict=True))
-            types = [known[f.name] for f in missing]
-        return "".join(f', CAST(NULL AS {typ}) AS "{f.name}"'
-                       for f, typ in zip(missing, types, strict=True))
+            types = list(map(str, declared.types))
+        return [f'CAST(NULL AS {typ}) AS "{f.name}"' for f, typ in zip(schema, types, strict=True)]
 
     def _attach_empty(self, raw: str, spec: TableSpec) -> set[str]:
         """``raw`` as a view of no rows with the table's storage columns (a table not
         written yet, or a version without files)."""
         schema = spec.storage_schema(self.lake.profile)
-        types = [sql_type(f.type) for f in schema]
-        if None in types:
-            self.con.register(raw, schema.empty_table())
-        else:
-            columns = ", ".join(f'CAST(NULL AS {typ}) AS "{f.name}"'
-                                for f, typ in zip(schema, types, strict=True))
-            self.con.execute(f'CREATE VIEW "{raw}" AS SELECT {columns} WHERE false')
+        columns = ", ".join(self._typed_nulls(schema))
+        self.con.execute(f'CREATE VIEW "{raw}" AS SELECT {columns} WHERE false')
         return set(schema.names)
 
     def _attach_parquet(self, raw: str, name: str, spec: TableSpec) -> set[str] | None:
