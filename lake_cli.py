@@ -177,9 +177,27 @@ def _start_workers(scheduler: str) -> None:
     start(scheduler)
 
 
+#: what ``lake ingest`` leaves out of its own process (``etl.leaveout``): pandas, which
+#: pyarrow and DuckDB import only to check whether a value is one of its objects
+INGEST_LEFT_OUT = ("pandas",)
+
+
 def cmd_ingest(args) -> int:
     scheduler = args.scheduler or ("local-cluster" if args.workers else "processes")
     _start_workers(scheduler)
+    from etl.leaveout import leave_out
+
+    # in a process of its own only (a program that called main() goes on after it), and
+    # for a folder (a PACS or object store source brings its client libraries)
+    alone = args.own_process and "://" not in args.source
+    restore = leave_out(INGEST_LEFT_OUT) if alone else (lambda: None)
+    try:
+        return _ingest(args, scheduler)
+    finally:
+        restore()
+
+
+def _ingest(args, scheduler: str) -> int:
     from etl import IngestConfig, ingest
     from etl.sources import ingest_remote, load_storage_options, parse_filters, resolve
     from lakehouse import Lake
@@ -1278,6 +1296,8 @@ def main(argv: list[str] | None = None) -> int:
     from lakehouse.errors import LakeError
 
     args = build_parser().parse_args(argv)
+    #: the command has the process to itself (the `lake` program, not a call of main())
+    args.own_process = argv is None
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if args.verbose < 2:

@@ -27,28 +27,15 @@ pyarrow's own pandas conversions still import pandas when called).
 
 import contextlib
 import gc
-import sys
+
+from etl.leaveout import leave_out
 
 #: Packages the server does not import while it loads the worker code (see above).
 LEFT_OUT = ("scipy", "pandas", "requests", "tqdm", "cffi")
 
-
-class _LeaveOut:
-    """A finder that makes ``import`` of a :data:`LEFT_OUT` package fail, as if it were
-    not installed (a library that can do without it then does)."""
-
-    @staticmethod
-    def find_spec(name, path=None, target=None):
-        if name.partition(".")[0] in LEFT_OUT:
-            raise ModuleNotFoundError(f"{name} is left out of the ingest fork server",
-                                      name=name)
-        return None
-
-
 # the server must start whatever happens here: each worker then loads the code at its
 # first batch, and a batch path that cannot run reads its batches file by file
-if not any(m in sys.modules for m in LEFT_OUT):
-    sys.meta_path.insert(0, _LeaveOut)
+restore = leave_out(LEFT_OUT)
 try:
     with contextlib.suppress(Exception):
         from etl.extract import warm_up
@@ -57,8 +44,7 @@ try:
     with contextlib.suppress(Exception):
         import dask.local  # noqa: F401  (the tasks' functions)
 finally:
-    with contextlib.suppress(ValueError):
-        sys.meta_path.remove(_LeaveOut)
+    restore()
 
 # what the server holds now is shared with every worker forked from it: kept out of the
 # collector's generations, so that collections in a worker do not copy those pages

@@ -135,6 +135,38 @@ def test_dictionary_matches_the_readme(capsys):
     assert out.strip() in readme, "README data dictionary is stale: run `lake dictionary`"
 
 
+def test_ingest_of_a_folder_in_its_own_process_leaves_pandas_out(tmp_path):
+    """`lake ingest` of a folder, as the `lake` program runs it, never imports pandas
+    (pyarrow and DuckDB would, only to look for pandas objects: 0.3-0.4 s of every run),
+    on a first run and on a rerun that reads nothing; main() called by a program leaves
+    the program's imports as they were."""
+    lake, src, key = tmp_path / "lk", tmp_path / "src", tmp_path / "lake.key"
+    src.mkdir()
+    for name in ("CT_small.dcm", "MR_small.dcm"):
+        shutil.copy(get_testdata_file(name), src / name)
+    assert main(["init", str(lake), "--key-file", str(key)]) == 0
+    argv = ["lake", "ingest", str(src), "--lake", str(lake), "--no-progress", "--json"]
+    code = ("import sys, lake_cli\n"
+            f"sys.argv = {argv!r}\n"
+            "rc = lake_cli.main()\n"
+            "left = [f for f in sys.meta_path if type(f).__module__ == 'etl.leaveout']\n"
+            "print(rc, 'pandas' in sys.modules, len(left))\n")
+    env = {**os.environ, "LAKE_KEY_FILE": str(key)}
+    finders = len(sys.meta_path)
+    for read, unchanged in ((2, 0), (0, 2)):
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env=env, timeout=300)
+        assert r.returncode == 0, r.stderr
+        *report, last = r.stdout.splitlines()
+        # no pandas, and the finder gone after the command (the process could go on)
+        assert last == "0 False 0"
+        summary = json.loads("\n".join(report))
+        assert (summary["outcomes"]["ingested"], summary["files_unchanged"]) == (read, unchanged)
+    # in this process (a program calling main()), nothing is left out
+    assert main([*argv[1:], "--key-file", str(key)]) == 0
+    assert len(sys.meta_path) == finders
+
+
 def test_installed_command_end_to_end(tmp_path):
     """The console script, as a user runs it (a fresh process, a real Dask process pool)."""
     exe = shutil.which("lake") or str(__import__("pathlib").Path(sys.executable).parent / "lake")
