@@ -258,16 +258,16 @@ class _Job:
         hasher = self._hasher
         assert hasher is not None
         t = time.perf_counter()
-        files = self.w.dataset("files")
         index = seen.KeyIndex()
         walked: list[Found] = []
-        if getattr(files, "files", True):
-            # files were read before: their index is made (DuckDB's connection, the scan of
-            # ``files``: 50-100 ms at 100,000 files, mostly without the GIL) while the walk
-            # starts, up to a chunk ahead
+        if self.w.versions["files"] > 0:
+            # files were read before (version 0 is the empty table): their index is made
+            # (the table opened, DuckDB's connection, the scan of ``files``: 50-100 ms at
+            # 100,000 files, mostly without the GIL) while the walk starts, up to a chunk
+            # ahead
             made: Future = Future()
             threading.Thread(target=_settle, args=(made, lambda: index.add(*hasher.keys(
-                files, *seen.FILE_KEY))), name="lake-files-index").start()
+                self.w.dataset("files"), *seen.FILE_KEY))), name="lake-files-index").start()
             try:
                 while not made.done() and sum(map(len, walked)) < INDEX_CHUNK \
                         and (chunk := next(found, None)) is not None:

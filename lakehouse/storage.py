@@ -169,8 +169,16 @@ class Storage:
 class WriterLock:
     """Held by the one writer of a lake."""
 
+    #: set by :meth:`acquire`: the writer before released the lock after
+    #: :meth:`leave_clean`, so it left no partial file (a writer that dies leaves them)
+    left_clean = False
+
     def acquire(self) -> None:
         raise NotImplementedError
+
+    def leave_clean(self) -> None:
+        """Say that this writer leaves no partial file when it releases the lock (a writer
+        that dies holding it may)."""
 
     def check(self) -> None:
         """Raise :class:`LockLostError` when the lock is no longer this writer's."""
@@ -276,12 +284,15 @@ class LocalStorage(Storage):
 
 class _FileLock(WriterLock):
     """An exclusive ``flock`` on a file of the lake (released by the kernel when the
-    process dies)."""
+    process dies). The file says :data:`_RELEASED_CLEAN` while no writer holds it after
+    one that called :meth:`leave_clean`; a writer empties it when it takes the lock, so a
+    writer that died leaves it empty."""
 
     def __init__(self, path: Path, url: str):
         self.path = path
         self.url = url
         self._fh: IO[str] | None = None
+        self._clean = False
 
     def acquire(self) -> None:
         try:
@@ -296,12 +307,38 @@ class _FileLock(WriterLock):
             fh.close()
             raise LakeBusyError(self.url) from None
         self._fh = fh
+        try:
+            fh.seek(0)
+            self.left_clean = fh.read(64) == _RELEASED_CLEAN
+            self._say("")
+        except BaseException:
+            self.release()
+            raise
+
+    def leave_clean(self) -> None:
+        self._clean = True
+
+    def _say(self, text: str) -> None:
+        assert self._fh is not None
+        self._fh.seek(0)
+        self._fh.truncate()
+        self._fh.write(text)
+        self._fh.flush()
 
     def release(self) -> None:
         if self._fh is not None:
-            fcntl.flock(self._fh, fcntl.LOCK_UN)
-            self._fh.close()
-            self._fh = None
+            try:
+                if self._clean:
+                    self._say(_RELEASED_CLEAN)
+            finally:
+                fcntl.flock(self._fh, fcntl.LOCK_UN)
+                self._fh.close()
+                self._fh = None
+                self._clean = False
+
+
+#: what the lock file of a local lake says after a writer that left no partial file
+_RELEASED_CLEAN = "released clean\n"
 
 
 # --- an object store ------------------------------------------------------------------

@@ -451,7 +451,11 @@ class LakeWriter:
                 # in this same Python process (moto's ThreadedMotoServer) cannot answer it
                 dt.restore(version)
                 self.versions[name] = self.lake.open_delta(name).version()
-        self._discard_staged_files()
+        assert self._lock is not None
+        if not self._lock.left_clean:  # the last writer died: it may have left partial files
+            self._discard_staged_files()
+        # from here on, each file this writer stages is whole or removed (Storage.write_bytes)
+        self._lock.leave_clean()
 
     def _create_missing_tables(self) -> None:
         """Create tables added to the schemas after this lake was made (empty until written)."""

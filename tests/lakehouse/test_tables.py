@@ -1,5 +1,7 @@
 import datetime as dt
 import pickle
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -8,7 +10,7 @@ from deltalake import DeltaTable
 
 from lakehouse import Lake, NoLakeError
 from lakehouse.errors import LakeBusyError, LakeExistsError, SnapshotNotFoundError
-from lakehouse.layout import table_path
+from lakehouse.layout import lock_path, table_path
 from lakehouse.schemas import TABLES, conform
 
 
@@ -55,6 +57,42 @@ def test_unpublished_commits_are_rolled_back_by_the_next_writer(tmp_path):
         assert DeltaTable(path).to_pyarrow_table().column("reason").to_pylist() == ["a"]
         w.publish()
     assert lake.read("quarantine").column("reason").to_pylist() == ["a"]
+
+
+def test_partial_files_of_a_writer_that_died_are_removed_by_the_next(tmp_path):
+    """A writer that dies (no clean release) may leave partial ``.staging-*`` files in
+    table folders; the next writer removes them. After a clean release the next writer
+    does not look for them (a walk of every table folder: it grows with the lake)."""
+    lake = Lake.create(tmp_path / "lk")
+    folder = table_path(lake.root, "quarantine") / "reason=x"
+    folder.mkdir()
+    partial = folder / ".staging-part-0.parquet.0123.tmp"
+    code = ("import os, sys\n"
+            "from lakehouse import Lake\n"
+            "w = Lake.open(sys.argv[1]).writer('dies')\n"
+            "w.__enter__()\n"
+            "open(sys.argv[2], 'wb').write(b'half a file')\n"
+            "os._exit(9)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(lake.root), str(partial)])
+    assert r.returncode == 9 and partial.exists()
+    assert lock_path(lake.root).read_text() == ""  # emptied when taken, never released
+    with lake.writer("next") as w:
+        assert not partial.exists()
+        w.append("quarantine", pa.table({"reason": ["a"]}))
+        w.publish()
+    assert lock_path(lake.root).read_text() == "released clean\n"
+    # released clean: the next writer takes the folders as they are
+    partial.write_bytes(b"put here by hand")
+    with lake.writer("after") as w:
+        assert partial.exists()
+    # a writer that failed, but whose process lived on, left no partial file either
+    with pytest.raises(RuntimeError), lake.writer("fails"):
+        raise RuntimeError("the run failed")
+    assert lock_path(lake.root).read_text() == "released clean\n"
+    # a lake whose lock file says nothing (made before the marker, or a writer died)
+    lock_path(lake.root).write_text("")
+    with lake.writer("old") as w:
+        assert not partial.exists()
 
 
 def test_one_writer_at_a_time(tmp_path):
