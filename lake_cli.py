@@ -177,15 +177,10 @@ def _start_workers(scheduler: str) -> None:
     start(scheduler)
 
 
-#: what ``lake ingest`` leaves out of its own process (``etl.leaveout``): pandas, which
-#: pyarrow and DuckDB import only to check whether a value is one of its objects
-INGEST_LEFT_OUT = ("pandas",)
-
-
 def cmd_ingest(args) -> int:
     scheduler = args.scheduler or ("local-cluster" if args.workers else "processes")
     _start_workers(scheduler)
-    from etl.leaveout import leave_out
+    from etl.leaveout import INGEST_LEFT_OUT, leave_out
 
     # in a process of its own only (a program that called main() goes on after it), and
     # for a folder (a PACS or object store source brings its client libraries)

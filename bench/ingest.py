@@ -221,6 +221,9 @@ def child_main(argv: list[str]) -> None:
     from etl.workerserver import start
 
     start(scheduler)
+    from etl.leaveout import INGEST_LEFT_OUT, leave_out
+
+    leave_out(INGEST_LEFT_OUT)  # as `lake ingest` of a folder does, for its whole process
     import logging
 
     from etl.config import IngestConfig
@@ -448,7 +451,8 @@ def bench_size(workdir: Path, n: int, args, log, kind: str = "ct") -> dict:
                 f"phases {_fmt_phases(full['phases'])}, outcomes {full['summary']['outcomes']}")
             rerun = run_ingest_child(lake_dir, root, sched, workers, False, checksum,
                                      args.profile)
-            log(f"  no-op rerun {rerun['seconds']:.2f} s")
+            log(f"  no-op rerun {rerun['seconds']:.2f} s (child process "
+                f"{rerun['wall_seconds']:.2f} s from start to exit)")
             ingest_runs[f"{sched}/{checksum}"].append(
                 {"full": full, "rerun": rerun, "checksum": checksum,
                  "paired_ratio": base_runs[-1]["seconds"] / full["seconds"]})
@@ -481,6 +485,10 @@ def bench_size(workdir: Path, n: int, args, log, kind: str = "ct") -> dict:
             "cpu_seconds_workers": full["cpu_workers"],
             "rerun_seconds": rerun["seconds"],
             "rerun_ratio": rerun["seconds"] / full["seconds"],
+            # the same, of each child process from start to exit (what a user timing the
+            # `lake ingest` command sees: Python's start and the imports in both)
+            "rerun_child_wall_seconds": rerun["wall_seconds"],
+            "rerun_process_ratio": rerun["wall_seconds"] / full["wall_seconds"],
             "rerun_unchanged": rerun["summary"]["files_unchanged"],
             "outcomes": outcomes,
             "matches_truth": truth is None or outcomes == truth,
@@ -507,7 +515,7 @@ def bench_size(workdir: Path, n: int, args, log, kind: str = "ct") -> dict:
 def render_table(report: dict) -> str:
     head = ("kind", "files", "GiB", "floor f/s", "baseline f/s", "scheduler", "checksum",
             "ingest f/s", "ingest/base", "ingest/floor", "peak MiB", "rerun s", "rerun/full",
-            "truth")
+            "rerun/full (processes)", "truth")
     rows = []
     for size in report["sizes"]:
         for res in size["ingest"].values():
@@ -518,7 +526,7 @@ def render_table(report: dict) -> str:
                          res["checksum"], f"{res['files_per_s']:.0f}",
                          f"{res['ratio_vs_baseline']:.2f}", f"{res['ratio_vs_floor']:.3f}",
                          f"{res['peak_mib']:,.0f}", f"{res['rerun_seconds']:.2f}",
-                         f"{res['rerun_ratio']:.3f}",
+                         f"{res['rerun_ratio']:.3f}", f"{res['rerun_process_ratio']:.3f}",
                          "ok" if res["matches_truth"] else "DIFF"))
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
     lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True))]
@@ -567,7 +575,9 @@ def render(report: dict) -> str:
                        f"upper bound {res['peak_mib_upper_bound']:,.0f} MiB, "
                        f"{res['processes']} processes); {_fmt_phases(res['phases'])}; "
                        f"CPU s driver {res['cpu_seconds_driver']:.1f} / workers "
-                       f"{res['cpu_seconds_workers']:.1f}; "
+                       f"{res['cpu_seconds_workers']:.1f}; no-op rerun "
+                       f"{res['rerun_seconds']:.2f} s (the child process "
+                       f"{res['rerun_child_wall_seconds']:.2f} s); "
                        f"outcomes {res['outcomes']}"
                        f"{'' if res['matches_truth'] else '  (DIFFER FROM GROUND TRUTH)'}")
     flat = report.get("flatness")
@@ -582,7 +592,8 @@ def render(report: dict) -> str:
             "(one process) runs first, then lake ingest in a child process; peak memory = "
             "largest summed RSS of the ingest child and all its descendants, sampled every "
             f"{SAMPLE_SECONDS * 1000:.0f} ms with psutil; rerun = second ingest on the same "
-            "lake (unchanged archive)."]
+            "lake (unchanged archive); rerun/full = ingest() of each, timed in its child "
+            "process; rerun/full (processes) = each child process from start to exit."]
     return "\n".join(out)
 
 

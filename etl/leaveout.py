@@ -22,6 +22,10 @@ import contextlib
 import sys
 from collections.abc import Callable, Iterable
 
+#: what ``lake ingest`` of a folder leaves out of its own process: pandas, which pyarrow and
+#: DuckDB import only to check whether a value is one of its objects
+INGEST_LEFT_OUT = ("pandas",)
+
 
 class _LeaveOut:
     """A finder that makes ``import`` of its packages fail, as if they were not installed."""
