@@ -35,7 +35,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
-from deltalake.transaction import AddAction, CommitProperties, RemoveAction
+from deltalake.transaction import (
+    AddAction,
+    CommitProperties,
+    PostCommitHookProperties,
+    RemoveAction,
+)
 
 from lakehouse import layout, privacy
 from lakehouse.config import CHECKSUMS, PROFILES, LakeConfig
@@ -64,6 +69,17 @@ NULL_PARTITION = "__HIVE_DEFAULT_PARTITION__"
 CHECKSUMS_KEY = "lake.checksums"
 #: commitInfo key holding a random id of the commit (the writer checks its commit won)
 COMMIT_ID_KEY = "lake.commit_id"
+#: A checkpoint of a table's state every this many commits (deltalake's default is 100).
+#: Opening a table replays the JSON commits since its last checkpoint, about a
+#: millisecond each: the lake's every reader and every run pays for them, and a table
+#: committed once a run (``ingest_runs``) would otherwise replay up to 99 of them.
+CHECKPOINT_EVERY = 10
+#: What deltalake does after a commit of this lake's writer: no checkpoint of its own
+#: (:meth:`LakeWriter._checkpoint` makes them), and no clean-up of expired commits. That
+#: deletes the JSON commits older than 30 days once a later checkpoint exists, and with
+#: them every older table version no checkpoint covers, which the lake's snapshots pin
+#: (a cohort reproduced from an old snapshot, ``lake sql --snapshot``).
+_HOOKS = PostCommitHookProperties(create_checkpoint=False, cleanup_expired_logs=False)
 #: Rows per Parquet row group; large enough for scans, small enough for pruning.
 ROW_GROUP_ROWS = 64_000
 #: Partition files of one commit encoded and written at once (Parquet encoding, zstd,
@@ -449,8 +465,9 @@ class LakeWriter:
                 # a new commit whose files are those of ``version`` (history is kept).
                 # deltalake's restore holds the GIL during its I/O: an S3 server running
                 # in this same Python process (moto's ThreadedMotoServer) cannot answer it
-                dt.restore(version)
+                dt.restore(version, post_commithook_properties=_HOOKS)
                 self.versions[name] = self.lake.open_delta(name).version()
+                self._checkpoint(name, self.versions[name])
         assert self._lock is not None
         if not self._lock.left_clean:  # the last writer died: it may have left partial files
             self._discard_staged_files()
@@ -466,7 +483,8 @@ class LakeWriter:
             if self.storage.listdir(f"{path}/_delta_log"):
                 dt = self.lake.open_delta(spec.name)
                 if dt.version() > 0:
-                    dt.restore(0)  # unpublished writes of a run that died
+                    # unpublished writes of a run that died
+                    dt.restore(0, post_commithook_properties=_HOOKS)
             else:
                 self._check_lock()
                 DeltaTable.create(self.lake.table_uri(spec.name),
@@ -584,6 +602,7 @@ class LakeWriter:
                 custom_metadata={"lake.run_id": self.run_id, "lake.param_hash": param_hash,
                                  COMMIT_ID_KEY: commit_id,
                                  CHECKSUMS_KEY: json.dumps(checksums, sort_keys=True)}),
+            post_commithook_properties=_HOOKS,
         )
         if self._commit_id(name, expected) != commit_id:
             # another writer committed to this table meanwhile (possible on object storage
@@ -591,7 +610,19 @@ class LakeWriter:
             self._conflict = ConcurrentWriteError(self.lake.location, name, expected)
             raise self._conflict
         self.versions[name] = expected
+        self._checkpoint(name, expected)
         return expected
+
+    def _checkpoint(self, name: str, version: int) -> None:
+        """A checkpoint of table ``name`` at ``version`` when that is a multiple of
+        :data:`CHECKPOINT_EVERY`. Any version is readable with or without one: a reader
+        starts from the last checkpoint at or before the version it wants."""
+        if version % CHECKPOINT_EVERY:
+            return
+        try:
+            self.lake.open_delta(name, version).create_checkpoint()
+        except Exception as exc:  # the commit stands; readers replay a few more commits
+            log.warning("no checkpoint of %s at version %d: %s", name, version, exc)
 
     def _commit_id(self, name: str, version: int) -> str | None:
         """The ``lake.commit_id`` of commit ``version`` of table ``name`` (None: none)."""

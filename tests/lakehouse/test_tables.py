@@ -1,7 +1,10 @@
 import datetime as dt
+import json
+import os
 import pickle
 import subprocess
 import sys
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,6 +15,7 @@ from lakehouse import Lake, NoLakeError
 from lakehouse.errors import LakeBusyError, LakeExistsError, SnapshotNotFoundError
 from lakehouse.layout import lock_path, table_path
 from lakehouse.schemas import TABLES, conform
+from lakehouse.tables import CHECKPOINT_EVERY
 
 
 def test_create_makes_every_table_and_snapshot_zero(tmp_path):
@@ -57,6 +61,35 @@ def test_unpublished_commits_are_rolled_back_by_the_next_writer(tmp_path):
         assert DeltaTable(path).to_pyarrow_table().column("reason").to_pylist() == ["a"]
         w.publish()
     assert lake.read("quarantine").column("reason").to_pylist() == ["a"]
+
+
+def test_tables_are_checkpointed_every_ten_commits_and_keep_every_version(tmp_path):
+    assert CHECKPOINT_EVERY == 10
+    lake = Lake.create(tmp_path / "lk")
+    log_dir = table_path(lake.root, "quarantine") / "_delta_log"
+    long_ago = time.time() - 90 * 86400  # past deltalake's 30 days of log retention
+    with lake.writer("r1") as w:
+        for i in range(23):
+            w.append("quarantine", pa.table({"reason": [f"r{i}"]}))
+            w.publish(f"commit {i + 1}")
+            for f in log_dir.glob("*.json"):  # every commit so far as if months old
+                os.utime(f, (long_ago, long_ago))
+    checkpoints = sorted(int(f.name[:20]) for f in log_dir.glob("*.checkpoint.parquet"))
+    assert checkpoints == [10, 20]
+    assert json.loads((log_dir / "_last_checkpoint").read_text())["version"] == 20
+    # no commit was cleaned up: every version, before and after the checkpoints, opens
+    assert sorted(int(f.name[:20]) for f in log_dir.glob("*.json")) == list(range(24))
+    assert [lake.count("quarantine", lake.snapshot(n)) for n in range(24)] == list(range(24))
+    assert sorted(lake.read("quarantine").column("reason").to_pylist()) == \
+        sorted(f"r{i}" for i in range(23))
+    # a rollback is a commit too: its version is checkpointed at a multiple of ten
+    with lake.writer("r2") as w:
+        for i in range(6):
+            w.append("quarantine", pa.table({"reason": [f"lost{i}"]}))  # 24-29, unpublished
+    with lake.writer("r3") as w:  # restores version 23's files as version 30
+        assert w.versions["quarantine"] == 30
+    assert 30 in [int(f.name[:20]) for f in log_dir.glob("*.checkpoint.parquet")]
+    assert lake.count("quarantine") == 23
 
 
 def test_partial_files_of_a_writer_that_died_are_removed_by_the_next(tmp_path):
