@@ -533,23 +533,42 @@ class LakeWriter:
         wanted = pc.unique(pa.array(keys)).drop_null()
         kept, removes = [], []
         if len(wanted):
-            for f in pa.table(self.current(name).get_add_actions(flatten=True)).to_pylist():
-                with self.storage.open(self._file_path(name, f)) as fh:
-                    hit = pc.is_in(pq.read_table(fh, columns=[key]).column(key),
-                                   value_set=wanted)
-                if not pc.any(hit).as_py():
-                    continue
-                kept.append(self._read_file(name, f).filter(pc.invert(hit)))
+            for f in self._holding(name, key, wanted):
+                part = self._read_file(name, f)
+                kept.append(part.filter(pc.invert(pc.is_in(part.column(key),
+                                                           value_set=wanted))))
                 removes.append(self._remove(name, f, data_change=True))
         profile = self.lake.profile
         data = pa.concat_tables([conform(spec, t, profile) for t in [*kept, data]])
         return self._write(name, data, "append", param_hash, removes=removes)
 
+    def _holding(self, name: str, key: str, wanted: pa.Array) -> list[dict]:
+        """The add actions of the current version of ``name`` whose file holds a row with
+        ``key`` in ``wanted``: one Arrow scan of that column over every file (threads of
+        its own, row groups skipped by their statistics), not a read of each file in
+        turn from Python, which a table of many small files (a nightly run's) paid per
+        file."""
+        dt = self.current(name)
+        adds = pa.table(dt.get_add_actions(flatten=True)).to_pylist()
+        if not adds:
+            return []
+        scanner = self.lake.arrow_dataset(name, dt).scanner(
+            columns=[key], filter=pc.field(key).isin(wanted))
+        hit = {b.fragment.path for b in scanner.scan_batches() if b.record_batch.num_rows}
+        return [f for f in adds if f["path"] in hit or unquote(f["path"]) in hit]
+
     def _file_path(self, name: str, f: dict) -> str:
         """The storage path of the file ``f`` (an add action) of table ``name``."""
-        path = f"{as_rel(layout.table_path(_REL, name))}/{f['path']}"
-        if not self.storage.exists(path):
-            path = f"{as_rel(layout.table_path(_REL, name))}/{unquote(f['path'])}"
+        return f"{as_rel(layout.table_path(_REL, name))}/{self._stored_path(name, f)}"
+
+    def _stored_path(self, name: str, f: dict) -> str:
+        """The path of the file ``f`` (an add action) in its table's folder, as this
+        writer gave it to its add action: ``get_add_actions`` gives it URL-encoded once
+        more when a partition value was quoted (``Modality=O%2520T``), and a remove action
+        must name the file as its add action did."""
+        path = f["path"]
+        if not self.storage.exists(f"{as_rel(layout.table_path(_REL, name))}/{path}"):
+            path = unquote(path)
         return path
 
     def _read_file(self, name: str, f: dict) -> pa.Table:
@@ -566,7 +585,8 @@ class LakeWriter:
     def _remove(self, name: str, f: dict, data_change: bool) -> RemoveAction:
         """A remove action for the file ``f`` (an add action) of table ``name``."""
         values = {k: f.get(f"partition.{k}") for k in TABLES[name].partition_by}
-        return RemoveAction(f["path"], data_change, int(time.time() * 1000), f["size_bytes"],
+        return RemoveAction(self._stored_path(name, f), data_change, int(time.time() * 1000),
+                            f["size_bytes"],
                             {k: (None if v is None else str(v)) for k, v in values.items()})
 
     def _write(self, name: str, data: pa.Table, mode: str, param_hash: str,

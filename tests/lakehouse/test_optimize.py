@@ -110,3 +110,24 @@ def test_partition_values_survive(split_lake, tmp_path):
     assert after.sort_by([(k, "ascending") for k in key]).equals(
         counts.sort_by([(k, "ascending") for k in key]))
     assert lake.read("instances").schema.field("study_year").type == pa.int32()
+
+
+def test_a_quoted_partition_is_compacted_without_duplicates(tmp_path):
+    """A partition value quoted in its folder name (``Modality=O%20T%2F%25``): the files
+    compacted are removed by the same commit (deltalake gives their paths encoded once
+    more; a remove action must name them as their add action did)."""
+    import datetime as dt
+
+    lake = Lake.create(tmp_path / "lk", profile="identified")
+    with lake.writer("r1") as w:
+        for uid in ("1", "2", "3"):
+            w.append("studies", pa.table({
+                "StudyInstanceUID": [uid], "Modality": ["O T/%"], "study_year": [2024],
+                "StudyDate": [dt.date(2024, 5, 1)], "instance_count": [1]}))
+        w.publish()
+    assert len(_files(lake, "studies")) == 3
+    report = optimize(lake, tables=["studies"])
+    assert report.tables["studies"].rewritten == 3
+    assert len(_files(lake, "studies")) == 1
+    assert sorted(lake.read("studies").column("StudyInstanceUID").to_pylist()) == ["1", "2", "3"]
+    assert not verify(lake).problems

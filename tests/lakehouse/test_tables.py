@@ -208,11 +208,12 @@ def test_replace_rewrites_only_the_files_holding_the_keys(tmp_path):
         w.append("studies", studies(["1", "2", "3"], "CT", 1))
         w.append("studies", studies(["4", "5"], "MR", 1))
         w.append("studies", studies(["6"], "US", 1))
+        w.append("studies", studies(["7", "8"], "O T/%", 1))  # a partition path quoted
         w.publish()
     files = set(lake.delta("studies").file_uris())
     with lake.writer("r2") as w:
         # study 2 now MR with 7 instances, study 5 gone, study 9 new; CT's 1 and 3 stay
-        version = w.replace("studies", "StudyInstanceUID", pa.array(["2", "5", "9", None]),
+        version = w.replace("studies", "StudyInstanceUID", pa.array(["2", "5", "9", "7", None]),
                             pa.concat_tables([studies(["2"], "MR", 7), studies(["9"], "US", 1)]))
         with pytest.raises(ValueError, match="partition column"):
             w.replace("studies", "Modality", pa.array(["CT"]), studies([], "CT", 1))
@@ -221,7 +222,7 @@ def test_replace_rewrites_only_the_files_holding_the_keys(tmp_path):
     rows = sorted((r["StudyInstanceUID"], r["Modality"], r["instance_count"])
                   for r in lake.read("studies").to_pylist())
     assert rows == [("1", "CT", 1), ("2", "MR", 7), ("3", "CT", 1), ("4", "MR", 1),
-                    ("6", "US", 1), ("9", "US", 1)]
+                    ("6", "US", 1), ("8", "O T/%", 1), ("9", "US", 1)]
     now = set(lake.delta("studies").file_uris())
     # the US file had none of the keys: the same file; the CT and MR files were rewritten
     assert len(files & now) == 1 and next(iter(files & now)).split("/")[-3] == "Modality=US"
