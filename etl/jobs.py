@@ -266,8 +266,9 @@ class _Job:
             # 100,000 files, mostly without the GIL) while the walk starts, up to a chunk
             # ahead
             made: Future = Future()
-            threading.Thread(target=_settle, args=(made, lambda: index.add(*hasher.keys(
-                self.w.dataset("files"), *seen.FILE_KEY))), name="lake-files-index").start()
+            threading.Thread(target=_settle, args=(made, lambda: index.add(*hasher.table_keys(
+                self.lake, "files", self.w.current("files"), *seen.FILE_KEY))),
+                name="lake-files-index").start()
             try:
                 while not made.done() and sum(map(len, walked)) < INDEX_CHUNK \
                         and (chunk := next(found, None)) is not None:
@@ -423,7 +424,8 @@ class _Job:
             return {}
         if self._uids is None:
             self._uids = seen.KeyIndex()
-            self._uids.add(*self._hasher.keys(self.w.dataset("instances"), *seen.INSTANCE_KEY))
+            self._uids.add(*self._hasher.table_keys(
+                self.lake, "instances", self.w.current("instances"), *seen.INSTANCE_KEY))
         if not len(self._uids):
             return {}
         rows = wave.select(["SOPInstanceUID", "file_sha256", *PARTITION]).take(
@@ -603,7 +605,8 @@ class _Job:
             con.unregister("new_pairs")
         if self._pairs is None:
             self._pairs = seen.KeyIndex()
-            self._pairs.add(*self._hasher.keys(self.w.dataset("identifiers"), *seen.PAIR_KEY))
+            self._pairs.add(*self._hasher.table_keys(
+                self.lake, "identifiers", self.w.current("identifiers"), *seen.PAIR_KEY))
         keys = self._hasher.keys(fresh, *seen.PAIR_KEY)
         _, known = self._pairs.lookup(*keys)
         if known.any():

@@ -19,9 +19,19 @@ differs is looked up in the table itself before it is called a conflict.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import duckdb
 import numpy as np
 import pyarrow as pa
+
+from lakehouse.duck import parquet_relation
+from lakehouse.schemas import TABLES
+
+if TYPE_CHECKING:
+    from deltalake import DeltaTable
+
+    from lakehouse.tables import Lake
 
 #: Chunks of keys before they are merged into one sorted array.
 MAX_CHUNKS = 8
@@ -97,6 +107,26 @@ class Hasher:
         finally:
             self.con.unregister("src")
         return (np.asarray(out["k"], dtype=np.uint64), np.asarray(out["v"], dtype=np.uint64))
+
+    def table_keys(self, lake: Lake, name: str, dt: DeltaTable, key_sql: str,
+                   check_sql: str) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`keys` over the version ``dt`` of the table ``name``. DuckDB reads the
+        Parquet files of a local lake itself: two to five times faster than through a
+        pyarrow dataset, which costs a millisecond or more per file (a lake of many small
+        files: daily runs). A lake on object storage, or a version DuckDB cannot read
+        as it is (:func:`lakehouse.duck.parquet_relation`), goes through the dataset."""
+        found = parquet_relation(self.con, dt, TABLES[name], lake.profile, "/") \
+            if lake.local else None
+        if found is not None:
+            try:
+                out = found[0].query(
+                    "src", f"SELECT {key_sql} AS k, {check_sql} AS v FROM src").fetchnumpy()
+            except duckdb.BinderException:
+                pass  # a column added to the table after its files: nulls in the dataset
+            else:
+                return (np.asarray(out["k"], dtype=np.uint64),
+                        np.asarray(out["v"], dtype=np.uint64))
+        return self.keys(lake.arrow_dataset(name, dt), key_sql, check_sql)
 
 
 #: The keys of each question (DuckDB SQL over the table's own columns).

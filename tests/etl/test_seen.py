@@ -81,6 +81,54 @@ def test_file_keys_match_only_the_same_path_size_and_mtime():
     assert same.tolist() == [True, False, False, False, True, False]
 
 
+def test_table_keys_read_by_duckdb_equal_the_datasets(lake_copy):
+    """The indexes' keys of a table version, read by DuckDB from its Parquet files, are
+    those read through the pyarrow dataset (the reference, and the path of lakes on object
+    storage); a version DuckDB does not read as it is (a partition value quoted in its
+    folder name) goes through the dataset."""
+    import datetime as dt
+
+    lake = Lake.open(lake_copy)
+    with lake.writer("pairs") as w:
+        w.append("identifiers", pa.table({"kind": ["UID", "PatientID", "UID"],
+                                          "pseudonym": ["2.25.1", "p1", "2.25.2"],
+                                          "original": ["1.2.3", "MRN1", "1.2.4"]}))
+        w.append("instances", pa.table({
+            "SOPInstanceUID": ["9.9"], "file_sha256": ["ab"], "Modality": ["O T"],
+            "study_year": [2024], "StudyDate": [dt.date(2024, 5, 1)]}))
+        w.publish()
+    h = seen.Hasher()
+    read_by = []
+    real_keys = h.keys
+
+    def spying_keys(source, *args, **kwargs):
+        read_by.append(type(source).__name__)
+        return real_keys(source, *args, **kwargs)
+
+    h.keys = spying_keys
+    try:
+        for name, key in (("files", seen.FILE_KEY), ("instances", seen.INSTANCE_KEY),
+                          ("identifiers", seen.PAIR_KEY)):
+            version = lake.delta(name)
+            read_by.clear()
+            got = h.table_keys(lake, name, version, *key)
+            assert read_by == (["FileSystemDataset"] if name == "instances" else []), name
+            want = real_keys(lake.arrow_dataset(name, version), *key)
+            order = np.lexsort((got[1], got[0]))
+            ref = np.lexsort((want[1], want[0]))
+            assert len(got[0]) == lake.count(name) > 0
+            assert np.array_equal(got[0][order], want[0][ref]), name
+            assert np.array_equal(got[1][order], want[1][ref]), name
+        # without the quoted partition, DuckDB reads the instances too
+        older = lake.delta("instances", lake.snapshot(lake.snapshot().number - 1))
+        read_by.clear()
+        got = h.table_keys(lake, "instances", older, *seen.INSTANCE_KEY)
+        want = real_keys(lake.arrow_dataset("instances", older), *seen.INSTANCE_KEY)
+        assert read_by == [] and sorted(got[0].tolist()) == sorted(want[0].tolist())
+    finally:
+        h.close()
+
+
 def _outcomes(lake_dir):
     with open_lake(lake_dir, vault=True) as c:
         files = dict(c.con.execute("SELECT path, outcome FROM files").fetchall())
