@@ -118,9 +118,10 @@ class Hasher:
         found = parquet_relation(self.con, dt, TABLES[name], lake.profile, "/") \
             if lake.local else None
         if found is not None:
+            found[0].create_view("table_src", replace=True)
             try:
-                out = found[0].query(
-                    "src", f"SELECT {key_sql} AS k, {check_sql} AS v FROM src").fetchnumpy()
+                out = self.con.execute(
+                    f"SELECT {key_sql} AS k, {check_sql} AS v FROM table_src").fetchnumpy()
             except duckdb.BinderException:
                 pass  # a column added to the table after its files: nulls in the dataset
             else:
