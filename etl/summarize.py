@@ -227,7 +227,9 @@ def update(lake: Lake, before: DeltaTable, after: DeltaTable,
         return None
     added = {p: n for p, n in after_files.items() if p not in before_files}
     most = UPDATE_SHARE * sum(n for _, n in after_files.values())
-    moved = _rows_moved(lake, before.version(), after.version())
+    moved, only_moved = _moves(lake, before.version(), after.version())
+    if only_moved:  # compacted only (``lake optimize``): the same rows in other files
+        return {}
     # rows moved (compacted) are compared row by row: no cheaper than a rebuild for many
     # rows (bench/summaries.py --optimize: 2.5 s against 1.9 s for the whole table)
     if sum(n for p, (_, n) in before_files.items() if p not in after_files) > most \
@@ -299,24 +301,28 @@ def update(lake: Lake, before: DeltaTable, after: DeltaTable,
         con.close()
 
 
-def _rows_moved(lake: Lake, before: int, after: int) -> bool:
-    """Whether some commits of ``instances`` from version ``before`` to ``after`` only
-    move rows (every action ``dataChange`` false, as ``lake optimize`` compacts) and the
-    others only add files. Then a row in an added file may be an old row in a new place,
-    and the changed rows are told by comparing rows, not files. False also when a commit
-    cannot be read (its log cleaned up): every row of the files added or removed then
-    counts as changed, which is always right, only slower."""
-    moved = False
+def _moves(lake: Lake, before: int, after: int) -> tuple[bool, bool]:
+    """``(moved, only_moved)`` of the commits of ``instances`` from version ``before`` to
+    ``after``. ``moved``: some of them only move rows (every action ``dataChange`` false,
+    as ``lake optimize`` compacts) and the others only add files. Then a row in an added
+    file may be an old row in a new place, and the changed rows are told by comparing
+    rows, not files. ``only_moved``: every commit that adds or removes a file only moves
+    rows: no row changed. Both false when a commit cannot be read (its log cleaned up):
+    every row of the files added or removed then counts as changed, which is always right,
+    only slower."""
+    moved, only = False, True
     for version in range(before + 1, after + 1):
         actions = lake.commit_actions("instances", version)
         if actions is None:
-            return False
+            return False, False
         files = [a[kind] for a in actions for kind in ("add", "remove") if kind in a]
         if files and not any(f.get("dataChange", True) for f in files):
             moved = True
-        elif any("remove" in a for a in actions):
-            return False  # rows removed or rewritten: the files tell
-    return moved
+        elif files:
+            only = False
+            if any("remove" in a for a in actions):
+                return False, False  # rows removed or rewritten: the files tell
+    return moved, moved and only
 
 
 #: the columns of an instances row the changed keys are found from: the instance, the run

@@ -183,6 +183,24 @@ def test_update_after_compaction_and_when_the_code_changed(archive, tmp_path, mo
     assert derived(tmp_path / "two") == derived(tmp_path / "one")
 
 
+def test_a_run_after_compaction_alone_keeps_the_summaries(archive, tmp_path):
+    """`lake optimize` only moves rows: the next run, with nothing new, finds nothing
+    changed in them (no rebuild, no summary commit), and the one after is current."""
+    path = tmp_path / "lake"
+    # small batches and commits: many small files for optimize to compact
+    ingest(Lake.create(path, profile="identified"), archive[0],
+           fast_config(batch_files=8, batches_per_worker=1, flush_rows=20))
+    before = derived(path)
+    studies = Lake.open(path).open_delta("studies").version()
+    assert optimize(Lake.open(path), tables=["instances"]).tables["instances"].rewritten
+    noop = ingest(Lake.open(path), archive[0], fast_config())
+    assert sum(noop.outcomes.values()) == 0
+    assert (noop.summaries, noop.summary_rows) == ("updated", {})
+    assert Lake.open(path).open_delta("studies").version() == studies
+    assert derived(path) == before
+    assert ingest(Lake.open(path), archive[0], fast_config()).summaries == "current"
+
+
 def test_instance_rows_removed_are_summarized_away(lake_copy):
     """Rows removed from instances (LakeWriter.replace with no new rows: the files holding
     them rewritten without them) leave the summaries at the next run: the series is gone,
