@@ -515,9 +515,11 @@ class LakeWriter:
         """Rewrite ``files`` (rows of ``get_add_actions(flatten=True)`` of the current
         version, all of one partition) as one file, in one commit that adds it and
         removes them (``dataChange`` false: the rows are the same). Returns the version."""
-        parts = [self._read_file(name, f) for f in files]
+        stored = [self._stored_path(name, f) for f in files]
+        parts = [self._read_file(name, f, rel) for f, rel in zip(files, stored, strict=True)]
         data = pa.concat_tables(parts, promote_options="default")
-        removes = [self._remove(name, f, data_change=False) for f in files]
+        removes = [self._remove(name, f, rel, data_change=False)
+                   for f, rel in zip(files, stored, strict=True)]
         return self._write(name, data, "append", param_hash, removes=removes)
 
     def replace(self, name: str, key: str, keys: pa.Array, data: pa.Table,
@@ -533,21 +535,21 @@ class LakeWriter:
         wanted = pc.unique(pa.array(keys)).drop_null()
         kept, removes = [], []
         if len(wanted):
-            for f in self._holding(name, key, wanted):
-                part = self._read_file(name, f)
+            for f, rel in self._holding(name, key, wanted):
+                part = self._read_file(name, f, rel)
                 kept.append(part.filter(pc.invert(pc.is_in(part.column(key),
                                                            value_set=wanted))))
-                removes.append(self._remove(name, f, data_change=True))
+                removes.append(self._remove(name, f, rel, data_change=True))
         profile = self.lake.profile
         data = pa.concat_tables([conform(spec, t, profile) for t in [*kept, data]])
         return self._write(name, data, "append", param_hash, removes=removes)
 
-    def _holding(self, name: str, key: str, wanted: pa.Array) -> list[dict]:
+    def _holding(self, name: str, key: str, wanted: pa.Array) -> list[tuple[dict, str]]:
         """The add actions of the current version of ``name`` whose file holds a row with
-        ``key`` in ``wanted``: one Arrow scan of that column over every file (threads of
-        its own, row groups skipped by their statistics), not a read of each file in
-        turn from Python, which a table of many small files (a nightly run's) paid per
-        file."""
+        ``key`` in ``wanted``, each with its path as stored (:meth:`_stored_path`): one
+        Arrow scan of that column over every file (threads of its own, row groups skipped
+        by their statistics), not a read of each file in turn from Python, which a table
+        of many small files (a nightly run's) paid per file."""
         dt = self.current(name)
         adds = pa.table(dt.get_add_actions(flatten=True)).to_pylist()
         if not adds:
@@ -555,11 +557,12 @@ class LakeWriter:
         scanner = self.lake.arrow_dataset(name, dt).scanner(
             columns=[key], filter=pc.field(key).isin(wanted))
         hit = {b.fragment.path for b in scanner.scan_batches() if b.record_batch.num_rows}
-        return [f for f in adds if f["path"] in hit or unquote(f["path"]) in hit]
-
-    def _file_path(self, name: str, f: dict) -> str:
-        """The storage path of the file ``f`` (an add action) of table ``name``."""
-        return f"{as_rel(layout.table_path(_REL, name))}/{self._stored_path(name, f)}"
+        out = []
+        for f in adds:  # the file as stored: the path given, or decoded once
+            rel = next((p for p in (f["path"], unquote(f["path"])) if p in hit), None)
+            if rel is not None:
+                out.append((f, rel))
+        return out
 
     def _stored_path(self, name: str, f: dict) -> str:
         """The path of the file ``f`` (an add action) in its table's folder, as this
@@ -571,21 +574,23 @@ class LakeWriter:
             path = unquote(path)
         return path
 
-    def _read_file(self, name: str, f: dict) -> pa.Table:
+    def _read_file(self, name: str, f: dict, stored: str) -> pa.Table:
         """The rows of the file ``f`` (an add action) of table ``name``, with its partition
         columns (which the file itself does not hold)."""
         spec = TABLES[name]
-        part = pq.read_table(pa.BufferReader(self.storage.read_bytes(self._file_path(name, f))))
+        path = f"{as_rel(layout.table_path(_REL, name))}/{stored}"
+        part = pq.read_table(pa.BufferReader(self.storage.read_bytes(path)))
         for k in spec.partition_by:
             typ = spec.storage_schema(self.lake.profile).field(k).type
             part = part.append_column(k, pa.array([f.get(f"partition.{k}")] * part.num_rows,
                                                   typ))
         return part
 
-    def _remove(self, name: str, f: dict, data_change: bool) -> RemoveAction:
-        """A remove action for the file ``f`` (an add action) of table ``name``."""
+    def _remove(self, name: str, f: dict, stored: str, data_change: bool) -> RemoveAction:
+        """A remove action for the file ``f`` (an add action) of table ``name``, stored at
+        ``stored`` in its folder."""
         values = {k: f.get(f"partition.{k}") for k in TABLES[name].partition_by}
-        return RemoveAction(self._stored_path(name, f), data_change, int(time.time() * 1000),
+        return RemoveAction(stored, data_change, int(time.time() * 1000),
                             f["size_bytes"],
                             {k: (None if v is None else str(v)) for k, v in values.items()})
 
