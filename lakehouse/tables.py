@@ -419,6 +419,8 @@ class LakeWriter:
         self._conflict: ConcurrentWriteError | None = None
         self.base: Snapshot | None = None
         self.versions: dict[str, int] = {}
+        #: each table as :meth:`current` last opened it (a version is opened once)
+        self._opened: dict[str, DeltaTable] = {}
         #: Free-form state carried from snapshot to snapshot (e.g. what the
         #: summary tables were built from).
         self.extra: dict = {}
@@ -500,7 +502,12 @@ class LakeWriter:
             self.storage.discard_partial(as_rel(layout.table_path(_REL, name)))
 
     def current(self, name: str) -> DeltaTable:
-        return self.lake.open_delta(name, self.versions[name])
+        """Table ``name`` at this writer's version of it, opened once per version (a run
+        reads a table, writes it, reads it again: each open replays its log)."""
+        dt = self._opened.get(name)
+        if dt is None or dt.version() != self.versions[name]:
+            dt = self._opened[name] = self.lake.open_delta(name, self.versions[name])
+        return dt
 
     def dataset(self, name: str) -> ds.Dataset:
         return self.lake.arrow_dataset(name, self.current(name))
@@ -620,7 +627,7 @@ class LakeWriter:
         self._check_lock()
         expected = self.versions[name] + 1
         commit_id = uuid.uuid4().hex
-        dt = self.lake.open_delta(name, self.versions[name])
+        dt = self.current(name)
         dt.create_write_transaction(
             actions, mode, table.schema, partition_by=list(spec.partition_by) or None,
             commit_properties=CommitProperties(
@@ -639,13 +646,14 @@ class LakeWriter:
         return expected
 
     def _checkpoint(self, name: str, version: int) -> None:
-        """A checkpoint of table ``name`` at ``version`` when that is a multiple of
-        :data:`CHECKPOINT_EVERY`. Any version is readable with or without one: a reader
-        starts from the last checkpoint at or before the version it wants."""
+        """A checkpoint of table ``name`` at ``version`` (this writer's version of it)
+        when that is a multiple of :data:`CHECKPOINT_EVERY`. Any version is readable with
+        or without one: a reader starts from the last checkpoint at or before the version
+        it wants."""
         if version % CHECKPOINT_EVERY:
             return
         try:
-            self.lake.open_delta(name, version).create_checkpoint()
+            self.current(name).create_checkpoint()
         except Exception as exc:  # the commit stands; readers replay a few more commits
             log.warning("no checkpoint of %s at version %d: %s", name, version, exc)
 
