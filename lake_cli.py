@@ -200,7 +200,7 @@ def _ingest(args, scheduler: str) -> int:
     lake = Lake.open(_lake_dir(args))
     config = IngestConfig(workers=args.workers, scheduler=scheduler,
                           batch_files=args.batch_files, scheduler_timeout=args.scheduler_timeout,
-                          reuse_listings=not args.relist)
+                          reuse_listings=not args.relist, compact_files=args.compact_files)
     show = args.progress and sys.stderr.isatty()
     bar = None
     bar_stage = ""
@@ -289,6 +289,9 @@ def _print_run(s) -> None:
         print(f"  summaries updated: rows written to {rows}")
     elif s.summaries == "rebuilt":
         print("  summaries rebuilt")
+    if s.compacted:
+        print("  compacted: " + ", ".join(f"{t} {a} small files into {b}"
+                                          for t, (a, b) in s.compacted.items()))
     print(f"  lake snapshot {s.snapshot}")
 
 
@@ -305,7 +308,8 @@ def cmd_listen(args) -> int:
     lake = Lake.open(_lake_dir(args))
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # it logs UIDs at INFO
     config = IngestConfig(scheduler=args.scheduler or "processes", workers=args.workers,
-                          scheduler_timeout=args.scheduler_timeout)
+                          scheduler_timeout=args.scheduler_timeout,
+                          compact_files=args.compact_files)
 
     def report(run) -> None:
         o = run.outcomes
@@ -977,6 +981,13 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--lake", help="lake folder, or s3://BUCKET/PREFIX (default: "
                         "$LAKE_DIR, then ./lake)")
 
+    def compact_opt(sp):
+        sp.add_argument("--compact-files", type=_non_negative, metavar="N",
+                        default=16,  # IngestConfig.compact_files
+                        help="at the end of a run, compact each partition of the tables it "
+                        "wrote to that holds N small files or more (rows unchanged, as "
+                        "`lake optimize` does); 0: never (default %(default)s)")
+
     def key_opt(sp):
         sp.add_argument("--key-file", help="pseudonymization key of a research lake (default: "
                         "$LAKE_KEY_FILE, then the key `lake init` created for the lake)")
@@ -1023,6 +1034,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--relist", action="store_true", help="list every folder of the source "
                     "again (by default a folder whose mtime and ctime are unchanged since the "
                     "last run keeps that run's listing; every file is checked either way)")
+    compact_opt(sp)
     sp.add_argument("--no-progress", dest="progress", action="store_false",
                     help="no progress bar (also off when stderr is not a terminal)")
     sp.add_argument("--json", action="store_true", help="print the run summary as JSON")
@@ -1043,6 +1055,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--scheduler", help="a Dask scheduler address, or processes / threads / "
                     "synchronous")
     sp.add_argument("--scheduler-timeout", type=_positive_float, default=10.0)
+    compact_opt(sp)
     lake_opt(sp)
     key_opt(sp)
     sp.set_defaults(func=cmd_listen)

@@ -37,9 +37,10 @@ from etl.config import HEAD_BYTES, IngestConfig, check_scheduler
 from etl.discover import Found, FoundFile, WalkStats, tally, walk_columns
 from etl.errors import REASONS
 from etl.listings import Listings, listings_path
+from lakehouse.optimize import MiB, compact
 from lakehouse.provenance import code_version, config_hash, new_run_id
 from lakehouse.schemas import SCHEMA_VERSION, TABLES
-from lakehouse.tables import Lake, LakeWriter, group_order, partition_codes
+from lakehouse.tables import ConcurrentWriteError, Lake, LakeWriter, group_order, partition_codes
 
 if TYPE_CHECKING:  # pydicom, through the policy: a no-op rerun never loads it
     from lakehouse.deid import Policy
@@ -53,6 +54,13 @@ PARTITION = list(TABLES["instances"].partition_by)
 INDEX_CHUNK = 20_000
 #: The collector's youngest-generation threshold during a run (Python's default: 700).
 GC_YOUNG = 50_000
+#: A run's compaction (``IngestConfig.compact_files``) takes the files under this size and
+#: writes files of up to about ``COMPACT_TARGET_BYTES``: smaller than ``lake optimize``'s
+#: (64 and 256 MiB), so that what a run rewrites, and holds in memory while it does,
+#: stays small. A file past it is left alone: a scan of it pays for its rows, not for
+#: being one more file.
+COMPACT_SMALL_BYTES = 16 * MiB
+COMPACT_TARGET_BYTES = 64 * MiB
 #: A run into a lake without instances keeps what the summaries read of its rows (700-870
 #: bytes a row: some 300,000 rows) up to this size, and summarizes them from memory at
 #: its end instead of decoding the files it wrote (100,000 small files: 0.62-0.76 s
@@ -78,6 +86,9 @@ class RunSummary:
     summaries: str = ""
     #: rows written per summary table by an update (the changed ones)
     summary_rows: dict[str, int] = field(default_factory=dict)
+    #: per table compacted at the end of the run: the small files rewritten, and the
+    #: files they became (``IngestConfig.compact_files``)
+    compacted: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def files_read(self) -> int:
@@ -93,6 +104,7 @@ class RunSummary:
             "scheduler": self.scheduler, "workers": self.workers,
             "folders_unreadable": self.folders_unreadable,
             "summaries": self.summaries, "summary_rows": self.summary_rows,
+            "compacted": {k: {"files": a, "into": b} for k, (a, b) in self.compacted.items()},
         }
 
 
@@ -209,6 +221,7 @@ class _Job:
         self._run_rows: list[pa.Table] | None = []
         self._run_rows_bytes = 0
         self._instances_before = writer.versions["instances"]
+        self._versions_before = dict(writer.versions)  # what the run wrote to: compacted
         # what the lake holds, scanned once per run when first needed (etl.seen)
         self._hasher: seen.Hasher | None = None
         self._uids: seen.KeyIndex | None = None
@@ -248,6 +261,7 @@ class _Job:
         t = time.perf_counter()
         self._summarize_if_stale()
         self.timings["summarize"] = time.perf_counter() - t
+        self._compact()
 
     def _changed(self, found: Iterator[Found], stats: WalkStats) -> Iterator[FoundFile]:
         """The files of ``found`` not already read with the same path, size and mtime (one
@@ -671,6 +685,32 @@ class _Job:
                 self.summary.summary_rows[name] = u.rows.num_rows
             self.summary.summaries = "updated"
         self.w.extra.update(summaries_from=current, summaries_code=code)
+
+    def _compact(self) -> None:
+        """Compact the partitions of the tables this run wrote to (and of ``ingest_runs``,
+        which every run adds a file to) that hold ``compact_files`` small files or more,
+        before the run is recorded and published: one snapshot has the run's rows and
+        fewer files. The summaries stay those of the compacted ``instances`` (its rows
+        did not change). A compaction that fails leaves its table as it was, and the run
+        goes on."""
+        if not self.config.compact_files:
+            return
+        names = [n for n, v in self.w.versions.items()
+                 if v != self._versions_before.get(n) or n == "ingest_runs"]
+        instances = self.w.versions["instances"]
+        for name in names:
+            try:
+                result = compact(self.w, name, COMPACT_SMALL_BYTES, COMPACT_TARGET_BYTES,
+                                 min_files=self.config.compact_files)
+            except ConcurrentWriteError:
+                raise
+            except (OSError, pa.ArrowException, DeltaError) as exc:
+                log.warning("%s not compacted: %s", name, exc)
+                continue
+            if result.rewritten:
+                self.summary.compacted[name] = (result.rewritten, result.written)
+        if self.w.extra.get("summaries_from") == instances != self.w.versions["instances"]:
+            self.w.extra["summaries_from"] = self.w.versions["instances"]
 
     def record_run(self, started: datetime, status: str, message: str | None) -> None:
         s = self.summary

@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from lakehouse.provenance import new_run_id
 from lakehouse.schemas import TABLES
-from lakehouse.tables import Lake
+from lakehouse.tables import Lake, LakeWriter
 
 log = logging.getLogger(__name__)
 
@@ -64,31 +64,44 @@ def optimize(lake: Lake, tables: list[str] | None = None, small_bytes: int = SMA
     report = OptimizeReport(new_run_id())
     with lake.writer(report.run_id) as w:
         for name in tables or lake.table_names():
-            spec = TABLES[name]
-            actions = pa.table(w.current(name).get_add_actions(flatten=True))
-            keep = ["path", "size_bytes", "num_records"] + [
-                n for n in actions.column_names if n.startswith("partition.")]
-            adds = actions.select(keep).to_pylist()
-            result = report.tables[name] = TableResult(files_before=len(adds),
-                                                       files_after=len(adds))
-            result.rows = sum(a.get("num_records") or 0 for a in adds)
-            by_partition: dict[tuple, list[dict]] = defaultdict(list)
-            for a in adds:
-                if a["size_bytes"] < small_bytes:
-                    by_partition[tuple(a.get(f"partition.{k}") for k in spec.partition_by)
-                                 ].append(a)
-            for files in by_partition.values():
-                for group in _groups(sorted(files, key=lambda a: a["path"]), target_bytes):
-                    result.rewritten += len(group)
-                    result.written += 1
-                    result.files_after -= len(group) - 1
-                    if not dry_run:
-                        w.compact(name, group)
-            if result.rewritten:
-                log.info("%s: %d small files -> %d", name, result.rewritten, result.written)
+            report.tables[name] = compact(w, name, small_bytes, target_bytes,
+                                          dry_run=dry_run)
         if not dry_run and any(r.rewritten for r in report.tables.values()):
             report.snapshot = w.publish(note=f"optimize {report.run_id}").number
     return report
+
+
+def compact(w: LakeWriter, name: str, small_bytes: int = SMALL_BYTES,
+            target_bytes: int = TARGET_BYTES, min_files: int = 2,
+            dry_run: bool = False) -> TableResult:
+    """Compact the small files of table ``name`` with the writer ``w`` (which publishes
+    them): per partition holding at least ``min_files`` files under ``small_bytes``,
+    those files into files of up to about ``target_bytes``, one commit per new file.
+    ``lake optimize`` compacts every partition with two small files or more; an ingest
+    run (:mod:`etl.jobs`) only the partitions where its runs have left many."""
+    spec = TABLES[name]
+    actions = pa.table(w.current(name).get_add_actions(flatten=True))
+    keep = ["path", "size_bytes", "num_records"] + [
+        n for n in actions.column_names if n.startswith("partition.")]
+    adds = actions.select(keep).to_pylist()
+    result = TableResult(files_before=len(adds), files_after=len(adds))
+    result.rows = sum(a.get("num_records") or 0 for a in adds)
+    by_partition: dict[tuple, list[dict]] = defaultdict(list)
+    for a in adds:
+        if a["size_bytes"] < small_bytes:
+            by_partition[tuple(a.get(f"partition.{k}") for k in spec.partition_by)].append(a)
+    for files in by_partition.values():
+        if len(files) < min_files:
+            continue
+        for group in _groups(sorted(files, key=lambda a: a["path"]), target_bytes):
+            result.rewritten += len(group)
+            result.written += 1
+            result.files_after -= len(group) - 1
+            if not dry_run:
+                w.compact(name, group)
+    if result.rewritten:
+        log.info("%s: %d small files -> %d", name, result.rewritten, result.written)
+    return result
 
 
 def _groups(files: list[dict], target_bytes: int) -> list[list[dict]]:
@@ -107,4 +120,4 @@ def _groups(files: list[dict], target_bytes: int) -> list[list[dict]]:
     return [g for g in groups if len(g) > 1]
 
 
-__all__ = ["OptimizeReport", "TableResult", "optimize"]
+__all__ = ["OptimizeReport", "TableResult", "compact", "optimize"]

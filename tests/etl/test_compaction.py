@@ -1,0 +1,139 @@
+"""A run compacts the partitions its runs have filled with small files
+(``IngestConfig.compact_files``): the same rows as a lake never compacted, fewer files,
+snapshots and summaries intact."""
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from etl import ingest, jobs
+from lake_cli import main
+from lakehouse import Lake
+from lakehouse.verify import verify
+from tests.conftest import fast_config
+
+RUNS = 4
+
+
+def small_files(lake: Lake, name: str) -> Counter:
+    """Files under the run's compaction size, per partition of ``name``."""
+    adds = pa.table(lake.delta(name).get_add_actions(flatten=True)).to_pylist()
+    return Counter(tuple(v for k, v in sorted(a.items()) if k.startswith("partition."))
+                   for a in adds if a["size_bytes"] < jobs.COMPACT_SMALL_BYTES)
+
+
+def every_row(lake: Lake, snapshot=None) -> dict[str, list[str]]:
+    """The rows of every table but the run log, in a canonical order, the columns naming
+    a run or a moment left out (files and row order change with compaction)."""
+    out = {}
+    for name in lake.table_names():
+        if name == "ingest_runs":
+            continue
+        t = lake.read(name, snapshot)
+        t = t.drop_columns([f.name for f in t.schema if "run_id" in f.name
+                            or pa.types.is_timestamp(f.type)])
+        out[name] = sorted(json.dumps(r, sort_keys=True, default=str) for r in t.to_pylist())
+    return out
+
+
+@pytest.fixture(scope="module")
+def nightly(archive, tmp_path_factory) -> list[Path]:
+    """The sample archive as RUNS nightly folders (every RUNS-th file each)."""
+    root = tmp_path_factory.mktemp("nightly")
+    files = sorted(p for p in archive[0].rglob("*") if p.is_file() and not p.is_symlink())
+    parts = []
+    for i in range(RUNS):
+        part = root / f"night{i}"
+        for f in files[i::RUNS]:
+            dest = part / f.relative_to(archive[0])
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, dest)
+        parts.append(part)
+    return parts
+
+
+def test_runs_compact_what_they_leave_small(nightly, tmp_path):
+    compacted = Lake.create(tmp_path / "compacted", profile="identified")
+    plain = Lake.create(tmp_path / "plain", profile="identified")
+    runs, snapshots = [], []
+    for part in nightly:
+        runs.append(ingest(compacted, part, fast_config(compact_files=3)))
+        ingest(plain, part, fast_config(compact_files=0))
+        snapshots.append((compacted.snapshot(), every_row(compacted)))
+        # no partition of any table is left with 3 small files after a run (the run log:
+        # compacted before the run adds its own row)
+        for name in compacted.table_names():
+            most = 3 if name == "ingest_runs" else 2
+            assert max(small_files(compacted, name).values(), default=0) <= most, name
+    # the lake never compacted has partitions of up to RUNS small files: there was work
+    assert max(small_files(plain, "instances").values()) == RUNS
+    assert len(compacted.delta("ingest_runs").file_uris()) == 2  # runs 1-3 as one, run 4
+    assert len(plain.delta("ingest_runs").file_uris()) == RUNS
+    # the first two runs found nothing to compact; the third compacted the partitions
+    # its files made three; the run log is compacted before the run adds its row, so by
+    # the fourth run (the first three runs' files)
+    assert [bool(r.compacted) for r in runs] == [False, False, True, True]
+    assert runs[2].compacted["instances"][0] == 3 * runs[2].compacted["instances"][1]
+    assert runs[3].compacted["ingest_runs"] == (3, 1)
+    assert "ingest_runs" not in runs[2].compacted
+    # each compacting run's report adds up with the files left
+    before = sum(small_files(plain, "instances").values())
+    assert sum(small_files(compacted, "instances").values()) == before - sum(
+        a - b for r in runs for t, (a, b) in r.compacted.items() if t == "instances")
+    # the same rows as the lake never compacted, and every snapshot reads its own rows
+    assert every_row(compacted) == every_row(plain)
+    for snap, rows in snapshots:
+        assert every_row(compacted, snap) == rows
+    assert verify(compacted).problems == []
+    # the summaries are those of the compacted instances: a run with nothing new finds
+    # them current (no comparison of moved rows)
+    snap = compacted.snapshot()
+    assert snap.extra["summaries_from"] == snap.versions["instances"]
+    assert ingest(compacted, nightly[-1], fast_config(compact_files=3)).summaries == "current"
+
+
+def test_compact_files_zero_and_the_cli(nightly, tmp_path, capsys):
+    lake = tmp_path / "lake"
+    assert main(["init", "--lake", str(lake), "--profile", "identified"]) == 0
+    for part in nightly[:3]:
+        assert main(["ingest", str(part), "--lake", str(lake), "--scheduler", "synchronous",
+                     "--compact-files", "0", "--no-progress"]) == 0
+    assert max(small_files(Lake.open(lake), "instances").values()) == 3
+    capsys.readouterr()
+    # a run that reads nothing still compacts the run log once it holds enough files
+    assert main(["ingest", str(nightly[0]), "--lake", str(lake), "--scheduler",
+                 "synchronous", "--compact-files", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["compacted"] == {"ingest_runs": {"files": 3, "into": 1}}
+    assert main(["ingest", str(nightly[3]), "--lake", str(lake), "--scheduler",
+                 "synchronous", "--compact-files", "2", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "  compacted: " in printed and "instances " in printed
+    assert max(small_files(Lake.open(lake), "instances").values()) == 1
+    with pytest.raises(SystemExit):
+        main(["ingest", str(nightly[0]), "--lake", str(lake), "--compact-files", "-1"])
+    assert "--compact-files: expected an integer >= 0, got '-1'" in capsys.readouterr().err
+
+
+def test_a_compaction_that_fails_leaves_the_run_whole(nightly, tmp_path, monkeypatch, caplog):
+    lake = Lake.create(tmp_path / "lake", profile="identified")
+    for part in nightly[:2]:
+        ingest(lake, part, fast_config(compact_files=0))
+    files = {n: len(lake.delta(n).file_uris()) for n in lake.table_names()}
+
+    def fail(self, name, group, param_hash=""):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(jobs.LakeWriter, "compact", fail)
+    run = ingest(lake, nightly[2], fast_config(compact_files=3))
+    assert run.compacted == {} and run.outcomes["ingested"] > 0
+    assert "instances not compacted: [Errno 28] No space left on device" in caplog.text
+    # the run's rows are published; no table lost a file
+    snap = lake.snapshot()
+    assert snap.number == run.snapshot
+    assert all(len(lake.delta(n).file_uris()) >= files[n] for n in files)
+    assert set(lake.read("ingest_runs").column("status").to_pylist()) == {"completed"}
