@@ -984,9 +984,9 @@ def build_parser() -> argparse.ArgumentParser:
     def compact_opt(sp):
         sp.add_argument("--compact-files", type=_non_negative, metavar="N",
                         default=16,  # IngestConfig.compact_files
-                        help="at the end of a run, compact each partition of the tables it "
-                        "wrote to that holds N small files or more (rows unchanged, as "
-                        "`lake optimize` does); 0: never (default %(default)s)")
+                        help="at the end of a run, compact a table it wrote to once the "
+                        "table holds N small files more than one per partition (rows "
+                        "unchanged, as `lake optimize` does); 0: never (default %(default)s)")
 
     def key_opt(sp):
         sp.add_argument("--key-file", help="pseudonymization key of a research lake (default: "

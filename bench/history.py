@@ -8,18 +8,22 @@ benchmarks start from fresh lakes. This one measures it.
 1. Reuses (or generates, as ``bench/ingest.py`` does) an archive of about ``--files``
    small files. Two source folders link to it (``fresh/src/base``, ``aged/src/base``);
    each is ingested into a lake of its own (research profile, header checksums).
-2. ``--nights`` nightly runs into the aged lake: each adds ``--add`` new files to a folder
-   of its own under ``aged/src/nightly`` (``bench/summaries.add_files``: new studies of
-   existing patients dated today, a few late images of existing series) and ingests the
-   whole source, as a nightly job would (in this process, the ``synchronous`` scheduler;
-   no ``lake optimize``).
-3. Times ``lake ingest`` as a user runs it (a fresh process, the whole command), best of
-   ``--repeat``, fresh and aged alternating, each on a copy of its lake:
+2. ``--nights`` nightly runs into two aged lakes of the same source: each adds ``--add``
+   new files to a folder of its own under ``aged/src/nightly`` (``bench/summaries.add_files``:
+   new studies of existing patients dated today, a few late images of existing series)
+   and ingests the whole source, as a nightly job would (in this process, the
+   ``synchronous`` scheduler; no ``lake optimize``). The *aged* lake's runs never compact
+   (``compact_files=0``, as before runs compacted); the *aged, compacting* lake's runs
+   compact as ``lake ingest`` does by default (``IngestConfig.compact_files``).
+3. Times ``lake ingest`` as a user runs it (a fresh process, the whole command; with
+   ``--compact-files 0`` for the *aged* lake), best of ``--repeat``, the lakes
+   alternating, each on a copy of its lake:
    - *nightly*: a run that finds ``--add`` new files in a folder of its own;
    - *no-op*: a run that finds nothing new.
-   With ``--optimize``, also into a copy of the aged lake after ``lake optimize``.
-   Prints aged / fresh for each, and the lakes' shapes: table versions, data files, JSON
-   commits since each table's last checkpoint.
+   With ``--optimize``, also into a copy of the *aged* lake after ``lake optimize``.
+   Prints each lake against the fresh one, and the lakes' shapes: table versions, live
+   data files (those of the current version), data files on disk, JSON commits since
+   each table's last checkpoint.
 
     python bench/history.py [--files 5000] [--nights 100] [--add 20] [--repeat 3]
                             [--workdir DIR] [--optimize] [--json]
@@ -46,8 +50,11 @@ from summaries import add_files  # noqa: E402
 
 
 def lake_shape(lake_dir: Path) -> dict:
-    """Per table: its latest version, data files on disk, and the JSON commits after its
-    last checkpoint (what opening it replays)."""
+    """Per table: its latest version, its live data files (the current version's), data
+    files on disk, and the JSON commits after its last checkpoint (what opening it
+    replays)."""
+    from deltalake import DeltaTable
+
     out = {}
     for zone in ("research", "vault"):
         for table in sorted((lake_dir / zone).iterdir()):
@@ -59,21 +66,23 @@ def lake_shape(lake_dir: Path) -> dict:
             marker = log / "_last_checkpoint"
             checkpoint = json.loads(marker.read_text())["version"] if marker.exists() else -1
             files = sum(1 for p in table.rglob("*.parquet") if "_delta_log" not in p.parts)
-            out[table.name] = {"version": last, "data_files": files,
+            live = len(DeltaTable(str(table)).file_uris())
+            out[table.name] = {"version": last, "live_files": live, "data_files": files,
                                "replayed_commits": last - max(checkpoint, 0)}
     return out
 
 
-def run_command(lake_dir: Path, source: Path) -> float:
-    """``lake ingest SOURCE --lake LAKE`` in a fresh process: its wall time."""
+def run_command(lake_dir: Path, source: Path, options: list[str]) -> float:
+    """``lake ingest SOURCE --lake LAKE [options]`` in a fresh process: its wall time."""
     t = time.perf_counter()
     subprocess.run([sys.executable, str(REPO / "lake_cli.py"), "ingest", str(source),
-                    "--lake", str(lake_dir), "--no-progress"], check=True,
+                    "--lake", str(lake_dir), "--no-progress", *options], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - t
 
 
-def timed(lake: Path, source: Path, scratch: Path, tonight: Path | None) -> float:
+def timed(lake: Path, source: Path, options: list[str], scratch: Path,
+          tonight: Path | None) -> float:
     """The command on a copy of ``lake``; ``tonight`` (a folder of new files) is linked
     into ``source`` for the run and unlinked after."""
     copy = scratch / "lake"
@@ -84,7 +93,7 @@ def timed(lake: Path, source: Path, scratch: Path, tonight: Path | None) -> floa
     if tonight is not None:
         link.symlink_to(tonight, target_is_directory=True)
     try:
-        return run_command(copy, source)
+        return run_command(copy, source, options)
     finally:
         if tonight is not None:
             link.unlink()
@@ -128,24 +137,34 @@ def main(argv: list[str] | None = None) -> int:
             ingest(lakes[name], src, IngestConfig(scheduler="processes"),
                    key_file=run / "lake.key")
             log(f"{name}: first run {time.perf_counter() - t:.1f} s")
-        nightly = IngestConfig(scheduler="synchronous")
-        t = time.perf_counter()
+        # the second aged lake: its first run as the aged lake's, from a copy of it
+        compacting = run / "aged-compacting"
+        shutil.copytree(run / "aged" / "lake", compacting, symlinks=True)
+        lakes["compacting"] = Lake.open(compacting)
+        configs = {"aged": IngestConfig(scheduler="synchronous", compact_files=0),
+                   "compacting": IngestConfig(scheduler="synchronous")}
+        spent = dict.fromkeys(configs, 0.0)
         for n in range(args.nights):
             add_files(files[n * 7 % max(len(files) - 2 * args.add, 1):],
                       sources["aged"] / "nightly" / f"n{n:04d}", args.add)
-            ingest(lakes["aged"], sources["aged"], nightly, key_file=run / "lake.key")
-        log(f"aged: {args.nights} nightly runs of {args.add} files in "
-            f"{time.perf_counter() - t:.1f} s")
+            for name, config in configs.items():
+                t = time.perf_counter()
+                ingest(lakes[name], sources["aged"], config, key_file=run / "lake.key")
+                spent[name] += time.perf_counter() - t
+        for name, seconds in spent.items():
+            log(f"{name}: {args.nights} nightly runs of {args.add} files in {seconds:.1f} s")
         tonight = run / "tonight"
         add_files(files[len(files) // 2:], tonight, args.add)
-        sides = {"fresh": (run / "fresh" / "lake", sources["fresh"]),
-                 "aged": (run / "aged" / "lake", sources["aged"])}
+        never = ["--compact-files", "0"]
+        sides = {"fresh": (run / "fresh" / "lake", sources["fresh"], []),
+                 "aged": (run / "aged" / "lake", sources["aged"], never),
+                 "aged, compacting": (compacting, sources["aged"], [])}
         if args.optimize:
             opt = run / "aged-optimized"
             shutil.copytree(run / "aged" / "lake", opt, symlinks=True)
             subprocess.run([sys.executable, str(REPO / "lake_cli.py"), "optimize", "--lake",
                             str(opt)], check=True, stdout=subprocess.DEVNULL)
-            sides["aged, optimized"] = (opt, sources["aged"])
+            sides["aged, optimized"] = (opt, sources["aged"], never)
         os.environ["LAKE_KEY_FILE"] = str(run / "lake.key")
         times: dict[str, dict[str, list[float]]] = {s: {"nightly": [], "no-op": []}
                                                     for s in sides}
@@ -155,14 +174,15 @@ def main(argv: list[str] | None = None) -> int:
             order = list(sides) if r % 2 == 0 else list(reversed(sides))
             for kind, folder in (("nightly", tonight), ("no-op", None)):
                 for side in order:
-                    lake, src = sides[side]
-                    times[side][kind].append(timed(lake, src, scratch, folder))
+                    lake, src, options = sides[side]
+                    times[side][kind].append(timed(lake, src, options, scratch, folder))
         report = {
             "files": len(files), "nights": args.nights, "add": args.add,
             "repeat": args.repeat,
             "seconds": {s: {k: min(v) for k, v in kinds.items()} for s, kinds in times.items()},
             "all_seconds": times,
-            "shapes": {s: lake_shape(lake) for s, (lake, _) in sides.items()},
+            "nightly_runs_seconds": spent,
+            "shapes": {s: lake_shape(lake) for s, (lake, _, _) in sides.items()},
         }
     finally:
         shutil.rmtree(run, ignore_errors=True)
@@ -176,10 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     for side, s in report["seconds"].items():
         print(f"{side:<18} {s['nightly']:>10.2f} {s['nightly'] / base['nightly']:>8.2f} "
               f"{s['no-op']:>9.2f} {s['no-op'] / base['no-op']:>8.2f}")
-    print("\nshapes (version / data files / commits replayed to open it):")
+    print("\nshapes (version / live files / files on disk / commits replayed to open it):")
     for side, shape in report["shapes"].items():
-        cells = ", ".join(f"{t} {v['version']}/{v['data_files']}/{v['replayed_commits']}"
-                          for t, v in shape.items() if v["version"])
+        cells = ", ".join(f"{t} {v['version']}/{v['live_files']}/{v['data_files']}/"
+                          f"{v['replayed_commits']}" for t, v in shape.items() if v["version"])
         print(f"  {side}: {cells}")
     return 0
 

@@ -81,11 +81,12 @@ class IngestConfig:
     #: (:mod:`etl.listings`); every file is still ``stat``-ed. False lists every folder
     #: (and keeps those listings for the next run).
     reuse_listings: bool = True
-    #: At the end of a run, each partition of a table the run wrote to that holds at least
-    #: this many small files is compacted (``etl.jobs.COMPACT_SMALL_BYTES``; the rows do
-    #: not change, as with ``lake optimize``): nightly runs and ``lake listen``'s
-    #: micro-batches add a file to every partition they touch, and every later run and
-    #: query pays per file. 0: never (``lake optimize`` still compacts on demand).
+    #: At the end of a run, a table the run wrote to is compacted (as ``lake optimize``
+    #: does: the rows do not change) once it holds this many small files
+    #: (``etl.jobs.COMPACT_SMALL_BYTES``) more than one per partition: nightly runs and
+    #: ``lake listen``'s micro-batches add a file to every partition they touch, and
+    #: every later run and query pays per file. 0: never (``lake optimize`` still
+    #: compacts on demand).
     compact_files: int = 16
 
     def resolved_workers(self) -> int:

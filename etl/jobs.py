@@ -687,10 +687,10 @@ class _Job:
         self.w.extra.update(summaries_from=current, summaries_code=code)
 
     def _compact(self) -> None:
-        """Compact the partitions of the tables this run wrote to (and of ``ingest_runs``,
-        which every run adds a file to) that hold ``compact_files`` small files or more,
-        before the run is recorded and published: one snapshot has the run's rows and
-        fewer files. The summaries stay those of the compacted ``instances`` (its rows
+        """Compact the small files of each table this run wrote to (and of
+        ``ingest_runs``, which every run adds a file to) that holds ``compact_files`` of
+        them or more beyond one per partition, before the run is recorded and published:
+        one snapshot has the run's rows and fewer files. The summaries stay those of the compacted ``instances`` (its rows
         did not change). A compaction that fails leaves its table as it was, and the run
         goes on."""
         if not self.config.compact_files:
@@ -701,7 +701,7 @@ class _Job:
         for name in names:
             try:
                 result = compact(self.w, name, COMPACT_SMALL_BYTES, COMPACT_TARGET_BYTES,
-                                 min_files=self.config.compact_files)
+                                 min_excess=self.config.compact_files)
             except ConcurrentWriteError:
                 raise
             except (OSError, pa.ArrowException, DeltaError) as exc:

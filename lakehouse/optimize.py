@@ -72,13 +72,15 @@ def optimize(lake: Lake, tables: list[str] | None = None, small_bytes: int = SMA
 
 
 def compact(w: LakeWriter, name: str, small_bytes: int = SMALL_BYTES,
-            target_bytes: int = TARGET_BYTES, min_files: int = 2,
+            target_bytes: int = TARGET_BYTES, min_excess: int = 1,
             dry_run: bool = False) -> TableResult:
     """Compact the small files of table ``name`` with the writer ``w`` (which publishes
-    them): per partition holding at least ``min_files`` files under ``small_bytes``,
-    those files into files of up to about ``target_bytes``, one commit per new file.
-    ``lake optimize`` compacts every partition with two small files or more; an ingest
-    run (:mod:`etl.jobs`) only the partitions where its runs have left many."""
+    them): in each partition holding two files under ``small_bytes`` or more, those files
+    into files of up to about ``target_bytes``, one commit per new file; but only when
+    the table holds at least ``min_excess`` such files more than one per partition (what
+    compaction can take away, and what every scan of the table pays for). ``lake
+    optimize`` compacts whenever there is one; an ingest run (:mod:`etl.jobs`) once its
+    runs have left many."""
     spec = TABLES[name]
     actions = pa.table(w.current(name).get_add_actions(flatten=True))
     keep = ["path", "size_bytes", "num_records"] + [
@@ -90,9 +92,9 @@ def compact(w: LakeWriter, name: str, small_bytes: int = SMALL_BYTES,
     for a in adds:
         if a["size_bytes"] < small_bytes:
             by_partition[tuple(a.get(f"partition.{k}") for k in spec.partition_by)].append(a)
+    if sum(len(files) - 1 for files in by_partition.values()) < max(min_excess, 1):
+        return result
     for files in by_partition.values():
-        if len(files) < min_files:
-            continue
         for group in _groups(sorted(files, key=lambda a: a["path"]), target_bytes):
             result.rewritten += len(group)
             result.written += 1

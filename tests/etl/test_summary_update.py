@@ -154,7 +154,8 @@ def test_update_after_compaction_and_when_the_code_changed(archive, tmp_path, mo
     held = split_archive(archive[0], src)
     two = Lake.create(tmp_path / "two", profile="identified")
     # small batches and commits: many small files for optimize to compact
-    ingest(two, src, fast_config(batch_files=8, batches_per_worker=1, flush_rows=20))
+    ingest(two, src, fast_config(batch_files=8, batches_per_worker=1, flush_rows=20,
+                       compact_files=0))
     before = Lake.open(tmp_path / "two").open_delta("instances").version()
     optimize(two)
     assert Lake.open(tmp_path / "two").open_delta("instances").version() > before  # compacted
@@ -189,7 +190,8 @@ def test_a_run_after_compaction_alone_keeps_the_summaries(archive, tmp_path):
     path = tmp_path / "lake"
     # small batches and commits: many small files for optimize to compact
     ingest(Lake.create(path, profile="identified"), archive[0],
-           fast_config(batch_files=8, batches_per_worker=1, flush_rows=20))
+           fast_config(batch_files=8, batches_per_worker=1, flush_rows=20,
+                       compact_files=0))
     before = derived(path)
     studies = Lake.open(path).open_delta("studies").version()
     assert optimize(Lake.open(path), tables=["instances"]).tables["instances"].rewritten
