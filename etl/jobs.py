@@ -690,9 +690,9 @@ class _Job:
         """Compact the small files of each table this run wrote to (and of
         ``ingest_runs``, which every run adds a file to) that holds ``compact_files`` of
         them or more beyond one per partition, before the run is recorded and published:
-        one snapshot has the run's rows and fewer files. The summaries stay those of the compacted ``instances`` (its rows
-        did not change). A compaction that fails leaves its table as it was, and the run
-        goes on."""
+        one snapshot has the run's rows and fewer files. The summaries stay those of the
+        compacted ``instances`` (its rows did not change). A compaction that fails leaves
+        its table as it was, and the run goes on."""
         if not self.config.compact_files:
             return
         names = [n for n, v in self.w.versions.items()

@@ -4,8 +4,8 @@ Every ingest commit adds at least one Parquet file per partition it touches, so
 many small runs (daily increments, ``lake listen`` micro-batches, PACS pulls)
 leave many small files, and every query pays per file. :func:`optimize`
 rewrites, per table and partition, the files smaller than ``small_bytes`` into
-files of up to about ``target_bytes`` each, in one Delta commit per group that
-adds the new file and removes the old ones (``dataChange`` false), then
+files of up to about ``target_bytes`` each, in one Delta commit per table that
+adds the new files and removes the old ones (``dataChange`` false), then
 publishes one lake snapshot. The rows do not change; snapshots published
 before keep reading their own files (time travel), which stay on disk until
 ``lake vacuum`` finds no snapshot that references them. The new files carry the
@@ -76,7 +76,7 @@ def compact(w: LakeWriter, name: str, small_bytes: int = SMALL_BYTES,
             dry_run: bool = False) -> TableResult:
     """Compact the small files of table ``name`` with the writer ``w`` (which publishes
     them): in each partition holding two files under ``small_bytes`` or more, those files
-    into files of up to about ``target_bytes``, one commit per new file; but only when
+    into files of up to about ``target_bytes``, in one commit; but only when
     the table holds at least ``min_excess`` such files more than one per partition (what
     compaction can take away, and what every scan of the table pays for). ``lake
     optimize`` compacts whenever there is one; an ingest run (:mod:`etl.jobs`) once its
@@ -94,13 +94,14 @@ def compact(w: LakeWriter, name: str, small_bytes: int = SMALL_BYTES,
             by_partition[tuple(a.get(f"partition.{k}") for k in spec.partition_by)].append(a)
     if sum(len(files) - 1 for files in by_partition.values()) < max(min_excess, 1):
         return result
-    for files in by_partition.values():
-        for group in _groups(sorted(files, key=lambda a: a["path"]), target_bytes):
-            result.rewritten += len(group)
-            result.written += 1
-            result.files_after -= len(group) - 1
-            if not dry_run:
-                w.compact(name, group)
+    groups = [group for files in by_partition.values()
+              for group in _groups(sorted(files, key=lambda a: a["path"]), target_bytes)]
+    for group in groups:
+        result.rewritten += len(group)
+        result.written += 1
+        result.files_after -= len(group) - 1
+    if groups and not dry_run:
+        w.compact(name, groups)
     if result.rewritten:
         log.info("%s: %d small files -> %d", name, result.rewritten, result.written)
     return result

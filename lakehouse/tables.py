@@ -22,7 +22,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -518,16 +518,29 @@ class LakeWriter:
     def overwrite(self, name: str, data: pa.Table, param_hash: str = "") -> int:
         return self._write(name, data, "overwrite", param_hash)
 
-    def compact(self, name: str, files: list[dict], param_hash: str = "") -> int:
-        """Rewrite ``files`` (rows of ``get_add_actions(flatten=True)`` of the current
-        version, all of one partition) as one file, in one commit that adds it and
-        removes them (``dataChange`` false: the rows are the same). Returns the version."""
-        stored = [self._stored_path(name, f) for f in files]
-        parts = [self._read_file(name, f, rel) for f, rel in zip(files, stored, strict=True)]
-        data = pa.concat_tables(parts, promote_options="default")
-        removes = [self._remove(name, f, rel, data_change=False)
-                   for f, rel in zip(files, stored, strict=True)]
-        return self._write(name, data, "append", param_hash, removes=removes)
+    def compact(self, name: str, groups: list[list[dict]], param_hash: str = "") -> int:
+        """Rewrite each group of ``files`` (rows of ``get_add_actions(flatten=True)`` of the
+        current version, a group all of one partition) as one file, in one commit that adds
+        them and removes the files they replace (``dataChange`` false: the rows are the
+        same). A group's file is written before the next group is read. Returns the
+        version."""
+        spec = TABLES[name]
+        stage, checksums = self._stager(name, param_hash, data_change=False)
+        adds: list[AddAction] = []
+        removes: list[RemoveAction] = []
+        schema = None
+        for files in groups:
+            stored = [self._stored_path(name, f) for f in files]
+            parts = [self._read_file(name, f, rel) for f, rel in zip(files, stored, strict=True)]
+            table = conform(spec, pa.concat_tables(parts, promote_options="default"),
+                            self.lake.profile)
+            schema = table.schema
+            adds += [stage(item) for item in _partitions(table, spec)]
+            removes += [self._remove(name, f, rel, data_change=False)
+                        for f, rel in zip(files, stored, strict=True)]
+        if schema is None:
+            return self.versions[name]
+        return self._commit(name, [*adds, *removes], "append", schema, param_hash, checksums)
 
     def replace(self, name: str, key: str, keys: pa.Array, data: pa.Table,
                 param_hash: str = "") -> int:
@@ -607,16 +620,9 @@ class LakeWriter:
         table = conform(spec, data, self.lake.profile)
         if table.num_rows == 0 and mode == "append" and not removes:
             return self.versions[name]
-        root = as_rel(layout.table_path(_REL, name))
-        meta = file_metadata(self.run_id, name, param_hash)
-        # the commit log records each new file's SHA-256 (``lake verify`` checks them)
-        checksums: dict[str, str] = {}
         data_change = not removes or any(r.data_change for r in removes)
+        stage, checksums = self._stager(name, param_hash, data_change)
         parts = list(_partitions(table, spec))
-
-        def stage(item: tuple[dict[str, str | None], pa.Table]) -> AddAction:
-            return self._stage(root, spec, item[1], item[0], meta, checksums, data_change)
-
         actions: list[AddAction | RemoveAction]
         if len(parts) > 1:
             with ThreadPoolExecutor(STAGE_THREADS, thread_name_prefix="stage") as pool:
@@ -624,12 +630,33 @@ class LakeWriter:
         else:
             actions = [stage(item) for item in parts]
         actions += removes or []
+        return self._commit(name, actions, mode, table.schema, param_hash, checksums)
+
+    def _stager(self, name: str, param_hash: str, data_change: bool) -> tuple[
+            Callable[[tuple[dict[str, str | None], pa.Table]], AddAction], dict[str, str]]:
+        """A function writing one partition's rows of table ``name`` as a new file (its
+        add action), and the SHA-256 of each file it wrote, which the commit log records
+        (``lake verify`` checks them)."""
+        spec = TABLES[name]
+        root = as_rel(layout.table_path(_REL, name))
+        meta = file_metadata(self.run_id, name, param_hash)
+        checksums: dict[str, str] = {}
+
+        def stage(item: tuple[dict[str, str | None], pa.Table]) -> AddAction:
+            return self._stage(root, spec, item[1], item[0], meta, checksums, data_change)
+
+        return stage, checksums
+
+    def _commit(self, name: str, actions: list[AddAction | RemoveAction], mode: str,
+                schema: pa.Schema, param_hash: str, checksums: dict[str, str]) -> int:
+        """Commit ``actions`` as the next version of table ``name``; returns it."""
+        spec = TABLES[name]
         self._check_lock()
         expected = self.versions[name] + 1
         commit_id = uuid.uuid4().hex
         dt = self.current(name)
         dt.create_write_transaction(
-            actions, mode, table.schema, partition_by=list(spec.partition_by) or None,
+            actions, mode, schema, partition_by=list(spec.partition_by) or None,
             commit_properties=CommitProperties(
                 custom_metadata={"lake.run_id": self.run_id, "lake.param_hash": param_hash,
                                  COMMIT_ID_KEY: commit_id,
