@@ -687,12 +687,15 @@ class _Job:
         self.w.extra.update(summaries_from=current, summaries_code=code)
 
     def _compact(self) -> None:
-        """Compact the small files of each table this run wrote to (and of
-        ``ingest_runs``, which every run adds a file to) that holds ``compact_files`` of
-        them or more beyond one per partition, before the run is recorded and published:
-        one snapshot has the run's rows and fewer files. The summaries stay those of the
-        compacted ``instances`` (its rows did not change). A compaction that fails leaves
-        its table as it was, and the run goes on."""
+        """Compact the small files earlier runs left in each table this run wrote to (and
+        in ``ingest_runs``, which every run adds a file to) once they are
+        ``compact_files`` or more beyond one per partition, before the run is recorded and
+        published: one snapshot has the run's rows and fewer files. The run's own files
+        are left as it wrote them: a first run of a large archive writes a few files per
+        partition (``flush_rows``), and rewriting them at its end would cost a large part
+        of the run (2.2-2.7 s of CPU at 100,012 small files). The summaries stay those of
+        the compacted ``instances`` (its rows did not change). A compaction that fails
+        leaves its table as it was, and the run goes on."""
         if not self.config.compact_files:
             return
         names = [n for n, v in self.w.versions.items()
@@ -701,7 +704,8 @@ class _Job:
         for name in names:
             try:
                 result = compact(self.w, name, COMPACT_SMALL_BYTES, COMPACT_TARGET_BYTES,
-                                 min_excess=self.config.compact_files)
+                                 min_excess=self.config.compact_files,
+                                 leave_run=self.summary.run_id)
             except ConcurrentWriteError:
                 raise
             except (OSError, pa.ArrowException, DeltaError) as exc:

@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from lakehouse.provenance import new_run_id
 from lakehouse.schemas import TABLES
-from lakehouse.tables import Lake, LakeWriter
+from lakehouse.tables import STAGE_THREADS, Lake, LakeWriter, written_by
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,9 @@ MiB = 1024 * 1024
 SMALL_BYTES = 64 * MiB
 #: compacted files are written up to about this size (compressed)
 TARGET_BYTES = 256 * MiB
+#: groups of files rewritten at once when their target sizes add up to at most this
+#: (each is held in memory, decompressed, while it is rewritten)
+PARALLEL_BYTES = 128 * MiB
 
 
 @dataclass
@@ -73,14 +76,15 @@ def optimize(lake: Lake, tables: list[str] | None = None, small_bytes: int = SMA
 
 def compact(w: LakeWriter, name: str, small_bytes: int = SMALL_BYTES,
             target_bytes: int = TARGET_BYTES, min_excess: int = 1,
-            dry_run: bool = False) -> TableResult:
+            dry_run: bool = False, leave_run: str | None = None) -> TableResult:
     """Compact the small files of table ``name`` with the writer ``w`` (which publishes
     them): in each partition holding two files under ``small_bytes`` or more, those files
-    into files of up to about ``target_bytes``, in one commit; but only when
-    the table holds at least ``min_excess`` such files more than one per partition (what
-    compaction can take away, and what every scan of the table pays for). ``lake
-    optimize`` compacts whenever there is one; an ingest run (:mod:`etl.jobs`) once its
-    runs have left many."""
+    into files of up to about ``target_bytes``, in one commit; but only when the table
+    holds at least ``min_excess`` such files more than one per partition (what compaction
+    can take away, and what every scan of the table pays for). ``lake optimize``
+    compacts whenever there is one; an ingest run (:mod:`etl.jobs`) once earlier runs
+    have left many, leaving out the files it wrote itself (``leave_run``: its run id),
+    whose sizes it chose."""
     spec = TABLES[name]
     actions = pa.table(w.current(name).get_add_actions(flatten=True))
     keep = ["path", "size_bytes", "num_records"] + [
@@ -90,7 +94,8 @@ def compact(w: LakeWriter, name: str, small_bytes: int = SMALL_BYTES,
     result.rows = sum(a.get("num_records") or 0 for a in adds)
     by_partition: dict[tuple, list[dict]] = defaultdict(list)
     for a in adds:
-        if a["size_bytes"] < small_bytes:
+        if a["size_bytes"] < small_bytes and (
+                leave_run is None or not written_by(a["path"], leave_run)):
             by_partition[tuple(a.get(f"partition.{k}") for k in spec.partition_by)].append(a)
     if sum(len(files) - 1 for files in by_partition.values()) < max(min_excess, 1):
         return result
@@ -101,7 +106,9 @@ def compact(w: LakeWriter, name: str, small_bytes: int = SMALL_BYTES,
         result.written += 1
         result.files_after -= len(group) - 1
     if groups and not dry_run:
-        w.compact(name, groups)
+        # two groups at a time when two fit in PARALLEL_BYTES (an ingest run's), else one
+        w.compact(name, groups, threads=max(1, min(STAGE_THREADS,
+                                                   PARALLEL_BYTES // target_bytes)))
     if result.rewritten:
         log.info("%s: %d small files -> %d", name, result.rewritten, result.written)
     return result

@@ -518,29 +518,37 @@ class LakeWriter:
     def overwrite(self, name: str, data: pa.Table, param_hash: str = "") -> int:
         return self._write(name, data, "overwrite", param_hash)
 
-    def compact(self, name: str, groups: list[list[dict]], param_hash: str = "") -> int:
-        """Rewrite each group of ``files`` (rows of ``get_add_actions(flatten=True)`` of the
-        current version, a group all of one partition) as one file, in one commit that adds
-        them and removes the files they replace (``dataChange`` false: the rows are the
-        same). A group's file is written before the next group is read. Returns the
-        version."""
+    def compact(self, name: str, groups: list[list[dict]], param_hash: str = "",
+                threads: int = 1) -> int:
+        """Rewrite each of ``groups`` (files given as rows of
+        ``get_add_actions(flatten=True)`` of the current version, a group all of one
+        partition) as one file, in one commit that adds the new files and removes those
+        they replace (``dataChange`` false: the rows are the same). ``threads`` groups are
+        read and written at once (reading, encoding and compressing release the GIL), so
+        as many groups are held in memory. Returns the version."""
         spec = TABLES[name]
         stage, checksums = self._stager(name, param_hash, data_change=False)
-        adds: list[AddAction] = []
-        removes: list[RemoveAction] = []
-        schema = None
-        for files in groups:
+
+        def rewrite(files: list[dict]) -> tuple[pa.Schema, list[AddAction],
+                                                  list[RemoveAction]]:
             stored = [self._stored_path(name, f) for f in files]
             parts = [self._read_file(name, f, rel) for f, rel in zip(files, stored, strict=True)]
             table = conform(spec, pa.concat_tables(parts, promote_options="default"),
                             self.lake.profile)
-            schema = table.schema
-            adds += [stage(item) for item in _partitions(table, spec)]
-            removes += [self._remove(name, f, rel, data_change=False)
-                        for f, rel in zip(files, stored, strict=True)]
-        if schema is None:
+            return table.schema, [stage(item) for item in _partitions(table, spec)], [
+                self._remove(name, f, rel, data_change=False)
+                for f, rel in zip(files, stored, strict=True)]
+
+        if threads > 1 and len(groups) > 1:
+            with ThreadPoolExecutor(threads, thread_name_prefix="compact") as pool:
+                done = list(pool.map(rewrite, groups))
+        else:
+            done = [rewrite(files) for files in groups]
+        if not done:
             return self.versions[name]
-        return self._commit(name, [*adds, *removes], "append", schema, param_hash, checksums)
+        actions: list[AddAction | RemoveAction] = [a for _, adds, _ in done for a in adds]
+        actions += [r for _, _, removes in done for r in removes]
+        return self._commit(name, actions, "append", done[0][0], param_hash, checksums)
 
     def replace(self, name: str, key: str, keys: pa.Array, data: pa.Table,
                 param_hash: str = "") -> int:
@@ -780,6 +788,12 @@ def partition_codes(table: pa.Table, keys: list[str]) -> tuple[np.ndarray, list[
         group = group * (len(encoded.dictionary) + 1) + codes
         dictionaries.append(encoded.dictionary.to_pylist())
     return group, dictionaries
+
+
+def written_by(path: str, run_id: str) -> bool:
+    """Whether the data file at ``path`` (relative to its table) was written by the run
+    ``run_id`` (:meth:`LakeWriter._stage` names each file after its run)."""
+    return path.rsplit("/", 1)[-1].startswith(f"part-{run_id}-")
 
 
 def commit_file(name: str, version: int) -> str:
