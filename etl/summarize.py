@@ -36,7 +36,7 @@ from deltalake import DeltaTable
 from etl import dose
 from lakehouse.duck import parquet_relation
 from lakehouse.schemas import TABLES, conform
-from lakehouse.tables import Lake
+from lakehouse.tables import Lake, add_actions
 
 log = logging.getLogger(__name__)
 
@@ -190,14 +190,14 @@ def summary_rows(rows: pa.Table, profile: str) -> pa.Table:
 
 def row_count(dt: DeltaTable) -> int | None:
     """The rows of the version ``dt`` (None when its log does not say)."""
-    records = pa.table(dt.get_add_actions(flatten=True)).column("num_records")
+    records = add_actions(dt).column("num_records")
     return None if records.null_count else pc.sum(records).as_py() or 0
 
 
 def _files(dt: DeltaTable) -> dict[str, tuple[str, int]] | None:
     """Each file of the version ``dt``: its path in the table -> (URI, rows); None when the
     version does not say how many rows a file has."""
-    actions = pa.table(dt.get_add_actions(flatten=True))
+    actions = add_actions(dt)
     out = {}
     for path, rows, uri in zip(actions.column("path").to_pylist(),
                                actions.column("num_records").to_pylist(), dt.file_uris(),

@@ -18,11 +18,9 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-import pyarrow as pa
-
 from lakehouse.provenance import new_run_id
 from lakehouse.schemas import TABLES
-from lakehouse.tables import STAGE_THREADS, Lake, LakeWriter, written_by
+from lakehouse.tables import STAGE_THREADS, Lake, LakeWriter, add_actions, written_by
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +84,7 @@ def compact(w: LakeWriter, name: str, small_bytes: int = SMALL_BYTES,
     have left many, leaving out the files it wrote itself (``leave_run``: its run id),
     whose sizes it chose."""
     spec = TABLES[name]
-    actions = pa.table(w.current(name).get_add_actions(flatten=True))
+    actions = add_actions(w.current(name))
     keep = ["path", "size_bytes", "num_records"] + [
         n for n in actions.column_names if n.startswith("partition.")]
     adds = actions.select(keep).to_pylist()

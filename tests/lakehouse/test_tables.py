@@ -15,7 +15,7 @@ from lakehouse import Lake, NoLakeError
 from lakehouse.errors import LakeBusyError, LakeExistsError, SnapshotNotFoundError
 from lakehouse.layout import lock_path, table_path
 from lakehouse.schemas import TABLES, conform
-from lakehouse.tables import CHECKPOINT_EVERY
+from lakehouse.tables import CHECKPOINT_EVERY, add_actions
 
 
 def test_create_makes_every_table_and_snapshot_zero(tmp_path):
@@ -318,3 +318,26 @@ def test_a_local_lake_is_read_by_arrow_and_its_process_exits_cleanly(tmp_path):
         run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "lake")],
                              capture_output=True, text=True, timeout=120)
         assert (run.returncode, run.stdout.strip()) == (0, "40"), run.stderr[-500:]
+
+
+def test_add_actions_are_read_without_pandas(tmp_path):
+    """`add_actions` gives the table `pa.table(get_add_actions())` gives, without the
+    pandas import `pa.table()` makes first (0.3 s in a process that has not loaded it)."""
+    lake = Lake.create(tmp_path / "lk", profile="identified")
+    with lake.writer("r1") as w:
+        for year in (2023, 2024, 2024):
+            w.append("studies", pa.table({"StudyInstanceUID": [str(year)], "Modality": ["CT"],
+                                          "study_year": [year]}))
+        w.publish()
+    code = (
+        "import sys, json\n"
+        "from lakehouse import Lake\n"
+        "from lakehouse.tables import add_actions\n"
+        f"t = add_actions(Lake.open({str(tmp_path / 'lk')!r}).delta('studies'))\n"
+        "print(json.dumps({'pandas': 'pandas' in sys.modules, 'rows': t.num_rows,\n"
+        "                  'years': sorted(t.column('partition.study_year').to_pylist())}))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert json.loads(out) == {"pandas": False, "rows": 3, "years": [2023, 2024, 2024]}
+    dt_ = lake.delta("studies")
+    assert add_actions(dt_).equals(pa.table(dt_.get_add_actions(flatten=True)))
