@@ -596,9 +596,12 @@ class LakeWriter:
         """The path of the file ``f`` (an add action) in its table's folder, as this
         writer gave it to its add action: ``get_add_actions`` gives it URL-encoded once
         more when a partition value was quoted (``Modality=O%2520T``), and a remove action
-        must name the file as its add action did."""
+        must name the file as its add action did. A path without ``%`` is the same either
+        way: no file is looked up (a compaction names every file it rewrites, and on object
+        storage each lookup is a request)."""
         path = f["path"]
-        if not self.storage.exists(f"{as_rel(layout.table_path(_REL, name))}/{path}"):
+        if "%" in path and not self.storage.exists(
+                f"{as_rel(layout.table_path(_REL, name))}/{path}"):
             path = unquote(path)
         return path
 
