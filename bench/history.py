@@ -21,6 +21,13 @@ benchmarks start from fresh lakes. This one measures it.
    - *nightly*: a run that finds ``--add`` new files in a folder of its own;
    - *no-op*: a run that finds nothing new.
    With ``--optimize``, also into a copy of the *aged* lake after ``lake optimize``.
+4. Times two queries as a quality team runs them (a fresh process, the whole command,
+   best of ``--repeat``, the lakes alternating; each lake as its nightly runs left it):
+   - *report*: ``lake report utilization --by month,Modality --format csv`` (opening
+     the catalog reads the footer of every live ``instances``, ``series`` and
+     ``studies`` file);
+   - *instances*: ``lake sql`` of a count of ``instances`` by Modality (a scan of
+     every live ``instances`` file).
    Prints each lake against the fresh one, and the lakes' shapes: table versions, live
    data files (those of the current version), data files on disk, JSON commits since
    each table's last checkpoint.
@@ -78,6 +85,21 @@ def run_command(lake_dir: Path, source: Path, options: list[str]) -> float:
     subprocess.run([sys.executable, str(REPO / "lake_cli.py"), "ingest", str(source),
                     "--lake", str(lake_dir), "--no-progress", *options], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t
+
+
+QUERIES = {
+    "report": ["report", "utilization", "--by", "month,Modality", "--format", "csv"],
+    "instances": ["sql", "SELECT Modality, count(*) AS n FROM instances GROUP BY ALL",
+                  "--format", "csv"],
+}
+
+
+def run_query(lake_dir: Path, args: list[str]) -> float:
+    """``lake ARGS --lake LAKE`` in a fresh process: its wall time."""
+    t = time.perf_counter()
+    subprocess.run([sys.executable, str(REPO / "lake_cli.py"), *args, "--lake", str(lake_dir)],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - t
 
 
@@ -166,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                             str(opt)], check=True, stdout=subprocess.DEVNULL)
             sides["aged, optimized"] = (opt, sources["aged"], never)
         os.environ["LAKE_KEY_FILE"] = str(run / "lake.key")
-        times: dict[str, dict[str, list[float]]] = {s: {"nightly": [], "no-op": []}
-                                                    for s in sides}
+        times: dict[str, dict[str, list[float]]] = {
+            s: {k: [] for k in ("nightly", "no-op", *QUERIES)} for s in sides}
         scratch = run / "scratch"
         scratch.mkdir()
         for r in range(args.repeat):
@@ -176,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
                 for side in order:
                     lake, src, options = sides[side]
                     times[side][kind].append(timed(lake, src, options, scratch, folder))
+            for kind, query in QUERIES.items():
+                for side in order:
+                    times[side][kind].append(run_query(sides[side][0], query))
         report = {
             "files": len(files), "nights": args.nights, "add": args.add,
             "repeat": args.repeat,
@@ -191,11 +216,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"{report['files']:,} files; the aged lake had {args.nights} nightly runs of "
           f"{args.add} new files; best of {args.repeat}, the whole `lake ingest` command")
-    print(f"{'lake':<18} {'nightly s':>10} {'x fresh':>8} {'no-op s':>9} {'x fresh':>8}")
+    kinds = ("nightly", "no-op", *QUERIES)
+    print(f"{'lake':<18}" + "".join(f" {k + ' s':>12} {'x fresh':>8}" for k in kinds))
     base = report["seconds"]["fresh"]
     for side, s in report["seconds"].items():
-        print(f"{side:<18} {s['nightly']:>10.2f} {s['nightly'] / base['nightly']:>8.2f} "
-              f"{s['no-op']:>9.2f} {s['no-op'] / base['no-op']:>8.2f}")
+        print(f"{side:<18}" + "".join(f" {s[k]:>12.2f} {s[k] / base[k]:>8.2f}" for k in kinds))
     print("\nshapes (version / live files / files on disk / commits replayed to open it):")
     for side, shape in report["shapes"].items():
         cells = ", ".join(f"{t} {v['version']}/{v['live_files']}/{v['data_files']}/"

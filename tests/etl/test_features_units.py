@@ -25,6 +25,7 @@ from etl.features import (
 from etl.masks import MaskSet, Segment
 from etl.radiomics import FEATURE_CLASSES, Params
 from lakehouse import Lake
+from lakehouse.tables import add_actions
 
 N_FEATURES = sum(len(v) for v in FEATURE_CLASSES.values())
 RESAMPLED = Params.from_dict({"version": 1, "setting": {"resampledPixelSpacing": [1, 1, 1]},
@@ -177,6 +178,10 @@ def test_rerun_and_a_second_parameter_set_are_each_kept_once(small_lake, tmp_pat
     by_hash = dict(zip(vol.param_hash, vol.v, strict=True))
     assert by_hash[default.hash] == pytest.approx(6 * 15 * 12 * 2.5 * 0.8 * 0.7, rel=1e-9)
     assert by_hash[RESAMPLED.hash] != by_hash[default.hash]
+    # each run rewrites the feature tables whole: no small files left for compaction
+    for name in ("series_geometry", "image_stats", "radiomics_features", "feature_failures"):
+        assert add_actions(lake.delta(name)).num_rows <= 1, name
+    assert add_actions(lake.delta("radiomics_features")).num_rows == 1
 
 
 def test_the_process_scheduler_gives_the_same_rows(small_lake, tmp_path):
