@@ -555,6 +555,7 @@ def cmd_status(args) -> int:
             "snapshot": cat.snapshot.number,
             "snapshot_created_at": cat.snapshot.created_at,
             "tables": cat.counts(),
+            "table_files": dict(cat.data_files),
             "quarantine_by_reason": dict(cat.con.execute(
                 "SELECT reason, count(*) FROM quarantine GROUP BY 1 ORDER BY 1").fetchall()),
             "last_runs": cat.arrow(
@@ -571,9 +572,9 @@ def cmd_status(args) -> int:
             else f"  (pseudonymized; key fingerprint {status['key_fingerprint']})")
     print(f"profile   {status['profile']}{warn}")
     print(f"snapshot  {status['snapshot']} ({status['snapshot_created_at']})")
-    print("tables")
+    print(f"tables {'rows':>26} {'files':>7}")
     for name, n in status["tables"].items():
-        print(f"  {name:<20} {n:>10,}")
+        print(f"  {name:<20} {n:>10,} {status['table_files'].get(name, 0):>7,}")
     if status["quarantine_by_reason"]:
         print("quarantined files by reason")
         for reason, n in status["quarantine_by_reason"].items():
@@ -1110,7 +1111,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--snapshot", type=_non_negative, help="report on an earlier lake snapshot")
     sp.set_defaults(func=cmd_report)
 
-    sp = sub.add_parser("status", help="tables, snapshot, quarantine and recent runs")
+    sp = sub.add_parser("status", help="tables (rows, data files), snapshot, quarantine and "
+                        "recent runs")
     lake_opt(sp)
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_status)

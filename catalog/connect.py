@@ -55,6 +55,8 @@ class Catalog:
         # snapshot's files never change (a Delta commit writes new files)
         self.con.execute("SET parquet_metadata_cache = true")
         self._tables: list[str] = []
+        #: the data files of each table attached (of this snapshot's version)
+        self.data_files: dict[str, int] = {}
         fs = self.lake.storage.duckdb_filesystem()
         if fs is not None:
             self.con.register_filesystem(fs)
@@ -74,6 +76,7 @@ class Catalog:
             if name not in self.snapshot.versions:
                 # a table added after this lake was created: empty until written
                 present = self._attach_empty(raw, spec)
+                self.data_files[name] = 0
             else:
                 present = self._attach_parquet(raw, name, spec)
             if present is None:
@@ -122,6 +125,7 @@ class Catalog:
         home = "/" if self.lake.local else self.lake.storage.uri("") + "/"
         dt = self.lake.delta(name, self.snapshot)
         files = dt.file_uris()
+        self.data_files[name] = len(files)
         if not files:
             return self._attach_empty(raw, spec)
         found = parquet_relation(self.con, dt, spec, self.lake.profile, home, files)

@@ -94,6 +94,16 @@ def test_dry_run_and_cli(split_lake, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["snapshot"] == n + 1
     assert out["tables"]["instances"]["files_after"] == dry.tables["instances"].files_after
+    # lake status shows the data files of every table, as the optimize left them
+    assert main(["status", "--lake", str(path), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["table_files"] == {n: len(_files(lake, n)) for n in status["tables"]}
+    assert status["table_files"]["instances"] == dry.tables["instances"].files_after
+    assert status["table_files"]["image_stats"] == 0
+    assert main(["status", "--lake", str(path)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("  instances "))
+    assert line.split()[1:] == [f"{status['tables']['instances']:,}",
+                                str(dry.tables["instances"].files_after)]
     assert main(["optimize", "--lake", str(path), "--table", "nope"]) == 1
     assert "unknown table" in capsys.readouterr().err
 
