@@ -38,6 +38,26 @@ def archive(tmp_path_factory) -> tuple[Path, object]:
     return root, truth
 
 
+#: the nightly folders of :func:`nightly`
+NIGHTS = 4
+
+
+@pytest.fixture(scope="session")
+def nightly(archive, tmp_path_factory) -> list[Path]:
+    """The sample archive as NIGHTS nightly folders (every NIGHTS-th file each)."""
+    root = tmp_path_factory.mktemp("nightly")
+    files = sorted(p for p in archive[0].rglob("*") if p.is_file() and not p.is_symlink())
+    parts = []
+    for i in range(NIGHTS):
+        part = root / f"night{i}"
+        for f in files[i::NIGHTS]:
+            dest = part / f.relative_to(archive[0])
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, dest)
+        parts.append(part)
+    return parts
+
+
 @pytest.fixture(scope="session")
 def truth(archive):
     return archive[1]

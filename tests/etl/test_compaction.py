@@ -3,9 +3,7 @@
 snapshots and summaries intact."""
 
 import json
-import shutil
 from collections import Counter
-from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -14,9 +12,7 @@ from etl import ingest, jobs
 from lake_cli import main
 from lakehouse import Lake
 from lakehouse.verify import verify
-from tests.conftest import fast_config
-
-RUNS = 4
+from tests.conftest import NIGHTS, fast_config
 
 
 def small_files(lake: Lake, name: str, leave: str = "") -> Counter:
@@ -48,22 +44,6 @@ def every_row(lake: Lake, snapshot=None) -> dict[str, list[str]]:
     return out
 
 
-@pytest.fixture(scope="module")
-def nightly(archive, tmp_path_factory) -> list[Path]:
-    """The sample archive as RUNS nightly folders (every RUNS-th file each)."""
-    root = tmp_path_factory.mktemp("nightly")
-    files = sorted(p for p in archive[0].rglob("*") if p.is_file() and not p.is_symlink())
-    parts = []
-    for i in range(RUNS):
-        part = root / f"night{i}"
-        for f in files[i::RUNS]:
-            dest = part / f.relative_to(archive[0])
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(f, dest)
-        parts.append(part)
-    return parts
-
-
 def test_runs_compact_what_they_leave_small(nightly, tmp_path):
     compacted = Lake.create(tmp_path / "compacted", profile="identified")
     plain = Lake.create(tmp_path / "plain", profile="identified")
@@ -80,10 +60,10 @@ def test_runs_compact_what_they_leave_small(nightly, tmp_path):
             assert left == 0 if name in run.compacted else left < 3, name
     # a first run compacts nothing (its own files); the runs after it had work to do
     assert runs[0].compacted == {}
-    assert excess(plain, "instances") >= 3 * (RUNS - 1)
+    assert excess(plain, "instances") >= 3 * (NIGHTS - 1)
     assert [r.compacted.get("instances") is not None for r in runs[1:]].count(True) >= 1
     assert all(r.compacted.get("ingest_runs") is None for r in runs)  # 4 files: 3 beyond one
-    assert len(compacted.delta("ingest_runs").file_uris()) == RUNS
+    assert len(compacted.delta("ingest_runs").file_uris()) == NIGHTS
     # the files each compaction took away are those missing from the compacted lake
     gone = sum(a - b for r in runs for t, (a, b) in r.compacted.items() if t == "instances")
     assert len(compacted.delta("instances").file_uris()) == \

@@ -24,8 +24,10 @@ from lakehouse.schemas import TABLES, conform
 from lakehouse.storage import LeaseHeldError, LockLostError, open_storage
 from lakehouse.tables import ConcurrentWriteError
 from lakehouse.vacuum import vacuum
+from lakehouse.verify import verify
 from tests.conftest import fast_config
 from tests.etl.cluster import RUN_COLUMNS, lake_content
+from tests.etl.test_compaction import every_row
 from tests.s3server import moto_missing, run_moto
 
 REPO = Path(__file__).resolve().parents[2]
@@ -255,6 +257,30 @@ def test_summaries_updated_on_s3_equal_one_local_run(s3, archive, tmp_path, monk
     ingest(one, src, fast_config())
     assert derived(url) == derived(tmp_path / "one")
     assert [last_mode(url, t) for t in DERIVED] == ["Append"] * len(DERIVED)
+
+
+@pytest.mark.slow  # about 30 s: six ingests, three of them to S3
+def test_runs_compact_on_s3_as_on_a_local_lake(s3, nightly, tmp_path):
+    """A run's compaction on object storage (files read, rewritten and removed through
+    fsspec) leaves what it leaves on a local lake: the same files per table, the same
+    rows, every earlier snapshot reading its own."""
+    url = "s3://lakes/compacting"
+    lake = Lake.create(url, profile="identified")
+    local = Lake.create(tmp_path / "local", profile="identified")
+    runs, snapshots = [], []
+    for part in nightly[:3]:
+        runs.append(ingest(lake, part, fast_config(compact_files=1)))
+        local_run = ingest(local, part, fast_config(compact_files=1))
+        assert runs[-1].compacted == local_run.compacted
+        snapshots.append((lake.snapshot(), every_row(lake)))
+    # the second run finds one file per partition left by the first; the third, two
+    assert runs[1].compacted.get("instances") is None and runs[2].compacted["instances"]
+    assert {n: len(lake.delta(n).file_uris()) for n in lake.table_names()} == \
+        {n: len(local.delta(n).file_uris()) for n in local.table_names()}
+    assert every_row(lake) == every_row(local)
+    for snap, rows in snapshots:
+        assert every_row(lake, snap) == rows
+    assert verify(lake).problems == []
 
 
 def test_errors_are_one_line(s3, tmp_path, capsys):
