@@ -40,13 +40,7 @@ from etl.listings import Listings, listings_path
 from lakehouse.optimize import MiB, compact
 from lakehouse.provenance import code_version, config_hash, new_run_id
 from lakehouse.schemas import SCHEMA_VERSION, TABLES
-from lakehouse.tables import (
-    ConcurrentWriteError,
-    Lake,
-    LakeWriter,
-    in_long_runs,
-    partition_codes,
-)
+from lakehouse.tables import ConcurrentWriteError, Lake, LakeWriter, group_order, partition_codes
 
 if TYPE_CHECKING:  # pydicom, through the policy: a no-op rerun never loads it
     from lakehouse.deid import Policy
@@ -507,7 +501,12 @@ class _Job:
         # JSON too) in memory until the commit
         self._files.append(files.take(pa.array(np.arange(files.num_rows))))
         if take:
-            rows, take = _in_runs(wave, take)
+            # the kept rows in partition order (in walk order within a partition): the
+            # commit then writes each partition's runs without copying the buffer again.
+            # Pending rows point into the kept rows, so the rest of the wave can be freed
+            kept = wave.select(PARTITION).take(pa.array(take, pa.int64()))
+            take = np.asarray(take, np.int64)[group_order(kept, PARTITION)].tolist()
+            rows = wave.take(pa.array(take, pa.int64()))
             for j, i in enumerate(take):
                 self._pending[uids[i]] = (shas[i], self.summary.run_id, rows, j)
             if self.policy is not None:
@@ -735,29 +734,6 @@ class _Job:
             "status": status, "message": message,
         }
         self.w.append("ingest_runs", pa.Table.from_pylist([row]))
-
-
-def _in_runs(wave: pa.Table, take: list[int]) -> tuple[pa.Table, list[int]]:
-    """``(rows, order)``: the rows ``take`` of ``wave`` (ascending) in runs of one
-    partition, as the commit writes each partition's runs without copying the buffer again
-    (:func:`lakehouse.tables._partitions`), and the row of ``wave`` at each position.
-
-    When the kept rows already come in long runs (the files of a series are walked one
-    after the other) and few rows are left out between them, they are zero-copy slices of
-    the wave. Otherwise they are copied in partition order (in walk order within a
-    partition), and the rest of the wave can be freed. (The copy takes fresh memory for
-    every wave: 0.5 s of the driver's CPU for 20,000 CT files, most of it page faults.)"""
-    at = np.asarray(take, np.int64)
-    group, _ = partition_codes(wave.select(PARTITION).take(pa.array(at)), PARTITION)
-    # the ranges of consecutive rows kept: a new one after each row left out
-    ranges = np.cumsum(np.diff(at, prepend=at[0]) != 1)
-    if in_long_runs(group) and in_long_runs(ranges):
-        starts = np.concatenate([[0], np.flatnonzero(np.diff(ranges)) + 1, [len(at)]])
-        rows = pa.concat_tables([wave.slice(int(at[a]), int(b - a))
-                                 for a, b in zip(starts[:-1], starts[1:], strict=True)])
-        return rows, take
-    order = at[np.argsort(group, kind="stable")]
-    return wave.take(pa.array(order)), order.tolist()
 
 
 def hold_back(rows: pa.Table, max_rows: int, max_bytes: int) -> tuple[pa.Table, pa.Table]:

@@ -811,6 +811,14 @@ def commit_file(name: str, version: int) -> str:
     return f"{as_rel(layout.table_path(_REL, name))}/_delta_log/{version:020d}.json"
 
 
+def group_order(table: pa.Table, keys: list[str]) -> np.ndarray:
+    """Row indices of ``table`` in the order of its partitions (stable: rows keep their
+    order within a partition). A table taken in this order is split by
+    :func:`_partitions` into zero-copy slices."""
+    group, _ = partition_codes(table, keys)
+    return np.argsort(group, kind="stable")
+
+
 #: Rows per run of one partition, on average, from which a table is split into zero-copy
 #: slices of its runs rather than copied whole in partition order.
 MIN_RUN_ROWS = 8
@@ -821,13 +829,12 @@ def _partitions(table: pa.Table, spec: TableSpec) -> Iterator[tuple[dict[str, st
     """Split ``table`` by the spec's partition columns (string partition values).
 
     Each partition column is dictionary-encoded and the codes combined into one group
-    number per row. When the rows come in runs of one partition (:func:`in_long_runs`: a
-    commit buffer whose waves each came in long runs or were put in partition order),
-    each partition is its runs, sliced without a copy; otherwise the rows are put in
-    partition order by one stable sort and one ``take`` (a copy of the table). Rows keep
-    their order within a partition. (A filter per partition scanned the whole table once
-    per partition: a hundred (Modality, year) partitions made each commit a hundred
-    scans.)
+    number per row. When the rows come in runs of one partition (a commit buffer whose
+    waves were each put in partition order, :func:`group_order`), each partition is its
+    runs, sliced without a copy; otherwise the rows are put in partition order by one
+    stable sort and one ``take`` (a copy of the table). Rows keep their order within a
+    partition. (A filter per partition scanned the whole table once per partition: a
+    hundred (Modality, year) partitions made each commit a hundred scans.)
     """
     keys = list(spec.partition_by)
     if not keys:
@@ -845,7 +852,7 @@ def _partitions(table: pa.Table, spec: TableSpec) -> Iterator[tuple[dict[str, st
         return {k: out[k] for k in keys}
 
     bounds = _runs(group)
-    if _long_runs(bounds, table.num_rows):
+    if len(bounds) * MIN_RUN_ROWS <= table.num_rows or len(bounds) == 1:
         runs: dict[int, list[pa.Table]] = {}
         for start, end in bounds:
             runs.setdefault(int(group[start]), []).append(table.slice(start, end - start))
@@ -857,17 +864,6 @@ def _partitions(table: pa.Table, spec: TableSpec) -> Iterator[tuple[dict[str, st
     ordered = table.take(pa.array(order))
     for start, end in _runs(group):
         yield values(int(group[start])), ordered.slice(start, end - start)
-
-
-def in_long_runs(group: np.ndarray) -> bool:
-    """Whether rows of the partition codes ``group`` (:func:`partition_codes`) come in runs
-    of one partition long enough for :func:`_partitions` to write them as zero-copy slices
-    of their runs, rather than as a copy of the table in partition order."""
-    return _long_runs(_runs(group), len(group))
-
-
-def _long_runs(bounds: list[tuple[int, int]], rows: int) -> bool:
-    return len(bounds) == 1 or len(bounds) * MIN_RUN_ROWS <= rows
 
 
 def _runs(group: np.ndarray) -> list[tuple[int, int]]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import pytest
 
 from lakehouse.schemas import TABLES
 from lakehouse.tables import _partitions
@@ -64,37 +63,21 @@ def test_chunked_columns_and_one_partition():
     assert list(_partitions(one.slice(0, 0), SPEC)) == []
 
 
-def test_runs_long_enough_to_be_sliced():
-    from lakehouse.tables import MIN_RUN_ROWS, in_long_runs
-
-    assert in_long_runs(np.array([5] * 3))  # one run, however short
-    assert in_long_runs(np.repeat([1, 2, 1, 3], MIN_RUN_ROWS))  # runs of MIN_RUN_ROWS
-    assert not in_long_runs(np.repeat([1, 2, 1, 3], MIN_RUN_ROWS - 1))
-    assert not in_long_runs(np.array([1, 2] * 50))
-
-
-@pytest.mark.parametrize("walk_order", [False, True])
-def test_waves_in_runs_are_split_without_a_copy(walk_order):
-    """The ingest keeps each wave's rows in runs of one partition: put in partition
-    order, or as they came when a wave's runs are long already (the files of a series
-    walked one after the other). A buffer of such waves is split into slices of its
-    runs, sharing the waves' memory."""
-    from lakehouse.tables import MIN_RUN_ROWS, in_long_runs, partition_codes
+def test_waves_in_partition_order_are_split_without_a_copy():
+    """The ingest puts each wave's rows in partition order (group_order); a buffer of
+    such waves is split into slices of its runs, sharing the waves' memory."""
+    from lakehouse.tables import MIN_RUN_ROWS, group_order
 
     rng = np.random.default_rng(7)
     waves = []
     for w in range(4):
         n = 600
-        # walk order: series of 20 files, each of one partition
-        modality = np.repeat(rng.choice(["CT", "MR", "US"], n // 20), 20)
-        year = np.repeat(rng.choice([2019, 2020], n // 20), 20)
-        wave = pa.table({"n": np.arange(w * n, (w + 1) * n), "Modality": modality.tolist(),
-                         "study_year": pa.array(year, pa.int32())})
-        group, _ = partition_codes(wave, list(SPEC.partition_by))
-        assert in_long_runs(group)
-        if not walk_order:
-            wave = wave.take(pa.array(np.argsort(group, kind="stable")))
-        waves.append(wave)
+        wave = pa.table({"n": np.arange(w * n, (w + 1) * n),
+                         "Modality": rng.choice(["CT", "MR", "US"], n).tolist(),
+                         "study_year": pa.array(rng.choice([2019, 2020], n), pa.int32())})
+        order = group_order(wave, list(SPEC.partition_by))
+        assert sorted(order.tolist()) == list(range(n))
+        waves.append(wave.take(pa.array(order)))
     table = pa.concat_tables(waves)
     assert table.num_rows >= 4 * 6 * MIN_RUN_ROWS  # runs long enough to be sliced
     got = _split(table)
