@@ -710,7 +710,7 @@ class LakeWriter:
             for k, v in values.items()
         )
         rel = f"{subdir}/" if subdir else ""
-        rel += f"part-{self.run_id}-{uuid.uuid4().hex[:12]}.zstd.parquet"
+        rel += f"{file_prefix(self.run_id)}{uuid.uuid4().hex[:12]}.zstd.parquet"
         body = part.drop_columns(list(spec.partition_by))
         body = body.replace_schema_metadata({**(body.schema.metadata or {}), **meta})
         sink = pa.BufferOutputStream()
@@ -800,10 +800,15 @@ def add_actions(dt: DeltaTable) -> pa.Table:
     return pa.RecordBatchReader.from_stream(dt.get_add_actions(flatten=True)).read_all()
 
 
+def file_prefix(run_id: str) -> str:
+    """How the name of every data file the run ``run_id`` writes begins."""
+    return f"part-{run_id}-"
+
+
 def written_by(path: str, run_id: str) -> bool:
     """Whether the data file at ``path`` (relative to its table) was written by the run
     ``run_id`` (:meth:`LakeWriter._stage` names each file after its run)."""
-    return path.rsplit("/", 1)[-1].startswith(f"part-{run_id}-")
+    return path.rsplit("/", 1)[-1].startswith(file_prefix(run_id))
 
 
 def commit_file(name: str, version: int) -> str:

@@ -11,6 +11,7 @@ import pytest
 from etl import ingest, jobs
 from lake_cli import main
 from lakehouse import Lake
+from lakehouse.tables import add_actions, written_by
 from lakehouse.verify import verify
 from tests.conftest import NIGHTS, fast_config
 
@@ -18,10 +19,10 @@ from tests.conftest import NIGHTS, fast_config
 def small_files(lake: Lake, name: str, leave: str = "") -> Counter:
     """Files under the run's compaction size, per partition of ``name``; not those the
     run ``leave`` wrote."""
-    adds = pa.table(lake.delta(name).get_add_actions(flatten=True)).to_pylist()
+    adds = add_actions(lake.delta(name)).to_pylist()
     return Counter(tuple(v for k, v in sorted(a.items()) if k.startswith("partition."))
                    for a in adds if a["size_bytes"] < jobs.COMPACT_SMALL_BYTES
-                   and not (leave and f"part-{leave}-" in a["path"]))
+                   and not (leave and written_by(a["path"], leave)))
 
 
 def excess(lake: Lake, name: str, leave: str = "") -> int:

@@ -14,13 +14,14 @@ from etl import ingest
 from lake_cli import main
 from lakehouse import Lake, layout
 from lakehouse.optimize import optimize
+from lakehouse.tables import add_actions
 from lakehouse.vacuum import vacuum
 from lakehouse.verify import verify
 from tests.conftest import fast_config
 
 
 def _files(lake: Lake, name: str) -> list[str]:
-    return pa.table(lake.delta(name).get_add_actions(flatten=True)).column("path").to_pylist()
+    return add_actions(lake.delta(name)).column("path").to_pylist()
 
 
 def _rows(lake: Lake, snapshot=None) -> dict[str, list]:
