@@ -170,9 +170,11 @@ def _parse(buf: bytes, name: str = "", *, max_depth: int = 64, bulk_data_thresho
         ds = _dcmread(buf, layout)
         meta = getattr(ds, "file_meta", None)
         if meta is not None:
-            media_class = str(meta.get("MediaStorageSOPClassUID", "") or media_class)
-            if ts is None and "TransferSyntaxUID" in meta:
-                ts = str(meta.TransferSyntaxUID)
+            with warnings.catch_warnings():  # an invalid UID's warning holds its raw value
+                warnings.simplefilter("ignore")
+                media_class = str(meta.get("MediaStorageSOPClassUID", "") or media_class)
+                if ts is None and "TransferSyntaxUID" in meta:
+                    ts = str(meta.TransferSyntaxUID)
         header = to_json_dict(ds, bulk_data_threshold)
         # values pydicom could not convert were left out of the JSON: flag them
         dropped = [c.name for c, tag in COLUMN_TAGS if tag not in header and int(tag, 16) in ds]
@@ -279,19 +281,27 @@ def to_json_dict(ds: Dataset, bulk_data_threshold: int) -> dict:
 def _keep_raw_values(ds: Dataset, data: dict) -> None:
     """Top-level attributes pydicom could not write (a DS of "abc") are kept with their
     raw text, so that the typed column can be flagged invalid and the value is not lost."""
-    for elem in ds:
-        key = f"{elem.tag:08X}"
-        if key in data or elem.VR in ("SQ", "OB", "OW", "UN"):
+    # the tags: iterating a Dataset yields its elements, converting every value
+    for tag in ds.keys():  # noqa: SIM118
+        key = f"{tag:08X}"
+        if key in data:
             continue
-        try:
-            value = ds.get_item(elem.tag).value
-        except Exception:  # a value that cannot even be read stays out
-            continue
+        elem = ds.get_item(tag)
+        if elem is None or elem.VR not in _TEXT_VRS:
+            continue  # a binary value that cannot be read (its length is not a whole
+            # number of values) stays out: there is no text to keep
+        value = elem.value
         if isinstance(value, bytes):
             value = value.decode("latin-1")
         text_value = str(value).rstrip("\x00 ")
         data[key] = {"vr": elem.VR, "Value": text_value.split("\\")} if text_value \
             else {"vr": elem.VR}
+
+
+#: VRs whose values are text, kept raw by :func:`_keep_raw_values` when pydicom cannot
+#: write them
+_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH",
+                       "ST", "TM", "UC", "UI", "UR", "UT"})
 
 
 #: one encoder for every header (``json.dumps`` with options builds a new one per call);

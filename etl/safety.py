@@ -17,6 +17,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+from pydicom import config
 from pydicom.uid import UID
 
 from etl.errors import FileRejected
@@ -162,7 +163,9 @@ def begin(buf: bytes, file_size: int | None = None) -> tuple[str, int, int, str 
 
 @functools.lru_cache(maxsize=256)
 def _is_transfer_syntax(ts: str) -> bool:
-    return UID(ts).is_transfer_syntax
+    # not validated: pydicom would warn with the raw value, which a damaged file meta
+    # fills with the header's bytes (names, identifiers) up to the next element
+    return UID(ts, validation_mode=config.IGNORE).is_transfer_syntax
 
 
 def _walk_meta(buf: bytes, pos: int) -> tuple[int, str | None, str | None]:
