@@ -286,11 +286,11 @@ def _keep_raw_values(ds: Dataset, data: dict) -> None:
         key = f"{tag:08X}"
         if key in data:
             continue
-        elem = ds.get_item(tag)
+        elem = ds.get_item(tag, keep_deferred=True)  # never converted here
         if elem is None or elem.VR not in _TEXT_VRS:
             continue  # a binary value that cannot be read (its length is not a whole
-            # number of values) stays out: there is no text to keep
-        value = elem.value
+            # number of values) or an unknown VR stays out: there is no text to keep
+        value = "" if elem.value is None else elem.value
         if isinstance(value, bytes):
             value = value.decode("latin-1")
         text_value = str(value).rstrip("\x00 ")

@@ -21,7 +21,8 @@ header (names, identifiers); the reader's checks keep those warnings to themselv
 
 Exact expectations: a file whose 128-byte preamble is overwritten (DICOM readers
 ignore it) gives the row of the original file, value for value; and what this module
-found read wrongly is now a regression test (a binary value of the wrong length).
+found read wrongly are now regression tests (a binary value of the wrong length, an
+element of unknown VR).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from etl import IngestConfig, ingest
 from etl.errors import REASONS, SKIP_REASONS
 from lakehouse import Lake
 from lakehouse.verify import verify
-from tests.etl.corpus import _Uids, base, part10
+from tests.etl.corpus import PIXEL_TAG, _Uids, base, part10
 from tests.etl.test_batchread import assert_same_rows, found, make_policy, run
 
 #: damaged files made from the seed files (the default suite's share; the slow test
@@ -56,12 +57,12 @@ VRS = (b"SQ", b"UN", b"OB", b"UT", b"DS", b"IS", b"DA", b"PN", b"UI", b"US", b"F
        b"XX")
 
 
-def mutate(data: bytes, rng: random.Random) -> tuple[bytes, str]:
-    """``data`` damaged once inside its header (after the preamble and ``DICM`` when it
-    has them), and the kind of damage."""
+def mutate(data: bytes, rng: random.Random, head: int = HEAD) -> tuple[bytes, str]:
+    """``data`` damaged once inside its first ``head`` bytes (after the preamble and
+    ``DICM`` when it has them), and the kind of damage."""
     buf = bytearray(data)
     kind = rng.choice(KINDS)
-    head = min(len(buf), HEAD)
+    head = min(len(buf), head)
     lo = 132 if len(buf) > 132 and buf[128:132] == b"DICM" else 0
     at = rng.randrange(lo, head - 4)
     if kind == "truncate":
@@ -96,13 +97,14 @@ def seed_files(archive_root: Path) -> list[Path]:
     return [p for p in paths if p.stat().st_size > 256]
 
 
-def damaged(root: Path, seeds: list[Path], n: int, seed: int) -> Counter[str]:
+def damaged(root: Path, seeds: list[Path], n: int, seed: int,
+            head: int = HEAD) -> Counter[str]:
     """``n`` damaged files in ``root`` (named by number and kind); the kinds made."""
     rng = random.Random(seed)
     root.mkdir(parents=True)
     kinds: Counter[str] = Counter()
     for i in range(n):
-        data, kind = mutate(rng.choice(seeds).read_bytes(), rng)
+        data, kind = mutate(rng.choice(seeds).read_bytes(), rng, head)
         (root / f"m{i:05d}_{kind}.dcm").write_bytes(data)
         kinds[kind] += 1
     return kinds
@@ -252,6 +254,22 @@ def test_a_binary_value_of_the_wrong_length_is_left_out_and_flagged(tmp_path, po
     assert '"00280010"' not in row["dicom_json"] and '"00280011"' in row["dicom_json"]
 
 
+@pytest.mark.parametrize("policy_name", ["identified", "research"])
+def test_an_element_of_unknown_vr_is_left_out(tmp_path, policy_name):
+    """An element whose VR is no VR (``R\\0``, in a damaged dose report): pydicom cannot
+    convert it, and the file was quarantined as a parse_error for it. Now it is left out
+    of the DICOM JSON and the file is ingested."""
+    data = part10(base(_Uids()))
+    at = data.index(PIXEL_TAG)
+    path = tmp_path / "unknown_vr.dcm"
+    # read as implicit VR, as both readers tolerate: 4 bytes of length (82), 82 of value
+    path.write_bytes(data[:at] + b"\x53\x51\x00\x00R\x00\x00\x00" + b"x" * 82 + data[at:])
+    table = assert_same_rows(found([path]), make_policy(policy_name))
+    row = table.to_pylist()[0]
+    assert (row["status"], row["reason"], row["invalid_attributes"]) == ("ok", None, None)
+    assert '"51530000"' not in row["dicom_json"] and row["Rows"] == 8
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_more_damaged_files(archive, tmp_path, seed):
@@ -261,3 +279,26 @@ def test_more_damaged_files(archive, tmp_path, seed):
     table = same_rows_quietly(found(sorted(root.iterdir())), make_policy("research"))
     check_results(table, 3000)
 
+
+
+@pytest.mark.slow
+def test_damaged_dose_reports(archive, tmp_path):
+    """The sample archive's CT dose reports (headers only: no pixel data) damaged anywhere,
+    2,000 of them, ingested: every file accounted for, and the dose events the run parses
+    come from the reports it ingested, which the dose report reads."""
+    reports = [p for p in seed_files(archive[0])
+               if b"1.2.840.10008.5.1.4.1.1.88.67" in p.read_bytes()[:HEAD]]
+    assert len(reports) >= 4
+    root = tmp_path / "files"
+    damaged(root, reports, 2000, seed=5, head=1 << 20)
+    lake = Lake.create(tmp_path / "lake")
+    s = ingest(lake, root, IngestConfig(scheduler="processes", workers=2))
+    assert s.files_seen == 2000 == sum(s.outcomes.values())
+    assert s.outcomes["ingested"] >= 4 and s.outcomes["quarantined"] >= 1000
+    with open_lake(tmp_path / "lake") as c:
+        orphans = c.con.execute(
+            "SELECT count(*) FROM dose_events e WHERE NOT EXISTS (SELECT 1 FROM instances i "
+            "WHERE i.SOPInstanceUID = e.SOPInstanceUID)").fetchone()[0]
+        assert orphans == 0
+        assert c.con.execute("SELECT count(*) FROM dose_events").fetchone()[0] > 0
+    assert verify(Lake.open(tmp_path / "lake")).ok
