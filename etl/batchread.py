@@ -597,8 +597,9 @@ def _kind(unit: _Unit) -> int:
     if action is None or key == deid._ISSUER_TAG:  # the filter removes the issuer last
         return _DROP
     vr = elem.get("vr")
-    if action == deid._KEEP and vr in deid._PLAIN_VRS and elem.get("Value") is not None:
-        return _SAME
+    values = elem.get("Value")
+    if action == deid._KEEP and vr in deid._PLAIN_VRS and values is not None:
+        return _CALL if deid._garbled(values) else _SAME  # the filter drops what is not text
     if vr in ("SQ", "DA", "DT") or action == deid._CLEAN or key == deid._PID_TAG:
         return _CALL_CTX
     return _CALL

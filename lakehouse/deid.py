@@ -53,6 +53,11 @@ _NAME_SEPARATORS = re.compile(r"[\^=]")
 #: last hex digits of odd numbers (the group of a private tag is odd)
 _ODD_HEX = frozenset("13579BDFbdf")
 _SPACES = re.compile(r"\s{2,}")
+#: Characters no text VR allows (PS3.5 6.1: of the C0 controls only TAB, LF, FF, CR and
+#: ESC, never DEL); NUL only as the padding at a value's end. A value holding one is not
+#: text: in a damaged file it is typically an element whose length was made too long,
+#: which ran on over the elements after it (names, identifiers) as raw bytes.
+_NOT_TEXT = re.compile("[\x00-\x08\x0b\x0e-\x1a\x1c-\x1f\x7f]")
 
 
 def _tag(keyword: str) -> str:
@@ -312,18 +317,23 @@ class Policy:
             if tag[3] in odd:  # an odd group: a private attribute
                 if not self._private_allowed(tag, int(tag[:4], 16), creators):
                     continue
-                out[tag] = elem
+                values = elem.get("Value")
+                out[tag] = {"vr": elem.get("vr")} if values and _garbled(values) else elem
                 continue
             action = actions.get(tag)
             if action is None:
                 continue
             vr = elem.get("vr")
+            values = elem.get("Value")
+            if values is not None and vr != "SQ" and _garbled(values):
+                # not text, so no value of its VR: none is kept, whatever the action
+                out[tag] = {"vr": vr} if vr else {}
+                continue
             if action == _KEEP and vr in plain:  # most elements: kept as they are
-                out[tag] = elem if elem.get("Value") is not None else {"vr": vr}
+                out[tag] = elem if values is not None else {"vr": vr}
                 continue
             if vr == "PN":
                 continue
-            values = elem.get("Value")
             if values is None:
                 out[tag] = {"vr": vr} if vr else {}
                 continue
@@ -433,6 +443,14 @@ def _memo_key(elem: dict | None):
     if len(values) > 8 or any(_long(v) for v in values):
         raise ValueError("too long to memoize")
     return tuple(tuple(v.items()) if isinstance(v, dict) else v for v in values)
+
+
+def _garbled(values: list) -> bool:
+    """Whether a text value among ``values`` holds a character no text VR allows."""
+    for v in values:
+        if v.__class__ is str and _NOT_TEXT.search(v) and _NOT_TEXT.search(v.rstrip("\x00")):
+            return True
+    return False
 
 
 def _long(value) -> bool:

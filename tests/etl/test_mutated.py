@@ -22,7 +22,8 @@ header (names, identifiers); the reader's checks keep those warnings to themselv
 Exact expectations: a file whose 128-byte preamble is overwritten (DICOM readers
 ignore it) gives the row of the original file, value for value; and what this module
 found read wrongly are now regression tests (a binary value of the wrong length, an
-element of unknown VR).
+element of unknown VR, and in research lakes a value that ran on over the elements
+after it, names and identifiers included).
 """
 
 from __future__ import annotations
@@ -268,6 +269,32 @@ def test_an_element_of_unknown_vr_is_left_out(tmp_path, policy_name):
     row = table.to_pylist()[0]
     assert (row["status"], row["reason"], row["invalid_attributes"]) == ("ok", None, None)
     assert '"51530000"' not in row["dicom_json"] and row["Rows"] == 8
+
+
+def test_a_value_run_on_over_other_elements_keeps_them_out_of_a_research_lake(tmp_path):
+    """ContentTime's length made longer, so that its value runs on over the accession
+    number and the referring physician's name as raw bytes. The file still parses, and
+    ContentTime is kept by the research policy as it is. Found by the damaged files: the
+    research row held the name and the number in ContentTime's value. Now a value that is
+    not text (NUL and other control bytes inside) is dropped; an identified lake keeps
+    it, as it keeps everything."""
+    ds = base(_Uids())
+    ds.ContentTime = "150111"
+    ds.AccessionNumber = "ACC98765"
+    ds.ReferringPhysicianName = "Kildare^James"
+    data = part10(ds)
+    at = data.index(b"\x08\x00\x33\x00TM")  # ContentTime: 8 bytes of header, 6 of value
+    end = data.index(b"\x08\x00\x3e\x10LO")  # SeriesDescription, after the name
+    damaged = data[:at + 6] + (end - at - 8).to_bytes(2, "little") + data[at + 8:]
+    path = tmp_path / "run_on.dcm"
+    path.write_bytes(damaged)
+    research = assert_same_rows(found([path]), make_policy("research")).to_pylist()[0]
+    assert (research["status"], research["Modality"]) == ("ok", None)  # run over too
+    text = repr(research)
+    assert "ACC98765" not in text and "Kildare" not in text and "James" not in text
+    assert '"00080033":{"vr":"TM"}' in research["dicom_json"]
+    identified = assert_same_rows(found([path]), make_policy("identified")).to_pylist()[0]
+    assert "Kildare^James" in identified["dicom_json"]  # within ContentTime's raw value
 
 
 @pytest.mark.slow

@@ -137,3 +137,31 @@ def test_what_the_filter_reads_of_the_patient():
     assert part("StudyDescription", {"vr": "PN", "Value": [{"Alphabetic": "Doe"}]}) == ()
     assert part("SliceThickness", {"vr": "DS", "Value": [1.25]}) == ()
     assert part("ReferencedStudySequence", {"vr": "SQ", "Value": [{}]}) is None
+
+
+@pytest.mark.parametrize(("value", "kept"), [
+    ("CT01", True),
+    ("CT01\x00", True),  # NUL as padding at the end
+    ("line one\r\nline two\tand\x0c\x1b$B", True),  # the controls text VRs allow
+    ("1501\x00\x08\x00P\x00SH\n\x00ACC98765", False),  # elements run on as raw bytes
+    ("CT\x0101", False),
+    ("CT01\x7f", False),
+])
+def test_a_value_that_is_not_text_is_dropped(value, kept):
+    """A text value holding a character no text VR allows (PS3.5 6.1) is kept by no
+    action of the research policy (as is, cleaned, shifted); the element stays, empty."""
+    policy = Policy(Pseudonymizer(KEY))
+    header = {"00100020": {"vr": "LO", "Value": ["PAT1"]},
+              "00081010": {"vr": "SH", "Value": [value]},  # StationName: kept as it is
+              "0008103E": {"vr": "LO", "Value": [value]},  # SeriesDescription: cleaned
+              "00080021": {"vr": "DA", "Value": ["20200102"]},
+              "0008002A": {"vr": "DT", "Value": ["20200102" + value]}}  # shifted
+    out = policy.apply(header).json
+    if kept:
+        assert out["00081010"] == {"vr": "SH", "Value": [value]}
+        assert out["0008103E"]["Value"]  # cleaning may fold its spaces
+        assert out["0008002A"]["Value"][0].endswith(value)
+    else:
+        assert (out["00081010"], out["0008103E"], out["0008002A"]) == \
+            ({"vr": "SH"}, {"vr": "LO"}, {"vr": "DT"})
+    assert out["00080021"]["Value"] != ["20200102"]  # shifted either way
