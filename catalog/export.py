@@ -60,7 +60,7 @@ from catalog.connect import Catalog
 from catalog.errors import ExportError
 from catalog.nifti import Skip, Volume, build_volume
 from lakehouse import audit
-from lakehouse.checksums import data_sha256, sha256_prefix
+from lakehouse.checksums import as_ingested, sha256_prefix
 from lakehouse.deid import Policy, deidentify_dataset
 from lakehouse.provenance import code_version
 from lakehouse.tables import Lake
@@ -258,7 +258,7 @@ def _export_dicom(sources: pa.Table, out: Path, summary: ExportSummary,
         except OSError as exc:
             summary.skip(sop, "source_unreadable", f"source unreadable: {exc.strerror}")
             continue
-        if data_sha256(data, covered) != expected or len(data) != r["file_size"]:
+        if not as_ingested(data, expected, covered, r["file_size"]):
             summary.skip(sop, "source_changed",
                          "source file changed since ingest (checksum differs)")
             continue
@@ -422,9 +422,8 @@ def _series_volume(s: dict, insts: list[dict], research: bool
             data = Path(r["path"]).read_bytes()
         except OSError as exc:  # the message names no path: paths are vault-only
             return Skip("source_unreadable", f"a source file cannot be read: {exc.strerror}")
-        if (data_sha256(data, r.get("checksum_bytes")) != (r["source_sha256"]
-                                                            or r["file_sha256"])
-                or len(data) != r["file_size"]):
+        if not as_ingested(data, r["source_sha256"] or r["file_sha256"],
+                           r.get("checksum_bytes"), r["file_size"]):
             return Skip("source_changed", "a source file changed since ingest "
                         "(checksum differs)")
         try:

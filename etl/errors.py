@@ -97,6 +97,8 @@ FEATURE_REASONS: dict[str, str] = {
                    "PixelSpacing",
     "not_a_volume": "the slices do not form one regular volume (see series_geometry.issues)",
     "missing_file": "an instance has no ingested source file in the vault",
+    "source_changed": "a source file is no longer the one ingested (its size or checksum "
+                      "differs): ingest its folder again",
     "pixel_decode": "pixel data could not be decoded (transfer syntax without a decoder, "
                     "corrupt data)",
     "geometry_mismatch": "the mask's grid differs from the image's; it is never resampled",

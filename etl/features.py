@@ -49,6 +49,7 @@ from etl.masks import (
 )
 from etl.radiomics import EXTRACTOR_VERSION, Params, extract
 from etl.radiomics.preprocess import bounding_box, normalize
+from etl.sourcefiles import Source, open_source, source_from_row
 from etl.volumes import Geometry, check_volume, load_volume, series_geometry
 from lakehouse import audit
 from lakehouse.provenance import new_run_id
@@ -107,9 +108,11 @@ class SeriesTask:
 
     series_uid: str
     rows: list[dict]
-    paths: dict[str, str]
-    #: (mask kind 'seg'/'rtstruct'/'file', SOPInstanceUID or None, path)
-    masks: list[tuple[str, str | None, str]]
+    #: the source file of each instance {SOPInstanceUID: source}
+    paths: dict[str, Source]
+    #: (mask kind 'seg'/'rtstruct'/'file', SOPInstanceUID or None, source file or, for
+    #: a mask file named by the user, its path)
+    masks: list[tuple[str, str | None, Source | str]]
     #: segment labels of lake masks as the lake holds them {mask SOPInstanceUID: {n: label}}
     labels: dict[str, dict[int, str]] = field(default_factory=dict)
 
@@ -125,7 +128,7 @@ class VolumeSource:
 
     series_uid: str
     geometry: Geometry
-    paths: dict[str, str]
+    paths: dict[str, Source]
 
     @property
     def key(self) -> tuple:
@@ -203,7 +206,8 @@ def prepare_series(task: SeriesTask) -> Prepared:
             rows["feature_failures"].append(_failure(uid, "volume", err))
         return out
     out.volumes[uid] = VolumeSource(uid, geo, {sop: task.paths[sop] for sop in geo.order})
-    readers = {"seg": read_seg, "rtstruct": read_rtstruct, "file": read_mask_file}
+    readers: dict[str, Callable[..., MaskSet]] = {
+        "seg": read_seg, "rtstruct": read_rtstruct, "file": read_mask_file}
     for kind, mask_uid, path in task.masks:
         try:
             mask_set: MaskSet = readers[kind](path, geo)
@@ -381,9 +385,10 @@ def plan(lake: Lake, config: FeaturesConfig) -> list[SeriesTask]:
     import pydicom
 
     inst = lake.read("instances", columns=GEOMETRY_COLUMNS).to_pylist()
-    files = lake.read("files", columns=["path", "SOPInstanceUID", "outcome"],
+    files = lake.read("files", columns=["path", "SOPInstanceUID", "outcome", "file_size",
+                                        "file_sha256", "source_sha256", "checksum_bytes"],
                       filter=pc.field("outcome") == "ingested").to_pylist()
-    paths = {f["SOPInstanceUID"]: f["path"] for f in files if f["SOPInstanceUID"]}
+    paths = {f["SOPInstanceUID"]: source_from_row(f) for f in files if f["SOPInstanceUID"]}
     by_series: dict[str, list[dict]] = defaultdict(list)
     masks: list[dict] = []
     for row in inst:
@@ -418,8 +423,9 @@ def plan(lake: Lake, config: FeaturesConfig) -> list[SeriesTask]:
             continue
         try:
             # force: the ingest has checked the file; a Part 10 file may lack its preamble
-            ref = referenced_series(pydicom.dcmread(path, stop_before_pixels=True, force=True))
-        except Exception as exc:  # an unreadable mask header: nothing to match
+            ref = referenced_series(pydicom.dcmread(open_source(path), stop_before_pixels=True,
+                                                    force=True))
+        except Exception as exc:  # an unreadable or changed mask: nothing to match
             log.warning("mask %s: cannot read its header: %s", m["SOPInstanceUID"], exc)
             continue
         if ref is not None and ref not in by_series:
@@ -427,14 +433,17 @@ def plan(lake: Lake, config: FeaturesConfig) -> list[SeriesTask]:
             if original_to_lake is None:
                 original_to_lake = {}
                 for uid, rows in by_series.items():
-                    p = paths.get(rows[0]["SOPInstanceUID"])
-                    if p:
+                    for row in rows:  # the first of its files still as ingested
+                        p = paths.get(row["SOPInstanceUID"])
+                        if p is None:
+                            continue
                         try:
-                            d = pydicom.dcmread(p, stop_before_pixels=True,
+                            d = pydicom.dcmread(open_source(p), stop_before_pixels=True,
                                                 specific_tags=["SeriesInstanceUID"])
-                            original_to_lake[str(d.SeriesInstanceUID)] = uid
                         except Exception:
                             continue
+                        original_to_lake[str(d.SeriesInstanceUID)] = uid
+                        break
             ref = original_to_lake.get(ref)
         if ref in tasks:
             kind = "rtstruct" if m["SOPClassUID"] == RTSTRUCT_SOP_CLASS else "seg"

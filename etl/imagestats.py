@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from etl.sourcefiles import Source, open_source
 from etl.volumes import to_modality_units
 
 log = logging.getLogger(__name__)
@@ -135,12 +136,13 @@ def stored_value_counts(stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.unique(flat, return_counts=True)
 
 
-def series_stats(series_uid: str, files: Sequence[tuple[str, str | None]],
+def series_stats(series_uid: str, files: Sequence[tuple[str, Source | str | None]],
                  modality: str | None = None, study_uid: str | None = None,
                  burned_in: bool = False) -> dict:
     """Statistics over every pixel of the series' instances.
 
-    ``files`` is a list of (SOPInstanceUID, path or None). Returns an
+    ``files`` is a list of (SOPInstanceUID, source file or None); a file that changed
+    since it was ingested is a failure, as an undecodable one is. Returns an
     ``image_stats`` row (without the run id). Memory is bounded by the number
     of distinct values, not by the size of the series (see :class:`ValueCounts`).
     """
@@ -160,7 +162,7 @@ def series_stats(series_uid: str, files: Sequence[tuple[str, str | None]],
             continue
         ds = None
         try:
-            ds = pydicom.dcmread(path, force=True)  # checked at ingest; may lack a preamble
+            ds = pydicom.dcmread(open_source(path), force=True)  # may lack a preamble
             if "PixelData" not in ds and "FloatPixelData" not in ds:
                 raise ValueError("no pixel data")
             if int(getattr(ds, "SamplesPerPixel", 1) or 1) != 1:

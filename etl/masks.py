@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from etl.errors import FeatureError, GeometryMismatchError
+from etl.sourcefiles import Source, SourceChangedError, open_source
 from etl.volumes import Geometry
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ def _slice_index(geometry: Geometry, position, mask_uid: str | None) -> int:
     return k
 
 
-def read_seg(path: str | Path, geometry: Geometry) -> MaskSet:
+def read_seg(path: Source | str | Path, geometry: Geometry) -> MaskSet:
     """A DICOM SEG (binary or fractional) placed frame by frame on the image grid."""
     import highdicom as hd
     import pydicom
@@ -156,9 +157,11 @@ def read_seg(path: str | Path, geometry: Geometry) -> MaskSet:
     series = _series(geometry)
     try:
         # force: checked by the ingest; a Part 10 file may lack its preamble
-        seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(str(path), force=True),
+        seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(open_source(path), force=True),
                                                copy=False)
         frames = seg.pixel_array
+    except SourceChangedError as exc:
+        raise FeatureError("source_changed", series, f"the SEG: {exc}") from None
     except Exception as exc:
         raise FeatureError("unsupported_mask", series,
                            f"cannot read the SEG: {type(exc).__name__}: {exc}"
@@ -196,17 +199,19 @@ def read_seg(path: str | Path, geometry: Geometry) -> MaskSet:
     return MaskSet("seg", uid, [Segment(n, labels[n], masks[n]) for n in sorted(labels)])
 
 
-def read_rtstruct(path: str | Path, geometry: Geometry) -> MaskSet:
+def read_rtstruct(path: Source | str | Path, geometry: Geometry) -> MaskSet:
     """An RTSTRUCT's closed planar contours rasterized on the image slices (even-odd rule)."""
     import pydicom
     from skimage.draw import polygon
 
     series = _series(geometry)
     try:
-        ds = pydicom.dcmread(str(path), force=True)  # checked at ingest; may lack a preamble
+        ds = pydicom.dcmread(open_source(path), force=True)  # may lack a preamble
         rois = {int(r.ROINumber): str(getattr(r, "ROIName", r.ROINumber))
                 for r in ds.StructureSetROISequence}
         contours = list(ds.ROIContourSequence)
+    except SourceChangedError as exc:
+        raise FeatureError("source_changed", series, f"the RTSTRUCT: {exc}") from None
     except Exception as exc:
         raise FeatureError("unsupported_mask", series,
                            f"cannot read the RTSTRUCT: {type(exc).__name__}: {exc}"

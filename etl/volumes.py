@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from etl.errors import FeatureError
+from etl.sourcefiles import Source, SourceChangedError, open_source
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +193,7 @@ def to_modality_units(ds, arr: np.ndarray) -> np.ndarray:
     return np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
 
 
-def check_volume(geometry: Geometry, paths: dict[str, str]) -> None:
+def check_volume(geometry: Geometry, paths: Mapping[str, Source | str]) -> None:
     """Raise :class:`FeatureError` unless the series makes one volume with every file known."""
     series = geometry.row.get("SeriesInstanceUID")
     if not geometry.volume_ok:
@@ -205,11 +206,12 @@ def check_volume(geometry: Geometry, paths: dict[str, str]) -> None:
                                f"no ingested source file for instance {sop} of series {series}")
 
 
-def load_volume(geometry: Geometry, paths: dict[str, str]):
+def load_volume(geometry: Geometry, paths: Mapping[str, Source | str]):
     """Read the series' pixels into a SimpleITK image (float32, modality units).
 
-    ``paths`` maps SOPInstanceUID -> file path. Raises :class:`FeatureError`
-    when the series is not one regular volume or a file is missing/undecodable.
+    ``paths`` maps SOPInstanceUID -> source file (or a plain path). Raises :class:`FeatureError`
+    when the series is not one regular volume or a file is missing, changed since it
+    was ingested or undecodable.
     """
     import pydicom
     import SimpleITK as sitk
@@ -220,8 +222,10 @@ def load_volume(geometry: Geometry, paths: dict[str, str]):
     for sop in geometry.order:
         path = paths[sop]
         try:
-            ds = pydicom.dcmread(path, force=True)  # checked at ingest; may lack a preamble
+            ds = pydicom.dcmread(open_source(path), force=True)  # may lack a preamble
             planes.append(to_modality_units(ds, ds.pixel_array).astype(np.float32))
+        except SourceChangedError as exc:
+            raise FeatureError("source_changed", series, f"{sop}: {exc}") from None
         except Exception as exc:  # pydicom raises many types for undecodable pixel data
             raise FeatureError("pixel_decode", series,
                                f"cannot decode pixels of {sop}: {type(exc).__name__}: {exc}"

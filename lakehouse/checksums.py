@@ -35,4 +35,10 @@ def data_sha256(data: bytes, nbytes: int | None = None) -> str:
     return hashlib.sha256(view if nbytes is None else view[:nbytes]).hexdigest()
 
 
-__all__ = ["data_sha256", "sha256_prefix"]
+def as_ingested(data: bytes, sha256: str, nbytes: int | None, size: int) -> bool:
+    """Whether ``data`` (a whole file) is the file an ingest recorded: its ``size``, and
+    ``sha256`` of its first ``nbytes`` (the row's plain checksum and ``checksum_bytes``)."""
+    return len(data) == size and data_sha256(data, nbytes) == sha256
+
+
+__all__ = ["as_ingested", "data_sha256", "sha256_prefix"]

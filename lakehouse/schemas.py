@@ -502,8 +502,10 @@ IMAGE_STATS = TableSpec(
         Column("units", STR, "Units of the values: HU for CT, otherwise the RescaleType or "
                "'stored' when no rescale applies."),
         Column("instances_read", I64, "Instances whose pixels were decoded."),
-        Column("pixel_failures", I64, "Instances whose pixels could not be decoded."),
-        Column("failure_message", STR, "First decoding failure (transfer syntax and error)."),
+        Column("pixel_failures", I64, "Instances whose pixels could not be read: no source "
+               "file, a file changed since it was ingested, or undecodable pixels."),
+        Column("failure_message", STR, "The first such failure (the instance, the transfer "
+               "syntax and the error)."),
         Column("voxel_count", I64, "Pixels the statistics are over."),
         Column("p01", F64, "1st percentile (linear interpolation)."),
         Column("p05", F64, "5th percentile."),
@@ -566,7 +568,8 @@ FEATURE_FAILURES = TableSpec(
         Column("stage", STR, "volume, mask or radiomics (pixels a series' image statistics "
                "could not read are in image_stats: status, failure_message)."),
         Column("reason", STR, "Reason code: no_geometry, not_a_volume, pixel_decode, "
-               "geometry_mismatch, unsupported_mask, empty_segment, missing_file, feature_error."),
+               "geometry_mismatch, unsupported_mask, empty_segment, missing_file, "
+               "source_changed, feature_error."),
         Column("message", STR, "What was wrong and what to do."),
         Column("features_run_id", STR, "The features run."),
     ),

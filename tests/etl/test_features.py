@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -355,3 +356,69 @@ def test_an_unexpected_error_in_one_series_is_recorded_and_the_batch_goes_on():
     assert [r["SeriesInstanceUID"] for r in out["series_geometry"]] == ["2.25.10"]
     assert out["series_geometry"][0]["issues"] == ["no_geometry"]
     assert out["image_stats"][0]["status"] == "failed"
+
+
+@needs_dcmqi
+def test_a_source_file_replaced_since_ingest_is_a_failure_not_its_pixels(tmp_path, caplog):
+    """The features read each source file again, long after the ingest: one replaced
+    since by another instance (here the next slice) is never read as the first. Its
+    image statistics count it as a failure, the volume cannot be built (the RTSTRUCT's
+    segment is not computed); a replaced mask is left out."""
+    src = tmp_path / "src"
+    shutil.copytree(DCMQI / "ct-3slice", src / "ct")
+    write_rtstruct(src / "rtstruct.dcm", ct_headers())
+    lake = Lake.create(tmp_path / "lake")
+    ingest(lake, src, IngestConfig(scheduler="synchronous"))
+    from etl.radiomics import Params
+
+    config = FeaturesConfig(scheduler="synchronous", params=Params.from_dict({
+        "version": 1, "featureClass": {"firstorder": ["Mean"]}}))
+    assert compute_features(lake, config).feature_rows == 1  # as ingested: all good
+    slices = sorted((src / "ct").glob("*.dcm"))
+    shutil.copy(slices[1], slices[0])
+    s = compute_features(Lake.open(tmp_path / "lake"), config)
+    assert (s.image_stats, s.feature_rows, s.failures) == (1, 0, 1)
+    with open_lake(tmp_path / "lake") as cat:
+        stats = cat.df("SELECT instances_read, pixel_failures, status, failure_message "
+                       "FROM image_stats").iloc[0]
+        (failure,) = cat.df("SELECT stage, reason, message FROM feature_failures"
+                            ).values.tolist()
+    assert (stats.instances_read, stats.pixel_failures, stats.status) == (2, 1, "partial")
+    assert "SourceChangedError: the source file changed since it was ingested" \
+        in stats.failure_message
+    assert failure[:2] == ["volume", "source_changed"]
+    assert "ingest its folder again" in failure[2]
+    # the slice put back, the mask replaced (by a SEG of another series): which series
+    # it belongs to is no longer known, so it is left out, with a warning
+    shutil.copy(DCMQI / "ct-3slice" / slices[0].name, slices[0])
+    shutil.copy(DCMQI / "liver.dcm", src / "rtstruct.dcm")
+    with caplog.at_level(logging.WARNING, logger="etl.features"):
+        s = compute_features(Lake.open(tmp_path / "lake"), config)
+    assert (s.masks, s.feature_rows, s.failures) == (0, 0, 0)
+    assert "the source file changed since it was ingested" in caplog.text
+    with open_lake(tmp_path / "lake") as cat:
+        assert cat.df("SELECT pixel_failures FROM image_stats").pixel_failures[0] == 0
+
+
+@needs_dcmqi
+def test_a_mask_changed_after_the_plan_is_a_failure(tmp_path):
+    """A mask file that changes between the plan (which read its header) and its
+    placement: a ``source_changed`` failure of the mask, from either reader."""
+    from etl.errors import FeatureError
+    from etl.masks import read_rtstruct, read_seg
+    from etl.sourcefiles import Source
+
+    headers = ct_headers()
+    geo = series_geometry([{
+        "SOPInstanceUID": h.SOPInstanceUID, "SeriesInstanceUID": h.SeriesInstanceUID,
+        "ImagePositionPatient": [float(v) for v in h.ImagePositionPatient],
+        "ImageOrientationPatient": [float(v) for v in h.ImageOrientationPatient],
+        "PixelSpacing": [float(v) for v in h.PixelSpacing], "Rows": h.Rows,
+        "Columns": h.Columns} for h in headers])
+    write_rtstruct(tmp_path / "rt.dcm", headers)
+    for reader, path in ((read_seg, DCMQI / "liver.dcm"), (read_rtstruct, tmp_path / "rt.dcm")):
+        assert reader(str(path), geo).segments  # as a plain path: read
+        recorded = Source(str(path), "0" * 64, None, path.stat().st_size)  # another sum
+        with pytest.raises(FeatureError) as err:
+            reader(recorded, geo)
+        assert err.value.reason == "source_changed"

@@ -1,0 +1,56 @@
+"""The source files of ingested instances, read again for their pixels.
+
+An image's features are computed from its source file, found through the vault's
+``files`` table long after the ingest read it. The file may have changed since: a
+folder exported again over the old one, a file replaced by another instance (of
+another patient, even). Features must come from the instance the lake holds, so
+every read checks the file against what the ingest recorded, as ``lake cohort
+export`` does: its size and the SHA-256 of its first ``checksum_bytes`` (the header,
+or the whole file; :mod:`lakehouse.checksums`).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import NamedTuple
+
+from lakehouse.checksums import as_ingested
+
+
+class Source(NamedTuple):
+    """An ingested instance's source file and what the ingest recorded of it."""
+
+    path: str
+    #: plain SHA-256 of the first ``covered`` bytes (all of them when None)
+    sha256: str
+    covered: int | None
+    size: int
+
+
+class SourceChangedError(Exception):
+    """The file at a source path is no longer the one the lake ingested."""
+
+
+def source_from_row(row: dict) -> Source:
+    """The :class:`Source` of a vault ``files`` row (``path``, ``source_sha256`` or, in
+    identified lakes, ``file_sha256``, ``checksum_bytes``, ``file_size``)."""
+    return Source(row["path"], row.get("source_sha256") or row["file_sha256"],
+                  row.get("checksum_bytes"), row["file_size"])
+
+
+def read_source(src: Source) -> bytes:
+    """The file's bytes, when they are the ones ingested; else SourceChangedError."""
+    data = Path(src.path).read_bytes()
+    if not as_ingested(data, src.sha256, src.covered, src.size):
+        raise SourceChangedError("the source file changed since it was ingested (its "
+                                 "checksum differs): ingest its folder again")
+    return data
+
+
+def open_source(src: Source | str | Path) -> io.BytesIO | str:
+    """What ``pydicom.dcmread`` reads for ``src``: an ingested instance's bytes, checked
+    (:func:`read_source`); a plain path (a mask file named on the command line) as it is."""
+    if isinstance(src, Source):
+        return io.BytesIO(read_source(src))
+    return str(src)
