@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from etl.sourcefiles import Source, open_source
+from etl.sourcefiles import Source, SourceChangedError, open_source
 from etl.volumes import to_modality_units
 
 log = logging.getLogger(__name__)
@@ -169,6 +169,10 @@ def series_stats(series_uid: str, files: Sequence[tuple[str, Source | str | None
                 raise ValueError(f"{ds.PhotometricInterpretation} colour image; statistics "
                                  "are defined for single-sample (greyscale) images")
             stored = ds.pixel_array
+        except SourceChangedError as exc:
+            failures += 1
+            first_failure = first_failure or f"{sop}: {exc}"
+            continue
         except Exception as exc:  # any decoder error is a recorded failure
             failures += 1
             if first_failure is None:

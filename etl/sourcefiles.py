@@ -43,8 +43,8 @@ def read_source(src: Source) -> bytes:
     """The file's bytes, when they are the ones ingested; else SourceChangedError."""
     data = Path(src.path).read_bytes()
     if not as_ingested(data, src.sha256, src.covered, src.size):
-        raise SourceChangedError("the source file changed since it was ingested (its "
-                                 "checksum differs): ingest its folder again")
+        raise SourceChangedError("the source file changed since it was ingested (its size "
+                                 "or checksum differs): ingest its folder again")
     return data
 
 

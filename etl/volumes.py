@@ -209,9 +209,9 @@ def check_volume(geometry: Geometry, paths: Mapping[str, Source | str]) -> None:
 def load_volume(geometry: Geometry, paths: Mapping[str, Source | str]):
     """Read the series' pixels into a SimpleITK image (float32, modality units).
 
-    ``paths`` maps SOPInstanceUID -> source file (or a plain path). Raises :class:`FeatureError`
-    when the series is not one regular volume or a file is missing, changed since it
-    was ingested or undecodable.
+    ``paths`` maps SOPInstanceUID -> source file (or a plain path). Raises
+    :class:`FeatureError` when the series is not one regular volume or a file is
+    missing, changed since it was ingested or undecodable.
     """
     import pydicom
     import SimpleITK as sitk

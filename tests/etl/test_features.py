@@ -384,8 +384,9 @@ def test_a_source_file_replaced_since_ingest_is_a_failure_not_its_pixels(tmp_pat
         (failure,) = cat.df("SELECT stage, reason, message FROM feature_failures"
                             ).values.tolist()
     assert (stats.instances_read, stats.pixel_failures, stats.status) == (2, 1, "partial")
-    assert "SourceChangedError: the source file changed since it was ingested" \
-        in stats.failure_message
+    assert stats.failure_message.endswith(": the source file changed since it was ingested "
+                                          "(its size or checksum differs): ingest its folder "
+                                          "again")
     assert failure[:2] == ["volume", "source_changed"]
     assert "ingest its folder again" in failure[2]
     # the slice put back, the mask replaced (by a SEG of another series): which series
