@@ -446,10 +446,15 @@ def _memo_key(elem: dict | None):
 
 
 def _garbled(values: list) -> bool:
-    """Whether a text value among ``values`` holds a character no text VR allows."""
+    """Whether a text value among ``values`` holds a character no text VR allows. A value
+    list holds one type (text, numbers or a person name's groups), so the first value
+    that is not text ends the search: a ContourData of thousands of numbers is not read."""
     for v in values:
-        if v.__class__ is str and _NOT_TEXT.search(v) and _NOT_TEXT.search(v.rstrip("\x00")):
-            return True
+        if v.__class__ is str:
+            if _NOT_TEXT.search(v) and _NOT_TEXT.search(v.rstrip("\x00")):
+                return True
+        elif v is not None:
+            return False
     return False
 
 

@@ -165,3 +165,14 @@ def test_a_value_that_is_not_text_is_dropped(value, kept):
         assert (out["00081010"], out["0008103E"], out["0008002A"]) == \
             ({"vr": "SH"}, {"vr": "LO"}, {"vr": "DT"})
     assert out["00080021"]["Value"] != ["20200102"]  # shifted either way
+
+
+def test_what_the_text_check_reads():
+    """Text values only, and a value list holds one type: numbers end the search (a
+    ContourData of thousands of numbers is not read), empty values do not."""
+    from lakehouse.deid import _garbled
+
+    assert _garbled([None, "", "CT\x0101"])
+    assert not _garbled(["CT01", "HEAD\x00"])
+    assert not _garbled([1.5, 2.5] * 10_000)
+    assert not _garbled([{"Alphabetic": "Doe^Jane\x01"}])  # names are dropped anyway
