@@ -49,7 +49,7 @@ from etl.masks import (
 )
 from etl.radiomics import EXTRACTOR_VERSION, Params, extract
 from etl.radiomics.preprocess import bounding_box, normalize
-from etl.sourcefiles import Source, open_source, source_from_row
+from etl.sourcefiles import Source, checked_path, source_from_row
 from etl.volumes import Geometry, check_volume, load_volume, series_geometry
 from lakehouse import audit
 from lakehouse.provenance import new_run_id
@@ -423,7 +423,7 @@ def plan(lake: Lake, config: FeaturesConfig) -> list[SeriesTask]:
             continue
         try:
             # force: the ingest has checked the file; a Part 10 file may lack its preamble
-            ref = referenced_series(pydicom.dcmread(open_source(path), stop_before_pixels=True,
+            ref = referenced_series(pydicom.dcmread(checked_path(path), stop_before_pixels=True,
                                                     force=True))
         except Exception as exc:  # an unreadable or changed mask: nothing to match
             log.warning("mask %s: cannot read its header: %s", m["SOPInstanceUID"], exc)
@@ -438,7 +438,7 @@ def plan(lake: Lake, config: FeaturesConfig) -> list[SeriesTask]:
                         if p is None:
                             continue
                         try:
-                            d = pydicom.dcmread(open_source(p), stop_before_pixels=True,
+                            d = pydicom.dcmread(checked_path(p), stop_before_pixels=True,
                                                 specific_tags=["SeriesInstanceUID"])
                         except Exception:
                             continue

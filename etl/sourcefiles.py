@@ -12,10 +12,11 @@ or the whole file; :mod:`lakehouse.checksums`).
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 from typing import NamedTuple
 
-from lakehouse.checksums import as_ingested
+from lakehouse.checksums import as_ingested, sha256_prefix
 
 
 class Source(NamedTuple):
@@ -39,13 +40,25 @@ def source_from_row(row: dict) -> Source:
                   row.get("checksum_bytes"), row["file_size"])
 
 
+_CHANGED = ("the source file changed since it was ingested (its size or checksum "
+            "differs): ingest its folder again")
+
+
 def read_source(src: Source) -> bytes:
     """The file's bytes, when they are the ones ingested; else SourceChangedError."""
     data = Path(src.path).read_bytes()
     if not as_ingested(data, src.sha256, src.covered, src.size):
-        raise SourceChangedError("the source file changed since it was ingested (its size "
-                                 "or checksum differs): ingest its folder again")
+        raise SourceChangedError(_CHANGED)
     return data
+
+
+def checked_path(src: Source) -> str:
+    """The file's path, once checked as :func:`read_source` checks it, reading no more of
+    it than its checksum covers: for a read of its header only."""
+    if os.stat(src.path).st_size != src.size \
+            or sha256_prefix(src.path, src.covered) != src.sha256:
+        raise SourceChangedError(_CHANGED)
+    return src.path
 
 
 def open_source(src: Source | str | Path) -> io.BytesIO | str:
