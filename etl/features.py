@@ -49,7 +49,7 @@ from etl.masks import (
 )
 from etl.radiomics import EXTRACTOR_VERSION, Params, extract
 from etl.radiomics.preprocess import bounding_box, normalize
-from etl.sourcefiles import Source, checked_path, source_from_row
+from etl.sourcefiles import Source, checked_path, quietly, source_from_row
 from etl.volumes import Geometry, check_volume, load_volume, series_geometry
 from lakehouse import audit
 from lakehouse.provenance import new_run_id
@@ -238,7 +238,8 @@ def prepare_batch(tasks: list[SeriesTask]) -> Prepared:
     out = Prepared(_empty_rows())
     for task in tasks:
         try:
-            result = prepare_series(task)
+            with quietly():
+                result = prepare_series(task)
         except Exception as exc:  # one odd series never stops the batch
             log.exception("series %s", task.series_uid)
             result = Prepared(_empty_rows())
@@ -297,7 +298,8 @@ def compute_segments(units: list[SegmentUnit], volumes: dict[str, VolumeSource],
     for unit in units:
         uid = unit.series_uid
         try:
-            image, loaded = _volume(volumes[uid], params, run_id)
+            with quietly():
+                image, loaded = _volume(volumes[uid], params, run_id)
         except FeatureError as err:
             err.mask_uid = unit.mask_uid
             rows["feature_failures"].append(_failure(uid, "volume", err))
@@ -503,6 +505,13 @@ def _runner(config: FeaturesConfig) -> Iterator[Callable[[list], list]]:
             cluster.close()
 
 
+def _rows_table(rows: list[dict]) -> pa.Table:
+    """The rows as a table with every key any of them has: a failed series' row lacks the
+    statistics (``pa.Table.from_pylist`` would take the columns of the first row only)."""
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    return pa.Table.from_pydict({n: [r.get(n) for r in rows] for n in names})
+
+
 def _replace(old: pa.Table, computed: list[str], param_hash: str | None) -> pa.Table:
     """Rows of ``old`` a run does not replace: other series, or (radiomics) other parameters."""
     mine = pc.is_in(old.column("SeriesInstanceUID"), pa.array(computed, pa.string()))
@@ -528,7 +537,8 @@ def compute_features(lake: Lake, config: FeaturesConfig | None = None) -> Featur
     run_id = new_run_id()
     started = time.monotonic()
     summary = FeaturesSummary(run_id)
-    tasks = plan(lake, config)
+    with quietly():  # the masks' headers, read for the series they reference
+        tasks = plan(lake, config)
     # the source paths come from the vault: say so in its audit log
     audit.record(lake, "features", text=f"source paths of {len(tasks)} series",
                  snapshot=lake.snapshot().number, extra={"features_run_id": run_id})
@@ -558,7 +568,7 @@ def compute_features(lake: Lake, config: FeaturesConfig | None = None) -> Featur
         for name in OUTPUT_TABLES:
             for row in merged[name]:
                 row["features_run_id"] = run_id
-            new = pa.Table.from_pylist(merged[name]) if merged[name] else None
+            new = _rows_table(merged[name]) if merged[name] else None
             old = writer.dataset(name).to_table()
             keep = _replace(old, computed,
                             params.hash if name == "radiomics_features" else None)

@@ -112,16 +112,21 @@ class ValueCounts:
             h = (n - 1) * q / 100.0
             lo = math.floor(h)
             hi = min(lo + 1, n - 1)
-            a, b = at(lo), at(hi)
-            out.append(a + (h - lo) * (b - a))
+            a, b, f = at(lo), at(hi), h - lo
+            value = a + f * (b - a)  # numpy's, which overflows for a -1e308 and a 1e308
+            out.append(value if math.isfinite(value) else (1 - f) * a + f * b)
         return out
 
     def mean_std(self) -> tuple[float, float]:
         self._compact()
-        n = self.counts.sum()
-        mean = float((self.values * self.counts).sum() / n)
-        var = float((self.counts * (self.values - mean) ** 2).sum() / n)
-        return mean, math.sqrt(var)
+        # in units of the largest magnitude, with weights that sum to 1: no sum overflows,
+        # whatever the values (a Rescale Intercept of 1e308 is a valid DS)
+        scale = float(np.abs(self.values).max()) or 1.0
+        v = self.values / scale
+        w = self.counts / self.counts.sum()
+        mean = float((v * w).sum())
+        var = float((w * (v - mean) ** 2).sum())
+        return mean * scale, math.sqrt(var) * scale
 
 
 def stored_value_counts(stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -161,7 +166,7 @@ def series_stats(series_uid: str, files: Sequence[tuple[str, Source | str | None
             first_failure = first_failure or f"{sop}: no ingested source file"
             continue
         ds = None
-        try:
+        try:  # everything of one instance: what fails is that instance's failure
             ds = pydicom.dcmread(open_source(path), force=True)  # may lack a preamble
             if "PixelData" not in ds and "FloatPixelData" not in ds:
                 raise ValueError("no pixel data")
@@ -169,6 +174,8 @@ def series_stats(series_uid: str, files: Sequence[tuple[str, Source | str | None
                 raise ValueError(f"{ds.PhotometricInterpretation} colour image; statistics "
                                  "are defined for single-sample (greyscale) images")
             stored = ds.pixel_array
+            stored_values, counts = stored_value_counts(stored)
+            values = to_modality_units(ds, stored_values)  # finite: so is every plane
         except SourceChangedError as exc:
             failures += 1
             first_failure = first_failure or f"{sop}: {exc}"
@@ -180,17 +187,15 @@ def series_stats(series_uid: str, files: Sequence[tuple[str, Source | str | None
                 first_failure = f"{sop} (transfer syntax {ts}): {type(exc).__name__}: {exc}"
             continue
         read += 1
-        stored_values, counts = stored_value_counts(stored)
         rng = _stored_range(ds)
         if rng is not None:
             at_limit = (stored_values <= rng[0]) | (stored_values >= rng[1])
             saturated += int(counts[at_limit].sum())
-        hist.add(to_modality_units(ds, stored_values), counts)
+        hist.add(values, counts)
         units = units or _units(ds, modality)
-        planes = stored.reshape((-1, *stored.shape[-2:]))
-        for p in planes:
-            sigma = immerkaer_sigma(to_modality_units(ds, p))
-            if sigma is not None:
+        for plane in stored.reshape((-1, *stored.shape[-2:])):
+            sigma = immerkaer_sigma(to_modality_units(ds, plane))
+            if sigma is not None and math.isfinite(sigma):  # not if a sum overflows
                 noise.append(sigma)
         burned_in = burned_in or str(getattr(ds, "BurnedInAnnotation", "")).upper() == "YES"
     row: dict = {

@@ -11,8 +11,11 @@ or the whole file; :mod:`lakehouse.checksums`).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -67,3 +70,18 @@ def open_source(src: Source | str | Path) -> io.BytesIO | str:
     if isinstance(src, Source):
         return io.BytesIO(read_source(src))
     return str(src)
+
+
+@contextlib.contextmanager
+def quietly() -> Iterator[None]:
+    """pydicom's and highdicom's warnings about what they tolerate in a file, kept quiet.
+
+    A features run reads thousands of files in worker processes, where the command's
+    own filter does not reach; their warnings would flood the console (a truncated
+    pixel item, excess frames) and some quote raw header values. A file they cannot
+    read is a failure row with its message; what they tolerate is read as they read it.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module="pydicom")
+        warnings.filterwarnings("ignore", module="highdicom")
+        yield

@@ -187,10 +187,22 @@ def series_geometry(rows: Sequence[dict], series_uid: str = "") -> Geometry:
 
 
 def to_modality_units(ds, arr: np.ndarray) -> np.ndarray:
-    """Stored values -> modality units (Rescale Slope/Intercept or the Modality LUT)."""
+    """Stored values -> modality units (Rescale Slope/Intercept or the Modality LUT).
+
+    Raises ValueError when the rescale cannot give numbers: an empty Rescale Slope or
+    Intercept, or one that makes a value infinite or NaN (a damaged header), so that
+    such an instance is a pixel failure and never a statistic of infinities.
+    """
     from pydicom.pixels import apply_modality_lut
 
-    return np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+    if not ds.get("ModalityLUTSequence") and "RescaleSlope" in ds and "RescaleIntercept" in ds \
+            and (ds.RescaleSlope is None or ds.RescaleIntercept is None):
+        raise ValueError("Rescale Slope or Rescale Intercept is empty")
+    out = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+    if not np.isfinite(out).all():
+        raise ValueError(f"Rescale Slope {ds.get('RescaleSlope')!s} and Intercept "
+                         f"{ds.get('RescaleIntercept')!s} give values that are not finite")
+    return out
 
 
 def check_volume(geometry: Geometry, paths: Mapping[str, Source | str]) -> None:

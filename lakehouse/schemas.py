@@ -503,7 +503,9 @@ IMAGE_STATS = TableSpec(
                "'stored' when no rescale applies."),
         Column("instances_read", I64, "Instances whose pixels were decoded."),
         Column("pixel_failures", I64, "Instances whose pixels could not be read: no source "
-               "file, a file changed since it was ingested, or undecodable pixels."),
+               "file, a file changed since it was ingested, undecodable pixels, or a "
+               "rescale that gives no number (an empty or infinite Rescale Slope or "
+               "Intercept)."),
         Column("failure_message", STR, "The first such failure (the instance, the transfer "
                "syntax and the error)."),
         Column("voxel_count", I64, "Pixels the statistics are over."),

@@ -1,0 +1,318 @@
+"""Images whose pixels, or the header values that describe them, are damaged: the
+features job gives every series its rows and never a statistic of garbage.
+
+:mod:`tests.etl.test_mutated` damages headers and runs the ingest. This module damages
+what only the features read: the pixel data (truncated, bytes overwritten or zeroed,
+an item length of an encapsulated frame rewritten, bytes inserted) and the values that
+say how to read it (Rows, Columns, Bits Allocated and Stored, Pixel Representation,
+Samples per Pixel, Number of Frames, Photometric Interpretation, Rescale Slope and
+Intercept), by a seeded generator over greyscale images of every transfer syntax
+pydicom ships (JPEG, JPEG-LS, JPEG 2000, RLE, native of both byte orders) and the
+session's sample archive. Each damaged file is given UIDs of its own, so it is one
+series. After an ingest and a features run:
+
+- every image series the ingest kept has one ``series_geometry`` and one
+  ``image_stats`` row: one bad instance never costs its series its statistics, and no
+  series is lost to an unexpected error;
+- a statistic is a finite number: an instance whose rescale makes infinities or NaN
+  (``RescaleIntercept -inf``, which a DS may hold) is a pixel failure;
+- a failure has a message, and the features print nothing (pydicom's warnings about
+  truncated items or excess frames would flood the console from the workers).
+
+Exact cases found by the generator are regression tests below.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+import subprocess
+import sys
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from catalog import open_lake
+from etl import IngestConfig, ingest
+from etl.features import FeaturesConfig, compute_features
+from etl.imagestats import series_stats
+from etl.masks import MASK_SOP_CLASSES
+from lakehouse import Lake
+
+#: damaged images in the default suite (the slow test makes more)
+FILES = 240
+
+#: header values a damaged file may hold instead of its own, with values that stay
+#: within their VR's form (a DS of "-inf" is one pydicom reads) and some that do not
+ATTRIBUTES: dict[str, list] = {
+    "Rows": [0, 1, 3, 65535], "Columns": [0, 1, 3, 65535],
+    "BitsAllocated": [0, 1, 8, 12, 32, 64, 65535],
+    "BitsStored": [0, 1, 7, 12, 17, 64, 65535],
+    "HighBit": [0, 7, 31, 100],
+    "PixelRepresentation": [0, 1, 2],
+    "SamplesPerPixel": [0, 2, 3, 65535],
+    "NumberOfFrames": ["0", "-1", "2", "1000", "2147483647"],
+    "PhotometricInterpretation": ["MONOCHROME1", "RGB", "PALETTE COLOR", "XYZ", ""],
+    "RescaleSlope": ["0", "-1", "1e308", "nan", "inf", ""],
+    "RescaleIntercept": ["1e308", "-1e308", "nan", "-inf", ""],
+}
+#: what the generator does to the pixel data's bytes
+PIXEL_KINDS = ("truncate", "overwrite", "zeros", "item_length", "insert")
+PIXEL_TAGS = (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")  # little, big endian
+ITEM = b"\xfe\xff\x00\xe0"
+
+
+def greyscale_seeds(archive_root: Path) -> list[Path]:
+    """Single-sample images (not masks) pydicom decodes: its bundled files (every transfer syntax it
+    ships) and the sample archive's, none larger than 2 MB."""
+    import pydicom.data
+
+    bundled = Path(pydicom.data.__file__).parent / "test_files"
+    paths = sorted(bundled.rglob("*.dcm"))
+    paths += sorted(p for p in archive_root.rglob("*") if p.is_file() and not p.is_symlink())
+    out = []
+    for p in paths:
+        if p.stat().st_size > 2_000_000:
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(p)
+                if int(ds.get("SamplesPerPixel", 1) or 1) != 1 or "PixelData" not in ds \
+                        or ds.get("SOPClassUID") in MASK_SOP_CLASSES:
+                    continue
+                ds.pixel_array  # noqa: B018 (decodable)
+        except Exception:
+            continue
+        out.append(p)
+    return out
+
+
+def with_own_uids(ds: pydicom.Dataset, rng: random.Random) -> None:
+    """New study, series, instance and frame of reference UIDs (seeded)."""
+    for name in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
+                 "FrameOfReferenceUID"):
+        setattr(ds, name, generate_uid(entropy_srcs=[str(rng.random())]))
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+
+
+def damage_pixels(data: bytes, rng: random.Random) -> tuple[bytes, str] | None:
+    """``data`` with its pixel data's bytes damaged once; None if it has none."""
+    at = max(data.rfind(tag) for tag in PIXEL_TAGS)
+    if at < 0:
+        return None
+    buf = bytearray(data)
+    kind = rng.choice(PIXEL_KINDS)
+    pos = rng.randrange(at + 12, len(buf)) if len(buf) > at + 12 else len(buf) - 1
+    if kind == "truncate":
+        return bytes(buf[:pos]), kind
+    if kind == "overwrite":
+        for _ in range(rng.randint(1, 32)):
+            buf[rng.randrange(at + 12, len(buf))] = rng.randrange(256)
+    elif kind == "zeros":
+        n = rng.randint(1, 512)
+        buf[pos:pos + n] = bytes(len(buf[pos:pos + n]))
+    elif kind == "item_length":  # of an encapsulated fragment, or the element's own
+        items = [i for i in range(at, len(buf) - 8) if buf[i:i + 4] == ITEM][:64] or [at + 4]
+        i = rng.choice(items) + 4
+        value = rng.choice([0xFFFFFFFF, 0, 1, rng.randrange(1 << 32), rng.randrange(1 << 16)])
+        buf[i:i + 4] = value.to_bytes(4, "little")
+    else:
+        buf[pos:pos] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))
+    return bytes(buf), kind
+
+
+def damaged_images(root: Path, seeds: list[Path], n: int, seed: int) -> Counter[str]:
+    """``n`` damaged images in ``root``, each with UIDs of its own; the damage made
+    (a pixel kind, or the attribute rewritten)."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True)
+    made: Counter[str] = Counter()
+    while sum(made.values()) < n:
+        kind = None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(rng.choice(seeds))
+            with_own_uids(ds, rng)
+            if rng.random() < 0.5:
+                name = rng.choice(list(ATTRIBUTES))
+                value = rng.choice(ATTRIBUTES[name])
+                setattr(ds, name, value)
+                kind = f"{name}={value}"
+            buf = io.BytesIO()
+            ds.save_as(buf, enforce_file_format=False)
+        data = buf.getvalue()
+        if kind is None:
+            hurt = damage_pixels(data, rng)
+            if hurt is None:
+                continue
+            data, kind = hurt
+        (root / f"p{sum(made.values()):05d}.dcm").write_bytes(data)
+        made[kind.split("=")[0]] += 1
+    return made
+
+
+@pytest.fixture(scope="module")
+def seeds(archive) -> list[Path]:
+    return greyscale_seeds(archive[0])
+
+
+def features_of(root: Path, lake_dir: Path):
+    """Ingest ``root`` into a research lake and run the features (worker processes)."""
+    lake = Lake.create(lake_dir)
+    s = ingest(lake, root, IngestConfig(scheduler="processes", workers=2))
+    f = compute_features(Lake.open(lake_dir), FeaturesConfig(scheduler="processes", workers=2))
+    return s, f
+
+
+def check_features(lake_dir: Path, summary) -> dict:
+    """Every image series of the lake has its rows; every statistic is finite; every
+    failure has a message. Returns the image_stats rows by status."""
+    with open_lake(lake_dir) as c:
+        series = {r[0]: r[1] for r in c.con.execute(
+            "SELECT SeriesInstanceUID, count(*) FROM instances WHERE Rows > 0 "
+            "GROUP BY ALL").fetchall()}
+        geometry = c.con.execute("SELECT SeriesInstanceUID FROM series_geometry").fetchall()
+        stats = c.con.sql("SELECT * FROM image_stats").to_arrow_table().to_pylist()
+        failures = c.con.execute("SELECT reason, message FROM feature_failures").fetchall()
+    assert sorted(g[0] for g in geometry) == sorted(series)
+    assert sorted(r["SeriesInstanceUID"] for r in stats) == sorted(series)
+    assert summary.series == len(series) and not failures  # no masks: nothing else fails
+    by_status: dict[str, list[dict]] = {}
+    for r in stats:
+        by_status.setdefault(r["status"], []).append(r)
+        assert r["instances_read"] + r["pixel_failures"] == series[r["SeriesInstanceUID"]]
+        if r["status"] == "failed":
+            assert r["voxel_count"] == 0 and r["failure_message"], r
+            continue
+        numbers = [r[k] for k in ("p01", "p05", "p25", "p50", "p75", "p95", "p99", "mean",
+                                  "std", "min", "max", "saturated_fraction")]
+        assert all(math.isfinite(v) for v in numbers), r
+        assert r["noise_sigma"] is None or math.isfinite(r["noise_sigma"]), r
+        assert r["min"] <= r["p50"] <= r["max"], r
+    return by_status
+
+
+def test_damaged_images_get_their_rows_and_finite_statistics(seeds, tmp_path):
+    assert len(seeds) >= 40
+    made = damaged_images(tmp_path / "files", seeds, FILES, seed=20261130)
+    assert set(PIXEL_KINDS) <= set(made) and len(set(made) & set(ATTRIBUTES)) >= 8
+    s, f = features_of(tmp_path / "files", tmp_path / "lake")
+    assert s.files_seen == FILES
+    by_status = check_features(tmp_path / "lake", f)
+    assert len(by_status["ok"]) >= FILES // 5 and len(by_status["failed"]) >= FILES // 5
+
+
+def image(path: Path, series: str, *, slope: str | None = "1", intercept: str = "-1024",
+          pixels: np.ndarray | None = None) -> Path:
+    """A 16 x 16 CT image of series ``series`` (native, little endian)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, ds.file_meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.826.0.1.3680043.10.9.1", series
+    ds.PatientID, ds.Modality, ds.StudyDate = "P1", "CT", "20240101"
+    ds.Rows = ds.Columns = 16
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    if slope is not None:
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    arr = np.arange(256, dtype=np.uint16).reshape(16, 16) if pixels is None else pixels
+    ds.PixelData = arr.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_a_failed_first_series_leaves_the_others_their_statistics(tmp_path):
+    """The rows of a run became a table through ``pa.Table.from_pylist``, which takes its
+    columns from the first row: when the first series' statistics had failed (a row
+    without them), every series of the run was written with null statistics and status
+    ``ok``. Found by the damaged images."""
+    src = tmp_path / "src"
+    src.mkdir()
+    image(src / "a.dcm", "1.2.826.0.1.3680043.10.9.2.1", slope="")  # first, and failing
+    image(src / "b.dcm", "1.2.826.0.1.3680043.10.9.2.2")
+    lake = Lake.create(tmp_path / "lake", profile="identified")  # the UIDs as written
+    ingest(lake, src, IngestConfig(scheduler="synchronous"))
+    compute_features(lake, FeaturesConfig(scheduler="synchronous"))
+    with open_lake(tmp_path / "lake") as c:
+        rows = c.con.sql("SELECT SeriesInstanceUID, status, mean, min, max, failure_message "
+                         "FROM image_stats ORDER BY 1").fetchall()
+    assert rows[1] == ("1.2.826.0.1.3680043.10.9.2.2", "ok", 127.5 - 1024, -1024.0, -769.0,
+                       None)
+    assert rows[0][1:5] == ("failed", None, None, None)
+    assert "Rescale Slope or Rescale Intercept is empty" in rows[0][5]
+
+
+@pytest.mark.parametrize(("slope", "intercept", "message"), [
+    ("", "-1024", "Rescale Slope or Rescale Intercept is empty"),
+    ("1", "-inf", "give values that are not finite"),
+    ("nan", "0", "give values that are not finite"),
+])
+def test_an_instance_whose_rescale_gives_no_number_is_a_pixel_failure(
+        tmp_path, slope, intercept, message):
+    """One instance of three: the series keeps the statistics of the other two (an
+    empty Rescale Slope raised out of the statistics, and cost the series all of its
+    rows; an infinite intercept gave a mean of -inf and an ``ok``)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom's on the invalid DS values
+        paths = [image(tmp_path / f"{i}.dcm", "1.2.3", slope=s, intercept=i_) for i, (s, i_)
+                 in enumerate([("1", "-1024"), (slope, intercept), ("1", "-1024")])]
+        row = series_stats("1.2.3", [(f"sop{i}", str(p)) for i, p in enumerate(paths)], "CT")
+    assert (row["status"], row["instances_read"], row["pixel_failures"]) == ("partial", 2, 1)
+    assert row["failure_message"].startswith("sop1 ") and message in row["failure_message"]
+    assert (row["voxel_count"], row["mean"], row["min"]) == (512, 127.5 - 1024, -1024.0)
+
+
+def test_statistics_of_values_near_the_float_range_are_finite(tmp_path):
+    """A Rescale Intercept of 1e308 is a valid DS: the mean and standard deviation are
+    computed without a sum that overflows, a percentile between -1e308 and 1e308 too."""
+    from etl.imagestats import ValueCounts
+
+    path = image(tmp_path / "big.dcm", "1.2.3", slope="1", intercept="1e308")
+    row = series_stats("1.2.3", [("sop", str(path))], "CT")
+    assert row["status"] == "ok" and row["mean"] == pytest.approx(1e308)
+    assert all(math.isfinite(row[k]) for k in ("mean", "std", "p50", "max"))
+    hist = ValueCounts()
+    hist.add(np.array([-1e308, 1e308]), np.array([1, 1]))
+    assert hist.percentiles([50]) == [0.0] and hist.mean_std() == (0.0, 1e308)
+
+
+def test_features_print_nothing_for_damaged_images(seeds, tmp_path):
+    """``lake features`` as a user runs it: its summary on stdout, nothing on stderr
+    (pydicom warns about truncated items, excess frames and invalid values in the
+    workers, where the command's own filter does not reach)."""
+    import shutil
+
+    damaged_images(tmp_path / "files", seeds, 60, seed=11)
+    exe = shutil.which("lake") or str(Path(sys.executable).parent / "lake")
+    lake = tmp_path / "lake"
+    subprocess.run([exe, "init", str(lake)], check=True, capture_output=True)
+    subprocess.run([exe, "ingest", str(tmp_path / "files"), "--lake", str(lake),
+                    "--no-progress"], check=True, capture_output=True)
+    r = subprocess.run([exe, "features", "--lake", str(lake)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("features run ") and r.stderr == "", r.stderr[:2000]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2])
+def test_more_damaged_images(seeds, tmp_path, seed):
+    """2 x 1,500 more damaged images, ingested and their features computed."""
+    made = damaged_images(tmp_path / "files", seeds, 1500, seed)
+    assert set(PIXEL_KINDS) | set(ATTRIBUTES) == set(made)
+    s, f = features_of(tmp_path / "files", tmp_path / "lake")
+    assert s.files_seen == 1500
+    check_features(tmp_path / "lake", f)
