@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from etl.errors import FeatureError, SchedulerError
+from etl.errors import FeatureError, SchedulerError, error_text
 from etl.imagestats import series_stats
 from etl.masks import (
     MASK_SOP_CLASSES,
@@ -49,7 +49,7 @@ from etl.masks import (
 )
 from etl.radiomics import EXTRACTOR_VERSION, Params, extract
 from etl.radiomics.preprocess import bounding_box, normalize
-from etl.sourcefiles import Source, checked_path, quietly, source_from_row
+from etl.sourcefiles import Source, SourceChangedError, checked_path, quietly, source_from_row
 from etl.volumes import Geometry, check_volume, load_volume, series_geometry
 from lakehouse import audit
 from lakehouse.provenance import new_run_id
@@ -218,7 +218,7 @@ def prepare_series(task: SeriesTask) -> Prepared:
         except Exception as exc:  # a malformed object the readers did not foresee
             rows["feature_failures"].append(_failure(uid, "mask", FeatureError(
                 "unsupported_mask", uid, f"the {kind} mask cannot be placed on the image: "
-                f"{type(exc).__name__}: {exc}", mask_uid)))
+                f"{error_text(exc)}", mask_uid)))
             continue
         mask_set.sop_uid = mask_uid
         lake_labels = task.labels.get(mask_uid or "", {})
@@ -245,7 +245,7 @@ def prepare_batch(tasks: list[SeriesTask]) -> Prepared:
             result = Prepared(_empty_rows())
             result.rows["feature_failures"].append(_failure(
                 task.series_uid, "volume", FeatureError(
-                    "feature_error", task.series_uid, f"{type(exc).__name__}: {exc}")))
+                    "feature_error", task.series_uid, error_text(exc))))
         for name, rows in result.rows.items():
             out.rows[name].extend(rows)
         out.units.extend(result.units)
@@ -307,7 +307,7 @@ def compute_segments(units: list[SegmentUnit], volumes: dict[str, VolumeSource],
         except Exception as exc:  # one odd volume never stops the batch
             log.exception("series %s", uid)
             rows["feature_failures"].append(_failure(uid, "volume", FeatureError(
-                "feature_error", uid, f"{type(exc).__name__}: {exc}", unit.mask_uid)))
+                "feature_error", uid, error_text(exc), unit.mask_uid)))
             continue
         out.volume_loads += loaded
         where = f"segment {unit.number} ({unit.label})"
@@ -316,7 +316,7 @@ def compute_segments(units: list[SegmentUnit], volumes: dict[str, VolumeSource],
                              normalized=True)
         except Exception as exc:  # recorded, so one segment never stops the run
             rows["feature_failures"].append(_failure(uid, "radiomics", FeatureError(
-                "feature_error", uid, f"{where}: {type(exc).__name__}: {exc}", unit.mask_uid)))
+                "feature_error", uid, f"{where}: {error_text(exc)}", unit.mask_uid)))
             continue
         for (cls, name), value in values.items():
             rows["radiomics_features"].append({
@@ -382,8 +382,15 @@ def segment_batches(units: list[SegmentUnit], size: int) -> list[list[SegmentUni
     return [ordered[i:i + size] for i in range(0, len(ordered), size)]
 
 
-def plan(lake: Lake, config: FeaturesConfig) -> list[SeriesTask]:
-    """Image series to compute, with their instance rows, source paths and masks."""
+def plan(lake: Lake, config: FeaturesConfig,
+         unplaced: list[dict] | None = None) -> list[SeriesTask]:
+    """Image series to compute, with their instance rows, source paths and masks.
+
+    A mask of the lake the plan places on no image series (its header unreadable or
+    changed since the ingest, or the series it references not in the lake) is added to
+    ``unplaced`` as a ``feature_failures`` row, when the run is over the whole lake (a
+    run over some series cannot tell whether a mask was one of theirs).
+    """
     import pydicom
 
     inst = lake.read("instances", columns=GEOMETRY_COLUMNS).to_pylist()
@@ -428,7 +435,15 @@ def plan(lake: Lake, config: FeaturesConfig) -> list[SeriesTask]:
             ref = referenced_series(pydicom.dcmread(checked_path(path), stop_before_pixels=True,
                                                     force=True))
         except Exception as exc:  # an unreadable or changed mask: nothing to match
-            log.warning("mask %s: cannot read its header: %s", m["SOPInstanceUID"], exc)
+            log.warning("mask %s: cannot read its header: %s", m["SOPInstanceUID"],
+                        error_text(exc))
+            if unplaced is not None and not config.series:
+                reason = "source_changed" if isinstance(exc, SourceChangedError) \
+                    else "unsupported_mask"
+                what = str(exc) if reason == "source_changed" else error_text(exc)
+                unplaced.append(_failure(None, "mask", FeatureError(
+                    reason, None, f"cannot read the mask's header: {what}",
+                    m["SOPInstanceUID"])))
             continue
         if ref is not None and ref not in by_series:
             # research lakes remap UIDs: match on the series UID found in the source files
@@ -451,6 +466,11 @@ def plan(lake: Lake, config: FeaturesConfig) -> list[SeriesTask]:
             kind = "rtstruct" if m["SOPClassUID"] == RTSTRUCT_SOP_CLASS else "seg"
             tasks[ref].masks.append((kind, m["SOPInstanceUID"], path))
             tasks[ref].labels[m["SOPInstanceUID"]] = mask_labels.get(m["SOPInstanceUID"], {})
+        elif ref not in by_series and unplaced is not None and not config.series:
+            unplaced.append(_failure(None, "mask", FeatureError(
+                "no_image_series", None, "the mask references no image series of the lake "
+                "(ingest the series it was drawn on; its reference may be damaged)",
+                m["SOPInstanceUID"])))
     for series_uid, mask_path in config.mask_files:
         if series_uid not in tasks:
             raise FeatureError("missing_file", series_uid,
@@ -512,9 +532,13 @@ def _rows_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pydict({n: [r.get(n) for r in rows] for n in names})
 
 
-def _replace(old: pa.Table, computed: list[str], param_hash: str | None) -> pa.Table:
-    """Rows of ``old`` a run does not replace: other series, or (radiomics) other parameters."""
+def _replace(old: pa.Table, computed: list[str], param_hash: str | None,
+             whole_lake: bool = False) -> pa.Table:
+    """Rows of ``old`` a run does not replace: other series, or (radiomics) other parameters.
+    A run over the whole lake also replaces the rows of no series (unplaced masks)."""
     mine = pc.is_in(old.column("SeriesInstanceUID"), pa.array(computed, pa.string()))
+    if whole_lake:
+        mine = pc.or_kleene(mine, pc.is_null(old.column("SeriesInstanceUID")))
     if param_hash is not None:
         mine = pc.and_(mine, pc.equal(old.column("param_hash"), param_hash))
     return old.filter(pc.invert(pc.fill_null(mine, False)))
@@ -537,8 +561,9 @@ def compute_features(lake: Lake, config: FeaturesConfig | None = None) -> Featur
     run_id = new_run_id()
     started = time.monotonic()
     summary = FeaturesSummary(run_id)
+    unplaced: list[dict] = []
     with quietly():  # the masks' headers, read for the series they reference
-        tasks = plan(lake, config)
+        tasks = plan(lake, config, unplaced)
     # the source paths come from the vault: say so in its audit log
     audit.record(lake, "features", text=f"source paths of {len(tasks)} series",
                  snapshot=lake.snapshot().number, extra={"features_run_id": run_id})
@@ -563,6 +588,7 @@ def compute_features(lake: Lake, config: FeaturesConfig | None = None) -> Featur
     summary.segment_tasks = len(unit_batches)
     summary.volume_loads = sum(d.volume_loads for d in done)
     merged = _merge([p.rows for p in prepared] + [d.rows for d in done])
+    merged["feature_failures"].extend(unplaced)
     computed = sorted(t.series_uid for t in tasks)
     with lake.writer(run_id) as writer:
         for name in OUTPUT_TABLES:
@@ -571,7 +597,8 @@ def compute_features(lake: Lake, config: FeaturesConfig | None = None) -> Featur
             new = _rows_table(merged[name]) if merged[name] else None
             old = writer.dataset(name).to_table()
             keep = _replace(old, computed,
-                            params.hash if name == "radiomics_features" else None)
+                            params.hash if name == "radiomics_features" else None,
+                            whole_lake=not config.series)
             parts = [keep.select(old.column_names)]
             if new is not None:
                 parts.append(conform(TABLES[name], new, lake.profile))

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from etl.errors import error_text
 from etl.sourcefiles import Source, SourceChangedError, open_source
 from etl.volumes import to_modality_units
 
@@ -47,6 +48,15 @@ def _stored_range(ds) -> tuple[int, int] | None:
     if int(getattr(ds, "PixelRepresentation", 0) or 0) == 1:
         return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     return 0, (1 << bits) - 1
+
+
+def _syntax(ds) -> str:
+    """The file's transfer syntax UID for a message: "?" unless a valid UID (a damaged file
+    meta's value can run on over the header)."""
+    from pydicom.uid import UID
+
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    return str(ts) if isinstance(ts, UID) and ts.is_valid else "?"
 
 
 def _units(ds, modality: str | None) -> str:
@@ -183,8 +193,7 @@ def series_stats(series_uid: str, files: Sequence[tuple[str, Source | str | None
         except Exception as exc:  # any decoder error is a recorded failure
             failures += 1
             if first_failure is None:
-                ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "?")
-                first_failure = f"{sop} (transfer syntax {ts}): {type(exc).__name__}: {exc}"
+                first_failure = f"{sop} (transfer syntax {_syntax(ds)}): {error_text(exc)}"
             continue
         read += 1
         rng = _stored_range(ds)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from etl.errors import FeatureError, GeometryMismatchError
+from etl.errors import FeatureError, GeometryMismatchError, error_text
 from etl.sourcefiles import Source, SourceChangedError, open_source
 from etl.volumes import Geometry
 
@@ -164,7 +164,7 @@ def read_seg(path: Source | str | Path, geometry: Geometry) -> MaskSet:
         raise FeatureError("source_changed", series, f"the SEG: {exc}") from None
     except Exception as exc:
         raise FeatureError("unsupported_mask", series,
-                           f"cannot read the SEG: {type(exc).__name__}: {exc}"
+                           f"cannot read the SEG: {error_text(exc)}"
                            ) from None
     uid = str(seg.SOPInstanceUID)
     if frames.ndim == 2:
@@ -214,7 +214,7 @@ def read_rtstruct(path: Source | str | Path, geometry: Geometry) -> MaskSet:
         raise FeatureError("source_changed", series, f"the RTSTRUCT: {exc}") from None
     except Exception as exc:
         raise FeatureError("unsupported_mask", series,
-                           f"cannot read the RTSTRUCT: {type(exc).__name__}: {exc}"
+                           f"cannot read the RTSTRUCT: {error_text(exc)}"
                            ) from None
     uid = str(ds.SOPInstanceUID)
     nz, ny, nx = geometry.shape

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from etl.errors import FeatureError
+from etl.errors import FeatureError, error_text
 from etl.sourcefiles import Source, SourceChangedError, open_source
 
 log = logging.getLogger(__name__)
@@ -240,7 +240,7 @@ def load_volume(geometry: Geometry, paths: Mapping[str, Source | str]):
             raise FeatureError("source_changed", series, f"{sop}: {exc}") from None
         except Exception as exc:  # pydicom raises many types for undecodable pixel data
             raise FeatureError("pixel_decode", series,
-                               f"cannot decode pixels of {sop}: {type(exc).__name__}: {exc}"
+                               f"cannot decode pixels of {sop}: {error_text(exc)}"
                                ) from None
     image = sitk.GetImageFromArray(np.stack(planes))
     apply_geometry(image, geometry)

@@ -507,7 +507,8 @@ IMAGE_STATS = TableSpec(
                "rescale that gives no number (an empty or infinite Rescale Slope or "
                "Intercept)."),
         Column("failure_message", STR, "The first such failure (the instance, the transfer "
-               "syntax and the error)."),
+               "syntax and the error; values the error quotes from the file are left out "
+               "as '…', numbers and attribute names kept)."),
         Column("voxel_count", I64, "Pixels the statistics are over."),
         Column("p01", F64, "1st percentile (linear interpolation)."),
         Column("p05", F64, "5th percentile."),
@@ -565,14 +566,17 @@ FEATURE_FAILURES = TableSpec(
     description="What a features run could not compute, and why (geometry mismatch, "
     "undecodable pixels, unsupported mask).",
     columns=(
-        Column("SeriesInstanceUID", STR, "Image series concerned.", "SeriesInstanceUID"),
+        Column("SeriesInstanceUID", STR, "Image series concerned; null for a mask placed on "
+               "none (no_image_series, or a mask whose header cannot be read).",
+               "SeriesInstanceUID"),
         Column("mask_SOPInstanceUID", STR, "Mask instance concerned, if any."),
         Column("stage", STR, "volume, mask or radiomics (pixels a series' image statistics "
                "could not read are in image_stats: status, failure_message)."),
         Column("reason", STR, "Reason code: no_geometry, not_a_volume, pixel_decode, "
-               "geometry_mismatch, unsupported_mask, empty_segment, missing_file, "
-               "source_changed, feature_error."),
-        Column("message", STR, "What was wrong and what to do."),
+               "geometry_mismatch, unsupported_mask, no_image_series, empty_segment, "
+               "missing_file, source_changed, feature_error."),
+        Column("message", STR, "What was wrong and what to do (values a reader's error "
+               "quotes from the file are left out as '…', numbers and attribute names kept)."),
         Column("features_run_id", STR, "The features run."),
     ),
 )

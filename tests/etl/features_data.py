@@ -41,8 +41,10 @@ def real_ct_volume():
     return headers, geo, image
 
 
-def write_rtstruct(path: Path, cts: list[Dataset]) -> Dataset:
-    """An RTSTRUCT with one ROI: a rectangle (pixel edges) on each slice of the CT."""
+def write_rtstruct(path: Path, cts: list[Dataset], cols: tuple[int, int] = RT_COLS,
+                   rows: tuple[int, int] = RT_ROWS) -> Dataset:
+    """An RTSTRUCT with one ROI: a rectangle (pixel edges) on each slice of the CT, over
+    columns ``cols`` and rows ``rows`` (first, one past the last)."""
     ref = cts[0]
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
@@ -77,8 +79,8 @@ def write_rtstruct(path: Path, cts: list[Dataset]) -> Dataset:
     for ct in cts:
         x0, y0, z = (float(v) for v in ct.ImagePositionPatient)
         rs, cs = (float(v) for v in ct.PixelSpacing)
-        c0, c1 = RT_COLS[0] - 0.5, RT_COLS[1] - 0.5
-        r0, r1 = RT_ROWS[0] - 0.5, RT_ROWS[1] - 0.5
+        c0, c1 = cols[0] - 0.5, cols[1] - 0.5
+        r0, r1 = rows[0] - 0.5, rows[1] - 0.5
         pts = [(c0, r0), (c1, r0), (c1, r1), (c0, r1)]
         c = Dataset()
         c.ContourGeometricType = "CLOSED_PLANAR"

@@ -390,15 +390,20 @@ def test_a_source_file_replaced_since_ingest_is_a_failure_not_its_pixels(tmp_pat
     assert failure[:2] == ["volume", "source_changed"]
     assert "ingest its folder again" in failure[2]
     # the slice put back, the mask replaced (by a SEG of another series): which series
-    # it belongs to is no longer known, so it is left out, with a warning
+    # it belongs to is no longer known, so it is left out, with a warning and a failure
+    # row of no series
     shutil.copy(DCMQI / "ct-3slice" / slices[0].name, slices[0])
     shutil.copy(DCMQI / "liver.dcm", src / "rtstruct.dcm")
     with caplog.at_level(logging.WARNING, logger="etl.features"):
         s = compute_features(Lake.open(tmp_path / "lake"), config)
-    assert (s.masks, s.feature_rows, s.failures) == (0, 0, 0)
+    assert (s.masks, s.feature_rows, s.failure_reasons) == (0, 0, {"source_changed": 1})
     assert "the source file changed since it was ingested" in caplog.text
     with open_lake(tmp_path / "lake") as cat:
         assert cat.df("SELECT pixel_failures FROM image_stats").pixel_failures[0] == 0
+        (failure,) = cat.con.execute("SELECT SeriesInstanceUID, stage, reason, message "
+                                     "FROM feature_failures").fetchall()
+    assert failure[:3] == (None, "mask", "source_changed")
+    assert failure[3].startswith("cannot read the mask's header: the source file changed")
 
 
 @needs_dcmqi
