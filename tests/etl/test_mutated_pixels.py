@@ -342,7 +342,8 @@ def ct_series(folder: Path, rng: random.Random, slices: int = 4, size: int = 24
         ds.StudyInstanceUID, ds.SeriesInstanceUID = uids["study"], uids["series"]
         ds.FrameOfReferenceUID = uids["frame"]
         ds.PatientID, ds.PatientName, ds.Modality = "P7", "Doe^Jane", "CT"
-        ds.PatientBirthDate, ds.PatientSex, ds.StudyTime, ds.AccessionNumber = "19700101", "F", "120000", "A1"
+        ds.PatientBirthDate, ds.PatientSex = "19700101", "F"
+        ds.StudyTime, ds.AccessionNumber = "120000", "A1"
         ds.ReferringPhysicianName, ds.StudyID, ds.SeriesNumber = "", "1", 1
         ds.StudyDate, ds.BodyPartExamined = "20240101", "CHEST"
         ds.InstanceNumber = k + 1
