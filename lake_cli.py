@@ -1300,6 +1300,12 @@ def _os_error(exc: OSError) -> str:
     return f"{what}{where}: {hint}"
 
 
+def _below_critical_from_pydicom(record: logging.LogRecord) -> bool:
+    """False for what pydicom (or a module of it) logs below CRITICAL."""
+    return record.levelno >= logging.CRITICAL or not (
+        record.name == "pydicom" or record.name.startswith("pydicom."))
+
+
 def main(argv: list[str] | None = None) -> int:
     from deltalake.exceptions import DeltaError
 
@@ -1314,9 +1320,12 @@ def main(argv: list[str] | None = None) -> int:
         import warnings
 
         warnings.filterwarnings("ignore", module="pydicom")
-        # pydicom logs what it tolerates in a header, and every decoder plugin that fails
-        # (with a traceback) before another one succeeds: -vv shows them
+        # pydicom logs what it tolerates in a header (quoting raw values), and every decoder
+        # plugin that fails (with a traceback) before another one succeeds: -vv shows them.
         logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+        if args.own_process:  # importing pydicom sets its logger's level back to WARNING
+            for handler in logging.getLogger().handlers:
+                handler.addFilter(_below_critical_from_pydicom)
     try:
         return args.func(args)
     except (LakeError, CliError) as exc:

@@ -58,7 +58,7 @@ from catalog.cohorts import Cohort, open_cohort
 from catalog.config import CatalogConfig
 from catalog.connect import Catalog
 from catalog.errors import ExportError
-from catalog.nifti import Skip, Volume, build_volume
+from catalog.nifti import MAX_DIMENSION, Skip, Volume, build_volume
 from lakehouse import audit
 from lakehouse.checksums import as_ingested, sha256_prefix
 from lakehouse.deid import Policy, deidentify_dataset
@@ -320,6 +320,9 @@ def _export_nifti(cohort: Cohort, series: pa.Table, sources: pa.Table, out: Path
                        size=side.get("size"), spacing=side.get("spacing"))
             continue
         got = _series_volume(s, by_series.get(uid, []), research)
+        if not isinstance(got, Skip) and max(shape := got[0].array.shape[:3]) > MAX_DIMENSION:
+            got = Skip("too_large", f"{' x '.join(map(str, shape))} voxels (slices x rows x "
+                       f"columns): NIfTI-1 holds at most {MAX_DIMENSION:,} along each")
         if isinstance(got, Skip):
             summary.skip(uid, got.reason, got.message)
             row.update(reason=got.reason, message=got.message)

@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from lakehouse.errors import error_text
+
 log = logging.getLogger(__name__)
 
 #: reason code -> what it means (the export summary and manifest use the codes)
@@ -53,9 +55,15 @@ REASONS: dict[str, str] = {
                           "time points)",
     "sheared_stack": "planes not stacked along their normal (gantry tilt)",
     "uneven_spacing": "uneven gaps between planes (missing slices?)",
-    "invalid_header": "a header value the volume depends on is invalid (NumberOfFrames...)",
+    "invalid_header": "a header value the volume depends on is invalid (NumberOfFrames, a "
+                      "Rescale Slope or Intercept that is empty or gives values that are "
+                      "not finite...)",
     "pixel_decode_failed": "neither pydicom nor GDCM can decode the pixel data",
+    "too_large": "a dimension beyond NIfTI-1's limit of 32,767",
 }
+
+#: NIfTI-1 stores each dimension as a signed 16-bit integer
+MAX_DIMENSION = 32767
 
 #: position tolerance (mm) for overlap and shear
 POSITION_TOLERANCE = 1e-3
@@ -262,11 +270,13 @@ def _rescale(ds, frame: int) -> tuple[float, float]:
         intercept = ds.get("RescaleIntercept")
     if slope is None and "DoseGridScaling" in ds:
         slope = ds.DoseGridScaling
+    if (slope is None and "RescaleSlope" in ds) or (intercept is None and "RescaleIntercept" in ds):
+        raise ValueError("Rescale Slope or Rescale Intercept is empty")
     try:
         return (float(slope) if slope is not None else 1.0,
                 float(intercept) if intercept is not None else 0.0)
     except (TypeError, ValueError):
-        return 1.0, 0.0
+        raise ValueError("Rescale Slope or Rescale Intercept is not a number") from None
 
 
 def _pixels(ds) -> np.ndarray:
@@ -317,8 +327,11 @@ def build_volume(datasets: Sequence,
         decoded[p.instance] = arr
         rescaled.add(p.instance)
     colour = any(a.ndim == 4 for a in decoded.values())
-    rescales = {(p.instance, p.frame): (1.0, 0.0) if p.instance in rescaled
-                else _rescale(datasets[p.instance], p.frame) for p in planes}
+    try:
+        rescales = {(p.instance, p.frame): (1.0, 0.0) if p.instance in rescaled
+                    else _rescale(datasets[p.instance], p.frame) for p in planes}
+    except ValueError as exc:
+        return Skip("invalid_header", str(exc))
     identity = all(s == 1.0 and b == 0.0 for s, b in rescales.values()) and (
         not rescaled or len({a.dtype for a in decoded.values()}) == 1)
     rescale = not identity and not colour
@@ -330,7 +343,11 @@ def build_volume(datasets: Sequence,
         a = decoded[p.instance][p.frame]
         if rescale:
             s, b = rescales[(p.instance, p.frame)]
-            array[k] = a.astype(np.float64) * s + b
+            with np.errstate(all="ignore"):  # checked below
+                array[k] = a.astype(np.float64) * s + b
+            if not np.isfinite(array[k]).all():
+                return Skip("invalid_header", f"Rescale Slope {s:g} and Intercept {b:g} give "
+                            f"values that are not finite (as {array.dtype})")
         else:
             array[k] = a
     first = planes[0]
@@ -357,8 +374,9 @@ def build_volume(datasets: Sequence,
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:300]}"
+    """The error on one line, with the values it quotes from the file left out (the
+    manifest goes to researchers with the volumes)."""
+    return " ".join(error_text(exc).split())[:300]
 
 
 def _output_dtype(planes: list[_Plane], decoded: dict[int, np.ndarray],

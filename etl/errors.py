@@ -8,9 +8,6 @@ quarantine (or skipped) row. Errors that stop a run derive from
 
 from __future__ import annotations
 
-import functools
-import re
-
 from lakehouse.errors import LakeError
 
 #: The UIDs every instance must carry; each has a ``missing_uid:`` and an
@@ -142,40 +139,3 @@ class GeometryMismatchError(FeatureError):
             f"(series {series_uid}); the lake never resamples a mask: export the mask on the "
             "image's grid", mask_uid)
 
-
-_QUOTED = re.compile(r"'([^'\n]*)'|\"([^\"\n]*)\"")
-_NUMBER = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?|[-+]?(inf|nan)", re.IGNORECASE)
-
-
-def error_text(exc: BaseException) -> str:
-    """``"<type>: <message>"`` of an exception raised while reading a source file, for a
-    failure row: with the values it quotes left out.
-
-    A reader's error often quotes the value it could not use (``could not convert string
-    to float: '...'``), and in a damaged file a value can run on over the elements after
-    it, names and identifiers included; failure rows are research tables. A quoted
-    span stays when it is a number, a DICOM keyword or attribute name, or the type in
-    ``'X' object has no attribute``; any other becomes ``'…'``. Control characters
-    become ``?``.
-    """
-    from pydicom.datadict import keyword_dict
-
-    names = _attribute_names()
-
-    def keep(m: re.Match) -> str:
-        text = m.group(1) if m.group(1) is not None else m.group(2)
-        typename = m.string.startswith(" object", m.end()) and text.isidentifier()
-        if typename or _NUMBER.fullmatch(text) or text in keyword_dict or text in names:
-            return m.group(0)
-        return "'…'"
-
-    message = _QUOTED.sub(keep, str(exc))
-    message = "".join(c if c.isprintable() else "?" for c in message)
-    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-
-
-@functools.cache
-def _attribute_names() -> frozenset[str]:
-    from pydicom.datadict import DicomDictionary
-
-    return frozenset(entry[2] for entry in DicomDictionary.values())

@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from etl.errors import FeatureError, SchedulerError, error_text
+from etl.errors import FeatureError, SchedulerError
 from etl.imagestats import series_stats
 from etl.masks import (
     MASK_SOP_CLASSES,
@@ -52,6 +52,7 @@ from etl.radiomics.preprocess import bounding_box, normalize
 from etl.sourcefiles import Source, SourceChangedError, checked_path, quietly, source_from_row
 from etl.volumes import Geometry, check_volume, load_volume, series_geometry
 from lakehouse import audit
+from lakehouse.errors import error_text
 from lakehouse.provenance import new_run_id
 from lakehouse.schemas import TABLES, conform
 from lakehouse.tables import Lake

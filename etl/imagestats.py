@@ -15,9 +15,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from etl.errors import error_text
 from etl.sourcefiles import Source, SourceChangedError, open_source
 from etl.volumes import to_modality_units
+from lakehouse.errors import error_text
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from etl.errors import FeatureError, GeometryMismatchError, error_text
+from etl.errors import FeatureError, GeometryMismatchError
 from etl.sourcefiles import Source, SourceChangedError, open_source
 from etl.volumes import Geometry
+from lakehouse.errors import error_text
 
 log = logging.getLogger(__name__)
 

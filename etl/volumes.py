@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from etl.errors import FeatureError, error_text
+from etl.errors import FeatureError
 from etl.sourcefiles import Source, SourceChangedError, open_source
+from lakehouse.errors import error_text
 
 log = logging.getLogger(__name__)
 

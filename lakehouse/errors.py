@@ -6,6 +6,8 @@ what to do next, so the CLI can print it as a single line.
 
 from __future__ import annotations
 
+import functools
+import re
 from pathlib import Path
 
 
@@ -87,3 +89,41 @@ class SnapshotNotFoundError(LakeError):
         self.snapshot = snapshot
         self.latest = latest
         super().__init__(f"snapshot {snapshot} does not exist; the latest is {latest}")
+
+
+_QUOTED = re.compile(r"'([^'\n]*)'|\"([^\"\n]*)\"")
+_NUMBER = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?|[-+]?(inf|nan)", re.IGNORECASE)
+
+
+def error_text(exc: BaseException) -> str:
+    """``"<type>: <message>"`` of an exception raised while reading a source file, for a
+    failure row: with the values it quotes left out.
+
+    A reader's error often quotes the value it could not use (``could not convert string
+    to float: '...'``), and in a damaged file a value can run on over the elements after
+    it, names and identifiers included; failure rows are research tables. A quoted
+    span stays when it is a number, a DICOM keyword or attribute name, or the type in
+    ``'X' object has no attribute``; any other becomes ``'…'``. Control characters
+    become ``?``.
+    """
+    from pydicom.datadict import keyword_dict
+
+    names = _attribute_names()
+
+    def keep(m: re.Match) -> str:
+        text = m.group(1) if m.group(1) is not None else m.group(2)
+        typename = m.string.startswith(" object", m.end()) and text.isidentifier()
+        if typename or _NUMBER.fullmatch(text) or text in keyword_dict or text in names:
+            return m.group(0)
+        return "'…'"
+
+    message = _QUOTED.sub(keep, str(exc))
+    message = "".join(c if c.isprintable() else "?" for c in message)
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+@functools.cache
+def _attribute_names() -> frozenset[str]:
+    from pydicom.datadict import DicomDictionary
+
+    return frozenset(entry[2] for entry in DicomDictionary.values())

@@ -16,17 +16,24 @@ series. After an ingest and a features run:
   series is lost to an unexpected error;
 - a statistic is a finite number: an instance whose rescale makes infinities or NaN
   (``RescaleIntercept -inf``, which a DS may hold) is a pixel failure;
-- a failure has a message, and the features print nothing (pydicom's warnings about
-  truncated items or excess frames would flood the console from the workers).
+- a failure has a message that quotes no value of the file, and the features print
+  nothing (pydicom's warnings about truncated items or excess frames would flood the
+  console from the workers);
+- small CT series with an RTSTRUCT and a SEG, one file of them damaged, give each mask's
+  features or a failure row saying why;
+- ``lake cohort export`` writes or skips every series with a reason code, and a NIfTI
+  volume holds finite numbers only.
 
 Exact cases found by the generator are regression tests below.
 """
 
 from __future__ import annotations
 
+import csv
 import io
 import math
 import random
+import shutil
 import subprocess
 import sys
 import warnings
@@ -295,8 +302,6 @@ def test_features_print_nothing_for_damaged_images(seeds, tmp_path):
     """``lake features`` as a user runs it: its summary on stdout, nothing on stderr
     (pydicom warns about truncated items, excess frames and invalid values in the
     workers, where the command's own filter does not reach)."""
-    import shutil
-
     damaged_images(tmp_path / "files", seeds, 60, seed=11)
     exe = shutil.which("lake") or str(Path(sys.executable).parent / "lake")
     lake = tmp_path / "lake"
@@ -478,7 +483,7 @@ def test_a_failure_row_quotes_no_value_of_the_file(tmp_path):
     """A structure set whose contour points were overwritten by a name: the reader's error
     quoted the value it could not read as a number, and the research lake's
     ``feature_failures`` held the name. Now a failure names the error and leaves out the
-    values it quotes (:func:`etl.errors.error_text`)."""
+    values it quotes (:func:`lakehouse.errors.error_text`)."""
     from tests.etl.features_data import write_rtstruct
 
     headers = ct_series(tmp_path / "files" / "s", random.Random(5))
@@ -495,7 +500,7 @@ def test_a_failure_row_quotes_no_value_of_the_file(tmp_path):
 
 
 def test_error_text_keeps_numbers_keywords_and_types():
-    from etl.errors import error_text
+    from lakehouse.errors import error_text
 
     assert error_text(ValueError("A (0028,0103) 'Pixel Representation' value of '2' is "
                                  "invalid")) == \
@@ -539,3 +544,69 @@ def test_a_mask_of_no_series_of_the_lake_is_a_failure_row(tmp_path):
     f = compute_features(Lake.open(tmp_path / "lake"),
                          FeaturesConfig(scheduler="synchronous", series=(series,)))
     assert f.failure_reasons == {} and failures() == [(None, "mask", "no_image_series")]
+
+
+def test_exports_of_damaged_images_skip_what_is_not_one_faithful_volume(seeds, tmp_path):
+    """``lake cohort export`` of a research lake of damaged images and volumes, as DICOM
+    and as NIfTI: every series is written or skipped with a reason code; a written
+    volume holds finite numbers only (a NaN Rescale Slope wrote a volume of NaN; a row
+    count of 65,535, beyond NIfTI-1's dimensions, stopped the whole export with a
+    traceback); nothing is printed but the summary and one line per skipped series."""
+    import SimpleITK as sitk
+
+    from catalog.nifti import REASONS
+
+    damaged_images(tmp_path / "files" / "images", seeds, 120, seed=12)
+    damaged_volumes(tmp_path / "files" / "volumes", 10, seed=13)
+    exe = shutil.which("lake") or str(Path(sys.executable).parent / "lake")
+    lake = tmp_path / "lake"
+    for args in (["init", str(lake)],
+                 ["ingest", str(tmp_path / "files"), "--lake", str(lake), "--no-progress"],
+                 ["cohort", "save", "all", "--lake", str(lake), "--sql",
+                  "SELECT SeriesInstanceUID FROM series"]):
+        subprocess.run([exe, *args], check=True, capture_output=True)
+    with open_lake(lake) as c:
+        series = c.con.execute("SELECT count(*) FROM series").fetchone()[0]
+    for kind in ("dicom", "nifti"):
+        r = subprocess.run([exe, "cohort", "export", "all", "--lake", str(lake), "--to",
+                            str(tmp_path / kind), "--as", kind, "--no-progress"],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.startswith(f"exported cohort all (snapshot 2) as {kind} ")
+        lines = r.stderr.splitlines()
+        assert all(line.startswith("lake cohort export: not exported ") for line in lines), \
+            [line for line in lines if not line.startswith("lake cohort export: not exported")]
+    with open(tmp_path / "nifti" / "manifest" / "nifti.csv", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == series
+    assert {r["reason"] for r in rows if r["status"] == "skipped"} <= set(REASONS)
+    written = [r["file"] for r in rows if r["status"] == "written"]
+    assert len(written) >= 10
+    for name in written:
+        assert np.isfinite(sitk.GetArrayViewFromImage(
+            sitk.ReadImage(str(tmp_path / "nifti" / name)))).all(), name
+
+
+@pytest.mark.parametrize(("change", "reason", "message"), [
+    ({"RescaleSlope": "nan"}, "invalid_header", "give values that are not finite"),
+    ({"RescaleIntercept": ""}, "invalid_header", "Rescale Slope or Rescale Intercept is empty"),
+    ({"Rows": 32768, "Columns": 1}, "too_large", "NIfTI-1 holds at most 32,767"),
+])
+def test_a_volume_nifti_cannot_hold_faithfully_is_skipped(tmp_path, change, reason, message):
+    from catalog import cohorts
+    from catalog.export import export
+
+    headers = ct_series(tmp_path / "files", random.Random(14), slices=2, size=8)
+    for k, ds in enumerate(headers):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for name, value in change.items():
+                setattr(ds, name, value)
+        ds.PixelData = np.zeros((ds.Rows, ds.Columns), np.uint16).tobytes()
+        ds.save_as(tmp_path / "files" / f"ct{k}.dcm", enforce_file_format=True)
+    lake = Lake.create(tmp_path / "lake")
+    ingest(lake, tmp_path / "files", IngestConfig(scheduler="synchronous"))
+    cohorts.save(lake, "all", sql="SELECT SeriesInstanceUID FROM series")
+    summary = export(lake, "all", tmp_path / "out", "nifti")
+    assert summary.written == 0 and list(summary.reasons.values()) == [reason]
+    assert message in next(iter(summary.not_exported.values()))
