@@ -106,6 +106,8 @@ FEATURE_REASONS: dict[str, str] = {
     "no_image_series": "the mask references no image series of the lake (not ingested yet, "
                        "or its reference is damaged); recorded by runs over the whole lake",
     "empty_segment": "the segment has no voxel on the image grid",
+    "worker_crash": "computing the series or segment killed its worker process (a decoder's "
+                    "crash, or the memory exhausted); the rest of the run went on",
     "feature_error": "an unexpected error while computing a segment's features (the message "
                      "names it; please report it with the parameter file)",
 }

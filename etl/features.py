@@ -481,9 +481,21 @@ def plan(lake: Lake, config: FeaturesConfig,
     return list(tasks.values())
 
 
+class _Run:
+    """Computes lists of Dask delayed objects on the configured scheduler; ``reset``
+    replaces a process pool a dead worker has broken."""
+
+    def __init__(self, compute: Callable[[list], list], reset: Callable[[], None]):
+        self.compute = compute
+        self.reset = reset
+
+    def __call__(self, delayed: list) -> list:
+        return self.compute(delayed) if delayed else []
+
+
 @contextlib.contextmanager
-def _runner(config: FeaturesConfig) -> Iterator[Callable[[list], list]]:
-    """A function computing a list of Dask delayed objects on the configured scheduler."""
+def _runner(config: FeaturesConfig) -> Iterator[_Run]:
+    """A :class:`_Run` on the configured scheduler."""
     import dask
 
     if config.scheduler in ("processes", "threads", "synchronous"):
@@ -491,7 +503,7 @@ def _runner(config: FeaturesConfig) -> Iterator[Callable[[list], list]]:
         if config.workers and config.scheduler != "synchronous":
             kwargs["num_workers"] = config.workers
         if config.scheduler != "processes":
-            yield lambda delayed: list(dask.compute(*delayed, **kwargs)) if delayed else []
+            yield _Run(lambda delayed: list(dask.compute(*delayed, **kwargs)), lambda: None)
             return
         from concurrent.futures import ProcessPoolExecutor
 
@@ -501,29 +513,75 @@ def _runner(config: FeaturesConfig) -> Iterator[Callable[[list], list]]:
         # sets up its own; one task per hand-out: chunks of 6 would idle a worker
         kwargs["chunksize"] = 1
         os.environ.setdefault("PYTHONHASHSEED", "6640")
-        with ProcessPoolExecutor(config.workers or os.cpu_count(), mp_context=get_context(),
-                                 initializer=initialize_worker_process) as pool:
-            kwargs["pool"] = pool
-            yield lambda delayed: list(dask.compute(*delayed, **kwargs)) if delayed else []
+
+        def new_pool() -> None:
+            kwargs["pool"] = ProcessPoolExecutor(config.workers or os.cpu_count(),
+                                                 mp_context=get_context(),
+                                                 initializer=initialize_worker_process)
+
+        def reset() -> None:  # a worker died: the pool is broken for good
+            kwargs["pool"].shutdown(wait=True, cancel_futures=True)
+            new_pool()
+
+        new_pool()
+        try:
+            yield _Run(lambda delayed: list(dask.compute(*delayed, **kwargs)), reset)
+        finally:
+            kwargs["pool"].shutdown(wait=True, cancel_futures=True)
         return
     from distributed import Client, LocalCluster
 
     cluster = None
     try:
         if config.scheduler == "local-cluster":
-            cluster = LocalCluster(n_workers=config.workers or 2, threads_per_worker=1,
-                                   processes=True, host="127.0.0.1", dashboard_address=":0")
+            # a task whose worker dies fails at once (KilledWorker), and its batch is
+            # bisected: the default retries only kill more workers
+            with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+                cluster = LocalCluster(n_workers=config.workers or 2, threads_per_worker=1,
+                                       processes=True, host="127.0.0.1",
+                                       dashboard_address=":0")
             client = Client(cluster)
         else:
             client = Client(config.scheduler, timeout="10s")
     except (OSError, TimeoutError, ValueError) as exc:
         raise SchedulerError(config.scheduler, str(exc) or type(exc).__name__) from None
     try:
-        yield lambda delayed: list(client.gather(client.compute(delayed))) if delayed else []
+        yield _Run(lambda delayed: list(client.gather(client.compute(delayed))), lambda: None)
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def _crashed_series(tasks: list[SeriesTask]) -> Prepared:
+    """Stage 1's result for a series whose computing killed its worker process."""
+    out = Prepared(_empty_rows())
+    for task in tasks:
+        log.warning("computing a series crashed its worker: recorded as worker_crash")
+        out.rows["feature_failures"].append(_failure(task.series_uid, "volume", FeatureError(
+            "worker_crash", task.series_uid, "computing this series killed its worker process "
+            "(a decoder's crash, or the memory exhausted); the rest of the run went on")))
+    return out
+
+
+def _crashed_units(units: list[SegmentUnit]) -> SegmentResults:
+    """Stage 2's result for segments whose computing killed their worker process."""
+    out = SegmentResults({"radiomics_features": [], "feature_failures": []})
+    for u in units:
+        log.warning("computing a segment crashed its worker: recorded as worker_crash")
+        out.rows["feature_failures"].append(_failure(u.series_uid, "radiomics", FeatureError(
+            "worker_crash", u.series_uid, f"computing segment {u.number} ({u.label}) killed "
+            "its worker process (a decoder's crash, or the memory exhausted); the rest of "
+            "the run went on", u.mask_uid)))
+    return out
+
+
+def _join_prepared(a: Prepared, b: Prepared) -> Prepared:
+    return Prepared(_merge([a.rows, b.rows]), a.units + b.units, {**a.volumes, **b.volumes})
+
+
+def _join_results(a: SegmentResults, b: SegmentResults) -> SegmentResults:
+    return SegmentResults(_merge([a.rows, b.rows]), a.volume_loads + b.volume_loads)
 
 
 def _rows_table(rows: list[dict]) -> pa.Table:
@@ -572,20 +630,30 @@ def compute_features(lake: Lake, config: FeaturesConfig | None = None) -> Featur
     summary.masks = sum(len(t.masks) for t in tasks)
     size = max(1, config.batch_series)
     batches = [tasks[i:i + size] for i in range(0, len(tasks), size)]
+    from etl.runners import bisect_crashes
+
     with _runner(config) as run:
         # named keys: Dask runs independent tasks in key order, so the units of a series
         # run one after the other and share the volume a worker has read
-        prepared: list[Prepared] = run([
-            dask.delayed(prepare_batch, pure=False)(b, dask_key_name=f"series-{run_id}-{i:06d}")
-            for i, b in enumerate(batches)])
+        def stage1(parts: list[list[SeriesTask]]) -> list[Prepared]:
+            return run([dask.delayed(prepare_batch, pure=False)(
+                b, dask_key_name=f"series-{run_id}-{i:06d}") for i, b in enumerate(parts)])
+
+        # a series or segment that kills its worker process (a decoder's crash, the
+        # memory exhausted) is found by computing its batch again in halves: a failure
+        # row, and the rest of the run goes on
+        prepared = bisect_crashes(stage1, run.reset, batches, _crashed_series, _join_prepared)
         units = [u for p in prepared for u in p.units]
         volumes = {uid: v for p in prepared for uid, v in p.volumes.items()}
         unit_batches = segment_batches(units, config.batch_segments)
-        done: list[SegmentResults] = run([
-            dask.delayed(compute_segments, pure=False)(
+
+        def stage2(parts: list[list[SegmentUnit]]) -> list[SegmentResults]:
+            return run([dask.delayed(compute_segments, pure=False)(
                 b, {u.series_uid: volumes[u.series_uid] for u in b}, params, run_id,
                 dask_key_name=f"segments-{run_id}-{i:06d}")
-            for i, b in enumerate(unit_batches)])
+                for i, b in enumerate(parts)])
+
+        done = bisect_crashes(stage2, run.reset, unit_batches, _crashed_units, _join_results)
     summary.segment_tasks = len(unit_batches)
     summary.volume_loads = sum(d.volume_loads for d in done)
     merged = _merge([p.rows for p in prepared] + [d.rows for d in done])

@@ -150,6 +150,22 @@ def _slice_index(geometry: Geometry, position, mask_uid: str | None) -> int:
     return k
 
 
+def _check_frame_count(ds) -> None:
+    """Raise ValueError unless NumberOfFrames is the number of per-frame functional groups
+    (PS3.3 C.7.6.16: one item per frame). highdicom sizes its frame index by it: a damaged
+    count (2,147,483,647) made it take all the machine's memory, and the kernel killed
+    the worker."""
+    groups = ds.get("PerFrameFunctionalGroupsSequence")
+    try:
+        frames = int(ds.get("NumberOfFrames"))
+    except (TypeError, ValueError):
+        frames = None
+    if groups is None or frames != len(groups):
+        raise ValueError(f"Number of Frames ({'not a number' if frames is None else frames}) "
+                         f"is not the number of per-frame functional groups "
+                         f"({'none' if groups is None else len(groups)})")
+
+
 def read_seg(path: Source | str | Path, geometry: Geometry) -> MaskSet:
     """A DICOM SEG (binary or fractional) placed frame by frame on the image grid."""
     import highdicom as hd
@@ -158,8 +174,9 @@ def read_seg(path: Source | str | Path, geometry: Geometry) -> MaskSet:
     series = _series(geometry)
     try:
         # force: checked by the ingest; a Part 10 file may lack its preamble
-        seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(open_source(path), force=True),
-                                               copy=False)
+        ds = pydicom.dcmread(open_source(path), force=True)
+        _check_frame_count(ds)
+        seg = hd.seg.Segmentation.from_dataset(ds, copy=False)
         frames = seg.pixel_array
     except SourceChangedError as exc:
         raise FeatureError("source_changed", series, f"the SEG: {exc}") from None
@@ -195,7 +212,11 @@ def read_seg(path: Source | str | Path, geometry: Geometry) -> MaskSet:
                                f"SEG frame {i + 1} has no PlanePositionSequence", uid)
         k = _slice_index(geometry, pos.ImagePositionPatient, uid)
         seg_id = group(item, "SegmentIdentificationSequence")
-        number = int(seg_id.ReferencedSegmentNumber)
+        number = int(seg_id.ReferencedSegmentNumber) if seg_id is not None else None
+        if number not in masks:
+            raise FeatureError("unsupported_mask", series, f"SEG frame {i + 1} references "
+                               f"segment {number}, which its SegmentSequence does not define",
+                               uid)
         masks[number][k] |= frames[i] > threshold
     return MaskSet("seg", uid, [Segment(n, labels[n], masks[n]) for n in sorted(labels)])
 

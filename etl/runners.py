@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import util as mp_util
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import dask
 import pyarrow as pa
@@ -30,6 +30,9 @@ from etl.discover import FileBatch, FoundFile
 from etl.errors import SchedulerError, WorkerStartError
 from etl.extract import after_batch, crashed_batch, extract_batch, start_worker
 from lakehouse.deid import Policy
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 log = logging.getLogger(__name__)
 
@@ -276,26 +279,26 @@ def _is_crash(exc: BaseException) -> bool:
     return isinstance(exc, BrokenProcessPool) or type(exc).__name__ == "KilledWorker"
 
 
-def survive_crashes(compute: Callable[[list[list[FoundFile]]], list[pa.Table]],
-                    reset: Callable[[], None], batches: list[list[FoundFile]],
-                    run_id: str) -> list[pa.Table]:
-    """``compute(batches)``; when a worker process dies, find the file that killed it.
+def bisect_crashes(compute: Callable[[list[list[T]]], list[R]], reset: Callable[[], None],
+                   batches: list[list[T]], crashed: Callable[[list[T]], R],
+                   join: Callable[[R, R], R],
+                   batch_of: Callable[[list[T]], list[T]] = list) -> list[R]:
+    """``compute(batches)``; when a worker process dies, find the item that killed it.
 
-    The wave is computed again batch by batch; a batch that crashes again is
-    split in halves until the poisoned file is alone. That file becomes a
-    ``worker_crash`` quarantine row; every other file of the batch is read
-    normally. Rows keep their order.
+    The batches are computed again one by one (``reset`` first replaces the broken
+    pool); a batch that crashes again is split in halves until the item is alone,
+    and ``crashed([item])`` stands for its result. Halves' results are ``join``-ed,
+    so results keep their order.
     """
     try:
         return compute(batches)
     except BaseException as exc:
         if not _is_crash(exc):
             raise
-        log.warning("a worker process died (%s); retrying its wave batch by batch",
-                    type(exc).__name__)
+        log.warning("a worker process died (%s); retrying batch by batch", type(exc).__name__)
         reset()
 
-    def one(batch: list[FoundFile]) -> pa.Table:
+    def one(batch: list[T]) -> R:
         try:
             return compute([batch])[0]
         except BaseException as exc:
@@ -303,13 +306,27 @@ def survive_crashes(compute: Callable[[list[list[FoundFile]]], list[pa.Table]],
                 raise
             reset()
         if len(batch) == 1:
-            # no path in the log: it may identify a patient (the vault has it)
-            log.warning("reading a file crashed its worker: quarantined as worker_crash")
-            return crashed_batch(batch, run_id)
+            return crashed(batch)
         mid = len(batch) // 2
-        return pa.concat_tables([one(FileBatch(batch[:mid])), one(FileBatch(batch[mid:]))])
+        return join(one(batch_of(batch[:mid])), one(batch_of(batch[mid:])))
 
     return [one(b) for b in batches]
+
+
+def survive_crashes(compute: Callable[[list[list[FoundFile]]], list[pa.Table]],
+                    reset: Callable[[], None], batches: list[list[FoundFile]],
+                    run_id: str) -> list[pa.Table]:
+    """``compute(batches)``; a file that kills its worker process becomes a
+    ``worker_crash`` quarantine row, and every other file of its batch is read
+    normally (:func:`bisect_crashes`)."""
+
+    def crashed(batch: list[FoundFile]) -> pa.Table:
+        # no path in the log: it may identify a patient (the vault has it)
+        log.warning("reading a file crashed its worker: quarantined as worker_crash")
+        return crashed_batch(batch, run_id)
+
+    return bisect_crashes(compute, reset, batches, crashed,
+                          lambda a, b: pa.concat_tables([a, b]), FileBatch)
 
 
 class DistributedRunner:

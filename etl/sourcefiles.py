@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import multiprocessing
 import os
 import warnings
 from collections.abc import Iterator
@@ -49,10 +50,21 @@ _CHANGED = ("the source file changed since it was ingested (its size or checksum
 
 def read_source(src: Source) -> bytes:
     """The file's bytes, when they are the ones ingested; else SourceChangedError."""
+    _crash_hook(src.path)
     data = Path(src.path).read_bytes()
     if not as_ingested(data, src.sha256, src.covered, src.size):
         raise SourceChangedError(_CHANGED)
     return data
+
+
+def _crash_hook(path: str) -> None:
+    """Test hook (never set in production), as the ingest's: a worker process reading a
+    file whose name contains ``LAKE_TEST_CRASH_MARKER`` exits at once, as a decoder's
+    segfault would."""
+    marker = os.environ.get("LAKE_TEST_CRASH_MARKER")
+    if marker and marker in os.path.basename(path) \
+            and multiprocessing.parent_process() is not None:
+        os._exit(70)
 
 
 def checked_path(src: Source) -> str:

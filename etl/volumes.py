@@ -236,7 +236,12 @@ def load_volume(geometry: Geometry, paths: Mapping[str, Source | str]):
         path = paths[sop]
         try:
             ds = pydicom.dcmread(open_source(path), force=True)  # may lack a preamble
-            planes.append(to_modality_units(ds, ds.pixel_array).astype(np.float32))
+            plane = to_modality_units(ds, ds.pixel_array)
+            with np.errstate(over="ignore"):
+                planes.append(plane.astype(np.float32))
+            if not np.isfinite(planes[-1]).all():
+                raise ValueError(f"modality values up to {np.abs(plane).max():.3g} are beyond "
+                                 "float32's range (Rescale Slope and Intercept)")
         except SourceChangedError as exc:
             raise FeatureError("source_changed", series, f"{sop}: {exc}") from None
         except Exception as exc:  # pydicom raises many types for undecodable pixel data

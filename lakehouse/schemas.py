@@ -574,7 +574,7 @@ FEATURE_FAILURES = TableSpec(
                "could not read are in image_stats: status, failure_message)."),
         Column("reason", STR, "Reason code: no_geometry, not_a_volume, pixel_decode, "
                "geometry_mismatch, unsupported_mask, no_image_series, empty_segment, "
-               "missing_file, source_changed, feature_error."),
+               "missing_file, source_changed, worker_crash, feature_error."),
         Column("message", STR, "What was wrong and what to do (values a reader's error "
                "quotes from the file are left out as '…', numbers and attribute names kept)."),
         Column("features_run_id", STR, "The features run."),

@@ -17,6 +17,10 @@ NAMES = (
 )
 
 
+#: the most bins a fixed bin width may make of a region's values (80 MB of edges)
+MAX_BINS = 10_000_000
+
+
 def bin_edges(values: np.ndarray, bin_width: float = 25.0,
               bin_count: int | None = None) -> np.ndarray:
     if bin_count is not None:
@@ -25,6 +29,11 @@ def bin_edges(values: np.ndarray, bin_width: float = 25.0,
         return edges
     lo, hi = float(values.min()), float(values.max())
     low = lo - (lo % bin_width)
+    bins = (hi - low) / bin_width + 2
+    if bins > MAX_BINS:  # the edges are an array: 10^37 of them do not fit anywhere
+        raise ValueError(f"the region's values span {lo:.4g} to {hi:.4g}: {bins:.3g} bins of "
+                         f"width {bin_width:g}, more than {MAX_BINS:,} (set binCount, or a "
+                         "wider binWidth, for such images)")
     edges = np.arange(low, hi + 2 * bin_width, bin_width)
     if len(edges) == 1:  # a flat region: one bin
         edges = np.array([edges[0] - 0.5, edges[0] + 0.5])

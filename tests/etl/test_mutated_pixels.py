@@ -366,6 +366,12 @@ def ct_series(folder: Path, rng: random.Random, slices: int = 4, size: int = 24
     return out
 
 
+#: what a damaged SEG of :func:`damaged_volumes` may say of its frames
+SEG_ATTRIBUTES: dict[str, list] = {
+    "Rows": [0, 1, 25, 65535], "Columns": [0, 23, 65535],
+    "NumberOfFrames": ["0", "3", "5", "100000", "2147483647"],
+    "BitsAllocated": [0, 8, 16], "SegmentationType": ["FRACTIONAL", "LABELMAP", "X"],
+}
 #: the box both masks of :func:`damaged_volumes` cover: rows, columns (first, one past)
 BOX = ((5, 19), (4, 20))
 
@@ -421,6 +427,14 @@ def damaged_volumes(root: Path, n: int, seed: int) -> dict[str, str]:
                 assert hurt is not None
                 path.write_bytes(hurt[0])
                 what = f"slice {hurt[1]}"
+        elif what == "seg" and rng.random() < 0.5:  # what describes its frames
+            ds = pydicom.dcmread(folder / "seg.dcm")
+            name = rng.choice(list(SEG_ATTRIBUTES))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                setattr(ds, name, rng.choice(SEG_ATTRIBUTES[name]))
+                ds.save_as(folder / "seg.dcm", enforce_file_format=False)
+            what = f"seg {name}"
         elif what:
             data, kind = mutate((folder / f"{what}.dcm").read_bytes(), rng, head=1 << 20)
             (folder / f"{what}.dcm").write_bytes(data)
@@ -610,3 +624,114 @@ def test_a_volume_nifti_cannot_hold_faithfully_is_skipped(tmp_path, change, reas
     summary = export(lake, "all", tmp_path / "out", "nifti")
     assert summary.written == 0 and list(summary.reasons.values()) == [reason]
     assert message in next(iter(summary.not_exported.values()))
+
+
+def test_a_series_that_kills_its_worker_is_a_failure_row_and_the_run_goes_on(
+        tmp_path, monkeypatch):
+    """A decoder that segfaults, or a file that takes all the memory, kills its worker
+    process: the pool broke, and the whole features run ended with a traceback and
+    committed nothing (a SEG whose Number of Frames was damaged to 2,147,483,647 did
+    so, before highdicom was spared it). Now the batches are computed again, a crashing
+    one in halves, and only the series that kills its worker is a ``worker_crash`` row."""
+    from tests.etl.features_data import write_rtstruct
+
+    rng = random.Random(15)
+    for name in "abcd":
+        headers = ct_series(tmp_path / "files" / name, rng)
+        write_rtstruct(tmp_path / "files" / name / "rt.dcm", headers, cols=BOX[1], rows=BOX[0])
+    (tmp_path / "files" / "c" / "ct2.dcm").rename(tmp_path / "files" / "c" / "ct2_poison.dcm")
+    lake = Lake.create(tmp_path / "lake")
+    ingest(lake, tmp_path / "files", IngestConfig(scheduler="synchronous"))
+    # spawned workers inherit the environment: reading that file exits the worker
+    monkeypatch.setenv("LAKE_TEST_CRASH_MARKER", "_poison")
+    f = compute_features(Lake.open(tmp_path / "lake"),
+                         FeaturesConfig(scheduler="processes", workers=2, batch_series=2))
+    assert (f.series, f.image_stats, f.segments) == (4, 3, 3)
+    assert f.failure_reasons == {"worker_crash": 1}
+    with open_lake(tmp_path / "lake", vault=True) as c:
+        crashed = c.con.execute(
+            "SELECT count(*) FROM feature_failures x JOIN instances i USING (SeriesInstanceUID) "
+            "JOIN files f USING (SOPInstanceUID) WHERE x.reason = 'worker_crash' "
+            "AND f.path LIKE '%/c/ct2_poison.dcm'").fetchone()[0]
+        assert crashed == 1
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"NumberOfFrames": "2147483647"}, "Number of Frames (2147483647) is not the number of "
+                                       "per-frame functional groups (4)"),
+    ({"ReferencedSegmentNumber": 2}, "SEG frame 1 references segment 2, which its "
+                                     "SegmentSequence does not define"),
+])
+def test_a_damaged_seg_is_a_failure_not_all_the_memory(tmp_path, change, message):
+    """A SEG whose Number of Frames was damaged to 2,147,483,647: highdicom sized its
+    frame index by it, took 13 GB and more, and the kernel killed the worker. Read in
+    a child limited to 3 GB of address space, so that a regression fails here instead
+    of taking the machine's memory."""
+    folder = tmp_path / "s"
+    ct_series(folder, random.Random(16))
+    write_seg(folder / "seg.dcm", folder, 4)
+    ds = pydicom.dcmread(folder / "seg.dcm")
+    if "NumberOfFrames" in change:
+        ds.NumberOfFrames = change["NumberOfFrames"]
+    else:
+        groups = [ds.PerFrameFunctionalGroupsSequence[0], ds.SharedFunctionalGroupsSequence[0]]
+        (item,) = [g.SegmentIdentificationSequence[0] for g in groups
+                   if "SegmentIdentificationSequence" in g][:1]
+        item.ReferencedSegmentNumber = change["ReferencedSegmentNumber"]
+    ds.save_as(folder / "seg.dcm")
+    code = f"""
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
+from pathlib import Path
+import pydicom
+from etl.errors import FeatureError
+from etl.masks import read_seg
+from etl.volumes import series_geometry
+rows = []
+for k in range(4):
+    h = pydicom.dcmread(Path({str(folder)!r}) / f"ct{{k}}.dcm", stop_before_pixels=True)
+    rows.append(dict(SOPInstanceUID=h.SOPInstanceUID, SeriesInstanceUID=h.SeriesInstanceUID,
+                     ImagePositionPatient=[float(v) for v in h.ImagePositionPatient],
+                     ImageOrientationPatient=[float(v) for v in h.ImageOrientationPatient],
+                     PixelSpacing=[float(v) for v in h.PixelSpacing], Rows=h.Rows,
+                     Columns=h.Columns))
+try:
+    read_seg(str(Path({str(folder)!r}) / "seg.dcm"), series_geometry(rows))
+except FeatureError as err:
+    print(err.reason, err.message)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    reason, _, text = r.stdout.strip().partition(" ")
+    assert reason == "unsupported_mask" and message in text, r.stdout
+
+
+def test_a_volume_beyond_float32_and_a_span_of_too_many_bins_are_failures(tmp_path):
+    """One slice of four with a Rescale Intercept of 1e308: finite, so its statistics are
+    computed, but infinite as the volume's float32, and the radiomics' bin edges (width
+    25 from -1024 to 1e308) exceeded numpy's largest array. Found by the damaged volumes:
+    a ``feature_error``. Now the volume is a pixel failure, and a span of more bins than
+    ``MAX_BINS`` says what to set."""
+    from etl.errors import FeatureError
+    from etl.radiomics.firstorder import MAX_BINS, bin_edges
+    from etl.volumes import load_volume, series_geometry
+
+    headers = ct_series(tmp_path / "s", random.Random(17))
+    headers[1].RescaleIntercept = "1e308"
+    headers[1].save_as(tmp_path / "s" / "ct1.dcm", enforce_file_format=True)
+    rows = [{"SOPInstanceUID": h.SOPInstanceUID, "SeriesInstanceUID": h.SeriesInstanceUID,
+             "ImagePositionPatient": [float(v) for v in h.ImagePositionPatient],
+             "ImageOrientationPatient": [float(v) for v in h.ImageOrientationPatient],
+             "PixelSpacing": [float(v) for v in h.PixelSpacing], "Rows": h.Rows,
+             "Columns": h.Columns} for h in headers]
+    paths = {h.SOPInstanceUID: str(tmp_path / "s" / f"ct{k}.dcm")
+             for k, h in enumerate(headers)}
+    with pytest.raises(FeatureError) as err:
+        load_volume(series_geometry(rows), paths)
+    assert err.value.reason == "pixel_decode"
+    assert "beyond float32's range" in err.value.message
+    assert len(bin_edges(np.array([-1024.0, 3071.0]))) == 166  # CT: 165 bins, and one
+    with pytest.raises(ValueError, match=f"more than {MAX_BINS:,}"):
+        bin_edges(np.array([-1024.0, 3e38]))
