@@ -183,6 +183,9 @@ def series_stats(series_uid: str, files: Sequence[tuple[str, Source | str | None
             if int(getattr(ds, "SamplesPerPixel", 1) or 1) != 1:
                 raise ValueError(f"{ds.PhotometricInterpretation} colour image; statistics "
                                  "are defined for single-sample (greyscale) images")
+            # the frames the header declares, as the lake's row and the NIfTI export
+            # count them: bytes beyond them are not read as frames more
+            ds.pixel_array_options(allow_excess_frames=False)
             stored = ds.pixel_array
             stored_values, counts = stored_value_counts(stored)
             values = to_modality_units(ds, stored_values)  # finite: so is every plane

@@ -236,7 +236,12 @@ def load_volume(geometry: Geometry, paths: Mapping[str, Source | str]):
         path = paths[sop]
         try:
             ds = pydicom.dcmread(open_source(path), force=True)  # may lack a preamble
-            plane = to_modality_units(ds, ds.pixel_array)
+            ds.pixel_array_options(allow_excess_frames=False)  # the frames declared
+            stored = ds.pixel_array
+            if stored.ndim != 2:
+                raise FeatureError("not_a_volume", series, f"instance {sop} is not one "
+                                   f"greyscale plane (pixels of shape {stored.shape})")
+            plane = to_modality_units(ds, stored)
             with np.errstate(over="ignore"):
                 planes.append(plane.astype(np.float32))
             if not np.isfinite(planes[-1]).all():
@@ -244,6 +249,8 @@ def load_volume(geometry: Geometry, paths: Mapping[str, Source | str]):
                                  "float32's range (Rescale Slope and Intercept)")
         except SourceChangedError as exc:
             raise FeatureError("source_changed", series, f"{sop}: {exc}") from None
+        except FeatureError:
+            raise
         except Exception as exc:  # pydicom raises many types for undecodable pixel data
             raise FeatureError("pixel_decode", series,
                                f"cannot decode pixels of {sop}: {error_text(exc)}"

@@ -735,3 +735,32 @@ def test_a_volume_beyond_float32_and_a_span_of_too_many_bins_are_failures(tmp_pa
     assert len(bin_edges(np.array([-1024.0, 3071.0]))) == 166  # CT: 165 bins, and one
     with pytest.raises(ValueError, match=f"more than {MAX_BINS:,}"):
         bin_edges(np.array([-1024.0, 3e38]))
+
+
+def test_pixel_bytes_beyond_the_declared_frames_are_not_read_as_frames(tmp_path):
+    """A single-frame image whose pixel data holds twice its frame: pydicom returns the
+    bytes beyond as a second frame (and warns), so its statistics counted 512 pixels of a
+    16 x 16 image, and a volume of such slices could not be stacked (an unexpected
+    ``feature_error``). Now the frames the header declares are read, as the lake's row
+    and the NIfTI export count them."""
+    from etl.volumes import load_volume, series_geometry
+
+    headers = ct_series(tmp_path / "s", random.Random(18), size=16)
+    for k, ds in enumerate(headers):
+        ds.PixelData = ds.PixelData * 2
+        ds.save_as(tmp_path / "s" / f"ct{k}.dcm", enforce_file_format=True)
+    files = [(h.SOPInstanceUID, str(tmp_path / "s" / f"ct{k}.dcm"))
+             for k, h in enumerate(headers)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom's: excess padding removed
+        row = series_stats("1.2.3", files, "CT")
+    assert (row["status"], row["voxel_count"]) == ("ok", 4 * 16 * 16)
+    rows = [{"SOPInstanceUID": h.SOPInstanceUID, "SeriesInstanceUID": h.SeriesInstanceUID,
+             "ImagePositionPatient": [float(v) for v in h.ImagePositionPatient],
+             "ImageOrientationPatient": [float(v) for v in h.ImageOrientationPatient],
+             "PixelSpacing": [float(v) for v in h.PixelSpacing], "Rows": h.Rows,
+             "Columns": h.Columns} for h in headers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        image = load_volume(series_geometry(rows), dict(files))
+    assert image.GetSize() == (16, 16, 4)
