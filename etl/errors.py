@@ -140,4 +140,3 @@ class GeometryMismatchError(FeatureError):
             f"mask {what} {actual} does not match image {what} {expected} "
             f"(series {series_uid}); the lake never resamples a mask: export the mask on the "
             "image's grid", mask_uid)
-

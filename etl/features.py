@@ -21,6 +21,7 @@ of several parameter sets live side by side, each exactly once.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import threading
@@ -242,7 +243,9 @@ def prepare_batch(tasks: list[SeriesTask]) -> Prepared:
             with quietly():
                 result = prepare_series(task)
         except Exception as exc:  # one odd series never stops the batch
-            log.exception("series %s", task.series_uid)
+            # the error without the values it quotes (the traceback at debug level)
+            log.error("series %s: %s", task.series_uid, error_text(exc))
+            log.debug("series %s", task.series_uid, exc_info=True)
             result = Prepared(_empty_rows())
             result.rows["feature_failures"].append(_failure(
                 task.series_uid, "volume", FeatureError(
@@ -306,7 +309,8 @@ def compute_segments(units: list[SegmentUnit], volumes: dict[str, VolumeSource],
             rows["feature_failures"].append(_failure(uid, "volume", err))
             continue
         except Exception as exc:  # one odd volume never stops the batch
-            log.exception("series %s", uid)
+            log.error("series %s: %s", uid, error_text(exc))
+            log.debug("series %s", uid, exc_info=True)
             rows["feature_failures"].append(_failure(uid, "volume", FeatureError(
                 "feature_error", uid, error_text(exc), unit.mask_uid)))
             continue
@@ -635,9 +639,14 @@ def compute_features(lake: Lake, config: FeaturesConfig | None = None) -> Featur
     with _runner(config) as run:
         # named keys: Dask runs independent tasks in key order, so the units of a series
         # run one after the other and share the volume a worker has read
+        # (numbered per call too: a key computed again in halves names another batch)
+        calls = itertools.count()
+
         def stage1(parts: list[list[SeriesTask]]) -> list[Prepared]:
+            call = next(calls)
             return run([dask.delayed(prepare_batch, pure=False)(
-                b, dask_key_name=f"series-{run_id}-{i:06d}") for i, b in enumerate(parts)])
+                b, dask_key_name=f"series-{run_id}-{call:04d}-{i:06d}")
+                for i, b in enumerate(parts)])
 
         # a series or segment that kills its worker process (a decoder's crash, the
         # memory exhausted) is found by computing its batch again in halves: a failure
@@ -648,9 +657,10 @@ def compute_features(lake: Lake, config: FeaturesConfig | None = None) -> Featur
         unit_batches = segment_batches(units, config.batch_segments)
 
         def stage2(parts: list[list[SegmentUnit]]) -> list[SegmentResults]:
+            call = next(calls)
             return run([dask.delayed(compute_segments, pure=False)(
                 b, {u.series_uid: volumes[u.series_uid] for u in b}, params, run_id,
-                dask_key_name=f"segments-{run_id}-{i:06d}")
+                dask_key_name=f"segments-{run_id}-{call:04d}-{i:06d}")
                 for i, b in enumerate(parts)])
 
         done = bisect_crashes(stage2, run.reset, unit_batches, _crashed_units, _join_results)
