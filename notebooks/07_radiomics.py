@@ -83,7 +83,7 @@ param_sets
 
 # %%
 features = cat.df("""
-    SELECT w.*, c.BodyPartExamined
+    SELECT w.*, c.BodyPartExamined, c.Modality
     FROM radiomics_wide w
     JOIN series c USING (SeriesInstanceUID)
     WHERE w.param_hash = $param_hash
@@ -92,7 +92,11 @@ features = cat.df("""
 """, {"param_hash": PARAM_HASH})
 assert features.param_hash.nunique() == 1  # one parameter set: comparable values
 print(f"{len(features)} segments of {features.SeriesInstanceUID.nunique()} series; "
-      f"{features.shape[1] - 8} feature columns")
+      f"{features.shape[1] - 9} feature columns")
+# the segment label most CT series have (a tie: the highest), for the examples below
+ct = features[features.Modality == "CT"]
+by_label = (ct if len(ct) else features).groupby("segment_label").SeriesInstanceUID.nunique()
+LABEL = max(by_label.index, key=lambda label: (by_label[label], label))
 features.groupby("segment_label").size()
 
 # %% [markdown]
@@ -127,38 +131,50 @@ fig.tight_layout()
 # %% [markdown]
 # ## A cross-validated model on a synthetic label
 #
-# The label here is the segment itself (dense tissue against soft tissue), so
-# the model should find it; with a real outcome table, join it on
-# SeriesInstanceUID instead.
+# The label here is the segment itself (`LABEL` against the others: dense tissue
+# against soft tissue in the test lakes), so the model should find it; with a
+# real outcome table, join it on SeriesInstanceUID instead.
 
 # %%
 X = features[chosen].fillna(0).to_numpy()
-y = (features.segment_label == features.segment_label.max()).to_numpy().astype(int)
-folds = max(2, min(5, int(np.bincount(y).min())))
-model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
-scores = cross_val_score(model, X, y, cv=StratifiedKFold(folds, shuffle=True, random_state=0))
-print(f"{folds}-fold accuracy: {scores.mean():.2f} (+/- {scores.std():.2f})")
+y = (features.segment_label == LABEL).to_numpy().astype(int)
+scores = None
+if np.bincount(y, minlength=2).min() < 2:
+    print(f"the model needs two segments labelled {LABEL!r} and two others at least")
+else:
+    folds = min(5, int(np.bincount(y).min()))
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+    scores = cross_val_score(model, X, y,
+                             cv=StratifiedKFold(folds, shuffle=True, random_state=0))
+    print(f"{folds}-fold accuracy: {scores.mean():.2f} (+/- {scores.std():.2f})")
 scores
 
 # %% [markdown]
 # ## A cohort by feature threshold
 #
 # The same features select series in a declarative cohort spec: here the CT
-# series whose dense segment (label 2) is larger than the median, with the
-# parameter set above. `check_against` refuses a feature, segment or parameter
-# set the lake does not have (`cohorts.save` runs it before pinning a cohort to
-# the snapshot); `cohorts.members` gives the matching SeriesInstanceUIDs.
+# series whose segment `LABEL` (the dense one, label 2, in the test lakes) is
+# larger than the median, with the parameter set above. `check_against` refuses
+# a feature, segment or parameter set the lake does not have (`cohorts.save`
+# runs it before pinning a cohort to the snapshot); `cohorts.members` gives the
+# matching SeriesInstanceUIDs.
 
 # %%
-dense = features[features.segment_label == "2"]
-threshold = float(dense.shape_VoxelVolume.median())
-big_dense = where.modality("CT") & where.feature(
-    "shape_VoxelVolume", min=threshold, segment=2, params=features.param_hash.iloc[0])
-check_against(cat, big_dense)
-members = cohorts.members(cat, big_dense)
-assert set(members) == set(dense.SeriesInstanceUID[dense.shape_VoxelVolume >= threshold])
-print(f"{len(members)} of {dense.SeriesInstanceUID.nunique()} series")
-print(compile_spec(big_dense, members=True).sql)
+if ct.empty:
+    print("this lake has no CT segment with features: the example needs some")
+else:
+    # a segment is named by its label (text) or, when it has none, by its number
+    segment = LABEL or int(ct.segment_number[ct.segment_label == LABEL].iloc[0])
+    dense = ct[ct.segment_label == LABEL] if LABEL else ct[ct.segment_number == segment]
+    threshold = float(dense.shape_VoxelVolume.median())
+    big_dense = where.modality("CT") & where.feature(
+        "shape_VoxelVolume", min=threshold, segment=segment,
+        params=features.param_hash.iloc[0])
+    check_against(cat, big_dense)
+    members = cohorts.members(cat, big_dense)
+    assert set(members) == set(dense.SeriesInstanceUID[dense.shape_VoxelVolume >= threshold])
+    print(f"{len(members)} of {dense.SeriesInstanceUID.nunique()} series")
+    print(compile_spec(big_dense, members=True).sql)
 
 # %%
 cat.close()
