@@ -206,7 +206,7 @@ def series_stats(series_uid: str, files: Sequence[tuple[str, Source | str | None
         hist.add(values, counts)
         units = units or _units(ds, modality)
         for plane in stored.reshape((-1, *stored.shape[-2:])):
-            sigma = immerkaer_sigma(to_modality_units(ds, plane))
+            sigma = immerkaer_sigma(to_modality_units(ds, plane, checked=False))
             if sigma is not None and math.isfinite(sigma):  # not if a sum overflows
                 noise.append(sigma)
         burned_in = burned_in or str(getattr(ds, "BurnedInAnnotation", "")).upper() == "YES"

@@ -187,12 +187,14 @@ def series_geometry(rows: Sequence[dict], series_uid: str = "") -> Geometry:
     return geo
 
 
-def to_modality_units(ds, arr: np.ndarray) -> np.ndarray:
+def to_modality_units(ds, arr: np.ndarray, checked: bool = True) -> np.ndarray:
     """Stored values -> modality units (Rescale Slope/Intercept or the Modality LUT).
 
     Raises ValueError when the rescale cannot give numbers: an empty Rescale Slope or
-    Intercept, or one that makes a value infinite or NaN (a damaged header), so that
-    such an instance is a pixel failure and never a statistic of infinities.
+    Intercept, or (``checked``) one that makes a value infinite or NaN (a damaged
+    header), so that such an instance is a pixel failure and never a statistic of
+    infinities. ``checked=False`` spares that pass over pixels whose distinct values
+    were converted with the check already.
     """
     from pydicom.pixels import apply_modality_lut
 
@@ -200,7 +202,7 @@ def to_modality_units(ds, arr: np.ndarray) -> np.ndarray:
             and (ds.RescaleSlope is None or ds.RescaleIntercept is None):
         raise ValueError("Rescale Slope or Rescale Intercept is empty")
     out = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
-    if not np.isfinite(out).all():
+    if checked and not np.isfinite(out).all():
         raise ValueError(f"Rescale Slope {ds.get('RescaleSlope')!s} and Intercept "
                          f"{ds.get('RescaleIntercept')!s} give values that are not finite")
     return out
