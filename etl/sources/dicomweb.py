@@ -13,11 +13,15 @@ duplicate, not a conflict). HTTP requests are retried with exponential backoff
 from __future__ import annotations
 
 import logging
+import re
 import threading
+import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
+from typing import TypeVar
 
 from etl.errors import SourceError
 from etl.sources.staging import Staging
@@ -26,6 +30,7 @@ log = logging.getLogger(__name__)
 
 STUDY_UID, SERIES_UID, SOP_UID = "0020000D", "0020000E", "00080018"
 RETRY_STATUS = (429, 500, 502, 503, 504)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,7 @@ class DicomWebSource:
 
     def _explain(self, exc: Exception) -> SourceError:
         import requests
+        from requests.exceptions import ChunkedEncodingError, JSONDecodeError
 
         if isinstance(exc, requests.HTTPError) and exc.response is not None:
             code = exc.response.status_code
@@ -76,6 +82,17 @@ class DicomWebSource:
                     404: "no DICOMweb service at this URL (check the path, e.g. /dicom-web)",
                     }.get(code, exc.response.reason or "error")
             return SourceError(self.url, f"the server answered HTTP {code} ({hint})")
+        if isinstance(exc, _WrongAnswer):
+            return SourceError(self.url, str(exc))
+        if isinstance(exc, _BrokenAnswer):
+            return SourceError(self.url, f"{exc}, after {self.retries} attempts")
+        if isinstance(exc, _BodyError | ChunkedEncodingError):
+            return SourceError(self.url, "the connection broke off during an answer, after "
+                                         f"{self.retries} attempts")
+        if isinstance(exc, JSONDecodeError):
+            return SourceError(self.url, "the server's search answer is not valid JSON, after "
+                                         f"{self.retries} attempts (cut short, or not a "
+                                         "DICOMweb service at this URL?)")
         if isinstance(exc, requests.ConnectionError | requests.Timeout):
             return SourceError(self.url, f"cannot connect after {self.retries} attempts "
                                          f"({type(exc).__name__}); is the server running "
@@ -86,21 +103,46 @@ class DicomWebSource:
     # -- listing ---------------------------------------------------------------
     def list_instances(self) -> Iterator[tuple[str, str, str]]:
         """(study, series, instance) UIDs of every instance the filters select."""
+        from requests.exceptions import ChunkedEncodingError, JSONDecodeError
+
         client = self._client()
+        broke = (JSONDecodeError, ChunkedEncodingError)
+        unusable = 0
         try:
-            series = client.search_for_series(search_filters=dict(self.filters),
-                                              get_remaining=True)
+            series = self._again(lambda: client.search_for_series(
+                search_filters=dict(self.filters), get_remaining=True), broke)
             for s in series:
                 study_uid, series_uid = _value(s, STUDY_UID), _value(s, SERIES_UID)
                 if not study_uid or not series_uid:
+                    unusable += 1
                     continue
-                for i in client.search_for_instances(study_uid, series_uid,
-                                                     get_remaining=True):
+                found = self._again(partial(client.search_for_instances, study_uid,
+                                            series_uid, get_remaining=True), broke)
+                for i in found:
                     sop = _value(i, SOP_UID)
                     if sop:
                         yield study_uid, series_uid, sop
+                    else:
+                        unusable += 1
         except Exception as exc:  # requests' and the client's errors -> one clear line
             raise self._explain(exc) from None
+        if unusable:
+            log.warning("%d search results of %s had no usable UID (none, or one that cannot "
+                        "go into a URL) and were left out", unusable, self.url)
+
+    def _again(self, call: Callable[[], T], broke: tuple[type[Exception], ...]) -> T:
+        """``call()``, made again (with the backoff) while it fails with ``broke``: an
+        answer whose body broke off. Failures of the request itself are urllib3's to
+        retry (the session's adapter), and are not retried twice."""
+        for attempt in range(self.retries):
+            try:
+                return call()
+            except broke:
+                if attempt + 1 >= self.retries:
+                    raise
+                log.debug("answer broke off; retrying", exc_info=True)
+                time.sleep(self.backoff * 2 ** attempt)
+        raise AssertionError("unreachable")
 
     # -- fetching --------------------------------------------------------------
     def fetch(self, todo: list[tuple[str, str, str]], staging: Staging,
@@ -135,12 +177,14 @@ class DicomWebSource:
             whole, study, series, sops = job
             try:
                 if whole:
-                    n = _retrieve_series_raw(local.client, staging, study, series)
+                    n = self._again(lambda: _retrieve_series_raw(local.client, staging,
+                                                                 study, series), _BODY_BROKE)
                     if n != len(sops):  # the series changed since it was listed
                         raise _SeriesChanged(f"the series answer held {n} instances, "
                                              f"{len(sops)} were listed; retried next run")
                 else:
-                    _retrieve_raw(local.client, staging, study, series, sops[0])
+                    self._again(lambda: _retrieve_raw(local.client, staging, study, series,
+                                                      sops[0]), _BODY_BROKE)
             except _SeriesChanged as exc:
                 with lock:
                     failed.update(dict.fromkeys(sops, str(exc)))
@@ -165,19 +209,124 @@ class _SeriesChanged(Exception):
     pass
 
 
+class _BrokenAnswer(Exception):
+    """An answer cut short (made again)."""
+
+
+class _BodyError(Exception):
+    """Reading an answer's body failed (the connection broke off or timed out; made
+    again)."""
+
+
+class _WrongAnswer(Exception):
+    """An answer that is whole but not what was asked (not made again); its message
+    quotes nothing of the answer but its media type."""
+
+
 _ACCEPT_ANY = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+_MEDIA_TYPE = re.compile(r"[A-Za-z0-9.+/-]{1,60}")
+
+#: what reading a WADO-RS answer raises when its body breaks off (the request itself was
+#: answered; urllib3 retries the requests that fail before an answer)
+_BODY_BROKE = (_BrokenAnswer, _BodyError)
+
+
+class _Tracked:
+    """An answer as dicomweb-client's multipart decoder reads it (streamed), noting when
+    its body has ended and whether the closing boundary came (the decoder checks
+    neither: at the end of the body it gives the bytes after the last boundary as a
+    part)."""
+
+    def __init__(self, response, boundary: bytes):
+        self.response = response
+        self.headers = response.headers
+        self.close = b"--" + boundary + b"--"
+        self.ended = self.closed = False
+
+    def __enter__(self) -> _Tracked:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.response.close()
+
+    def iter_content(self, chunk_size: int | None = None) -> Iterator[bytes]:
+        import requests
+
+        tail = b""
+        try:
+            for chunk in self.response.iter_content(chunk_size=chunk_size):
+                if not self.closed:
+                    seen = tail + chunk
+                    self.closed = self.close in seen
+                    tail = seen[-len(self.close):]
+                yield chunk
+        except requests.RequestException as exc:
+            raise _BodyError(type(exc).__name__) from exc
+        self.ended = True
+
+
+def _boundary(content_type: str) -> bytes | None:
+    for item in content_type.split(";")[1:]:
+        attr, _, value = item.strip().partition("=")
+        if attr.lower() == "boundary" and value.strip('"'):
+            return value.strip('"').encode("utf-8")
+    return None
+
+
+def _instances(client, url: str) -> Iterator[bytes]:
+    """The instances of a WADO-RS answer, each only when it is known whole: a multipart
+    part once the next boundary has arrived, a single-part answer as a whole body (its
+    Content-Length is checked by urllib3). A multipart answer whose body ends without
+    its closing boundary was cut short (:class:`_BrokenAnswer`): the part the end of
+    the body closes is not given."""
+    import requests
+
+    response = client._http_get(url, headers={"Accept": _ACCEPT_ANY}, stream=True)
+    ctype = response.headers.get("Content-Type", "")
+    media = ctype.split(";")[0].strip().lower()
+    boundary = _boundary(ctype)
+    if media == "application/dicom" or (media == "multipart/related" and not boundary):
+        try:  # a non-compliant single-part answer
+            yield response.content
+        except requests.RequestException as exc:
+            raise _BodyError(type(exc).__name__) from exc
+        return
+    if media != "multipart/related" or boundary is None:
+        response.close()
+        shown = media if _MEDIA_TYPE.fullmatch(media) else "an unknown media type"
+        raise _WrongAnswer(f"the server answered {shown}, not DICOM (a login page or a "
+                           "proxy in the way?)")
+    tracked = _Tracked(response, boundary)
+    cut = _BrokenAnswer("an answer ended before its closing boundary (the connection was "
+                        "closed early)")
+    parts = client._decode_multipart_message(tracked, stream=True)
+    while True:
+        try:
+            part = next(parts)
+        except StopIteration:
+            break
+        except ValueError:  # a part without a blank line after its headers
+            if tracked.ended and not tracked.closed:
+                raise cut from None
+            raise _WrongAnswer("a part of the server's multipart answer has no headers") \
+                from None
+        if tracked.ended:
+            raise cut
+        yield part
+    if not tracked.closed:
+        raise cut
 
 
 def _retrieve_series_raw(client, staging: Staging, study: str, series: str) -> int:
     """WADO-RS Retrieve Series, each part written byte for byte as it arrives (memory
     holds one instance at a time); returns the number of instances written. The
-    files are named by their position in the answer (the pipeline reads the UIDs)."""
+    files are named by their position in the answer (the pipeline reads the UIDs); an
+    answer made again after breaking off writes the same names."""
     from dicomweb_client.web import _Transaction
 
     url = client._get_series_url(_Transaction.RETRIEVE, study, series)
-    response = client._http_get(url, headers={"Accept": _ACCEPT_ANY}, stream=True)
     n = 0
-    for part in client._decode_multipart_message(response, stream=True):
+    for part in _instances(client, url):
         staging.write(study, series, f"part-{n:06d}", part)
         n += 1
     return n
@@ -193,16 +342,25 @@ def _retrieve_raw(client, staging: Staging, study: str, series: str, sop: str) -
     from dicomweb_client.web import _Transaction
 
     url = client._get_instances_url(_Transaction.RETRIEVE, study, series, sop)
-    response = client._http_get(url, headers={"Accept": _ACCEPT_ANY})
-    if response.headers.get("Content-Type", "").startswith("application/dicom"):
-        parts = [response.content]  # a non-compliant single-part answer
-    else:
-        parts = list(client._decode_multipart_message(response, stream=False))
+    parts = list(_instances(client, url))
     if len(parts) != 1:
-        raise ValueError(f"expected one instance, the server sent {len(parts)} parts")
+        raise _WrongAnswer(f"the answer for one instance held {len(parts)} parts")
     staging.write(study, series, sop, parts[0])
 
 
-def _value(item: dict, tag: str) -> str | None:
-    v = item.get(tag, {}).get("Value")
-    return str(v[0]) if v else None
+#: a UID as it may go into a WADO-RS path: DICOM UIDs are digits and dots (PS3.5 9.1);
+#: a server's non-conforming UID is taken when nothing in it could change the path
+_PATH_SAFE = re.compile(r"[^/?#%\\\s\x00-\x1f\x7f]{1,128}")
+
+
+def _value(item: object, tag: str) -> str | None:
+    """The first value of ``tag`` in a search result (DICOM JSON), None when it has none
+    or it could not be a UID in a URL path."""
+    if not isinstance(item, dict):
+        raise _WrongAnswer("a search answer is not a list of DICOM JSON objects")
+    element = item.get(tag)
+    values = element.get("Value") if isinstance(element, dict) else None
+    if not isinstance(values, list) or not values or not isinstance(values[0], str):
+        return None
+    uid = values[0].strip(" \x00")
+    return uid if _PATH_SAFE.fullmatch(uid) else None

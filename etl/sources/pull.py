@@ -89,13 +89,19 @@ def ingest_remote(lake: Lake, source: RemoteSource, config: IngestConfig | None 
              out.already_fetched, len(todo))
     staging = Staging(lake, source.kind)
     out.staging = str(staging.root)
-    failed = source.fetch(todo, staging, lambda d, t: progress("fetch", d, t),
-                          listed=listed) if todo else {}
-    out.fetch_seconds = time.perf_counter() - t0
-    out.failed = len(failed)
-    out.fetched = len(todo) - len(failed)
-    run = ingest(lake, staging.files, config, progress, key_file=key_file,
-                 source_kind=source.kind)
+    try:
+        failed = source.fetch(todo, staging, lambda d, t: progress("fetch", d, t),
+                              listed=listed) if todo else {}
+        out.fetch_seconds = time.perf_counter() - t0
+        out.failed = len(failed)
+        out.fetched = len(todo) - len(failed)
+        run = ingest(lake, staging.files, config, progress, key_file=key_file,
+                     source_kind=source.kind)
+    except BaseException:
+        # what was fetched is not remembered (the state is saved below), so the next run
+        # fetches it again: the staged copies would only stay in the vault
+        staging.discard()
+        raise
     out.run = run
     # remember what is now in the lake (or quarantined) and what must be retried
     for _study, _series, sop in todo:

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from etl.errors import SourceError
 from lakehouse import Lake
 from lakehouse.schemas import VAULT
 from lakehouse.storage import Storage
@@ -90,6 +91,10 @@ class Staging:
             raise
         return dest
 
+    def discard(self) -> None:
+        """Remove this staging folder and everything in it."""
+        shutil.rmtree(self.root, ignore_errors=True)
+
     @staticmethod
     def remove_empty(root: Path) -> None:
         """Remove a staging folder's temporary files and empty folders (and the folder
@@ -143,8 +148,19 @@ class FetchState:
             data = json.loads(lake.storage.read_text(rel))
         except FileNotFoundError:
             return cls(where, source, storage=lake.storage, rel=rel)
-        return cls(where, source, dict(data.get("fetched", {})), dict(data.get("failed", {})),
-                   storage=lake.storage, rel=rel)
+        except (ValueError, OSError) as exc:  # UnicodeDecodeError and JSONDecodeError
+            raise SourceError(source, f"cannot read what earlier runs fetched, {where} "
+                                      f"({type(exc).__name__}); move the file away to fetch "
+                                      "everything again (what the lake holds is then a "
+                                      "duplicate)") from None
+        fetched, failed = (data.get(k) if isinstance(data, dict) else None
+                           for k in ("fetched", "failed"))
+        if not isinstance(fetched, dict) or not isinstance(failed, dict):
+            raise SourceError(source, f"{where} is not a state file of this tool (no "
+                                      "'fetched' and 'failed' objects); move it away to fetch "
+                                      "everything again")
+        return cls(where, source, {str(k): str(v) for k, v in fetched.items()},
+                   {str(k): str(v) for k, v in failed.items()}, storage=lake.storage, rel=rel)
 
     def save(self) -> None:
         data = {"source": self.source, "updated_at": datetime.now(UTC).isoformat(),

@@ -1,0 +1,169 @@
+"""A real HTTP server on loopback in front of a DICOMweb server, damaging its answers.
+
+Each GET is forwarded to the target; ``plan(path, n)`` (the request's path and its number,
+from 1) names the fault to apply to the answer, or None to forward it as is. The faults
+are what networks, proxies and servers do to an answer:
+
+- ``"500"``, ``"503"``: that status, no body;
+- ``"close"``: no Content-Length; part of the body, then the connection is closed (the
+  end of an HTTP/1.0 body: the client cannot tell it from the whole);
+- ``"short"``: the whole body's Content-Length, part of the body, then closed;
+- ``"chunked-cut"``: chunked transfer, part of the body, closed before the last chunk;
+- ``"garbage"``: bytes in the middle of the body overwritten (same length, framing kept);
+- ``"drop-part"``, ``"repeat-part"``: one part of a multipart answer removed, or sent
+  twice (framing kept);
+- ``"no-close"``: a multipart answer without its closing boundary (complete parts);
+- ``"html"``: status 200 with an HTML error page (a portal or a misconfigured proxy);
+- ``"json-cut"``: a JSON answer (QIDO-RS) cut in the middle, Content-Length of what is
+  sent;
+- ``"stall"``: no answer for ``stall`` seconds, then the connection is closed.
+"""
+
+from __future__ import annotations
+
+import http.server
+import random
+import re
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Callable
+
+FAULTS = ("500", "503", "close", "short", "chunked-cut", "garbage", "drop-part",
+          "repeat-part", "no-close", "html", "json-cut", "stall")
+
+
+def _parts(body: bytes, content_type: str) -> tuple[bytes, list[bytes]] | None:
+    """(boundary, parts with their headers) of a multipart body; None if it is not one."""
+    m = re.search(r'boundary="?([^";]+)"?', content_type)
+    if not content_type.startswith("multipart/") or not m:
+        return None
+    boundary = m.group(1).encode()
+    chunks = body.split(b"--" + boundary)
+    # chunks[0] is the preamble, the last one "--" and the epilogue
+    return boundary, [c[2:-2] if c.startswith(b"\r\n") else c for c in chunks[1:-1]]
+
+
+def _join(boundary: bytes, parts: list[bytes], close: bool = True) -> bytes:
+    out = b"".join(b"--" + boundary + b"\r\n" + p + b"\r\n" for p in parts)
+    return out + (b"--" + boundary + b"--\r\n" if close else b"")
+
+
+class FaultProxy:
+    def __init__(self, target: str, plan: Callable[[str, int], str | None],
+                 seed: int = 0, stall: float = 3.0):
+        self.target, self.plan, self.stall = target, plan, stall
+        self.rng = random.Random(seed)
+        self.lock = threading.Lock()
+        self.count = 0
+        self.applied: Counter[str] = Counter()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                with proxy.lock:
+                    proxy.count += 1
+                    fault = proxy.plan(self.path, proxy.count)
+                    cut = proxy.rng.random()
+                if fault:
+                    with proxy.lock:
+                        proxy.applied[fault] += 1
+                proxy._answer(self, fault, cut)
+
+            def log_message(self, *args):
+                pass
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request, client_address):
+                pass  # a client that gave up on a stalled or damaged answer
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self) -> FaultProxy:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- answering -------------------------------------------------------------------
+    def _answer(self, h: http.server.BaseHTTPRequestHandler, fault: str | None,
+                cut: float) -> None:
+        if fault in ("500", "503"):
+            h.send_response(int(fault))
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
+        if fault == "stall":
+            time.sleep(self.stall)
+            h.close_connection = True
+            return
+        req = urllib.request.Request(self.target + h.path,
+                                     headers={"Accept": h.headers["Accept"] or "*/*"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                status, ctype, body = r.status, r.headers["Content-Type"] or "", r.read()
+        except urllib.error.HTTPError as exc:
+            status, ctype, body = exc.code, exc.headers["Content-Type"] or "", exc.read()
+        if fault == "html":
+            ctype, body = "text/html", b"<html><body>Gateway says hello</body></html>"
+        elif fault == "json-cut" and ctype.startswith("application/dicom+json"):
+            body = body[:max(1, int(len(body) * cut))]
+        elif fault == "garbage" and len(body) > 64:
+            start = 32 + int((len(body) - 64) * cut)
+            n = min(256, len(body) - start)
+            body = body[:start] + bytes(self.rng.randrange(256) for _ in range(n)) \
+                + body[start + n:]
+        elif fault in ("drop-part", "repeat-part", "no-close"):
+            split = _parts(body, ctype)
+            if split is not None:
+                boundary, parts = split
+                i = int(cut * len(parts)) if parts else 0
+                if fault == "drop-part" and parts:
+                    parts = parts[:i] + parts[i + 1:]
+                elif fault == "repeat-part" and parts:
+                    parts = parts[:i + 1] + parts[i:]
+                body = _join(boundary, parts, close=fault != "no-close")
+        h.send_response(status)
+        h.send_header("Content-Type", ctype)
+        if fault in ("close", "short", "chunked-cut"):
+            sent = body[:int(len(body) * cut)]
+            if fault == "short":
+                h.send_header("Content-Length", str(len(body)))
+            elif fault == "chunked-cut":
+                h.send_header("Transfer-Encoding", "chunked")
+            h.send_header("Connection", "close")
+            h.end_headers()
+            if fault == "chunked-cut":
+                sent = b"%x\r\n%s\r\n" % (len(sent), sent) if sent else b""
+            h.wfile.write(sent)
+            h.wfile.flush()
+            h.connection.shutdown(socket.SHUT_RDWR)
+            h.close_connection = True
+            return
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
+
+
+def request_kind(path: str) -> str:
+    """``"search"`` (QIDO-RS), ``"series"`` or ``"instance"`` (WADO-RS retrieval), or
+    ``"other"``, of a DICOMweb request's path."""
+    segments = path.split("?", 1)[0].rstrip("/").split("/")
+    if segments[-1] in ("studies", "series", "instances"):
+        return "search"
+    if len(segments) >= 2 and segments[-2] in ("series", "instances"):
+        return "series" if segments[-2] == "series" else "instance"
+    return "other"
