@@ -18,6 +18,7 @@ ingest.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
@@ -27,6 +28,9 @@ from etl.errors import SourceError
 from etl.sources.staging import Staging
 
 log = logging.getLogger(__name__)
+#: a UID as a C-FIND answer may give it: DICOM UIDs are digits and dots (PS3.5 9.1), but
+#: a PACS may hold non-conforming ones, which are asked for as they are
+_UID = re.compile(r"[^\x00-\x1f\x7f\\]{1,64}")
 
 #: Our AE title when we call the PACS.
 CALLING_AE = "LAKE"
@@ -101,8 +105,14 @@ class DimseSource:
             q.SeriesInstanceUID = ""
             for k, v in self.filters:
                 setattr(q, k, v)
-            series = [(ds.StudyInstanceUID, ds.SeriesInstanceUID)
-                      for ds in self._responses(assoc.send_c_find(q, FIND), "C-FIND series")]
+            unusable = 0
+            series = []
+            for ds in self._responses(assoc.send_c_find(q, FIND), "C-FIND series"):
+                study, ser = _uid(ds, "StudyInstanceUID"), _uid(ds, "SeriesInstanceUID")
+                if study and ser:
+                    series.append((study, ser))
+                else:
+                    unusable += 1
             for study, ser in series:
                 q = Dataset()
                 q.QueryRetrieveLevel = "IMAGE"
@@ -111,14 +121,23 @@ class DimseSource:
                 q.SOPInstanceUID = ""
                 q.SOPClassUID = ""
                 for ds in self._responses(assoc.send_c_find(q, FIND), "C-FIND instances"):
-                    out.append((study, ser, str(ds.SOPInstanceUID), str(ds.SOPClassUID)))
+                    sop = _uid(ds, "SOPInstanceUID")
+                    if sop:  # the SOP class may be missing: the C-GET then cannot take it
+                        out.append((study, ser, sop, _uid(ds, "SOPClassUID") or ""))
+                    else:
+                        unusable += 1
         finally:
-            assoc.release()
+            if assoc.is_established:
+                assoc.release()
+        if unusable:
+            log.warning("%d C-FIND answers of %s had no usable UID and were left out",
+                        unusable, self.key)
         return out
 
     def _responses(self, responses, what: str):
         for status, identifier in responses:
-            if status is None:  # timeout, abort or invalid response
+            # pynetdicom gives an empty status on a timeout, an abort or an invalid answer
+            if status is None or "Status" not in status:
                 raise SourceError(self.key, f"{what}: no response within {self.timeout:g} s "
                                             "or the association was aborted")
             code = int(status.Status)
@@ -140,7 +159,7 @@ class DimseSource:
         found = {sop: cls for _st, _se, sop, cls in listing}
         listed_per_series = Counter((st, se) for st, se, _sop, _cls in listing)
         wanted = {sop: (st, se) for st, se, sop in todo}
-        classes = sorted({found[sop] for sop in wanted if sop in found})
+        classes = sorted({found[sop] for sop in wanted if found.get(sop)})
         if len(classes) + 1 > MAX_CONTEXTS:
             classes = classes[:MAX_CONTEXTS - 1]
             log.warning("more SOP classes than one association can carry; the instances "
@@ -194,15 +213,22 @@ class DimseSource:
         finally:
             if assoc.is_established:
                 assoc.release()
-        failed = {sop: errors.get(sop, "not received") for sop in wanted if sop not in received}
+        failed = {sop: errors.get(sop, "not received" if found.get(sop) else
+                                  "the PACS did not give its SOP Class UID (C-FIND), so it "
+                                  "cannot be asked for")
+                  for sop in wanted if sop not in received}
         if todo and len(failed) == len(todo):
             raise SourceError(self.key, f"no instance could be retrieved "
                                         f"({next(iter(failed.values()))})")
         return failed
 
     def _get(self, assoc, query, model, errors: dict[str, str], sops: list[str]) -> None:
+        if not assoc.is_established:  # aborted during an earlier C-GET
+            for sop in sops:
+                errors.setdefault(sop, "C-GET: the association was aborted")
+            return
         for status, _identifier in assoc.send_c_get(query, model):
-            if status is None:
+            if status is None or "Status" not in status:
                 for sop in sops:
                     errors.setdefault(sop, "C-GET: no response or association aborted")
                 return
@@ -210,3 +236,14 @@ class DimseSource:
             if code not in (0x0000, 0xFF00, 0xFF01, 0xB000):
                 for sop in sops:
                     errors.setdefault(sop, f"C-GET failed with status 0x{code:04X}")
+
+
+def _uid(ds, keyword: str) -> str | None:
+    """A UID of a C-FIND answer; None when missing, empty, longer than 64 characters, or
+    holding control characters or a backslash."""
+    try:
+        value = ds.get(keyword)
+    except Exception:  # an element the answer encoded wrongly
+        return None
+    text = str(value).strip(" \x00") if value is not None else ""
+    return text if _UID.fullmatch(text) else None
