@@ -54,8 +54,10 @@ def _join(boundary: bytes, parts: list[bytes], close: bool = True) -> bytes:
 
 class FaultProxy:
     def __init__(self, target: str, plan: Callable[[str, int], str | None],
-                 seed: int = 0, stall: float = 3.0):
-        self.target, self.plan, self.stall = target, plan, stall
+                 seed: int = 0, stall: float = 3.0,
+                 rewrite: Callable[[str, bytes], bytes] | None = None):
+        """``rewrite(path, body)``: what every answer's body becomes before any fault."""
+        self.target, self.plan, self.stall, self.rewrite = target, plan, stall, rewrite
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.count = 0
@@ -110,13 +112,16 @@ class FaultProxy:
             time.sleep(self.stall)
             h.close_connection = True
             return
-        req = urllib.request.Request(self.target + h.path,
-                                     headers={"Accept": h.headers["Accept"] or "*/*"})
+        headers = {k: v for k, v in h.headers.items()
+                   if k.lower() not in ("host", "connection", "accept-encoding")}
+        req = urllib.request.Request(self.target + h.path, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=60) as r:
                 status, ctype, body = r.status, r.headers["Content-Type"] or "", r.read()
         except urllib.error.HTTPError as exc:
             status, ctype, body = exc.code, exc.headers["Content-Type"] or "", exc.read()
+        if self.rewrite is not None:
+            body = self.rewrite(h.path, body)
         if fault == "html":
             ctype, body = "text/html", b"<html><body>Gateway says hello</body></html>"
         elif fault == "json-cut" and ctype.startswith("application/dicom+json"):

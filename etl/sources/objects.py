@@ -35,6 +35,8 @@ class ObjectStoreSource:
     #: ``s3://bucket/prefix``
     url: str
     storage_options: dict = field(default_factory=dict, hash=False, compare=False)
+    #: what the listing said of each object: ident -> (size, MD5 from a plain ETag)
+    _listed: dict = field(default_factory=dict, hash=False, compare=False, repr=False)
 
     @property
     def key(self) -> str:
@@ -68,7 +70,11 @@ class ObjectStoreSource:
                 continue
             version = str(info.get("ETag") or f"{info.get('size')}:{info.get('LastModified')}")
             rel = posixpath.relpath(key, root)
-            yield posixpath.dirname(rel), posixpath.basename(rel), f"{key}\t{version}"
+            ident = f"{key}\t{version}"
+            size = info.get("size")
+            self._listed[ident] = (size if isinstance(size, int) else None,
+                                   _md5_of(info.get("ETag")))
+            yield posixpath.dirname(rel), posixpath.basename(rel), ident
 
     def fetch(self, todo: list[tuple[str, str, str]], staging: Staging,
               progress: Callable[[int, int], None] | None = None,
@@ -76,6 +82,7 @@ class ObjectStoreSource:
         fs, _root = self._fs()
         failed: dict[str, str] = {}
         done = 0
+        check = _Check()
         for i in range(0, len(todo), CHUNK):
             chunk = todo[i:i + CHUNK]
             keys = [item[2].split("\t", 1)[0] for item in chunk]
@@ -83,7 +90,12 @@ class ObjectStoreSource:
             for (folder, name, ident), key in zip(chunk, keys, strict=True):
                 value = data.get(key)
                 if isinstance(value, bytes | bytearray):
-                    staging.write_relative(posixpath.join(folder, name), bytes(value))
+                    why = check.why_not(fs, key, bytes(value), *self._listed.get(ident,
+                                                                                 (None, None)))
+                    if isinstance(why, str):
+                        failed[ident] = why
+                    else:
+                        staging.write_relative(posixpath.join(folder, name), why)
                 else:
                     failed[ident] = f"{type(value).__name__}: {value}"[:300]
             done += len(chunk)
@@ -93,3 +105,54 @@ class ObjectStoreSource:
             raise SourceError(self.url, f"no object could be read "
                                         f"({next(iter(failed.values()))})")
         return failed
+
+
+def _md5_of(etag: object) -> str | None:
+    """The MD5 an S3 ETag gives of an object's bytes: a plain ETag (a single PUT) is the
+    hex MD5; a multipart upload's (``...-N``) is not, and neither is an SSE-KMS or SSE-C
+    encrypted object's, which looks plain (see :class:`_Check`)."""
+    text = str(etag or "").strip('"').lower()
+    return text if len(text) == 32 and all(c in "0123456789abcdef" for c in text) else None
+
+
+class _Check:
+    """Are the bytes read an object as listed? Their size must be the listed size (a
+    body cut short without an error is not the object), and where the ETag is an MD5,
+    their MD5 must be it (bytes damaged in transfer). An object that fails is read once
+    more. An object whose size is right and whose MD5 differs, read the same twice, has
+    an ETag that is not an MD5 (an encrypted object): its bytes are taken, and the
+    run's other ETags are not checked either."""
+
+    def __init__(self) -> None:
+        self.etags_are_md5 = True
+
+    def _why(self, value: bytes, size: int | None, md5: str | None) -> str | None:
+        import hashlib
+
+        if size is not None and len(value) != size:
+            return f"read {len(value)} bytes of the {size} listed"
+        if md5 is not None and self.etags_are_md5 and hashlib.md5(value).hexdigest() != md5:
+            return "the bytes read do not match the object's ETag (MD5)"
+        return None
+
+    def why_not(self, fs, key: str, value: bytes, size: int | None,
+                md5: str | None) -> bytes | str:
+        """The object's bytes (``value`` or a second read), or why they are not it."""
+        why = self._why(value, size, md5)
+        if why is None:
+            return value
+        try:
+            again = fs.cat_file(key)
+        except Exception as exc:  # the first read's reason stands
+            log.debug("reading %s again failed: %s", key, type(exc).__name__)
+            again = None
+        if again is not None:
+            if self._why(again, size, md5) is None:
+                return again
+            if again == value and self._why(value, size, None) is None:
+                log.info("the ETags of %s are not MD5s of the objects (encrypted objects?): "
+                         "not checked", key)
+                self.etags_are_md5 = False
+                return value
+        return f"{why}, twice (cut short or damaged in transfer, or changed since it was " \
+               "listed); retried next run"
