@@ -1,8 +1,9 @@
 """A real HTTP server on loopback in front of a DICOMweb server, damaging its answers.
 
-Each GET is forwarded to the target; ``plan(path, n)`` (the request's path and its number,
-from 1) names the fault to apply to the answer, or None to forward it as is. The faults
-are what networks, proxies and servers do to an answer:
+Each request is forwarded to the target; ``plan(path, n)`` (the request's path, prefixed
+with its method and a space unless it is a GET, and its number, from 1) names the fault
+to apply to the answer, or None to forward it as is. The faults are what networks,
+proxies and servers do to an answer:
 
 - ``"500"``, ``"503"``: that status, no body;
 - ``"close"``: no Content-Length; part of the body, then the connection is closed (the
@@ -16,7 +17,9 @@ are what networks, proxies and servers do to an answer:
 - ``"html"``: status 200 with an HTML error page (a portal or a misconfigured proxy);
 - ``"json-cut"``: a JSON answer (QIDO-RS) cut in the middle, Content-Length of what is
   sent;
-- ``"stall"``: no answer for ``stall`` seconds, then the connection is closed.
+- ``"stall"``: no answer for ``stall`` seconds, then the connection is closed;
+- ``"lost-answer"``: the request is forwarded (the server does it), then the connection
+  is closed without an answer (the client cannot tell whether it was done).
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ from collections import Counter
 from collections.abc import Callable
 
 FAULTS = ("500", "503", "close", "short", "chunked-cut", "garbage", "drop-part",
-          "repeat-part", "no-close", "html", "json-cut", "stall")
+          "repeat-part", "no-close", "html", "json-cut", "stall", "lost-answer")
+#: response headers not forwarded as they came (the proxy frames the body itself)
+_HOP = ("connection", "transfer-encoding", "content-length", "keep-alive")
 
 
 def _parts(body: bytes, content_type: str) -> tuple[bytes, list[bytes]] | None:
@@ -55,9 +60,12 @@ def _join(boundary: bytes, parts: list[bytes], close: bool = True) -> bytes:
 class FaultProxy:
     def __init__(self, target: str, plan: Callable[[str, int], str | None],
                  seed: int = 0, stall: float = 3.0,
-                 rewrite: Callable[[str, bytes], bytes] | None = None):
-        """``rewrite(path, body)``: what every answer's body becomes before any fault."""
+                 rewrite: Callable[[str, bytes], bytes] | None = None,
+                 drop_headers: tuple[str, ...] = ()):
+        """``rewrite(path, body)``: what every answer's body becomes before any fault;
+        ``drop_headers``: prefixes (lower case) of answer headers not forwarded."""
         self.target, self.plan, self.stall, self.rewrite = target, plan, stall, rewrite
+        self.drop_headers = drop_headers
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.count = 0
@@ -68,14 +76,17 @@ class FaultProxy:
             protocol_version = "HTTP/1.1"
 
             def do_GET(self):
+                where = self.path if self.command == "GET" else f"{self.command} {self.path}"
                 with proxy.lock:
                     proxy.count += 1
-                    fault = proxy.plan(self.path, proxy.count)
+                    fault = proxy.plan(where, proxy.count)
                     cut = proxy.rng.random()
                 if fault:
                     with proxy.lock:
                         proxy.applied[fault] += 1
                 proxy._answer(self, fault, cut)
+
+            do_HEAD = do_PUT = do_POST = do_DELETE = do_GET
 
             def log_message(self, *args):
                 pass
@@ -114,12 +125,20 @@ class FaultProxy:
             return
         headers = {k: v for k, v in h.headers.items()
                    if k.lower() not in ("host", "connection", "accept-encoding")}
-        req = urllib.request.Request(self.target + h.path, headers=headers)
+        length = int(h.headers.get("Content-Length") or 0)
+        data = h.rfile.read(length) if length else None
+        req = urllib.request.Request(self.target + h.path, data=data, headers=headers,
+                                     method=h.command)
         try:
             with urllib.request.urlopen(req, timeout=60) as r:
-                status, ctype, body = r.status, r.headers["Content-Type"] or "", r.read()
+                status, answer, body = r.status, r.headers, r.read()
         except urllib.error.HTTPError as exc:
-            status, ctype, body = exc.code, exc.headers["Content-Type"] or "", exc.read()
+            status, answer, body = exc.code, exc.headers, exc.read()
+        if fault == "lost-answer":
+            h.connection.shutdown(socket.SHUT_RDWR)
+            h.close_connection = True
+            return
+        ctype = answer["Content-Type"] or ""
         if self.rewrite is not None:
             body = self.rewrite(h.path, body)
         if fault == "html":
@@ -143,6 +162,10 @@ class FaultProxy:
                 body = _join(boundary, parts, close=fault != "no-close")
         h.send_response(status)
         h.send_header("Content-Type", ctype)
+        for k, v in answer.items():
+            if k.lower() not in (*_HOP, "content-type", "server", "date") \
+                    and not k.lower().startswith(self.drop_headers or ("\0",)):
+                h.send_header(k, v)
         if fault in ("close", "short", "chunked-cut"):
             sent = body[:int(len(body) * cut)]
             if fault == "short":
@@ -157,6 +180,10 @@ class FaultProxy:
             h.wfile.flush()
             h.connection.shutdown(socket.SHUT_RDWR)
             h.close_connection = True
+            return
+        if h.command == "HEAD":  # the length of what a GET would give
+            h.send_header("Content-Length", answer["Content-Length"] or "0")
+            h.end_headers()
             return
         h.send_header("Content-Length", str(len(body)))
         h.end_headers()

@@ -89,15 +89,19 @@ class ObjectStoreSource:
             data = fs.cat(keys, on_error="return")
             for (folder, name, ident), key in zip(chunk, keys, strict=True):
                 value = data.get(key)
-                if isinstance(value, bytes | bytearray):
-                    why = check.why_not(fs, key, bytes(value), *self._listed.get(ident,
-                                                                                 (None, None)))
-                    if isinstance(why, str):
-                        failed[ident] = why
-                    else:
-                        staging.write_relative(posixpath.join(folder, name), why)
+                if not isinstance(value, bytes | bytearray):  # an error: read it once more
+                    try:
+                        value = fs.cat_file(key)
+                    except Exception as exc:
+                        failed[ident] = f"{type(exc).__name__}: {exc}"[:250] + \
+                            ", twice; retried next run"
+                        continue
+                why = check.why_not(fs, key, bytes(value), *self._listed.get(ident,
+                                                                             (None, None)))
+                if isinstance(why, str):
+                    failed[ident] = why
                 else:
-                    failed[ident] = f"{type(value).__name__}: {value}"[:300]
+                    staging.write_relative(posixpath.join(folder, name), why)
             done += len(chunk)
             if progress:
                 progress(done, len(todo))
@@ -146,7 +150,7 @@ class _Check:
         except Exception as exc:  # the first read's reason stands
             log.debug("reading %s again failed: %s", key, type(exc).__name__)
             again = None
-        if again is not None:
+        if isinstance(again, bytes):
             if self._why(again, size, md5) is None:
                 return again
             if again == value and self._why(value, size, None) is None:
