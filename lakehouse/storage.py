@@ -450,10 +450,26 @@ class ObjectStorage(Storage):
         mode = "create" if exclusive else "overwrite"
         try:
             self._call("write", self.fs.pipe_file, self.fs_path(rel), data, mode=mode)
-        except StorageError as exc:
-            if exclusive and "PreconditionFailed" in exc.detail:
-                raise FileExistsError(errno.EEXIST, "exists", self.uri(rel)) from None
-            raise
+        except (FileExistsError, StorageError) as exc:
+            if not exclusive or (isinstance(exc, StorageError)
+                                 and "PreconditionFailed" not in exc.detail):
+                raise
+            if self._holds(rel, data):
+                return
+            raise FileExistsError(errno.EEXIST, "exists", self.uri(rel)) from None
+
+    def _holds(self, rel: str, data: bytes) -> bool:
+        """Does ``rel`` hold exactly ``data``? An exclusive PUT refused because the object
+        exists may have been our own: the client retries a PUT whose answer it lost (the
+        connection broke after the store had written it), and the retry finds it."""
+        try:
+            held = bytes(self.fs.cat_file(self.fs_path(rel)))
+        except Exception:  # the refusal stands
+            return False
+        if held == data:
+            log.info("%s: an earlier attempt of this write succeeded (its answer was lost)",
+                     self.uri(rel))
+        return held == data
 
     def remove(self, rel: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -641,12 +657,32 @@ class LeaseLock(WriterLock):
         self._renewed = started
         return str(etag)
 
+    def _ours(self) -> str | None:
+        """The lock object's ETag when it names this lock as owner: a conditional PUT of
+        ours that the store did, though its answer was lost (the client's retry was then
+        refused: the object existed, or its ETag had changed)."""
+        s = self.storage
+        path = s.fs_path(self.rel)
+        try:
+            info = s.fs.info(path, refresh=True)
+            held = json.loads(s.fs.cat_file(path))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(held, dict) or held.get("owner") != self.owner:
+            return None
+        log.info("the write lock of %s: an earlier attempt of this PUT succeeded (its "
+                 "answer was lost)", s.url)
+        self._renewed = time.monotonic()
+        return str(info["ETag"])
+
     def acquire(self) -> None:
         s = self.storage
         try:
             self._etag = self._put(mode="create")
         except FileExistsError:
-            self._take_over()
+            self._etag = self._ours()
+            if self._etag is None:
+                self._take_over()
         except OSError as exc:
             raise StorageError(s.url, f"cannot take the write lock: {exc}"[:300]) from None
         self._thread = threading.Thread(target=self._renew_loop, daemon=True,
@@ -675,8 +711,10 @@ class LeaseLock(WriterLock):
                     datetime.fromtimestamp(expires, UTC).isoformat(timespec="seconds"))
         try:
             self._etag = self._put(IfMatch=info["ETag"])
-        except OSError:  # PreconditionFailed: another writer took it first
-            raise LakeBusyError(s.url) from None
+        except OSError:  # PreconditionFailed: another writer took it first (or we did)
+            self._etag = self._ours()
+            if self._etag is None:
+                raise LakeBusyError(s.url) from None
 
     def _renew(self) -> None:
         """Renew the lease (the caller holds the mutex); a refusal means it was lost."""
@@ -687,6 +725,10 @@ class LeaseLock(WriterLock):
         except OSError as exc:
             if "PreconditionFailed" in str(exc) or "412" in str(exc) \
                     or getattr(exc, "errno", None) == errno.EINVAL:
+                ours = self._ours()
+                if ours is not None:
+                    self._etag = ours
+                    return
                 self._lost = True
                 log.error("the write lease on %s was taken over", self.storage.url)
                 return

@@ -24,14 +24,14 @@ proxies and servers do to an answer:
 
 from __future__ import annotations
 
+import http.client
 import http.server
 import random
 import re
 import socket
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from collections import Counter
 from collections.abc import Callable
 
@@ -50,6 +50,22 @@ def _parts(body: bytes, content_type: str) -> tuple[bytes, list[bytes]] | None:
     chunks = body.split(b"--" + boundary)
     # chunks[0] is the preamble, the last one "--" and the epilogue
     return boundary, [c[2:-2] if c.startswith(b"\r\n") else c for c in chunks[1:-1]]
+
+
+def _request_body(h: http.server.BaseHTTPRequestHandler) -> bytes | None:
+    """A request's body, sent with a length or in chunks (None: no body)."""
+    if "chunked" in (h.headers.get("Transfer-Encoding") or "").lower():
+        out = bytearray()
+        while True:
+            size = int(h.rfile.readline().split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                while h.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    pass  # trailers
+                return bytes(out)
+            out += h.rfile.read(size)
+            h.rfile.readline()
+    length = int(h.headers.get("Content-Length") or 0)
+    return h.rfile.read(length) if length else None
 
 
 def _join(boundary: bytes, parts: list[bytes], close: bool = True) -> bytes:
@@ -124,16 +140,20 @@ class FaultProxy:
             h.close_connection = True
             return
         headers = {k: v for k, v in h.headers.items()
-                   if k.lower() not in ("host", "connection", "accept-encoding")}
-        length = int(h.headers.get("Content-Length") or 0)
-        data = h.rfile.read(length) if length else None
-        req = urllib.request.Request(self.target + h.path, data=data, headers=headers,
-                                     method=h.command)
+                   if k.lower() not in ("host", "connection", "accept-encoding", "expect")}
+        data = _request_body(h)
+        if data is not None:
+            headers = {k: v for k, v in headers.items() if k.lower() != "transfer-encoding"}
+            headers["Content-Length"] = str(len(data))
+        # http.client, not urllib: urllib gives a body without a Content-Type a form's type
+        target = urllib.parse.urlsplit(self.target)
+        conn = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
         try:
-            with urllib.request.urlopen(req, timeout=60) as r:
-                status, answer, body = r.status, r.headers, r.read()
-        except urllib.error.HTTPError as exc:
-            status, answer, body = exc.code, exc.headers, exc.read()
+            conn.request(h.command, h.path, body=data, headers=headers)
+            r = conn.getresponse()
+            status, answer, body = r.status, r.headers, r.read()
+        finally:
+            conn.close()
         if fault == "lost-answer":
             h.connection.shutdown(socket.SHUT_RDWR)
             h.close_connection = True

@@ -1,0 +1,121 @@
+"""A lake on object storage whose answers get lost: a real S3 server (moto, its own
+process) behind a real HTTP proxy on loopback (:mod:`tests.faultproxy`) that forwards a
+PUT, lets the store do it, and closes the connection without its answer. The client
+(s3fs, deltalake) retries the PUT, and the retry of a conditional PUT is refused: the
+object exists (``If-None-Match``) or its ETag changed (``If-Match``), by our own write.
+
+What must hold: a write that was done counts as done. The writer keeps its lease, its
+snapshot is published, a Delta commit retried as a second version of the same files is
+that commit; the run ends as without the fault, and the lake verifies.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+from catalog import open_lake
+from etl import ingest
+from lakehouse import Lake
+from lakehouse.verify import verify
+from tests.conftest import fast_config
+from tests.faultproxy import FaultProxy
+from tests.s3server import KEY, REGION, SECRET, moto_missing, run_moto
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory):
+    why = moto_missing()
+    if why:
+        pytest.skip(why)
+    with run_moto(tmp_path_factory.mktemp("moto") / "moto.log") as server:
+        server.create_bucket("lakes")
+        yield server
+
+
+class LoseAnswers:
+    """A plan: lose the answer to PUTs whose path contains ``where``, at the PUTs
+    numbered in ``which`` (from 1) of those, once armed."""
+
+    def __init__(self, where: str, which: set[int] | None = None):
+        self.where, self.which = where, which or {1}
+        self.armed, self.seen = False, 0
+
+    def __call__(self, path: str, n: int) -> str | None:
+        if not (self.armed and path.startswith("PUT ") and self.where in path.split("?")[0]):
+            return None
+        self.seen += 1
+        return "lost-answer" if self.seen in self.which else None
+
+
+@pytest.fixture()
+def proxied(moto, tmp_path, monkeypatch):
+    """A function: a fault proxy in front of the moto server with the given plan; the AWS
+    environment points at it (lakes' working folders in a temporary XDG_STATE_HOME)."""
+    proxies = []
+
+    def start(plan) -> FaultProxy:
+        proxy = FaultProxy(moto.endpoint, plan)
+        proxies.append(proxy)
+        for k, v in {"AWS_ENDPOINT_URL": proxy.url, "AWS_ACCESS_KEY_ID": KEY,
+                     "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_REGION": REGION,
+                     "XDG_STATE_HOME": str(tmp_path / "state")}.items():
+            monkeypatch.setenv(k, v)
+        return proxy
+
+    yield start
+    for proxy in proxies:
+        proxy.close()
+
+
+def test_the_write_lease_survives_lost_answers(proxied):
+    plan = LoseAnswers("_lake/write.lock", {1, 2})  # taking it, and its first renewal
+    proxy = proxied(plan)
+    lake = Lake.create("s3://lakes/lease", profile="identified")
+    plan.armed = True
+    with lake.writer("a", lease_seconds=1.5) as w:
+        assert w._lock is not None
+        w._lock._renew()
+        w._lock.check()
+        w.append("ingest_runs", pa.table({"ingest_run_id": ["a"]}))
+        w.publish("by a")
+    assert proxy.applied == {"lost-answer": 2}
+    assert [s.run_id for s in lake.snapshots()] == [None, "a"]
+    assert not lake.storage.exists("_lake/write.lock")  # released
+
+
+def test_a_snapshot_whose_answer_was_lost_is_published(proxied):
+    plan = LoseAnswers("_lake/snapshots/")
+    proxy = proxied(plan)
+    lake = Lake.create("s3://lakes/snap", profile="identified")
+    plan.armed = True
+    with lake.writer("a") as w:
+        w.append("ingest_runs", pa.table({"ingest_run_id": ["a"]}))
+        snap = w.publish("by a")
+    assert proxy.applied == {"lost-answer": 1}
+    assert snap.number == 1 and [s.run_id for s in lake.snapshots()] == [None, "a"]
+    assert lake.read("ingest_runs").column("ingest_run_id").to_pylist() == ["a"]
+
+
+@pytest.mark.slow
+def test_an_ingest_whose_commits_lose_their_answers_is_whole(proxied, archive, truth):
+    """Delta commits of the run lose their answers (the first instances commit, and
+    later ones): deltalake commits the same files again at the next version; the run
+    ends as without the fault."""
+    plan = LoseAnswers("/_delta_log/0", {1, 4, 9})
+    proxy = proxied(plan)
+    url = "s3://lakes/commits"
+    lake = Lake.create(url, profile="identified")
+    plan.armed = True
+    run = ingest(lake, archive[0], fast_config(flush_rows=60))
+    plan.armed = False
+    assert proxy.applied == {"lost-answer": 3}
+    assert run.outcomes == truth.outcomes
+    with open_lake(url) as cat:
+        assert cat.counts()["instances"] == truth.outcomes["ingested"]
+        assert cat.con.execute("SELECT count(DISTINCT SOPInstanceUID) FROM instances"
+                               ).fetchone() == (truth.outcomes["ingested"],)
+    assert verify(Lake.open(url)).problems == []
+    # the next run finds nothing to roll back and nothing to read
+    again = ingest(Lake.open(url), archive[0], fast_config())
+    assert again.files_unchanged == truth.files_total
