@@ -89,3 +89,17 @@ def run_moto(log: Path) -> Iterator[S3Server]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@contextlib.contextmanager
+def moto_bucket(tmp_path_factory, bucket: str) -> Iterator[S3Server]:
+    """A moto server (for a test module) with ``bucket`` created; skips the tests when
+    moto cannot run here."""
+    import pytest
+
+    why = moto_missing()
+    if why:
+        pytest.skip(why)
+    with run_moto(tmp_path_factory.mktemp("moto") / "moto.log") as server:
+        server.create_bucket(bucket)
+        yield server

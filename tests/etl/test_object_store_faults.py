@@ -23,7 +23,7 @@ from etl.sources import ingest_remote
 from etl.sources.objects import ObjectStoreSource
 from lakehouse import Lake
 from tests.faultproxy import FaultProxy
-from tests.s3server import KEY, REGION, SECRET, moto_missing, run_moto
+from tests.s3server import KEY, REGION, SECRET, moto_bucket
 
 CONFIG = IngestConfig(scheduler="threads", workers=2, batch_files=64)
 FILES = ("CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "JPEG2000.dcm", "emri_small.dcm",
@@ -33,11 +33,7 @@ FILES = ("CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "JPEG2000.dcm", "emri_sma
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """A moto server holding pydicom's files under s3://pacs/a/."""
-    why = moto_missing()
-    if why:
-        pytest.skip(why)
-    with run_moto(tmp_path_factory.mktemp("moto") / "moto.log") as server:
-        server.create_bucket("pacs")
+    with moto_bucket(tmp_path_factory, "pacs") as server:
         client = server.client()
         for name in FILES:
             client.put_object(Bucket="pacs", Key=f"a/{name}",

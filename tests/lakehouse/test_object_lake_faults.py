@@ -20,16 +20,12 @@ from lakehouse import Lake
 from lakehouse.verify import verify
 from tests.conftest import fast_config
 from tests.faultproxy import FaultProxy
-from tests.s3server import KEY, REGION, SECRET, moto_missing, run_moto
+from tests.s3server import KEY, REGION, SECRET, moto_bucket
 
 
 @pytest.fixture(scope="module")
 def moto(tmp_path_factory):
-    why = moto_missing()
-    if why:
-        pytest.skip(why)
-    with run_moto(tmp_path_factory.mktemp("moto") / "moto.log") as server:
-        server.create_bucket("lakes")
+    with moto_bucket(tmp_path_factory, "lakes") as server:
         yield server
 
 
