@@ -1287,7 +1287,12 @@ def _non_negative(text: str) -> int:
 
 def _os_error(exc: OSError) -> str:
     """An operating-system error as one line that names the file and the next step."""
-    what = exc.strerror or str(exc) or type(exc).__name__
+    from lakehouse.errors import one_line, storage_fault
+
+    what = one_line(exc.strerror or str(exc) or type(exc).__name__)
+    if storage_fault(what):
+        return f"{what}: the lake's storage did not answer properly (the network?): run the " \
+               "command again (a failed run leaves the lake as it was)"
     where = f" ({exc.filename})" if exc.filename else ""
     hint = {errno.EACCES: "check the permissions of that folder, or choose another one",
             errno.EPERM: "check the permissions of that folder, or choose another one",
@@ -1300,6 +1305,32 @@ def _os_error(exc: OSError) -> str:
     return f"{what}{where}: {hint}"
 
 
+def _delta_error(text: str) -> str:
+    """A failure to read the lake's tables as one line with the next step: run again when
+    the storage failed to answer, else `lake verify` (is something damaged?)."""
+    from lakehouse.errors import storage_fault
+
+    if storage_fault(text):
+        return f"the lake's storage did not answer properly: {text}; run the command again " \
+               "(a failed run leaves the lake as it was)"
+    return f"a table of the lake cannot be read: {text}; `lake verify` lists what is " \
+           "damaged (restore that from a backup); if it lists nothing, the storage failed " \
+           "to answer: run the command again"
+
+
+class _OneLineFormatter(logging.Formatter):
+    """Log lines as one line where a library's message is a coloured chain of causes
+    (deltalake's object store errors); tracebacks (``-vv``) as they are."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        text = super().formatMessage(record)
+        if "\x1b[" not in text and "↳" not in text:
+            return text
+        from lakehouse.errors import one_line
+
+        return one_line(text, 1000)
+
+
 def _below_critical_from_pydicom(record: logging.LogRecord) -> bool:
     """False for what pydicom (or a module of it) logs below CRITICAL."""
     return record.levelno >= logging.CRITICAL or not (
@@ -1309,13 +1340,16 @@ def _below_critical_from_pydicom(record: logging.LogRecord) -> bool:
 def main(argv: list[str] | None = None) -> int:
     from deltalake.exceptions import DeltaError
 
-    from lakehouse.errors import LakeError
+    from lakehouse.errors import LakeError, one_line
 
     args = build_parser().parse_args(argv)
     #: the command has the process to itself (the `lake` program, not a call of main())
     args.own_process = argv is None
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if args.own_process:
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(_OneLineFormatter("%(levelname)s %(name)s: %(message)s"))
     if args.verbose < 2:
         import warnings
 
@@ -1336,10 +1370,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except DeltaError as exc:  # a table folder or commit log damaged or removed
         logging.getLogger("lake").debug("%s failed", args.command, exc_info=True)
-        text = str(exc).strip()
-        print(f"lake {args.command}: error: a table of the lake cannot be read: "
-              f"{text.splitlines()[0] if text else type(exc).__name__}; `lake verify` lists "
-              "what is damaged: restore it from a backup", file=sys.stderr)
+        text = one_line(str(exc)) or type(exc).__name__
+        print(f"lake {args.command}: error: {_delta_error(text)}", file=sys.stderr)
         return EXIT_ERROR
     except UnicodeEncodeError as exc:  # a non-UTF-8 terminal and a name in Japanese
         print(f"lake {args.command}: error: the output holds characters that the output "
@@ -1351,6 +1383,15 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # a folder that cannot be written, a file where a folder goes...
         logging.getLogger("lake").debug("%s failed", args.command, exc_info=True)
         print(f"lake {args.command}: error: {_os_error(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as exc:
+        if not type(exc).__module__.startswith(("duckdb", "_duckdb")):
+            raise
+        # DuckDB reading the lake's files failed (its file system raised: an object store
+        # that did not answer); a mistake in `lake sql` is that command's own error
+        logging.getLogger("lake").debug("%s failed", args.command, exc_info=True)
+        print(f"lake {args.command}: error: {_delta_error(one_line(str(exc)))}",
+              file=sys.stderr)
         return EXIT_ERROR
     finally:
         # Arrow dataset scanners still referenced at interpreter shutdown can abort the

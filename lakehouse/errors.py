@@ -95,6 +95,46 @@ _QUOTED = re.compile(r"'([^'\n]*)'|\"([^\"\n]*)\"")
 _NUMBER = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?|[-+]?(inf|nan)", re.IGNORECASE)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+#: where a Rust backtrace starts in a deltalake message (nothing after it is for users)
+_BACKTRACE = re.compile(r"^(stack backtrace:?|\d+: )", re.IGNORECASE)
+#: what a message of a failed exchange with storage says (network, HTTP, object store)
+_STORAGE_FAULT = re.compile(
+    r"Generic S3 error|Error interacting with object store|HTTP error|error sending request|"
+    r"body error|Content-Length|end of file before message length|timed out|"
+    r"Connection (reset|refused|aborted|closed)|FlexibleChecksumError|"
+    r"invalid list response|ServiceUnavailable|SlowDown|InternalError", re.IGNORECASE)
+
+
+def one_line(text: str, limit: int = 400) -> str:
+    """A library's message as one line. deltalake (object_store) writes a chain of causes
+    on several lines, coloured with terminal escapes, sometimes with a backtrace: kept are
+    the first two lines and the last before any backtrace (the root cause), joined by
+    ': '. A Python traceback quoted in a message (DuckDB's, of an exception raised in a
+    file system it called) gives its last line, the exception."""
+    text = _ANSI.sub("", text)
+    if "Traceback (most recent call last)" in text:
+        tail = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        text = tail[-1] if tail else text
+    lines = []
+    for raw in text.splitlines():
+        line = raw.strip().lstrip("↳").strip(" :")
+        if _BACKTRACE.match(line):
+            break
+        if line:
+            lines.append(line)
+    if len(lines) > 3:
+        lines = [lines[0], lines[1], "…", lines[-1]]
+    out = ": ".join(lines).replace(": …: ", " … ")
+    return out if len(out) <= limit else out[:limit - 1] + "…"
+
+
+def storage_fault(text: str) -> bool:
+    """Does a message say that an exchange with the lake's storage failed (the network,
+    HTTP, an object store's answer), rather than that something is damaged?"""
+    return bool(_STORAGE_FAULT.search(text))
+
+
 def error_text(exc: BaseException) -> str:
     """``"<type>: <message>"`` of an exception raised while reading a source file, for a
     failure row: with the values it quotes left out.

@@ -37,7 +37,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from lakehouse.errors import LakeAccessError, LakeBusyError, LakeError
+from lakehouse.errors import LakeAccessError, LakeBusyError, LakeError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -412,7 +412,8 @@ class ObjectStorage(Storage):
             raise StorageError(self.url, f"{what}: access denied (check the credentials: "
                                          "AWS_ACCESS_KEY_ID / the storage options)") from None
         except Exception as exc:  # OSError, or the client's own (endpoint unreachable, ...)
-            raise StorageError(self.url, f"{what}: {type(exc).__name__}: {exc}"[:300]) from None
+            raise StorageError(self.url, one_line(f"{what}: {type(exc).__name__}: {exc}",
+                                                  300)) from None
 
     def check_bucket(self) -> None:
         bucket = self.prefix.split("/", 1)[0]

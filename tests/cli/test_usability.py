@@ -395,7 +395,9 @@ def test_a_removed_table_folder_is_one_line_and_verify_names_it(capsys, lake_cop
     code, out, err = run(capsys, "status", "--lake", str(lake_copy))
     assert (code, out) == (1, "")
     assert err.startswith("lake status: error: a table of the lake cannot be read: ")
-    assert err.endswith("; `lake verify` lists what is damaged: restore it from a backup\n")
+    assert err.endswith("; `lake verify` lists what is damaged (restore that from a backup); "
+                        "if it lists nothing, the storage failed to answer: run the command "
+                        "again\n")
     assert one_line(err)
     code, out, _ = run(capsys, "verify", "--lake", str(lake_copy))
     assert code == 1
@@ -537,3 +539,63 @@ def test_csv_writes_booleans_as_sql_does(capsys, research_lake):
     code, out, _ = run(capsys, "sql", "SELECT true AS yes, false AS no, NULL::BOOLEAN AS unknown",
                        "--lake", str(research_lake), "--format", "csv")
     assert (code, out) == (0, "yes,no,unknown\ntrue,false,\n")
+
+
+# --- a lake whose storage does not answer properly ----------------------------------------
+
+#: messages as deltalake (object_store, with a Rust backtrace) and DuckDB (an exception its
+#: fsspec file system raised) give them, seen with a fault proxy in front of moto
+_OBJECT_STORE = ("Kernel error -> Generic S3 error\n          \x1b[31m↳\x1b[0m Error performing "
+                 "GET http://127.0.0.1:1/lakes/r/_delta_log/_last_checkpoint in 5ms - HTTP "
+                 "error\n           \x1b[31m↳\x1b[0m request or response body error\n"
+                 "            \x1b[31m↳\x1b[0m error reading a body from connection\n"
+                 "             \x1b[31m↳\x1b[0m end of file before message length reached\n")
+_BACKTRACE = ("Kernel error: Json error: Truncated record whilst reading string\n\n"
+              "Stack backtrace:\n   0: <unknown>\n   1: <unknown>\n   2: clone3\n"
+              "             at ./misc/../sysdeps/unix/sysv/linux/x86_64/clone3.S:81:0\n")
+_DUCKDB = ("Traceback (most recent call last):\n  File \"/x/aiobotocore/httpchecksum.py\", "
+           "line 91, in read\nFlexibleChecksumError: Expected checksum azrfgA== did not match "
+           "calculated checksum: OPVOTA==")
+
+
+def test_library_messages_become_one_line():
+    from lakehouse.errors import one_line as flat
+    from lakehouse.errors import storage_fault
+
+    assert flat(_OBJECT_STORE) == (
+        "Kernel error -> Generic S3 error: Error performing GET http://127.0.0.1:1/lakes/r/"
+        "_delta_log/_last_checkpoint in 5ms - HTTP error … end of file before message "
+        "length reached")
+    assert flat(_BACKTRACE) == "Kernel error: Json error: Truncated record whilst reading string"
+    assert flat(_DUCKDB) == ("FlexibleChecksumError: Expected checksum azrfgA== did not match "
+                             "calculated checksum: OPVOTA==")
+    assert flat("x" * 500, 100) == "x" * 99 + "…"
+    assert storage_fault(flat(_OBJECT_STORE)) and storage_fault(flat(_DUCKDB))
+    assert not storage_fault(flat(_BACKTRACE))
+    assert not storage_fault("Generic DeltaTable error: Schema error: no field named x")
+
+
+@pytest.mark.parametrize("raised, start", [
+    (lambda: OSError(_OBJECT_STORE), "lake status: error: Kernel error -> Generic S3 error: "),
+    ("deltalake", "lake status: error: the lake's storage did not answer properly: Kernel "),
+    ("duckdb", "lake status: error: the lake's storage did not answer properly: "
+               "FlexibleChecksumError: "),
+])
+def test_a_storage_that_does_not_answer_is_one_line_that_says_run_again(capsys, monkeypatch,
+                                                                        raised, start):
+    import lake_cli
+
+    def fail(args):
+        if raised == "deltalake":
+            from deltalake.exceptions import DeltaError
+            raise DeltaError(_OBJECT_STORE)
+        if raised == "duckdb":
+            import duckdb
+            raise duckdb.IOException(_DUCKDB)
+        raise raised()
+
+    monkeypatch.setattr(lake_cli, "cmd_status", fail)
+    code, out, err = run(capsys, "status")
+    assert (code, out) == (1, "") and one_line(err) and "\x1b" not in err
+    assert err.startswith(start), err
+    assert err.endswith("run the command again (a failed run leaves the lake as it was)\n")

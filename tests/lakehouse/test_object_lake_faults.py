@@ -115,3 +115,65 @@ def test_an_ingest_whose_commits_lose_their_answers_is_whole(proxied, archive, t
     # the next run finds nothing to roll back and nothing to read
     again = ingest(Lake.open(url), archive[0], fast_config())
     assert again.files_unchanged == truth.files_total
+
+
+@pytest.mark.slow
+def test_lake_commands_on_a_faulty_store_are_one_line_and_converge(moto, archive, truth,
+                                                                      tmp_path):
+    """Any exchange with the store may fail (seeded): 500, 503, a lost answer, a body cut
+    short. `lake ingest` runs until one succeeds; each failed run says so in one line
+    (warnings aside) without a traceback, and the lake converges to the archive's."""
+    import json
+    import os
+    import random
+    import subprocess
+    import sys
+
+    rng = random.Random(2)
+    armed = [False]
+
+    def plan(path: str, n: int) -> str | None:
+        if not armed[0] or rng.random() > 0.04:
+            return None
+        if path.startswith(("PUT", "POST", "DELETE", "HEAD")):
+            return rng.choice(["500", "503", "lost-answer"] if not path.startswith("HEAD")
+                              else ["500", "503"])
+        return rng.choice(["500", "503", "close", "short", "lost-answer"])
+
+    lake_cmd = [sys.executable, "-m", "lake_cli"]
+    url = "s3://lakes/faulty"
+    with FaultProxy(moto.endpoint, plan, seed=3) as proxy:
+        env = {**os.environ, "AWS_ENDPOINT_URL": proxy.url, "AWS_ACCESS_KEY_ID": KEY,
+               "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_REGION": REGION,
+               "XDG_STATE_HOME": str(tmp_path / "state")}
+
+        def lake(*argv: str) -> subprocess.CompletedProcess:
+            return subprocess.run([*lake_cmd, *argv], env=env, capture_output=True, text=True,
+                                  timeout=600)
+
+        assert lake("init", url, "--profile", "identified").returncode == 0
+        armed[0] = True
+        failures = []
+        for _ in range(10):
+            done = lake("ingest", str(archive[0]), "--lake", url, "--scheduler", "threads",
+                        "--no-progress", "--json")
+            errors = [ln for ln in done.stderr.splitlines() if not ln.startswith("WARNING ")]
+            assert "Traceback" not in done.stderr and "\x1b" not in done.stderr, done.stderr
+            if done.returncode == 0:
+                assert errors == []
+                break
+            assert len(errors) == 1 and errors[0].startswith("lake ingest: error: "), errors
+            failures.append(errors[0])
+        else:
+            raise AssertionError(f"no run succeeded: {failures}")
+        armed[0] = False
+        assert sum(proxy.applied.values()) >= 10, proxy.applied
+        again = lake("ingest", str(archive[0]), "--lake", url, "--scheduler", "threads",
+                     "--no-progress", "--json")
+        assert again.returncode == 0, again.stderr
+        assert json.loads(again.stdout)["files_unchanged"] == truth.files_total
+        assert lake("verify", "--lake", url).returncode == 0
+        counted = lake("sql", "SELECT count(*), count(DISTINCT SOPInstanceUID) FROM instances",
+                       "--lake", url, "--format", "csv")
+    n = truth.outcomes["ingested"]
+    assert counted.stdout.strip().splitlines()[-1] == f"{n},{n}"
