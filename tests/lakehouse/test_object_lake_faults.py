@@ -121,8 +121,9 @@ def test_an_ingest_whose_commits_lose_their_answers_is_whole(proxied, archive, t
 def test_lake_commands_on_a_faulty_store_are_one_line_and_converge(moto, archive, truth,
                                                                       tmp_path):
     """Any exchange with the store may fail (seeded): 500, 503, a lost answer, a body cut
-    short. `lake ingest` runs until one succeeds; each failed run says so in one line
-    (warnings aside) without a traceback, and the lake converges to the archive's."""
+    short. Each `lake ingest` run meanwhile succeeds or says why in one line (warnings
+    aside), without a traceback; once the store mends, the next run converges to the
+    archive's lake from whatever the failed runs left."""
     import json
     import os
     import random
@@ -151,25 +152,23 @@ def test_lake_commands_on_a_faulty_store_are_one_line_and_converge(moto, archive
             return subprocess.run([*lake_cmd, *argv], env=env, capture_output=True, text=True,
                                   timeout=600)
 
+        ingest_argv = ("ingest", str(archive[0]), "--lake", url, "--scheduler", "threads",
+                       "--no-progress", "--json")
         assert lake("init", url, "--profile", "identified").returncode == 0
         armed[0] = True
-        failures = []
-        for _ in range(10):
-            done = lake("ingest", str(archive[0]), "--lake", url, "--scheduler", "threads",
-                        "--no-progress", "--json")
+        for _ in range(5):
+            done = lake(*ingest_argv)
             errors = [ln for ln in done.stderr.splitlines() if not ln.startswith("WARNING ")]
             assert "Traceback" not in done.stderr and "\x1b" not in done.stderr, done.stderr
             if done.returncode == 0:
-                assert errors == []
-                break
-            assert len(errors) == 1 and errors[0].startswith("lake ingest: error: "), errors
-            failures.append(errors[0])
-        else:
-            raise AssertionError(f"no run succeeded: {failures}")
+                assert errors == [], errors
+            else:
+                assert len(errors) == 1 and errors[0].startswith("lake ingest: error: "), errors
         armed[0] = False
         assert sum(proxy.applied.values()) >= 10, proxy.applied
-        again = lake("ingest", str(archive[0]), "--lake", url, "--scheduler", "threads",
-                     "--no-progress", "--json")
+        mended = lake(*ingest_argv)
+        assert mended.returncode == 0, mended.stderr
+        again = lake(*ingest_argv)
         assert again.returncode == 0, again.stderr
         assert json.loads(again.stdout)["files_unchanged"] == truth.files_total
         assert lake("verify", "--lake", url).returncode == 0
