@@ -1291,8 +1291,7 @@ def _os_error(exc: OSError) -> str:
 
     what = one_line(exc.strerror or str(exc) or type(exc).__name__)
     if storage_fault(what):
-        return f"{what}: the lake's storage did not answer properly (the network?): run the " \
-               "command again (a failed run leaves the lake as it was)"
+        return _storage_failed(what)
     where = f" ({exc.filename})" if exc.filename else ""
     hint = {errno.EACCES: "check the permissions of that folder, or choose another one",
             errno.EPERM: "check the permissions of that folder, or choose another one",
@@ -1311,11 +1310,16 @@ def _delta_error(text: str) -> str:
     from lakehouse.errors import storage_fault
 
     if storage_fault(text):
-        return f"the lake's storage did not answer properly: {text}; run the command again " \
-               "(a failed run leaves the lake as it was)"
+        return _storage_failed(text)
     return f"a table of the lake cannot be read: {text}; `lake verify` lists what is " \
            "damaged (restore that from a backup); if it lists nothing, the storage failed " \
            "to answer: run the command again"
+
+
+def _storage_failed(text: str) -> str:
+    """The one line for a storage that did not answer properly (``text``: its error)."""
+    return f"the lake's storage did not answer properly: {text}; run the command again " \
+           "(a failed run leaves the lake as it was)"
 
 
 class _OneLineFormatter(logging.Formatter):

@@ -84,11 +84,10 @@ class DicomWebSource:
             return SourceError(self.url, f"the server answered HTTP {code} ({hint})")
         if isinstance(exc, _WrongAnswer):
             return SourceError(self.url, str(exc))
+        if isinstance(exc, ChunkedEncodingError):
+            exc = _BrokenAnswer(_BROKE_OFF)
         if isinstance(exc, _BrokenAnswer):
             return SourceError(self.url, f"{exc}, after {self.retries} attempts")
-        if isinstance(exc, _BodyError | ChunkedEncodingError):
-            return SourceError(self.url, "the connection broke off during an answer, after "
-                                         f"{self.retries} attempts")
         if isinstance(exc, JSONDecodeError):
             return SourceError(self.url, "the server's search answer is not valid JSON, after "
                                          f"{self.retries} attempts (cut short, or not a "
@@ -210,12 +209,11 @@ class _SeriesChanged(Exception):
 
 
 class _BrokenAnswer(Exception):
-    """An answer cut short (made again)."""
+    """An answer cut short: its body broke off (the connection closed or timed out), or
+    ended before its closing boundary (made again). The message says which."""
 
 
-class _BodyError(Exception):
-    """Reading an answer's body failed (the connection broke off or timed out; made
-    again)."""
+_BROKE_OFF = "the connection broke off during an answer"
 
 
 class _WrongAnswer(Exception):
@@ -228,7 +226,7 @@ _MEDIA_TYPE = re.compile(r"[A-Za-z0-9.+/-]{1,60}")
 
 #: what reading a WADO-RS answer raises when its body breaks off (the request itself was
 #: answered; urllib3 retries the requests that fail before an answer)
-_BODY_BROKE = (_BrokenAnswer, _BodyError)
+_BODY_BROKE = (_BrokenAnswer,)
 
 
 class _Tracked:
@@ -261,7 +259,7 @@ class _Tracked:
                     tail = seen[-len(self.close):]
                 yield chunk
         except requests.RequestException as exc:
-            raise _BodyError(type(exc).__name__) from exc
+            raise _BrokenAnswer(_BROKE_OFF) from exc
         self.ended = True
 
 
@@ -289,7 +287,7 @@ def _instances(client, url: str) -> Iterator[bytes]:
         try:  # a non-compliant single-part answer
             yield response.content
         except requests.RequestException as exc:
-            raise _BodyError(type(exc).__name__) from exc
+            raise _BrokenAnswer(_BROKE_OFF) from exc
         return
     if media != "multipart/related" or boundary is None:
         response.close()

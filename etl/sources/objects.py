@@ -89,15 +89,16 @@ class ObjectStoreSource:
             data = fs.cat(keys, on_error="return")
             for (folder, name, ident), key in zip(chunk, keys, strict=True):
                 value = data.get(key)
-                if not isinstance(value, bytes | bytearray):  # an error: read it once more
+                again = not isinstance(value, bytes | bytearray)
+                if again:  # an error: read it once more, for the last time
                     try:
                         value = fs.cat_file(key)
                     except Exception as exc:
                         failed[ident] = f"{type(exc).__name__}: {exc}"[:250] + \
                             ", twice; retried next run"
                         continue
-                why = check.why_not(fs, key, bytes(value), *self._listed.get(ident,
-                                                                             (None, None)))
+                size, md5 = self._listed.get(ident, (None, None))
+                why = check.why_not(fs, key, bytes(value), size, md5, reread=not again)
                 if isinstance(why, str):
                     failed[ident] = why
                 else:
@@ -140,11 +141,14 @@ class _Check:
         return None
 
     def why_not(self, fs, key: str, value: bytes, size: int | None,
-                md5: str | None) -> bytes | str:
-        """The object's bytes (``value`` or a second read), or why they are not it."""
+                md5: str | None, reread: bool = True) -> bytes | str:
+        """The object's bytes (``value`` or, if ``reread``, a second read), or why they
+        are not it."""
         why = self._why(value, size, md5)
         if why is None:
             return value
+        if not reread:  # ``value`` is the second read already
+            return f"{why}, after a failed read; retried next run"
         try:
             again = fs.cat_file(key)
         except Exception as exc:  # the first read's reason stands

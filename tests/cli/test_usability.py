@@ -576,7 +576,8 @@ def test_library_messages_become_one_line():
 
 
 @pytest.mark.parametrize("raised, start", [
-    (lambda: OSError(_OBJECT_STORE), "lake status: error: Kernel error -> Generic S3 error: "),
+    (lambda: OSError(_OBJECT_STORE), "lake status: error: the lake's storage did not answer "
+                                     "properly: Kernel error -> Generic S3 error: "),
     ("deltalake", "lake status: error: the lake's storage did not answer properly: Kernel "),
     ("duckdb", "lake status: error: the lake's storage did not answer properly: "
                "FlexibleChecksumError: "),

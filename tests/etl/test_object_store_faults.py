@@ -111,6 +111,31 @@ def test_an_object_read_wrong_twice_is_retried_next_run(s3, tmp_path, fault, che
     assert again.run.outcomes["ingested"] == 1 and _quarantine(tmp_path / "lake") == []
 
 
+def test_an_object_is_read_at_most_twice(s3, tmp_path):
+    """A read that fails (botocore finds its checksum wrong), then a read whose bytes are
+    wrong (the store's checksums left out this time): two reads, not three."""
+    broken = "CT_small.dcm"
+    reads = 0
+
+    def plan(path: str, n: int) -> str | None:
+        nonlocal reads
+        if not (_objects(path) and path.endswith(broken)):
+            return None
+        reads += 1
+        proxy.drop_headers = CHECKSUMS if reads > 1 else ()
+        return "garbage"
+
+    lake = Lake.create(tmp_path / "lake", profile="identified")
+    with FaultProxy(s3.endpoint, plan, seed=9) as proxy:
+        pulled = _pull(proxy, lake)
+    assert reads == 2 and proxy.applied == {"garbage": 2}
+    assert (pulled.fetched, pulled.failed) == (len(FILES) - 1, 1)
+    (why,) = json.loads(Path(pulled.state_file).read_text())["failed"].values()
+    assert why == ("the bytes read do not match the object's ETag (MD5), after a failed "
+                   "read; retried next run")
+    assert _quarantine(tmp_path / "lake") == []
+
+
 def test_etags_that_are_not_md5s_are_not_held_against_the_objects(s3, tmp_path, caplog):
     """Encrypted objects (SSE-KMS, SSE-C) have ETags that look like MD5s and are not: a
     listing whose ETags are all wrong (the proxy changes them) still fetches every

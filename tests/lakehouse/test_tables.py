@@ -48,6 +48,26 @@ def test_writes_are_invisible_until_published(tmp_path):
         lake.snapshot(7)
 
 
+def test_a_local_commit_reads_only_its_own_commit_file(tmp_path, monkeypatch):
+    """A commit checks its version holds this run's commit; on object storage it also
+    looks for a repeat of it at the next version (a retry after a lost answer), which a
+    local commit (a rename) cannot have."""
+    lake = Lake.create(tmp_path / "lk")
+    read: list[tuple[str, int]] = []
+    actions = Lake.commit_actions
+
+    def counted(self, name, version):
+        read.append((name, version))
+        return actions(self, name, version)
+
+    monkeypatch.setattr(Lake, "commit_actions", counted)
+    with lake.writer("r1") as w:
+        w.append("quarantine", pa.table({"reason": ["a"]}))
+        w.append("quarantine", pa.table({"reason": ["b"]}))
+        w.publish()
+    assert read == [("quarantine", 1), ("quarantine", 2)]
+
+
 def test_unpublished_commits_are_rolled_back_by_the_next_writer(tmp_path):
     lake = Lake.create(tmp_path / "lk")
     with lake.writer("r1") as w:
