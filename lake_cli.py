@@ -344,8 +344,14 @@ def cmd_listen(args) -> int:
           f"(not stored; the senders keep them), {stats.associations} associations, "
           f"{stats.associations_rejected} rejected, {stats.associations_aborted} aborted; "
           f"{stats.batches} batches, ingested {stats.ingested}, duplicate {stats.duplicate}, "
-          f"quarantined {stats.quarantined}, kept in staging {stats.kept_in_staging}",
+          f"quarantined {stats.quarantined}, kept in staging {stats.kept_in_staging}"
+          + (f"; {stats.failed_batches} batches failed and were tried again"
+             if stats.failed_batches else ""),
           flush=True)
+    if stats.not_ingested:
+        print(f"{stats.not_ingested} received files are not ingested yet (the last batch "
+              "failed: see the error above); they are kept, and the next `lake listen` on "
+              "this lake ingests them first", flush=True)
     return 0
 
 
@@ -1049,7 +1055,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="our AE title (what senders call): 1 to 16 ASCII characters")
     sp.add_argument("--host", default="0.0.0.0", help="address to bind (default: all)")
     sp.add_argument("--batch-seconds", type=_positive_float, default=10.0,
-                    help="ingest what was received every N seconds (default 10)")
+                    help="ingest what was received every N seconds (default 10); a "
+                    "batch that fails (the lake busy) is tried again after 2N, 4N, ... "
+                    "seconds, at most 300 (or N)")
     sp.add_argument("--batch-files", type=_positive, default=1000,
                     help="... or as soon as N instances are waiting (default 1000)")
     sp.add_argument("--workers", type=_positive, help="worker processes per batch")

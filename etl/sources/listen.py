@@ -3,10 +3,16 @@
 Modalities and PACS send to it (C-STORE, or C-MOVE with it as destination).
 Each instance is written to ``vault/staging/listen-incoming-*/files/`` (temporary
 name, fsync, rename) *before* the sender is told Success; if it cannot be written
-the sender gets 0xA700 (out of resources) and keeps the instance. Every
-``batch_seconds`` (or ``batch_files`` instances) the received files are moved
-to a batch folder and ingested by the folder pipeline; quarantined ones stay
-there. Files left by a listener that was killed are picked up by the next one.
+the sender gets 0xA700 (out of resources) and keeps the instance. Two instances
+sent with the same SOPInstanceUID are both kept (the lake then records a
+duplicate or a conflict). Every ``batch_seconds`` (or ``batch_files``
+instances) the received files are moved to a batch folder and ingested by the
+folder pipeline; quarantined ones stay there. A batch that cannot be ingested
+(another process writing to the lake, a storage fault) goes back to the
+received files and is tried again, after a wait that doubles up to
+:data:`RETRY_MAX_SECONDS`; the listener goes on receiving. Files left by a
+listener that was stopped or killed before ingesting them are picked up by the
+next one.
 """
 
 from __future__ import annotations
@@ -26,13 +32,15 @@ import pyarrow.compute as pc
 from etl.config import IngestConfig
 from etl.jobs import RunSummary, ingest
 from etl.sources.pull import DONE_OUTCOMES
-from etl.sources.staging import Staging
+from etl.sources.staging import Staging, place_new
 from lakehouse import Lake
 
 log = logging.getLogger(__name__)
 
 SOURCE_KIND = "dimse-listen"
 VERIFICATION = "1.2.840.10008.1.1"  # C-ECHO
+#: the longest wait before a batch that could not be ingested is tried again
+RETRY_MAX_SECONDS = 300.0
 
 
 @dataclass
@@ -50,10 +58,21 @@ class ListenStats:
     quarantined: int = 0
     skipped: int = 0
     kept_in_staging: int = 0
+    #: batches that could not be ingested (their files were tried again later)
+    failed_batches: int = 0
+    #: received files not ingested when the listener stopped (the next one ingests them)
+    not_ingested: int = 0
     errors: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+def _peer(event) -> str:
+    """Who an association event is about: the calling AE title and its address."""
+    requestor = event.assoc.requestor
+    title = str(requestor.ae_title or "").strip() or "an unnamed AE"
+    return f"{title} at {requestor.address}"
 
 
 class Listener:
@@ -76,6 +95,7 @@ class Listener:
         self.stats = ListenStats()
         self._lock = threading.Lock()
         self._pending = 0
+        self._failures = 0  # batches failed in a row
         self._wake = threading.Event()
         self._server: Any = None
         self.incoming = Staging(lake, "listen-incoming")
@@ -101,7 +121,7 @@ class Listener:
         calling = str(event.assoc.requestor.ae_title).strip() or "unknown"
         day = datetime.now(UTC).strftime("%Y%m%d")
         try:
-            self.incoming.write(calling, day, sop, event.encoded_dataset())
+            self.incoming.write(calling, day, sop, event.encoded_dataset(), keep=True)
         except Exception as exc:  # never answer Success for what we could not keep
             with self._lock:
                 self.stats.refused += 1
@@ -123,13 +143,13 @@ class Listener:
     def _on_rejected(self, event) -> None:
         with self._lock:
             self.stats.associations_rejected += 1
-        log.warning("rejected an association from %s", event.address[0])
+        log.warning("rejected an association from %s", _peer(event))
 
     def _on_aborted(self, event) -> None:
         with self._lock:
             self.stats.associations_aborted += 1
         log.warning("an association from %s was aborted; instances it had not completed "
-                    "were not acknowledged and stay with the sender", event.address[0])
+                    "were not acknowledged and stay with the sender", _peer(event))
 
     # -- the ingest side -------------------------------------------------------
     def run(self, stop: threading.Event) -> ListenStats:
@@ -138,23 +158,57 @@ class Listener:
         self._recover_leftovers()
         try:
             while not stop.is_set():
-                self._wake.wait(self.batch_seconds)
+                self._wake.wait(self._wait())
                 self._wake.clear()
-                self.ingest_pending()
+                if not stop.is_set():  # else the last batch, below
+                    self._try_pending(False)
         finally:
             if self._server is not None:
                 self._server.shutdown()
                 self._server = None
-            self.ingest_pending()
-            self.incoming.clean(set())
+            self._try_pending(True)
+            left = self.incoming.clean(set())
+            with self._lock:
+                self.stats.not_ingested = left
+            if left:
+                log.warning("%d received files were not ingested; they are kept in %s and "
+                            "the next `lake listen` ingests them", left, self.incoming.root)
         return self.stats
+
+    def _wait(self) -> float:
+        """Seconds until the next batch: ``batch_seconds``, doubled for each batch in a
+        row that could not be ingested, at most :data:`RETRY_MAX_SECONDS`."""
+        if not self._failures:
+            return self.batch_seconds
+        return min(self.batch_seconds * 2 ** min(self._failures, 30),
+                   max(RETRY_MAX_SECONDS, self.batch_seconds))
+
+    def _try_pending(self, last: bool) -> None:
+        """:meth:`ingest_pending`; a batch that fails is logged and tried again later."""
+        from lakehouse.errors import LakeBusyError, one_line
+
+        try:
+            self.ingest_pending()
+        except Exception as exc:
+            self._failures += 1
+            why = one_line(str(exc) or type(exc).__name__, 300)
+            with self._lock:
+                self.stats.failed_batches += 1
+                self.stats.errors.append(why)
+            when = "by the next `lake listen`" if last else f"in {self._wait():g} s"
+            log.log(logging.WARNING if isinstance(exc, LakeBusyError) else logging.ERROR,
+                    "a batch was not ingested (%s); its files are kept and tried again %s",
+                    why, when, exc_info=log.isEnabledFor(logging.DEBUG))
+        else:
+            self._failures = 0
 
     def wake(self) -> None:
         """Make ``run`` look at its stop event now (e.g. from a signal handler)."""
         self._wake.set()
 
     def ingest_pending(self) -> RunSummary | None:
-        """Move the received files to a batch folder and ingest them."""
+        """Move the received files to a batch folder and ingest them. When the ingest
+        raises, the files not ingested go back to the received ones, and it raises."""
         files = [Path(d, n) for d, _, names in os.walk(self.incoming.files) for n in names]
         if not files:
             return None
@@ -165,7 +219,25 @@ class Listener:
             os.replace(f, dest)
         with self._lock:
             self._pending = max(0, self._pending - len(files))
-        return self._ingest_batch(batch)
+        try:
+            return self._ingest_batch(batch)
+        except BaseException:
+            back = self._take_back(batch.root)
+            with self._lock:
+                self._pending += back
+            raise
+
+    def _take_back(self, folder: Path) -> int:
+        """Move the files under ``folder/files`` to the received files (none replaced)
+        and remove ``folder``; returns how many."""
+        n = 0
+        for d, _, names in os.walk(folder / "files"):
+            for name in names:
+                src = Path(d, name)
+                place_new(src, self.incoming.files / src.relative_to(folder / "files"))
+                n += 1
+        Staging.remove_empty(folder)
+        return n
 
     def _ingest_batch(self, batch: Staging) -> RunSummary:
         run = ingest(self.lake, batch.files, self.config, key_file=self.key_file,
@@ -197,15 +269,7 @@ class Listener:
         for old in sorted(base.glob("listen-*")):
             if old == self.incoming.root or old.name.startswith("listen-kept"):
                 continue
-            n = 0
-            for d, _, names in os.walk(old / "files"):
-                for name in names:
-                    src = Path(d, name)
-                    dest = self.incoming.files / src.relative_to(old / "files")
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(src, dest)
-                    n += 1
-            Staging.remove_empty(old)
+            n = self._take_back(old)
             if n:
                 log.warning("recovered %d received files an earlier listener had not "
                             "ingested", n)

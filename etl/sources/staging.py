@@ -49,6 +49,28 @@ def _safe_name(text: str) -> str:
     return name or "_"
 
 
+def place_new(src: Path, dest: Path) -> Path:
+    """Move the file ``src`` to ``dest`` without replacing a file there: when ``dest``
+    exists, to the first free ``<stem>~2<suffix>``, ``~3``, ... next to it. Atomic where
+    the file system has hard links (a link, then ``src`` unlinked); returns where."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    target, n = dest, 1
+    while True:
+        try:
+            os.link(src, target)
+        except FileExistsError:
+            pass
+        except OSError:  # no hard links here: test, then rename
+            if not target.exists():
+                os.replace(src, target)
+                return target
+        else:
+            os.unlink(src)
+            return target
+        n += 1
+        target = dest.with_name(f"{dest.stem}~{n}{dest.suffix}")
+
+
 class Staging:
     """One pull's staging folder (created on construction, owner-only)."""
 
@@ -65,9 +87,13 @@ class Staging:
     def path_for(self, study: str, series: str, instance: str) -> Path:
         return self.files / _safe_name(study) / _safe_name(series) / f"{_safe_name(instance)}.dcm"
 
-    def write(self, study: str, series: str, instance: str, data: bytes) -> Path:
-        """Write one instance atomically (temporary file, fsync, rename)."""
-        return self._write(self.path_for(study, series, instance), data)
+    def write(self, study: str, series: str, instance: str, data: bytes, *,
+              keep: bool = False) -> Path:
+        """Write one instance atomically (temporary file, fsync, rename); returns where.
+        A file already at its name is replaced (the same instance fetched again), or with
+        ``keep`` kept, this one written next to it (:func:`place_new`): a sender may send
+        two different instances with one UID, and both must reach the lake."""
+        return self._write(self.path_for(study, series, instance), data, keep)
 
     def write_relative(self, rel: str, data: bytes) -> Path:
         """Write a file under ``files/`` at the relative path ``rel`` (an object key)."""
@@ -76,7 +102,7 @@ class Staging:
             raise ValueError(f"unsafe relative path {rel!r}")
         return self._write(self.files.joinpath(*parts), data)
 
-    def _write(self, dest: Path, data: bytes) -> Path:
+    def _write(self, dest: Path, data: bytes, keep: bool = False) -> Path:
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.tmp, suffix=".part")
         try:
@@ -84,6 +110,8 @@ class Staging:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
+            if keep:
+                return place_new(Path(tmp), dest)
             os.replace(tmp, dest)
         except BaseException:
             with contextlib.suppress(OSError):

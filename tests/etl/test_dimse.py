@@ -20,6 +20,7 @@ from etl.sources import ingest_remote, parse_filters, resolve
 from etl.sources.listen import Listener
 from lake_cli import main
 from lakehouse import Lake
+from tests.listening import lake_listen, stop
 from tests.pacs import free_port
 
 CONFIG = IngestConfig(scheduler="threads", workers=2, batch_files=64)
@@ -170,38 +171,19 @@ def test_listen_cli_refuses_a_port_in_use(tmp_path, capsys):
 @pytest.mark.slow
 def test_lake_listen_command_until_sigterm(tmp_path):
     """The installed command in its own process: receive, ingest, stop on SIGTERM."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
     from pynetdicom import AE
 
     path = tmp_path / "lake"
     Lake.create(path, profile="identified")
-    port = free_port()
-    exe = str(Path(sys.executable).parent / "lake")
-    proc = subprocess.Popen([exe, "listen", "--port", str(port), "--ae-title", "LAKE",
-                             "--host", "127.0.0.1", "--lake", str(path), "--scheduler",
-                             "synchronous", "--batch-seconds", "60"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().startswith("listening as LAKE on 127.0.0.1")
+    with lake_listen(path) as (proc, port):
         ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
         ae = AE(ae_title="MODALITY")
         ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
         assoc = ae.associate("127.0.0.1", port, ae_title="LAKE")
         assert assoc.is_established and assoc.send_c_store(ds).Status == 0x0000
         assoc.release()
-        os.kill(proc.pid, signal.SIGTERM)  # the last batch is ingested before it exits
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, err
+        code, out, err = stop(proc)
+    assert code == 0, err
     assert "stopped: 1 instances received, 0 refused" in out and "ingested 1" in out
     with open_lake(path) as cat:
         assert cat.counts()["instances"] == 1
