@@ -17,6 +17,7 @@ next one.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -32,7 +33,7 @@ import pyarrow.compute as pc
 from etl.config import IngestConfig
 from etl.jobs import RunSummary, ingest
 from etl.sources.pull import DONE_OUTCOMES
-from etl.sources.staging import Staging, place_new
+from etl.sources.staging import OWNER, Staging, claim, place_new
 from lakehouse import Lake
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,9 @@ class Listener:
         self._failures = 0  # batches failed in a row
         self._wake = threading.Event()
         self._server: Any = None
-        self.incoming = Staging(lake, "listen-incoming")
+        # held (locked) while this listener lives: no other listener on this lake takes
+        # it over; a listener that was killed holds nothing
+        self.incoming = Staging(lake, "listen-incoming", hold=True)
 
     # -- the DICOM side --------------------------------------------------------
     def start(self) -> None:
@@ -168,6 +171,7 @@ class Listener:
                 self._server = None
             self._try_pending(True)
             left = self.incoming.clean(set())
+            self.incoming.release()
             with self._lock:
                 self.stats.not_ingested = left
             if left:
@@ -212,7 +216,7 @@ class Listener:
         files = [Path(d, n) for d, _, names in os.walk(self.incoming.files) for n in names]
         if not files:
             return None
-        batch = Staging(self.lake, "listen-batch")
+        batch = Staging(self.lake, "listen-batch", hold=True)
         for f in files:
             dest = batch.files / f.relative_to(self.incoming.files)
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -222,21 +226,32 @@ class Listener:
         try:
             return self._ingest_batch(batch)
         except BaseException:
-            back = self._take_back(batch.root)
+            back = self._take_back(batch.root, held=True)
             with self._lock:
                 self._pending += back
             raise
+        finally:
+            batch.release()
 
-    def _take_back(self, folder: Path) -> int:
+    def _take_back(self, folder: Path, held: bool = False) -> int:
         """Move the files under ``folder/files`` to the received files (none replaced)
-        and remove ``folder``; returns how many."""
-        n = 0
-        for d, _, names in os.walk(folder / "files"):
-            for name in names:
-                src = Path(d, name)
-                place_new(src, self.incoming.files / src.relative_to(folder / "files"))
-                n += 1
-        Staging.remove_empty(folder)
+        and remove ``folder``; returns how many. Unless this listener ``held`` it, the
+        folder is claimed first, and left alone when another listener holds it."""
+        lock = None if held else claim(folder)
+        if not held and lock is None:
+            log.debug("%s is in use by another listener", folder.name)
+            return 0
+        try:
+            n = 0
+            for d, _, names in os.walk(folder / "files"):
+                for name in names:
+                    src = Path(d, name)
+                    place_new(src, self.incoming.files / src.relative_to(folder / "files"))
+                    n += 1
+            Staging.remove_empty(folder)
+        finally:
+            if lock is not None:
+                os.close(lock)
         return n
 
     def _ingest_batch(self, batch: Staging) -> RunSummary:
@@ -249,6 +264,8 @@ class Listener:
                 if o in DONE_OUTCOMES}
         kept = batch.clean(done)
         if kept:  # what the pipeline did not take stays, out of the way of recovery
+            with contextlib.suppress(OSError):
+                os.unlink(batch.root / OWNER)
             batch.root.rename(batch.root.with_name(batch.root.name.replace("listen-batch",
                                                                             "listen-kept")))
         with self._lock:
@@ -264,7 +281,8 @@ class Listener:
         return run
 
     def _recover_leftovers(self) -> None:
-        """Files of an earlier listener that died before ingesting them."""
+        """Files an earlier listener received and did not ingest: it was stopped while
+        its last batch failed, or killed (not those of a listener still running)."""
         base = self.lake.work_dir() / "staging"
         for old in sorted(base.glob("listen-*")):
             if old == self.incoming.root or old.name.startswith("listen-kept"):

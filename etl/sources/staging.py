@@ -71,18 +71,56 @@ def place_new(src: Path, dest: Path) -> Path:
         target = dest.with_name(f"{dest.stem}~{n}{dest.suffix}")
 
 
-class Staging:
-    """One pull's staging folder (created on construction, owner-only)."""
+#: the file a process holds locked (``flock``) while a staging folder is its own
+OWNER = ".owner"
 
-    def __init__(self, lake: Lake, kind: str):
+
+def claim(root: Path) -> int | None:
+    """Lock the staging folder ``root`` for this process: the lock's file descriptor
+    (close it to release), or None when another holder has it (another listener's
+    folder; a second claim in the same process fails too). A holder that died holds
+    nothing: the kernel releases its locks."""
+    import fcntl
+
+    try:
+        fd = os.open(root / OWNER, os.O_RDWR | os.O_CREAT, 0o600)
+    except FileNotFoundError:  # the folder is gone: nothing to claim
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+class Staging:
+    """One pull's staging folder (created on construction, owner-only). With ``hold``
+    it appears already locked by this process (:func:`claim`; :meth:`release`), so that
+    no other process takes it over while it is in use."""
+
+    def __init__(self, lake: Lake, kind: str, *, hold: bool = False):
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         base = lake.work_dir() / "staging"
         base.mkdir(mode=0o700, exist_ok=True)
-        self.root = base / f"{kind}-{stamp}-{secrets.token_hex(4)}"
+        name = f"{kind}-{stamp}-{secrets.token_hex(4)}"
+        self.root = base / name
         self.files = self.root / "files"
         self.tmp = self.root / "tmp"
-        self.files.mkdir(parents=True, mode=0o700)
-        self.tmp.mkdir(mode=0o700)
+        self._held: int | None = None
+        # made whole (and locked) under a hidden name, then renamed into view
+        made = base / f".{name}" if hold else self.root
+        (made / "files").mkdir(parents=True, mode=0o700)
+        (made / "tmp").mkdir(mode=0o700)
+        if hold:
+            self._held = claim(made)
+            os.rename(made, self.root)
+
+    def release(self) -> None:
+        """Unlock this folder (see ``hold``)."""
+        if self._held is not None:
+            os.close(self._held)
+            self._held = None
 
     def path_for(self, study: str, series: str, instance: str) -> Path:
         return self.files / _safe_name(study) / _safe_name(series) / f"{_safe_name(instance)}.dcm"
@@ -122,12 +160,15 @@ class Staging:
     def discard(self) -> None:
         """Remove this staging folder and everything in it."""
         shutil.rmtree(self.root, ignore_errors=True)
+        self.release()
 
     @staticmethod
     def remove_empty(root: Path) -> None:
-        """Remove a staging folder's temporary files and empty folders (and the folder
-        itself when nothing is left in it)."""
+        """Remove a staging folder's temporary files, its lock file and empty folders
+        (and the folder itself when nothing is left in it)."""
         shutil.rmtree(root / "tmp", ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.unlink(root / OWNER)
         for folder, _dirs, _names in os.walk(root, topdown=False):
             with contextlib.suppress(OSError):
                 os.rmdir(folder)
@@ -148,6 +189,7 @@ class Staging:
         shutil.rmtree(self.tmp, ignore_errors=True)
         if kept == 0:
             shutil.rmtree(self.root, ignore_errors=True)
+            self.release()
         return kept
 
 

@@ -30,6 +30,7 @@ from pydicom.uid import generate_uid
 from catalog import open_lake
 from etl import IngestConfig
 from etl.sources.listen import Listener, ListenStats
+from etl.sources.staging import OWNER
 from lakehouse import Lake
 from tests.listening import lake_listen, stop
 from tests.pacs import free_port
@@ -86,7 +87,7 @@ def _staged(lake: Path) -> list[str]:
     """The files in the vault's staging, as ``<folder kind>/<file name>``."""
     root = lake / "vault" / "staging"
     return sorted(f"{p.relative_to(root).parts[0].rsplit('-', 2)[0]}/{p.name}"
-                  for p in root.rglob("*") if p.is_file())
+                  for p in root.rglob("*") if p.is_file() and p.name != OWNER)
 
 
 def _outcomes(lake: Path) -> dict[str, int]:
@@ -322,3 +323,17 @@ def test_the_wait_after_failed_batches_doubles_up_to_a_limit(tmp_path):
     slow = Listener(lake, "LAKE", free_port(), batch_seconds=600)
     slow._failures = 3
     assert slow._wait() == 600  # never more often than asked
+
+
+def test_a_second_listener_on_the_lake_leaves_the_first_ones_files_alone(tmp_path):
+    """Two listeners on one lake (two ports): the second, starting, takes over only what
+    a stopped or killed listener left, not what the first has received meanwhile."""
+    path = tmp_path / "lake"
+    lake = Lake.create(path, profile="identified")
+    with _listening(lake) as (_, port, first):
+        assert _send(port, _ct()) == [0]
+        with _listening(lake) as (_, _port, second):
+            pass
+    assert (second["stats"].ingested, second["stats"].batches) == (0, 0)
+    assert (first["stats"].received, first["stats"].ingested) == (1, 1)
+    assert _outcomes(path) == {"ingested": 1} and _staged(path) == []
