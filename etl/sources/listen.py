@@ -42,6 +42,7 @@ SOURCE_KIND = "dimse-listen"
 VERIFICATION = "1.2.840.10008.1.1"  # C-ECHO
 #: the longest wait before a batch that could not be ingested is tried again
 RETRY_MAX_SECONDS = 300.0
+ERRORS_KEPT = 100
 
 
 @dataclass
@@ -63,7 +64,12 @@ class ListenStats:
     failed_batches: int = 0
     #: received files not ingested when the listener stopped (the next one ingests them)
     not_ingested: int = 0
+    #: the last :data:`ERRORS_KEPT` errors (a listener runs for months)
     errors: list[str] = field(default_factory=list)
+
+    def error(self, text: str) -> None:
+        self.errors.append(text)
+        del self.errors[:-ERRORS_KEPT]
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -128,7 +134,7 @@ class Listener:
         except Exception as exc:  # never answer Success for what we could not keep
             with self._lock:
                 self.stats.refused += 1
-                self.stats.errors.append(f"could not store an instance: {type(exc).__name__}")
+                self.stats.error(f"could not store an instance: {type(exc).__name__}")
             log.error("could not store a received instance (%s); the sender was told "
                       "0xA700 and keeps it", type(exc).__name__)
             return 0xA700
@@ -198,7 +204,7 @@ class Listener:
             why = one_line(str(exc) or type(exc).__name__, 300)
             with self._lock:
                 self.stats.failed_batches += 1
-                self.stats.errors.append(why)
+                self.stats.error(why)
             when = "by the next `lake listen`" if last else f"in {self._wait():g} s"
             log.log(logging.WARNING if isinstance(exc, LakeBusyError) else logging.ERROR,
                     "a batch was not ingested (%s); its files are kept and tried again %s",

@@ -337,3 +337,39 @@ def test_a_second_listener_on_the_lake_leaves_the_first_ones_files_alone(tmp_pat
     assert (second["stats"].ingested, second["stats"].batches) == (0, 0)
     assert (first["stats"].received, first["stats"].ingested) == (1, 1)
     assert _outcomes(path) == {"ingested": 1} and _staged(path) == []
+
+
+def test_an_instance_that_cannot_be_stored_is_refused_and_stays_with_the_sender(tmp_path,
+                                                                               caplog):
+    """The received files' folder cannot be written (here its temporary folder is a
+    file): the sender is told 0xA700 (out of resources), nothing is kept; once it can
+    be written again, the same instance is received."""
+    import shutil
+
+    path = tmp_path / "lake"
+    lake = Lake.create(path, profile="identified")
+    ds = _ct()
+    with caplog.at_level(logging.ERROR, logger="etl.sources.listen"), \
+            _listening(lake) as (listener, port, result):
+        tmp = listener.incoming.tmp
+        shutil.rmtree(tmp)
+        tmp.write_bytes(b"in the way")
+        assert _send(port, ds) == [0xA700]
+        tmp.unlink()
+        tmp.mkdir()
+        assert _send(port, ds) == [0]
+    stats = result["stats"]
+    assert (stats.refused, stats.received, stats.ingested) == (1, 1, 1)
+    assert stats.errors == ["could not store an instance: NotADirectoryError"]
+    assert "could not store a received instance (NotADirectoryError); the sender was told " \
+           "0xA700 and keeps it" in caplog.text
+    assert _outcomes(path) == {"ingested": 1} and _staged(path) == []
+
+
+def test_a_listener_keeps_only_its_last_errors():
+    from etl.sources.listen import ERRORS_KEPT
+
+    stats = ListenStats()
+    for i in range(ERRORS_KEPT + 5):
+        stats.error(f"error {i}")
+    assert stats.errors == [f"error {i}" for i in range(5, ERRORS_KEPT + 5)]
