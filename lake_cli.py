@@ -940,15 +940,35 @@ def cmd_vacuum(args) -> int:
     from lakehouse import Lake
     from lakehouse.vacuum import vacuum
 
-    report = vacuum(Lake.open(_lake_dir(args)), args.retention_hours, args.dry_run)
+    report = vacuum(Lake.open(_lake_dir(args)), args.retention_hours, args.dry_run,
+                    args.expire_days)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
         return 0
+    if args.expire_days is not None:
+        verb = "would expire" if args.dry_run else "expired"
+        pinned = sorted({c for names in report.pinned.values() for c in names})
+        print(f"{verb} {len(report.expired)} snapshots published more than "
+              f"{args.expire_days:g} days ago"
+              + (f" ({_ranges(report.expired)})" if report.expired else "")
+              + (f"; kept {len(report.pinned)} older ones that saved cohorts pin "
+                 f"({', '.join(pinned)})" if pinned else ""))
     n = sum(len(v) for v in report.removed.values())
     verb = "would remove" if args.dry_run else "removed"
     print(f"{verb} {n} unreferenced files ({report.bytes_removed:,} bytes); "
-          f"{report.kept_recent} younger than {args.retention_hours} h kept")
+          f"{report.kept_recent} younger than {args.retention_hours:g} h kept")
     return 0
+
+
+def _ranges(numbers: list[int]) -> str:
+    """Sorted numbers as ranges: ``1-4, 7, 9-10``."""
+    out: list[str] = []
+    for n in sorted(numbers):
+        if out and out[-1].split("-")[-1] == str(n - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{n}"
+        else:
+            out.append(str(n))
+    return ", ".join(out)
 
 
 def cmd_optimize(args) -> int:
@@ -1217,10 +1237,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_verify)
 
     sp = sub.add_parser("vacuum", help="delete files no snapshot references (left by killed "
-                        "runs) once older than the retention period")
+                        "runs) once older than the retention period; with --expire-days, "
+                        "also expire old snapshots")
     lake_opt(sp)
     sp.add_argument("--retention-hours", type=_non_negative_float, default=168.0,
                     help="keep unreferenced files younger than this (default 168)")
+    sp.add_argument("--expire-days", type=_non_negative_float, metavar="DAYS",
+                    help="first forget the snapshots published more than DAYS ago, except "
+                    "the latest and those saved cohorts pin, so that the files only they "
+                    "reference (e.g. rewritten by compaction) are deleted too (default: "
+                    "keep every snapshot)")
     sp.add_argument("--dry-run", action="store_true", help="list, do not delete")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_vacuum)

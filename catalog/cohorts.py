@@ -48,7 +48,7 @@ from lakehouse.tables import Lake
 
 log = logging.getLogger(__name__)
 
-COHORTS_DIR = "cohorts"
+COHORTS_DIR = layout.COHORTS
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 SERIES_KEY = "SeriesInstanceUID"

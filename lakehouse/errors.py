@@ -85,10 +85,15 @@ class LakeBusyError(LakeError):
 
 
 class SnapshotNotFoundError(LakeError):
-    def __init__(self, snapshot: int, latest: int):
+    def __init__(self, snapshot: int, latest: int, kept: int | None = None):
         self.snapshot = snapshot
         self.latest = latest
-        super().__init__(f"snapshot {snapshot} does not exist; the latest is {latest}")
+        if kept is not None and 0 <= snapshot < latest:
+            super().__init__(f"snapshot {snapshot} is no longer kept (`lake vacuum "
+                             f"--expire-days` expired it); {kept} snapshots are kept, the "
+                             f"latest is {latest}")
+        else:
+            super().__init__(f"snapshot {snapshot} does not exist; the latest is {latest}")
 
 
 _QUOTED = re.compile(r"'([^'\n]*)'|\"([^\"\n]*)\"")

@@ -4,6 +4,7 @@
 <lake>/
   _lake/lake.json          what the lake is (profile, format version)
   _lake/snapshots/N.json   lake snapshot N: the Delta version of every table
+  _lake/cohorts/NAME.json  a saved cohort, pinned to a snapshot
   _lake/write.lock         held by the one writer
   research/<table>/        pseudonymized Delta tables (what researchers query)
   vault/<table>/           identified material, owner-only permissions
@@ -22,6 +23,7 @@ from lakehouse.schemas import TABLES
 META_DIR = "_lake"
 MANIFEST = "lake.json"
 SNAPSHOTS = "snapshots"
+COHORTS = "cohorts"
 LOCK = "write.lock"
 
 
@@ -39,6 +41,10 @@ def snapshots_dir(root: Path) -> Path:
 
 def snapshot_path(root: Path, number: int) -> Path:
     return snapshots_dir(root) / f"{number:010d}.json"
+
+
+def cohorts_dir(root: Path) -> Path:
+    return meta_dir(root) / COHORTS
 
 
 def lock_path(root: Path) -> Path:

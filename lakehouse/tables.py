@@ -319,7 +319,7 @@ class Lake:
         if number is None:
             number = numbers[-1]
         elif number not in numbers:
-            raise SnapshotNotFoundError(number, numbers[-1])
+            raise SnapshotNotFoundError(number, numbers[-1], len(numbers))
         path = as_rel(layout.snapshot_path(_REL, number))
         try:
             return Snapshot.from_dict(json.loads(self.storage.read_text(path)))

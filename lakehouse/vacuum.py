@@ -1,21 +1,33 @@
-"""Remove files no lake snapshot can ever reference (what killed runs leave behind).
+"""Remove files no lake snapshot can ever reference (what killed runs leave behind), and,
+when asked, snapshots older than a number of days.
 
 A run killed after staging or committing Parquet files but before publishing
 leaves files that no published snapshot references: the next writer rolls
 the Delta tables back, and the files stay on disk, invisible. :func:`vacuum`
 deletes them once they are older than the retention period. Files referenced
-by any published snapshot (time travel) are always kept.
+by any kept snapshot (time travel) are always kept.
+
+Every run publishes a snapshot, and a snapshot keeps every file it references,
+also those that compaction has since rewritten: a lake that ingests often (a
+listener publishes one per batch) keeps growing on disk. ``expire_days``
+forgets the snapshots published more than that many days ago, except the
+latest one and those a saved cohort pins (``_lake/cohorts/*.json``); their
+files that no kept snapshot references are then deleted like orphans.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from urllib.parse import unquote
 
 from lakehouse import layout
-from lakehouse.tables import _REL, Lake, as_rel
+from lakehouse.errors import LakeError
+from lakehouse.tables import _REL, Lake, Snapshot, as_rel
 
 log = logging.getLogger(__name__)
 
@@ -31,17 +43,94 @@ class VacuumReport:
     #: orphans kept because they are younger than the retention period
     kept_recent: int = 0
     bytes_removed: int = 0
+    #: snapshots older than this many days are expired (None: none are)
+    expire_days: float | None = None
+    #: the snapshots expired (or that would be, on a dry run)
+    expired: list[int] = field(default_factory=list)
+    #: {snapshot: [saved cohorts]}: old enough to expire, kept for these cohorts
+    pinned: dict[int, list[str]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"retention_hours": self.retention_hours, "dry_run": self.dry_run,
                 "removed": self.removed, "kept_recent": self.kept_recent,
-                "bytes_removed": self.bytes_removed}
+                "bytes_removed": self.bytes_removed, "expire_days": self.expire_days,
+                "expired": self.expired,
+                "pinned": {str(k): v for k, v in sorted(self.pinned.items())}}
+
+
+class CohortFileError(LakeError):
+    """A saved cohort's file cannot be read, so the snapshot it pins is unknown."""
+
+    def __init__(self, path: str, why: str):
+        self.path = path
+        super().__init__(f"cannot read the saved cohort {path} ({why}), so the snapshot it "
+                         "pins is not known and no snapshot was expired; restore the file, or "
+                         "delete the cohort (`lake cohort delete`)")
+
+
+def cohort_pins(lake: Lake) -> dict[int, list[str]]:
+    """{snapshot: [names of the saved cohorts pinned to it]}."""
+    rel = as_rel(layout.cohorts_dir(_REL))
+    pins: dict[int, list[str]] = {}
+    for name in sorted(lake.storage.listdir(rel)):
+        if not name.endswith(".json") or name.startswith("."):
+            continue
+        try:
+            number = json.loads(lake.storage.read_text(f"{rel}/{name}"))["snapshot"]
+        except FileNotFoundError:  # deleted meanwhile: it pins nothing
+            continue
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CohortFileError(lake.storage.uri(f"{rel}/{name}"),
+                                  type(exc).__name__) from None
+        if not isinstance(number, int):
+            raise CohortFileError(lake.storage.uri(f"{rel}/{name}"), "no snapshot number")
+        pins.setdefault(number, []).append(name[:-len(".json")])
+    return pins
+
+
+def _created(snap: Snapshot) -> datetime:
+    """When ``snap`` was published (a time it does not give as such: now, never old)."""
+    try:
+        when = datetime.fromisoformat(snap.created_at)
+    except (TypeError, ValueError):
+        return datetime.now(UTC)
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def _expire(lake: Lake, report: VacuumReport, days: float) -> list[Snapshot]:
+    """Expire (unless a dry run) the snapshots older than ``days`` that are neither the
+    latest nor pinned; returns the snapshots kept."""
+    snapshots = list(lake.snapshots())
+    cutoff = datetime.now(UTC) - timedelta(days=days)
+    pins = cohort_pins(lake)
+    old = [s for s in snapshots[:-1] if _created(s) < cutoff]
+    report.pinned = {s.number: pins[s.number] for s in old if s.number in pins}
+    gone = [s for s in old if s.number not in pins]
+    if not report.dry_run:
+        for snap in gone:
+            lake.storage.remove(as_rel(layout.snapshot_path(_REL, snap.number)))
+        # a cohort saved meanwhile at one of them (`lake cohort save --snapshot N` does not
+        # wait for the writer): that snapshot is published again, as it was
+        again = set(cohort_pins(lake)) & {s.number for s in gone}
+        for snap in gone:
+            if snap.number in again:
+                lake.storage.write_bytes(as_rel(layout.snapshot_path(_REL, snap.number)),
+                                         json.dumps(snap.to_dict(), indent=2).encode())
+                log.warning("snapshot %d not expired: a cohort was saved at it meanwhile",
+                            snap.number)
+        gone = [s for s in gone if s.number not in again]
+    report.expired = [s.number for s in gone]
+    expired = set(report.expired)
+    return [s for s in snapshots if s.number not in expired]
 
 
 def referenced_files(lake: Lake, name: str,
-                     extra_versions: frozenset[int] | set[int] = frozenset()) -> set[str]:
-    """Relative paths of every data file of ``name`` in any published snapshot."""
-    versions = {s.versions[name] for s in lake.snapshots() if name in s.versions}
+                     extra_versions: frozenset[int] | set[int] = frozenset(),
+                     snapshots: Iterable[Snapshot] | None = None) -> set[str]:
+    """Relative paths of every data file of ``name`` in any published snapshot (or in
+    ``snapshots``) and in the table's ``extra_versions``."""
+    versions = {s.versions[name] for s in (lake.snapshots() if snapshots is None
+                                           else snapshots) if name in s.versions}
     out: set[str] = set()
     for v in sorted(versions | set(extra_versions)):
         paths = lake.open_delta(name, v).get_add_actions(flatten=True).column("path")
@@ -52,14 +141,17 @@ def referenced_files(lake: Lake, name: str,
 
 
 def vacuum(lake: Lake, retention_hours: float = DEFAULT_RETENTION_HOURS,
-           dry_run: bool = False) -> VacuumReport:
-    """Delete unreferenced files older than ``retention_hours`` (as the lake's writer)."""
-    report = VacuumReport(retention_hours, dry_run)
+           dry_run: bool = False, expire_days: float | None = None) -> VacuumReport:
+    """Delete unreferenced files older than ``retention_hours`` (as the lake's writer);
+    first, with ``expire_days``, expire the snapshots older than that (see the module)."""
+    report = VacuumReport(retention_hours, dry_run, expire_days=expire_days)
     cutoff = time.time() - retention_hours * 3600
     with lake.writer("vacuum") as w:  # the lock; also rolls back an unpublished run
+        kept = list(lake.snapshots()) if expire_days is None else \
+            _expire(lake, report, expire_days)
         for name in lake.table_names():
             root = as_rel(layout.table_path(_REL, name))
-            keep = referenced_files(lake, name, {w.versions[name]})
+            keep = referenced_files(lake, name, {w.versions[name]}, kept)
             for rel, size, mtime in lake.storage.files(root):
                 if rel.split("/", 1)[0] == "_delta_log" or rel in keep:
                     continue

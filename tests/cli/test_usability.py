@@ -600,3 +600,40 @@ def test_a_storage_that_does_not_answer_is_one_line_that_says_run_again(capsys, 
     assert (code, out) == (1, "") and one_line(err) and "\x1b" not in err
     assert err.startswith(start), err
     assert err.endswith("run the command again (a failed run leaves the lake as it was)\n")
+
+
+def test_vacuum_expires_old_snapshots_and_keeps_those_cohorts_pin(capsys, lake_copy):
+    from lakehouse import Lake
+
+    numbers = Lake.open(lake_copy).snapshot_numbers()
+    assert len(numbers) >= 3
+    pinned, latest = numbers[1], numbers[-1]
+    code, _, err = run(capsys, "cohort", "save", "early", "--snapshot", str(pinned), "--sql",
+                       "SELECT SeriesInstanceUID FROM series", "--lake", str(lake_copy))
+    assert code == 0, err
+    expired = [n for n in numbers if n not in (pinned, latest)]
+    code, out, err = run(capsys, "vacuum", "--expire-days", "0", "--dry-run", "--lake",
+                         str(lake_copy))
+    assert code == 0, err
+    assert out.splitlines()[0] == (
+        f"would expire {len(expired)} snapshots published more than 0 days ago "
+        f"({_ranges(expired)}); kept 1 older ones that saved cohorts pin (early)")
+    assert Lake.open(lake_copy).snapshot_numbers() == numbers
+    code, out, err = run(capsys, "vacuum", "--expire-days", "0", "--lake", str(lake_copy))
+    assert code == 0, err
+    assert out.splitlines()[0].startswith(f"expired {len(expired)} snapshots published")
+    assert Lake.open(lake_copy).snapshot_numbers() == [pinned, latest]
+    code, out, err = run(capsys, "cohort", "show", "early", "--lake", str(lake_copy))
+    assert code == 0, err  # reproduced at its snapshot, the hash checked
+    code, out, err = run(capsys, "sql", "SELECT 1", "--snapshot", str(expired[-1]), "--lake",
+                         str(lake_copy))
+    assert (code, out) == (1, "") and one_line(err)
+    assert f"snapshot {expired[-1]} is no longer kept (`lake vacuum --expire-days` expired " \
+           f"it); 2 snapshots are kept, the latest is {latest}" in err
+
+
+def _ranges(numbers: list[int]) -> str:
+    from lake_cli import _ranges as ranges
+
+    assert ranges([1, 2, 3, 5, 7, 8]) == "1-3, 5, 7-8" and ranges([4]) == "4"
+    return ranges(numbers)

@@ -407,6 +407,17 @@ def test_optimize_and_verify_on_s3(s3, capsys):
         ["r0", "r1", "r2"]
     assert main(["verify", "--lake", url]) == 0
     assert capsys.readouterr().out.splitlines() == ["snapshot 4: 1 data files checked", "ok"]
+    # old snapshots expire, but for the one a cohort pins; the file only snapshot 3 had goes
+    lake.storage.write_bytes("_lake/cohorts/early.json", b'{"snapshot": 2}')
+    assert main(["vacuum", "--expire-days", "0", "--retention-hours", "0", "--lake", url]) == 0
+    expired, removed = capsys.readouterr().out.splitlines()
+    assert expired == ("expired 3 snapshots published more than 0 days ago (0-1, 3); kept 1 "
+                       "older ones that saved cohorts pin (early)")
+    assert removed.startswith("removed 1 unreferenced files (")
+    assert lake.snapshot_numbers() == [2, 4]
+    assert sorted(lake.read("ingest_runs", lake.snapshot(2)).column("ingest_run_id")
+                  .to_pylist()) == ["r0", "r1"]
+    assert main(["verify", "--lake", url]) == 0
 
 
 def test_tables_are_read_by_arrow_s3_and_a_reading_process_exits_cleanly(s3, monkeypatch):

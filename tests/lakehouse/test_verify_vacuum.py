@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from etl import ingest
 from lakehouse import Lake, layout
-from lakehouse.vacuum import vacuum
+from lakehouse.errors import SnapshotNotFoundError
+from lakehouse.optimize import optimize
+from lakehouse.vacuum import CohortFileError, vacuum
 from lakehouse.verify import verify
 from tests.conftest import fast_config
 from tests.etl import corpus
@@ -91,3 +95,94 @@ def test_vacuum_removes_only_orphans_older_than_the_retention(small_lake):
     for snap in lake.snapshots():
         for n in lake.table_names():
             lake.read(n, snap)
+
+
+def _quarantine_runs(lake: Lake, runs: int) -> None:
+    for i in range(runs):
+        with lake.writer(f"r{i}") as w:
+            w.append("quarantine", pa.table({"reason": [f"run {i}"]}))
+            w.publish()
+
+
+def _pin(lake: Lake, name: str, snapshot: int) -> None:
+    """A saved cohort's file as far as the lake knows it: the snapshot it pins."""
+    folder = layout.cohorts_dir(lake.root)
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps({"name": name, "snapshot": snapshot}))
+
+
+def test_expired_snapshots_free_the_files_only_they_reference(small_lake):
+    """Three runs add a quarantine file each (snapshots b+1 to b+3), compaction rewrites
+    them into one (b+4); a cohort pins snapshot b+2. Expiring everything old keeps
+    snapshots b+2 and b+4: of the three runs' files, only the third is deleted."""
+    lake, _ = small_lake
+    b = lake.snapshot().number
+    before = set(_data_files(lake, "quarantine"))
+    _quarantine_runs(lake, 3)
+    runs = sorted(set(_data_files(lake, "quarantine")) - before,
+                  key=lambda p: pq.read_table(p).column("reason")[0].as_py())
+    assert len(runs) == 3
+    optimize(lake, ["quarantine"])
+    (compacted,) = set(_data_files(lake, "quarantine")) - before - set(runs)
+    assert lake.snapshot_numbers() == list(range(b + 5))
+    _pin(lake, "chest_ct", b + 2)
+    rows = {n: lake.read("quarantine", lake.snapshot(n)).num_rows for n in (b + 2, b + 4)}
+    assert rows == {b + 2: 2, b + 4: 3}
+    expired = [*range(b + 2), b + 3]
+    quarantine = layout.table_path(lake.root, "quarantine")
+
+    dry = vacuum(lake, retention_hours=0, dry_run=True, expire_days=0)
+    assert (dry.expired, dry.pinned) == (expired, {b + 2: ["chest_ct"]})
+    assert [quarantine / p for p in dry.removed["quarantine"]] == [runs[2]]
+    assert lake.snapshot_numbers() == list(range(b + 5)) and runs[2].exists()
+
+    young = vacuum(lake, retention_hours=0, expire_days=30)
+    assert (young.expired, young.pinned, young.removed) == ([], {}, {})
+
+    report = vacuum(lake, retention_hours=0, expire_days=0)
+    assert (report.expired, report.pinned) == (expired, {b + 2: ["chest_ct"]})
+    assert report.removed == dry.removed and report.bytes_removed == dry.bytes_removed
+    assert lake.snapshot_numbers() == [b + 2, b + 4]
+    assert [p.exists() for p in (*runs, compacted)] == [True, True, False, True]
+    assert {n: lake.read("quarantine", lake.snapshot(n)).num_rows for n in rows} == rows
+    for n in lake.table_names():  # both kept snapshots read whole
+        lake.read(n, lake.snapshot(b + 2))
+        lake.read(n)
+    assert verify(lake).ok
+    with pytest.raises(SnapshotNotFoundError, match=rf"^snapshot {b + 3} is no longer kept "
+                       r"\(`lake vacuum --expire-days` expired it\); 2 snapshots are kept, "
+                       rf"the latest is {b + 4}$"):
+        lake.snapshot(b + 3)
+    _quarantine_runs(lake, 1)  # the next run publishes the next number
+    assert lake.snapshot_numbers() == [b + 2, b + 4, b + 5]
+
+
+def test_a_cohort_saved_at_a_snapshot_while_it_expires_keeps_it(small_lake, monkeypatch):
+    """`lake cohort save --snapshot N` does not wait for the writer: a cohort pinned to a
+    snapshot that vacuum is expiring, saved between the two, keeps it."""
+    lake, _ = small_lake
+    _quarantine_runs(lake, 2)
+    remove = type(lake.storage).remove
+
+    def save_meanwhile(storage, rel):
+        remove(storage, rel)
+        if rel.endswith(f"{lake.snapshot_numbers()[-1] - 1:010d}.json"):
+            _pin(lake, "late", lake.snapshot_numbers()[-1] - 1)
+
+    monkeypatch.setattr(type(lake.storage), "remove", save_meanwhile)
+    b = lake.snapshot().number
+    report = vacuum(lake, retention_hours=0, expire_days=0)
+    assert report.expired == [*range(b - 1)] and lake.snapshot_numbers() == [b - 1, b]
+    assert lake.snapshot(b - 1).versions["quarantine"] == 1
+
+
+def test_an_unreadable_cohort_file_expires_nothing(small_lake):
+    lake, _ = small_lake
+    _quarantine_runs(lake, 1)
+    folder = layout.cohorts_dir(lake.root)
+    folder.mkdir()
+    (folder / "broken.json").write_text("{not json")
+    with pytest.raises(CohortFileError, match=r"broken.json \(JSONDecodeError\), so the "
+                       r"snapshot it pins is not known and no snapshot was expired"):
+        vacuum(lake, retention_hours=0, expire_days=0)
+    assert lake.snapshot_numbers() == [0, 1, 2, 3]
