@@ -27,7 +27,7 @@ from urllib.parse import unquote
 
 from lakehouse import layout
 from lakehouse.errors import LakeError
-from lakehouse.tables import _REL, Lake, Snapshot, as_rel
+from lakehouse.tables import _REL, Lake, Snapshot, add_actions, as_rel
 
 log = logging.getLogger(__name__)
 
@@ -128,16 +128,37 @@ def referenced_files(lake: Lake, name: str,
                      extra_versions: frozenset[int] | set[int] = frozenset(),
                      snapshots: Iterable[Snapshot] | None = None) -> set[str]:
     """Relative paths of every data file of ``name`` in any published snapshot (or in
-    ``snapshots``) and in the table's ``extra_versions``."""
-    versions = {s.versions[name] for s in (lake.snapshots() if snapshots is None
-                                           else snapshots) if name in s.versions}
+    ``snapshots``) and in the table's ``extra_versions`` (each as the log writes it and
+    unquoted).
+
+    The table's state is loaded once, at the first of those versions; the commits after
+    it are replayed from the log (their adds and removes), and the files live at each
+    wanted version are taken. Loading the state of every version instead cost about
+    0.1 s each: two minutes for a lake of 1,000 snapshots (a listener's day is 8,640).
+    Where a commit's log file is gone, the state of the next wanted version is loaded."""
+    wanted = {s.versions[name] for s in (lake.snapshots() if snapshots is None
+                                         else snapshots) if name in s.versions}
+    versions = sorted(wanted | set(extra_versions))
     out: set[str] = set()
-    for v in sorted(versions | set(extra_versions)):
-        paths = lake.open_delta(name, v).get_add_actions(flatten=True).column("path")
-        for p in paths.to_pylist():
-            out.add(p)
-            out.add(unquote(p))
-    return out
+    live: set[str] = set()
+    loaded = None  # the version ``live`` is the state of
+    for v in versions:
+        if loaded is not None:
+            for commit in range(loaded + 1, v + 1):
+                actions = lake.commit_actions(name, commit)
+                if actions is None:
+                    loaded = None
+                    break
+                for action in actions:
+                    if "add" in action:
+                        live.add(action["add"]["path"])
+                    elif "remove" in action:
+                        live.discard(action["remove"]["path"])
+        if loaded is None:
+            live = set(add_actions(lake.open_delta(name, v)).column("path").to_pylist())
+        loaded = v
+        out |= live
+    return out | {unquote(p) for p in out}
 
 
 def vacuum(lake: Lake, retention_hours: float = DEFAULT_RETENTION_HOURS,

@@ -186,3 +186,51 @@ def test_an_unreadable_cohort_file_expires_nothing(small_lake):
                        r"snapshot it pins is not known and no snapshot was expired"):
         vacuum(lake, retention_hours=0, expire_days=0)
     assert lake.snapshot_numbers() == [0, 1, 2, 3]
+
+
+def _states(lake: Lake, name: str) -> dict[int, set[str]]:
+    """The reference: deltalake's state of each version of ``name``, loaded whole."""
+    from urllib.parse import unquote
+
+    out = {}
+    for v in range(lake.open_delta(name).version() + 1):
+        paths = lake.open_delta(name, v).get_add_actions(flatten=True).column("path")
+        out[v] = {q for p in paths.to_pylist() for q in (p, unquote(p))}
+    return out
+
+
+def test_referenced_files_replayed_from_the_log_equal_each_versions_state(small_lake):
+    """Runs, compaction and a partition value that must be quoted; subsets of the
+    versions against deltalake's state of each; then with the commits before a
+    checkpoint gone (log clean-up): the state of the next version is loaded instead."""
+    from itertools import combinations
+
+    from lakehouse.tables import CHECKPOINT_EVERY, commit_file
+    from lakehouse.vacuum import referenced_files
+
+    lake, _ = small_lake
+    for i in range(CHECKPOINT_EVERY):
+        with lake.writer(f"m{i}") as w:
+            w.append("instances", pa.table({"SOPInstanceUID": [f"9.{i}"],
+                                            "Modality": [["CT", "C T/%x ä", "MR"][i % 3]]}))
+            w.publish()
+    optimize(lake, ["instances"], small_bytes=2**30)
+    with lake.writer("last") as w:
+        w.append("instances", pa.table({"SOPInstanceUID": ["9.99"], "Modality": ["MR"]}))
+        w.publish()
+    states = _states(lake, "instances")
+    last = max(states)
+    assert last > CHECKPOINT_EVERY and len({frozenset(s) for s in states.values()}) > 10
+
+    def reference(versions) -> set[str]:
+        return set().union(*(states[v] for v in versions))
+
+    for k in (1, 2, 3):
+        for versions in combinations(range(last + 1), k):
+            if k < 3 or versions[0] % 3 == 0:
+                assert referenced_files(lake, "instances", set(versions), []) == \
+                    reference(versions), versions
+    for v in range(1, CHECKPOINT_EVERY):  # as the log clean-up leaves it
+        (lake.root / commit_file("instances", v)).unlink()
+    later = {0, *range(CHECKPOINT_EVERY, last + 1)}
+    assert referenced_files(lake, "instances", later, []) == reference(later)
