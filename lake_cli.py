@@ -554,12 +554,16 @@ def cmd_status(args) -> int:
     from catalog import open_lake
 
     with open_lake(_lake_dir(args)) as cat:
+        kept = cat.lake.snapshot_numbers()
         status = {
             "lake": str(cat.lake.root.absolute()) if cat.lake.local else cat.lake.location,
             "profile": cat.lake.profile,
             "key_fingerprint": cat.lake.config.key_fingerprint,
             "snapshot": cat.snapshot.number,
             "snapshot_created_at": cat.snapshot.created_at,
+            # each keeps its files: `lake vacuum --expire-days` forgets old ones
+            "snapshots_kept": len(kept),
+            "oldest_snapshot_created_at": cat.lake.snapshot(kept[0]).created_at,
             "tables": cat.counts(),
             "table_files": dict(cat.data_files),
             "quarantine_by_reason": dict(cat.con.execute(
@@ -577,7 +581,8 @@ def cmd_status(args) -> int:
     warn = ("  (identified: contains patient identifiers)" if status["profile"] == "identified"
             else f"  (pseudonymized; key fingerprint {status['key_fingerprint']})")
     print(f"profile   {status['profile']}{warn}")
-    print(f"snapshot  {status['snapshot']} ({status['snapshot_created_at']})")
+    print(f"snapshot  {status['snapshot']} ({status['snapshot_created_at']}); "
+          f"{status['snapshots_kept']:,} kept since {status['oldest_snapshot_created_at']}")
     print(f"tables {'rows':>26} {'files':>7}")
     for name, n in status["tables"].items():
         print(f"  {name:<20} {n:>10,} {status['table_files'].get(name, 0):>7,}")

@@ -622,7 +622,12 @@ def test_vacuum_expires_old_snapshots_and_keeps_those_cohorts_pin(capsys, lake_c
     code, out, err = run(capsys, "vacuum", "--expire-days", "0", "--lake", str(lake_copy))
     assert code == 0, err
     assert out.splitlines()[0].startswith(f"expired {len(expired)} snapshots published")
-    assert Lake.open(lake_copy).snapshot_numbers() == [pinned, latest]
+    lake = Lake.open(lake_copy)
+    assert lake.snapshot_numbers() == [pinned, latest]
+    code, out, err = run(capsys, "status", "--lake", str(lake_copy))
+    assert code == 0, err
+    assert f"snapshot  {latest} ({lake.snapshot(latest).created_at}); 2 kept since " \
+           f"{lake.snapshot(pinned).created_at}\n" in out
     code, out, err = run(capsys, "cohort", "show", "early", "--lake", str(lake_copy))
     assert code == 0, err  # reproduced at its snapshot, the hash checked
     code, out, err = run(capsys, "sql", "SELECT 1", "--snapshot", str(expired[-1]), "--lake",
