@@ -320,6 +320,9 @@ class Lake:
             number = numbers[-1]
         elif number not in numbers:
             raise SnapshotNotFoundError(number, numbers[-1], len(numbers))
+        return self._read_snapshot(number)
+
+    def _read_snapshot(self, number: int) -> Snapshot:
         path = as_rel(layout.snapshot_path(_REL, number))
         try:
             return Snapshot.from_dict(json.loads(self.storage.read_text(path)))
@@ -327,8 +330,10 @@ class Lake:
             raise LakeFormatError(self.location, f"snapshot {number}: {exc}") from exc
 
     def snapshots(self) -> Iterator[Snapshot]:
+        """Every kept snapshot, oldest first (the folder listed once: a lake fed by a
+        listener keeps thousands)."""
         for n in self.snapshot_numbers():
-            yield self.snapshot(n)
+            yield self._read_snapshot(n)
 
     # -- reading --------------------------------------------------------------
     def table_names(self, zone: str | None = None) -> list[str]:

@@ -114,8 +114,8 @@ def _expire(lake: Lake, report: VacuumReport, days: float) -> list[Snapshot]:
         again = set(cohort_pins(lake)) & {s.number for s in gone}
         for snap in gone:
             if snap.number in again:
-                lake.storage.write_bytes(as_rel(layout.snapshot_path(_REL, snap.number)),
-                                         json.dumps(snap.to_dict(), indent=2).encode())
+                lake.storage.write_json(as_rel(layout.snapshot_path(_REL, snap.number)),
+                                        snap.to_dict())
                 log.warning("snapshot %d not expired: a cohort was saved at it meanwhile",
                             snap.number)
         gone = [s for s in gone if s.number not in again]
