@@ -962,6 +962,9 @@ def cmd_vacuum(args) -> int:
     verb = "would remove" if args.dry_run else "removed"
     print(f"{verb} {n} unreferenced files ({report.bytes_removed:,} bytes); "
           f"{report.kept_recent} younger than {args.retention_hours:g} h kept")
+    if report.log_removed:
+        print(f"{verb} {sum(len(v) for v in report.log_removed.values())} commit-log files "
+              f"no kept snapshot needs ({', '.join(sorted(report.log_removed))})")
     return 0
 
 
@@ -1250,8 +1253,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--expire-days", type=_non_negative_float, metavar="DAYS",
                     help="first forget the snapshots published more than DAYS ago, except "
                     "the latest and those saved cohorts pin, so that the files only they "
-                    "reference (e.g. rewritten by compaction) are deleted too (default: "
-                    "keep every snapshot)")
+                    "reference (e.g. rewritten by compaction), and the commit-log files "
+                    "only they need, are deleted too (default: keep every snapshot)")
     sp.add_argument("--dry-run", action="store_true", help="list, do not delete")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_vacuum)

@@ -7,6 +7,8 @@
   _lake/cohorts/NAME.json  a saved cohort, pinned to a snapshot
   _lake/write.lock         held by the one writer
   research/<table>/        pseudonymized Delta tables (what researchers query)
+  <table>/_lake_checksums.json  checksums of data files whose commits `lake vacuum`
+                           cleaned from the table's Delta log
   vault/<table>/           identified material, owner-only permissions
 ```
 
@@ -25,6 +27,8 @@ MANIFEST = "lake.json"
 SNAPSHOTS = "snapshots"
 COHORTS = "cohorts"
 LOCK = "write.lock"
+#: in a table's folder: the checksums its cleaned log commits recorded
+CARRIED_CHECKSUMS = "_lake_checksums.json"
 
 
 def meta_dir(root: Path) -> Path:

@@ -13,6 +13,13 @@ listener publishes one per batch) keeps growing on disk. ``expire_days``
 forgets the snapshots published more than that many days ago, except the
 latest one and those a saved cohort pins (``_lake/cohorts/*.json``); their
 files that no kept snapshot references are then deleted like orphans.
+
+Each commit also leaves a file in its table's Delta log (a listener's lake, thousands a
+day), and readers need only those from the last checkpoint at or before the version they
+read. :func:`clean_log` removes, from each table's log, the files before the last
+checkpoint at or before the oldest version a kept snapshot pins; the checksums those
+commits recorded for files still referenced are kept in the table's
+:data:`lakehouse.layout.CARRIED_CHECKSUMS` first (`lake verify` reads them).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from urllib.parse import unquote
 from lakehouse import layout
 from lakehouse.errors import LakeError
 from lakehouse.tables import _REL, Lake, Snapshot, add_actions, as_rel
+from lakehouse.verify import checksums_in
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +57,16 @@ class VacuumReport:
     expired: list[int] = field(default_factory=list)
     #: {snapshot: [saved cohorts]}: old enough to expire, kept for these cohorts
     pinned: dict[int, list[str]] = field(default_factory=dict)
+    #: {table: [Delta log files removed (or that would be)]}
+    log_removed: dict[str, list[str]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"retention_hours": self.retention_hours, "dry_run": self.dry_run,
                 "removed": self.removed, "kept_recent": self.kept_recent,
                 "bytes_removed": self.bytes_removed, "expire_days": self.expire_days,
                 "expired": self.expired,
-                "pinned": {str(k): v for k, v in sorted(self.pinned.items())}}
+                "pinned": {str(k): v for k, v in sorted(self.pinned.items())},
+                "log_removed": self.log_removed}
 
 
 class CohortFileError(LakeError):
@@ -161,6 +172,45 @@ def referenced_files(lake: Lake, name: str,
     return out | {unquote(p) for p in out}
 
 
+def _log_version(name: str) -> int | None:
+    """The version a Delta log file belongs to (a commit, checkpoint or checksum file of
+    it); None for other files (``_last_checkpoint``, a temporary commit)."""
+    head = name.split(".", 1)[0]
+    return int(head) if len(head) == 20 and head.isdigit() else None
+
+
+def clean_log(lake: Lake, name: str, oldest: int, keep: set[str],
+              dry_run: bool = False) -> list[str]:
+    """Remove (unless a dry run) the Delta log files of table ``name`` that no reader of
+    version ``oldest`` or later needs: those of the versions before the last checkpoint at
+    or before ``oldest``. The checksums those commits recorded for ``keep`` (the files
+    kept snapshots reference) go to :data:`layout.CARRIED_CHECKSUMS` first. Returns the
+    names removed."""
+    root = as_rel(layout.table_path(_REL, name))
+    names = lake.storage.listdir(f"{root}/_delta_log")
+    checkpoints = [v for n in names if ".checkpoint." in n
+                   and (v := _log_version(n)) is not None and v <= oldest]
+    if not checkpoints:
+        return []
+    start = max(checkpoints)
+    old = {n: v for n in names if (v := _log_version(n)) is not None and v < start}
+    if dry_run or not old:
+        return sorted(old)
+    carried = f"{root}/{layout.CARRIED_CHECKSUMS}"
+    try:
+        sums = json.loads(lake.storage.read_text(carried))
+    except FileNotFoundError:
+        sums = {}
+    for n, v in old.items():
+        if n.endswith(".json"):
+            sums.update(checksums_in(lake.commit_actions(name, v) or []))
+    lake.storage.write_json(carried, {p: h for p, h in sums.items() if p in keep})
+    for n in sorted(old):
+        lake.storage.remove(f"{root}/_delta_log/{n}")
+    log.info("vacuum: removed %d log files of %s (before version %d)", len(old), name, start)
+    return sorted(old)
+
+
 def vacuum(lake: Lake, retention_hours: float = DEFAULT_RETENTION_HOURS,
            dry_run: bool = False, expire_days: float | None = None) -> VacuumReport:
     """Delete unreferenced files older than ``retention_hours`` (as the lake's writer);
@@ -174,7 +224,8 @@ def vacuum(lake: Lake, retention_hours: float = DEFAULT_RETENTION_HOURS,
             root = as_rel(layout.table_path(_REL, name))
             keep = referenced_files(lake, name, {w.versions[name]}, kept)
             for rel, size, mtime in lake.storage.files(root):
-                if rel.split("/", 1)[0] == "_delta_log" or rel in keep:
+                if rel.split("/", 1)[0] == "_delta_log" or rel in keep \
+                        or rel == layout.CARRIED_CHECKSUMS:
                     continue
                 if mtime > cutoff:
                     report.kept_recent += 1
@@ -184,4 +235,9 @@ def vacuum(lake: Lake, retention_hours: float = DEFAULT_RETENTION_HOURS,
                 if not dry_run:
                     lake.storage.remove(f"{root}/{rel}")
                     log.info("vacuum: removed %s/%s", name, rel)
+            oldest = min([s.versions[name] for s in kept if name in s.versions]
+                         + [w.versions[name]])
+            cleaned = clean_log(lake, name, oldest, keep, dry_run)
+            if cleaned:
+                report.log_removed[name] = cleaned
     return report

@@ -2,9 +2,11 @@
 
 Every commit made by :class:`lakehouse.tables.LakeWriter` records, in its
 commitInfo, the SHA-256 of each Parquet file it adds; the Delta log records
-its size. :func:`verify` checks every data file of a lake snapshot against
-both, and with ``sources=True`` every source file the vault's file index
-recorded against its checksum (of the first ``checksum_bytes`` bytes) and size.
+its size (`lake vacuum` carries the checksums of the commits it cleans from the log to
+the table's :data:`lakehouse.layout.CARRIED_CHECKSUMS`). :func:`verify` checks every data
+file of a lake snapshot against both, and with ``sources=True`` every source file the
+vault's file index recorded against its checksum (of the first ``checksum_bytes`` bytes)
+and size.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote
@@ -61,21 +64,33 @@ class Report:
                 "problems": [p.__dict__ for p in self.problems]}
 
 
+def checksums_in(actions: Iterable[dict]) -> dict[str, str]:
+    """``{relative path: sha256}`` that a commit's actions record (in its commitInfo)."""
+    out: dict[str, str] = {}
+    for action in actions:
+        info = action.get("commitInfo")
+        if info and CHECKSUMS_KEY in info:
+            out.update(json.loads(info[CHECKSUMS_KEY]))
+    return out
+
+
 def recorded_checksums(table_root: Path | str, storage: Storage | None = None) -> dict[str, str]:
     """``{relative path: sha256}`` from every commit of a table's Delta log (``table_root``:
-    a folder, or a path relative to ``storage``)."""
+    a folder, or a path relative to ``storage``), and those of commits `lake vacuum` has
+    cleaned from the log (:data:`layout.CARRIED_CHECKSUMS`)."""
     store = storage or open_storage(Path(table_root))
     base = str(table_root) if storage else ""
     log_dir = f"{base}/_delta_log" if base else "_delta_log"
-    out: dict[str, str] = {}
+    carried = f"{base}/{layout.CARRIED_CHECKSUMS}" if base else layout.CARRIED_CHECKSUMS
+    try:
+        out: dict[str, str] = json.loads(store.read_text(carried))
+    except FileNotFoundError:
+        out = {}
     for name in store.listdir(log_dir):
-        if not name.endswith(".json"):
-            continue
-        for line in store.read_text(f"{log_dir}/{name}").splitlines():
-            action = json.loads(line) if line.strip() else {}
-            info = action.get("commitInfo")
-            if info and CHECKSUMS_KEY in info:
-                out.update(json.loads(info[CHECKSUMS_KEY]))
+        if name.endswith(".json"):
+            text = store.read_text(f"{log_dir}/{name}")
+            out.update(checksums_in(json.loads(line) for line in text.splitlines()
+                                    if line.strip()))
     return out
 
 

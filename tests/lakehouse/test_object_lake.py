@@ -395,29 +395,37 @@ def test_storage_options_file_instead_of_the_environment(s3, tmp_path, capsys, m
 def test_optimize_and_verify_on_s3(s3, capsys):
     url = "s3://lakes/optimize"
     lake = Lake.create(url, profile="identified")
-    for i in range(3):
+    for i in range(12):
         with lake.writer(f"r{i}") as w:
             w.append("ingest_runs", pa.table({"ingest_run_id": [f"r{i}"]}))
             w.publish()
-    assert len(lake.delta("ingest_runs").file_uris()) == 3
+    assert len(lake.delta("ingest_runs").file_uris()) == 12
     assert main(["optimize", "--lake", url]) == 0
-    assert "rewrote 3 small files as 1" in capsys.readouterr().out
+    assert "rewrote 12 small files as 1" in capsys.readouterr().out
     assert len(lake.delta("ingest_runs").file_uris()) == 1
     assert sorted(lake.read("ingest_runs").column("ingest_run_id").to_pylist()) == \
-        ["r0", "r1", "r2"]
+        sorted(f"r{i}" for i in range(12))
     assert main(["verify", "--lake", url]) == 0
-    assert capsys.readouterr().out.splitlines() == ["snapshot 4: 1 data files checked", "ok"]
-    # old snapshots expire, but for the one a cohort pins; the file only snapshot 3 had goes
-    lake.storage.write_bytes("_lake/cohorts/early.json", b'{"snapshot": 2}')
+    assert capsys.readouterr().out.splitlines() == ["snapshot 13: 1 data files checked", "ok"]
+    # old snapshots expire, but for the one a cohort pins; the file only snapshot 12 had
+    # goes, and the log files before the checkpoint at version 10 (snapshot 11 reads 11)
+    lake.storage.write_bytes("_lake/cohorts/early.json", b'{"snapshot": 11}')
     assert main(["vacuum", "--expire-days", "0", "--retention-hours", "0", "--lake", url]) == 0
-    expired, removed = capsys.readouterr().out.splitlines()
-    assert expired == ("expired 3 snapshots published more than 0 days ago (0-1, 3); kept 1 "
-                       "older ones that saved cohorts pin (early)")
+    expired, removed, log_removed = capsys.readouterr().out.splitlines()
+    assert expired == ("expired 12 snapshots published more than 0 days ago (0-10, 12); "
+                       "kept 1 older ones that saved cohorts pin (early)")
     assert removed.startswith("removed 1 unreferenced files (")
-    assert lake.snapshot_numbers() == [2, 4]
-    assert sorted(lake.read("ingest_runs", lake.snapshot(2)).column("ingest_run_id")
-                  .to_pylist()) == ["r0", "r1"]
-    assert main(["verify", "--lake", url]) == 0
+    assert log_removed == "removed 10 commit-log files no kept snapshot needs (ingest_runs)"
+    assert lake.snapshot_numbers() == [11, 13]
+    assert sorted(lake.storage.listdir("research/ingest_runs/_delta_log")) == \
+        [f"{10:020d}.checkpoint.parquet", *(f"{v:020d}.json" for v in (10, 11, 12, 13)),
+         "_last_checkpoint"]
+    assert sorted(lake.read("ingest_runs", lake.snapshot(11)).column("ingest_run_id")
+                  .to_pylist()) == sorted(f"r{i}" for i in range(11))
+    assert main(["verify", "--lake", url]) == 0  # the checksums carried
+    assert capsys.readouterr().out.splitlines() == ["snapshot 13: 1 data files checked", "ok"]
+    report = verify(lake, lake.snapshot(11))
+    assert (report.ok, report.files_checked, report.files_without_checksum) == (True, 11, 0)
 
 
 def test_tables_are_read_by_arrow_s3_and_a_reading_process_exits_cleanly(s3, monkeypatch):

@@ -234,3 +234,61 @@ def test_referenced_files_replayed_from_the_log_equal_each_versions_state(small_
         (lake.root / commit_file("instances", v)).unlink()
     later = {0, *range(CHECKPOINT_EVERY, last + 1)}
     assert referenced_files(lake, "instances", later, []) == reference(later)
+
+
+def test_expiry_cleans_the_log_of_what_no_kept_snapshot_needs(small_lake):
+    """25 runs commit to ``quarantine``; a cohort pins the snapshot at its version 23.
+    Expiring the rest removes the log files before the checkpoint at 20 (and nothing of
+    the tables committed less often). The checksums of those commits move to
+    ``_lake_checksums.json``: verify still checks every file (a changed byte in a file
+    whose commit was cleaned is found), and the next vacuum keeps that file."""
+    from lakehouse.tables import CHECKPOINT_EVERY, commit_file
+    from lakehouse.vacuum import referenced_files
+
+    lake, _ = small_lake
+    assert CHECKPOINT_EVERY == 10
+    _quarantine_runs(lake, 25)
+    (pinned,) = [s.number for s in lake.snapshots() if s.versions["quarantine"] == 23]
+    _pin(lake, "kept", pinned)
+    log_dir = layout.table_path(lake.root, "quarantine") / "_delta_log"
+    cleaned = sorted([f"{v:020d}.json" for v in range(20)]
+                     + [f"{10:020d}.checkpoint.parquet"])
+    assert set(cleaned) < {p.name for p in log_dir.iterdir()}
+    before = verify(lake)
+    assert before.ok and before.files_without_checksum == 0
+
+    dry = vacuum(lake, retention_hours=0, dry_run=True, expire_days=0)
+    assert dry.log_removed == {"quarantine": cleaned}
+    assert all((log_dir / n).exists() for n in cleaned)
+
+    report = vacuum(lake, retention_hours=0, expire_days=0)
+    assert report.log_removed == {"quarantine": cleaned}
+    assert lake.snapshot_numbers() == [pinned, lake.snapshot().number]
+    assert not any((log_dir / n).exists() for n in cleaned)
+    assert (log_dir / f"{20:020d}.checkpoint.parquet").exists()
+    rows = {n: lake.read("quarantine", lake.snapshot(n)).num_rows
+            for n in lake.snapshot_numbers()}
+    assert rows == {pinned: 23, lake.snapshot().number: 25}
+    for n in lake.table_names():
+        lake.read(n, lake.snapshot(pinned))
+    after = verify(lake)
+    assert (after.ok, after.files_checked, after.files_without_checksum) == \
+        (True, before.files_checked, 0)
+    carried = layout.table_path(lake.root, "quarantine") / layout.CARRIED_CHECKSUMS
+    sums = json.loads(carried.read_text())
+    live = lake.delta("quarantine").get_add_actions(flatten=True).column("path").to_pylist()
+    old = [p for p in live if p in sums]  # added by a commit now cleaned from the log
+    assert old and set(sums) <= referenced_files(lake, "quarantine")
+
+    again = vacuum(lake, retention_hours=0, expire_days=0)
+    assert (again.expired, again.removed, again.log_removed) == ([], {}, {})
+    assert json.loads(carried.read_text()) == sums
+    _quarantine_runs(lake, 1)  # the next run commits, checkpoints and reads as before
+    assert lake.read("quarantine").num_rows == 26
+    assert not (lake.root / commit_file("quarantine", 0)).exists()
+    target = layout.table_path(lake.root, "quarantine") / old[0]
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    assert [(p.table, p.path, p.kind) for p in verify(lake).problems] == \
+        [("quarantine", old[0], "checksum")]
