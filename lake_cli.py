@@ -319,7 +319,7 @@ def cmd_listen(args) -> int:
 
     listener = Listener(lake, args.ae_title, args.port, host=args.host, config=config,
                         key_file=_key_file(args), batch_seconds=args.batch_seconds,
-                        batch_files=args.batch_files, on_batch=report)
+                        batch_files=args.batch_files, allow=args.allow, on_batch=report)
     stop = threading.Event()
 
     def on_signal(signum, frame) -> None:
@@ -332,8 +332,9 @@ def cmd_listen(args) -> int:
         raise CliError(f"cannot listen on {args.host}:{args.port}: "
                        f"{exc.strerror or exc}") from None
     print(f"listening as {args.ae_title} on {args.host}:{args.port}, ingesting every "
-          f"{args.batch_seconds:g} s or {args.batch_files} instances; Ctrl-C to stop",
-          flush=True)
+          f"{args.batch_seconds:g} s or {args.batch_files} instances"
+          f"{f', from {len(args.allow)} allowed senders' if args.allow else ''}; "
+          "Ctrl-C to stop", flush=True)
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         stats = listener.run(stop)
@@ -1088,6 +1089,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "seconds, at most 300 (or N)")
     sp.add_argument("--batch-files", type=_positive, default=1000,
                     help="... or as soon as N instances are waiting (default 1000)")
+    sp.add_argument("--allow", action="append", type=_sender, metavar="SENDER",
+                    help="accept associations only from this sender (repeatable): an AE "
+                    "title, TITLE@ADDRESS or @ADDRESS (an IP address or network, e.g. "
+                    "@10.1.0.0/16); others are rejected (default: any sender)")
     sp.add_argument("--workers", type=_positive, help="worker processes per batch")
     sp.add_argument("--scheduler", help="a Dask scheduler address, or processes / threads / "
                     "synchronous")
@@ -1305,6 +1310,15 @@ def _ae_title(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"expected an AE title of 1 to 16 ASCII characters (no backslash), got {text!r}")
     return text
+
+
+def _sender(text: str):
+    from etl.sources.listen import Sender
+
+    try:
+        return Sender.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _non_negative_float(text: str) -> float:

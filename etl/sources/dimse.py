@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from etl.errors import SourceError
-from etl.sources.staging import Staging
+from etl.sources.staging import Staging, spool_received
 
 log = logging.getLogger(__name__)
 #: a UID as a C-FIND answer may give it: DICOM UIDs are digits and dots (PS3.5 9.1), but
@@ -174,7 +174,7 @@ class DimseSource:
             if where is None:  # not asked for (a series C-GET of a partly known series)
                 return 0x0000
             try:
-                staging.write(where[0], where[1], sop, event.encoded_dataset())
+                staging.receive(where[0], where[1], sop, event)
             except OSError as exc:
                 with lock:
                     errors[sop] = f"could not be written: {exc.strerror or exc}"
@@ -185,6 +185,7 @@ class DimseSource:
                     progress(len(received), len(todo))
             return 0x0000
 
+        spool_received()
         ae = self._ae()
         ae.add_requested_context(GET)
         for c in classes:

@@ -1,7 +1,8 @@
 """A DICOM C-STORE receiver that ingests what it receives in micro-batches (pynetdicom).
 
 Modalities and PACS send to it (C-STORE, or C-MOVE with it as destination).
-Each instance is written to ``vault/staging/listen-incoming-*/files/`` (temporary
+Each instance is spooled to a temporary file as it arrives (memory does not grow with
+its size), then moved to ``vault/staging/listen-incoming-*/files/`` (temporary
 name, fsync, rename) *before* the sender is told Success; if it cannot be written
 the sender gets 0xA700 (out of resources) and keeps the instance. Two instances
 sent with the same SOPInstanceUID are both kept (the lake then records a
@@ -12,12 +13,14 @@ folder pipeline; quarantined ones stay there. A batch that cannot be ingested
 received files and is tried again, after a wait that doubles up to
 :data:`RETRY_MAX_SECONDS`; the listener goes on receiving. Files left by a
 listener that was stopped or killed before ingesting them are picked up by the
-next one.
+next one. With an allow-list (:class:`Sender`), associations from other senders are
+rejected before anything is negotiated.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import threading
@@ -33,7 +36,7 @@ import pyarrow.compute as pc
 from etl.config import IngestConfig
 from etl.jobs import RunSummary, ingest
 from etl.sources.pull import DONE_OUTCOMES
-from etl.sources.staging import OWNER, Staging, claim, place_new
+from etl.sources.staging import OWNER, Staging, claim, place_new, spool_received
 from lakehouse import Lake
 
 log = logging.getLogger(__name__)
@@ -75,6 +78,46 @@ class ListenStats:
         return dict(self.__dict__)
 
 
+@dataclass(frozen=True)
+class Sender:
+    """Who may send (``lake listen --allow``): an AE title, an address or network, or
+    both: ``TITLE``, ``TITLE@ADDRESS``, ``@ADDRESS`` (an IP address, or a network such as
+    ``10.1.0.0/16``)."""
+
+    title: str | None
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network | None
+
+    @classmethod
+    def parse(cls, text: str) -> Sender:
+        title, at, address = text.partition("@")
+        title = title.strip()
+        if (len(title) > 16 or "\\" in title or not all(" " <= ch <= "~" for ch in title)
+                or not (title or at)):
+            raise ValueError(f"{text!r} is not a sender: expected TITLE (an AE title of up "
+                             "to 16 ASCII characters), TITLE@ADDRESS or @ADDRESS")
+        network = None
+        if at:
+            try:
+                network = ipaddress.ip_network(address.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"{address.strip()!r} in {text!r} is not an IP address or "
+                                 "network (e.g. 10.1.2.3 or 10.1.0.0/16)") from None
+        return cls(title or None, network)
+
+    def admits(self, title: str, address: str) -> bool:
+        if self.title is not None and title != self.title:
+            return False
+        if self.network is None:
+            return True
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # an IPv4 sender to a dual-stack socket
+        return ip in self.network
+
+
 def _peer(event) -> str:
     """Who an association event is about: the calling AE title and its address."""
     requestor = event.assoc.requestor
@@ -89,6 +132,7 @@ class Listener:
     def __init__(self, lake: Lake, ae_title: str, port: int, *, host: str = "0.0.0.0",
                  config: IngestConfig | None = None, key_file: Path | str | None = None,
                  batch_seconds: float = 10.0, batch_files: int = 1000,
+                 allow: list[Sender] | None = None,
                  on_batch: Callable[[RunSummary], None] | None = None):
         lake.policy(key_file)  # a missing or wrong key stops before anything is received
         self.lake = lake
@@ -99,6 +143,8 @@ class Listener:
         self.batch_seconds = batch_seconds
         self.batch_files = batch_files
         self.on_batch = on_batch
+        #: the senders whose associations are accepted (None: any)
+        self.allow = allow or None
         self.stats = ListenStats()
         self._lock = threading.Lock()
         self._pending = 0
@@ -112,12 +158,14 @@ class Listener:
     # -- the DICOM side --------------------------------------------------------
     def start(self) -> None:
         from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+        spool_received()  # memory does not grow with the size of the instances received
         ae = AE(ae_title=self.ae_title)
         for cx in AllStoragePresentationContexts:
             if cx.abstract_syntax:
                 ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(VERIFICATION)
-        handlers: list = [(evt.EVT_C_STORE, self._on_store),
+        handlers: list = [(evt.EVT_REQUESTED, self._on_requested),
+                    (evt.EVT_C_STORE, self._on_store),
                     (evt.EVT_ACCEPTED, self._on_accepted),
                     (evt.EVT_REJECTED, self._on_rejected),
                     (evt.EVT_ABORTED, self._on_aborted)]
@@ -130,7 +178,7 @@ class Listener:
         calling = str(event.assoc.requestor.ae_title).strip() or "unknown"
         day = datetime.now(UTC).strftime("%Y%m%d")
         try:
-            self.incoming.write(calling, day, sop, event.encoded_dataset(), keep=True)
+            self.incoming.receive(calling, day, sop, event, keep=True)
         except Exception as exc:  # never answer Success for what we could not keep
             with self._lock:
                 self.stats.refused += 1
@@ -144,6 +192,24 @@ class Listener:
             if self._pending >= self.batch_files:
                 self._wake.set()
         return 0x0000
+
+    def _on_requested(self, event) -> None:
+        """Reject an association from a sender not in :attr:`allow`, as a PACS does a
+        calling AE title it does not know (permanent; "calling AE title not
+        recognized"), before anything is negotiated."""
+        if self.allow is None:
+            return
+        assoc = event.assoc
+        title = str(assoc.requestor.primitive.calling_ae_title).strip()
+        address = assoc.requestor.address
+        if any(sender.admits(title, address) for sender in self.allow):
+            return
+        assoc.acse.send_reject(0x01, 0x01, 0x03)
+        assoc.kill()
+        with self._lock:
+            self.stats.associations_rejected += 1
+        log.warning("rejected an association from %s at %s: not an allowed sender "
+                    "(--allow)", title or "an unnamed AE", address)
 
     def _on_accepted(self, event) -> None:
         with self._lock:

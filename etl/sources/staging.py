@@ -21,6 +21,7 @@ there too and retried by the next run.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -69,6 +70,35 @@ def place_new(src: Path, dest: Path) -> Path:
             return target
         n += 1
         target = dest.with_name(f"{dest.stem}~{n}{dest.suffix}")
+
+
+def spool_received() -> None:
+    """Have pynetdicom write every instance it receives (C-STORE, also within a C-GET) to
+    a temporary file (``TMPDIR``) as it arrives, instead of holding it in memory: held, a
+    256 MB instance raised the receiver's peak memory by 528 MB, and each association
+    receives one at a time. Process-wide (pynetdicom's own setting); :meth:`Staging.receive`
+    takes either."""
+    from pynetdicom import _config
+
+    _config.STORE_RECV_CHUNKED_DATASET = True
+
+
+def _move_into(src: Path, fh, dest: str) -> None:
+    """Give ``dest`` (open as ``fh``, empty) the content of ``src``, which is removed:
+    renamed over it on the same file system, else copied; on disk when this returns."""
+    try:
+        os.replace(src, dest)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        with open(src, "rb") as s:
+            shutil.copyfileobj(s, fh, 1 << 20)
+        fh.flush()
+        os.fsync(fh.fileno())
+        os.unlink(src)
+    else:
+        with open(dest, "rb") as moved:
+            os.fsync(moved.fileno())
 
 
 #: the file a process holds locked (``flock``) while a staging folder is its own
@@ -140,14 +170,29 @@ class Staging:
             raise ValueError(f"unsafe relative path {rel!r}")
         return self._write(self.files.joinpath(*parts), data)
 
-    def _write(self, dest: Path, data: bytes, keep: bool = False) -> Path:
+    def receive(self, study: str, series: str, instance: str, event, *,
+                keep: bool = False) -> Path:
+        """:meth:`write` the instance of a C-STORE request pynetdicom received (``event``):
+        moved (or copied) from the temporary file it was spooled to as it arrived
+        (:func:`spool_received`), or its bytes where it was held in memory."""
+        spooled = getattr(event.request, "_dataset_path", None)
+        dest = self.path_for(study, series, instance)
+        if isinstance(spooled, Path):
+            return self._write(dest, spooled, keep)
+        return self._write(dest, event.encoded_dataset(), keep)
+
+    def _write(self, dest: Path, data: bytes | Path, keep: bool = False) -> Path:
+        """``data``: the bytes, or a file whose content it is (moved here)."""
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.tmp, suffix=".part")
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
+            with os.fdopen(fd, "r+b") as fh:
+                if isinstance(data, Path):
+                    _move_into(data, fh, tmp)
+                else:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
             if keep:
                 return place_new(Path(tmp), dest)
             os.replace(tmp, dest)

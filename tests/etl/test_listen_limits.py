@@ -1,0 +1,165 @@
+"""What `lake listen` holds and whom it accepts: every received instance is spooled to a
+file as it arrives (the listener's memory does not grow with the instances' size) and
+kept byte for byte; with ``--allow``, associations from other senders are rejected
+before anything is negotiated."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from etl.sources.listen import Sender
+from etl.sources.staging import Staging
+from lakehouse import Lake
+from tests.etl.test_listen_faults import _ct, _listening, _outcomes, _send
+from tests.listening import lake_listen, stop
+from tests.pacs import free_port
+
+
+def _received(lake: Lake, ds: pydicom.Dataset, spool: Path | None, monkeypatch) -> bytes:
+    """``ds`` sent to a pynetdicom SCP whose handler stages it with ``Staging.receive``:
+    held in memory (``spool`` None), or spooled to files in ``spool``. The staged bytes."""
+    from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+
+    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", spool is not None)
+    monkeypatch.setattr(tempfile, "tempdir", None if spool is None else str(spool))
+    staging = Staging(lake, "spool-test")
+
+    def on_store(event) -> int:
+        staging.receive("st", "se", str(event.request.AffectedSOPInstanceUID), event)
+        return 0x0000
+
+    ae = AE(ae_title="LAKE")
+    ae.supported_contexts = AllStoragePresentationContexts
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        assert _send(port, ds) == [0]
+    finally:
+        server.shutdown()
+    (staged,) = staging.files.rglob("*.dcm")
+    return staged.read_bytes()
+
+
+def test_a_spooled_instance_is_staged_byte_for_byte(tmp_path, monkeypatch):
+    """Renamed from the spool file on the same file system, copied from another (a
+    tmpfs): the same bytes as when pynetdicom held the instance in memory; no spool file
+    is left."""
+    lake = Lake.create(tmp_path / "lake", profile="identified")
+    ds = _ct()
+    same = tmp_path / "spool"
+    same.mkdir()
+    other = Path(tempfile.mkdtemp(dir="/dev/shm")) if os.path.isdir("/dev/shm") else None
+    if other is None or os.stat(other).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second file system (/dev/shm) to spool to")
+    try:
+        held = _received(lake, ds, None, monkeypatch)
+        assert pydicom.dcmread(pydicom.filebase.DicomBytesIO(held)).SOPInstanceUID == \
+            ds.SOPInstanceUID
+        assert _received(lake, ds, same, monkeypatch) == held
+        assert _received(lake, ds, other, monkeypatch) == held
+        assert list(same.iterdir()) == [] and list(other.iterdir()) == []
+    finally:
+        other.rmdir()
+
+
+def _peak_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_listener_memory_does_not_grow_with_the_instance_size(tmp_path):
+    """A 96 MB instance raised the listener's peak memory by about twice its size when
+    pynetdicom held it; spooled, by a few MB."""
+    path = tmp_path / "lake"
+    Lake.create(path, profile="identified")
+    side = 7168  # 7168 x 7168 x 2 bytes: 98 MB of pixel data
+    big = _ct(Rows=side, Columns=side, PixelData=bytes(side * side * 2))
+    big.save_as(tmp_path / "big.dcm")
+    del big
+    with lake_listen(path) as (proc, port):
+        before = _peak_kib(proc.pid)
+        assert _send(port, tmp_path / "big.dcm") == [0]
+        grew = _peak_kib(proc.pid) - before
+        code, out, err = stop(proc)
+    assert code == 0, err
+    assert grew < 32 * 1024, f"peak memory grew by {grew} KiB"
+    assert "1 instances received" in out and _outcomes(path) == {"ingested": 1}
+
+
+def test_senders_not_allowed_are_rejected_before_anything_is_negotiated(tmp_path, caplog):
+    """Allowed: CT1 from anywhere, MR2 from 10.0.0.0/8, any title from 127.0.0.2. CT1
+    (from 127.0.0.1) and ANY (from 127.0.0.2) are accepted; MR2 from 127.0.0.1 and OTHER
+    are rejected as calling AE titles not recognized, and send nothing."""
+    from pynetdicom import AE
+
+    lake = Lake.create(tmp_path / "lake", profile="identified")
+    allow = [Sender.parse(s) for s in ("CT1", "MR2@10.0.0.0/8", "@127.0.0.2")]
+
+    def associate(port: int, title: str, address: str = "127.0.0.1"):
+        ae = AE(ae_title=title)
+        ae.add_requested_context("1.2.840.10008.1.1")
+        return ae.associate("127.0.0.1", port, ae_title="LAKE", bind_address=(address, 0))
+
+    with caplog.at_level(logging.WARNING), \
+            _listening(lake, allow=allow) as (_listener, port, result):
+        refused = [associate(port, "MR2"), associate(port, "OTHER")]
+        for a in refused:
+            assert (a.is_established, a.is_rejected) == (False, True)
+            rj = a.acceptor.primitive
+            assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x03)
+        accepted = associate(port, "ANY", "127.0.0.2")
+        assert accepted.is_established
+        accepted.release()
+        assert _send(port, _ct(), title="CT1") == [0]
+    stats = result["stats"]
+    assert (stats.associations, stats.associations_rejected, stats.received) == (2, 2, 1)
+    assert "rejected an association from MR2 at 127.0.0.1: not an allowed sender " \
+           "(--allow)" in caplog.text
+    assert "rejected an association from OTHER at 127.0.0.1" in caplog.text
+    assert "Exception raised in user's" not in caplog.text
+
+
+@pytest.mark.parametrize(("text", "title", "network"), [
+    ("CT1", "CT1", None), ("CT1@10.1.2.3", "CT1", "10.1.2.3/32"),
+    ("@10.1.0.0/16", None, "10.1.0.0/16"), ("@10.1.2.3/16", None, "10.1.0.0/16"),
+    ("PACS@::1", "PACS", "::1/128")])
+def test_sender_specs(text, title, network):
+    sender = Sender.parse(text)
+    assert (sender.title, None if sender.network is None else str(sender.network)) == \
+        (title, network)
+
+
+def test_sender_admits_by_title_and_address():
+    assert Sender.parse("CT1").admits("CT1", "192.0.2.7")
+    assert not Sender.parse("CT1").admits("CT2", "192.0.2.7")
+    assert Sender.parse("@10.1.0.0/16").admits("ANY", "10.1.200.3")
+    assert Sender.parse("@10.1.0.0/16").admits("ANY", "::ffff:10.1.200.3")  # dual stack
+    assert not Sender.parse("@10.1.0.0/16").admits("ANY", "10.2.0.1")
+    assert not Sender.parse("CT1@10.1.2.3").admits("CT1", "10.1.2.4")
+    assert not Sender.parse("@10.1.0.0/16").admits("ANY", "not an address")
+
+
+def test_a_wrong_allow_is_one_line_before_anything_listens(tmp_path):
+    exe = str(Path(sys.executable).parent / "lake")
+    for spec, why in [("@", "'' in '@' is not an IP address or network"),
+                      ("CT@10.1.2", "'10.1.2' in 'CT@10.1.2' is not an IP address"),
+                      ("A" * 17, f"'{'A' * 17}' is not a sender: expected TITLE")]:
+        done = subprocess.run([exe, "listen", "--port", str(free_port()), "--ae-title", "LAKE",
+                               "--lake", str(tmp_path / "none"), "--allow", spec],
+                              capture_output=True, text=True, timeout=60)
+        assert (done.returncode, done.stdout) == (2, "")
+        assert done.stderr.startswith(f"lake listen: error: argument --allow: {why}"), \
+            done.stderr
+        assert done.stderr.count("\n") == 1
