@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from etl.errors import SourceError
-from etl.sources.staging import Staging, spool_received
+from etl.sources.staging import Staging, spooled_to
 
 log = logging.getLogger(__name__)
 #: a UID as a C-FIND answer may give it: DICOM UIDs are digits and dots (PS3.5 9.1), but
@@ -185,35 +185,35 @@ class DimseSource:
                     progress(len(received), len(todo))
             return 0x0000
 
-        spool_received()
-        ae = self._ae()
-        ae.add_requested_context(GET)
-        for c in classes:
-            ae.add_requested_context(c, ALL_TRANSFER_SYNTAXES)
-        roles = [build_role(c, scp_role=True) for c in classes]
-        assoc = ae.associate(self.host, self.port, ae_title=self.ae_title, ext_neg=roles,
-                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
-        if not assoc.is_established:
-            raise self._fail("C-GET", assoc)
-        try:
-            by_series: dict[tuple[str, str], list[str]] = defaultdict(list)
-            for st, se, sop in todo:
-                by_series[(st, se)].append(sop)
-            for (st, se), sops in by_series.items():
-                q = Dataset()
-                q.StudyInstanceUID = st
-                q.SeriesInstanceUID = se
-                if len(sops) == listed_per_series[(st, se)]:
-                    q.QueryRetrieveLevel = "SERIES"
-                    self._get(assoc, q, GET, errors, sops)
-                else:
-                    for sop in sops:
-                        q.QueryRetrieveLevel = "IMAGE"
-                        q.SOPInstanceUID = sop
-                        self._get(assoc, q, GET, errors, [sop])
-        finally:
-            if assoc.is_established:
-                assoc.release()
+        with spooled_to(staging.tmp):  # memory does not grow with instance size
+            ae = self._ae()
+            ae.add_requested_context(GET)
+            for c in classes:
+                ae.add_requested_context(c, ALL_TRANSFER_SYNTAXES)
+            roles = [build_role(c, scp_role=True) for c in classes]
+            assoc = ae.associate(self.host, self.port, ae_title=self.ae_title, ext_neg=roles,
+                                 evt_handlers=[(evt.EVT_C_STORE, on_store)])
+            if not assoc.is_established:
+                raise self._fail("C-GET", assoc)
+            try:
+                by_series: dict[tuple[str, str], list[str]] = defaultdict(list)
+                for st, se, sop in todo:
+                    by_series[(st, se)].append(sop)
+                for (st, se), sops in by_series.items():
+                    q = Dataset()
+                    q.StudyInstanceUID = st
+                    q.SeriesInstanceUID = se
+                    if len(sops) == listed_per_series[(st, se)]:
+                        q.QueryRetrieveLevel = "SERIES"
+                        self._get(assoc, q, GET, errors, sops)
+                    else:
+                        for sop in sops:
+                            q.QueryRetrieveLevel = "IMAGE"
+                            q.SOPInstanceUID = sop
+                            self._get(assoc, q, GET, errors, [sop])
+            finally:
+                if assoc.is_established:
+                    assoc.release()
         failed = {sop: errors.get(sop, "not received" if found.get(sop) else
                                   "the PACS did not give its SOP Class UID (C-FIND), so it "
                                   "cannot be asked for")

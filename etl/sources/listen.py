@@ -1,9 +1,10 @@
 """A DICOM C-STORE receiver that ingests what it receives in micro-batches (pynetdicom).
 
 Modalities and PACS send to it (C-STORE, or C-MOVE with it as destination).
-Each instance is spooled to a temporary file as it arrives (memory does not grow with
-its size), then moved to ``vault/staging/listen-incoming-*/files/`` (temporary
-name, fsync, rename) *before* the sender is told Success; if it cannot be written
+Each instance is spooled to a file in ``vault/staging/listen-incoming-*/tmp/`` as it
+arrives (memory does not grow with its size), then moved to
+``vault/staging/listen-incoming-*/files/`` (fsync, rename) *before* the sender is told
+Success; if it cannot be written
 the sender gets 0xA700 (out of resources) and keeps the instance. Two instances
 sent with the same SOPInstanceUID are both kept (the lake then records a
 duplicate or a conflict). Every ``batch_seconds`` (or ``batch_files``
@@ -36,7 +37,7 @@ import pyarrow.compute as pc
 from etl.config import IngestConfig
 from etl.jobs import RunSummary, ingest
 from etl.sources.pull import DONE_OUTCOMES
-from etl.sources.staging import OWNER, Staging, claim, place_new, spool_received
+from etl.sources.staging import OWNER, SPOOL_PREFIX, Staging, claim, place_new, spooled_to
 from lakehouse import Lake
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,9 @@ SOURCE_KIND = "dimse-listen"
 VERIFICATION = "1.2.840.10008.1.1"  # C-ECHO
 #: the longest wait before a batch that could not be ingested is tried again
 RETRY_MAX_SECONDS = 300.0
+#: a spool file not written to for this long is of an instance whose association is gone
+#: (pynetdicom aborts one silent for its network timeout, 60 s): it is removed
+SPOOL_STALE_SECONDS = 600.0
 ERRORS_KEPT = 100
 
 
@@ -151,6 +155,7 @@ class Listener:
         self._failures = 0  # batches failed in a row
         self._wake = threading.Event()
         self._server: Any = None
+        self._spooling = contextlib.ExitStack()
         # held (locked) while this listener lives: no other listener on this lake takes
         # it over; a listener that was killed holds nothing
         self.incoming = Staging(lake, "listen-incoming", hold=True)
@@ -158,7 +163,8 @@ class Listener:
     # -- the DICOM side --------------------------------------------------------
     def start(self) -> None:
         from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
-        spool_received()  # memory does not grow with the size of the instances received
+        # memory does not grow with the size of the instances received
+        self._spooling.enter_context(spooled_to(self.incoming.tmp))
         ae = AE(ae_title=self.ae_title)
         for cx in AllStoragePresentationContexts:
             if cx.abstract_syntax:
@@ -237,10 +243,12 @@ class Listener:
                 self._wake.clear()
                 if not stop.is_set():  # else the last batch, below
                     self._try_pending(False)
+                    self._sweep_spool()
         finally:
             if self._server is not None:
                 self._server.shutdown()
                 self._server = None
+            self._spooling.close()
             self._try_pending(True)
             left = self.incoming.clean(set())
             self.incoming.release()
@@ -250,6 +258,22 @@ class Listener:
                 log.warning("%d received files were not ingested; they are kept in %s and "
                             "the next `lake listen` ingests them", left, self.incoming.root)
         return self.stats
+
+    def _sweep_spool(self) -> int:
+        """Remove the spool files of instances never completed (their association was
+        aborted: the sender keeps them) once stale; returns how many."""
+        cutoff = time.time() - SPOOL_STALE_SECONDS
+        removed = 0
+        with contextlib.suppress(FileNotFoundError), os.scandir(self.incoming.tmp) as it:
+            for entry in it:
+                with contextlib.suppress(FileNotFoundError):
+                    if entry.name.startswith(SPOOL_PREFIX) and \
+                            entry.stat().st_mtime < cutoff:
+                        os.unlink(entry.path)
+                        removed += 1
+        if removed:
+            log.info("removed %d instances never completed from the spool", removed)
+        return removed
 
     def _wait(self) -> float:
         """Seconds until the next batch: ``batch_seconds``, doubled for each batch in a

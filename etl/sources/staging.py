@@ -30,6 +30,7 @@ import re
 import secrets
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -72,15 +73,49 @@ def place_new(src: Path, dest: Path) -> Path:
         target = dest.with_name(f"{dest.stem}~{n}{dest.suffix}")
 
 
-def spool_received() -> None:
-    """Have pynetdicom write every instance it receives (C-STORE, also within a C-GET) to
-    a temporary file (``TMPDIR``) as it arrives, instead of holding it in memory: held, a
-    256 MB instance raised the receiver's peak memory by 528 MB, and each association
-    receives one at a time. Process-wide (pynetdicom's own setting); :meth:`Staging.receive`
-    takes either."""
-    from pynetdicom import _config
+#: the name every file pynetdicom spools a received instance to starts with
+SPOOL_PREFIX = "spool-"
+_spool_folders: list[Path] = []
+_chunked_before: list[bool] = []
 
+
+def _spool_file(*args, **kwargs):
+    """pynetdicom's temporary file for an instance it receives: in the folder of the
+    innermost :func:`spooled_to` still there, else in the temporary folder."""
+    for folder in reversed(_spool_folders):
+        if folder.is_dir():
+            return tempfile.NamedTemporaryFile(*args, dir=folder, prefix=SPOOL_PREFIX,
+                                               **kwargs)
+    return tempfile.NamedTemporaryFile(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def spooled_to(folder: Path) -> Iterator[bool]:
+    """While inside, pynetdicom writes every instance it receives (C-STORE, also within a
+    C-GET) to a file in ``folder`` as it arrives, instead of holding it in memory: held,
+    a 256 MB instance raised the receiver's peak memory by 528 MB. ``folder`` is a
+    staging folder's ``tmp`` (owner-only, in the vault, on the staging's file system: the
+    file is renamed into place by :meth:`Staging.receive`); the spool files of instances
+    never completed (an aborted association) are removed with it, never left in the
+    system's temporary folder. Process-wide (pynetdicom's own setting; the innermost
+    folder wins). Yields False, and instances stay in memory, with a pynetdicom that
+    cannot spool this way."""
+    from pynetdicom import _config, dimse_messages
+
+    if not callable(getattr(dimse_messages, "NamedTemporaryFile", None)):
+        yield False
+        return
+    if not _spool_folders:
+        _chunked_before[:] = [_config.STORE_RECV_CHUNKED_DATASET]
+    dimse_messages.NamedTemporaryFile = _spool_file  # type: ignore[attr-defined]
     _config.STORE_RECV_CHUNKED_DATASET = True
+    _spool_folders.append(folder)
+    try:
+        yield True
+    finally:
+        _spool_folders.remove(folder)
+        if not _spool_folders:
+            _config.STORE_RECV_CHUNKED_DATASET = _chunked_before[0]
 
 
 def _move_into(src: Path, fh, dest: str) -> None:
@@ -173,8 +208,8 @@ class Staging:
     def receive(self, study: str, series: str, instance: str, event, *,
                 keep: bool = False) -> Path:
         """:meth:`write` the instance of a C-STORE request pynetdicom received (``event``):
-        moved (or copied) from the temporary file it was spooled to as it arrived
-        (:func:`spool_received`), or its bytes where it was held in memory."""
+        moved (or copied) from the file it was spooled to as it arrived
+        (:func:`spooled_to`), or its bytes where it was held in memory."""
         spooled = getattr(event.request, "_dataset_path", None)
         dest = self.path_for(study, series, instance)
         if isinstance(spooled, Path):

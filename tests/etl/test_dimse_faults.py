@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import tempfile
 from pathlib import Path
 
 import pydicom
@@ -86,6 +87,7 @@ def test_a_misbehaving_pacs_loses_nothing(datasets, tmp_path, fault, caplog):
     path = tmp_path / "lake"
     lake = Lake.create(path, profile="identified")
     expected = FIRST_RUN[fault]
+    spooled = set(Path(tempfile.gettempdir()).glob("tmp*.dcm"))
     with BadPacs(datasets, {fault}, silent=3) as pacs, caplog.at_level(logging.WARNING):
         if isinstance(expected, str):
             with pytest.raises(SourceError) as err:
@@ -109,6 +111,9 @@ def test_a_misbehaving_pacs_loses_nothing(datasets, tmp_path, fault, caplog):
     assert again.listed == len(uids) and again.failed == 0
     assert json.loads(Path(again.state_file).read_text())["failed"] == {}
     assert _in_lake(path) == (uids, []) and _staged(path) == []
+    # received instances were spooled to the staging (and removed with it), never to the
+    # system's temporary folder
+    assert set(Path(tempfile.gettempdir()).glob("tmp*.dcm")) == spooled
 
 
 def test_an_aborted_c_find_is_one_line(datasets, tmp_path, capsys):

@@ -16,6 +16,7 @@ import io
 import logging
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from pydicom.uid import generate_uid
 
 from catalog import open_lake
 from etl import IngestConfig
+from etl.sources import listen
 from etl.sources.listen import Listener, ListenStats
 from etl.sources.staging import OWNER
 from lakehouse import Lake
@@ -200,7 +202,8 @@ assoc.send_c_store(ds)
 """
 
 
-def test_a_sender_killed_in_the_middle_of_an_instance_leaves_nothing(tmp_path, caplog):
+def test_a_sender_killed_in_the_middle_of_an_instance_leaves_nothing(tmp_path, caplog,
+                                                                     monkeypatch):
     """The sender's process dies after the listener has read a few fragments of a 32 MB
     instance: nothing of it is kept or acknowledged; the listener goes on."""
     from pynetdicom import evt
@@ -209,6 +212,7 @@ def test_a_sender_killed_in_the_middle_of_an_instance_leaves_nothing(tmp_path, c
     lake = Lake.create(path, profile="identified")
     big = _ct(Rows=4096, Columns=4096, PixelData=bytes(4096 * 4096 * 2))
     big.save_as(tmp_path / "big.dcm")
+    before = set(Path(tempfile.gettempdir()).glob("tmp*.dcm"))
     fragments, dead = threading.Event(), threading.Event()
     seen = 0
 
@@ -235,6 +239,17 @@ def test_a_sender_killed_in_the_middle_of_an_instance_leaves_nothing(tmp_path, c
         deadline = time.monotonic() + 30
         while listener.stats.associations_aborted < 1 and time.monotonic() < deadline:
             time.sleep(0.05)
+        # what had arrived is in the listener's spool (the vault), not the system's
+        # temporary folder; once stale, it is removed while the listener runs
+        (partial,) = listener.incoming.tmp.glob("spool-*.dcm")
+        assert 0 < partial.stat().st_size < 32 * 2**20
+        assert not set(Path(tempfile.gettempdir()).glob("tmp*.dcm")) - before
+        monkeypatch.setattr(listen, "SPOOL_STALE_SECONDS", 0.0)
+        listener.wake()
+        deadline = time.monotonic() + 30
+        while partial.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not partial.exists()
         assert _send(port, _ct()) == [0]
     stats = result["stats"]
     assert (stats.associations, stats.associations_aborted) == (2, 1)

@@ -5,6 +5,7 @@ before anything is negotiated."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -16,20 +17,18 @@ import pydicom
 import pytest
 
 from etl.sources.listen import Sender
-from etl.sources.staging import Staging
+from etl.sources.staging import Staging, spooled_to
 from lakehouse import Lake
 from tests.etl.test_listen_faults import _ct, _listening, _outcomes, _send
 from tests.listening import lake_listen, stop
 from tests.pacs import free_port
 
 
-def _received(lake: Lake, ds: pydicom.Dataset, spool: Path | None, monkeypatch) -> bytes:
+def _received(lake: Lake, ds: pydicom.Dataset, spool: Path | None) -> bytes:
     """``ds`` sent to a pynetdicom SCP whose handler stages it with ``Staging.receive``:
     held in memory (``spool`` None), or spooled to files in ``spool``. The staged bytes."""
     from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 
-    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", spool is not None)
-    monkeypatch.setattr(tempfile, "tempdir", None if spool is None else str(spool))
     staging = Staging(lake, "spool-test")
 
     def on_store(event) -> int:
@@ -42,14 +41,19 @@ def _received(lake: Lake, ds: pydicom.Dataset, spool: Path | None, monkeypatch) 
     server = ae.start_server(("127.0.0.1", port), block=False,
                              evt_handlers=[(evt.EVT_C_STORE, on_store)])
     try:
-        assert _send(port, ds) == [0]
+        with contextlib.ExitStack() as stack:
+            if spool is not None:
+                assert stack.enter_context(spooled_to(spool))
+                assert _config.STORE_RECV_CHUNKED_DATASET
+            assert _send(port, ds) == [0]
+        assert not _config.STORE_RECV_CHUNKED_DATASET  # as it was
     finally:
         server.shutdown()
     (staged,) = staging.files.rglob("*.dcm")
     return staged.read_bytes()
 
 
-def test_a_spooled_instance_is_staged_byte_for_byte(tmp_path, monkeypatch):
+def test_a_spooled_instance_is_staged_byte_for_byte(tmp_path):
     """Renamed from the spool file on the same file system, copied from another (a
     tmpfs): the same bytes as when pynetdicom held the instance in memory; no spool file
     is left."""
@@ -61,11 +65,11 @@ def test_a_spooled_instance_is_staged_byte_for_byte(tmp_path, monkeypatch):
     if other is None or os.stat(other).st_dev == os.stat(tmp_path).st_dev:
         pytest.skip("no second file system (/dev/shm) to spool to")
     try:
-        held = _received(lake, ds, None, monkeypatch)
+        held = _received(lake, ds, None)
         assert pydicom.dcmread(pydicom.filebase.DicomBytesIO(held)).SOPInstanceUID == \
             ds.SOPInstanceUID
-        assert _received(lake, ds, same, monkeypatch) == held
-        assert _received(lake, ds, other, monkeypatch) == held
+        assert _received(lake, ds, same) == held
+        assert _received(lake, ds, other) == held
         assert list(same.iterdir()) == [] and list(other.iterdir()) == []
     finally:
         other.rmdir()
