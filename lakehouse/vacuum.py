@@ -79,6 +79,18 @@ class CohortFileError(LakeError):
                          "delete the cohort (`lake cohort delete`)")
 
 
+class CarriedChecksumsError(LakeError):
+    """A table's carried checksums cannot be read, so its log is not cleaned (the
+    checksums of the commits cleaned would be lost)."""
+
+    def __init__(self, path: str, why: str):
+        self.path = path
+        super().__init__(f"cannot read {path} ({why}), the checksums of commits cleaned from "
+                         "the log earlier, so no more of the log was cleaned; restore the "
+                         "file from a backup, or delete it (`lake verify` then counts the "
+                         "files it covered as without checksum)")
+
+
 def cohort_pins(lake: Lake) -> dict[int, list[str]]:
     """{snapshot: [names of the saved cohorts pinned to it]}."""
     rel = as_rel(layout.cohorts_dir(_REL))
@@ -201,6 +213,10 @@ def clean_log(lake: Lake, name: str, oldest: int, keep: set[str],
         sums = json.loads(lake.storage.read_text(carried))
     except FileNotFoundError:
         sums = {}
+    except (OSError, ValueError) as exc:
+        raise CarriedChecksumsError(lake.storage.uri(carried), type(exc).__name__) from None
+    if not isinstance(sums, dict):
+        raise CarriedChecksumsError(lake.storage.uri(carried), "not a JSON object")
     for n, v in old.items():
         if n.endswith(".json"):
             sums.update(checksums_in(lake.commit_actions(name, v) or []))

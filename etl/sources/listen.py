@@ -4,8 +4,8 @@ Modalities and PACS send to it (C-STORE, or C-MOVE with it as destination).
 Each instance is spooled to a file in ``vault/staging/listen-incoming-*/tmp/`` as it
 arrives (memory does not grow with its size), then moved to
 ``vault/staging/listen-incoming-*/files/`` (fsync, rename) *before* the sender is told
-Success; if it cannot be written
-the sender gets 0xA700 (out of resources) and keeps the instance. Two instances
+Success; if it cannot be written the sender gets 0xA700 (out of resources) and keeps the
+instance. Two instances
 sent with the same SOPInstanceUID are both kept (the lake then records a
 duplicate or a conflict). Every ``batch_seconds`` (or ``batch_files``
 instances) the received files are moved to a batch folder and ingested by the

@@ -292,3 +292,22 @@ def test_expiry_cleans_the_log_of_what_no_kept_snapshot_needs(small_lake):
     target.write_bytes(bytes(data))
     assert [(p.table, p.path, p.kind) for p in verify(lake).problems] == \
         [("quarantine", old[0], "checksum")]
+
+
+def test_unreadable_carried_checksums_stop_the_log_clean_up(small_lake):
+    """A damaged ``_lake_checksums.json`` is not overwritten (the checksums of commits
+    cleaned earlier would be lost): vacuum stops with one line, the log as it was."""
+    from lakehouse.vacuum import CarriedChecksumsError
+
+    lake, _ = small_lake
+    _quarantine_runs(lake, 12)
+    carried = layout.table_path(lake.root, "quarantine") / layout.CARRIED_CHECKSUMS
+    carried.write_text("{cut")
+    log_dir = layout.table_path(lake.root, "quarantine") / "_delta_log"
+    before = sorted(p.name for p in log_dir.iterdir())
+    with pytest.raises(CarriedChecksumsError, match=r"_lake_checksums.json \(JSONDecodeError"
+                       r"\), the checksums of commits cleaned from the log earlier, so no "
+                       r"more of the log was cleaned; restore"):
+        vacuum(lake, retention_hours=0, expire_days=0)
+    assert sorted(p.name for p in log_dir.iterdir()) == before
+    assert carried.read_text() == "{cut"
