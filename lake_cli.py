@@ -319,7 +319,8 @@ def cmd_listen(args) -> int:
 
     listener = Listener(lake, args.ae_title, args.port, host=args.host, config=config,
                         key_file=_key_file(args), batch_seconds=args.batch_seconds,
-                        batch_files=args.batch_files, allow=args.allow, on_batch=report)
+                        batch_files=args.batch_files, allow=args.allow, tls=_tls(args),
+                        on_batch=report)
     stop = threading.Event()
 
     def on_signal(signum, frame) -> None:
@@ -331,9 +332,11 @@ def cmd_listen(args) -> int:
     except OSError as exc:
         raise CliError(f"cannot listen on {args.host}:{args.port}: "
                        f"{exc.strerror or exc}") from None
-    print(f"listening as {args.ae_title} on {args.host}:{args.port}, ingesting every "
-          f"{args.batch_seconds:g} s or {args.batch_files} instances"
-          f"{f', from {len(args.allow)} allowed senders' if args.allow else ''}; "
+    tls = "" if not args.tls_cert else \
+        " (TLS, senders must present a certificate)" if args.tls_ca else " (TLS)"
+    allowed = f", from {len(args.allow)} allowed senders" if args.allow else ""
+    print(f"listening as {args.ae_title} on {args.host}:{args.port}{tls}, ingesting every "
+          f"{args.batch_seconds:g} s or {args.batch_files} instances{allowed}; "
           "Ctrl-C to stop", flush=True)
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -343,7 +346,9 @@ def cmd_listen(args) -> int:
             signal.signal(sig, handler)
     print(f"stopped: {stats.received} instances received, {stats.refused} refused "
           f"(not stored; the senders keep them), {stats.associations} associations, "
-          f"{stats.associations_rejected} rejected, {stats.associations_aborted} aborted; "
+          f"{stats.associations_rejected} rejected, {stats.associations_aborted} aborted"
+          + (f", {stats.tls_failed} failed the TLS handshake" if stats.tls_failed else "")
+          + f"; "
           f"{stats.batches} batches, ingested {stats.ingested}, duplicate {stats.duplicate}, "
           f"quarantined {stats.quarantined}, kept in staging {stats.kept_in_staging}"
           + (f"; {stats.failed_batches} batches failed and were tried again"
@@ -1093,6 +1098,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="accept associations only from this sender (repeatable): an AE "
                     "title, TITLE@ADDRESS or @ADDRESS (an IP address or network, e.g. "
                     "@10.1.0.0/16); others are rejected (default: any sender)")
+    sp.add_argument("--tls-cert", metavar="PEM", help="use TLS (DICOM's secure transport, "
+                    "TLS 1.2 or later) with this certificate (PEM, its chain after it); "
+                    "senders that do not speak TLS are refused")
+    sp.add_argument("--tls-key", metavar="PEM",
+                    help="the certificate's private key (default: in --tls-cert)")
+    sp.add_argument("--tls-ca", metavar="PEM", help="require every sender to present a "
+                    "certificate signed by one of these CA certificates (mutual TLS)")
     sp.add_argument("--workers", type=_positive, help="worker processes per batch")
     sp.add_argument("--scheduler", help="a Dask scheduler address, or processes / threads / "
                     "synchronous")
@@ -1310,6 +1322,21 @@ def _ae_title(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"expected an AE title of 1 to 16 ASCII characters (no backslash), got {text!r}")
     return text
+
+
+def _tls(args):
+    """The listener's TLS context from ``--tls-cert/--tls-key/--tls-ca`` (None: none)."""
+    if args.tls_cert is None:
+        if args.tls_key or args.tls_ca:
+            raise CliError("--tls-key and --tls-ca need --tls-cert (the listener's own "
+                           "certificate)")
+        return None
+    from etl.sources.listen import tls_context
+
+    try:
+        return tls_context(args.tls_cert, args.tls_key, args.tls_ca)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _sender(text: str):

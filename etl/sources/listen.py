@@ -24,6 +24,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -60,6 +61,8 @@ class ListenStats:
     associations: int = 0
     associations_rejected: int = 0
     associations_aborted: int = 0
+    #: connections closed because their TLS handshake failed
+    tls_failed: int = 0
     batches: int = 0
     ingested: int = 0
     duplicate: int = 0
@@ -122,6 +125,49 @@ class Sender:
         return ip in self.network
 
 
+class _LazyHandshake(ssl.SSLContext):
+    """A server context whose sockets do their TLS handshake when first used, not when
+    accepted: pynetdicom wraps each accepted socket in its one accepting thread, where a
+    client that connects and stays silent would hold up every other sender (measured:
+    the next association waited for it for ever). The listener does the handshake in the
+    association's own thread (:meth:`Listener._on_connect`)."""
+
+    def wrap_socket(self, sock, server_side=False, do_handshake_on_connect=True, **kwargs):
+        return super().wrap_socket(sock, server_side=server_side,
+                                   do_handshake_on_connect=False if server_side
+                                   else do_handshake_on_connect, **kwargs)
+
+
+def tls_context(cert: Path | str, key: Path | str | None = None,
+                ca: Path | str | None = None) -> ssl.SSLContext:
+    """The listener's TLS (DICOM's secure transport, TLS 1.2 or later): our certificate
+    ``cert`` and its private ``key`` (PEM; None: in ``cert``); with ``ca``, a sender must
+    present a certificate that one of the CA certificates in that file signed."""
+    ctx = _LazyHandshake(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(str(cert), None if key is None else str(key))
+    except OSError as exc:  # ssl.SSLError is one
+        raise ValueError(f"cannot use {cert}{'' if key is None else f' with {key}'} as the "
+                         f"TLS certificate and its key ({_why(exc)}): give a PEM "
+                         "certificate and its private key") from None
+    if ca is not None:
+        try:
+            ctx.load_verify_locations(cafile=str(ca))
+        except OSError as exc:
+            raise ValueError(f"cannot use {ca} as the TLS CA certificates ({_why(exc)}): "
+                             "give the PEM certificates of the CAs that sign the senders' "
+                             "certificates") from None
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def _why(exc: OSError) -> str:
+    """What an SSL or file error says, shortly."""
+    text = getattr(exc, "reason", None) or exc.strerror or str(exc) or type(exc).__name__
+    return str(text).replace("_", " ").lower() if getattr(exc, "reason", None) else str(text)
+
+
 def _peer(event) -> str:
     """Who an association event is about: the calling AE title and its address."""
     requestor = event.assoc.requestor
@@ -136,7 +182,7 @@ class Listener:
     def __init__(self, lake: Lake, ae_title: str, port: int, *, host: str = "0.0.0.0",
                  config: IngestConfig | None = None, key_file: Path | str | None = None,
                  batch_seconds: float = 10.0, batch_files: int = 1000,
-                 allow: list[Sender] | None = None,
+                 allow: list[Sender] | None = None, tls: ssl.SSLContext | None = None,
                  on_batch: Callable[[RunSummary], None] | None = None):
         lake.policy(key_file)  # a missing or wrong key stops before anything is received
         self.lake = lake
@@ -149,6 +195,8 @@ class Listener:
         self.on_batch = on_batch
         #: the senders whose associations are accepted (None: any)
         self.allow = allow or None
+        #: TLS for every association (:func:`tls_context`; None: plain TCP)
+        self.tls = tls
         self.stats = ListenStats()
         self._lock = threading.Lock()
         self._pending = 0
@@ -170,13 +218,14 @@ class Listener:
             if cx.abstract_syntax:
                 ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(VERIFICATION)
-        handlers: list = [(evt.EVT_REQUESTED, self._on_requested),
+        handlers: list = [(evt.EVT_CONN_OPEN, self._on_connect),
+                    (evt.EVT_REQUESTED, self._on_requested),
                     (evt.EVT_C_STORE, self._on_store),
                     (evt.EVT_ACCEPTED, self._on_accepted),
                     (evt.EVT_REJECTED, self._on_rejected),
                     (evt.EVT_ABORTED, self._on_aborted)]
         self._server = ae.start_server((self.host, self.port), block=False,
-                                       evt_handlers=handlers)
+                                       evt_handlers=handlers, ssl_context=self.tls)
         log.info("listening as %s on %s:%d", self.ae_title, self.host, self.port)
 
     def _on_store(self, event) -> int:
@@ -198,6 +247,27 @@ class Listener:
             if self._pending >= self.batch_files:
                 self._wake.set()
         return 0x0000
+
+    def _on_connect(self, event) -> None:
+        """With TLS, the handshake (on the association's own thread): a sender that fails
+        it (no certificate, one no CA given signed, plain TCP) is counted, logged in one
+        line, and its connection closed before anything is read."""
+        sock = event.assoc.dul.socket.socket
+        if not isinstance(sock, ssl.SSLSocket):
+            return
+        timeout = sock.gettimeout()
+        sock.settimeout(event.assoc.ae.acse_timeout)
+        try:
+            sock.do_handshake()
+        except (OSError, ValueError) as exc:  # ssl.SSLError, a timeout, a reset
+            why = getattr(exc, "reason", None) or type(exc).__name__
+            with self._lock:
+                self.stats.tls_failed += 1
+            log.warning("the TLS handshake with %s failed (%s); connection closed",
+                        event.address[0], str(why).replace("_", " ").lower())
+            event.assoc.dul.socket.close()
+            return
+        sock.settimeout(timeout)
 
     def _on_requested(self, event) -> None:
         """Reject an association from a sender not in :attr:`allow`, as a PACS does a

@@ -1,0 +1,131 @@
+"""`lake listen` over TLS (DICOM's secure transport): senders with a certificate our CA
+signed get through; those without one, with another CA's, or speaking plain TCP are
+refused after a failed handshake, counted and logged in one line; and a client that
+connects and says nothing holds up no other sender."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from etl.sources.listen import tls_context
+from lakehouse import Lake
+from tests.etl.test_listen_faults import _ct, _listening, _outcomes
+from tests.listening import stop
+from tests.pacs import free_port
+from tests.tlscerts import Certs, make_certs
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> Certs:
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+def _store(port: int, tls, title: str = "MODALITY") -> int | str:
+    """One CT image over TLS (``tls``: the client's context; None: plain TCP): the
+    C-STORE status, or why there was no association."""
+    from pynetdicom import AE
+
+    ds = _ct()
+    ae = AE(ae_title=title)
+    ae.acse_timeout = ae.network_timeout = 10  # a listener that hangs fails the test
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="LAKE",
+                         tls_args=None if tls is None else (tls, "localhost"))
+    if not assoc.is_established:
+        return "no association"
+    try:
+        return int(assoc.send_c_store(ds).Status)
+    finally:
+        assoc.release()
+
+
+def test_mutual_tls_admits_only_certificates_our_ca_signed(tmp_path, certs, caplog):
+    lake = Lake.create(tmp_path / "lake", profile="identified")
+    ctx = tls_context(certs.pem("server"), certs.key("server"), certs.pem("ca"))
+    with caplog.at_level(logging.WARNING), _listening(lake, tls=ctx) as (_l, port, result):
+        silent = socket.create_connection(("127.0.0.1", port))  # says nothing
+        try:
+            assert _store(port, certs.client("client")) == 0
+            assert _store(port, certs.client(None)) == "no association"
+            assert _store(port, certs.client("stranger")) == "no association"
+            assert _store(port, None) == "no association"
+            assert _store(port, certs.client("client")) == 0
+        finally:
+            silent.close()
+        deadline = time.monotonic() + 10
+        while _l.stats.tls_failed < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    stats = result["stats"]
+    # the three refused, and the silent client once it hung up
+    assert (stats.tls_failed, stats.associations, stats.received) == (4, 2, 2)
+    failed = [r.getMessage() for r in caplog.records if "TLS handshake" in r.getMessage()]
+    assert len(failed) == 4 and all(m.startswith("the TLS handshake with 127.0.0.1 failed (")
+                                    and m.endswith("); connection closed") for m in failed)
+    assert any("peer did not return a certificate" in m or "certificate required" in m
+               for m in failed)
+    assert any("wrong version number" in m for m in failed)  # plain TCP
+    assert "Exception raised in user's" not in caplog.text
+    assert _outcomes(tmp_path / "lake") == {"ingested": 1, "duplicate": 1}
+
+
+def test_tls_without_a_ca_admits_any_tls_sender(tmp_path, certs):
+    lake = Lake.create(tmp_path / "lake", profile="identified")
+    ctx = tls_context(certs.pem("server"), certs.key("server"))
+    with _listening(lake, tls=ctx) as (_l, port, result):
+        assert _store(port, certs.client(None)) == 0
+        assert _store(port, None) == "no association"
+    assert (result["stats"].received, result["stats"].tls_failed) == (1, 1)
+
+
+def test_lake_listen_with_tls(tmp_path, certs):
+    """The installed command: wrong TLS options are one line each; with them right it says
+    it listens with TLS, receives from a sender with a certificate, and counts a plain
+    sender in its totals."""
+    path = tmp_path / "lake"
+    Lake.create(path, profile="identified")
+    exe = str(Path(sys.executable).parent / "lake")
+    base = [exe, "listen", "--ae-title", "LAKE", "--host", "127.0.0.1", "--lake", str(path),
+            "--scheduler", "synchronous", "--batch-seconds", "60"]
+    (tmp_path / "not.pem").write_text("not a certificate\n")
+    for extra, why in [
+            (["--tls-ca", str(certs.pem("ca"))], "--tls-key and --tls-ca need --tls-cert"),
+            (["--tls-cert", str(tmp_path / "none.pem")],
+             f"cannot use {tmp_path / 'none.pem'} as the TLS certificate and its key (No "
+             "such file or directory)"),
+            (["--tls-cert", str(certs.pem("server")), "--tls-key", str(certs.key("server")),
+              "--tls-ca", str(tmp_path / "not.pem")],
+             f"cannot use {tmp_path / 'not.pem'} as the TLS CA certificates (")]:
+        done = subprocess.run([*base, "--port", str(free_port()), *extra],
+                              capture_output=True, text=True, timeout=60)
+        assert (done.returncode, done.stdout) == (1, ""), done.stderr
+        assert done.stderr.startswith(f"lake listen: error: {why}"), done.stderr
+        assert done.stderr.count("\n") == 1
+    port = free_port()
+    proc = subprocess.Popen([*base, "--port", str(port), "--tls-cert", str(certs.pem("server")),
+                             "--tls-key", str(certs.key("server")),
+                             "--tls-ca", str(certs.pem("ca"))],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith(
+            f"listening as LAKE on 127.0.0.1:{port} (TLS, senders must present a "
+            "certificate), ingesting every 60 s")
+        assert _store(port, certs.client("client")) == 0
+        assert _store(port, None) == "no association"
+        code, out, err = stop(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 0, err
+    assert "1 associations, 0 rejected, 0 aborted, 1 failed the TLS handshake;" in out
+    assert "WARNING etl.sources.listen: the TLS handshake with 127.0.0.1 failed (wrong " \
+           "version number); connection closed" in err
+    assert _outcomes(path) == {"ingested": 1}
