@@ -227,7 +227,8 @@ def _ingest(args, scheduler: str) -> int:
             bar.close()
 
     options = load_storage_options(args.storage_options or os.environ.get("LAKE_STORAGE_OPTIONS"))
-    source = resolve(args.source, parse_filters(args.filter, args.since), options)
+    source = resolve(args.source, parse_filters(args.filter, args.since), options,
+                     _tls_client(args))
     if not isinstance(source, Path):
         return _ingest_remote(args, lake, source, config, progress, ingest_remote, close_bar)
     try:
@@ -1052,8 +1053,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("ingest", help="ingest a folder of DICOM files, or a PACS")
     sp.add_argument("source", help="folder (or file) to ingest, walked recursively; a PACS: "
-                    "dicomweb+http://HOST:PORT/dicom-web, dimse://AE_TITLE@HOST:PORT; or an "
-                    "object store prefix: s3://BUCKET/PREFIX")
+                    "dicomweb+http://HOST:PORT/dicom-web, dimse://AE_TITLE@HOST:PORT "
+                    "(dimse+tls:// over TLS); or an object store prefix: s3://BUCKET/PREFIX")
     sp.add_argument("--storage-options", metavar="FILE", help="object-store sources and "
                     "lakes: fsspec storage options as JSON (default: $LAKE_STORAGE_OPTIONS, "
                     "else the environment: AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...)")
@@ -1062,6 +1063,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--filter", action="append", metavar="KEY=VALUE",
                     help="PACS sources: a query key (DICOM keyword), e.g. Modality=CT; "
                     "repeatable")
+    sp.add_argument("--tls-ca", metavar="PEM", help="dimse+tls:// sources: the CA "
+                    "certificates the PACS' certificate must be signed by (default: the "
+                    "system's)")
+    sp.add_argument("--tls-cert", metavar="PEM", help="dimse+tls:// sources: our certificate, "
+                    "for a PACS that asks for one (mutual TLS)")
+    sp.add_argument("--tls-key", metavar="PEM",
+                    help="its private key (default: in --tls-cert)")
     lake_opt(sp)
     sp.add_argument("--workers", type=_positive, help="start a local Dask cluster of N worker "
                     "processes (default: Dask's local process scheduler, one per core)")
@@ -1324,6 +1332,23 @@ def _ae_title(text: str) -> str:
     return text
 
 
+def _tls_client(args):
+    """``lake ingest``'s TLS context for a ``dimse+tls://`` source (None: none asked for,
+    or the system's defaults)."""
+    if not (args.tls_ca or args.tls_cert or args.tls_key):
+        return None
+    if not args.source.startswith("dimse+tls://"):
+        raise CliError("--tls-ca, --tls-cert and --tls-key apply to dimse+tls:// sources")
+    if args.tls_key and not args.tls_cert:
+        raise CliError("--tls-key needs --tls-cert (the certificate it is the key of)")
+    from etl.sources.tls import client_context
+
+    try:
+        return client_context(args.tls_ca, args.tls_cert, args.tls_key)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
 def _tls(args):
     """The listener's TLS context from ``--tls-cert/--tls-key/--tls-ca`` (None: none)."""
     if args.tls_cert is None:
@@ -1331,10 +1356,10 @@ def _tls(args):
             raise CliError("--tls-key and --tls-ca need --tls-cert (the listener's own "
                            "certificate)")
         return None
-    from etl.sources.listen import tls_context
+    from etl.sources.tls import server_context
 
     try:
-        return tls_context(args.tls_cert, args.tls_key, args.tls_ca)
+        return server_context(args.tls_cert, args.tls_key, args.tls_ca)
     except ValueError as exc:
         raise CliError(str(exc)) from None
 

@@ -104,9 +104,12 @@ class Orthanc:
 
 
 @contextlib.contextmanager
-def run_orthanc(modalities: dict[str, tuple[str, int]] | None = None) -> Iterator[Orthanc]:
+def run_orthanc(modalities: dict[str, tuple[str, int]] | None = None,
+                tls: Path | None = None) -> Iterator[Orthanc]:
     """Start Orthanc with storage in a new temporary folder (removed afterwards);
-    ``modalities``: AE -> (host, port) it may send to (C-MOVE destinations)."""
+    ``modalities``: AE -> (host, port) it may send to (C-MOVE destinations); ``tls``: a
+    folder of :func:`tests.tlscerts.make_certs`: its DICOM port then speaks TLS only,
+    with the ``server`` certificate, and asks callers for one the ``ca`` signed."""
     # not under pytest's tmp_path: that is owner-only, and Orthanc runs as nobody
     folder = Path(tempfile.mkdtemp(prefix="lake-orthanc-"))
     (folder / "db").mkdir(exist_ok=True)
@@ -124,6 +127,14 @@ def run_orthanc(modalities: dict[str, tuple[str, int]] | None = None) -> Iterato
         "Plugins": [DICOMWEB_PLUGIN],
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
     }
+    if tls is not None:
+        for name in ("server.pem", "server.key", "ca.pem"):
+            shutil.copy(tls / name, folder / name)
+        config.update({"DicomTlsEnabled": True,
+                       "DicomTlsCertificate": str(folder / "server.pem"),
+                       "DicomTlsPrivateKey": str(folder / "server.key"),
+                       "DicomTlsTrustedCertificates": str(folder / "ca.pem"),
+                       "DicomTlsRemoteCertificateRequired": True})
     cfg = folder / "orthanc.json"
     cfg.write_text(json.dumps(config))
     cmd = [ORTHANC, str(cfg), f"--logdir={folder / 'log'}"]

@@ -6,6 +6,7 @@
 - ``dicomweb+http://host:port/dicom-web`` (or ``dicomweb+https://``): QIDO-RS and
   WADO-RS (:mod:`etl.sources.dicomweb`);
 - ``dimse://AE@host:port``: C-FIND and C-GET (:mod:`etl.sources.dimse`);
+  ``dimse+tls://AE@host:port`` over TLS;
 - ``s3://bucket/prefix`` (and other fsspec URLs): objects through fsspec/s3fs
   (:mod:`etl.sources.objects`).
 
@@ -25,7 +26,8 @@ from etl.sources.pull import PullSummary, ingest_remote
 __all__ = ["PullSummary", "SourceError", "ingest_remote", "load_storage_options",
            "parse_filters", "resolve"]
 
-_DIMSE = re.compile(r"^dimse://(?P<ae>[^@/]{1,16})@(?P<host>[^:/]+):(?P<port>\d{1,5})/?$")
+_DIMSE = re.compile(r"^dimse(?P<tls>\+tls)?://(?P<ae>[^@/]{1,16})@(?P<host>[^:/]+):"
+                    r"(?P<port>\d{1,5})/?$")
 
 
 def parse_filters(items: list[str] | None, since: str | None = None
@@ -52,21 +54,27 @@ def parse_filters(items: list[str] | None, since: str | None = None
 
 
 def resolve(text: str, filters: tuple[tuple[str, str], ...] = (),
-            storage_options: dict | None = None):
+            storage_options: dict | None = None, tls=None):
     """The source named by ``text``: a Path for a folder, else a remote source object
-    (``storage_options``: fsspec options of an object-store source)."""
+    (``storage_options``: fsspec options of an object-store source; ``tls``: the
+    ``ssl.SSLContext`` of a ``dimse+tls://`` source, None: the system's CAs)."""
     if text.startswith(("dicomweb+http://", "dicomweb+https://")):
         from etl.sources.dicomweb import DicomWebSource
 
         url = text[len("dicomweb+"):].rstrip("/")
         return DicomWebSource(url, filters)
-    if text.startswith("dimse://"):
+    if text.startswith(("dimse://", "dimse+tls://")):
         from etl.sources.dimse import DimseSource
 
         m = _DIMSE.match(text)
         if not m or not 0 < int(m["port"]) < 65536:
-            raise SourceError(text, "expected dimse://AE_TITLE@HOST:PORT")
-        return DimseSource(m["ae"], m["host"], int(m["port"]), filters)
+            raise SourceError(text, "expected dimse://AE_TITLE@HOST:PORT (or dimse+tls://)")
+        if m["tls"] and tls is None:
+            from etl.sources.tls import client_context
+
+            tls = client_context()
+        return DimseSource(m["ae"], m["host"], int(m["port"]), filters,
+                           tls=tls if m["tls"] else None)
     if text.startswith(("s3://", "s3a://", "gs://", "gcs://", "az://", "abfs://")):
         from etl.sources.objects import ObjectStoreSource
 
@@ -75,7 +83,7 @@ def resolve(text: str, filters: tuple[tuple[str, str], ...] = (),
         return ObjectStoreSource(text, dict(storage_options or {}))
     if re.match(r"^[a-z][a-z0-9+.-]*://", text):
         raise SourceError(text, "unknown kind of source; use a folder, "
-                                "dicomweb+http://HOST:PORT/PATH or dimse://AE@HOST:PORT")
+                                "dicomweb+http://HOST:PORT/PATH or dimse://AE@HOST:PORT (dimse+tls://)")
     if filters:
         raise SourceError(text, "--filter and --since apply to PACS sources only")
     return Path(text)

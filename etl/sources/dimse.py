@@ -1,7 +1,7 @@
 """A PACS over DIMSE as a source: C-FIND lists, C-GET retrieves (pynetdicom).
 
-``dimse://AE@HOST:PORT``: series are found with a Study Root C-FIND at SERIES
-level (the filters apply there), their instances with a C-FIND at IMAGE level;
+``dimse://AE@HOST:PORT`` (``dimse+tls://`` over TLS): series are found with a Study Root
+C-FIND at SERIES level (the filters apply there), their instances with a C-FIND at IMAGE level;
 instances not fetched before are retrieved with C-GET over the same kind of
 association (the PACS sends them back as C-STORE sub-operations, which land in
 the staging folder: written, fsync'ed and renamed before we answer Success).
@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import logging
 import re
+import ssl
 import threading
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from etl.errors import SourceError
 from etl.sources.staging import Staging, spooled_to
+from etl.sources.tls import handshake_error
 
 log = logging.getLogger(__name__)
 #: a UID as a C-FIND answer may give it: DICOM UIDs are digits and dots (PS3.5 9.1), but
@@ -53,6 +55,8 @@ class DimseSource:
     calling_ae: str = CALLING_AE
     #: seconds to wait for an association, a response, or network activity
     timeout: float = 30.0
+    #: TLS (``dimse+tls://``; :func:`etl.sources.tls.client_context`); None: plain TCP
+    tls: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
 
     @property
     def key(self) -> str:
@@ -66,15 +70,27 @@ class DimseSource:
             reachable = ""
         except OSError as exc:
             reachable = exc.strerror or type(exc).__name__
+        tls = None if reachable or self.tls is None else \
+            handshake_error(self.tls, self.host, self.port, self.timeout)
         if reachable:
             detail = f"{what}: no association, cannot connect ({reachable}); is the PACS " \
                      "running and reachable?"
+        elif tls:
+            detail = f"{what}: no association, the TLS handshake failed ({tls}); check " \
+                     "--tls-ca (the CAs of the PACS' certificate) and --tls-cert / --tls-key " \
+                     "(ours, if the PACS asks for one)"
         elif assoc.is_rejected:
             detail = f"{what}: the association was rejected (check the AE titles: we call " \
                      f"{self.ae_title} as {self.calling_ae})"
         else:
             detail = f"{what}: the association was aborted by the peer"
         return SourceError(self.key, detail)
+
+    def _associate(self, ae, **kwargs):
+        """An association with the PACS (over TLS with :attr:`tls`)."""
+        return ae.associate(self.host, self.port, ae_title=self.ae_title,
+                            tls_args=None if self.tls is None else (self.tls, self.host),
+                            **kwargs)
 
     def _ae(self):
         from pynetdicom import AE
@@ -94,7 +110,7 @@ class DimseSource:
         from pydicom.dataset import Dataset
         ae = self._ae()
         ae.add_requested_context(FIND)
-        assoc = ae.associate(self.host, self.port, ae_title=self.ae_title)
+        assoc = self._associate(ae)
         if not assoc.is_established:
             raise self._fail("C-FIND", assoc)
         out = []
@@ -191,8 +207,8 @@ class DimseSource:
             for c in classes:
                 ae.add_requested_context(c, ALL_TRANSFER_SYNTAXES)
             roles = [build_role(c, scp_role=True) for c in classes]
-            assoc = ae.associate(self.host, self.port, ae_title=self.ae_title, ext_neg=roles,
-                                 evt_handlers=[(evt.EVT_C_STORE, on_store)])
+            assoc = self._associate(ae, ext_neg=roles,
+                                    evt_handlers=[(evt.EVT_C_STORE, on_store)])
             if not assoc.is_established:
                 raise self._fail("C-GET", assoc)
             try:

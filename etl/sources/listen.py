@@ -125,49 +125,6 @@ class Sender:
         return ip in self.network
 
 
-class _LazyHandshake(ssl.SSLContext):
-    """A server context whose sockets do their TLS handshake when first used, not when
-    accepted: pynetdicom wraps each accepted socket in its one accepting thread, where a
-    client that connects and stays silent would hold up every other sender (measured:
-    the next association waited for it for ever). The listener does the handshake in the
-    association's own thread (:meth:`Listener._on_connect`)."""
-
-    def wrap_socket(self, sock, server_side=False, do_handshake_on_connect=True, **kwargs):
-        return super().wrap_socket(sock, server_side=server_side,
-                                   do_handshake_on_connect=False if server_side
-                                   else do_handshake_on_connect, **kwargs)
-
-
-def tls_context(cert: Path | str, key: Path | str | None = None,
-                ca: Path | str | None = None) -> ssl.SSLContext:
-    """The listener's TLS (DICOM's secure transport, TLS 1.2 or later): our certificate
-    ``cert`` and its private ``key`` (PEM; None: in ``cert``); with ``ca``, a sender must
-    present a certificate that one of the CA certificates in that file signed."""
-    ctx = _LazyHandshake(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        ctx.load_cert_chain(str(cert), None if key is None else str(key))
-    except OSError as exc:  # ssl.SSLError is one
-        raise ValueError(f"cannot use {cert}{'' if key is None else f' with {key}'} as the "
-                         f"TLS certificate and its key ({_why(exc)}): give a PEM "
-                         "certificate and its private key") from None
-    if ca is not None:
-        try:
-            ctx.load_verify_locations(cafile=str(ca))
-        except OSError as exc:
-            raise ValueError(f"cannot use {ca} as the TLS CA certificates ({_why(exc)}): "
-                             "give the PEM certificates of the CAs that sign the senders' "
-                             "certificates") from None
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
-
-
-def _why(exc: OSError) -> str:
-    """What an SSL or file error says, shortly."""
-    text = getattr(exc, "reason", None) or exc.strerror or str(exc) or type(exc).__name__
-    return str(text).replace("_", " ").lower() if getattr(exc, "reason", None) else str(text)
-
-
 def _peer(event) -> str:
     """Who an association event is about: the calling AE title and its address."""
     requestor = event.assoc.requestor
@@ -195,7 +152,7 @@ class Listener:
         self.on_batch = on_batch
         #: the senders whose associations are accepted (None: any)
         self.allow = allow or None
-        #: TLS for every association (:func:`tls_context`; None: plain TCP)
+        #: TLS for every association (:func:`etl.sources.tls.server_context`; None: plain TCP)
         self.tls = tls
         self.stats = ListenStats()
         self._lock = threading.Lock()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from etl.sources.listen import tls_context
+from etl.sources.tls import server_context as tls_context
 from lakehouse import Lake
 from tests.etl.test_listen_faults import _ct, _listening, _outcomes
 from tests.listening import stop

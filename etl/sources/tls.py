@@ -1,0 +1,94 @@
+"""TLS for DICOM over the network (the secure transport connection profile, TLS 1.2 or
+later): the listener's server context, and a client context for pulling from a PACS."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+
+class _LazyHandshake(ssl.SSLContext):
+    """A server context whose sockets do their TLS handshake when first used, not when
+    accepted: pynetdicom wraps each accepted socket in its one accepting thread, where a
+    client that connects and stays silent would hold up every other sender (measured:
+    the next association waited for it for ever). The listener does the handshake in the
+    association's own thread (:meth:`etl.sources.listen.Listener._on_connect`)."""
+
+    def wrap_socket(self, sock, server_side=False, do_handshake_on_connect=True, **kwargs):
+        return super().wrap_socket(sock, server_side=server_side,
+                                   do_handshake_on_connect=False if server_side
+                                   else do_handshake_on_connect, **kwargs)
+
+
+def server_context(cert: Path | str, key: Path | str | None = None,
+                   ca: Path | str | None = None) -> ssl.SSLContext:
+    """A listener's TLS (DICOM's secure transport, TLS 1.2 or later): our certificate
+    ``cert`` and its private ``key`` (PEM; None: in ``cert``); with ``ca``, a sender must
+    present a certificate that one of the CA certificates in that file signed."""
+    ctx = _LazyHandshake(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    _load_cert(ctx, cert, key)
+    if ca is not None:
+        _load_ca(ctx, ca, "the senders' certificates")
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def client_context(ca: Path | str | None = None, cert: Path | str | None = None,
+                   key: Path | str | None = None) -> ssl.SSLContext:
+    """Our side of a TLS association with a PACS: its certificate checked against ``ca``
+    (PEM CA certificates; None: the system's) and its host name; with ``cert``, ours is
+    presented (mutual TLS; ``key`` None: in ``cert``)."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if ca is not None:
+        _load_ca(ctx, ca, "the PACS' certificate")
+    if cert is not None:
+        _load_cert(ctx, cert, key)
+    return ctx
+
+
+def _load_cert(ctx: ssl.SSLContext, cert: Path | str, key: Path | str | None) -> None:
+    try:
+        ctx.load_cert_chain(str(cert), None if key is None else str(key))
+    except OSError as exc:  # ssl.SSLError is one
+        raise ValueError(f"cannot use {cert}{'' if key is None else f' with {key}'} as the "
+                         f"TLS certificate and its key ({_why(exc)}): give a PEM "
+                         "certificate and its private key") from None
+
+
+def _load_ca(ctx: ssl.SSLContext, ca: Path | str, signed: str) -> None:
+    try:
+        ctx.load_verify_locations(cafile=str(ca))
+    except OSError as exc:
+        raise ValueError(f"cannot use {ca} as the TLS CA certificates ({_why(exc)}): give "
+                         f"the PEM certificates of the CAs that sign {signed}") from None
+
+
+def _why(exc: OSError) -> str:
+    """What an SSL or file error says, shortly."""
+    text = getattr(exc, "reason", None) or exc.strerror or str(exc) or type(exc).__name__
+    return str(text).replace("_", " ").lower() if getattr(exc, "reason", None) else str(text)
+
+
+def handshake_error(ctx: ssl.SSLContext, host: str, port: int, timeout: float) -> str | None:
+    """Why a TLS handshake with ``host:port`` fails (None: it does not), for a one-line
+    error where pynetdicom only says that the association was aborted."""
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw, \
+                ctx.wrap_socket(raw, server_hostname=host) as tls:
+            # with TLS 1.3 the server checks our certificate after the handshake ends on
+            # our side: its refusal is the first thing it sends
+            tls.settimeout(min(timeout, 2.0))
+            try:
+                if tls.recv(1) == b"":
+                    return "the PACS closed the connection after the handshake"
+            except TimeoutError:  # waiting for our A-ASSOCIATE-RQ: the handshake is fine
+                pass
+            return None
+    except ssl.SSLCertVerificationError as exc:
+        return f"the PACS' certificate: {exc.verify_message}"
+    except OSError as exc:
+        return _why(exc)

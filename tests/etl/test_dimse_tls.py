@@ -1,0 +1,66 @@
+"""`lake ingest dimse+tls://` against a real Orthanc whose DICOM port speaks TLS only and
+asks for a certificate our test CA signed: with ours, the pull ingests what it holds;
+without one, with the system's CAs only, or in plain TCP, one line says why."""
+
+from __future__ import annotations
+
+import pytest
+from pydicom.data import get_testdata_file
+
+from lake_cli import main
+from lakehouse import Lake
+from tests.pacs import orthanc_missing, run_orthanc
+from tests.tlscerts import Certs, make_certs
+
+
+@pytest.fixture(scope="module")
+def tls_orthanc(tmp_path_factory):
+    why = orthanc_missing()
+    if why:
+        pytest.skip(why)
+    certs = make_certs(tmp_path_factory.mktemp("certs"))
+    with run_orthanc(tls=certs.folder) as server:
+        for name in ("CT_small.dcm", "MR_small.dcm"):
+            with open(get_testdata_file(name), "rb") as fh:
+                assert server.upload(fh.read())
+        yield server, certs
+
+
+def _ingest(capsys, url: str, lake, *options: str) -> tuple[int, str, str]:
+    code = main(["ingest", url, "--lake", str(lake), "--no-progress", *options])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_dimse_over_tls(tls_orthanc, tmp_path, capsys):
+    server, certs = tls_orthanc
+    certs: Certs
+    path = tmp_path / "lake"
+    Lake.create(path, profile="identified")
+    url = f"dimse+tls://ORTHANC@127.0.0.1:{server.dicom_port}"
+    ca = ["--tls-ca", str(certs.pem("ca"))]
+    mine = ["--tls-cert", str(certs.pem("client")), "--tls-key", str(certs.key("client"))]
+
+    code, out, err = _ingest(capsys, url, path, *ca)  # no certificate of ours
+    assert (code, out) == (1, "") and err.count("\n") == 1
+    assert "C-FIND: no association, the TLS handshake failed (" in err
+    assert "certificate required" in err or "handshake failure" in err, err
+
+    code, out, err = _ingest(capsys, url, path, *mine)  # the system's CAs only
+    assert (code, out) == (1, "") and err.count("\n") == 1
+    assert "the TLS handshake failed (the PACS' certificate: " in err, err
+    assert "unable to get local issuer certificate" in err or "self-signed" in err, err
+
+    code, out, err = _ingest(capsys, url.replace("dimse+tls", "dimse"), path)  # plain TCP
+    assert (code, out) == (1, "") and err.count("\n") == 1
+    assert "C-FIND: the association was aborted by the peer" in err
+
+    code, out, err = _ingest(capsys, url.replace("dimse+tls", "dimse"), path, *ca)
+    assert (code, err) == (1, "lake ingest: error: --tls-ca, --tls-cert and --tls-key apply "
+                              "to dimse+tls:// sources\n")
+
+    code, out, err = _ingest(capsys, url, path, *ca, *mine)
+    assert code == 0, err
+    assert "2 listed, 0 fetched before, 2 fetched now" in out, out
+    assert "ingested 2, duplicate 0, conflict 0, skipped 0, quarantined 0" in out
+    assert Lake.open(path).read("instances").num_rows == 2
