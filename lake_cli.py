@@ -1063,11 +1063,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--filter", action="append", metavar="KEY=VALUE",
                     help="PACS sources: a query key (DICOM keyword), e.g. Modality=CT; "
                     "repeatable")
-    sp.add_argument("--tls-ca", metavar="PEM", help="dimse+tls:// sources: the CA "
-                    "certificates the PACS' certificate must be signed by (default: the "
-                    "system's)")
-    sp.add_argument("--tls-cert", metavar="PEM", help="dimse+tls:// sources: our certificate, "
-                    "for a PACS that asks for one (mutual TLS)")
+    sp.add_argument("--tls-ca", metavar="PEM", help="dimse+tls:// and dicomweb+https:// "
+                    "sources: the CA certificates the PACS' certificate must be signed by "
+                    "(default: the system's)")
+    sp.add_argument("--tls-cert", metavar="PEM", help="dimse+tls:// and dicomweb+https:// "
+                    "sources: our certificate, for a PACS that asks for one (mutual TLS)")
     sp.add_argument("--tls-key", metavar="PEM",
                     help="its private key (default: in --tls-cert)")
     lake_opt(sp)
@@ -1333,12 +1333,13 @@ def _ae_title(text: str) -> str:
 
 
 def _tls_client(args):
-    """``lake ingest``'s TLS context for a ``dimse+tls://`` source (None: none asked for,
-    or the system's defaults)."""
+    """``lake ingest``'s TLS context for a ``dimse+tls://`` or ``dicomweb+https://``
+    source (None: no option given: the defaults)."""
     if not (args.tls_ca or args.tls_cert or args.tls_key):
         return None
-    if not args.source.startswith("dimse+tls://"):
-        raise CliError("--tls-ca, --tls-cert and --tls-key apply to dimse+tls:// sources")
+    if not args.source.startswith(("dimse+tls://", "dicomweb+https://")):
+        raise CliError("--tls-ca, --tls-cert and --tls-key apply to dimse+tls:// and "
+                       "dicomweb+https:// sources")
     if args.tls_key and not args.tls_cert:
         raise CliError("--tls-key needs --tls-cert (the certificate it is the key of)")
     from etl.sources.tls import client_context

@@ -29,6 +29,7 @@ import http.server
 import random
 import re
 import socket
+import ssl
 import threading
 import time
 import urllib.parse
@@ -77,9 +78,10 @@ class FaultProxy:
     def __init__(self, target: str, plan: Callable[[str, int], str | None],
                  seed: int = 0, stall: float = 3.0,
                  rewrite: Callable[[str, bytes], bytes] | None = None,
-                 drop_headers: tuple[str, ...] = ()):
+                 drop_headers: tuple[str, ...] = (), tls: ssl.SSLContext | None = None):
         """``rewrite(path, body)``: what every answer's body becomes before any fault;
-        ``drop_headers``: prefixes (lower case) of answer headers not forwarded."""
+        ``drop_headers``: prefixes (lower case) of answer headers not forwarded; ``tls``:
+        a server context: the proxy speaks HTTPS (in front of a server that does not)."""
         self.target, self.plan, self.stall, self.rewrite = target, plan, stall, rewrite
         self.drop_headers = drop_headers
         self.rng = random.Random(seed)
@@ -114,7 +116,9 @@ class FaultProxy:
                 pass  # a client that gave up on a stalled or damaged answer
 
         self.server = Server(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self) -> None:

@@ -52,12 +52,15 @@ class Orthanc:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
+    def _open(self, req: urllib.request.Request | str, timeout: float):
+        return urllib.request.urlopen(req, timeout=timeout)
+
     @property
     def dicomweb(self) -> str:
         return f"{self.url}/dicom-web"
 
     def get(self, path: str):
-        with urllib.request.urlopen(self.url + path, timeout=10) as r:
+        with self._open(self.url + path, timeout=10) as r:
             return json.loads(r.read())
 
     def upload(self, data: bytes) -> str | None:
@@ -66,7 +69,7 @@ class Orthanc:
         req = urllib.request.Request(self.url + "/instances", data=data, method="POST",
                                      headers={"Content-Type": "application/dicom"})
         try:
-            with urllib.request.urlopen(req, timeout=30) as r:
+            with self._open(req, timeout=30) as r:
                 answer = json.loads(r.read())
         except urllib.error.HTTPError:
             return None
@@ -74,7 +77,7 @@ class Orthanc:
 
     def delete(self, path: str) -> None:
         req = urllib.request.Request(self.url + path, method="DELETE")
-        urllib.request.urlopen(req, timeout=30).close()
+        self._open(req, timeout=30).close()
 
     def upload_folder(self, root: Path) -> int:
         n = 0
@@ -86,13 +89,13 @@ class Orthanc:
     def post(self, path: str, body) -> object:
         req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
                                      method="POST", headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=120) as r:
+        with self._open(req, timeout=120) as r:
             return json.loads(r.read() or b"null")
 
     def put(self, path: str, body) -> None:
         req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
                                      method="PUT", headers={"Content-Type": "application/json"})
-        urllib.request.urlopen(req, timeout=30).close()
+        self._open(req, timeout=30).close()
 
     def find(self, **query: str) -> list[str]:
         """Orthanc ids of the instances matching ``query`` (DICOM keywords)."""
@@ -130,6 +133,7 @@ def run_orthanc(modalities: dict[str, tuple[str, int]] | None = None,
     if tls is not None:
         for name in ("server.pem", "server.key", "ca.pem"):
             shutil.copy(tls / name, folder / name)
+        # (not HTTPS too: this Orthanc, 1.10.1 on Debian, exits at its first HTTPS request)
         config.update({"DicomTlsEnabled": True,
                        "DicomTlsCertificate": str(folder / "server.pem"),
                        "DicomTlsPrivateKey": str(folder / "server.key"),

@@ -57,12 +57,13 @@ def resolve(text: str, filters: tuple[tuple[str, str], ...] = (),
             storage_options: dict | None = None, tls=None):
     """The source named by ``text``: a Path for a folder, else a remote source object
     (``storage_options``: fsspec options of an object-store source; ``tls``: the
-    ``ssl.SSLContext`` of a ``dimse+tls://`` source, None: the system's CAs)."""
+    ``ssl.SSLContext`` of a ``dimse+tls://`` or ``dicomweb+https://`` source, None:
+    the defaults)."""
     if text.startswith(("dicomweb+http://", "dicomweb+https://")):
         from etl.sources.dicomweb import DicomWebSource
 
         url = text[len("dicomweb+"):].rstrip("/")
-        return DicomWebSource(url, filters)
+        return DicomWebSource(url, filters, tls=tls if url.startswith("https://") else None)
     if text.startswith(("dimse://", "dimse+tls://")):
         from etl.sources.dimse import DimseSource
 

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import logging
 import re
+import ssl
 import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import TypeVar
 
@@ -31,6 +32,23 @@ log = logging.getLogger(__name__)
 STUDY_UID, SERIES_UID, SOP_UID = "0020000D", "0020000E", "00080018"
 RETRY_STATUS = (429, 500, 502, 503, 504)
 T = TypeVar("T")
+
+
+def _tls_adapter(ctx: ssl.SSLContext):
+    """requests' HTTP adapter whose connections use ``ctx`` (the CAs it trusts, the
+    certificate it presents)."""
+    from requests.adapters import HTTPAdapter
+
+    class TlsAdapter(HTTPAdapter):
+        def init_poolmanager(self, *args, **kwargs):
+            kwargs["ssl_context"] = ctx
+            return super().init_poolmanager(*args, **kwargs)
+
+        def proxy_manager_for(self, *args, **kwargs):
+            kwargs["ssl_context"] = ctx
+            return super().proxy_manager_for(*args, **kwargs)
+
+    return TlsAdapter
 
 
 @dataclass(frozen=True)
@@ -48,6 +66,9 @@ class DicomWebSource:
     timeout: float = 30.0
     #: parallel WADO-RS requests
     threads: int = 4
+    #: HTTPS with our own trust and certificate (:func:`etl.sources.tls.client_context`);
+    #: None: requests' defaults
+    tls: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
 
     @property
     def key(self) -> str:
@@ -65,7 +86,8 @@ class DicomWebSource:
                       status=self.retries - 1, backoff_factor=self.backoff,
                       status_forcelist=RETRY_STATUS, allowed_methods={"GET"},
                       raise_on_status=False)
-        adapter = HTTPAdapter(max_retries=retry, pool_maxsize=max(4, self.threads))
+        adapter = (HTTPAdapter if self.tls is None else _tls_adapter(self.tls))(
+            max_retries=retry, pool_maxsize=max(4, self.threads))
         session.mount("http://", adapter)
         session.mount("https://", adapter)
         client = DICOMwebClient(self.url, session=session, timeout=self.timeout)
@@ -92,6 +114,13 @@ class DicomWebSource:
             return SourceError(self.url, "the server's search answer is not valid JSON, after "
                                          f"{self.retries} attempts (cut short, or not a "
                                          "DICOMweb service at this URL?)")
+        if isinstance(exc, requests.exceptions.SSLError):
+            # the SSL library's reason only: the rest of the text holds the request's URL
+            m = re.search(r"\[SSL: [A-Z0-9_]+\] ([^(\n]+)", str(exc))
+            why = m.group(1).strip() if m else "no reason given"
+            return SourceError(self.url, f"the TLS handshake failed ({why}); check --tls-ca "
+                                         "(the CAs of the server's certificate) and "
+                                         "--tls-cert / --tls-key (ours, if it asks for one)")
         if isinstance(exc, requests.ConnectionError | requests.Timeout):
             return SourceError(self.url, f"cannot connect after {self.retries} attempts "
                                          f"({type(exc).__name__}); is the server running "

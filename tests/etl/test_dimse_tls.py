@@ -1,14 +1,17 @@
 """`lake ingest dimse+tls://` against a real Orthanc whose DICOM port speaks TLS only and
-asks for a certificate our test CA signed: with ours, the pull ingests what it holds;
-without one, with the system's CAs only, or in plain TCP, one line says why."""
+asks for a certificate our test CA signed (and `dicomweb+https://` through an HTTPS proxy
+in front of it that asks the same): with ours, the pull ingests what it holds; without
+one, with the system's CAs only, or in plain TCP, one line says why."""
 
 from __future__ import annotations
 
 import pytest
 from pydicom.data import get_testdata_file
 
+from etl.sources.tls import server_context
 from lake_cli import main
 from lakehouse import Lake
+from tests.faultproxy import FaultProxy
 from tests.pacs import orthanc_missing, run_orthanc
 from tests.tlscerts import Certs, make_certs
 
@@ -57,10 +60,37 @@ def test_dimse_over_tls(tls_orthanc, tmp_path, capsys):
 
     code, out, err = _ingest(capsys, url.replace("dimse+tls", "dimse"), path, *ca)
     assert (code, err) == (1, "lake ingest: error: --tls-ca, --tls-cert and --tls-key apply "
-                              "to dimse+tls:// sources\n")
+                              "to dimse+tls:// and dicomweb+https:// sources\n")
 
     code, out, err = _ingest(capsys, url, path, *ca, *mine)
     assert code == 0, err
     assert "2 listed, 0 fetched before, 2 fetched now" in out, out
     assert "ingested 2, duplicate 0, conflict 0, skipped 0, quarantined 0" in out
+    assert Lake.open(path).read("instances").num_rows == 2
+
+
+def test_dicomweb_over_https(tls_orthanc, tmp_path, capsys):
+    """The same Orthanc's DICOMweb behind an HTTPS proxy that asks for a certificate our
+    CA signed (Orthanc's own HTTPS is not usable here)."""
+    server, certs = tls_orthanc
+    path = tmp_path / "lake"
+    Lake.create(path, profile="identified")
+    tls = server_context(certs.pem("server"), certs.key("server"), certs.pem("ca"))
+    with FaultProxy(server.url, lambda _path, _n: None, tls=tls) as proxy:
+        url = f"dicomweb+{proxy.url}/dicom-web"
+        ca = ["--tls-ca", str(certs.pem("ca"))]
+        mine = ["--tls-cert", str(certs.pem("client")), "--tls-key", str(certs.key("client"))]
+
+        code, out, err = _ingest(capsys, url, path, *mine)  # the system's CAs only
+        assert (code, out) == (1, "") and err.count("\n") == 1, err
+        assert "the TLS handshake failed (certificate verify failed: " in err, err
+
+        code, out, err = _ingest(capsys, url, path, *ca)  # no certificate of ours
+        assert (code, out) == (1, "") and err.count("\n") == 1, err
+        assert "the TLS handshake failed (tlsv13 alert certificate required); check " \
+               "--tls-ca" in err
+
+        code, out, err = _ingest(capsys, url, path, *ca, *mine)
+        assert code == 0, err
+        assert "2 listed, 0 fetched before, 2 fetched now" in out, out
     assert Lake.open(path).read("instances").num_rows == 2
