@@ -51,6 +51,29 @@ def _tls_adapter(ctx: ssl.SSLContext):
     return TlsAdapter
 
 
+def _tls_reason(exc: BaseException) -> str:
+    """Why a TLS connection failed, from the SSL error inside requests' and urllib3's (not
+    their text: it holds the request's URL). With TLS 1.3 a server that refuses our
+    certificate does so after the handshake; the client then sees its alert, or only the
+    connection closed or reset, depending on timing."""
+    seen: set[int] = set()
+    todo: list[object] = [exc]
+    while todo:
+        e = todo.pop(0)
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return f"certificate verify failed: {e.verify_message}"
+        if isinstance(e, ssl.SSLEOFError | ConnectionResetError | ssl.SSLZeroReturnError):
+            return "the server closed the connection during the handshake (does it ask " \
+                   "for a certificate of ours?)"
+        if isinstance(e, ssl.SSLError) and e.reason:
+            return str(e.reason).replace("_", " ").lower()
+        todo.extend([*e.args, getattr(e, "reason", None), e.__cause__, e.__context__])
+    return "no reason given"
+
+
 @dataclass(frozen=True)
 class DicomWebSource:
     kind = "dicomweb"
@@ -115,10 +138,8 @@ class DicomWebSource:
                                          f"{self.retries} attempts (cut short, or not a "
                                          "DICOMweb service at this URL?)")
         if isinstance(exc, requests.exceptions.SSLError):
-            # the SSL library's reason only: the rest of the text holds the request's URL
-            m = re.search(r"\[SSL: [A-Z0-9_]+\] ([^(\n]+)", str(exc))
-            why = m.group(1).strip() if m else "no reason given"
-            return SourceError(self.url, f"the TLS handshake failed ({why}); check --tls-ca "
+            return SourceError(self.url, f"the TLS handshake failed ({_tls_reason(exc)}); "
+                                         "check --tls-ca "
                                          "(the CAs of the server's certificate) and "
                                          "--tls-cert / --tls-key (ours, if it asks for one)")
         if isinstance(exc, requests.ConnectionError | requests.Timeout):

@@ -84,11 +84,17 @@ def handshake_error(ctx: ssl.SSLContext, host: str, port: int, timeout: float) -
             tls.settimeout(min(timeout, 2.0))
             try:
                 if tls.recv(1) == b"":
-                    return "the PACS closed the connection after the handshake"
+                    return CLOSED
             except TimeoutError:  # waiting for our A-ASSOCIATE-RQ: the handshake is fine
                 pass
             return None
     except ssl.SSLCertVerificationError as exc:
         return f"the PACS' certificate: {exc.verify_message}"
+    except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError):
+        return CLOSED  # its alert lost to timing: only the closing is seen
     except OSError as exc:
         return _why(exc)
+
+
+CLOSED = "the PACS closed the connection during the handshake (does it ask for a " \
+    "certificate of ours?)"
