@@ -21,7 +21,6 @@ there too and retried by the next run.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import logging
@@ -118,24 +117,6 @@ def spooled_to(folder: Path) -> Iterator[bool]:
             _config.STORE_RECV_CHUNKED_DATASET = _chunked_before[0]
 
 
-def _move_into(src: Path, fh, dest: str) -> None:
-    """Give ``dest`` (open as ``fh``, empty) the content of ``src``, which is removed:
-    renamed over it on the same file system, else copied; on disk when this returns."""
-    try:
-        os.replace(src, dest)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        with open(src, "rb") as s:
-            shutil.copyfileobj(s, fh, 1 << 20)
-        fh.flush()
-        os.fsync(fh.fileno())
-        os.unlink(src)
-    else:
-        with open(dest, "rb") as moved:
-            os.fsync(moved.fileno())
-
-
 #: the file a process holds locked (``flock``) while a staging folder is its own
 OWNER = ".owner"
 
@@ -210,24 +191,19 @@ class Staging:
         """:meth:`write` the instance of a C-STORE request pynetdicom received (``event``):
         moved (or copied) from the file it was spooled to as it arrived
         (:func:`spooled_to`), or its bytes where it was held in memory."""
-        spooled = getattr(event.request, "_dataset_path", None)
+        try:
+            spooled = event.dataset_path  # None, or no such attribute: held in memory
+        except AttributeError:
+            spooled = None
         dest = self.path_for(study, series, instance)
-        if isinstance(spooled, Path):
-            return self._write(dest, spooled, keep)
-        return self._write(dest, event.encoded_dataset(), keep)
+        if spooled is None:
+            return self._write(dest, event.encoded_dataset(), keep)
+        return self._write(dest, Path(spooled), keep)
 
     def _write(self, dest: Path, data: bytes | Path, keep: bool = False) -> Path:
-        """``data``: the bytes, or a file whose content it is (moved here)."""
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.tmp, suffix=".part")
+        tmp = self._staged(data)
         try:
-            with os.fdopen(fd, "r+b") as fh:
-                if isinstance(data, Path):
-                    _move_into(data, fh, tmp)
-                else:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
             if keep:
                 return place_new(Path(tmp), dest)
             os.replace(tmp, dest)
@@ -236,6 +212,32 @@ class Staging:
                 os.unlink(tmp)
             raise
         return dest
+
+    def _staged(self, data: bytes | Path) -> str:
+        """A complete file under ``tmp/``, on disk, holding ``data`` (bytes, or a file that
+        is moved): a file already there (spooled by :func:`spooled_to`) as it is, anything
+        else written to a temporary file here."""
+        if isinstance(data, Path) and data.parent == self.tmp:
+            with open(data, "rb") as fh:
+                os.fsync(fh.fileno())
+            return str(data)
+        fd, tmp = tempfile.mkstemp(dir=self.tmp, suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                if isinstance(data, Path):
+                    with open(data, "rb") as src:
+                        shutil.copyfileobj(src, fh, 1 << 20)
+                else:
+                    fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        if isinstance(data, Path):
+            os.unlink(data)
+        return tmp
 
     def discard(self) -> None:
         """Remove this staging folder and everything in it."""
