@@ -26,6 +26,7 @@ from typing import TypeVar
 
 from etl.errors import SourceError
 from etl.sources.staging import Staging
+from etl.sources.tls import closed_by, failure
 
 log = logging.getLogger(__name__)
 
@@ -49,29 +50,6 @@ def _tls_adapter(ctx: ssl.SSLContext):
             return super().proxy_manager_for(*args, **kwargs)
 
     return TlsAdapter
-
-
-def _tls_reason(exc: BaseException) -> str:
-    """Why a TLS connection failed, from the SSL error inside requests' and urllib3's (not
-    their text: it holds the request's URL). With TLS 1.3 a server that refuses our
-    certificate does so after the handshake; the client then sees its alert, or only the
-    connection closed or reset, depending on timing."""
-    seen: set[int] = set()
-    todo: list[object] = [exc]
-    while todo:
-        e = todo.pop(0)
-        if not isinstance(e, BaseException) or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, ssl.SSLCertVerificationError):
-            return f"certificate verify failed: {e.verify_message}"
-        if isinstance(e, ssl.SSLEOFError | ConnectionResetError | ssl.SSLZeroReturnError):
-            return "the server closed the connection during the handshake (does it ask " \
-                   "for a certificate of ours?)"
-        if isinstance(e, ssl.SSLError) and e.reason:
-            return str(e.reason).replace("_", " ").lower()
-        todo.extend([*e.args, getattr(e, "reason", None), e.__cause__, e.__context__])
-    return "no reason given"
 
 
 @dataclass(frozen=True)
@@ -138,7 +116,8 @@ class DicomWebSource:
                                          f"{self.retries} attempts (cut short, or not a "
                                          "DICOMweb service at this URL?)")
         if isinstance(exc, requests.exceptions.SSLError):
-            return SourceError(self.url, f"the TLS handshake failed ({_tls_reason(exc)}); "
+            why = failure(exc, closed_by("the server"))
+            return SourceError(self.url, f"the TLS handshake failed ({why}); "
                                          "check --tls-ca "
                                          "(the CAs of the server's certificate) and "
                                          "--tls-cert / --tls-key (ours, if it asks for one)")

@@ -39,6 +39,7 @@ from etl.config import IngestConfig
 from etl.jobs import RunSummary, ingest
 from etl.sources.pull import DONE_OUTCOMES
 from etl.sources.staging import OWNER, SPOOL_PREFIX, Staging, claim, place_new, spooled_to
+from etl.sources.tls import failure
 from lakehouse import Lake
 
 log = logging.getLogger(__name__)
@@ -217,11 +218,11 @@ class Listener:
         try:
             sock.do_handshake()
         except (OSError, ValueError) as exc:  # ssl.SSLError, a timeout, a reset
-            why = getattr(exc, "reason", None) or type(exc).__name__
             with self._lock:
                 self.stats.tls_failed += 1
             log.warning("the TLS handshake with %s failed (%s); connection closed",
-                        event.address[0], str(why).replace("_", " ").lower())
+                        event.address[0], failure(exc, "the sender closed the connection",
+                                                  "its certificate: "))
             event.assoc.dul.socket.close()
             return
         sock.settimeout(timeout)

@@ -84,17 +84,39 @@ def handshake_error(ctx: ssl.SSLContext, host: str, port: int, timeout: float) -
             tls.settimeout(min(timeout, 2.0))
             try:
                 if tls.recv(1) == b"":
-                    return CLOSED
+                    return closed_by("the PACS")
             except TimeoutError:  # waiting for our A-ASSOCIATE-RQ: the handshake is fine
                 pass
             return None
-    except ssl.SSLCertVerificationError as exc:
-        return f"the PACS' certificate: {exc.verify_message}"
-    except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError):
-        return CLOSED  # its alert lost to timing: only the closing is seen
     except OSError as exc:
-        return _why(exc)
+        return failure(exc, closed_by("the PACS"), "the PACS' certificate: ")
 
 
-CLOSED = "the PACS closed the connection during the handshake (does it ask for a " \
-    "certificate of ours?)"
+def closed_by(server: str) -> str:
+    """A server that closed the connection during the handshake, as its client says it."""
+    return f"{server} closed the connection during the handshake (does it ask for a " \
+        "certificate of ours?)"
+
+
+def failure(exc: BaseException, closed: str, verify: str = "certificate verify failed: "
+            ) -> str:
+    """Why a TLS connection failed, from the SSL error in ``exc`` or in the errors it
+    wraps (requests' and urllib3's; not their text, which holds the request's URL):
+    ``closed`` where the peer only closed or reset the connection (with TLS 1.3 a server
+    refuses our certificate after the handshake: we see its alert or, depending on
+    timing, only the closing), ``verify`` before a certificate's verification error."""
+    seen: set[int] = set()
+    todo: list[object] = [exc]
+    while todo:
+        e = todo.pop(0)
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return f"{verify}{e.verify_message}"
+        if isinstance(e, ssl.SSLEOFError | ssl.SSLZeroReturnError | ConnectionResetError):
+            return closed
+        if isinstance(e, ssl.SSLError) and e.reason:
+            return _why(e)
+        todo.extend([*e.args, getattr(e, "reason", None), e.__cause__, e.__context__])
+    return _why(exc) if isinstance(exc, OSError) else "no reason given"
