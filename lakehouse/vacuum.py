@@ -192,14 +192,15 @@ def _log_version(name: str) -> int | None:
 
 
 def clean_log(lake: Lake, name: str, oldest: int, keep: set[str],
-              dry_run: bool = False) -> list[str]:
+              dry_run: bool = False, names: list[str] | None = None) -> list[str]:
     """Remove (unless a dry run) the Delta log files of table ``name`` that no reader of
     version ``oldest`` or later needs: those of the versions before the last checkpoint at
     or before ``oldest``. The checksums those commits recorded for ``keep`` (the files
-    kept snapshots reference) go to :data:`layout.CARRIED_CHECKSUMS` first. Returns the
-    names removed."""
+    kept snapshots reference) go to :data:`layout.CARRIED_CHECKSUMS` first. ``names``:
+    the log's file names, where the caller has listed them. Returns the names removed."""
     root = as_rel(layout.table_path(_REL, name))
-    names = lake.storage.listdir(f"{root}/_delta_log")
+    if names is None:
+        names = lake.storage.listdir(f"{root}/_delta_log")
     checkpoints = [v for n in names if ".checkpoint." in n
                    and (v := _log_version(n)) is not None and v <= oldest]
     if not checkpoints:
@@ -239,9 +240,13 @@ def vacuum(lake: Lake, retention_hours: float = DEFAULT_RETENTION_HOURS,
         for name in lake.table_names():
             root = as_rel(layout.table_path(_REL, name))
             keep = referenced_files(lake, name, {w.versions[name]}, kept)
+            log_names: list[str] = []
             for rel, size, mtime in lake.storage.files(root):
-                if rel.split("/", 1)[0] == "_delta_log" or rel in keep \
-                        or rel == layout.CARRIED_CHECKSUMS:
+                folder, _, rest = rel.partition("/")
+                if folder == "_delta_log":
+                    log_names.append(rest)
+                    continue
+                if rel in keep or rel == layout.CARRIED_CHECKSUMS:
                     continue
                 if mtime > cutoff:
                     report.kept_recent += 1
@@ -253,7 +258,7 @@ def vacuum(lake: Lake, retention_hours: float = DEFAULT_RETENTION_HOURS,
                     log.info("vacuum: removed %s/%s", name, rel)
             oldest = min([s.versions[name] for s in kept if name in s.versions]
                          + [w.versions[name]])
-            cleaned = clean_log(lake, name, oldest, keep, dry_run)
+            cleaned = clean_log(lake, name, oldest, keep, dry_run, log_names)
             if cleaned:
                 report.log_removed[name] = cleaned
     return report
