@@ -17,6 +17,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import process as futures_process
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import util as mp_util
 from typing import Protocol, TypeVar
@@ -86,8 +87,8 @@ class LocalRunner:
             fd, self._started = tempfile.mkstemp(prefix="lake-workers-", suffix=".pids",
                                                  dir=mp_util.get_temp_dir())
             os.close(fd)
-        return ProcessPoolExecutor(self.workers, mp_context=_worker_context(),
-                                   initializer=start_worker, initargs=(marker, self._started))
+        return ProcessPool(self.workers, mp_context=_worker_context(),
+                           initializer=start_worker, initargs=(marker, self._started))
 
     def _compute(self, batches: list[list[FoundFile]],
                  handed: threading.Event | None = None) -> list[pa.Table]:
@@ -161,6 +162,45 @@ class LocalRunner:
             # every wave has been collected: the workers exit (interpreter shutdown takes
             # them a while) while the driver goes on to commit and summarize
             self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _ManagerThread(futures_process._ExecutorManagerThread):  # type: ignore[name-defined]
+    """The pool's manager thread, which marks the pool broken under the pool's lock
+    before failing its tasks and terminating its workers (as CPython does from 3.12)."""
+
+    def terminate_broken(self, cause):
+        executor = self.executor_reference()
+        if executor is not None:
+            # a submit in progress (it holds this lock) has put its task in the pending
+            # ones and started its worker; every submit after it fails
+            with self.shutdown_lock:
+                executor._broken = ("A child process terminated abruptly, the process "
+                                    "pool is not usable anymore")
+            executor = None
+        super().terminate_broken(cause)
+
+
+class ProcessPool(ProcessPoolExecutor):
+    """A process pool whose breaking does not race its submits.
+
+    In CPython 3.11 the manager thread marks a pool broken (a worker died) without
+    the pool's lock. A task submitted meanwhile, one that starts a worker, either failed
+    with OSError (the task queue closed under the worker being started; the run stopped
+    with it) or was never failed nor run (its future pending for ever, the wave waiting
+    on it) and its worker never terminated, so that the manager thread, then the
+    interpreter's exit, waited for that worker for ever. From 3.12 CPython takes the
+    lock itself; there this is ProcessPoolExecutor as it is."""
+
+    if sys.version_info < (3, 12):
+        def _start_executor_manager_thread(self) -> None:
+            if self._executor_manager_thread is None:  # type: ignore[has-type]
+                if not self._safe_to_dynamically_spawn_children:  # ie, forked
+                    self._launch_processes()  # type: ignore[attr-defined]
+                thread = _ManagerThread(self)
+                self._executor_manager_thread = thread
+                thread.start()
+                futures_process._threads_wakeups[thread] = (  # type: ignore[attr-defined]
+                    self._executor_manager_thread_wakeup)  # type: ignore[attr-defined]
 
 
 def _worker_context() -> multiprocessing.context.BaseContext:
