@@ -561,7 +561,7 @@ def cmd_status(args) -> int:
     from catalog import open_lake
 
     with open_lake(_lake_dir(args)) as cat:
-        kept = cat.lake.snapshot_numbers()
+        kept = cat.kept_snapshots  # the folder listed once (thousands, fed by a listener)
         status = {
             "lake": str(cat.lake.root.absolute()) if cat.lake.local else cat.lake.location,
             "profile": cat.lake.profile,
@@ -570,7 +570,7 @@ def cmd_status(args) -> int:
             "snapshot_created_at": cat.snapshot.created_at,
             # each keeps its files: `lake vacuum --expire-days` forgets old ones
             "snapshots_kept": len(kept),
-            "oldest_snapshot_created_at": cat.lake.snapshot(kept[0]).created_at,
+            "oldest_snapshot_created_at": cat.lake.snapshot(kept[0], numbers=kept).created_at,
             "tables": cat.counts(),
             "table_files": dict(cat.data_files),
             "quarantine_by_reason": dict(cat.con.execute(

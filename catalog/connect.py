@@ -42,7 +42,9 @@ class Catalog:
                  config: CatalogConfig | None = None):
         self.lake = lake if isinstance(lake, Lake) else Lake.open(lake)
         self.config = config or CatalogConfig()
-        self.snapshot: Snapshot = self.lake.snapshot(snapshot)
+        #: the numbers of the snapshots kept when the catalog was opened, oldest first
+        self.kept_snapshots: list[int] = self.lake.snapshot_numbers()
+        self.snapshot: Snapshot = self.lake.snapshot(snapshot, numbers=self.kept_snapshots)
         self.con = duckdb.connect(":memory:")
         # a library does not draw on stderr (in Jupyter the setting may be refused)
         with contextlib.suppress(duckdb.Error):

@@ -22,7 +22,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -312,8 +312,11 @@ class Lake:
         names = (n[:-len(".json")] for n in listed if n.endswith(".json"))
         return sorted(int(n) for n in names if n.isdigit())
 
-    def snapshot(self, number: int | None = None) -> Snapshot:
-        numbers = self.snapshot_numbers()
+    def snapshot(self, number: int | None = None, *,
+                 numbers: Sequence[int] | None = None) -> Snapshot:
+        """Snapshot ``number`` (None: the latest); ``numbers``, the kept ones when the
+        caller has just listed them (the folder is then not listed again)."""
+        numbers = self.snapshot_numbers() if numbers is None else numbers
         if not numbers:
             raise LakeFormatError(self.location, "no snapshot manifest")
         if number is None:

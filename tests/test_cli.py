@@ -114,8 +114,16 @@ def test_init_ingest_status(capsys, tmp_path, monkeypatch):
     assert code == 0 and kept.stat().st_mtime_ns > before  # listed again, and kept
     assert "  summaries updated: rows written to series 1, studies 1, patients 1, " \
         "dose_events 0" in out.splitlines()
+    from lakehouse import storage
+
+    listed = []
+    real = storage.LocalStorage.listdir
+    monkeypatch.setattr(storage.LocalStorage, "listdir",
+                        lambda self, rel: listed.append(rel) or real(self, rel))
     code, out, _ = run(capsys, "status", "--lake", str(lake), "--json")
     status = json.loads(out)
+    assert [r for r in listed if "snapshots" in r] == ["_lake/snapshots"]  # listed once
+    assert (status["snapshot"], status["snapshots_kept"]) == (4, 5)
     assert status["tables"]["instances"] == 2
     assert status["quarantine_by_reason"] == {"not_dicom": 1}
     assert status["profile"] == "identified" and status["key_fingerprint"] is None
