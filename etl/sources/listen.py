@@ -193,11 +193,13 @@ class Listener:
         try:
             self.incoming.receive(calling, day, sop, event, keep=True)
         except Exception as exc:  # never answer Success for what we could not keep
+            why = (exc.strerror if isinstance(exc, OSError) and exc.strerror
+                   else type(exc).__name__)
             with self._lock:
                 self.stats.refused += 1
-                self.stats.error(f"could not store an instance: {type(exc).__name__}")
+                self.stats.error(f"could not store an instance: {why}")
             log.error("could not store a received instance (%s); the sender was told "
-                      "0xA700 and keeps it", type(exc).__name__)
+                      "0xA700 and keeps it", why)
             return 0xA700
         with self._lock:
             self.stats.received += 1

@@ -78,14 +78,74 @@ _spool_folders: list[Path] = []
 _chunked_before: list[bool] = []
 
 
-def _spool_file(*args, **kwargs):
+def _spool_file(*args, **kwargs) -> _Spool:
     """pynetdicom's temporary file for an instance it receives: in the folder of the
     innermost :func:`spooled_to` still there, else in the temporary folder."""
     for folder in reversed(_spool_folders):
         if folder.is_dir():
-            return tempfile.NamedTemporaryFile(*args, dir=folder, prefix=SPOOL_PREFIX,
-                                               **kwargs)
-    return tempfile.NamedTemporaryFile(*args, **kwargs)
+            kwargs.update(dir=folder, prefix=SPOOL_PREFIX)
+            break
+    try:
+        return _Spool(tempfile.NamedTemporaryFile(*args, **kwargs))
+    except OSError as exc:  # not even created (no inode left, the folder unwritable)
+        return _Spool(None, exc, os.path.join(kwargs.get("dir") or tempfile.gettempdir(),
+                                              f"{SPOOL_PREFIX}unwritten-{secrets.token_hex(8)}"))
+
+
+#: why each spool file that could not be written failed, by its path, until it is closed
+_spool_errors: dict[str, OSError] = {}
+
+
+class _Spool:
+    """A spool file that takes pynetdicom's writes whatever happens: once a write fails
+    (a full disk, a file size limit) it keeps the error for :meth:`Staging.receive`
+    (which then refuses the instance: the sender gets 0xA700 and keeps it), gives back
+    the space written so far and ignores the rest of the instance. pynetdicom itself lets
+    the error end its reading thread, with a traceback, and the association with it."""
+
+    def __init__(self, file, error: OSError | None = None, name: str = ""):
+        self._file = file
+        self.name = file.name if file is not None else name
+        self.error: OSError | None = None
+        if error is not None:
+            self._fail(error)
+
+    @property
+    def file(self) -> _Spool:  # pynetdicom flushes ``.file``
+        return self
+
+    def _fail(self, exc: OSError) -> None:
+        self.error = exc
+        _spool_errors[self.name] = exc
+        if self._file is not None:
+            with contextlib.suppress(OSError, ValueError):  # not the buffer: lost on close
+                os.ftruncate(self._file.fileno(), 0)
+
+    def write(self, data) -> int:
+        if self.error is None:
+            try:
+                return self._file.write(data)
+            except OSError as exc:
+                self._fail(exc)
+        return len(data)
+
+    def flush(self) -> None:
+        if self.error is None:
+            try:
+                self._file.flush()
+            except OSError as exc:
+                self._fail(exc)
+
+    def close(self) -> None:
+        _spool_errors.pop(self.name, None)
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+
+
+def spool_error(path: str | os.PathLike) -> OSError | None:
+    """Why the instance spooled to ``path`` could not be written (None: it was)."""
+    return _spool_errors.get(os.fspath(path))
 
 
 @contextlib.contextmanager
@@ -106,7 +166,7 @@ def spooled_to(folder: Path) -> Iterator[bool]:
         return
     if not _spool_folders:
         _chunked_before[:] = [_config.STORE_RECV_CHUNKED_DATASET]
-    dimse_messages.NamedTemporaryFile = _spool_file  # type: ignore[attr-defined]
+    dimse_messages.NamedTemporaryFile = _spool_file  # type: ignore[attr-defined,assignment]
     _config.STORE_RECV_CHUNKED_DATASET = True
     _spool_folders.append(folder)
     try:
@@ -198,6 +258,9 @@ class Staging:
         dest = self.path_for(study, series, instance)
         if spooled is None:
             return self._write(dest, event.encoded_dataset(), keep)
+        error = spool_error(spooled)
+        if error is not None:  # a part of it was never written
+            raise error
         return self._write(dest, Path(spooled), keep)
 
     def _write(self, dest: Path, data: bytes | Path, keep: bool = False) -> Path:

@@ -375,8 +375,8 @@ def test_an_instance_that_cannot_be_stored_is_refused_and_stays_with_the_sender(
         assert _send(port, ds) == [0]
     stats = result["stats"]
     assert (stats.refused, stats.received, stats.ingested) == (1, 1, 1)
-    assert stats.errors == ["could not store an instance: NotADirectoryError"]
-    assert "could not store a received instance (NotADirectoryError); the sender was told " \
+    assert stats.errors == ["could not store an instance: Not a directory"]
+    assert "could not store a received instance (Not a directory); the sender was told " \
            "0xA700 and keeps it" in caplog.text
     assert _outcomes(path) == {"ingested": 1} and _staged(path) == []
 

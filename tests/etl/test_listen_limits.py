@@ -102,6 +102,80 @@ def test_the_listener_memory_does_not_grow_with_the_instance_size(tmp_path):
     assert "1 instances received" in out and _outcomes(path) == {"ingested": 1}
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_an_instance_that_cannot_be_spooled_is_refused_and_nothing_is_left(tmp_path):
+    """The listener cannot write a file beyond 1 MiB (as on a full disk): a 4 MB instance
+    is refused with 0xA700 (out of resources; the sender keeps it), counted and logged in
+    one line, its partial spool file removed; the instances before and after it, in the
+    same association, are received and ingested."""
+    path = tmp_path / "lake"
+    Lake.create(path, profile="identified")
+    big = _ct(Rows=1448, Columns=1448, PixelData=bytes(1448 * 1448 * 2),
+              SOPInstanceUID="1.2.3.4.5.6.7.8.9")
+    small = _ct()
+    with lake_listen(path, file_size_limit=1 << 20) as (proc, port):
+        assert _send(port, small, big, _ct(SOPInstanceUID="1.2.3.4.5.6.7.8.10")) == \
+            [0, 0xA700, 0]
+        spool = [p for p in (path / "vault" / "staging").rglob("spool-*")]
+        code, out, err = stop(proc)
+    assert code == 0, err
+    assert spool == []
+    assert "2 instances received" in out and "1 refused" in out, out
+    assert _outcomes(path) == {"ingested": 2}
+    assert "Traceback" not in err, err
+    assert [line for line in err.splitlines() if "could not store" in line] == [
+        "ERROR etl.sources.listen: could not store a received instance (File too large); "
+        "the sender was told 0xA700 and keeps it"], err
+
+
+def test_a_spool_file_that_cannot_even_be_created_refuses_its_instance(tmp_path,
+                                                                        monkeypatch):
+    """No spool file can be created (here: no space left for one): the instance is
+    refused (0xA700) with the reason, and the next one, once a file can be created, is
+    received. No file is left in the spool folder."""
+    import errno
+
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    lake = Lake.create(tmp_path / "lake", profile="identified")
+    staging = Staging(lake, "spool-test")
+    answers: list[str] = []
+
+    def on_store(event) -> int:
+        try:
+            staging.receive("st", "se", str(event.request.AffectedSOPInstanceUID), event)
+        except OSError as exc:
+            answers.append(exc.strerror)
+            return 0xA700
+        answers.append("stored")
+        return 0x0000
+
+    real = tempfile.NamedTemporaryFile
+    full = [True]
+
+    def named(*args, **kwargs):
+        if full[0]:
+            full[0] = False
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*args, **kwargs)
+
+    ae = AE(ae_title="LAKE")
+    ae.supported_contexts = AllStoragePresentationContexts
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        with spooled_to(staging.tmp):
+            monkeypatch.setattr(tempfile, "NamedTemporaryFile", named)
+            assert _send(port, _ct(), _ct(SOPInstanceUID="1.2.3.4.5.6.7.8.10")) == \
+                [0xA700, 0]
+    finally:
+        server.shutdown()
+    assert answers == ["No space left on device", "stored"]
+    assert [p.name for p in staging.files.rglob("*.dcm")] == ["1.2.3.4.5.6.7.8.10.dcm"]
+    assert list(staging.tmp.iterdir()) == []
+
+
 def test_senders_not_allowed_are_rejected_before_anything_is_negotiated(tmp_path, caplog):
     """Allowed: CT1 from anywhere, MR2 from 10.0.0.0/8, any title from 127.0.0.2. CT1
     (from 127.0.0.1) and ANY (from 127.0.0.2) are accepted; MR2 from 127.0.0.1 and OTHER
