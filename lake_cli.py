@@ -349,6 +349,8 @@ def cmd_listen(args) -> int:
           f"(not stored; the senders keep them), {stats.associations} associations, "
           f"{stats.associations_rejected} rejected, {stats.associations_aborted} aborted"
           + (f", {stats.tls_failed} failed the TLS handshake" if stats.tls_failed else "")
+          + (f", {stats.connections_refused} connections refused (--allow, or too many "
+             "not yet associations)" if stats.connections_refused else "")
           + f"; "
           f"{stats.batches} batches, ingested {stats.ingested}, duplicate {stats.duplicate}, "
           f"quarantined {stats.quarantined}, kept in staging {stats.kept_in_staging}"

@@ -52,6 +52,13 @@ RETRY_MAX_SECONDS = 300.0
 #: (pynetdicom aborts one silent for its network timeout, 60 s): it is removed
 SPOOL_STALE_SECONDS = 600.0
 ERRORS_KEPT = 100
+#: connections not yet an association (a TLS handshake or an association request under
+#: way) at a time, from one address and in all: each holds a thread for up to the ACSE
+#: timeout (30 s) when its client says nothing; beyond, new ones are closed at once
+PENDING_PER_ADDRESS = 8
+PENDING_MAX = 64
+#: a refused connection is logged at most once a minute per address
+REFUSED_LOG_SECONDS = 60.0
 
 
 @dataclass
@@ -59,11 +66,16 @@ class ListenStats:
     received: int = 0
     #: instances refused because they could not be stored (the sender keeps them)
     refused: int = 0
+    #: TCP connections accepted (each to become an association, or closed)
+    connections: int = 0
     associations: int = 0
     associations_rejected: int = 0
     associations_aborted: int = 0
     #: connections closed because their TLS handshake failed
     tls_failed: int = 0
+    #: connections closed at once: from an address --allow never admits, or beyond
+    #: :data:`PENDING_PER_ADDRESS` / :data:`PENDING_MAX` not yet associations
+    connections_refused: int = 0
     batches: int = 0
     ingested: int = 0
     duplicate: int = 0
@@ -125,6 +137,10 @@ class Sender:
             ip = ip.ipv4_mapped  # an IPv4 sender to a dual-stack socket
         return ip in self.network
 
+    def may_admit(self, address: str) -> bool:
+        """Whether an association from ``address`` may be admitted (by some title)."""
+        return self.network is None or self.admits(self.title or "", address)
+
 
 def _peer(event) -> str:
     """Who an association event is about: the calling AE title and its address."""
@@ -160,6 +176,9 @@ class Listener:
         self._pending = 0
         self._failures = 0  # batches failed in a row
         self._wake = threading.Event()
+        #: connections not yet associations: the address and association of each
+        self._unassociated: dict[int, tuple[str, Any]] = {}
+        self._refused_logged: dict[str, tuple[float, int]] = {}  # address: (when, since)
         self._server: Any = None
         self._spooling = contextlib.ExitStack()
         # held (locked) while this listener lives: no other listener on this lake takes
@@ -177,6 +196,7 @@ class Listener:
                 ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(VERIFICATION)
         handlers: list = [(evt.EVT_CONN_OPEN, self._on_connect),
+                    (evt.EVT_CONN_CLOSE, self._on_close),
                     (evt.EVT_REQUESTED, self._on_requested),
                     (evt.EVT_C_STORE, self._on_store),
                     (evt.EVT_ACCEPTED, self._on_accepted),
@@ -209,9 +229,22 @@ class Listener:
         return 0x0000
 
     def _on_connect(self, event) -> None:
-        """With TLS, the handshake (on the association's own thread): a sender that fails
-        it (no certificate, one no CA given signed, plain TCP) is counted, logged in one
-        line, and its connection closed before anything is read."""
+        """A new connection, on its own thread (pynetdicom's server starts one for each,
+        which then starts the association's). Closed at once when it comes
+        from an address no ``--allow`` sender has, or when too many from its address (or
+        in all) are not yet associations: a client that connects and says nothing holds a
+        thread for the ACSE timeout, so that many such clients would exhaust the listener.
+        Then, with TLS, the handshake: a sender that fails it (no certificate, one no CA
+        given signed, plain TCP) is counted, logged in one line, and its connection closed
+        before anything is read."""
+        address = str(event.address[0])
+        with self._lock:
+            self.stats.connections += 1
+        why = self._admit(event.assoc, address)
+        if why is not None:
+            event.assoc.dul.socket.close()
+            self._log_refused(address, why)
+            return
         sock = event.assoc.dul.socket.socket
         if not isinstance(sock, ssl.SSLSocket):
             return
@@ -220,6 +253,7 @@ class Listener:
         try:
             sock.do_handshake()
         except (OSError, ValueError) as exc:  # ssl.SSLError, a timeout, a reset
+            self._associated(event)
             with self._lock:
                 self.stats.tls_failed += 1
             log.warning("the TLS handshake with %s failed (%s); connection closed",
@@ -228,6 +262,60 @@ class Listener:
             event.assoc.dul.socket.close()
             return
         sock.settimeout(timeout)
+
+    def _admit(self, assoc, address: str) -> str | None:
+        """Count the connection of ``assoc`` from ``address`` as not yet an association;
+        or why it is refused."""
+        if self.allow is not None and not any(s.may_admit(address) for s in self.allow):
+            why = "not an allowed address (--allow)"
+        else:
+            with self._lock:
+                # pynetdicom reports no closing of a connection that never sent a
+                # request: one whose association's thread has ended is gone (a thread
+                # not started yet is that of a connection still in its TLS handshake)
+                for key, (_, other) in list(self._unassociated.items()):
+                    if other.is_established or (other.ident is not None
+                                                and not other.is_alive()):
+                        del self._unassociated[key]
+                pending = [a for a, _ in self._unassociated.values()]
+                if pending.count(address) >= PENDING_PER_ADDRESS:
+                    why = (f"{PENDING_PER_ADDRESS} connections from it are not yet "
+                           "associations")
+                elif len(pending) >= PENDING_MAX:
+                    why = f"{PENDING_MAX} connections are not yet associations"
+                else:
+                    self._unassociated[id(assoc)] = (address, assoc)
+                    return None
+        with self._lock:
+            self.stats.connections_refused += 1
+        return why
+
+    def _log_refused(self, address: str, why: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            last, since = self._refused_logged.get(address, (-REFUSED_LOG_SECONDS, 0))
+            if now - last < REFUSED_LOG_SECONDS:
+                self._refused_logged[address] = (last, since + 1)
+                return
+            self._refused_logged[address] = (now, 0)
+        more = f" ({since} more since the last message)" if since else ""
+        log.warning("refused a connection from %s: %s; closed%s", address, why, more)
+
+    def _associated(self, event) -> None:
+        """The connection of ``event`` is no longer waiting to become an association."""
+        with self._lock:
+            self._unassociated.pop(id(event.assoc), None)
+
+    def _on_close(self, event) -> None:
+        self._associated(event)
+        dul = event.assoc.dul
+        if getattr(getattr(dul, "state_machine", None), "current_state", None) == "Sta2":
+            # closed before asking for an association (a port scan, a health check):
+            # pynetdicom would keep the association's thread waiting for the request
+            # until the ACSE timeout (30 s), counted among its associations (10 at most:
+            # ten such connections made real senders "local limit exceeded"). What it
+            # takes for that timeout ends the wait now.
+            dul.to_user_queue.put(None)
 
     def _on_requested(self, event) -> None:
         """Reject an association from a sender not in :attr:`allow`, as a PACS does a
@@ -248,10 +336,12 @@ class Listener:
                     "(--allow)", title or "an unnamed AE", address)
 
     def _on_accepted(self, event) -> None:
+        self._associated(event)
         with self._lock:
             self.stats.associations += 1
 
     def _on_rejected(self, event) -> None:
+        self._associated(event)
         with self._lock:
             self.stats.associations_rejected += 1
         log.warning("rejected an association from %s", _peer(event))

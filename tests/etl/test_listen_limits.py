@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pydicom
@@ -207,6 +208,114 @@ def test_senders_not_allowed_are_rejected_before_anything_is_negotiated(tmp_path
            "(--allow)" in caplog.text
     assert "rejected an association from OTHER at 127.0.0.1" in caplog.text
     assert "Exception raised in user's" not in caplog.text
+
+
+def _connect(port: int, address: str = "127.0.0.1"):
+    import socket
+
+    return socket.create_connection(("127.0.0.1", port), source_address=(address, 0))
+
+
+def _closed_at_once(sock) -> bool:
+    """Whether the listener closed ``sock`` (said nothing, hung up) within 5 s."""
+    sock.settimeout(5)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        sock.close()
+
+
+def _echo(port: int, address: str = "127.0.0.1") -> bool:
+    from pynetdicom import AE
+
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", port, ae_title="LAKE", bind_address=(address, 0))
+    if not assoc.is_established:
+        return False
+    try:
+        return assoc.send_c_echo().Status == 0
+    finally:
+        assoc.release()
+
+
+def _wait_for(condition, seconds: float = 10) -> None:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_silent_connections_are_limited_per_address_and_in_all(tmp_path, monkeypatch, caplog):
+    """At most 2 connections per address (3 in all, here) may wait without becoming an
+    association: beyond, a new connection is closed at once, counted, and logged once a
+    second per address here (once a minute by default) with how many were not logged.
+    Senders from other addresses, and from the same one once its silent connections are
+    gone, associate as before; clients that connect and hang up (a port scan) hold
+    nothing."""
+    from etl.sources import listen
+
+    monkeypatch.setattr(listen, "PENDING_PER_ADDRESS", 2)
+    monkeypatch.setattr(listen, "PENDING_MAX", 3)
+    monkeypatch.setattr(listen, "REFUSED_LOG_SECONDS", 1.0)
+    lake = Lake.create(tmp_path / "lake", profile="identified")
+    with caplog.at_level(logging.WARNING, logger="etl.sources.listen"), \
+            _listening(lake) as (listener, port, result):
+        for n in range(1, 11):  # connected and hung up: nothing held, in a moment
+            _connect(port).close()
+            _wait_for(lambda: listener.stats.connections == n  # noqa: B023
+                      and not listener._unassociated
+                      and not listener._server.active_associations, 5)
+        silent = [_connect(port), _connect(port)]
+        _wait_for(lambda: len(listener._unassociated) == 2)
+        assert listener.stats.connections_refused == 0
+        assert _closed_at_once(_connect(port))
+        assert _closed_at_once(_connect(port))
+        assert _echo(port, "127.0.0.2")  # another address
+        silent.append(_connect(port, "127.0.0.2"))
+        _wait_for(lambda: len(listener._unassociated) == 3)
+        assert listener.stats.connections_refused == 2
+        assert _closed_at_once(_connect(port, "127.0.0.3"))  # 3 in all
+        time.sleep(1.1)
+        assert _closed_at_once(_connect(port))
+        for sock in silent:
+            sock.close()
+        _wait_for(lambda: not listener._unassociated)
+        assert _echo(port) and _echo(port, "127.0.0.3")  # once they are gone
+        _wait_for(lambda: not listener._server.active_associations, 5)
+    stats = result["stats"]
+    assert (stats.connections, stats.connections_refused, stats.associations) == \
+        (10 + 2 + 2 + 1 + 1 + 1 + 1 + 2, 4, 3)
+    assert [r.getMessage() for r in caplog.records if "refused a connection" in
+            r.getMessage()] == [
+        "refused a connection from 127.0.0.1: 2 connections from it are not yet "
+        "associations; closed",
+        "refused a connection from 127.0.0.3: 3 connections are not yet associations; "
+        "closed",
+        "refused a connection from 127.0.0.1: 2 connections from it are not yet "
+        "associations; closed (1 more since the last message)"]
+
+
+def test_a_connection_from_an_address_no_sender_has_is_closed_at_once(tmp_path, caplog):
+    """With ``--allow @127.0.0.2`` only, a connection from 127.0.0.1 is closed before
+    anything is read (no association request, no TLS handshake, no thread held)."""
+    lake = Lake.create(tmp_path / "lake", profile="identified")
+    with caplog.at_level(logging.WARNING, logger="etl.sources.listen"), \
+            _listening(lake, allow=[Sender.parse("@127.0.0.2")]) as (_l, port, result):
+        assert _closed_at_once(_connect(port))
+        assert not _echo(port)
+        assert _echo(port, "127.0.0.2")
+    stats = result["stats"]
+    assert (stats.connections_refused, stats.associations_rejected,
+            stats.associations) == (2, 0, 1)
+    assert "refused a connection from 127.0.0.1: not an allowed address (--allow); " \
+           "closed" in caplog.text
 
 
 @pytest.mark.parametrize(("text", "title", "network"), [

@@ -27,7 +27,8 @@ def certs(tmp_path_factory) -> Certs:
     return make_certs(tmp_path_factory.mktemp("certs"))
 
 
-def _store(port: int, tls, title: str = "MODALITY") -> int | str:
+def _store(port: int, tls, title: str = "MODALITY", address: str = "127.0.0.1"
+           ) -> int | str:
     """One CT image over TLS (``tls``: the client's context; None: plain TCP): the
     C-STORE status, or why there was no association."""
     from pynetdicom import AE
@@ -37,7 +38,8 @@ def _store(port: int, tls, title: str = "MODALITY") -> int | str:
     ae.acse_timeout = ae.network_timeout = 10  # a listener that hangs fails the test
     ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
     assoc = ae.associate("127.0.0.1", port, ae_title="LAKE",
-                         tls_args=None if tls is None else (tls, "localhost"))
+                         tls_args=None if tls is None else (tls, "localhost"),
+                         bind_address=(address, 0))
     if not assoc.is_established:
         return "no association"
     try:
@@ -82,6 +84,30 @@ def test_tls_without_a_ca_admits_any_tls_sender(tmp_path, certs):
         assert _store(port, certs.client(None)) == 0
         assert _store(port, None) == "no association"
     assert (result["stats"].received, result["stats"].tls_failed) == (1, 1)
+
+
+def test_silent_tls_clients_are_limited_per_address(tmp_path, certs, monkeypatch):
+    """Clients that connect and never start their TLS handshake each hold a thread for
+    the ACSE timeout: beyond 2 from one address (here), a new connection from it is
+    closed at once, before any handshake; a TLS sender from another address gets
+    through meanwhile, and from the same one once they hang up."""
+    from etl.sources import listen
+    from tests.etl.test_listen_limits import _closed_at_once, _connect, _wait_for
+
+    monkeypatch.setattr(listen, "PENDING_PER_ADDRESS", 2)
+    lake = Lake.create(tmp_path / "lake", profile="identified")
+    ctx = tls_context(certs.pem("server"), certs.key("server"))
+    with _listening(lake, tls=ctx) as (listener, port, result):
+        silent = [_connect(port), _connect(port)]
+        _wait_for(lambda: len(listener._unassociated) == 2)
+        assert _closed_at_once(_connect(port))
+        assert _store(port, certs.client(None), address="127.0.0.2") == 0
+        for sock in silent:
+            sock.close()
+        _wait_for(lambda: not listener._unassociated)
+        assert _store(port, certs.client(None)) == 0
+    stats = result["stats"]
+    assert (stats.connections_refused, stats.tls_failed, stats.received) == (1, 2, 2)
 
 
 def test_lake_listen_with_tls(tmp_path, certs):
