@@ -249,7 +249,7 @@ class _Job:
         found = walk_columns(source, stats, INDEX_CHUNK, listings,
                              first=self.config.batch_files * self.config.resolved_workers())
         t = time.perf_counter()
-        todo = self._changed(found, stats)
+        todo = self._changed(found, stats, source)
         self._extract(source, todo)
         self.timings["extract"] = time.perf_counter() - t
         log.info("%d files found, %d unchanged, %d read", self.summary.files_seen,
@@ -263,7 +263,8 @@ class _Job:
         self.timings["summarize"] = time.perf_counter() - t
         self._compact()
 
-    def _changed(self, found: Iterator[Found], stats: WalkStats) -> Iterator[FoundFile]:
+    def _changed(self, found: Iterator[Found], stats: WalkStats,
+                 source: Path) -> Iterator[FoundFile]:
         """The files of ``found`` not already read with the same path, size and mtime (one
         scan of the file index per run, then lookups in memory), a chunk of the walk at a
         time: the walk runs only as far ahead of extraction as one chunk (at the start of
@@ -280,8 +281,11 @@ class _Job:
             # 100,000 files, mostly without the GIL) while the walk starts, up to a chunk
             # ahead
             made: Future = Future()
+            # of the files below the source only (a listener's batch, a night's folder of a
+            # large archive: not the whole lake's paths)
+            where = seen.under(str(source.absolute()), source.is_dir())
             threading.Thread(target=_settle, args=(made, lambda: index.add(*hasher.table_keys(
-                self.lake, "files", self.w.current("files"), *seen.FILE_KEY))),
+                self.lake, "files", self.w.current("files"), *seen.FILE_KEY, *where))),
                 name="lake-files-index").start()
             try:
                 while not made.done() and sum(map(len, walked)) < INDEX_CHUNK \

@@ -19,6 +19,7 @@ differs is looked up in the table itself before it is called a conflict.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import duckdb
@@ -97,19 +98,22 @@ class Hasher:
             self._con.close()
 
     def keys(self, source: pa.Table | object, key_sql: str, check_sql: str,
-             where: str = "true") -> tuple[np.ndarray, np.ndarray]:
-        """``(key_sql, check_sql)`` (two UBIGINT expressions) over ``source`` (an Arrow table
-        or dataset; the SQL expressions are the module's own, never user input)."""
+             where: str = "true", params: Sequence = ()) -> tuple[np.ndarray, np.ndarray]:
+        """``(key_sql, check_sql)`` (two UBIGINT expressions) over the rows of ``source``
+        (an Arrow table or dataset) that ``where`` keeps (with ``params``; the SQL
+        expressions are the module's own, never user input)."""
         self.con.register("src", source)
         try:
             out = self.con.execute(
-                f"SELECT {key_sql} AS k, {check_sql} AS v FROM src WHERE {where}").fetchnumpy()
+                f"SELECT {key_sql} AS k, {check_sql} AS v FROM src WHERE {where}",
+                list(params)).fetchnumpy()
         finally:
             self.con.unregister("src")
         return (np.asarray(out["k"], dtype=np.uint64), np.asarray(out["v"], dtype=np.uint64))
 
     def table_keys(self, lake: Lake, name: str, dt: DeltaTable, key_sql: str,
-                   check_sql: str) -> tuple[np.ndarray, np.ndarray]:
+                   check_sql: str, where: str = "true", params: Sequence = ()
+                   ) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`keys` over the version ``dt`` of the table ``name``. DuckDB reads the
         Parquet files of a local lake itself: two to five times faster than through a
         pyarrow dataset, which costs a millisecond or more per file (a lake of many small
@@ -121,13 +125,14 @@ class Hasher:
             found[0].create_view("table_src", replace=True)
             try:
                 out = self.con.execute(
-                    f"SELECT {key_sql} AS k, {check_sql} AS v FROM table_src").fetchnumpy()
+                    f"SELECT {key_sql} AS k, {check_sql} AS v FROM table_src WHERE {where}",
+                    list(params)).fetchnumpy()
             except duckdb.BinderException:
                 pass  # a column added to the table after its files: nulls in the dataset
             else:
                 return (np.asarray(out["k"], dtype=np.uint64),
                         np.asarray(out["v"], dtype=np.uint64))
-        return self.keys(lake.arrow_dataset(name, dt), key_sql, check_sql)
+        return self.keys(lake.arrow_dataset(name, dt), key_sql, check_sql, where, params)
 
 
 #: The keys of each question (DuckDB SQL over the table's own columns).
@@ -139,3 +144,16 @@ INSTANCE_KEY = ("hash(SOPInstanceUID)", "hash(file_sha256)")
 #: ``identifiers``: the pair's kind and pseudonym (the original follows from them); a
 #: wrongly "known" pair would be missing from the vault, so its check is cryptographic.
 PAIR_KEY = ("hash(kind, pseudonym)", "md5_number_lower(concat_ws(chr(0), kind, pseudonym))")
+
+
+def under(source: str, folder: bool) -> tuple[str, list[str]]:
+    """A condition on ``path`` (with its parameters) that keeps the files of a walk of
+    ``source`` (an absolute path, as the walk gives its files): the file itself, or the
+    paths below the folder as a range of strings (``[source/, source0)``), which the
+    Parquet files' statistics of ``path`` answer for the row groups of other folders:
+    those are never decoded."""
+    if not folder:
+        return "path = ?", [source]
+    if not source.endswith("/"):
+        source += "/"
+    return "path >= ? AND path < ?", [source, source[:-1] + chr(ord(source[-1]) + 1)]

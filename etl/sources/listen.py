@@ -33,8 +33,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import pyarrow.compute as pc
-
 from etl.config import IngestConfig
 from etl.jobs import RunSummary, ingest
 from etl.sources.pull import DONE_OUTCOMES
@@ -473,8 +471,12 @@ class Listener:
     def _ingest_batch(self, batch: Staging) -> RunSummary:
         run = ingest(self.lake, batch.files, self.config, key_file=self.key_file,
                      source_kind=SOURCE_KIND)
-        table = self.lake.read("files", columns=["path", "outcome", "ingest_run_id"])
-        mine = table.filter(pc.equal(table.column("ingest_run_id"), run.run_id))
+        import pyarrow.dataset as ds
+
+        # this run's rows only: the statistics of ingest_run_id (run ids grow with time)
+        # leave out the files of earlier runs, not read whole at every batch
+        mine = self.lake.read("files", columns=["path", "outcome"],
+                              filter=ds.field("ingest_run_id") == run.run_id)
         done = {p for p, o in zip(mine.column("path").to_pylist(),
                                   mine.column("outcome").to_pylist(), strict=True)
                 if o in DONE_OUTCOMES}

@@ -261,3 +261,40 @@ def test_the_source_is_counted_only_for_a_progress_bar(archive, tmp_path, monkey
     assert counted == [str(archive[0])]
     assert quiet.outcomes == shown.outcomes == archive[1].outcomes
     assert calls[-1] == ("extract", 306, 306)
+
+
+def test_a_run_indexes_only_the_files_below_its_source(tmp_path, monkeypatch):
+    """A run's index of files read before holds the lake's files below its source only
+    (a listener's batch folder, a night's folder of a large archive; the row groups of
+    other folders are left to the Parquet statistics of ``path``), and still finds every
+    file there unchanged: a folder, a subfolder, a folder whose name begins with another's
+    (``a`` and ``ab``), a single file."""
+    import pydicom
+
+    root = tmp_path / "archive"
+    names = ["a/x1.dcm", "a/x2.dcm", "a/sub/y1.dcm", "a/sub/y2.dcm", "ab/z1.dcm",
+             "ab/z2.dcm", "t.dcm"]
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    for i, name in enumerate(names):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        ds.SOPInstanceUID = f"1.2.3.4.{i + 1}"
+        ds.save_as(root / name)
+    lake = Lake.create(tmp_path / "lake", profile="identified")
+    indexed: list[int] = []
+    real = seen.Hasher.table_keys
+
+    def table_keys(self, lake, name, *args, **kwargs):
+        keys = real(self, lake, name, *args, **kwargs)
+        if name == "files":
+            indexed.append(len(keys[0]))
+        return keys
+
+    monkeypatch.setattr(seen.Hasher, "table_keys", table_keys)
+    assert ingest(lake, root, fast_config()).outcomes["ingested"] == 7
+    assert indexed == []  # a first run: nothing to index
+    for source, n in (("a", 4), ("a/sub", 2), ("ab", 2), ("a/sub/y1.dcm", 1), ("", 7)):
+        run = ingest(lake, root / source, fast_config())
+        assert (run.files_seen, run.files_unchanged, indexed[-1]) == (n, n, n), source
+    (root / "ab" / "z3.dcm").write_bytes((root / "ab" / "z1.dcm").read_bytes())
+    run = ingest(lake, root / "ab", fast_config())
+    assert (run.files_seen, run.files_unchanged, run.outcomes["duplicate"]) == (3, 2, 1)
