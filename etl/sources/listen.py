@@ -268,9 +268,9 @@ class Listener:
             why = "not an allowed address (--allow)"
         else:
             with self._lock:
-                # pynetdicom reports no closing of a connection that never sent a
-                # request: one whose association's thread has ended is gone (a thread
-                # not started yet is that of a connection still in its TLS handshake)
+                # a connection whose association's thread has ended is gone, its
+                # closing reported or not (a thread not started yet is that of a
+                # connection still in its TLS handshake)
                 for key, (_, other) in list(self._unassociated.items()):
                     if other.is_established or (other.ident is not None
                                                 and not other.is_alive()):
@@ -311,8 +311,8 @@ class Listener:
             # closed before asking for an association (a port scan, a health check):
             # pynetdicom would keep the association's thread waiting for the request
             # until the ACSE timeout (30 s), counted among its associations (10 at most:
-            # ten such connections made real senders "local limit exceeded"). What it
-            # takes for that timeout ends the wait now.
+            # ten such connections made real senders "local limit exceeded"). It takes
+            # None from this queue for that timeout: the thread ends now.
             dul.to_user_queue.put(None)
 
     def _on_requested(self, event) -> None:

@@ -144,8 +144,10 @@ class _Spool:
 
 
 def spool_error(path: str | os.PathLike) -> OSError | None:
-    """Why the instance spooled to ``path`` could not be written (None: it was)."""
-    return _spool_errors.get(os.fspath(path))
+    """Why the instance spooled to ``path`` could not be written (None: it was), told
+    once (pynetdicom closes the spool files of a C-GET's instances only when it drops
+    them, never through :meth:`_Spool.close`)."""
+    return _spool_errors.pop(os.fspath(path), None)
 
 
 @contextlib.contextmanager
