@@ -43,6 +43,8 @@ try:
         warm_up()
     with contextlib.suppress(Exception):
         import dask.local  # noqa: F401  (the tasks' functions)
+    with contextlib.suppress(Exception):
+        import etl.runners  # noqa: F401  (each task names etl.runners.extract_ipc)
 finally:
     restore()
 

@@ -29,7 +29,6 @@ from etl import workerserver
 from etl.config import LOCAL_SCHEDULERS, IngestConfig
 from etl.discover import FileBatch, FoundFile
 from etl.errors import SchedulerError, WorkerStartError
-from etl.extract import after_batch, crashed_batch, extract_batch, start_worker
 from lakehouse.deid import Policy
 
 T = TypeVar("T")
@@ -88,14 +87,17 @@ class LocalRunner:
                                                  dir=mp_util.get_temp_dir())
             os.close(fd)
         return ProcessPool(self.workers, mp_context=_worker_context(),
-                           initializer=start_worker, initargs=(marker, self._started))
+                           initializer=_start_worker, initargs=(marker, self._started))
 
     def _compute(self, batches: list[list[FoundFile]],
                  handed: threading.Event | None = None) -> list[pa.Table]:
         """The tables of ``batches``; ``handed`` is set once their last task is in the
         pool (only for the process pool: other schedulers never set it)."""
         # worker processes send their tables back as Arrow IPC streams (see extract_ipc)
-        fn = extract_ipc if self._pool is not None else extract_batch
+        if self._pool is not None:
+            fn = extract_ipc
+        else:
+            from etl.extract import extract_batch as fn
         # each batch goes in as one opaque literal: Dask would otherwise walk the list
         # of files looking for Dask objects inside (66 ms of the driver per wave)
         tasks = [dask.delayed(fn, pure=False)(
@@ -212,12 +214,23 @@ def _worker_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("spawn")
 
 
+def _start_worker(marker: str, started: str) -> None:
+    """:func:`etl.extract.start_worker`, imported in the worker: the driver of a process
+    pool never imports the worker code (pydicom's readers, the batch path's numba code:
+    0.3 s of its start, before it could hand out the first batch)."""
+    from etl.extract import start_worker
+
+    start_worker(marker, started)
+
+
 def extract_ipc(files: Sequence[FoundFile], config: IngestConfig, run_id: str,
                 policy: Policy | None = None) -> pa.Buffer:
     """:func:`etl.extract.extract_batch` in a worker process, its table returned as an
     Arrow IPC stream. A pickled table is rebuilt column by column, its types too (about
     0.5 ms per batch of the driver's CPU, 1.6 ms of the worker's to pickle it); a stream
     is read in a twentieth of that, its buffers used in place."""
+    from etl.extract import after_batch, extract_batch
+
     table = extract_batch(files, config, run_id, policy)
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as out:
@@ -363,6 +376,8 @@ def survive_crashes(compute: Callable[[list[list[FoundFile]]], list[pa.Table]],
     def crashed(batch: list[FoundFile]) -> pa.Table:
         # no path in the log: it may identify a patient (the vault has it)
         log.warning("reading a file crashed its worker: quarantined as worker_crash")
+        from etl.extract import crashed_batch
+
         return crashed_batch(batch, run_id)
 
     return bisect_crashes(compute, reset, batches, crashed,
@@ -405,6 +420,8 @@ class DistributedRunner:
         self._driver = ThreadPoolExecutor(1, thread_name_prefix="lake-wave")
 
     def _compute(self, batches: list[list[FoundFile]]) -> list[pa.Table]:
+        from etl.extract import extract_batch
+
         futures = self.client.map(extract_batch, batches, config=self.config,
                                   run_id=self.run_id, policy=self.policy, pure=False)
         try:
