@@ -216,8 +216,8 @@ def _worker_context() -> multiprocessing.context.BaseContext:
 
 def _start_worker(marker: str, started: str) -> None:
     """:func:`etl.extract.start_worker`, imported in the worker: the driver of a process
-    pool never imports the worker code (pydicom's readers, the batch path's numba code:
-    0.3 s of its start, before it could hand out the first batch)."""
+    pool never imports the worker code (the batch path's numba code, the header readers:
+    about 0.3 s of the driver's CPU, and numba's memory, for nothing)."""
     from etl.extract import start_worker
 
     start_worker(marker, started)
