@@ -25,16 +25,11 @@ from tests.listening import lake_listen, stop
 from tests.pacs import free_port
 
 
-def _received(lake: Lake, ds: pydicom.Dataset, spool: Path | None) -> bytes:
-    """``ds`` sent to a pynetdicom SCP whose handler stages it with ``Staging.receive``:
-    held in memory (``spool`` None), or spooled to files in ``spool``. The staged bytes."""
-    from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
-
-    staging = Staging(lake, "spool-test")
-
-    def on_store(event) -> int:
-        staging.receive("st", "se", str(event.request.AffectedSOPInstanceUID), event)
-        return 0x0000
+@contextlib.contextmanager
+def _store_scp(on_store):
+    """A pynetdicom storage SCP (AE title LAKE) on a free loopback port whose C-STOREs go
+    to ``on_store``: the port."""
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
 
     ae = AE(ae_title="LAKE")
     ae.supported_contexts = AllStoragePresentationContexts
@@ -42,14 +37,30 @@ def _received(lake: Lake, ds: pydicom.Dataset, spool: Path | None) -> bytes:
     server = ae.start_server(("127.0.0.1", port), block=False,
                              evt_handlers=[(evt.EVT_C_STORE, on_store)])
     try:
+        yield port
+    finally:
+        server.shutdown()
+
+
+def _received(lake: Lake, ds: pydicom.Dataset, spool: Path | None) -> bytes:
+    """``ds`` sent to a pynetdicom SCP whose handler stages it with ``Staging.receive``:
+    held in memory (``spool`` None), or spooled to files in ``spool``. The staged bytes."""
+
+    from pynetdicom import _config
+
+    staging = Staging(lake, "spool-test")
+
+    def on_store(event) -> int:
+        staging.receive("st", "se", str(event.request.AffectedSOPInstanceUID), event)
+        return 0x0000
+
+    with _store_scp(on_store) as port:
         with contextlib.ExitStack() as stack:
             if spool is not None:
                 assert stack.enter_context(spooled_to(spool))
                 assert _config.STORE_RECV_CHUNKED_DATASET
             assert _send(port, ds) == [0]
         assert not _config.STORE_RECV_CHUNKED_DATASET  # as it was
-    finally:
-        server.shutdown()
     (staged,) = staging.files.rglob("*.dcm")
     return staged.read_bytes()
 
@@ -136,8 +147,6 @@ def test_a_spool_file_that_cannot_even_be_created_refuses_its_instance(tmp_path,
     received. No file is left in the spool folder."""
     import errno
 
-    from pynetdicom import AE, AllStoragePresentationContexts, evt
-
     lake = Lake.create(tmp_path / "lake", profile="identified")
     staging = Staging(lake, "spool-test")
     answers: list[str] = []
@@ -160,18 +169,9 @@ def test_a_spool_file_that_cannot_even_be_created_refuses_its_instance(tmp_path,
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(*args, **kwargs)
 
-    ae = AE(ae_title="LAKE")
-    ae.supported_contexts = AllStoragePresentationContexts
-    port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False,
-                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
-    try:
-        with spooled_to(staging.tmp):
-            monkeypatch.setattr(tempfile, "NamedTemporaryFile", named)
-            assert _send(port, _ct(), _ct(SOPInstanceUID="1.2.3.4.5.6.7.8.10")) == \
-                [0xA700, 0]
-    finally:
-        server.shutdown()
+    with _store_scp(on_store) as port, spooled_to(staging.tmp):
+        monkeypatch.setattr(tempfile, "NamedTemporaryFile", named)
+        assert _send(port, _ct(), _ct(SOPInstanceUID="1.2.3.4.5.6.7.8.10")) == [0xA700, 0]
     assert answers == ["No space left on device", "stored"]
     assert [p.name for p in staging.files.rglob("*.dcm")] == ["1.2.3.4.5.6.7.8.10.dcm"]
     assert list(staging.tmp.iterdir()) == []
