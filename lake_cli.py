@@ -321,7 +321,7 @@ def cmd_listen(args) -> int:
     listener = Listener(lake, args.ae_title, args.port, host=args.host, config=config,
                         key_file=_key_file(args), batch_seconds=args.batch_seconds,
                         batch_files=args.batch_files, allow=args.allow, tls=_tls(args),
-                        on_batch=report)
+                        allow_certs=args.allow_cert, on_batch=report)
     stop = threading.Event()
 
     def on_signal(signum, frame) -> None:
@@ -336,6 +336,8 @@ def cmd_listen(args) -> int:
     tls = "" if not args.tls_cert else \
         " (TLS, senders must present a certificate)" if args.tls_ca else " (TLS)"
     allowed = f", from {len(args.allow)} allowed senders" if args.allow else ""
+    if args.allow_cert:
+        allowed += f", with {len(args.allow_cert)} allowed certificate names"
     print(f"listening as {args.ae_title} on {args.host}:{args.port}{tls}, ingesting every "
           f"{args.batch_seconds:g} s or {args.batch_files} instances{allowed}; "
           "Ctrl-C to stop", flush=True)
@@ -349,6 +351,8 @@ def cmd_listen(args) -> int:
           f"(not stored; the senders keep them), {stats.associations} associations, "
           f"{stats.associations_rejected} rejected, {stats.associations_aborted} aborted"
           + (f", {stats.tls_failed} failed the TLS handshake" if stats.tls_failed else "")
+          + (f", {stats.certificates_refused} refused for their certificate's names "
+             "(--allow-cert)" if stats.certificates_refused else "")
           + (f", {stats.connections_refused} connections refused (--allow, or too many "
              "not yet associations)" if stats.connections_refused else "")
           + f"; "
@@ -1115,6 +1119,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the certificate's private key (default: in --tls-cert)")
     sp.add_argument("--tls-ca", metavar="PEM", help="require every sender to present a "
                     "certificate signed by one of these CA certificates (mutual TLS)")
+    sp.add_argument("--allow-cert", action="append", type=_cert_name, metavar="NAME",
+                    help="with --tls-ca: accept only senders whose certificate gives this "
+                    "name (repeatable): its subject's common name or a subject alternative "
+                    "name (DNS name, IP address, e-mail), ignoring case; *.DOMAIN matches "
+                    "one more label (default: any certificate the CAs signed)")
     sp.add_argument("--workers", type=_positive, help="worker processes per batch")
     sp.add_argument("--scheduler", help="a Dask scheduler address, or processes / threads / "
                     "synchronous")
@@ -1354,6 +1363,9 @@ def _tls_client(args):
 
 def _tls(args):
     """The listener's TLS context from ``--tls-cert/--tls-key/--tls-ca`` (None: none)."""
+    if args.allow_cert and not (args.tls_cert and args.tls_ca):
+        raise CliError("--allow-cert needs --tls-cert and --tls-ca: only the certificates "
+                       "of senders that the CAs verified have names to check")
     if args.tls_cert is None:
         if args.tls_key or args.tls_ca:
             raise CliError("--tls-key and --tls-ca need --tls-cert (the listener's own "
@@ -1365,6 +1377,15 @@ def _tls(args):
         return server_context(args.tls_cert, args.tls_key, args.tls_ca)
     except ValueError as exc:
         raise CliError(str(exc)) from None
+
+
+def _cert_name(text: str) -> str:
+    from etl.sources.tls import check_name_pattern
+
+    try:
+        return check_name_pattern(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _sender(text: str):

@@ -1,5 +1,5 @@
 """Certificates for the TLS tests, made with `cryptography` (no files in the repository):
-a CA, the listener's certificate (for localhost and 127.0.0.1) and a sender's, both
+a CA, the listener's certificate (for localhost and 127.0.0.1) and two senders', all
 signed by it, and a sender's certificate signed by another CA."""
 
 from __future__ import annotations
@@ -30,8 +30,15 @@ class Certs:
         return ctx
 
 
+#: the subject alternative names of the ``scanner`` certificate: a DNS name, an IPv6
+#: address and an e-mail address
+SCANNER_NAMES = ("ct1.radiology.example.org", "2001:db8::10", "ct1@radiology.example.org")
+
+
 def make_certs(folder: Path) -> Certs:
-    """``ca``, ``server`` and ``client`` (signed by ``ca``), ``stranger`` (another CA)."""
+    """``ca``; ``server``, ``client`` and ``scanner`` (signed by ``ca``; ``scanner``'s
+    common name is "CT Scanner 1", with the names of :data:`SCANNER_NAMES`);
+    ``stranger`` (another CA)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -40,7 +47,7 @@ def make_certs(folder: Path) -> Certs:
     now = datetime.datetime.now(datetime.UTC)
 
     def issue(name: str, key, issuer: str, issuer_key, ca: bool = False,
-              server: bool = False):
+              names: tuple = ()):
         builder = (x509.CertificateBuilder()
                    .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
                    .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
@@ -49,10 +56,9 @@ def make_certs(folder: Path) -> Certs:
                    .not_valid_after(now + datetime.timedelta(days=30))
                    .add_extension(x509.BasicConstraints(ca=ca, path_length=None),
                                   critical=True))
-        if server:
-            builder = builder.add_extension(x509.SubjectAlternativeName([
-                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                critical=False)
+        if names:
+            builder = builder.add_extension(x509.SubjectAlternativeName(list(names)),
+                                            critical=False)
         return builder.sign(issuer_key, hashes.SHA256())
 
     def write(stem: str, key, cert) -> None:
@@ -65,9 +71,15 @@ def make_certs(folder: Path) -> Certs:
     ca_key, other_key = ec.generate_private_key(ec.SECP256R1()), \
         ec.generate_private_key(ec.SECP256R1())
     write("ca", ca_key, issue("Test CA", ca_key, "Test CA", ca_key, ca=True))
-    for stem, issuer, issuer_key, server in (("server", "Test CA", ca_key, True),
-                                             ("client", "Test CA", ca_key, False),
-                                             ("stranger", "Other CA", other_key, False)):
+    server = (x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+    scanner = (x509.DNSName(SCANNER_NAMES[0]),
+               x509.IPAddress(ipaddress.ip_address(SCANNER_NAMES[1])),
+               x509.RFC822Name(SCANNER_NAMES[2]))
+    for stem, name, issuer, issuer_key, names in (
+            ("server", "server", "Test CA", ca_key, server),
+            ("client", "client", "Test CA", ca_key, ()),
+            ("scanner", "CT Scanner 1", "Test CA", ca_key, scanner),
+            ("stranger", "stranger", "Other CA", other_key, ())):
         key = ec.generate_private_key(ec.SECP256R1())
-        write(stem, key, issue(stem, key, issuer, issuer_key, server=server))
+        write(stem, key, issue(name, key, issuer, issuer_key, names=names))
     return Certs(folder)

@@ -15,7 +15,9 @@ received files and is tried again, after a wait that doubles up to
 :data:`RETRY_MAX_SECONDS`; the listener goes on receiving. Files left by a
 listener that was stopped or killed before ingesting them are picked up by the
 next one. With an allow-list (:class:`Sender`), associations from other senders are
-rejected before anything is negotiated.
+rejected before anything is negotiated; with allowed certificate names
+(``--allow-cert``), a TLS sender whose certificate gives none of them is closed after its
+handshake.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from etl.config import IngestConfig
 from etl.jobs import RunSummary, ingest
 from etl.sources.pull import DONE_OUTCOMES
 from etl.sources.staging import OWNER, SPOOL_PREFIX, Staging, claim, place_new, spooled_to
-from etl.sources.tls import failure
+from etl.sources.tls import certificate_names, check_name_pattern, failure, name_matches
 from lakehouse import Lake
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,9 @@ class ListenStats:
     associations_aborted: int = 0
     #: connections closed because their TLS handshake failed
     tls_failed: int = 0
+    #: connections closed after the handshake: the sender's certificate names no
+    #: ``--allow-cert`` name
+    certificates_refused: int = 0
     #: connections closed at once: from an address --allow never admits, or beyond
     #: :data:`PENDING_PER_ADDRESS` / :data:`PENDING_MAX` not yet associations
     connections_refused: int = 0
@@ -155,6 +160,7 @@ class Listener:
                  config: IngestConfig | None = None, key_file: Path | str | None = None,
                  batch_seconds: float = 10.0, batch_files: int = 1000,
                  allow: list[Sender] | None = None, tls: ssl.SSLContext | None = None,
+                 allow_certs: list[str] | None = None,
                  on_batch: Callable[[RunSummary], None] | None = None):
         lake.policy(key_file)  # a missing or wrong key stops before anything is received
         self.lake = lake
@@ -169,6 +175,14 @@ class Listener:
         self.allow = allow or None
         #: TLS for every association (:func:`etl.sources.tls.server_context`; None: plain TCP)
         self.tls = tls
+        #: the certificate names (:func:`etl.sources.tls.name_matches`) a sender's
+        #: certificate must give (None: any certificate the TLS context verifies)
+        self.allow_certs = [check_name_pattern(p) for p in allow_certs] \
+            if allow_certs else None
+        if self.allow_certs is not None and (tls is None
+                                             or tls.verify_mode != ssl.CERT_REQUIRED):
+            raise ValueError("allowed certificate names need TLS that requires the senders' "
+                             "certificates (--tls-cert with --tls-ca)")
         self.stats = ListenStats()
         self._lock = threading.Lock()
         self._pending = 0
@@ -234,7 +248,8 @@ class Listener:
         thread for the ACSE timeout, so that many such clients would exhaust the listener.
         Then, with TLS, the handshake: a sender that fails it (no certificate, one no CA
         given signed, plain TCP) is counted, logged in one line, and its connection closed
-        before anything is read."""
+        before anything is read; so is one whose certificate names no
+        :attr:`allow_certs` name."""
         address = str(event.address[0])
         with self._lock:
             self.stats.connections += 1
@@ -260,6 +275,16 @@ class Listener:
             event.assoc.dul.socket.close()
             return
         sock.settimeout(timeout)
+        if self.allow_certs is not None:
+            names = certificate_names(sock.getpeercert() or {})
+            if not any(name_matches(p, n) for p in self.allow_certs for n in names):
+                self._associated(event)
+                with self._lock:
+                    self.stats.certificates_refused += 1
+                shown = ", ".join(names) or "no name"
+                self._log_refused(address, f"its certificate ({shown}) names no allowed "
+                                  "sender (--allow-cert)")
+                event.assoc.dul.socket.close()
 
     def _admit(self, assoc, address: str) -> str | None:
         """Count the connection of ``assoc`` from ``address`` as not yet an association;

@@ -48,6 +48,46 @@ def client_context(ca: Path | str | None = None, cert: Path | str | None = None,
     return ctx
 
 
+def certificate_names(cert: dict) -> list[str]:
+    """The names a verified peer certificate (``SSLSocket.getpeercert()``) gives its
+    holder: the subject's common names, then its subject alternative names (DNS names, IP
+    addresses, e-mail addresses, URIs), as written in it."""
+    names = [value for rdn in cert.get("subject", ()) for key, value in rdn
+             if key == "commonName"]
+    names += [value.strip() for _, value in cert.get("subjectAltName", ())]
+    return names
+
+
+def check_name_pattern(pattern: str) -> str:
+    """``pattern`` (``lake listen --allow-cert``) if it is one: a name, or ``*.`` and a
+    domain (one label of any DNS name in it); ValueError if not."""
+    text = pattern.strip()
+    wild = text.startswith("*.")
+    if not text or "*" in (text[2:] if wild else text) or (wild and not text[2:].strip(".")):
+        raise ValueError(f"{pattern!r} is not a certificate name: expected a common name or "
+                         "subject alternative name (e.g. ct1.radiology.example.org, "
+                         "\"CT Scanner 1\", 10.1.2.3) or *.DOMAIN")
+    return text
+
+
+def name_matches(pattern: str, name: str) -> bool:
+    """Whether a certificate's ``name`` is the one ``pattern`` allows: equal, ignoring case
+    (IP addresses as addresses); ``*.DOMAIN`` matches a name of one more label than
+    DOMAIN (``ct1.DOMAIN``, not ``DOMAIN`` nor ``a.ct1.DOMAIN``), as TLS host names do."""
+    import ipaddress
+
+    pattern, name = pattern.casefold(), name.casefold()
+    if pattern == name:
+        return True
+    if pattern.startswith("*."):
+        label, dot, rest = name.partition(".")
+        return bool(label and dot) and "*" not in label and rest == pattern[2:]
+    try:
+        return ipaddress.ip_address(pattern) == ipaddress.ip_address(name)
+    except ValueError:
+        return pattern == name
+
+
 def _load_cert(ctx: ssl.SSLContext, cert: Path | str, key: Path | str | None) -> None:
     try:
         ctx.load_cert_chain(str(cert), None if key is None else str(key))

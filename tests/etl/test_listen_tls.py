@@ -14,12 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from etl.sources.listen import Listener
+from etl.sources.tls import certificate_names, check_name_pattern, name_matches
 from etl.sources.tls import server_context as tls_context
 from lakehouse import Lake
 from tests.etl.test_listen_faults import _ct, _listening, _outcomes
 from tests.listening import stop
 from tests.pacs import free_port
-from tests.tlscerts import Certs, make_certs
+from tests.tlscerts import SCANNER_NAMES, Certs, make_certs
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +112,64 @@ def test_silent_tls_clients_are_limited_per_address(tmp_path, certs, monkeypatch
     assert (stats.connections_refused, stats.tls_failed, stats.received) == (1, 2, 2)
 
 
+def test_certificate_names_and_patterns():
+    cert = {"subject": ((("countryName", "NL"),), (("commonName", "CT Scanner 1"),)),
+            "subjectAltName": (("DNS", "ct1.radiology.example.org"),
+                               ("IP Address", "2001:DB8:0:0:0:0:0:10\n"),
+                               ("email", "ct1@radiology.example.org"))}
+    assert certificate_names(cert) == ["CT Scanner 1", "ct1.radiology.example.org",
+                                       "2001:DB8:0:0:0:0:0:10", "ct1@radiology.example.org"]
+    assert certificate_names({}) == []
+    cases = [("ct scanner 1", "CT Scanner 1", True),
+             ("CT Scanner", "CT Scanner 1", False),
+             ("*.radiology.example.org", "ct1.radiology.example.org", True),
+             ("*.RADIOLOGY.example.org", "CT1.radiology.Example.org", True),
+             ("*.radiology.example.org", "radiology.example.org", False),
+             ("*.radiology.example.org", "a.ct1.radiology.example.org", False),
+             ("*.radiology.example.org", "ct1.radiology.example.org.evil.net", False),
+             ("*.radiology.example.org", "*.radiology.example.org", True),  # as written
+             ("*.example.org", "*.radiology.example.org", False),
+             ("2001:db8::10", "2001:DB8:0:0:0:0:0:10", True),
+             ("10.1.2.3", "10.1.2.3", True),
+             ("10.1.2.3", "10.1.2.30", False),
+             ("ct1@radiology.example.org", "CT1@radiology.example.org", True)]
+    assert [name_matches(p, n) for p, n, _ in cases] == [want for _, _, want in cases]
+    assert check_name_pattern("  *.example.org ") == "*.example.org"
+    for bad in ["", "  ", "*", "*.", "ct*.example.org", "*.*.example.org", "a*b"]:
+        with pytest.raises(ValueError, match="is not a certificate name"):
+            check_name_pattern(bad)
+
+
+def test_allowed_certificate_names(tmp_path, certs, caplog):
+    """With allowed certificate names, a sender whose certificate (signed by our CA) gives
+    none of them is closed after its handshake, counted and logged in one line; the
+    names of the subject and of its alternative names are each enough."""
+    lake = Lake.create(tmp_path / "lake", profile="identified")
+    ctx = tls_context(certs.pem("server"), certs.key("server"), certs.pem("ca"))
+    with caplog.at_level(logging.WARNING), \
+            _listening(lake, tls=ctx, allow_certs=["*.Radiology.Example.org"]) as (_l, port,
+                                                                                result):
+        assert _store(port, certs.client("scanner")) == 0
+        assert _store(port, certs.client("client")) == "no association"
+        assert _store(port, certs.client("stranger")) == "no association"  # not our CA's
+    stats = result["stats"]
+    assert (stats.certificates_refused, stats.tls_failed, stats.associations,
+            stats.received) == (1, 1, 1, 1)
+    refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert refused == ["refused a connection from 127.0.0.1: its certificate (client) names "
+                       "no allowed sender (--allow-cert); closed"]
+    for names in (["ct scanner 1"], [SCANNER_NAMES[1]], ["client", SCANNER_NAMES[2]]):
+        with _listening(lake, tls=ctx, allow_certs=names) as (_l, port, result):
+            assert _store(port, certs.client("scanner")) == 0
+            assert _store(port, certs.client("client")) == \
+                (0 if "client" in names else "no association")
+        assert result["stats"].certificates_refused == (0 if "client" in names else 1)
+    # names to check need certificates the CAs verified
+    for tls in (None, tls_context(certs.pem("server"), certs.key("server"))):
+        with pytest.raises(ValueError, match="need TLS that requires the senders'"):
+            Listener(lake, "LAKE", free_port(), tls=tls, allow_certs=["client"])
+
+
 def test_lake_listen_with_tls(tmp_path, certs):
     """The installed command: wrong TLS options are one line each; with them right it says
     it listens with TLS, receives from a sender with a certificate, and counts a plain
@@ -127,31 +187,43 @@ def test_lake_listen_with_tls(tmp_path, certs):
              "such file or directory)"),
             (["--tls-cert", str(certs.pem("server")), "--tls-key", str(certs.key("server")),
               "--tls-ca", str(tmp_path / "not.pem")],
-             f"cannot use {tmp_path / 'not.pem'} as the TLS CA certificates (")]:
+             f"cannot use {tmp_path / 'not.pem'} as the TLS CA certificates ("),
+            (["--tls-cert", str(certs.pem("server")), "--tls-key", str(certs.key("server")),
+              "--allow-cert", "client"], "--allow-cert needs --tls-cert and --tls-ca: "),
+            (["--allow-cert", "ct*.example.org"], "argument --allow-cert: 'ct*.example.org' "
+             "is not a certificate name: expected")]:
         done = subprocess.run([*base, "--port", str(free_port()), *extra],
                               capture_output=True, text=True, timeout=60)
-        assert (done.returncode, done.stdout) == (1, ""), done.stderr
+        # 2: argparse's own code for an argument it refuses
+        assert (done.returncode, done.stdout) == (2 if "argument" in why else 1, ""), \
+            done.stderr
         assert done.stderr.startswith(f"lake listen: error: {why}"), done.stderr
         assert done.stderr.count("\n") == 1
     port = free_port()
     proc = subprocess.Popen([*base, "--port", str(port), "--tls-cert", str(certs.pem("server")),
                              "--tls-key", str(certs.key("server")),
-                             "--tls-ca", str(certs.pem("ca"))],
+                             "--tls-ca", str(certs.pem("ca")), "--allow-cert", "client"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().startswith(
             f"listening as LAKE on 127.0.0.1:{port} (TLS, senders must present a "
-            "certificate), ingesting every 60 s")
+            "certificate), ingesting every 60 s or 1000 instances, with 1 allowed "
+            "certificate names;")
         assert _store(port, certs.client("client")) == 0
         assert _store(port, None) == "no association"
+        assert _store(port, certs.client("scanner")) == "no association"
         code, out, err = stop(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert code == 0, err
-    assert "1 associations, 0 rejected, 0 aborted, 1 failed the TLS handshake;" in out
+    assert "1 associations, 0 rejected, 0 aborted, 1 failed the TLS handshake, 1 refused " \
+           "for their certificate's names (--allow-cert);" in out
+    assert "refused a connection from 127.0.0.1: its certificate (CT Scanner 1, " \
+           f"{SCANNER_NAMES[0]}, 2001:DB8:0:0:0:0:0:10, {SCANNER_NAMES[2]}) names no " \
+           "allowed sender (--allow-cert); closed" in err
     assert "WARNING etl.sources.listen: the TLS handshake with 127.0.0.1 failed (wrong " \
            "version number); connection closed" in err
     assert _outcomes(path) == {"ingested": 1}
