@@ -114,11 +114,13 @@ Progress = Callable[[str, int, int], None]
 
 def ingest(lake: Lake, source: Path | str, config: IngestConfig | None = None,
            progress: Progress | None = None, key_file: Path | str | None = None,
-           source_kind: str = "folder") -> RunSummary:
+           source_kind: str = "folder", kept: seen.Kept | None = None) -> RunSummary:
     """Ingest every DICOM file below ``source`` into ``lake``; return what happened.
 
     ``source_kind`` is recorded in ``ingest_runs`` (``folder``, or the kind of remote
     source whose instances were staged into ``source`` by :mod:`etl.sources`).
+    ``kept``: the lake's indexes kept between the runs of a process that runs many
+    (:class:`etl.seen.Kept`); the run takes them, and gives them back once published.
 
     A research lake needs its key (``key_file``, default: the lake's default key
     path); a missing or different key stops the run before anything is read.
@@ -135,6 +137,7 @@ def ingest(lake: Lake, source: Path | str, config: IngestConfig | None = None,
                    functools.partial(lake.policy_of, key))
         job.count = progress is not None  # the total only a progress bar needs
         job.source_kind = source_kind
+        job.kept = kept
         try:
             job.run(Path(source))
         except BaseException as exc:
@@ -145,6 +148,7 @@ def ingest(lake: Lake, source: Path | str, config: IngestConfig | None = None,
         summary.seconds = time.perf_counter() - t0
         job.record_run(started, "completed", None)
         summary.snapshot = writer.publish(note=f"ingest {run_id}").number
+        job.give_back()
     return summary
 
 
@@ -226,6 +230,8 @@ class _Job:
         self._hasher: seen.Hasher | None = None
         self._uids: seen.KeyIndex | None = None
         self._pairs: seen.KeyIndex | None = None
+        #: where those indexes come from and go back to, between runs (None: scanned)
+        self.kept: seen.Kept | None = None
         # paths read by an earlier run and changed since (their quarantine rows may resolve)
         self._reread: set[str] = set()
         self._walked = False  # the walk of the source has ended
@@ -407,6 +413,27 @@ class _Job:
         run that reads no file never loads it)."""
         return self._make_policy()
 
+    # -- what the lake holds ----------------------------------------------------
+    def _index(self, name: str) -> seen.KeyIndex:
+        """The keys (:data:`etl.seen.KEYS`) of table ``name`` as this run found it: kept
+        from the process's last run when still right, or scanned."""
+        version = self.w.versions[name]
+        index = self.kept.take(self.lake, name, version) if self.kept is not None else None
+        if index is None:
+            assert self._hasher is not None
+            index = seen.KeyIndex()
+            index.add(*self._hasher.table_keys(self.lake, name, self.w.current(name),
+                                               *seen.KEYS[name]))
+        return index
+
+    def give_back(self) -> None:
+        """Hand the run's indexes, which its commits kept up to date, to :attr:`kept`
+        (once the run has published)."""
+        if self.kept is not None:
+            for name, index in (("instances", self._uids), ("identifiers", self._pairs)):
+                if index is not None:
+                    self.kept.put(self.lake, name, self.w.versions[name], index)
+
     # -- classification --------------------------------------------------------
     def _known(self, uids: list[str], where: pa.Table | None = None
                ) -> dict[str, tuple[str, str]]:
@@ -441,9 +468,7 @@ class _Job:
         if not ok:
             return {}
         if self._uids is None:
-            self._uids = seen.KeyIndex()
-            self._uids.add(*self._hasher.table_keys(
-                self.lake, "instances", self.w.current("instances"), *seen.INSTANCE_KEY))
+            self._uids = self._index("instances")
         if not len(self._uids):
             return {}
         rows = wave.select(["SOPInstanceUID", "file_sha256", *PARTITION]).take(
@@ -622,9 +647,7 @@ class _Job:
         finally:
             con.unregister("new_pairs")
         if self._pairs is None:
-            self._pairs = seen.KeyIndex()
-            self._pairs.add(*self._hasher.table_keys(
-                self.lake, "identifiers", self.w.current("identifiers"), *seen.PAIR_KEY))
+            self._pairs = self._index("identifiers")
         keys = self._hasher.keys(fresh, *seen.PAIR_KEY)
         _, known = self._pairs.lookup(*keys)
         if known.any():

@@ -135,6 +135,54 @@ class Hasher:
         return self.keys(lake.arrow_dataset(name, dt), key_sql, check_sql, where, params)
 
 
+class Kept:
+    """The indexes of :data:`KEYS` tables, kept from one ingest run to the next by a
+    process that runs many into one lake (a listener's micro-batches). Each run would
+    otherwise scan the whole table again (measured at 100,000 files: 0.27 s for
+    ``instances``, 0.14 s for ``identifiers``, per batch): a run takes the index back
+    instead, as of the version its run left, and it still holds the table's rows when
+    every commit since only moved rows (``dataChange`` false: compaction) or touched
+    none; otherwise (another process added rows, a commit's log cleaned up) the run scans
+    the table as before. A run hands its indexes back only once it has published
+    (:meth:`put`): one that failed may have indexed rows no snapshot holds."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, tuple[str, int, KeyIndex]] = {}
+        #: how often :meth:`take` gave an index back, and how often it could not
+        self.taken = 0
+        self.missed = 0
+
+    def take(self, lake: Lake, name: str, version: int) -> KeyIndex | None:
+        """The index of table ``name`` at ``version`` (None: none kept that is right
+        for it). It is the caller's until it puts it back."""
+        held = self._held.pop(name, None)
+        if held is not None:
+            location, at, index = held
+            if location == lake.location and at <= version \
+                    and same_rows(lake, name, at, version):
+                self.taken += 1
+                return index
+        self.missed += 1
+        return None
+
+    def put(self, lake: Lake, name: str, version: int, index: KeyIndex) -> None:
+        """Keep ``index``: the keys of table ``name`` at ``version``, of ``lake``."""
+        self._held[name] = (lake.location, version, index)
+
+
+def same_rows(lake: Lake, name: str, before: int, after: int) -> bool:
+    """Whether versions ``before`` and ``after`` (not earlier) of table ``name`` hold the
+    same rows: every commit between them that adds or removes files only moves rows
+    (``dataChange`` false, as compaction does). False when a commit cannot be read (its
+    log cleaned up after a checkpoint)."""
+    for version in range(before + 1, after + 1):
+        actions = lake.commit_actions(name, version)
+        if actions is None or any(a[kind].get("dataChange", True) for a in actions
+                                  for kind in ("add", "remove") if kind in a):
+            return False
+    return True
+
+
 #: The keys of each question (DuckDB SQL over the table's own columns).
 #: ``files``: the path; checked against path, size and mtime (a file that could not be read
 #: before never matches, so it is tried again).
@@ -144,6 +192,8 @@ INSTANCE_KEY = ("hash(SOPInstanceUID)", "hash(file_sha256)")
 #: ``identifiers``: the pair's kind and pseudonym (the original follows from them); a
 #: wrongly "known" pair would be missing from the vault, so its check is cryptographic.
 PAIR_KEY = ("hash(kind, pseudonym)", "md5_number_lower(concat_ws(chr(0), kind, pseudonym))")
+#: The tables whose indexes :class:`Kept` keeps between runs, with their keys.
+KEYS = {"instances": INSTANCE_KEY, "identifiers": PAIR_KEY}
 
 
 def under(source: str, folder: bool) -> tuple[str, list[str]]:

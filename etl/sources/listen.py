@@ -37,6 +37,7 @@ from typing import Any
 
 from etl.config import IngestConfig
 from etl.jobs import RunSummary, ingest
+from etl.seen import Kept
 from etl.sources.pull import DONE_OUTCOMES
 from etl.sources.staging import OWNER, SPOOL_PREFIX, Staging, claim, place_new, spooled_to
 from etl.sources.tls import certificate_names, check_name_pattern, failure, name_matches
@@ -193,6 +194,8 @@ class Listener:
         self._refused_logged: dict[str, tuple[float, int]] = {}  # address: (when, since)
         self._server: Any = None
         self._spooling = contextlib.ExitStack()
+        #: the lake's indexes, kept from one batch to the next (not scanned at each)
+        self._kept = Kept()
         # held (locked) while this listener lives: no other listener on this lake takes
         # it over; a listener that was killed holds nothing
         self.incoming = Staging(lake, "listen-incoming", hold=True)
@@ -495,7 +498,7 @@ class Listener:
 
     def _ingest_batch(self, batch: Staging) -> RunSummary:
         run = ingest(self.lake, batch.files, self.config, key_file=self.key_file,
-                     source_kind=SOURCE_KIND)
+                     source_kind=SOURCE_KIND, kept=self._kept)
         import pyarrow.dataset as ds
 
         # this run's rows only: the statistics of ingest_run_id (run ids grow with time)

@@ -149,6 +149,25 @@ def test_a_batch_due_while_another_process_writes_is_ingested_after(tmp_path, ca
     assert _outcomes(path) == {"ingested": 2} and _staged(path) == []
 
 
+def test_batches_keep_the_lakes_indexes(tmp_path):
+    """A listener's batches take the lake's index of instances from the batch before
+    (not a scan of the whole table each time), and a copy of an instance an earlier
+    batch ingested is still a duplicate."""
+    path = tmp_path / "lake"
+    lake = Lake.create(path, profile="identified")
+    a, b = _ct(), _ct(SOPInstanceUID=generate_uid())
+    with _listening(lake, batch_files=1, batch_seconds=60) as (listener, port, result):
+        for n, ds in enumerate((a, b, a), 1):
+            assert _send(port, ds) == [0]
+            deadline = time.monotonic() + 60
+            while listener.stats.batches < n and time.monotonic() < deadline:
+                time.sleep(0.05)
+    assert (result["stats"].batches, result["stats"].ingested,
+            result["stats"].duplicate) == (3, 2, 1)
+    assert (listener._kept.taken, listener._kept.missed) == (2, 1)
+    assert _outcomes(path) == {"ingested": 2, "duplicate": 1}
+
+
 def test_what_a_stopped_listener_could_not_ingest_the_next_one_ingests(tmp_path, caplog):
     path = tmp_path / "lake"
     lake = Lake.create(path, profile="identified")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pytest
 from pydicom.data import get_testdata_file
 
 from catalog import open_lake
@@ -298,3 +299,85 @@ def test_a_run_indexes_only_the_files_below_its_source(tmp_path, monkeypatch):
     (root / "ab" / "z3.dcm").write_bytes((root / "ab" / "z1.dcm").read_bytes())
     run = ingest(lake, root / "ab", fast_config())
     assert (run.files_seen, run.files_unchanged, run.outcomes["duplicate"]) == (3, 2, 1)
+
+
+def test_indexes_kept_between_runs(tmp_path, monkeypatch):
+    """Runs that share a :class:`seen.Kept` (a listener's batches) take the lake's
+    instance and identifier indexes from the run before instead of scanning the tables;
+    they scan again after another process added rows or after a run that failed, not
+    after compaction; and every duplicate and conflict is found as without them."""
+    import pydicom
+
+    from etl.jobs import _Job
+    from lakehouse.optimize import optimize
+
+    template = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+
+    def put(folder: str, n: int, patient: str = "P1", series: str = "1") -> Path:
+        ds = template.copy()
+        ds.SOPInstanceUID, ds.PatientID = f"1.2.3.4.{abs(n)}", patient
+        ds.SeriesInstanceUID = f"1.2.3.5.{series}"
+        if n < 0:  # another file of instance -n: a conflict
+            ds.InstanceNumber = 99
+        path = tmp_path / "in" / folder / f"{n}.dcm"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(path)
+        return path.parent
+
+    key = tmp_path / "lake.key"
+    lake = Lake.create(tmp_path / "lake", key_file=key)
+    scans: list[str] = []
+    real = seen.Hasher.table_keys
+
+    def table_keys(self, lake, name, *args, **kwargs):
+        if name != "files":
+            scans.append(name)
+        return real(self, lake, name, *args, **kwargs)
+
+    monkeypatch.setattr(seen.Hasher, "table_keys", table_keys)
+    kept = seen.Kept()
+
+    def run(folder: Path, keep: seen.Kept | None = kept) -> dict:
+        scans.clear()
+        return {k: v for k, v in ingest(lake, folder, fast_config(), key_file=key,
+                                        kept=keep).outcomes.items() if v}
+
+    for n in (1, 2, 3):
+        b1 = put("b1", n, patient=f"P{n}")
+    assert run(b1) == {"ingested": 3}
+    assert sorted(scans) == ["identifiers", "instances"]  # an empty lake: kept from now
+    put("b2", 4, patient="P4")
+    (tmp_path / "in/b2/copy.dcm").write_bytes((b1 / "1.dcm").read_bytes())
+    assert run(tmp_path / "in/b2") == {"ingested": 1, "duplicate": 1}
+    assert (scans, kept.taken) == ([], 2)  # nothing scanned
+    # another process adds rows: the next run scans again, and finds them
+    assert run(put("b3", 5, patient="P5"), keep=None) == {"ingested": 1}
+    b4 = put("b4", 6, patient="P5")
+    (b4 / "copy.dcm").write_bytes((tmp_path / "in/b3/5.dcm").read_bytes())
+    assert run(b4) == {"ingested": 1, "duplicate": 1}
+    assert sorted(scans) == ["identifiers", "instances"]
+    # compaction moves rows only: kept; a copy of a row a kept index added, and a conflict
+    assert optimize(lake, small_bytes=10**9).snapshot is not None
+    (tmp_path / "in/b5").mkdir()
+    (tmp_path / "in/b5/copy.dcm").write_bytes((tmp_path / "in/b2/4.dcm").read_bytes())
+    put("b5", -2, patient="P2")
+    assert run(tmp_path / "in/b5") == {"duplicate": 1, "conflict": 1}
+    assert scans == []
+    # a run that fails after its commits gives nothing back: the next one scans
+    broken = _Job._summarize_if_stale
+
+    def fail(self):
+        raise RuntimeError("the summaries failed")
+
+    monkeypatch.setattr(_Job, "_summarize_if_stale", fail)
+    with pytest.raises(RuntimeError, match="the summaries failed"):
+        run(put("b6", 7, patient="P7"))
+    monkeypatch.setattr(_Job, "_summarize_if_stale", broken)
+    b7 = put("b7", 8, patient="P7")
+    (b7 / "copy.dcm").write_bytes((tmp_path / "in/b6/7.dcm").read_bytes())
+    assert run(b7) == {"ingested": 1, "duplicate": 1}
+    assert sorted(scans) == ["identifiers", "instances"]
+    # the lake: each instance once, each pseudonym once in the vault
+    _, pairs, counts = _outcomes(tmp_path / "lake")
+    assert counts["instances"] == 8 and counts["conflicts"] == 1
+    assert pairs[0] == pairs[1]
