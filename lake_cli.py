@@ -584,7 +584,7 @@ def cmd_status(args) -> int:
             "last_runs": cat.arrow(
                 "SELECT ingest_run_id, status, files_seen, files_unchanged, files_ingested, "
                 "files_duplicate, files_conflict, files_skipped, files_quarantined, "
-                "round(total_seconds, 2) AS seconds FROM ingest_runs "
+                "round(total_seconds, 2) AS seconds, message FROM ingest_runs "
                 "ORDER BY started_at DESC LIMIT 5").to_pylist(),
         }
     if args.json:
@@ -609,6 +609,8 @@ def cmd_status(args) -> int:
             print(f"  {r['ingest_run_id']}  {r['status']:<9} seen {r['files_seen']}, "
                   f"unchanged {r['files_unchanged']}, ingested {r['files_ingested']}, "
                   f"quarantined {r['files_quarantined']}  ({r['seconds']} s)")
+            if r["status"] != "completed" and r["message"]:
+                print(f"    {r['message']}")
     return 0
 
 

@@ -142,7 +142,7 @@ def ingest(lake: Lake, source: Path | str, config: IngestConfig | None = None,
             job.run(Path(source))
         except BaseException as exc:
             summary.seconds = time.perf_counter() - t0
-            job.record_run(started, "failed", f"{type(exc).__name__}: {exc}"[:500])
+            job.record_run(started, "failed", failure_message(exc, lake.profile))
             writer.publish(note=f"ingest {run_id} failed")
             raise
         summary.seconds = time.perf_counter() - t0
@@ -150,6 +150,17 @@ def ingest(lake: Lake, source: Path | str, config: IngestConfig | None = None,
         summary.snapshot = writer.publish(note=f"ingest {run_id}").number
         job.give_back()
     return summary
+
+
+def failure_message(exc: BaseException, profile: str) -> str:
+    """What the ``ingest_runs`` row of a run that failed with ``exc`` says. In a research
+    lake only the kind of error: its text may quote a source path (folder names can hold
+    a patient's name or number) or an original UID, which research tables never hold; the
+    run's output and log have it whole."""
+    if profile != "research":
+        return f"{type(exc).__name__}: {exc}"[:500]
+    return (f"{type(exc).__name__} (its message may quote source paths or identifiers: "
+            "it is in the run's output and log, not in the research tables)")
 
 
 class _RunSettings:

@@ -380,7 +380,9 @@ INGEST_RUNS = TableSpec(
         Column("workers", I64, "Dask workers used."),
         Column("scheduler", STR, "Dask scheduler: processes, threads, synchronous or an address."),
         Column("status", STR, "completed, or failed with the reason in message."),
-        Column("message", STR, "Error message of a failed run."),
+        Column("message", STR, "Error message of a failed run; in a research lake only its "
+               "kind (its text may quote source paths or identifiers: the run's output and "
+               "log have it)."),
     ),
 )
 

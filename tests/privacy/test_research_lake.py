@@ -275,3 +275,32 @@ def test_reidentify_maps_back_and_is_logged(planted, research, capsys):
     assert rows[0]["kind"] == "PatientID" and rows[0]["pseudonym"] == pseudo
     assert rows[0]["original"] in planted[2].identifiers
     assert audit.read(lake)[-1]["action"] == "reidentify"
+
+
+def test_a_failed_run_keeps_its_message_out_of_research_tables(tmp_path, capsys):
+    """A run that fails is recorded in ``ingest_runs``. Its error's text can quote the
+    source path (here a folder named after a patient), which research tables never
+    hold: a research lake records the kind of error only; the command's output has the
+    whole message, and an identified lake keeps it."""
+    source = tmp_path / "DOE^JOHN 1234567" / "CT"
+    messages = {}
+    for profile in ("research", "identified"):
+        lake = tmp_path / profile
+        key = ["--key-file", str(tmp_path / "lake.key")] if profile == "research" else []
+        assert main(["init", str(lake), "--profile", profile, *key]) == 0
+        capsys.readouterr()
+        assert main(["ingest", str(source), "--lake", str(lake), *key]) == 1
+        err = capsys.readouterr().err
+        assert err == f"lake ingest: error: cannot read source {source}: No such file or " \
+                      "directory\n"
+        runs = Lake.open(lake).read("ingest_runs", columns=["status", "message"]).to_pylist()
+        assert [r["status"] for r in runs] == ["failed"]
+        messages[profile] = runs[0]["message"]
+        assert main(["status", "--lake", str(lake)]) == 0  # it says why the run failed
+        assert f"\n    {messages[profile]}\n" in capsys.readouterr().out
+    assert messages == {
+        "research": "SourceError (its message may quote source paths or identifiers: it is "
+                    "in the run's output and log, not in the research tables)",
+        "identified": f"SourceError: cannot read source {source}: No such file or directory"}
+    texts = "\n".join(text for _, text in _research_texts(tmp_path / "research"))
+    assert "ingest_runs" in texts and "DOE" not in texts and "1234567" not in texts
