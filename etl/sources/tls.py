@@ -84,8 +84,8 @@ def name_matches(pattern: str, name: str) -> bool:
         return bool(label and dot) and "*" not in label and rest == pattern[2:]
     try:
         return ipaddress.ip_address(pattern) == ipaddress.ip_address(name)
-    except ValueError:
-        return pattern == name
+    except ValueError:  # not two addresses, and not equal as written
+        return False
 
 
 def _load_cert(ctx: ssl.SSLContext, cert: Path | str, key: Path | str | None) -> None:
