@@ -170,6 +170,23 @@ def test_allowed_certificate_names(tmp_path, certs, caplog):
             Listener(lake, "LAKE", free_port(), tls=tls, allow_certs=["client"])
 
 
+def test_allowed_certificate_names_and_senders_both_apply(tmp_path, certs):
+    """With ``--allow`` too, a sender must pass both: its address (before the handshake)
+    and its certificate's names (after it)."""
+    from etl.sources.listen import Sender
+
+    lake = Lake.create(tmp_path / "lake", profile="identified")
+    ctx = tls_context(certs.pem("server"), certs.key("server"), certs.pem("ca"))
+    with _listening(lake, tls=ctx, allow=[Sender.parse("@127.0.0.2")],
+                    allow_certs=["client"]) as (_l, port, result):
+        assert _store(port, certs.client("client"), address="127.0.0.1") == "no association"
+        assert _store(port, certs.client("scanner"), address="127.0.0.2") == "no association"
+        assert _store(port, certs.client("client"), address="127.0.0.2") == 0
+    stats = result["stats"]
+    assert (stats.connections_refused, stats.certificates_refused, stats.tls_failed,
+            stats.associations, stats.received) == (1, 1, 0, 1, 1)
+
+
 def test_lake_listen_with_tls(tmp_path, certs):
     """The installed command: wrong TLS options are one line each; with them right it says
     it listens with TLS, receives from a sender with a certificate, and counts a plain
