@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from etl.config import IngestConfig
-from etl.jobs import RunSummary, ingest
+from etl.jobs import RunSummary, ingest, prestart
 from etl.seen import Kept
 from etl.sources.pull import DONE_OUTCOMES
 from etl.sources.staging import OWNER, SPOOL_PREFIX, Staging, claim, place_new, spooled_to
@@ -220,6 +220,9 @@ class Listener:
         self._server = ae.start_server((self.host, self.port), block=False,
                                        evt_handlers=handlers, ssl_context=self.tls)
         log.info("listening as %s on %s:%d", self.ae_title, self.host, self.port)
+        # the workers' fork server imports the worker code now, not when the first batch
+        # is due (about a second added to that batch's latency otherwise)
+        prestart(self.config)
 
     def _on_store(self, event) -> int:
         sop = str(event.request.AffectedSOPInstanceUID or "") or f"no-uid-{time.time_ns()}"

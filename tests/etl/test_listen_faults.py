@@ -149,6 +149,32 @@ def test_a_batch_due_while_another_process_writes_is_ingested_after(tmp_path, ca
     assert _outcomes(path) == {"ingested": 2} and _staged(path) == []
 
 
+def test_the_workers_fork_server_starts_with_the_listener(tmp_path):
+    """A listener whose batches run in the process pool starts the workers' fork server
+    (which imports the worker code, about a second) when it starts listening, not when
+    its first batch is due; with threads it starts none. In a fresh interpreter, where
+    no server runs yet."""
+    Lake.create(tmp_path / "lake", profile="identified")
+    code = (
+        "import sys\n"
+        "from etl import IngestConfig, workerserver\n"
+        "from etl.sources.listen import Listener\n"
+        "from lakehouse import Lake\n"
+        "from tests.pacs import free_port\n"
+        "lake = Lake.open(sys.argv[1])\n"
+        "for scheduler in ('threads', 'processes'):\n"
+        "    listener = Listener(lake, 'LAKE', free_port(), host='127.0.0.1',\n"
+        "                        config=IngestConfig(scheduler=scheduler))\n"
+        "    listener.start()\n"
+        "    print(scheduler, workerserver.SERVER._forkserver_pid is not None)\n"
+        "    listener._server.shutdown()\n"
+        "    listener.incoming.release()\n")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "lake")],
+                          capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.stdout.splitlines() == ["threads False", "processes True"], done.stderr
+
+
 def test_batches_keep_the_lakes_indexes(tmp_path):
     """A listener's batches take the lake's index of instances from the batch before
     (not a scan of the whole table each time), and a copy of an instance an earlier
