@@ -175,12 +175,7 @@ def same_rows(lake: Lake, name: str, before: int, after: int) -> bool:
     same rows: every commit between them that adds or removes files only moves rows
     (``dataChange`` false, as compaction does). False when a commit cannot be read (its
     log cleaned up after a checkpoint)."""
-    for version in range(before + 1, after + 1):
-        actions = lake.commit_actions(name, version)
-        if actions is None or any(a[kind].get("dataChange", True) for a in actions
-                                  for kind in ("add", "remove") if kind in a):
-            return False
-    return True
+    return all(kind in ("none", "moved") for kind in lake.commit_kinds(name, before, after))
 
 
 #: The keys of each question (DuckDB SQL over the table's own columns).

@@ -310,19 +310,11 @@ def _moves(lake: Lake, before: int, after: int) -> tuple[bool, bool]:
     rows: no row changed. Both false when a commit cannot be read (its log cleaned up):
     every row of the files added or removed then counts as changed, which is always right,
     only slower."""
-    moved, only = False, True
-    for version in range(before + 1, after + 1):
-        actions = lake.commit_actions("instances", version)
-        if actions is None:
-            return False, False
-        files = [a[kind] for a in actions for kind in ("add", "remove") if kind in a]
-        if files and not any(f.get("dataChange", True) for f in files):
-            moved = True
-        elif files:
-            only = False
-            if any("remove" in a for a in actions):
-                return False, False  # rows removed or rewritten: the files tell
-    return moved, moved and only
+    kinds = lake.commit_kinds("instances", before, after)
+    if None in kinds or "changed" in kinds:  # rows removed or rewritten: the files tell
+        return False, False
+    moved = "moved" in kinds
+    return moved, moved and "added" not in kinds
 
 
 #: the columns of an instances row the changed keys are found from: the instance, the run

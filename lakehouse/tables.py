@@ -362,6 +362,28 @@ class Lake:
             return None
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
+    def commit_kinds(self, name: str, before: int, after: int) -> list[str | None]:
+        """What each commit of table ``name`` after version ``before`` up to ``after`` did
+        to its rows, from its log: ``"none"`` (no file added or removed), ``"moved"``
+        (every file action ``dataChange`` false: the same rows in other files, as
+        compaction writes them), ``"added"`` (files added, none removed), ``"changed"``
+        (files removed, rows with them); None when its log is gone (cleaned up after a
+        checkpoint)."""
+        kinds: list[str | None] = []
+        for version in range(before + 1, after + 1):
+            actions = self.commit_actions(name, version)
+            if actions is None:
+                kinds.append(None)
+                continue
+            files = [a[k] for a in actions for k in ("add", "remove") if k in a]
+            if not files:
+                kinds.append("none")
+            elif not any(f.get("dataChange", True) for f in files):
+                kinds.append("moved")
+            else:
+                kinds.append("changed" if any("remove" in a for a in actions) else "added")
+        return kinds
+
     def arrow_dataset(self, name: str, dt: DeltaTable) -> ds.Dataset:
         """``dt`` (a version of table ``name``) as a pyarrow dataset, its files read
         through Arrow's own file system (:meth:`Storage.arrow_filesystem`)."""

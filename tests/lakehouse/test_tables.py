@@ -361,3 +361,31 @@ def test_add_actions_are_read_without_pandas(tmp_path):
     assert json.loads(out) == {"pandas": False, "rows": 3, "years": [2023, 2024, 2024]}
     dt_ = lake.delta("studies")
     assert add_actions(dt_).equals(pa.table(dt_.get_add_actions(flatten=True)))
+
+
+def test_commit_kinds_tell_what_each_commit_did_to_the_rows(tmp_path):
+    """Lake.commit_kinds: rows added, the same rows moved by compaction, rows replaced,
+    and a commit whose log is gone."""
+    from lakehouse.optimize import compact
+    from lakehouse.tables import commit_file
+
+    lake = Lake.create(tmp_path / "lk", profile="identified")
+    day = dt.date(2024, 5, 1)
+
+    def studies(uids, count):
+        return pa.table({"StudyInstanceUID": uids, "Modality": ["CT"] * len(uids),
+                         "study_year": [2024] * len(uids), "StudyDate": [day] * len(uids),
+                         "instance_count": [count] * len(uids)})
+
+    with lake.writer("r1") as w:
+        start = w.versions["studies"]
+        w.append("studies", studies(["1", "2"], 1))
+        w.append("studies", studies(["3"], 1))
+        assert compact(w, "studies", small_bytes=10**9).rewritten == 2
+        w.replace("studies", "StudyInstanceUID", pa.array(["2"]), studies(["2"], 5))
+        end = w.versions["studies"]
+        w.publish()
+    assert lake.commit_kinds("studies", start, end) == ["added", "added", "moved", "changed"]
+    assert lake.commit_kinds("studies", end, end) == []
+    (tmp_path / "lk" / commit_file("studies", start + 3)).unlink()
+    assert lake.commit_kinds("studies", start + 1, end) == ["added", None, "changed"]
