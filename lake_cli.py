@@ -338,6 +338,8 @@ def cmd_listen(args) -> int:
     allowed = f", from {len(args.allow)} allowed senders" if args.allow else ""
     if args.allow_cert:
         allowed += f", with {len(args.allow_cert)} allowed certificate names"
+        titled = sum(a.title is not None for a in args.allow_cert)
+        allowed += f" ({titled} for an AE title only)" if titled else ""
     print(f"listening as {args.ae_title} on {args.host}:{args.port}{tls}, ingesting every "
           f"{args.batch_seconds:g} s or {args.batch_files} instances{allowed}; "
           "Ctrl-C to stop", flush=True)
@@ -1121,11 +1123,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the certificate's private key (default: in --tls-cert)")
     sp.add_argument("--tls-ca", metavar="PEM", help="require every sender to present a "
                     "certificate signed by one of these CA certificates (mutual TLS)")
-    sp.add_argument("--allow-cert", action="append", type=_cert_name, metavar="NAME",
+    sp.add_argument("--allow-cert", action="append", type=_cert_name,
+                    metavar="NAME[=TITLE]",
                     help="with --tls-ca: accept only senders whose certificate gives this "
                     "name (repeatable): its subject's common name or a subject alternative "
                     "name (DNS name, IP address, e-mail), ignoring case; *.DOMAIN matches "
-                    "one more label (default: any certificate the CAs signed)")
+                    "one more label (default: any certificate the CAs signed). With "
+                    "=TITLE, that certificate may call as this AE title only (repeat the "
+                    "name for more titles); others are rejected")
     sp.add_argument("--workers", type=_positive, help="worker processes per batch")
     sp.add_argument("--scheduler", help="a Dask scheduler address, or processes / threads / "
                     "synchronous")
@@ -1381,11 +1386,11 @@ def _tls(args):
         raise CliError(str(exc)) from None
 
 
-def _cert_name(text: str) -> str:
-    from etl.sources.tls import check_name_pattern
+def _cert_name(text: str):
+    from etl.sources.listen import AllowedCert
 
     try:
-        return check_name_pattern(text)
+        return AllowedCert.parse(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 

@@ -16,8 +16,9 @@ received files and is tried again, after a wait that doubles up to
 listener that was stopped or killed before ingesting them are picked up by the
 next one. With an allow-list (:class:`Sender`), associations from other senders are
 rejected before anything is negotiated; with allowed certificate names
-(``--allow-cert``), a TLS sender whose certificate gives none of them is closed after its
-handshake.
+(:class:`AllowedCert`, ``--allow-cert``), a TLS sender whose certificate gives none of them
+is closed after its handshake, and one whose certificate is allowed for some AE titles
+only has its association rejected when it calls as another.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import os
 import ssl
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -115,8 +117,7 @@ class Sender:
     def parse(cls, text: str) -> Sender:
         title, at, address = text.partition("@")
         title = title.strip()
-        if (len(title) > 16 or "\\" in title or not all(" " <= ch <= "~" for ch in title)
-                or not (title or at)):
+        if not _is_ae_title(title) and (title or not at):
             raise ValueError(f"{text!r} is not a sender: expected TITLE (an AE title of up "
                              "to 16 ASCII characters), TITLE@ADDRESS or @ADDRESS")
         network = None
@@ -146,6 +147,32 @@ class Sender:
         return self.network is None or self.admits(self.title or "", address)
 
 
+def _is_ae_title(title: str) -> bool:
+    """Whether ``title`` (stripped) is an AE title: 1 to 16 ASCII characters, no
+    backslash."""
+    return 0 < len(title) <= 16 and "\\" not in title and all(" " <= ch <= "~" for ch in title)
+
+
+@dataclass(frozen=True)
+class AllowedCert:
+    """Whose certificate may send (``lake listen --allow-cert NAME[=TITLE]``): a certificate
+    name (:func:`etl.sources.tls.name_matches`) and, when given, the AE title a sender with
+    that certificate must call as (several for one name: repeat it, one title each). Without
+    a title, the certificate may call as any title (that ``--allow`` admits)."""
+
+    pattern: str
+    title: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> AllowedCert:
+        """``NAME`` or ``NAME=TITLE`` (the title after the last ``=``); ValueError if not."""
+        name, eq, title = text.rpartition("=") if "=" in text else (text, "", "")
+        if eq and not _is_ae_title(title.strip()):
+            raise ValueError(f"{title.strip()!r} in {text!r} is not an AE title: expected "
+                             "NAME=TITLE, TITLE of 1 to 16 ASCII characters")
+        return cls(check_name_pattern(name), title.strip() or None)
+
+
 def _peer(event) -> str:
     """Who an association event is about: the calling AE title and its address."""
     requestor = event.assoc.requestor
@@ -161,7 +188,7 @@ class Listener:
                  config: IngestConfig | None = None, key_file: Path | str | None = None,
                  batch_seconds: float = 10.0, batch_files: int = 1000,
                  allow: list[Sender] | None = None, tls: ssl.SSLContext | None = None,
-                 allow_certs: list[str] | None = None,
+                 allow_certs: list[AllowedCert | str] | None = None,
                  on_batch: Callable[[RunSummary], None] | None = None):
         lake.policy(key_file)  # a missing or wrong key stops before anything is received
         self.lake = lake
@@ -177,9 +204,10 @@ class Listener:
         #: TLS for every association (:func:`etl.sources.tls.server_context`; None: plain TCP)
         self.tls = tls
         #: the certificate names (:func:`etl.sources.tls.name_matches`) a sender's
-        #: certificate must give (None: any certificate the TLS context verifies)
-        self.allow_certs = [check_name_pattern(p) for p in allow_certs] \
-            if allow_certs else None
+        #: certificate must give, some with the AE titles it may call as (None: any
+        #: certificate the TLS context verifies, as any title)
+        self.allow_certs = [a if isinstance(a, AllowedCert) else AllowedCert.parse(a)
+                            for a in allow_certs] if allow_certs else None
         if self.allow_certs is not None and (tls is None
                                              or tls.verify_mode != ssl.CERT_REQUIRED):
             raise ValueError("allowed certificate names need TLS that requires the senders' "
@@ -192,6 +220,10 @@ class Listener:
         #: connections not yet associations: the address and association of each
         self._unassociated: dict[int, tuple[str, Any]] = {}
         self._refused_logged: dict[str, tuple[float, int]] = {}  # address: (when, since)
+        #: association -> (the AE titles its certificate may call as, the certificate's
+        #: names), for a certificate allowed for some titles only (``AllowedCert.title``)
+        self._cert_titles: weakref.WeakKeyDictionary[Any, tuple[set[str], list[str]]] = \
+            weakref.WeakKeyDictionary()
         self._server: Any = None
         self._spooling = contextlib.ExitStack()
         #: the lake's indexes, kept from one batch to the next (not scanned at each)
@@ -255,7 +287,8 @@ class Listener:
         Then, with TLS, the handshake: a sender that fails it (no certificate, one no CA
         given signed, plain TCP) is counted, logged in one line, and its connection closed
         before anything is read; so is one whose certificate names no
-        :attr:`allow_certs` name."""
+        :attr:`allow_certs` name. A certificate allowed for some AE titles only has them
+        noted for the association's request (:meth:`_on_requested`)."""
         address = str(event.address[0])
         with self._lock:
             self.stats.connections += 1
@@ -283,7 +316,13 @@ class Listener:
         sock.settimeout(timeout)
         if self.allow_certs is not None:
             names = certificate_names(sock.getpeercert() or {})
-            if not any(name_matches(p, n) for p in self.allow_certs for n in names):
+            matched = [a for a in self.allow_certs
+                       if any(name_matches(a.pattern, n) for n in names)]
+            if matched and all(a.title is not None for a in matched):
+                with self._lock:
+                    self._cert_titles[event.assoc] = ({a.title for a in matched if a.title},
+                                                      names)
+            if not matched:
                 self._associated(event)
                 with self._lock:
                     self.stats.certificates_refused += 1
@@ -347,22 +386,28 @@ class Listener:
             dul.to_user_queue.put(None)
 
     def _on_requested(self, event) -> None:
-        """Reject an association from a sender not in :attr:`allow`, as a PACS does a
+        """Reject an association from a sender not in :attr:`allow`, or calling as an AE
+        title its certificate is not allowed (:class:`AllowedCert`), as a PACS does a
         calling AE title it does not know (permanent; "calling AE title not
         recognized"), before anything is negotiated."""
-        if self.allow is None:
-            return
         assoc = event.assoc
         title = str(assoc.requestor.primitive.calling_ae_title).strip()
         address = assoc.requestor.address
-        if any(sender.admits(title, address) for sender in self.allow):
+        with self._lock:
+            bound = self._cert_titles.get(assoc)
+        if bound is not None and title not in bound[0]:
+            why = (f"its certificate ({', '.join(bound[1]) or 'no name'}) may call as "
+                   f"{', '.join(sorted(bound[0]))} only (--allow-cert)")
+        elif self.allow is not None and not any(s.admits(title, address) for s in self.allow):
+            why = "not an allowed sender (--allow)"
+        else:
             return
         assoc.acse.send_reject(0x01, 0x01, 0x03)
         assoc.kill()
         with self._lock:
             self.stats.associations_rejected += 1
-        log.warning("rejected an association from %s at %s: not an allowed sender "
-                    "(--allow)", title or "an unnamed AE", address)
+        log.warning("rejected an association from %s at %s: %s", title or "an unnamed AE",
+                    address, why)
 
     def _on_accepted(self, event) -> None:
         self._associated(event)

@@ -5,6 +5,8 @@ one, with the system's CAs only, or in plain TCP, one line says why."""
 
 from __future__ import annotations
 
+import urllib.error
+
 import pytest
 from pydicom.data import get_testdata_file
 
@@ -103,15 +105,17 @@ def test_dicomweb_over_https(tls_orthanc, tmp_path, capsys):
 
 def test_orthanc_sends_to_the_listener_over_tls(tls_orthanc, tmp_path):
     """Orthanc pushes over DICOM TLS (C-STORE SCU, as for a C-MOVE), presenting its
-    certificate: the listener, asking for one our CA signed and that names 127.0.0.1
-    (one of its subject alternative names), receives and ingests."""
+    certificate: the listener, asking for one our CA signed, that names 127.0.0.1 (one
+    of its subject alternative names) and calls as Orthanc's AE title, receives and
+    ingests; allowed for another title only, Orthanc's association is rejected."""
     from tests.etl.test_listen_faults import _listening, _outcomes
+    from tests.pacs import AE_TITLE
 
     server, certs = tls_orthanc
     lake = Lake.create(tmp_path / "lake", profile="identified")
     tls = server_context(certs.pem("server"), certs.key("server"), certs.pem("ca"))
     ids = server.get("/instances")
-    with _listening(lake, tls=tls, allow_certs=["127.0.0.1"]) as (_listener, port, result):
+    with _listening(lake, tls=tls, allow_certs=[f"127.0.0.1={AE_TITLE}"]) as (_l, port, result):
         server.put("/modalities/LAKE", {"AET": "LAKE", "Host": "127.0.0.1", "Port": port,
                                         "UseDicomTls": True})
         job = server.post("/modalities/LAKE/store", {"Resources": ids, "Synchronous": True})
@@ -120,3 +124,10 @@ def test_orthanc_sends_to_the_listener_over_tls(tls_orthanc, tmp_path):
     assert (stats.received, stats.tls_failed, stats.certificates_refused,
             stats.associations) == (2, 0, 0, 1)
     assert _outcomes(tmp_path / "lake") == {"ingested": 2}
+    with _listening(lake, tls=tls, allow_certs=["127.0.0.1=CT1"]) as (_l, port, result):
+        server.put("/modalities/LAKE", {"AET": "LAKE", "Host": "127.0.0.1", "Port": port,
+                                        "UseDicomTls": True})
+        with pytest.raises(urllib.error.HTTPError):  # Orthanc's answer: the store failed
+            server.post("/modalities/LAKE/store", {"Resources": ids, "Synchronous": True})
+    stats = result["stats"]
+    assert (stats.received, stats.associations, stats.associations_rejected) == (0, 0, 1)

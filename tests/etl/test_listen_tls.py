@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from etl.sources.listen import Listener
+from etl.sources.listen import AllowedCert, Listener, Sender
 from etl.sources.tls import certificate_names, check_name_pattern, name_matches
 from etl.sources.tls import server_context as tls_context
 from lakehouse import Lake
@@ -173,8 +173,6 @@ def test_allowed_certificate_names(tmp_path, certs, caplog):
 def test_allowed_certificate_names_and_senders_both_apply(tmp_path, certs):
     """With ``--allow`` too, a sender must pass both: its address (before the handshake)
     and its certificate's names (after it)."""
-    from etl.sources.listen import Sender
-
     lake = Lake.create(tmp_path / "lake", profile="identified")
     ctx = tls_context(certs.pem("server"), certs.key("server"), certs.pem("ca"))
     with _listening(lake, tls=ctx, allow=[Sender.parse("@127.0.0.2")],
@@ -185,6 +183,81 @@ def test_allowed_certificate_names_and_senders_both_apply(tmp_path, certs):
     stats = result["stats"]
     assert (stats.connections_refused, stats.certificates_refused, stats.tls_failed,
             stats.associations, stats.received) == (1, 1, 0, 1, 1)
+
+
+def test_allowed_certificate_names_with_ae_titles():
+    cases = {"ct1.example.org": ("ct1.example.org", None),
+             " ct1.example.org=CT1": ("ct1.example.org", "CT1"),
+             "CT Scanner 1 = CT 1 ": ("CT Scanner 1", "CT 1"),
+             "a=b=CT1": ("a=b", "CT1"),  # the title after the last =
+             "*.example.org=ABCDEFGHIJKLMNOP": ("*.example.org", "ABCDEFGHIJKLMNOP")}
+    assert {text: (a.pattern, a.title) for text, a in
+            ((t, AllowedCert.parse(t)) for t in cases)} == cases
+    for bad, why in [("ct1.example.org=", "'' in 'ct1.example.org=' is not an AE title"),
+                     ("x= ", "'' in 'x= ' is not an AE title"),
+                     ("x=ABCDEFGHIJKLMNOPQ", "'ABCDEFGHIJKLMNOPQ' in"),
+                     ("x=A\\B", "is not an AE title"),
+                     ("x=CT\u00e9", "is not an AE title"),
+                     ("=CT1", "'' is not a certificate name"),
+                     ("ct*.example.org=CT1", "'ct*.example.org' is not a certificate name")]:
+        with pytest.raises(ValueError) as raised:
+            AllowedCert.parse(bad)
+        assert why in str(raised.value), (bad, str(raised.value))
+
+
+def _associate(port: int, tls, title: str) -> str:
+    """Associate as ``title`` over TLS and release: "established", or the rejection's
+    (result, source, reason), or "no association"."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title=title)
+    ae.acse_timeout = ae.network_timeout = 10
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", port, ae_title="LAKE", tls_args=(tls, "localhost"))
+    if assoc.is_established:
+        assoc.release()
+        return "established"
+    if assoc.is_rejected:
+        rj = assoc.acceptor.primitive
+        return f"rejected {(rj.result, rj.result_source, rj.diagnostic)}"
+    return "no association"
+
+
+def test_certificates_allowed_for_some_ae_titles(tmp_path, certs, caplog):
+    """``NAME=TITLE``: a sender whose certificate is allowed for some AE titles only and
+    calls as another has its association rejected as a PACS rejects an unknown calling AE
+    title (permanent, "calling AE title not recognized"), counted and logged in one line;
+    a name repeated allows each of its titles; a certificate also allowed by a name
+    without a title may call as any; ``--allow`` still applies as well."""
+    lake = Lake.create(tmp_path / "lake", profile="identified")
+    ctx = tls_context(certs.pem("server"), certs.key("server"), certs.pem("ca"))
+    allow = ["*.radiology.example.org=CT1", "ct scanner 1=CT2", "client"]
+    with caplog.at_level(logging.WARNING), \
+            _listening(lake, tls=ctx, allow_certs=allow) as (_l, port, result):
+        assert _store(port, certs.client("scanner"), title="CT1") == 0
+        assert _store(port, certs.client("scanner"), title="CT2") == 0
+        assert _associate(port, certs.client("scanner"), "MR1") == "rejected (1, 1, 3)"
+        assert _associate(port, certs.client("scanner"), "ct1") == "rejected (1, 1, 3)"
+        assert _store(port, certs.client("client"), title="MR1") == 0  # any title
+    stats = result["stats"]
+    assert (stats.associations, stats.associations_rejected, stats.certificates_refused,
+            stats.received) == (3, 2, 0, 3)
+    rejected = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
+    names = f"CT Scanner 1, {SCANNER_NAMES[0]}, 2001:DB8:0:0:0:0:0:10, {SCANNER_NAMES[2]}"
+    assert rejected == [f"rejected an association from {t} at 127.0.0.1: its certificate "
+                        f"({names}) may call as CT1, CT2 only (--allow-cert)"
+                        for t in ("MR1", "ct1")]
+    # the same certificate allowed by another of its names without a title: any title
+    with _listening(lake, tls=ctx, allow_certs=["ct scanner 1=CT1", SCANNER_NAMES[1]]) \
+            as (_l, port, result):
+        assert _associate(port, certs.client("scanner"), "MR1") == "established"
+    # --allow as well: the title must pass both
+    with _listening(lake, tls=ctx, allow=[Sender.parse("CT2")],
+                    allow_certs=["ct scanner 1=CT1", "ct scanner 1=CT2"]) as (_l, port, result):
+        assert _associate(port, certs.client("scanner"), "CT1") == "rejected (1, 1, 3)"
+        assert _associate(port, certs.client("scanner"), "CT2") == "established"
+        assert _associate(port, certs.client("scanner"), "CT3") == "rejected (1, 1, 3)"
+    assert (result["stats"].associations, result["stats"].associations_rejected) == (1, 2)
 
 
 def test_lake_listen_with_tls(tmp_path, certs):
@@ -208,7 +281,10 @@ def test_lake_listen_with_tls(tmp_path, certs):
             (["--tls-cert", str(certs.pem("server")), "--tls-key", str(certs.key("server")),
               "--allow-cert", "client"], "--allow-cert needs --tls-cert and --tls-ca: "),
             (["--allow-cert", "ct*.example.org"], "argument --allow-cert: 'ct*.example.org' "
-             "is not a certificate name: expected")]:
+             "is not a certificate name: expected"),
+            (["--allow-cert", "client=ABCDEFGHIJKLMNOPQ"], "argument --allow-cert: "
+             "'ABCDEFGHIJKLMNOPQ' in 'client=ABCDEFGHIJKLMNOPQ' is not an AE title: expected "
+             "NAME=TITLE, TITLE of 1 to 16 ASCII characters")]:
         done = subprocess.run([*base, "--port", str(free_port()), *extra],
                               capture_output=True, text=True, timeout=60)
         # 2: argparse's own code for an argument it refuses
@@ -219,7 +295,8 @@ def test_lake_listen_with_tls(tmp_path, certs):
     port = free_port()
     proc = subprocess.Popen([*base, "--port", str(port), "--tls-cert", str(certs.pem("server")),
                              "--tls-key", str(certs.key("server")),
-                             "--tls-ca", str(certs.pem("ca")), "--allow-cert", "client"],
+                             "--tls-ca", str(certs.pem("ca")), "--allow-cert",
+                             "client=MODALITY"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -227,8 +304,9 @@ def test_lake_listen_with_tls(tmp_path, certs):
         assert proc.stdout.readline().startswith(
             f"listening as LAKE on 127.0.0.1:{port} (TLS, senders must present a "
             "certificate), ingesting every 60 s or 1000 instances, with 1 allowed "
-            "certificate names;")
+            "certificate names (1 for an AE title only);")
         assert _store(port, certs.client("client")) == 0
+        assert _store(port, certs.client("client"), title="OTHER") == "no association"
         assert _store(port, None) == "no association"
         assert _store(port, certs.client("scanner")) == "no association"
         code, out, err = stop(proc)
@@ -236,11 +314,13 @@ def test_lake_listen_with_tls(tmp_path, certs):
         if proc.poll() is None:
             proc.kill()
     assert code == 0, err
-    assert "1 associations, 0 rejected, 0 aborted, 1 failed the TLS handshake, 1 refused " \
+    assert "1 associations, 1 rejected, 0 aborted, 1 failed the TLS handshake, 1 refused " \
            "for their certificate's names (--allow-cert);" in out
     assert "refused a connection from 127.0.0.1: its certificate (CT Scanner 1, " \
            f"{SCANNER_NAMES[0]}, 2001:DB8:0:0:0:0:0:10, {SCANNER_NAMES[2]}) names no " \
            "allowed sender (--allow-cert); closed" in err
+    assert "rejected an association from OTHER at 127.0.0.1: its certificate (client) may " \
+           "call as MODALITY only (--allow-cert)" in err
     assert "WARNING etl.sources.listen: the TLS handshake with 127.0.0.1 failed (wrong " \
            "version number); connection closed" in err
     assert _outcomes(path) == {"ingested": 1}
