@@ -1036,9 +1036,10 @@ def build_parser() -> argparse.ArgumentParser:
     def compact_opt(sp):
         sp.add_argument("--compact-files", type=_non_negative, metavar="N",
                         default=16,  # IngestConfig.compact_files
-                        help="at the end of a run, compact a table it wrote to once the "
-                        "table holds N small files more than one per partition (rows "
-                        "unchanged, as `lake optimize` does); 0: never (default %(default)s)")
+                        help="at the end of a run, compact the small files of a table it "
+                        "wrote to once that takes N files away (rows unchanged, as `lake "
+                        "optimize` does; tiered: a partition's large file waits until the "
+                        "small ones add up to half its size); 0: never (default %(default)s)")
 
     def key_opt(sp):
         sp.add_argument("--key-file", help="pseudonymization key of a research lake (default: "

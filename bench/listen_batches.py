@@ -63,6 +63,28 @@ def make_batches(archive: Path, out: Path, batches: int, per_batch: int) -> list
     return folders
 
 
+def base_lake(work: Path, files: int) -> tuple[Path, Path, Path]:
+    """The archive of ``files`` small files (``bench/ingest.py``'s, generated or reused)
+    and a research lake of it (built once, then reused): (archive, key file, lake)."""
+    from bench.ingest import prepare_archive
+    from etl import ingest
+    from lakehouse import Lake
+
+    work.mkdir(parents=True, exist_ok=True)
+    archive, _, _ = prepare_archive(work, files, 7, print, kind="small")
+    key = work / "listen-bench.key"
+    base = work / f"listen-lake-{files}"
+    if not (base / "built").exists():
+        shutil.rmtree(base, ignore_errors=True)
+        key.unlink(missing_ok=True)
+        t = time.perf_counter()
+        run = ingest(Lake.create(base, key_file=key), archive, key_file=key)
+        (base / "built").write_text("ok\n")
+        print(f"lake of {run.outcomes['ingested']:,} instances built in "
+              f"{time.perf_counter() - t:.1f} s")
+    return archive, key, base
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=100_000)
@@ -72,23 +94,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the archive and lakes go (the archive is reused)")
     args = parser.parse_args(argv)
 
-    from bench.ingest import prepare_archive
     from etl import IngestConfig, ingest, jobs, seen
     from lakehouse import Lake
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-listen-batches-"))
-    work.mkdir(parents=True, exist_ok=True)
-    archive, _, _ = prepare_archive(work, args.files, 7, print, kind="small")
-    key = work / "listen-bench.key"
-    base = work / f"listen-lake-{args.files}"
-    if not (base / "built").exists():
-        shutil.rmtree(base, ignore_errors=True)
-        key.unlink(missing_ok=True)
-        t = time.perf_counter()
-        run = ingest(Lake.create(base, key_file=key), archive, key_file=key)
-        (base / "built").write_text("ok\n")
-        print(f"lake of {run.outcomes['ingested']:,} instances built in "
-              f"{time.perf_counter() - t:.1f} s")
+    archive, key, base = base_lake(work, args.files)
     lakes = {}
     for side in ("A", "B"):
         path = work / f"listen-lake-{side}"

@@ -82,11 +82,14 @@ class IngestConfig:
     #: (and keeps those listings for the next run).
     reuse_listings: bool = True
     #: At the end of a run, a table the run wrote to is compacted (as ``lake optimize``
-    #: does: the rows do not change) once it holds this many small files
-    #: (``etl.jobs.COMPACT_SMALL_BYTES``) more than one per partition: nightly runs and
-    #: ``lake listen``'s micro-batches add a file to every partition they touch, and
-    #: every later run and query pays per file. 0: never (``lake optimize`` still
-    #: compacts on demand).
+    #: does: the rows do not change) once that takes this many small files
+    #: (``etl.jobs.COMPACT_SMALL_BYTES``) away: nightly runs and ``lake listen``'s
+    #: micro-batches add a file to every partition they touch, and every later run and
+    #: query pays per file. Tiered: small files are merged with files of about their size,
+    #: and a partition's much larger file only once they add up to half its size
+    #: (``lakehouse.optimize.TIER_RATIO``), so that a listener's batches do not rewrite
+    #: the lake's partitions. 0: never (``lake optimize`` still compacts on demand, each
+    #: partition's small files into one).
     compact_files: int = 16
 
     def resolved_workers(self) -> int:

@@ -4,6 +4,7 @@ snapshots and summaries intact."""
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -129,3 +130,55 @@ def test_a_compaction_that_fails_leaves_the_run_whole(nightly, tmp_path, monkeyp
     assert snap.number == run.snapshot
     assert all(len(lake.delta(n).file_uris()) >= files[n] for n in files)
     assert set(lake.read("ingest_runs").column("status").to_pylist()) == {"completed"}
+
+
+def test_a_partitions_large_file_is_left_while_small_ones_gather(archive, tmp_path):
+    """Tiered: the small files that runs add beside a partition's large file (a first
+    run's) are compacted among themselves, and the large file is left as it is (it was
+    rewritten with them before: a listener's batches rewrote the lake's partitions);
+    the rows are those of a lake never compacted, and ``lake optimize`` still makes
+    each partition one file."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from lakehouse.optimize import compact, optimize
+
+    source = next(p for p in sorted(archive[0].rglob("*.dcm"))
+                  if pydicom.dcmread(p, stop_before_pixels=True).get("Modality") == "CT")
+    ds = pydicom.dcmread(source)
+
+    def copies(folder: Path, n: int) -> Path:  # new instances of the source's partition
+        folder.mkdir()
+        for i in range(n):
+            ds.SOPInstanceUID = generate_uid()
+            ds.save_as(folder / f"{i}.dcm")
+        return folder
+
+    compacted = Lake.create(tmp_path / "compacted", profile="identified")
+    plain = Lake.create(tmp_path / "plain", profile="identified")
+    first = copies(tmp_path / "first", 2000)
+    for lake in (compacted, plain):
+        ingest(lake, first, fast_config(compact_files=0))
+    (large,) = add_actions(compacted.delta("instances")).to_pylist()
+    runs = []
+    for night in range(4):  # one new instance a night, in the large file's partition
+        folder = copies(tmp_path / f"night{night}", 1)
+        runs.append(ingest(compacted, folder, fast_config(compact_files=2)))
+        ingest(plain, folder, fast_config(compact_files=0))
+    # nights 2 and 3 found one small file beside the large one, then two: nothing to take
+    # away (2 needed); night 4, three small files: merged into one, the large one left
+    assert [r.compacted.get("instances") for r in runs] == [None, None, None, (3, 1)]
+    after = add_actions(compacted.delta("instances")).to_pylist()
+    assert large["path"] in [a["path"] for a in after]
+    assert sorted(a["num_records"] for a in after) == [1, 3, 2000]
+    # compacting again, as the last run did, would take nothing away
+    with compacted.writer("dry-run") as w:
+        again = compact(w, "instances", jobs.COMPACT_SMALL_BYTES, jobs.COMPACT_TARGET_BYTES,
+                        dry_run=True, leave_run=runs[-1].run_id, tiered=True)
+    assert again.rewritten == 0
+    assert every_row(compacted) == every_row(plain)
+    assert verify(compacted).problems == []
+    optimize(compacted)
+    assert every_row(compacted) == every_row(plain)
+    assert [a["num_records"] for a in add_actions(compacted.delta("instances")).to_pylist()] \
+        == [2004]

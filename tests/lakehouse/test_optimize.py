@@ -142,3 +142,33 @@ def test_a_quoted_partition_is_compacted_without_duplicates(tmp_path):
     assert len(_files(lake, "studies")) == 1
     assert sorted(lake.read("studies").column("StudyInstanceUID").to_pylist()) == ["1", "2", "3"]
     assert not verify(lake).problems
+
+
+def test_tiers_leave_a_file_much_larger_than_the_smaller_ones_together():
+    """A run's compaction (``tiered``): files from the smallest, each joining while it is
+    at most twice the group so far, up to the target size; a group keeps the files'
+    order; a file alone is left alone."""
+    from lakehouse.optimize import _tiers
+
+    def groups(sizes: list[int], target: int = 10_000) -> list[list[str]]:
+        files = [{"path": f"f{i}", "size_bytes": s} for i, s in enumerate(sizes)]
+        return [[f["path"] for f in g] for g in _tiers(files, target)]
+
+    assert groups([10, 10, 1000, 10, 10]) == [["f0", "f1", "f3", "f4"]]  # not the 1000
+    assert groups([100, 10, 12, 30]) == [["f0", "f1", "f2", "f3"]]  # 10, 22, 52: then 100
+    assert groups([10, 25]) == []  # 25 is more than twice 10
+    assert groups([10, 25, 26]) == [["f1", "f2"]]
+    assert groups([10, 10, 10, 10], target=25) == [["f0", "f1"], ["f2", "f3"]]
+    assert groups([5000, 5000, 5000], target=10_000) == [["f0", "f1"]]
+    assert groups([]) == [] and groups([7]) == []
+    # every file rewritten at least grows by half: the largest of a group is at most two
+    # thirds of it (so a row is rewritten a few times in its life, not at every compaction)
+    import random
+
+    rng = random.Random(7)
+    for _ in range(300):
+        sizes = [int(rng.lognormvariate(8, 2)) + 1 for _ in range(rng.randint(2, 30))]
+        for g in _tiers([{"path": str(i), "size_bytes": s} for i, s in enumerate(sizes)],
+                        1 << 40):
+            sizes_of = [f["size_bytes"] for f in g]
+            assert 3 * max(sizes_of) <= 2 * sum(sizes_of), sizes_of
