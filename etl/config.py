@@ -86,9 +86,9 @@ class IngestConfig:
     #: (``etl.jobs.COMPACT_SMALL_BYTES``) away: nightly runs and ``lake listen``'s
     #: micro-batches add a file to every partition they touch, and every later run and
     #: query pays per file. Tiered: small files are merged with files of about their size,
-    #: and a partition's much larger file only once they add up to half its size
-    #: (``lakehouse.optimize.TIER_RATIO``), so that a listener's batches do not rewrite
-    #: the lake's partitions. 0: never (``lake optimize`` still compacts on demand, each
+    #: and a partition's much larger file (2 MiB or more) only once they add up to half its
+    #: size (``lakehouse.optimize.TIER_RATIO``), so that a listener's batches do not
+    #: rewrite the lake's partitions. 0: never (``lake optimize`` still compacts on demand, each
     #: partition's small files into one).
     compact_files: int = 16
 

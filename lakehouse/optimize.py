@@ -35,6 +35,9 @@ PARALLEL_BYTES = 128 * MiB
 #: in a tiered compaction (an ingest run's), a file joins the smaller files of its
 #: partition being compacted only while it is at most this many times their size together
 TIER_RATIO = 2
+#: ... or while it is under this size: rewriting it costs a few tens of milliseconds, and
+#: a small lake's partitions then stay one file each, as without tiers
+TIER_FREE_BYTES = 2 * MiB
 
 
 @dataclass
@@ -136,8 +139,9 @@ def _groups(files: list[dict], target_bytes: int) -> list[list[dict]]:
 def _tiers(files: list[dict], target_bytes: int) -> list[list[dict]]:
     """Groups of files of about the same size, each of up to about ``target_bytes``: the
     files from the smallest, a file joining the group while it is at most
-    :data:`TIER_RATIO` times the group's size so far; each group in the order of
-    ``files``. A file much larger than the smaller files together is left as it is.
+    :data:`TIER_RATIO` times the group's size so far (or under :data:`TIER_FREE_BYTES`);
+    each group in the order of ``files``. A large file much larger than the smaller files
+    together is left as it is.
     Without tiers, a partition's large file (a first run's, or many runs' compacted) was
     rewritten with every few small files added beside it: at every few of a listener's
     batches, a rewrite of the lake's partitions (3-4 s of a 1 s batch at 1,000,000
@@ -149,9 +153,10 @@ def _tiers(files: list[dict], target_bytes: int) -> list[list[dict]]:
     groups: list[list[dict]] = []
     current: list[dict] = []
     size = 0
+    free = TIER_FREE_BYTES
     for f in sorted(files, key=lambda a: a["size_bytes"]):
-        if current and (f["size_bytes"] > TIER_RATIO * size
-                        or size + f["size_bytes"] > target_bytes):
+        large = f["size_bytes"] >= free and f["size_bytes"] > TIER_RATIO * size
+        if current and (large or size + f["size_bytes"] > target_bytes):
             groups.append(current)
             current, size = [], 0
         current.append(f)

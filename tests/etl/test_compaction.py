@@ -132,16 +132,21 @@ def test_a_compaction_that_fails_leaves_the_run_whole(nightly, tmp_path, monkeyp
     assert set(lake.read("ingest_runs").column("status").to_pylist()) == {"completed"}
 
 
-def test_a_partitions_large_file_is_left_while_small_ones_gather(archive, tmp_path):
+def test_a_partitions_large_file_is_left_while_small_ones_gather(archive, tmp_path,
+                                                                  monkeypatch):
     """Tiered: the small files that runs add beside a partition's large file (a first
     run's) are compacted among themselves, and the large file is left as it is (it was
     rewritten with them before: a listener's batches rewrote the lake's partitions);
     the rows are those of a lake never compacted, and ``lake optimize`` still makes
-    each partition one file."""
+    each partition one file. (The large file here is a few hundred KB: files under
+    ``TIER_FREE_BYTES``, 2 MiB, join any group, so it is set to 0.)"""
     import pydicom
     from pydicom.uid import generate_uid
 
+    from lakehouse import optimize as optimize_module
     from lakehouse.optimize import compact, optimize
+
+    monkeypatch.setattr(optimize_module, "TIER_FREE_BYTES", 0)
 
     source = next(p for p in sorted(archive[0].rglob("*.dcm"))
                   if pydicom.dcmread(p, stop_before_pixels=True).get("Modality") == "CT")

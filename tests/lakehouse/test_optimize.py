@@ -144,11 +144,16 @@ def test_a_quoted_partition_is_compacted_without_duplicates(tmp_path):
     assert not verify(lake).problems
 
 
-def test_tiers_leave_a_file_much_larger_than_the_smaller_ones_together():
+def test_tiers_leave_a_file_much_larger_than_the_smaller_ones_together(monkeypatch):
     """A run's compaction (``tiered``): files from the smallest, each joining while it is
-    at most twice the group so far, up to the target size; a group keeps the files'
-    order; a file alone is left alone."""
+    at most twice the group so far (or small enough to rewrite for little), up to the
+    target size; a group keeps the files' order; a file alone is left alone."""
+    from lakehouse import optimize
     from lakehouse.optimize import _tiers
+
+    files = [{"path": f"f{i}", "size_bytes": s} for i, s in enumerate([10, 10, 1000])]
+    assert len(_tiers(files, 10_000)[0]) == 3  # 1000 bytes: rewritten for little
+    monkeypatch.setattr(optimize, "TIER_FREE_BYTES", 0)
 
     def groups(sizes: list[int], target: int = 10_000) -> list[list[str]]:
         files = [{"path": f"f{i}", "size_bytes": s} for i, s in enumerate(sizes)]
