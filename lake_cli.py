@@ -1038,8 +1038,9 @@ def build_parser() -> argparse.ArgumentParser:
                         default=16,  # IngestConfig.compact_files
                         help="at the end of a run, compact the small files of a table it "
                         "wrote to once that takes N files away (rows unchanged, as `lake "
-                        "optimize` does; tiered: a partition's large file waits until the "
-                        "small ones add up to half its size); 0: never (default %(default)s)")
+                        "optimize` does; tiered: a partition's file of 2 MiB or more waits until "
+                        "the small ones add up to half its size); 0: never (default "
+                        "%(default)s)")
 
     def key_opt(sp):
         sp.add_argument("--key-file", help="pseudonymization key of a research lake (default: "

@@ -145,10 +145,10 @@ def _tiers(files: list[dict], target_bytes: int) -> list[list[dict]]:
     Without tiers, a partition's large file (a first run's, or many runs' compacted) was
     rewritten with every few small files added beside it: at every few of a listener's
     batches, a rewrite of the lake's partitions (3-4 s of a 1 s batch at 1,000,000
-    instances). With them a row is rewritten only when its file grows by half at least,
-    so a few times in its life, and a compaction costs about what was added since the
-    last; a partition keeps a few files of growing sizes (``lake optimize`` makes them
-    one)."""
+    instances). With them a row of a file of :data:`TIER_FREE_BYTES` or more is rewritten
+    only when its file grows by half at least, so a few times in its life, and a
+    compaction costs about what was added since the last; a large partition keeps a few
+    files of growing sizes (``lake optimize`` makes them one)."""
     order = {id(f): i for i, f in enumerate(files)}
     groups: list[list[dict]] = []
     current: list[dict] = []
