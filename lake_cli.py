@@ -1343,10 +1343,10 @@ def _positive_float(text: str) -> float:
 
 
 def _ae_title(text: str) -> str:
-    """A DICOM AE title (PS3.5 AE): 1 to 16 printable ASCII characters, no backslash, not
-    only spaces."""
-    if (not text.strip() or len(text) > 16 or "\\" in text
-            or not all(" " <= ch <= "~" for ch in text)):
+    """A DICOM AE title (:func:`etl.sources.listen.is_ae_title`)."""
+    from etl.sources.listen import is_ae_title
+
+    if not is_ae_title(text):
         raise argparse.ArgumentTypeError(
             f"expected an AE title of 1 to 16 ASCII characters (no backslash), got {text!r}")
     return text

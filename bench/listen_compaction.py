@@ -6,9 +6,9 @@ wrote to (``IngestConfig.compact_files``). Each of a listener's batches adds a s
 to every ``instances`` partition it touches. Before tiers, once enough had gathered, they
 were rewritten together with their partition's large file (a first run's, below the 16 MiB
 a run compacts): in a lake of 1,000,000 instances, every fourth batch or so rewrote a
-dozen partitions, 3-4 s in a batch of 1 s. Tiered (``lakehouse.optimize._tiers``), the
-small files are merged with files of about their size, and a large file only once they
-add up to half its size.
+dozen partitions, 3-4 s in a batch of 1 s. Tiered (``lakehouse.optimize._groups``,
+``tiered=True``), the small files are merged with files of about their size, and a large
+file only once they add up to half its size.
 
 1. Builds (or reuses) ``bench/listen_batches.py``'s research lake of ``--files`` small
    files, and copies it: two equal lakes.

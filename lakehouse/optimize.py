@@ -88,7 +88,7 @@ def compact(w: LakeWriter, name: str, small_bytes: int = SMALL_BYTES,
     away at least ``min_excess`` files (what every scan of the table pays for). ``lake
     optimize`` compacts whenever there is one; an ingest run (:mod:`etl.jobs`) once
     earlier runs have left many, leaving out the files it wrote itself (``leave_run``:
-    its run id), whose sizes it chose, and ``tiered`` (:func:`_tiers`): a partition's
+    its run id), whose sizes it chose, and ``tiered`` (:func:`_groups`): a partition's
     large file is not rewritten for every few small files that runs add beside it."""
     spec = TABLES[name]
     actions = add_actions(w.current(name))
@@ -102,9 +102,9 @@ def compact(w: LakeWriter, name: str, small_bytes: int = SMALL_BYTES,
         if a["size_bytes"] < small_bytes and (
                 leave_run is None or not written_by(a["path"], leave_run)):
             by_partition[tuple(a.get(f"partition.{k}") for k in spec.partition_by)].append(a)
-    grouping = _tiers if tiered else _groups
     groups = [group for files in by_partition.values()
-              for group in grouping(sorted(files, key=lambda a: a["path"]), target_bytes)]
+              for group in _groups(sorted(files, key=lambda a: a["path"]), target_bytes,
+                                   tiered)]
     if sum(len(group) - 1 for group in groups) < max(min_excess, 1):
         return result
     for group in groups:
@@ -120,42 +120,28 @@ def compact(w: LakeWriter, name: str, small_bytes: int = SMALL_BYTES,
     return result
 
 
-def _groups(files: list[dict], target_bytes: int) -> list[list[dict]]:
-    """Consecutive runs of files adding up to about ``target_bytes``; single files are
-    left alone (rewriting one file alone gains nothing)."""
-    groups: list[list[dict]] = []
-    current: list[dict] = []
-    size = 0
-    for f in files:
-        if current and size + f["size_bytes"] > target_bytes:
-            groups.append(current)
-            current, size = [], 0
-        current.append(f)
-        size += f["size_bytes"]
-    groups.append(current)
-    return [g for g in groups if len(g) > 1]
+def _groups(files: list[dict], target_bytes: int, tiered: bool = False) -> list[list[dict]]:
+    """Runs of files adding up to about ``target_bytes`` each, in the order of ``files``;
+    single files are left alone (rewriting one file alone gains nothing).
 
-
-def _tiers(files: list[dict], target_bytes: int) -> list[list[dict]]:
-    """Groups of files of about the same size, each of up to about ``target_bytes``: the
-    files from the smallest, a file joining the group while it is at most
-    :data:`TIER_RATIO` times the group's size so far (or under :data:`TIER_FREE_BYTES`);
-    each group in the order of ``files``. A large file much larger than the smaller files
-    together is left as it is.
-    Without tiers, a partition's large file (a first run's, or many runs' compacted) was
-    rewritten with every few small files added beside it: at every few of a listener's
-    batches, a rewrite of the lake's partitions (3-4 s of a 1 s batch at 1,000,000
-    instances). With them a row of a file of :data:`TIER_FREE_BYTES` or more is rewritten
-    only when its file grows by half at least, so a few times in its life, and a
-    compaction costs about what was added since the last; a large partition keeps a few
-    files of growing sizes (``lake optimize`` makes them one)."""
+    ``tiered``: the files are taken from the smallest, and a file joins the group only
+    while it is at most :data:`TIER_RATIO` times the group's size so far (or under
+    :data:`TIER_FREE_BYTES`): a large file much larger than the smaller files together
+    is left as it is, and each group holds files of about the same size (in the order of
+    ``files``). Without tiers, a partition's large file (a first run's, or many runs'
+    compacted) was rewritten with every few small files added beside it: at every few of
+    a listener's batches, a rewrite of the lake's partitions (3-4 s of a 1 s batch at
+    1,000,000 instances). With them a row of a file of :data:`TIER_FREE_BYTES` or more
+    is rewritten only when its file grows by half at least, so a few times in its life,
+    and a compaction costs about what was added since the last; a large partition keeps
+    a few files of growing sizes (``lake optimize`` makes them one)."""
     order = {id(f): i for i, f in enumerate(files)}
     groups: list[list[dict]] = []
     current: list[dict] = []
     size = 0
-    free = TIER_FREE_BYTES
-    for f in sorted(files, key=lambda a: a["size_bytes"]):
-        large = f["size_bytes"] >= free and f["size_bytes"] > TIER_RATIO * size
+    for f in sorted(files, key=lambda a: a["size_bytes"]) if tiered else files:
+        large = tiered and f["size_bytes"] >= TIER_FREE_BYTES \
+            and f["size_bytes"] > TIER_RATIO * size
         if current and (large or size + f["size_bytes"] > target_bytes):
             groups.append(current)
             current, size = [], 0

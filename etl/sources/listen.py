@@ -117,7 +117,7 @@ class Sender:
     def parse(cls, text: str) -> Sender:
         title, at, address = text.partition("@")
         title = title.strip()
-        if not _is_ae_title(title) and (title or not at):
+        if not is_ae_title(title) and (title or not at):
             raise ValueError(f"{text!r} is not a sender: expected TITLE (an AE title of up "
                              "to 16 ASCII characters), TITLE@ADDRESS or @ADDRESS")
         network = None
@@ -147,10 +147,11 @@ class Sender:
         return self.network is None or self.admits(self.title or "", address)
 
 
-def _is_ae_title(title: str) -> bool:
-    """Whether ``title`` (stripped) is an AE title: 1 to 16 ASCII characters, no
-    backslash."""
-    return 0 < len(title) <= 16 and "\\" not in title and all(" " <= ch <= "~" for ch in title)
+def is_ae_title(text: str) -> bool:
+    """Whether ``text`` is a DICOM AE title (PS3.5 AE): 1 to 16 printable ASCII characters,
+    no backslash, not only spaces."""
+    return (bool(text.strip()) and len(text) <= 16 and "\\" not in text
+            and all(" " <= ch <= "~" for ch in text))
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,7 @@ class AllowedCert:
     def parse(cls, text: str) -> AllowedCert:
         """``NAME`` or ``NAME=TITLE`` (the title after the last ``=``); ValueError if not."""
         name, eq, title = text.rpartition("=") if "=" in text else (text, "", "")
-        if eq and not _is_ae_title(title.strip()):
+        if eq and not is_ae_title(title.strip()):
             raise ValueError(f"{title.strip()!r} in {text!r} is not an AE title: expected "
                              "NAME=TITLE, TITLE of 1 to 16 ASCII characters")
         return cls(check_name_pattern(name), title.strip() or None)

@@ -149,7 +149,10 @@ def test_tiers_leave_a_file_much_larger_than_the_smaller_ones_together(monkeypat
     at most twice the group so far (or small enough to rewrite for little), up to the
     target size; a group keeps the files' order; a file alone is left alone."""
     from lakehouse import optimize
-    from lakehouse.optimize import _tiers
+    from lakehouse.optimize import _groups
+
+    def _tiers(files: list[dict], target: int) -> list[list[dict]]:
+        return _groups(files, target, tiered=True)
 
     files = [{"path": f"f{i}", "size_bytes": s} for i, s in enumerate([10, 10, 1000])]
     assert len(_tiers(files, 10_000)[0]) == 3  # 1000 bytes: rewritten for little
