@@ -593,7 +593,7 @@ def _kind(unit: _Unit) -> int:
         return _DROP  # bulk data, not in the header
     if key[3] in deid._ODD_HEX:
         return _PRIVATE
-    action = deid._ACTIONS.get(key)
+    action = deid.tag_actions().get(key)
     if action is None or key == deid._ISSUER_TAG:  # the filter removes the issuer last
         return _DROP
     vr = elem.get("vr")

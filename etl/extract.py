@@ -17,6 +17,7 @@ import pyarrow as pa
 from etl.config import IngestConfig
 from etl.discover import FoundFile
 from etl.headers import FileResult, read_file
+from lakehouse import deid
 from lakehouse.deid import Policy
 from lakehouse.schemas import INSTANCES
 
@@ -76,9 +77,12 @@ def warm_up() -> None:
     starts its code generator: about 0.4 CPU-s) and pyarrow's check for pandas on its
     first conversion of Python values (which imports pandas where it can: 0.3 CPU-s).
     The workers of a local pool are forked from a server process that did this once,
-    with pandas and scipy left out (``etl.preload``)."""
+    with pandas and scipy left out (``etl.preload``). Also the research policy's tables
+    of tags (:func:`lakehouse.deid.tag_actions`)."""
     from etl import batchread, batchwalk
 
+    deid.tag_actions()
+    deid.well_known_uids()
     batchwalk.walk([b""], [0])
     data = np.frombuffer(bytes(16), dtype=np.uint8)
     at = np.zeros(1, dtype=np.int64)

@@ -20,7 +20,7 @@ from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures import process as futures_process
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import util as mp_util
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import dask
 import pyarrow as pa
@@ -29,7 +29,9 @@ from etl import workerserver
 from etl.config import LOCAL_SCHEDULERS, IngestConfig
 from etl.discover import FileBatch, FoundFile
 from etl.errors import SchedulerError, WorkerStartError
-from lakehouse.deid import Policy
+
+if TYPE_CHECKING:
+    from lakehouse.deid import Policy
 
 T = TypeVar("T")
 R = TypeVar("R")

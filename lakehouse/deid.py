@@ -27,12 +27,10 @@ Identity options, and an allow-list instead of a block-list:
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-
-from pydicom._uid_dict import UID_dictionary
-from pydicom.datadict import tag_for_keyword
 
 from lakehouse.privacy import Pseudonymizer, fingerprint
 from lakehouse.schemas import header_allowlist
@@ -61,25 +59,30 @@ _NOT_TEXT = re.compile("[\x00-\x08\x0b\x0e-\x1a\x1c-\x1f\x7f]")
 
 
 def _tag(keyword: str) -> str:
+    from pydicom.datadict import tag_for_keyword
+
     t = tag_for_keyword(keyword)
     if t is None:
         raise ValueError(f"unknown DICOM keyword {keyword!r} in the allow-list")
     return f"{t:08X}"
 
 
-ALLOWED_TAGS: frozenset[str] = frozenset(_tag(k) for k in header_allowlist())
-_IDENTIFIER_TAGS = {_tag(k): k for k in PSEUDONYMIZED}
-_CLASS_TAGS = {_tag(k) for k in CLASS_UIDS if tag_for_keyword(k) is not None}
-_CLEANED_TAGS = {_tag(k) for k in CLEANED_TEXT if tag_for_keyword(k) is not None}
-_AGE_TAG = _tag("PatientAge")
-_ISSUER_TAG = _tag("IssuerOfPatientID")
-_PID_TAG = _tag("PatientID")
-_NAME_TAG = _tag("PatientName")
-_BIRTH_TAG = _tag("PatientBirthDate")
-_STUDY_UID_TAG = _tag("StudyInstanceUID")
+# The tags the policy names itself (PS3.6; ``tests/privacy/test_deid.py`` checks them
+# against pydicom's dictionary). Written out, not looked up: the ingest's driver makes a
+# policy only to hand it to its workers, and so never loads pydicom (0.2 s) for it.
+_PID_TAG = "00100020"  # PatientID
+_ISSUER_TAG = "00100021"  # IssuerOfPatientID
+_NAME_TAG = "00100010"  # PatientName
+_BIRTH_TAG = "00100030"  # PatientBirthDate
+_AGE_TAG = "00101010"  # PatientAge
+_STUDY_UID_TAG = "0020000D"  # StudyInstanceUID
+_ACCESSION_TAG = "00080050"  # AccessionNumber
+_STUDY_ID_TAG = "00200010"  # StudyID
+_OTHER_IDS_TAG = "00101000"  # OtherPatientIDs
+_IDENTIFIER_TAGS = {_PID_TAG: "PatientID", _ACCESSION_TAG: "AccessionNumber",
+                    _STUDY_ID_TAG: "StudyID"}
 #: identifiers whose words are removed from the cleaned free text
-_ID_TOKEN_TAGS = (_PID_TAG, _tag("AccessionNumber"), _tag("StudyID"), _tag("OtherPatientIDs"),
-                  _ISSUER_TAG)
+_ID_TOKEN_TAGS = (_PID_TAG, _ACCESSION_TAG, _STUDY_ID_TAG, _OTHER_IDS_TAG, _ISSUER_TAG)
 
 
 @dataclass(frozen=True)
@@ -132,20 +135,38 @@ class Deidentified:
 _KEEP, _PSEUDONYM, _CLASS, _AGE, _CLEAN = range(5)
 
 
-def _action(tag: str) -> int:
+def _action(tag: str, classes: set[str], cleaned: set[str]) -> int:
     if tag in _IDENTIFIER_TAGS:
         return _PSEUDONYM
-    if tag in _CLASS_TAGS:
+    if tag in classes:
         return _CLASS
     if tag == _AGE_TAG:
         return _AGE
-    if tag in _CLEANED_TAGS:
+    if tag in cleaned:
         return _CLEAN
     return _KEEP
 
 
-#: ``{tag: action}`` for every allowed public tag; a tag not in it is dropped.
-_ACTIONS: dict[str, int] = {tag: _action(tag) for tag in ALLOWED_TAGS}
+@functools.cache
+def tag_actions() -> dict[str, int]:
+    """``{tag: action}`` for every allowed public tag; a tag not in it is dropped. Made
+    when a policy first filters (pydicom's dictionary names the tags of the allow-list)."""
+    from pydicom.datadict import tag_for_keyword
+
+    classes = {_tag(k) for k in CLASS_UIDS if tag_for_keyword(k) is not None}
+    cleaned = {_tag(k) for k in CLEANED_TEXT if tag_for_keyword(k) is not None}
+    return {tag: _action(tag, classes, cleaned)
+            for tag in sorted(_tag(k) for k in header_allowlist())}
+
+
+@functools.cache
+def well_known_uids() -> frozenset[str]:
+    """The UIDs DICOM itself defines (PS3.6 Annex A), never remapped."""
+    from pydicom._uid_dict import UID_dictionary
+
+    return frozenset(UID_dictionary)
+
+
 #: VRs an element of a ``_KEEP`` tag is kept with as it is (when it has values; else
 #: as ``{"vr": VR}``): all but PN, SQ, UI, DA and DT, which the filter changes
 _PLAIN_VRS = frozenset({"AE", "AS", "AT", "CS", "DS", "FD", "FL", "IS", "LO", "LT", "OB",
@@ -312,7 +333,7 @@ class Policy:
         # in step (the batch reader remembers filtered elements under it)
         out: dict = {}
         creators = _private_creators(ds) if self.private else {}
-        actions, plain, odd = _ACTIONS, _PLAIN_VRS, _ODD_HEX
+        actions, plain, odd = tag_actions(), _PLAIN_VRS, _ODD_HEX
         for tag, elem in ds.items():
             if tag[3] in odd:  # an odd group: a private attribute
                 if not self._private_allowed(tag, int(tag[:4], 16), creators):
@@ -360,7 +381,7 @@ class Policy:
                 new = []
                 for v in values:
                     s = str(v) if v is not None else ""
-                    if not s or s in UID_dictionary:
+                    if not s or s in well_known_uids():
                         new.append(v)
                     else:
                         u = self._uid(s)
@@ -401,7 +422,7 @@ class Policy:
         if tag == _PID_TAG:
             return (0, issuer)
         values = elem.get("Value")
-        action = _ACTIONS.get(tag)
+        action = tag_actions().get(tag)
         if vr in ("DA", "DT"):
             return () if action == _PSEUDONYM or values is None else (1, ctx.offset_days)
         if action == _CLEAN and vr != "PN" and values:

@@ -176,3 +176,34 @@ def test_what_the_text_check_reads():
     assert not _garbled(["CT01", "HEAD\x00"])
     assert not _garbled([1.5, 2.5] * 10_000)
     assert not _garbled([{"Alphabetic": "Doe^Jane\x01"}])  # names are dropped anyway
+
+
+def test_the_tags_the_policy_names_are_pydicoms():
+    """The policy's own tags, written out so that making a policy loads no pydicom, are
+    those of pydicom's data dictionary; the actions cover exactly the allow-list."""
+    from pydicom.datadict import tag_for_keyword
+
+    from lakehouse import deid
+    from lakehouse.schemas import header_allowlist
+
+    def tag(keyword):
+        return f"{tag_for_keyword(keyword):08X}"
+
+    written = {"PatientID": deid._PID_TAG, "IssuerOfPatientID": deid._ISSUER_TAG,
+               "PatientName": deid._NAME_TAG, "PatientBirthDate": deid._BIRTH_TAG,
+               "PatientAge": deid._AGE_TAG, "StudyInstanceUID": deid._STUDY_UID_TAG}
+    for keyword, written_tag in written.items():
+        assert written_tag == tag(keyword), keyword
+    identifiers = {tag(k): k for k in deid.PSEUDONYMIZED}
+    assert identifiers == deid._IDENTIFIER_TAGS
+    tokens = tuple(map(tag, ("PatientID", "AccessionNumber", "StudyID", "OtherPatientIDs",
+                             "IssuerOfPatientID")))
+    assert tokens == deid._ID_TOKEN_TAGS
+    actions = deid.tag_actions()
+    assert set(actions) == {tag(k) for k in header_allowlist()}
+    assert actions[tag("AccessionNumber")] == deid._PSEUDONYM
+    assert actions[tag("SOPClassUID")] == deid._CLASS
+    assert actions[tag("SeriesDescription")] == deid._CLEAN
+    assert actions[tag("PatientAge")] == deid._AGE
+    assert actions[tag("Modality")] == deid._KEEP
+    assert "1.2.840.10008.1.2.1" in deid.well_known_uids()  # explicit VR little endian
