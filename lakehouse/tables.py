@@ -58,6 +58,7 @@ from lakehouse.schemas import TABLES, VAULT, TableSpec, conform
 from lakehouse.storage import DEFAULT_LEASE_SECONDS, Storage, WriterLock, open_storage
 
 if TYPE_CHECKING:
+    import duckdb
     import pyarrow.dataset as ds
 
     from lakehouse import deid
@@ -451,6 +452,7 @@ class LakeWriter:
         self.versions: dict[str, int] = {}
         #: each table as :meth:`current` last opened it (a version is opened once)
         self._opened: dict[str, DeltaTable] = {}
+        self._con: duckdb.DuckDBPyConnection | None = None
         #: Free-form state carried from snapshot to snapshot (e.g. what the
         #: summary tables were built from).
         self.extra: dict = {}
@@ -474,6 +476,9 @@ class LakeWriter:
         self._release()
 
     def _release(self) -> None:
+        if self._con is not None:
+            self._con.close()
+            self._con = None
         if self._lock is not None:
             self._lock.release()
             self._lock = None
@@ -605,22 +610,48 @@ class LakeWriter:
     def _holding(self, name: str, key: str, wanted: pa.Array) -> list[tuple[dict, str]]:
         """The add actions of the current version of ``name`` whose file holds a row with
         ``key`` in ``wanted``, each with its path as stored (:meth:`_stored_path`): one
-        Arrow scan of that column over every file (threads of its own, row groups skipped
-        by their statistics), not a read of each file in turn from Python, which a table
-        of many small files (a nightly run's) paid per file."""
+        scan of that column over every file, not a read of each file in turn from Python,
+        which a table of many small files (a nightly run's) paid per file."""
         dt = self.current(name)
         adds = add_actions(dt).to_pylist()
         if not adds:
             return []
-        scanner = self.lake.arrow_dataset(name, dt).scanner(
-            columns=[key], filter=pc.field(key).isin(wanted))
-        hit = {b.fragment.path for b in scanner.scan_batches() if b.record_batch.num_rows}
+        hit = self._paths_holding(name, dt, key, wanted, [f["path"] for f in adds])
         out = []
         for f in adds:  # the file as stored: the path given, or decoded once
             rel = next((p for p in (f["path"], unquote(f["path"])) if p in hit), None)
             if rel is not None:
                 out.append((f, rel))
         return out
+
+    def _paths_holding(self, name: str, dt: DeltaTable, key: str, wanted: pa.Array,
+                       paths: list[str]) -> set[str]:
+        """The paths (in the table's folder) of the files of ``dt`` holding a row with
+        ``key`` in ``wanted``. In a local lake DuckDB's Parquet reader scans the column
+        (in parallel: 22-32 ms for the 88-99 files of a 100,000-instance lake's
+        ``studies`` or ``series``, against 58-85 ms for a pyarrow dataset scan, which a
+        listener's batch paid for each summary table); on object storage, or for a path
+        the writer had to percent-encode, Arrow's scan through the lake's filesystem."""
+        root = self.lake.table_uri(name) + "/"
+        # DuckDB takes each path as a glob pattern: none may hold a wildcard
+        if self.storage.local and not any(c in root for c in "*?[") \
+                and not any("%" in p for p in paths):
+            found = self._duckdb().execute(
+                f'SELECT DISTINCT filename FROM read_parquet($files, filename = true, '
+                f'hive_partitioning = false) WHERE "{key}" IN (SELECT unnest($keys))',
+                {"files": [root + p for p in paths], "keys": wanted.to_pylist()}).fetchall()
+            return {f[len(root):] for (f,) in found}
+        scanner = self.lake.arrow_dataset(name, dt).scanner(
+            columns=[key], filter=pc.field(key).isin(wanted))
+        return {b.fragment.path for b in scanner.scan_batches() if b.record_batch.num_rows}
+
+    def _duckdb(self) -> duckdb.DuckDBPyConnection:
+        """This writer's DuckDB connection (made when first needed)."""
+        if self._con is None:
+            import duckdb
+
+            self._con = duckdb.connect()
+        return self._con
 
     def _stored_path(self, name: str, f: dict) -> str:
         """The path of the file ``f`` (an add action) in its table's folder, as this

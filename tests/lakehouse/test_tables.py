@@ -250,6 +250,45 @@ def test_replace_rewrites_only_the_files_holding_the_keys(tmp_path):
     assert history["operationParameters"]["mode"] == "Append"
 
 
+@pytest.mark.parametrize("folder, quoted, by_duckdb", [
+    ("lk", False, True),      # DuckDB's Parquet reader
+    ("lk", True, False),      # a percent-encoded partition folder: Arrow's scan
+    ("lk[1]", False, False),  # a lake folder DuckDB would take as a glob pattern: Arrow's
+])
+def test_the_files_holding_the_keys_replaced(tmp_path, folder, quoted, by_duckdb):
+    """LakeWriter.replace finds exactly the files holding the keys, whichever reader looks
+    (DuckDB's in a local lake whose paths it can take as they are, else Arrow's), and
+    replaces their rows."""
+    lake = Lake.create(tmp_path / folder, profile="identified")
+    day = dt.date(2024, 5, 1)
+
+    def studies(uids, modality):
+        return pa.table({"StudyInstanceUID": uids, "Modality": [modality] * len(uids),
+                         "study_year": [2024] * len(uids), "StudyDate": [day] * len(uids),
+                         "instance_count": [1] * len(uids)})
+
+    with lake.writer("r1") as w:
+        w.append("studies", studies(["1", "2"], "CT"))
+        w.append("studies", studies(["3"], "CT"))
+        w.append("studies", studies(["4", "5"], "MR"))
+        w.append("studies", studies(["6", "7"], "O T/%" if quoted else "US"))
+        w.publish()
+    with lake.writer("r2") as w:
+        found = w._holding("studies", "StudyInstanceUID", pa.array(["2", "4", "6", "nope"]))
+        assert (w._con is not None) == by_duckdb
+        assert sorted((f["partition.Modality"], f["num_records"]) for f, _ in found) == \
+            sorted([("CT", 2), ("MR", 2), ("O T/%" if quoted else "US", 2)])
+        for _, rel in found:
+            assert (tmp_path / folder / "research" / "studies" / rel).is_file()
+        w.replace("studies", "StudyInstanceUID", pa.array(["2", "4", "6"]),
+                  studies(["4"], "CT"))
+        w.publish()
+    assert w._con is None  # closed with the writer
+    rows = sorted((r["StudyInstanceUID"], r["Modality"]) for r in lake.read("studies").to_pylist())
+    assert rows == [("1", "CT"), ("3", "CT"), ("4", "CT"), ("5", "MR"),
+                    ("7", "O T/%" if quoted else "US")]
+
+
 def test_partition_files_are_written_by_threads_with_dictionaries_where_values_repeat(
         tmp_path, monkeypatch):
     """An append of many partitions writes one file per partition (staged by a pool of
