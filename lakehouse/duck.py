@@ -9,6 +9,7 @@ dataset. Used by the catalog (its tables) and by the ETL (the summaries).
 from __future__ import annotations
 
 import os
+import threading
 from importlib import resources
 
 import duckdb
@@ -38,6 +39,22 @@ def sql_type(typ: pa.DataType) -> str | None:
 def _sql(name: str) -> str:
     return resources.files("lakehouse").joinpath("sql", f"{name}.sql").read_text(
         encoding="utf-8")
+
+
+_SHARED: duckdb.DuckDBPyConnection | None = None
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_cursor() -> duckdb.DuckDBPyConnection:
+    """A new connection to this process's own in-memory DuckDB database, for queries that
+    only read (files, parameters) and create nothing: 0.4 ms, against 18 ms for a
+    database of its own (``duckdb.connect()``), which each of a listener's batches paid.
+    Close it after use."""
+    global _SHARED
+    with _SHARED_LOCK:
+        if _SHARED is None:
+            _SHARED = duckdb.connect()
+        return _SHARED.cursor()
 
 
 #: The schema of each local Parquet file read here, by (path, size, modification time):

@@ -648,9 +648,9 @@ class LakeWriter:
     def _duckdb(self) -> duckdb.DuckDBPyConnection:
         """This writer's DuckDB connection (made when first needed)."""
         if self._con is None:
-            import duckdb
+            from lakehouse.duck import shared_cursor
 
-            self._con = duckdb.connect()
+            self._con = shared_cursor()
         return self._con
 
     def _stored_path(self, name: str, f: dict) -> str:
