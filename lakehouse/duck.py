@@ -8,6 +8,7 @@ dataset. Used by the catalog (its tables) and by the ETL (the summaries).
 
 from __future__ import annotations
 
+import atexit
 import os
 import threading
 from importlib import resources
@@ -54,7 +55,16 @@ def shared_cursor() -> duckdb.DuckDBPyConnection:
     with _SHARED_LOCK:
         if _SHARED is None:
             _SHARED = duckdb.connect()
+            atexit.register(_close_shared)  # its threads stopped before the interpreter's
         return _SHARED.cursor()
+
+
+def _close_shared() -> None:
+    global _SHARED
+    with _SHARED_LOCK:
+        if _SHARED is not None:
+            _SHARED.close()
+            _SHARED = None
 
 
 #: The schema of each local Parquet file read here, by (path, size, modification time):

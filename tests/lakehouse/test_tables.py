@@ -428,3 +428,26 @@ def test_commit_kinds_tell_what_each_commit_did_to_the_rows(tmp_path):
     assert lake.commit_kinds("studies", end, end) == []
     (tmp_path / "lk" / commit_file("studies", start + 3)).unlink()
     assert lake.commit_kinds("studies", start + 1, end) == ["added", None, "changed"]
+
+
+def test_shared_cursors_are_connections_to_one_database():
+    """lakehouse.duck.shared_cursor: each call a connection of its own (its temporary
+    objects its own) to one database of the process, which outlives each of them."""
+    import duckdb
+
+    from lakehouse.duck import shared_cursor
+
+    a, b = shared_cursor(), shared_cursor()
+    a.execute("CREATE TEMP TABLE only_a AS SELECT 1 AS x")
+    with pytest.raises(duckdb.CatalogException):
+        b.execute("SELECT x FROM only_a")
+    a.execute("CREATE TABLE seen_by_all AS SELECT 2 AS x")
+    a.close()
+    try:
+        assert b.execute("SELECT x FROM seen_by_all").fetchall() == [(2,)]
+        c = shared_cursor()
+        assert c.execute("SELECT x FROM seen_by_all").fetchall() == [(2,)]
+        c.close()
+    finally:
+        b.execute("DROP TABLE seen_by_all")
+        b.close()
