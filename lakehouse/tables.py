@@ -630,10 +630,10 @@ class LakeWriter:
         ``key`` in ``wanted``. In a local lake DuckDB's Parquet reader scans the column
         (in parallel: 22-32 ms for the 88-99 files of a 100,000-instance lake's
         ``studies`` or ``series``, against 58-85 ms for a pyarrow dataset scan, which a
-        listener's batch paid for each summary table); on object storage, or for a path
-        the writer had to percent-encode, Arrow's scan through the lake's filesystem."""
+        listener's batch paid for each summary table); on object storage, for a path the
+        writer had to percent-encode, or in a lake folder whose name DuckDB would take as
+        a glob pattern, Arrow's scan through the lake's filesystem."""
         root = self.lake.table_uri(name) + "/"
-        # DuckDB takes each path as a glob pattern: none may hold a wildcard
         if self.storage.local and not any(c in root for c in "*?[") \
                 and not any("%" in p for p in paths):
             found = self._duckdb().execute(
