@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import re
-import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
@@ -35,7 +34,7 @@ import pyarrow.compute as pc
 from deltalake import DeltaTable
 
 from etl import dose
-from lakehouse.duck import parquet_relation, shared_cursor
+from lakehouse.duck import parquet_relation
 from lakehouse.schemas import TABLES, conform
 from lakehouse.tables import Lake, add_actions
 
@@ -85,17 +84,8 @@ class Update:
 
 def _connect(lake: Lake) -> tuple[duckdb.DuckDBPyConnection, str]:
     """A DuckDB connection that can read the lake's files, and the lake's root for
-    :func:`lakehouse.duck.parquet_relation`. For a local lake, a cursor of the process's
-    shared database (0.4 ms, against 18 ms for a database of its own, at every run of a
-    listener) that creates what it needs in a schema of its own (:func:`_close` drops
-    it); a lake on object storage has a database of its own, with the lake's filesystem."""
-    if lake.local:
-        con = shared_cursor()
-        schema = f"summaries_{uuid.uuid4().hex}"
-        con.execute(f"CREATE SCHEMA {schema}")
-        con.execute(f"SET schema = '{schema}'")
-    else:
-        con = duckdb.connect()
+    :func:`lakehouse.duck.parquet_relation`."""
+    con = duckdb.connect()
     con.execute("SET threads TO 2")
     # the summary SQL scans each instances file several times (series twice, studies four
     # times): its footer is parsed once (a lake's files never change; on small files the
@@ -105,21 +95,6 @@ def _connect(lake: Lake) -> tuple[duckdb.DuckDBPyConnection, str]:
     if fs is not None:
         con.register_filesystem(fs)
     return con, "/" if lake.local else lake.storage.uri("") + "/"
-
-
-def _close(con: duckdb.DuckDBPyConnection) -> None:
-    """Close a connection of :func:`_connect`, and drop its schema in the shared database."""
-    try:
-        schema = _schema(con)
-        if schema.startswith("summaries_"):
-            con.execute(f"DROP SCHEMA {schema} CASCADE")
-    finally:
-        con.close()
-
-
-def _schema(con: duckdb.DuckDBPyConnection) -> str:
-    """The schema ``con`` creates in."""
-    return con.execute("SELECT current_schema()").fetchall()[0][0]
 
 
 def _register(con: duckdb.DuckDBPyConnection, lake: Lake, home: str, table: str,
@@ -178,7 +153,7 @@ def build(lake: Lake, instances: DeltaTable, rows: pa.Table | None = None
             out["dose_events"] = events.result()
         return out
     finally:
-        _close(con)
+        con.close()
 
 
 @functools.cache
@@ -323,7 +298,7 @@ def update(lake: Lake, before: DeltaTable, after: DeltaTable,
         out["patients"] = Update("PatientID", patients.column("PatientID"), rows)
         return {name: out[name] for name in DERIVED_TABLES}
     finally:
-        _close(con)
+        con.close()
 
 
 def _moves(lake: Lake, before: int, after: int) -> tuple[bool, bool]:
@@ -371,7 +346,6 @@ def _dose_events_meanwhile(pool: ThreadPoolExecutor,
     DuckDB cannot read the files itself): then they are parsed here, first."""
     cursor = con.cursor()
     try:
-        cursor.execute(f"SET schema = '{_schema(con)}'")  # where ``con`` made its views
         cursor.execute("SELECT 1 FROM instances_ds LIMIT 0")
     except duckdb.CatalogException:
         cursor.close()

@@ -267,34 +267,6 @@ def test_dose_reports_parsed_beside_the_queries_or_first_through_a_dataset(
         assert rows(built["dose_events"], "dose_events", lake.profile) == expected
 
 
-def test_summaries_built_at_once_on_the_shared_database_keep_to_their_own_views(built_lake):
-    """Summaries of a local lake run on cursors of the process's shared DuckDB database,
-    each creating its views and tables in a schema of its own: four builds at once, on
-    threads, give the rows of one build alone, and leave no schema behind."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from lakehouse.duck import shared_cursor
-
-    lake = Lake.open(built_lake[0])
-
-    def build() -> dict[str, list[tuple]]:
-        out = summarize.build(lake, lake.open_delta("instances"))
-        return {name: rows(out[name], name, lake.profile) for name in DERIVED}
-
-    alone = build()
-    assert all(alone.values())
-    with ThreadPoolExecutor(4) as pool:
-        together = list(pool.map(lambda _: build(), range(4)))
-    assert together == [alone] * 4
-    con = shared_cursor()
-    try:
-        left = con.execute("SELECT schema_name FROM duckdb_schemas() "
-                           "WHERE schema_name LIKE 'summaries_%'").fetchall()
-    finally:
-        con.close()
-    assert left == []
-
-
 @pytest.mark.parametrize("profile", ["identified", "research"])
 def test_a_first_run_summarizes_its_rows_in_memory_as_from_its_files(archive, tmp_path,
                                                                      monkeypatch, profile):
