@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 from deltalake import DeltaTable
 
 from etl import dose
-from lakehouse.duck import parquet_relation
+from lakehouse.duck import parquet_relation, readable_as_given
 from lakehouse.schemas import TABLES, conform
 from lakehouse.tables import Lake, add_actions
 
@@ -241,7 +241,7 @@ def update(lake: Lake, before: DeltaTable, after: DeltaTable,
     try:
         if not new and not gone:
             return {}
-        if not all(f.startswith(home) and "%" not in f for f in new + gone):
+        if not readable_as_given(new + gone, home):
             return None
         try:
             changed = _changed_keys(con, new, gone, moved)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 import threading
 from importlib import resources
 
@@ -102,25 +103,35 @@ def schema_count(con: duckdb.DuckDBPyConnection, files: list[str], local: bool) 
     return len({_SCHEMAS[k] for k in keys})
 
 
+def readable_as_given(files: list[str], home: str) -> bool:
+    """Whether DuckDB reads exactly ``files`` when given their paths: all below ``home``
+    (the lake's root, ``/`` for a local lake); none holding a partition value the writer
+    had to percent-encode in its folder name (a hostile Modality such as ``../x``: only the
+    Delta log has it verbatim); none holding a glob wildcard, which DuckDB would expand
+    (a lake in a folder ``lake[1]`` read the files of ``lake1``)."""
+    return all(f.startswith(home) and not _NOT_AS_GIVEN.search(f) for f in files)
+
+
+#: what in a path keeps DuckDB from reading it as given (see :func:`readable_as_given`)
+_NOT_AS_GIVEN = re.compile(r"[%*?\[]")
+
+
 def parquet_relation(con: duckdb.DuckDBPyConnection, dt: DeltaTable, spec: TableSpec,
                      profile: str, home: str, files: list[str] | None = None,
                      filename: bool = False
                      ) -> tuple[duckdb.DuckDBPyRelation, set[str]] | None:
     """The rows of ``dt`` (a version of the table ``spec``; only its ``files`` when given,
     a subset of ``dt.file_uris()``) as a relation on ``con``, and
-    the columns it has; None when the version has no files, or files outside ``home``
-    (the lake's root, ``/`` for a local lake), or a partition value the writer had to
-    percent-encode in its folder name (a hostile Modality such as ``../x``: only the Delta
-    log has it verbatim). The caller then reads the table through a pyarrow dataset.
+    the columns it has; None when the version has no files, or files DuckDB cannot read
+    by the paths given (:func:`readable_as_given`). The caller then reads the table
+    through a pyarrow dataset.
 
     Partition values come from the Hive-style paths the writer lays out. Columns the
     files do not have (added to the schema later) are left out. With ``filename``, the
     relation also has the column ``filename``: the file each row comes from.
     """
     files = dt.file_uris() if files is None else files
-    if not files or not all(f.startswith(home) for f in files):
-        return None
-    if any("%" in f for f in files):
+    if not files or not readable_as_given(files, home):
         return None
     # union_by_name merges the files' schemas again at every query (14 ms of CPU for
     # 80 files here); only needed when the schema changed between writes

@@ -630,16 +630,19 @@ class LakeWriter:
         ``key`` in ``wanted``. In a local lake DuckDB's Parquet reader scans the column
         (in parallel: 22-32 ms for the 88-99 files of a 100,000-instance lake's
         ``studies`` or ``series``, against 58-85 ms for a pyarrow dataset scan, which a
-        listener's batch paid for each summary table); on object storage, for a path the
-        writer had to percent-encode, or in a lake folder whose name DuckDB would take as
-        a glob pattern, Arrow's scan through the lake's filesystem."""
+        listener's batch paid for each summary table); on object storage, or for paths
+        DuckDB would not read as given (:func:`lakehouse.duck.readable_as_given`: a
+        percent-encoded partition folder, a glob wildcard in the lake's folder), Arrow's
+        scan through the lake's filesystem."""
+        from lakehouse.duck import readable_as_given
+
         root = self.lake.table_uri(name) + "/"
-        if self.storage.local and not any(c in root for c in "*?[") \
-                and not any("%" in p for p in paths):
+        files = [root + p for p in paths]
+        if self.storage.local and readable_as_given(files, "/"):
             found = self._duckdb().execute(
                 f'SELECT DISTINCT filename FROM read_parquet($files, filename = true, '
                 f'hive_partitioning = false) WHERE "{key}" IN (SELECT unnest($keys))',
-                {"files": [root + p for p in paths], "keys": wanted.to_pylist()}).fetchall()
+                {"files": files, "keys": wanted.to_pylist()}).fetchall()
             return {f[len(root):] for (f,) in found}
         scanner = self.lake.arrow_dataset(name, dt).scanner(
             columns=[key], filter=pc.field(key).isin(wanted))

@@ -112,3 +112,26 @@ def test_reports_and_status_from_the_command_line_load_neither_pandas_nor_pydico
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.splitlines()[-1] == "[]"
+
+
+def test_a_lake_in_a_folder_named_like_a_glob_pattern_reads_its_own_files(tmp_path):
+    """DuckDB expands wildcards in the paths it is given: the catalog of a lake in ``lk*``
+    with a copy in ``lk-copy`` beside it read every row twice. Such paths are read
+    through a pyarrow dataset instead (``lakehouse.duck.readable_as_given``)."""
+    import datetime as dt
+
+    from lakehouse.duck import readable_as_given
+
+    lake = Lake.create(tmp_path / "lk*", profile="identified")
+    with lake.writer("r1") as w:
+        w.append("studies", pa.table({
+            "StudyInstanceUID": ["a1", "a2"], "Modality": ["CT"] * 2, "study_year": [2024] * 2,
+            "StudyDate": [dt.date(2024, 5, 1)] * 2, "instance_count": [1] * 2}))
+        w.publish()
+    shutil.copytree(tmp_path / "lk*", tmp_path / "lk-copy", symlinks=True)
+    assert not readable_as_given(Lake.open(tmp_path / "lk*").delta("studies").file_uris(), "/")
+    assert readable_as_given(Lake.open(tmp_path / "lk-copy").delta("studies").file_uris(), "/")
+    for folder in ("lk*", "lk-copy"):
+        with open_lake(tmp_path / folder) as cat:
+            got = cat.con.execute("SELECT StudyInstanceUID FROM studies ORDER BY 1").fetchall()
+        assert got == [("a1",), ("a2",)], folder
