@@ -881,7 +881,7 @@ def _in_partitions(rows: pa.Table) -> ds.Expression:
 
 def _differing_keywords(a: str | None, b: str | None) -> list[str]:
     """Keywords of top-level DICOM JSON attributes whose values differ."""
-    from pydicom.datadict import keyword_for_tag
+    from etl.keywords import keyword_for_tag
 
     da = json.loads(a) if a else {}
     db = json.loads(b) if b else {}

@@ -8,9 +8,11 @@ import shutil
 import subprocess
 import sys
 
+import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
+from catalog import open_lake
 from lake_cli import main
 
 
@@ -165,7 +167,11 @@ def test_ingest_of_a_folder_in_its_own_process_leaves_pandas_out(tmp_path):
             "                                 'pydicom')))\n")
     env = {**os.environ, "LAKE_KEY_FILE": str(key)}
     finders = len(sys.meta_path)
-    for read, unchanged in ((2, 0), (0, 2)):
+    for read, unchanged, conflicts in ((2, 0, 0), (0, 2, 0), (0, 2, 1)):
+        if conflicts:  # a changed copy of an instance: its attributes named without pydicom
+            ds = pydicom.dcmread(src / "CT_small.dcm")
+            ds.SeriesDescription = "changed"
+            ds.save_as(src / "CT_small_changed.dcm")
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            env=env, timeout=300)
         assert r.returncode == 0, r.stderr
@@ -173,7 +179,11 @@ def test_ingest_of_a_folder_in_its_own_process_leaves_pandas_out(tmp_path):
         # no pandas, and the finder gone after the command (the process could go on)
         assert last == "0 False 0 False"
         summary = json.loads("\n".join(report))
-        assert (summary["outcomes"]["ingested"], summary["files_unchanged"]) == (read, unchanged)
+        assert (summary["outcomes"]["ingested"], summary["files_unchanged"],
+                summary["outcomes"].get("conflict", 0)) == (read, unchanged, conflicts)
+    with open_lake(lake) as cat:
+        assert cat.con.execute("SELECT differing_keywords FROM conflicts").fetchall() == [
+            (["SeriesDescription"],)]
     # in this process (a program calling main()), nothing is left out
     assert main([*argv[1:], "--key-file", str(key)]) == 0
     assert len(sys.meta_path) == finders
