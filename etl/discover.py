@@ -13,7 +13,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -102,7 +102,9 @@ def walk(source: Path | str, stats: WalkStats | None = None) -> Iterator[FoundFi
 
 def walk_columns(source: Path | str, stats: WalkStats | None = None,
                  chunk: int = 20_000, listings: Listings | None = None,
-                 first: int | None = None) -> Iterator[Found]:
+                 first: int | None = None,
+                 stat_ahead: tuple[Callable[[], object], Callable[[], object]] | None = None,
+                 ) -> Iterator[Found]:
     """The files of :func:`walk`, in the same order, in chunks of ``chunk`` files (the last
     one smaller; never empty), found as the chunks are taken. ``first``: the size of the
     first chunk, when it should come sooner (default ``chunk``).
@@ -115,7 +117,10 @@ def walk_columns(source: Path | str, stats: WalkStats | None = None,
 
     ``listings``: the folder listings of the last walk of this source; a folder unchanged
     since is not listed again (:mod:`etl.listings`), and this walk's listings are saved
-    there when the walk ends (not when it is abandoned)."""
+    there when the walk ends (not when it is abandoned).
+
+    ``stat_ahead``: two functions, called when a second process starts to ``stat`` ahead
+    of the walk (the second core is then its) and when the walk ends or is abandoned."""
     root = Path(source)
     stats = stats if stats is not None else WalkStats()
     try:
@@ -137,13 +142,19 @@ def walk_columns(source: Path | str, stats: WalkStats | None = None,
     from etl.statahead import StatAhead  # numpy and Arrow: only with listings
 
     ahead = StatAhead.start(listings.reusable_names, listings.tree)
+    if ahead is not None and stat_ahead is not None:
+        stat_ahead[0]()
     try:
         yield from _walk(top, st, stats, chunks, listings, ahead)
         listings.save()
     finally:
         listings.discard()  # nothing left to drop once saved
         if ahead is not None:
-            ahead.close()
+            try:
+                ahead.close()
+            finally:
+                if stat_ahead is not None:
+                    stat_ahead[1]()
             log.debug("%d folders stat-ed ahead by a second process", ahead.taken)
 
 

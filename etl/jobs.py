@@ -263,8 +263,14 @@ class _Job:
                                 reuse=self.config.reuse_listings)
         # a generator: files are found as extraction goes, INDEX_CHUNK at a time after a
         # first chunk of one batch per worker, which the workers can start on at once
+        # a rerun's walk that a second process stat-s ahead of: the workers' server,
+        # started with the run and not needed unless a file is to be read, waits meanwhile
+        # (a file to read resumes it: prestart)
+        pause = ((workerserver.pause, workerserver.resume)
+                 if self.config.scheduler == workerserver.SCHEDULER else None)
         found = walk_columns(source, stats, INDEX_CHUNK, listings,
-                             first=self.config.batch_files * self.config.resolved_workers())
+                             first=self.config.batch_files * self.config.resolved_workers(),
+                             stat_ahead=pause)
         t = time.perf_counter()
         todo = self._changed(found, stats, source)
         self._extract(source, todo)

@@ -6,9 +6,13 @@ from __future__ import annotations
 import gc
 import os
 import pickle
+import shutil
+import subprocess
+import sys
 
 import cloudpickle
 import pytest
+from pydicom.data import get_testdata_file
 
 from etl.config import IngestConfig
 from etl.discover import FileBatch, FoundFile, walk
@@ -156,6 +160,75 @@ def test_prestart_starts_the_fork_server_for_the_process_pool_only():
     pid, preload = out[1].split(" ", 1)
     assert int(pid) > 0 and preload == "['etl.preload']"
     assert out[2] == "None"
+
+
+_STATE = (
+    "import time\n"
+    "def state(pid, stopped):\n"  # the state letter of /proc/<pid>/stat, once it settles
+    "    for _ in range(300):\n"
+    "        with open(f'/proc/{pid}/stat') as f:\n"
+    "            s = f.read().rsplit(')', 1)[1].split()[0]\n"
+    "        if (s == 'T') == stopped:\n"
+    "            return s\n"
+    "        time.sleep(0.01)\n"
+    "    return s\n")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc")
+def test_the_fork_server_paused_and_resumed():
+    """``workerserver.pause`` stops the fork server's process (``SIGSTOP``), ``resume``
+    and ``start`` continue it; either is a no-op when there is nothing to do. In a fresh
+    interpreter."""
+    code = _STATE + (
+        "from etl import workerserver as ws\n"
+        "ws.pause(); ws.resume()\n"  # no server yet: nothing to do
+        "ws.start('processes')\n"
+        "pid = ws.SERVER._forkserver_pid\n"
+        "out = []\n"
+        "for step in ('pause', 'pause', 'resume', 'resume', 'pause', 'start'):\n"
+        "    ws.start('processes') if step == 'start' else getattr(ws, step)()\n"
+        "    out.append(state(pid, step == 'pause'))\n"
+        "print(' '.join(out))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True).stdout.split()
+    assert [s == "T" for s in out] == [True, True, False, False, True, False]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc")
+def test_a_reruns_walk_pauses_the_fork_server_until_a_file_is_to_be_read(tmp_path):
+    """A rerun whose walk a second process ``stat``s ahead of pauses the workers' fork
+    server for the walk; the walk's end resumes it (a no-op rerun), and so does a file to
+    read (the server then forks the workers that read it). A first run never pauses it.
+    In a fresh interpreter, the second process forced for a walk of three files."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("CT_small.dcm", "MR_small.dcm"):
+        shutil.copy(get_testdata_file(name), src / name)
+    code = _STATE + (
+        "import shutil, sys\n"
+        "from etl import statahead, workerserver as ws, ingest, IngestConfig\n"
+        "import etl.listings\n"
+        "from lakehouse import Lake\n"
+        "statahead.MIN_ENTRIES = 0; etl.listings.SETTLE_NS = 0\n"
+        "statahead.usable_cpus = lambda: 2\n"
+        "calls, real = [], ws.pause\n"
+        "def pause():\n"
+        "    real(); calls.append(state(ws.SERVER._forkserver_pid, True))\n"
+        "ws.pause = pause\n"
+        f"src, lake = {str(src)!r}, Lake.create({str(tmp_path / 'lk')!r}, profile='identified')\n"
+        "for step in ('first', 'no-op', 'one more'):\n"
+        "    if step == 'one more':\n"
+        "        shutil.copy(src + '/CT_small.dcm', src + '/copy.dcm')\n"
+        "    s = ingest(lake, src, IngestConfig(scheduler='processes'))\n"
+        "    print(step, s.files_read, s.outcomes['duplicate'], calls,\n"
+        "          state(ws.SERVER._forkserver_pid, False))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("first 2 0 [] ") and lines[0][-1] != "T"
+    assert lines[1].startswith("no-op 0 0 ['T'] ") and lines[1][-1] != "T"
+    assert lines[2].startswith("one more 1 1 ['T', 'T'] ") and lines[2][-1] != "T"
 
 
 def _imports_after_a_batch(files: list) -> dict:

@@ -139,6 +139,27 @@ def test_an_abandoned_walk_ends_the_child(tmp_path, forced):
     assert not ahead._thread.is_alive()
 
 
+def test_the_walk_says_when_the_child_has_the_second_core(tmp_path, eager):
+    """``stat_ahead``'s first function is called as the child starts, its second when the
+    walk ends or is abandoned, each once; a walk without a child calls neither."""
+    src, cache = source(tmp_path)
+    calls: list[str] = []
+    hooks = (lambda: calls.append("start"), lambda: calls.append("end"))
+    rows(walk_columns(src, WalkStats(), 7, None, stat_ahead=hooks))  # no listings
+    assert calls == []
+    walk(src, cache)  # listings kept: the next walk has a child
+    found = walk_columns(src, WalkStats(), 7, Listings(cache), stat_ahead=hooks)
+    assert calls == []  # nothing before the walk starts
+    first = next(found)
+    assert calls == ["start"] and len(first)
+    rest = rows(found)
+    assert calls == ["start", "end"] and rest
+    found = walk_columns(src, WalkStats(), 1, Listings(cache), stat_ahead=hooks)
+    next(found)
+    found.close()  # abandoned
+    assert calls == ["start", "end", "start", "end"]
+
+
 def test_small_walks_and_one_cpu_start_no_child(tmp_path, monkeypatch):
     monkeypatch.setattr(listings_mod, "SETTLE_NS", 0)
     spawned = []
