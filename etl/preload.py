@@ -27,8 +27,27 @@ pyarrow's own pandas conversions still import pandas when called).
 
 import contextlib
 import gc
+import signal
+import sys
 
 from etl.leaveout import leave_out
+
+
+def _continue_when_orphaned() -> None:
+    """Have the kernel send this process ``SIGCONT`` when the thread that started it ends
+    (``PR_SET_PDEATHSIG``; Linux): the driver pauses the server with ``SIGSTOP`` during a
+    rerun's walk (``etl.workerserver.pause``), and a driver killed meanwhile would leave
+    it stopped for ever; continued, it finds its driver gone and exits. A ``SIGCONT`` to a
+    running process does nothing (the driver's other threads end too). Workers forked from
+    it do not inherit the setting."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGCONT), 0, 0, 0)
+
+
+_continue_when_orphaned()
 
 #: Packages the server does not import while it loads the worker code (see above).
 LEFT_OUT = ("scipy", "pandas", "requests", "tqdm", "cffi")

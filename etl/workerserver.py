@@ -66,9 +66,9 @@ def pause() -> None:
     process that ``stat``s ahead of it (:mod:`etl.statahead`). A no-op rerun never needs
     the server: stopped meanwhile, a rerun of 100,009 unchanged files took 0.49-0.61 s
     against 0.68-0.75. A file to read found by the walk resumes it (``etl.jobs.prestart``
-    calls :func:`start`), and so does the walk's end, and this process's exit. A driver
-    killed meanwhile leaves it stopped only while the driver's process group lives on (an
-    orphaned group's stopped processes are sent ``SIGHUP``, which ends the server)."""
+    calls :func:`start`), and so does the walk's end, and this process's exit; when this
+    process is killed, the kernel continues it (:mod:`etl.preload` asks for ``SIGCONT`` at
+    its parent's death), and it exits as it does whenever its driver is gone."""
     global _paused, _resume_at_exit
     if not hasattr(signal, "SIGSTOP"):
         return

@@ -195,6 +195,45 @@ def test_the_fork_server_paused_and_resumed():
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc")
+def test_a_paused_fork_server_ends_when_its_driver_is_killed():
+    """A driver killed while the server is paused: the kernel continues the server (its
+    parent's death signal), which finds its driver gone and exits, although the killed
+    driver's process group (this test's) lives on."""
+    import signal
+    import time
+
+    code = _STATE + (
+        "import os\n"
+        "from etl import workerserver as ws\n"
+        "ws.start('processes')\n"
+        "pid = ws.SERVER._forkserver_pid\n"
+        "for _ in range(600):\n"  # the worker code loaded: the server waits for requests
+        "    with open(f'/proc/{pid}/wchan') as f:\n"
+        "        if any(w in f.read() for w in ('poll', 'select')):\n"
+        "            break\n"
+        "    time.sleep(0.05)\n"
+        "ws.pause()\n"
+        "print(pid, state(pid, True), flush=True)\n"
+        "os.kill(os.getpid(), 9)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == -signal.SIGKILL, out.stderr
+    pid, letter = out.stdout.split()
+    assert letter == "T"
+    for _ in range(200):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in "ZX":
+                    break
+        except FileNotFoundError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(int(pid), signal.SIGKILL)
+        raise AssertionError(f"the paused server {pid} outlived its driver")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc")
 def test_a_reruns_walk_pauses_the_fork_server_until_a_file_is_to_be_read(tmp_path):
     """A rerun whose walk a second process ``stat``s ahead of pauses the workers' fork
     server for the walk; the walk's end resumes it (a no-op rerun), and so does a file to
