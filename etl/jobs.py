@@ -261,13 +261,13 @@ class _Job:
         if self.source_kind == "folder" and source.is_dir():
             listings = Listings(listings_path(self.lake.work_dir(), str(source.absolute())),
                                 reuse=self.config.reuse_listings)
-        # a generator: files are found as extraction goes, INDEX_CHUNK at a time after a
-        # first chunk of one batch per worker, which the workers can start on at once
         # a rerun's walk that a second process stat-s ahead of: the workers' server,
         # started with the run and not needed unless a file is to be read, waits meanwhile
         # (a file to read resumes it: prestart)
         pause = ((workerserver.pause, workerserver.resume)
                  if self.config.scheduler == workerserver.SCHEDULER else None)
+        # a generator: files are found as extraction goes, INDEX_CHUNK at a time after a
+        # first chunk of one batch per worker, which the workers can start on at once
         found = walk_columns(source, stats, INDEX_CHUNK, listings,
                              first=self.config.batch_files * self.config.resolved_workers(),
                              stat_ahead=pause)

@@ -21,7 +21,7 @@ import sys
 def _dictionary() -> tuple[dict[int, tuple], list[tuple[int, int, str]]] | None:
     """pydicom's standard dictionary and its repeating-group masks ``(bits, care,
     keyword)``, loaded without the pydicom package; None where the module is not a
-    plain file beside the package's ``__init__``."""
+    plain file beside the package's ``__init__``, or not as expected."""
     spec = importlib.util.find_spec("pydicom")
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -29,14 +29,17 @@ def _dictionary() -> tuple[dict[int, tuple], list[tuple[int, int, str]]] | None:
     module_spec = importlib.util.spec_from_file_location("_lake_pydicom_dict", path)
     if module_spec is None or module_spec.loader is None or not os.path.isfile(path):
         return None
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    masks = []
-    # as pydicom.datadict builds them: ``care`` has 0 bits where the mask has an x
-    for mask_x, entry in module.RepeatersDictionary.items():
-        care = int("".join("F0"[c == "x"] for c in mask_x), 16)
-        masks.append((int(mask_x.replace("x", "0"), 16), care, entry[4]))
-    return module.DicomDictionary, masks
+    try:  # a private module of pydicom's: any surprise in it, and pydicom is asked
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        masks = []
+        # as pydicom.datadict builds them: ``care`` has 0 bits where the mask has an x
+        for mask_x, entry in module.RepeatersDictionary.items():
+            care = int("".join("F0"[c == "x"] for c in mask_x), 16)
+            masks.append((int(mask_x.replace("x", "0"), 16), care, entry[4]))
+        return dict(module.DicomDictionary), masks
+    except Exception:
+        return None
 
 
 def keyword_for_tag(tag: int) -> str:

@@ -37,9 +37,10 @@ def _continue_when_orphaned() -> None:
     """Have the kernel send this process ``SIGCONT`` when the thread that started it ends
     (``PR_SET_PDEATHSIG``; Linux): the driver pauses the server with ``SIGSTOP`` during a
     rerun's walk (``etl.workerserver.pause``), and a driver killed meanwhile would leave
-    it stopped for ever; continued, it finds its driver gone and exits. A ``SIGCONT`` to a
-    running process does nothing (the driver's other threads end too). Workers forked from
-    it do not inherit the setting."""
+    it stopped for ever; continued, it finds its driver gone and exits. The signal comes
+    when the thread that started the server ends, which may be before the driver does: a
+    ``SIGCONT`` to a running server does nothing, and to a paused one it only ends the
+    pause early. Workers forked from the server do not inherit the setting."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(Exception):
             import ctypes

@@ -64,11 +64,13 @@ def pause() -> None:
     For a rerun's walk of a large archive: ``lake ingest`` starts the server at once, and
     its load (0.7-0.8 s of CPU) then shares the two cores with the walk and the second
     process that ``stat``s ahead of it (:mod:`etl.statahead`). A no-op rerun never needs
-    the server: stopped meanwhile, a rerun of 100,009 unchanged files took 0.49-0.61 s
-    against 0.68-0.75. A file to read found by the walk resumes it (``etl.jobs.prestart``
-    calls :func:`start`), and so does the walk's end, and this process's exit; when this
-    process is killed, the kernel continues it (:mod:`etl.preload` asks for ``SIGCONT`` at
-    its parent's death), and it exits as it does whenever its driver is gone."""
+    the server: stopped meanwhile, a rerun of 100,009 unchanged files took 0.50-0.61 s
+    against 0.69-0.79 (a rerun whose one new file is the walk's last: 1.42-1.63 s against
+    1.28-1.42, the server loading after the walk). A file to read found by the walk
+    resumes it (``etl.jobs.prestart`` calls :func:`start`), and so does the walk's end,
+    and this process's exit; when this process is killed, the kernel continues it
+    (:mod:`etl.preload` asks for ``SIGCONT`` at its parent's death), and it exits as it
+    does whenever its driver is gone."""
     global _paused, _resume_at_exit
     if not hasattr(signal, "SIGSTOP"):
         return
