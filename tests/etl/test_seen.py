@@ -207,8 +207,8 @@ def test_files_are_found_while_earlier_ones_are_read(archive, tmp_path, monkeypa
     monkeypatch.setattr(jobs, "INDEX_CHUNK", 40)
     walked = {"n": 0}
 
-    def counting_walk(source, stats=None, chunk=20_000, listings=None, first=None):
-        for found in jobs_walk(source, stats, chunk, listings, first):
+    def counting_walk(source, stats=None, chunk=20_000, listings=None, first=None, **kw):
+        for found in jobs_walk(source, stats, chunk, listings, first, **kw):
             if threading.current_thread().name != "lake-count-files":
                 walked["n"] += len(found)
             yield found
