@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import gc
+import inspect
 import os
 import pickle
 import shutil
@@ -162,16 +163,36 @@ def test_prestart_starts_the_fork_server_for_the_process_pool_only():
     assert out[2] == "None"
 
 
-_STATE = (
-    "import time\n"
-    "def state(pid, stopped):\n"  # the state letter of /proc/<pid>/stat, once it settles
-    "    for _ in range(300):\n"
-    "        with open(f'/proc/{pid}/stat') as f:\n"
-    "            s = f.read().rsplit(')', 1)[1].split()[0]\n"
-    "        if (s == 'T') == stopped:\n"
-    "            return s\n"
-    "        time.sleep(0.01)\n"
-    "    return s\n")
+def _letter(pid):
+    """The state letter of /proc/<pid>/stat ('' once the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return ""
+
+
+def _state(pid, stopped):
+    """The state letter of the process, once it is stopped (``T``) or not, as asked (the
+    last one read, if that does not come within 3 s)."""
+    import time
+
+    for _ in range(300):
+        s = _letter(pid)
+        if (s == "T") == stopped:
+            return s
+        time.sleep(0.01)
+    return s
+
+
+#: ``_letter`` and ``_state`` (as ``state``) for the code run in a fresh interpreter
+_STATE = (inspect.getsource(_letter) + inspect.getsource(_state)).replace("_state(", "state(")
+
+
+def _fresh(code: str, timeout: float) -> subprocess.CompletedProcess:
+    """``code`` run in a fresh interpreter, with ``state(pid, stopped)`` defined."""
+    return subprocess.run([sys.executable, "-c", _STATE + code], capture_output=True,
+                          text=True, timeout=timeout)
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc")
@@ -179,7 +200,7 @@ def test_the_fork_server_paused_and_resumed():
     """``workerserver.pause`` stops the fork server's process (``SIGSTOP``), ``resume``
     and ``start`` continue it; either is a no-op when there is nothing to do. In a fresh
     interpreter."""
-    code = _STATE + (
+    code = (
         "from etl import workerserver as ws\n"
         "ws.pause(); ws.resume()\n"  # no server yet: nothing to do
         "ws.start('processes')\n"
@@ -189,9 +210,9 @@ def test_the_fork_server_paused_and_resumed():
         "    ws.start('processes') if step == 'start' else getattr(ws, step)()\n"
         "    out.append(state(pid, step == 'pause'))\n"
         "print(' '.join(out))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120, check=True).stdout.split()
-    assert [s == "T" for s in out] == [True, True, False, False, True, False]
+    out = _fresh(code, 120)
+    assert out.returncode == 0, out.stderr
+    assert [s == "T" for s in out.stdout.split()] == [True, True, False, False, True, False]
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc")
@@ -202,8 +223,8 @@ def test_a_paused_fork_server_ends_when_its_driver_is_killed():
     import signal
     import time
 
-    code = _STATE + (
-        "import os\n"
+    code = (
+        "import os, time\n"
         "from etl import workerserver as ws\n"
         "ws.start('processes')\n"
         "pid = ws.SERVER._forkserver_pid\n"
@@ -215,17 +236,12 @@ def test_a_paused_fork_server_ends_when_its_driver_is_killed():
         "ws.pause()\n"
         "print(pid, state(pid, True), flush=True)\n"
         "os.kill(os.getpid(), 9)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120)
+    out = _fresh(code, 120)
     assert out.returncode == -signal.SIGKILL, out.stderr
     pid, letter = out.stdout.split()
     assert letter == "T"
     for _ in range(200):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] in "ZX":
-                    break
-        except FileNotFoundError:
+        if _letter(pid) in ("", "Z", "X"):  # gone, or a zombie nobody reaps here
             break
         time.sleep(0.05)
     else:
@@ -243,7 +259,7 @@ def test_a_reruns_walk_pauses_the_fork_server_until_a_file_is_to_be_read(tmp_pat
     src.mkdir()
     for name in ("CT_small.dcm", "MR_small.dcm"):
         shutil.copy(get_testdata_file(name), src / name)
-    code = _STATE + (
+    code = (
         "import shutil, sys\n"
         "from etl import statahead, workerserver as ws, ingest, IngestConfig\n"
         "import etl.listings\n"
@@ -261,8 +277,7 @@ def test_a_reruns_walk_pauses_the_fork_server_until_a_file_is_to_be_read(tmp_pat
         "    s = ingest(lake, src, IngestConfig(scheduler='processes'))\n"
         "    print(step, s.files_read, s.outcomes['duplicate'], calls,\n"
         "          state(ws.SERVER._forkserver_pid, False))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=300)
+    out = _fresh(code, 300)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].startswith("first 2 0 [] ") and lines[0][-1] != "T"
