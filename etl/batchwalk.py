@@ -20,6 +20,7 @@ pydicom).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
@@ -74,6 +75,42 @@ def jit(func):
             return numba.njit(cache=True, nogil=True)(func)
         except (RuntimeError, OSError):  # no writable folder at all: compiled per process
             return numba.njit(cache=False, nogil=True)(func)
+
+
+@contextlib.contextmanager
+def lean_cache_loads():
+    """Within it, numba loads a function's compiled code from its cache without first
+    installing every implementation its code generator knows.
+
+    numba's ``Cache.load_overload`` refreshes the target context before each load. At a
+    process's first load, that imports and installs all of numba's registries of typing
+    and lowering implementations: 0.2-0.4 CPU-s, the largest part of numba's cost in the
+    workers' fork server (``etl.preload``). Cached machine code needs none of them, only
+    numba's runtime (the memory functions its arrays call), which is initialized here as
+    the refresh would. A cache miss compiles as always: numba's compiler refreshes both
+    contexts itself before it compiles. Leaving restores numba's own ``load_overload``, so
+    later loads (in the workers forked from the server, say) refresh as before. If numba's
+    internals are not as this expects, nothing is changed."""
+    try:
+        from numba.core.caching import Cache
+        from numba.core.runtime import rtsys
+
+        original = Cache.__dict__["load_overload"]
+        load, guard = Cache._load_overload, Cache._guard_against_spurious_io_errors
+    except (ImportError, AttributeError, KeyError):
+        yield
+        return
+
+    def load_overload(self, sig, target_context):
+        rtsys.initialize(target_context)
+        with guard(self):
+            return load(self, sig, target_context)
+
+    Cache.load_overload = load_overload
+    try:
+        yield
+    finally:
+        Cache.load_overload = original
 
 
 def _vr_code(vr: bytes) -> int:

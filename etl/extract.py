@@ -73,8 +73,9 @@ def after_batch() -> None:
 
 
 def warm_up() -> None:
-    """Load what a worker's first batch would load: the batch path's compiled code (numba
-    starts its code generator: about 0.4 CPU-s) and pyarrow's check for pandas on its
+    """Load what a worker's first batch would load: the batch path's compiled code (from
+    numba's cache, without its registries: :func:`etl.batchwalk.lean_cache_loads`; a
+    cache miss compiles, for seconds) and pyarrow's check for pandas on its
     first conversion of Python values (which imports pandas where it can: 0.3 CPU-s).
     The workers of a local pool are forked from a server process that did this once,
     with pandas and scipy left out (``etl.preload``). Also the research policy's tables
@@ -83,10 +84,11 @@ def warm_up() -> None:
 
     deid.tag_actions()
     deid.well_known_uids()
-    batchwalk.walk([b""], [0])
-    data = np.frombuffer(bytes(16), dtype=np.uint8)
-    at = np.zeros(1, dtype=np.int64)
-    batchread._distinct(data, at, at + 4, np.zeros(1, dtype=np.uint8))
+    with batchwalk.lean_cache_loads():
+        batchwalk.walk([b""], [0])
+        data = np.frombuffer(bytes(16), dtype=np.uint8)
+        at = np.zeros(1, dtype=np.int64)
+        batchread._distinct(data, at, at + 4, np.zeros(1, dtype=np.uint8))
     pa.array([0])
 
 

@@ -129,7 +129,7 @@ def test_workers_freeze_what_outlives_a_batch(files):
         runner.close()
     # the fork server's imports were frozen before; the first batch's memos (thousands
     # of objects) join them, and stay there for the next batch
-    assert first[0] > 100_000
+    assert first[0] > 50_000
     assert first[1] > first[0] + 1_000
     assert second[0] > first[0] + 1_000
 
@@ -288,17 +288,18 @@ def test_a_reruns_walk_pauses_the_fork_server_until_a_file_is_to_be_read(tmp_pat
 def _imports_after_a_batch(files: list) -> dict:
     import sys
 
-    import numba.np.arraymath
-
     from etl.config import IngestConfig
     from etl.preload import LEFT_OUT
 
     table = from_ipc(extract_ipc(files, IngestConfig(checksum="header"), "r1"))
     loaded = sorted(m for m in LEFT_OUT if m in sys.modules)
+    # numba's linear algebra, where it looks for scipy's BLAS: not even imported (the
+    # server loads the compiled code without numba's registries, etl.batchwalk)
+    blas = getattr(sys.modules.get("numba.np.arraymath"), "_HAVE_BLAS", None)
     # still there when asked for: pyarrow's pandas conversion imports pandas
     frame = table.select(["status"]).to_pandas()
     return {"ok": table.column("status").to_pylist().count("ok"), "loaded": loaded,
-            "blas": numba.np.arraymath._HAVE_BLAS, "frame": len(frame)}
+            "blas": blas, "frame": len(frame)}
 
 
 def _imports_of_a_child() -> list:
@@ -327,7 +328,7 @@ def test_the_fork_server_leaves_pandas_and_scipy_out_of_the_workers(archive):
         got = runner._pool.submit(_imports_after_a_batch, files).result()
     finally:
         runner.close()
-    assert got == {"ok": 40, "loaded": [], "blas": False, "frame": 40}
+    assert got == {"ok": 40, "loaded": [], "blas": None, "frame": 40}
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("forkserver")) as ex:
         assert ex.submit(_imports_of_a_child).result() == ["pandas"]
 
