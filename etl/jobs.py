@@ -20,7 +20,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -235,6 +235,8 @@ class _Job:
         #: run (checked at its first commit) and they fit in SUMMARY_ROWS_BYTES
         self._run_rows: list[pa.Table] | None = []
         self._run_rows_bytes = 0
+        # the summaries of an instances version, built during the run's last commit
+        self._built: tuple[int, Future[dict[str, pa.Table]]] | None = None
         self._instances_before = writer.versions["instances"]
         self._versions_before = dict(writer.versions)  # what the run wrote to: compacted
         # what the lake holds, scanned once per run when first needed (etl.seen)
@@ -610,6 +612,8 @@ class _Job:
                 files = files.filter(pc.invert(waiting))
             self.w.append("instances", instances)
             self._keep_for_summaries(instances)
+            if final:
+                self._build_summaries_meanwhile()
             if self._uids is not None:
                 assert self._hasher is not None
                 self._uids.add(*self._hasher.keys(
@@ -693,21 +697,46 @@ class _Job:
         else:
             self._run_rows.append(rows)
 
+    def _rebuilds_summaries(self) -> bool:
+        """Whether the summaries are to be built whole (not updated): no version of
+        ``instances`` they were built from (a first run), or built by other code."""
+        return (self.w.extra.get("summaries_from") is None
+                or self.w.extra.get("summaries_code") != summarize.fingerprint())
+
+    def _build_summaries_meanwhile(self) -> None:
+        """At the run's last commit of instances, when the summaries are to be built whole
+        from the run's kept rows: build them in a thread while the commit goes on (the
+        vault's pairs, the ``files`` rows, the snapshot), for :meth:`_summarize_if_stale`
+        to write. DuckDB builds them outside the GIL, beside that commit's Python work:
+        the run's tail is shorter by most of the build (0.12 s of a 20,000-file first
+        run's 0.6 s). The build only reads: if the commit fails, its result is dropped."""
+        if not self._run_rows or not self._rebuilds_summaries():
+            return
+        rows = pa.concat_tables(self._run_rows)
+        self._run_rows = None
+        pool = ThreadPoolExecutor(1, thread_name_prefix="summaries")
+        try:
+            self._built = (self.w.versions["instances"],
+                           pool.submit(summarize.build, self.lake,
+                                       self.w.current("instances"), rows))
+        finally:
+            pool.shutdown(wait=False)  # its thread ends with the build
+
     def _summarize_if_stale(self) -> None:
         """Bring series/studies/patients/dose_events up to this instances version: updated
         for what changed since the version they were built from, rebuilt whole on a first
         run or when the summary code changed (also repairs the summaries after a run that
         died before summarizing)."""
         kept, self._run_rows = self._run_rows, None
+        built, self._built = self._built, None
         rows = pa.concat_tables(kept) if kept else None
         current, code = self.w.versions["instances"], summarize.fingerprint()
-        since = self.w.extra.get("summaries_from")
-        same_code = self.w.extra.get("summaries_code") == code
-        if since == current and same_code:
+        since, whole = self.w.extra.get("summaries_from"), self._rebuilds_summaries()
+        if since == current and not whole:
             self.summary.summaries = "current"
             return
         updates = None
-        if since is not None and same_code:
+        if not whole:
             try:
                 before = self.lake.open_delta("instances", since)
             except DeltaError:  # its log is gone (cleaned up): rebuild whole
@@ -719,8 +748,9 @@ class _Job:
         if updates is None:
             # the run's rows are all of the version's: the lake had none before it (build
             # checks the count: ingest only ever appends instances)
-            built = summarize.build(self.lake, self.w.current("instances"), rows)
-            for name, table in built.items():
+            tables = built[1].result() if built is not None and built[0] == current else \
+                summarize.build(self.lake, self.w.current("instances"), rows)
+            for name, table in tables.items():
                 self.w.overwrite(name, table)
             self.summary.summaries = "rebuilt"
         else:

@@ -338,3 +338,81 @@ def test_a_first_run_summarizes_its_rows_in_memory_as_from_its_files(archive, tm
     ds.save_as(tmp_path / "more" / "new.dcm")
     s = ingest(Lake.open(tmp_path / "third"), tmp_path / "more", fast_config(), key_file=key)
     assert s.outcomes["ingested"] == 1 and s.summaries == "rebuilt" and calls == [None]
+
+
+def test_a_first_run_builds_its_summaries_during_its_last_commit(archive, tmp_path,
+                                                                monkeypatch):
+    """The summaries of a first run are built in a thread of their own while the run's
+    last commit goes on: the build here waits until the commit has written the ``files``
+    rows, which the run's own thread writes after starting it (built after the commit, as
+    before, it would find them written and run in the run's thread)."""
+    import threading
+
+    from lakehouse.tables import LakeWriter
+
+    files_written = threading.Event()
+    seen: list[tuple[str, bool]] = []
+    real_build, real_append = summarize.build, LakeWriter.append
+
+    def build(lake, instances, rows=None):
+        seen.append((threading.current_thread().name, files_written.wait(timeout=60)))
+        return real_build(lake, instances, rows)
+
+    def append(self, name, data, param_hash=""):
+        out = real_append(self, name, data, param_hash)
+        if name == "files":
+            files_written.set()
+        return out
+
+    monkeypatch.setattr(summarize, "build", build)
+    monkeypatch.setattr(LakeWriter, "append", append)
+    lake = Lake.create(tmp_path / "lake", profile="identified")
+    s = ingest(lake, archive[0], fast_config())
+    assert seen == [("summaries_0", True)] and s.summaries == "rebuilt"
+    assert derived(tmp_path / "lake") == {
+        name: rows(t, name, "identified")
+        for name, t in real_build(Lake.open(tmp_path / "lake"),
+                                  Lake.open(tmp_path / "lake").open_delta("instances")).items()}
+
+
+def test_a_last_commit_that_fails_drops_the_summaries_built_meanwhile(archive, tmp_path,
+                                                                     monkeypatch):
+    """A run whose last commit fails after the summaries' build started writes no summary
+    (the run failed; its snapshot has no summaries of instances it did not publish), and
+    the next run builds them; a build that fails fails the run."""
+    from lakehouse.tables import LakeWriter
+
+    real_append = LakeWriter.append
+
+    def append(self, name, data, param_hash=""):
+        if name == "files":
+            raise OSError("disk full (test)")
+        return real_append(self, name, data, param_hash)
+
+    monkeypatch.setattr(LakeWriter, "append", append)
+    lake = Lake.create(tmp_path / "lake", profile="identified")
+    with pytest.raises(OSError, match="disk full"):
+        ingest(lake, archive[0], fast_config())
+    lake = Lake.open(tmp_path / "lake")
+    assert lake.count("series") == 0 and lake.count("files") == 0
+    assert lake.read("ingest_runs").column("status").to_pylist() == ["failed"]
+
+    # its instances were published with the failed run (the next one finds their files
+    # again, as duplicates): the next run builds their summaries, from the files
+    assert lake.count("instances") > 0
+    monkeypatch.setattr(LakeWriter, "append", real_append)
+    s = ingest(lake, archive[0], fast_config())
+    assert s.summaries == "rebuilt" and s.outcomes["duplicate"] > 0
+    lake = Lake.open(tmp_path / "lake")
+    assert lake.count("series") > 0
+    assert derived(tmp_path / "lake") == {
+        name: rows(t, name, "identified")
+        for name, t in summarize.build(lake, lake.open_delta("instances")).items()}
+
+    def broken(lake, instances, rows=None):
+        raise RuntimeError("summaries (test)")
+
+    monkeypatch.setattr(summarize, "build", broken)
+    with pytest.raises(RuntimeError, match="summaries"):
+        ingest(Lake.create(tmp_path / "other", profile="identified"), archive[0],
+               fast_config())
