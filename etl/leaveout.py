@@ -23,8 +23,10 @@ import sys
 from collections.abc import Callable, Iterable
 
 #: what ``lake ingest`` of a folder leaves out of its own process: pandas, which pyarrow and
-#: DuckDB import only to check whether a value is one of its objects
-INGEST_LEFT_OUT = ("pandas",)
+#: DuckDB import only to check whether a value is one of its objects, and jinja2, which
+#: Dask imports for its notebook displays (``dask.widgets``: 17 ms while the workers wait
+#: for their first tasks; Dask takes the branch it has for jinja2 not installed)
+INGEST_LEFT_OUT = ("pandas", "jinja2")
 
 
 class _LeaveOut:

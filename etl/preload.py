@@ -18,11 +18,15 @@ than a third of the server's start, and the workers wait for it.
   whether they are pandas objects (0.33 s; a worker builds Arrow arrays from Python
   values and numpy arrays only);
 - requests and tqdm, which pydicom imports to download its test files (0.09 s), and
-  cffi, which numba imports to call C functions through it (0.03 s).
+  cffi, which numba imports to call C functions through it (0.03 s);
+- Pillow (PIL) and pylibjpeg, which pydicom's pixel decoders import to see which of them
+  can run (0.02-0.03 s; ingest reads headers only, and never decodes pixels), and
+  jinja2, which Dask imports for its notebook displays (0.017 s).
 
 They stay importable in the workers afterwards; only what those libraries found missing
-at import stays so there (numba's BLAS functions, pydicom's downloads through requests;
-pyarrow's own pandas conversions still import pandas when called).
+at import stays so there (numba's BLAS functions, pydicom's downloads through requests
+and its Pillow and pylibjpeg decoders; pyarrow's own pandas conversions still import
+pandas when called).
 """
 
 import contextlib
@@ -51,7 +55,7 @@ def _continue_when_orphaned() -> None:
 _continue_when_orphaned()
 
 #: Packages the server does not import while it loads the worker code (see above).
-LEFT_OUT = ("scipy", "pandas", "requests", "tqdm", "cffi")
+LEFT_OUT = ("scipy", "pandas", "requests", "tqdm", "cffi", "PIL", "pylibjpeg", "jinja2")
 
 # the server must start whatever happens here: each worker then loads the code at its
 # first batch, and a batch path that cannot run reads its batches file by file

@@ -147,7 +147,8 @@ def test_dictionary_matches_the_readme(capsys):
 
 def test_ingest_of_a_folder_in_its_own_process_leaves_pandas_out(tmp_path):
     """`lake ingest` of a folder, as the `lake` program runs it, never imports pandas
-    (pyarrow and DuckDB would, only to look for pandas objects: 0.3-0.4 s of every run),
+    (pyarrow and DuckDB would, only to look for pandas objects: 0.3-0.4 s of every run)
+    or jinja2 (Dask would, for its notebook displays),
     nor the worker code (the batch path's numba code: the worker processes run it), nor
     pydicom (0.2 s: the research lake's policy is made only to be handed to the workers),
     on a first run and on a rerun that reads nothing; main() called by a program leaves
@@ -162,7 +163,7 @@ def test_ingest_of_a_folder_in_its_own_process_leaves_pandas_out(tmp_path):
             f"sys.argv = {argv!r}\n"
             "rc = lake_cli.main()\n"
             "left = [f for f in sys.meta_path if type(f).__module__ == 'etl.leaveout']\n"
-            "print(rc, 'pandas' in sys.modules, len(left),\n"
+            "print(rc, 'pandas' in sys.modules, 'jinja2' in sys.modules, len(left),\n"
             "      any(m in sys.modules for m in ('numba', 'etl.extract', 'etl.batchread',\n"
             "                                 'pydicom')))\n")
     env = {**os.environ, "LAKE_KEY_FILE": str(key)}
@@ -176,8 +177,9 @@ def test_ingest_of_a_folder_in_its_own_process_leaves_pandas_out(tmp_path):
                            env=env, timeout=300)
         assert r.returncode == 0, r.stderr
         *report, last = r.stdout.splitlines()
-        # no pandas, and the finder gone after the command (the process could go on)
-        assert last == "0 False 0 False"
+        # no pandas nor jinja2, and the finder gone after the command (the process could
+        # go on)
+        assert last == "0 False False 0 False"
         summary = json.loads("\n".join(report))
         assert (summary["outcomes"]["ingested"], summary["files_unchanged"],
                 summary["outcomes"].get("conflict", 0)) == (read, unchanged, conflicts)
