@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 #: it, and how many compiled versions each of the batch path's functions has
 CHILD = r"""
 import contextlib, hashlib, json, sys
-from numba.core import caching, cpu, registry
+from numba.core import caching, cpu
 
 calls = []
 real = cpu.CPUContext.load_additional_registries
