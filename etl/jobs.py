@@ -20,7 +20,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -697,11 +697,16 @@ class _Job:
         else:
             self._run_rows.append(rows)
 
+    @functools.cached_property
+    def _summaries_code(self) -> str:
+        """:func:`etl.summarize.fingerprint` (it reads the SQL files): once per run."""
+        return summarize.fingerprint()
+
     def _rebuilds_summaries(self) -> bool:
         """Whether the summaries are to be built whole (not updated): no version of
         ``instances`` they were built from (a first run), or built by other code."""
         return (self.w.extra.get("summaries_from") is None
-                or self.w.extra.get("summaries_code") != summarize.fingerprint())
+                or self.w.extra.get("summaries_code") != self._summaries_code)
 
     def _build_summaries_meanwhile(self) -> None:
         """At the run's last commit of instances, when the summaries are to be built whole
@@ -714,13 +719,10 @@ class _Job:
             return
         rows = pa.concat_tables(self._run_rows)
         self._run_rows = None
-        pool = ThreadPoolExecutor(1, thread_name_prefix="summaries")
-        try:
-            self._built = (self.w.versions["instances"],
-                           pool.submit(summarize.build, self.lake,
-                                       self.w.current("instances"), rows))
-        finally:
-            pool.shutdown(wait=False)  # its thread ends with the build
+        built: Future[dict[str, pa.Table]] = Future()
+        self._built = (self.w.versions["instances"], built)
+        threading.Thread(target=_settle, name="lake-summaries", args=(built, functools.partial(
+            summarize.build, self.lake, self.w.current("instances"), rows))).start()
 
     def _summarize_if_stale(self) -> None:
         """Bring series/studies/patients/dose_events up to this instances version: updated
@@ -730,7 +732,7 @@ class _Job:
         kept, self._run_rows = self._run_rows, None
         built, self._built = self._built, None
         rows = pa.concat_tables(kept) if kept else None
-        current, code = self.w.versions["instances"], summarize.fingerprint()
+        current, code = self.w.versions["instances"], self._summaries_code
         since, whole = self.w.extra.get("summaries_from"), self._rebuilds_summaries()
         if since == current and not whole:
             self.summary.summaries = "current"

@@ -368,7 +368,7 @@ def test_a_first_run_builds_its_summaries_during_its_last_commit(archive, tmp_pa
     monkeypatch.setattr(LakeWriter, "append", append)
     lake = Lake.create(tmp_path / "lake", profile="identified")
     s = ingest(lake, archive[0], fast_config())
-    assert seen == [("summaries_0", True)] and s.summaries == "rebuilt"
+    assert seen == [("lake-summaries", True)] and s.summaries == "rebuilt"
     assert derived(tmp_path / "lake") == {
         name: rows(t, name, "identified")
         for name, t in real_build(Lake.open(tmp_path / "lake"),
