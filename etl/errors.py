@@ -78,9 +78,10 @@ class SchedulerError(LakeError):
 
 class WorkerStartError(LakeError):
     """The local pool's worker processes died while starting, before any of them could
-    take a batch: usually a script that calls ``ingest()`` at its top level without
-    ``if __name__ == "__main__":`` (each worker imports the main module, which starts
-    the ingest again)."""
+    take a batch: usually, where the workers are spawned (no fork server: Windows), a
+    script that calls ``ingest()`` at its top level without ``if __name__ ==
+    "__main__":`` (each spawned worker imports the main module, which starts the ingest
+    again). Workers forked from the lake's server do not import it."""
 
     def __init__(self, main: str | None):
         where = f", here {main}" if main else ""

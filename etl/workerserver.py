@@ -5,7 +5,7 @@ method in this process (Python 3.14's default), and the server's imports leave p
 and numba without pandas and scipy (:mod:`etl.preload`), which the ingest workers never
 use but other code forked from it might. The classes below are ``multiprocessing``'s
 own, pointed at this server instead (``Popen._launch`` is the standard library's,
-Python 3.11-3.13).
+Python 3.11-3.13, except that a worker does not run the driver's main module).
 
 The server imports the worker code once (about a second of CPU), and every worker forked
 from it starts with that done. :func:`start` starts it in the background: ``lake
@@ -98,9 +98,19 @@ def resume() -> None:
             _paused = None
 
 
+#: what the preparation data of a child says about its parent's main module
+_MAIN_KEYS = ("init_main_from_path", "init_main_from_name")
+
+
 class _WorkerPopen(popen_forkserver.Popen):
     def _launch(self, process_obj):
         prep_data = spawn.get_preparation_data(process_obj._name)
+        # without the driver's main module: multiprocessing runs it in every child (as
+        # ``__mp_main__``) so that functions defined there can be unpickled. The workers
+        # only run the lake's functions, by module name; ``lake``'s main module imported
+        # the CLI (20 ms per worker, while the first batches waited)
+        for key in _MAIN_KEYS:
+            prep_data.pop(key, None)
         buf = io.BytesIO()
         set_spawning_popen(self)
         try:

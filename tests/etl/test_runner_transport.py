@@ -415,14 +415,9 @@ def test_a_wave_starts_once_the_wave_before_has_handed_its_last_task_to_the_pool
         [[f.path for f in b] for b in batches] for batches in (first, second)]
 
 
-def test_a_script_without_a_main_guard_fails_at_once_with_what_to_do(archive, tmp_path):
-    """Each worker of the process pool imports the main module: a script that calls
-    ingest() at its top level starts it again in every worker, which dies while starting
-    (here: the lake is being written). The run stops at the first crash with an error
-    that says what to do, instead of retrying (each retry's workers die the same way)."""
-    import subprocess
-    import sys
-
+def _unguarded_script(archive, tmp_path, preamble: str = ""):
+    """A script that calls ingest() at its top level (no main guard) on 20 files, and
+    prints ``finished`` and the modules its workers imported as ``__mp_main__``."""
     from lakehouse import Lake
 
     src = tmp_path / "src"
@@ -432,9 +427,48 @@ def test_a_script_without_a_main_guard_fails_at_once_with_what_to_do(archive, tm
     Lake.create(tmp_path / "lake", profile="identified")
     script = tmp_path / "unguarded.py"
     script.write_text(
-        "from etl import IngestConfig, ingest\nfrom lakehouse import Lake\n"
+        preamble + "from etl import IngestConfig, ingest\nfrom lakehouse import Lake\n"
         f"ingest(Lake.open({str(tmp_path / 'lake')!r}), {str(src)!r}, "
         "IngestConfig(scheduler='processes', workers=2))\nprint('finished')\n")
+    return script
+
+
+def test_workers_forked_from_the_server_do_not_run_the_main_module(archive, tmp_path):
+    """multiprocessing runs the parent's main module in each child it starts (as
+    ``__mp_main__``); the lake's workers only run its own functions, by module name, and
+    are started without it: a script that calls ingest() at its top level, without a
+    main guard, runs once, and its workers never import it (nor, for ``lake``, the
+    CLI)."""
+    import subprocess
+    import sys
+
+    from lakehouse import Lake
+
+    marks = tmp_path / "marks"
+    script = _unguarded_script(archive, tmp_path, preamble=(
+        "import os\n"
+        f"with open({str(marks)!r}, 'a') as f: f.write(__name__ + ' %d\\n' % os.getpid())\n"))
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=300)
+    assert (run.returncode, run.stdout.strip()) == (0, "finished"), run.stderr[-800:]
+    assert [line.split()[0] for line in marks.read_text().splitlines()] == ["__main__"]
+    assert Lake.open(tmp_path / "lake").count("instances") == 20
+
+
+def test_a_script_without_a_main_guard_fails_at_once_with_what_to_do(archive, tmp_path):
+    """Where the workers are spawned (no fork server: Windows), each imports the main
+    module: a script that calls ingest() at its top level starts it again in every worker,
+    which dies while starting (here: the lake is being written). The run stops at the
+    first crash with an error that says what to do, instead of retrying (each retry's
+    workers die the same way)."""
+    import subprocess
+    import sys
+
+    from lakehouse import Lake
+
+    # the platform without a fork server, in the script's process and its workers
+    script = _unguarded_script(archive, tmp_path, preamble=(
+        "import etl.workerserver\netl.workerserver.available = lambda: False\n"))
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 1 and "finished" not in run.stdout
