@@ -8,7 +8,9 @@ from dataclasses import asdict, dataclass
 
 from etl.errors import SchedulerError
 
-#: First read of a header-only read; the buffer grows (doubling) only as the walk needs.
+#: The per-file path's first read of a header-only read (its buffer then grows, doubling,
+#: only as its walk needs), and the most the batch path reads of a file (its first read
+#: is ``etl.batchread.FIRST_BYTES``).
 HEAD_BYTES = 32 * 1024
 #: The schedulers of this machine's own processes or threads.
 LOCAL_SCHEDULERS = ("processes", "threads", "synchronous")

@@ -40,7 +40,7 @@ from pydicom.uid import (
 )
 
 from etl import batchread, batchwalk, extract
-from etl.batchread import read_batch
+from etl.batchread import _PIXEL_TAG, head_of, read_batch
 from etl.config import IngestConfig
 from etl.discover import FoundFile, walk
 from etl.extract import extract_batch
@@ -138,12 +138,12 @@ def assert_same_rows(files: Sequence[FoundFile], policy: Policy | None, *,
 
 
 def statuses(paths: Sequence[Path], *, whole: bool = False) -> list[int]:
-    """The element walk's status of each file, from its first ``HEAD_BYTES`` (a
-    header-only read) or from all of it (``whole``)."""
+    """The element walk's status of each file, from the first bytes the batch path walks
+    (``head_of``: a header-only read) or from all of it (``whole``)."""
     bufs, sizes = [], []
     for p in paths:
         data = p.read_bytes()
-        bufs.append(data if whole else data[:HEAD_BYTES])
+        bufs.append(data if whole else head_of(data))
         sizes.append(len(data))
     return batchwalk.walk(bufs, sizes).status.tolist()
 
@@ -342,6 +342,15 @@ def _crafted(root: Path) -> dict[str, tuple[bytes, int, int]]:
     ds = base(uid)
     ds.ImageComments = "long comment " * 3000
     out["header_40k.dcm"] = (part10(ds), w.MORE, w.CLEAN)
+    # a header of 12 KB: the first read (8 KB) does not see Pixel Data and reads on
+    ds = base(uid)
+    ds.ImageComments = "long comment " * 900
+    ds.PixelData = bytes(40000)
+    out["header_12k.dcm"] = (part10(ds), w.CLEAN, w.CLEAN)
+    # Pixel Data's tag by chance in a value of the first 8 KB, the header 12 KB long:
+    # the first read stops there, the walk needs more, the per-file path reads on
+    ds.private_block(0x0009, "LAKE TEST", create=True).add_new(0x01, "OB", _PIXEL_TAG * 2)
+    out["pixel_tag_in_value.dcm"] = (part10(ds), w.MORE, w.CLEAN)
     desc = good.index(b"Axial 1.25")
     out["cut_in_element.dcm"] = (good[:desc + 4], w.STRUCTURE, w.STRUCTURE)
     # SeriesDescription (0008,103E) rewritten with VR UN (a 4-byte length)
@@ -410,6 +419,8 @@ CRAFTED_OUTCOMES = {
     "deflated.dcm": ("ok", None),
     "unknown_syntax.dcm": ("quarantined", "unsupported_transfer_syntax"),
     "header_40k.dcm": ("ok", None),
+    "header_12k.dcm": ("ok", None),
+    "pixel_tag_in_value.dcm": ("ok", None),
     "cut_in_element.dcm": ("quarantined", "truncated"),
     "un_element.dcm": ("ok", None),
     "sequence.dcm": ("ok", None),
@@ -462,15 +473,44 @@ def test_crafted_files_in_one_batch(crafted):
 def test_crafted_files_on_each_path(crafted, checksum):
     """Exactly the files the walk does not call clean, and the clean one without its
     required UIDs, go to the per-file path; the rest are read column by column. The
-    batch path walks a file's first ``HEAD_BYTES`` whatever the checksum mode, so
-    header_40k.dcm goes to the per-file path even when the whole file was read."""
+    batch path walks the same first bytes of a file whatever the checksum mode
+    (``head_of``), so header_40k.dcm goes to the per-file path even when the whole file
+    was read."""
     root, files = crafted
     paths = sorted(root / n for n in files)
     _, sent = _per_file_paths(found(paths), None, checksum=checksum)
     expected = sorted(str(root / n) for n, (_, head, _) in files.items()
                       if head != batchwalk.CLEAN or n == "meta_only.dcm")
     assert sorted(sent) == expected
-    assert len(sent) == 17
+    assert len(sent) == 18
+
+
+@pytest.mark.parametrize("checksum", CHECKSUMS)
+def test_the_batch_path_walks_the_first_bytes_it_needs(crafted, checksum, monkeypatch):
+    """A header-only read takes a file's first 8 KB, and reads on to 32 KB only when
+    Pixel Data is not seen in them; a whole-file read walks the same bytes
+    (``head_of``)."""
+    from etl import batchread
+
+    root, files = crafted
+    paths = sorted(root / n for n in files)
+    walked: list[bytes] = []
+    real = batchread._fast_rows
+
+    def spy(files, index, bufs, *rest, **kw):
+        walked.extend(bufs)
+        return real(files, index, bufs, *rest, **kw)
+
+    monkeypatch.setattr(batchread, "_fast_rows", spy)
+    read_batch(found(paths), IngestConfig(checksum=checksum), "run", None,
+               extract.BATCH_SCHEMA)
+    whole = [p.read_bytes() for p in paths]
+    assert walked == [head_of(d) for d in whole]
+    lengths = {p.name: len(b) for p, b in zip(paths, walked, strict=True)}
+    assert lengths["pixels_40k.dcm"] == batchread.FIRST_BYTES == 8192
+    assert lengths["header_12k.dcm"] == lengths["header_40k.dcm"] == HEAD_BYTES == 32768
+    assert lengths["pixel_tag_in_value.dcm"] == 8192  # the tag seen: the walk asks for more
+    assert lengths["clean.dcm"] == len(files["clean.dcm"][0]) < 8192  # the whole file
 
 
 # --- sequences (explicit VR: on the batch path, decoded by the per-file walk) ---------
