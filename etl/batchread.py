@@ -160,8 +160,8 @@ def clear_memos() -> None:
 #: The first read of a file's header: most headers end well within it (a CT slice's
 #: Pixel Data starts 1.5-6 KB in). A file whose Pixel Data tag is not in it is read on
 #: to ``HEAD_BYTES`` (:func:`head_of`). Against a first read of ``HEAD_BYTES`` (32 KB), a
-#: worker spent 7-11 us less CPU per CT slice: the kernel's copy, the batch buffer's and
-#: the page faults of the memory they fill.
+#: worker spends 5-10 us less CPU per CT slice (of about 50): the kernel's copy into the
+#: buffer, and the batch buffer's copy of it.
 FIRST_BYTES = 8 * 1024
 #: Pixel Data's tag as the batch walk reads it (little endian), and the bytes of the
 #: element header that follow its tag (explicit VR, a 4-byte length)
