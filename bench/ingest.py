@@ -602,6 +602,8 @@ def render(report: dict) -> str:
                        f"{res['cpu_seconds_workers']:.1f}; no-op rerun "
                        f"{res['rerun_seconds']:.2f} s (the child process "
                        f"{res['rerun_child_wall_seconds']:.2f} s); "
+                       f"ingest/base per round (each round's baseline): "
+                       f"{', '.join(f'{r:.2f}x' for r in res.get('paired_ratios', []))}; "
                        f"outcomes {res['outcomes']}"
                        f"{'' if res['matches_truth'] else '  (DIFFER FROM GROUND TRUTH)'}")
     flat = report.get("flatness")
