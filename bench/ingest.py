@@ -550,20 +550,23 @@ def compile_project() -> str:
         return "written by Python at first import"
     import compileall
 
-    import etl
-
-    repo = Path(etl.__file__).resolve().parent.parent
+    repo = project_root()
     ok = all(compileall.compile_dir(repo / p, quiet=1) if (repo / p).is_dir()
              else compileall.compile_file(repo / p, quiet=1) for p in PROJECT)
     return ("compiled by this script (the interpreter does not write it)" if ok
             else "compiled by this script, with errors (some modules compile at each start)")
 
 
-def code_revision() -> str:
-    """Git commit of the code under test (``+dirty`` with uncommitted changes), if known."""
+def project_root() -> Path:
+    """The folder of the project under test (where ``etl`` is imported from)."""
     import etl
 
-    repo = Path(etl.__file__).resolve().parent.parent
+    return Path(etl.__file__).resolve().parent.parent
+
+
+def code_revision() -> str:
+    """Git commit of the code under test (``+dirty`` with uncommitted changes), if known."""
+    repo = project_root()
     try:
         rev = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
                              capture_output=True, text=True, check=True).stdout.strip()
