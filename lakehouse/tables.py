@@ -83,8 +83,8 @@ CHECKPOINT_EVERY = 10
 _HOOKS = PostCommitHookProperties(create_checkpoint=False, cleanup_expired_logs=False)
 #: Rows per Parquet row group; large enough for scans, small enough for pruning.
 ROW_GROUP_ROWS = 64_000
-#: Partition files of one commit encoded and written at once (Parquet encoding, zstd,
-#: the checksum and the write release the GIL).
+#: Partition files of one commit encoded and written at once (Parquet encoding, its
+#: compression, the checksum and the write release the GIL).
 STAGE_THREADS = 2
 #: Columns whose values are (nearly) all distinct: no dictionary encoding (Parquet would
 #: build a dictionary for each of their pages, then give it up).
@@ -93,6 +93,14 @@ NO_DICTIONARY = frozenset({"dicom_json"})
 #: costs more to write (a third of a small file's encoding) and to store than it saves
 #: on a few hundred rows (bench/README.md, thirteenth session).
 DICTIONARY_MIN_ROWS = 1_000
+#: Files of fewer rows are compressed with Snappy, larger ones with zstd. Arrow
+#: compresses each page on its own, and a column of a small file is one page: zstd's
+#: start on each of them took a small file's encoding from 1.2 to 2.1-2.8 ms (60
+#: columns, 11 rows), while the few hundred rows gain little from it (the file's
+#: footer and schema are most of it). Snappy costs about what no compression does, and
+#: every Parquet reader reads it. Compaction writes the rows again in a larger file
+#: (bench/README.md, thirty-fourth session).
+ZSTD_MIN_ROWS = 1_000
 #: Columns written without min/max statistics: nothing filters on them, and the largest
 #: values of a page of whole headers made 18 % of an instances file.
 NO_STATISTICS = frozenset({"dicom_json"})
@@ -782,11 +790,12 @@ class LakeWriter:
             for k, v in values.items()
         )
         rel = f"{subdir}/" if subdir else ""
-        rel += f"{file_prefix(self.run_id)}{uuid.uuid4().hex[:12]}.zstd.parquet"
+        codec = codec_for(part.num_rows)
+        rel += f"{file_prefix(self.run_id)}{uuid.uuid4().hex[:12]}.{codec}.parquet"
         body = part.drop_columns(list(spec.partition_by))
         body = body.replace_schema_metadata({**(body.schema.metadata or {}), **meta})
         sink = pa.BufferOutputStream()
-        pq.write_table(body, sink, compression="zstd", row_group_size=ROW_GROUP_ROWS,
+        pq.write_table(body, sink, compression=codec, row_group_size=ROW_GROUP_ROWS,
                        use_dictionary=dictionary_columns(body.schema)
                        if body.num_rows >= DICTIONARY_MIN_ROWS else False,
                        write_statistics=leaf_columns(body.schema, NO_STATISTICS))
@@ -817,6 +826,11 @@ class LakeWriter:
             raise self._conflict from None
         self.base = snap
         return snap
+
+
+def codec_for(rows: int) -> str:
+    """The Parquet compression of a lake file of ``rows`` rows (see :data:`ZSTD_MIN_ROWS`)."""
+    return "zstd" if rows >= ZSTD_MIN_ROWS else "snappy"
 
 
 def dictionary_columns(schema: pa.Schema) -> list[str]:

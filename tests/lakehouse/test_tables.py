@@ -295,10 +295,16 @@ def test_partition_files_are_written_by_threads_with_dictionaries_where_values_r
     threads). A file of at least DICTIONARY_MIN_ROWS rows has every column
     dictionary-encoded, lists included, but the DICOM JSON (every header is distinct); a
     smaller file has no dictionaries. No file has statistics of the DICOM JSON; every
-    other column has them."""
+    other column has them. A file of at least ZSTD_MIN_ROWS rows is compressed with zstd,
+    a smaller one with Snappy, and its name says which."""
     import threading
 
-    from lakehouse.tables import DICTIONARY_MIN_ROWS, LakeWriter, dictionary_columns
+    from lakehouse.tables import (
+        DICTIONARY_MIN_ROWS,
+        ZSTD_MIN_ROWS,
+        LakeWriter,
+        dictionary_columns,
+    )
 
     threads: list[str] = []
     stage = LakeWriter._stage
@@ -323,12 +329,16 @@ def test_partition_files_are_written_by_threads_with_dictionaries_where_values_r
         w.publish()
         files = pa.table(w.current("instances").get_add_actions(flatten=True)).to_pylist()
     assert len(files) == 16
+    assert ZSTD_MIN_ROWS == DICTIONARY_MIN_ROWS  # the rows below: one file of each kind
     encodings: dict[int, dict[str, set]] = {}
+    codecs: dict[int, set[tuple[str, str]]] = {}
     for f in files:
         meta = pq.read_metadata(table_path(tmp_path / "lake", "instances") / f["path"])
         assert meta.num_rows in (4, DICTIONARY_MIN_ROWS)
         for c in range(meta.num_columns):
             col = meta.row_group(0).column(c)
+            codecs.setdefault(meta.num_rows, set()).add(
+                (col.compression, f["path"].rsplit(".", 2)[1]))
             encodings.setdefault(meta.num_rows, {}).setdefault(
                 col.path_in_schema, set()).update(col.encodings)
             assert col.is_stats_set == (col.path_in_schema != "dicom_json"), col.path_in_schema
@@ -339,6 +349,7 @@ def test_partition_files_are_written_by_threads_with_dictionaries_where_values_r
     assert set(dictionary_columns(data.schema)) - set(spec.partition_by) == \
         {c for c, e in large.items() if "RLE_DICTIONARY" in e}
     assert not any("RLE_DICTIONARY" in e for e in tiny.values())
+    assert codecs == {DICTIONARY_MIN_ROWS: {("ZSTD", "zstd")}, 4: {("SNAPPY", "snappy")}}
     assert threads and all(t.startswith("stage") for t in threads)
     back = Lake.open(tmp_path / "lake").read("instances")
     assert sorted(back.column("SOPInstanceUID").to_pylist()) == sorted(r["SOPInstanceUID"]
