@@ -82,6 +82,32 @@ def test_runs_compact_what_they_leave_small(nightly, tmp_path):
     assert ingest(compacted, nightly[-1], fast_config(compact_files=3)).summaries == "current"
 
 
+def test_a_first_run_does_not_look_at_tables_that_were_empty(nightly, tmp_path, monkeypatch):
+    """Every table of a new lake is empty at version 0: its first run holds only its own
+    files, which it leaves as written, so no table is opened again to look for files to
+    compact. The next run looks at each table it wrote, and at the run log."""
+    looked: list[list[str]] = []
+
+    def spy(w, name, *args, **kwargs):
+        looked[-1].append(name)
+        return compact(w, name, *args, **kwargs)
+
+    compact = jobs.compact
+    monkeypatch.setattr(jobs, "compact", spy)
+    lake = Lake.create(tmp_path / "lake", profile="identified")
+    versions = []
+    for part in nightly[:2]:
+        looked.append([])
+        ingest(lake, part, fast_config(compact_files=1))
+        versions.append(lake.snapshot().versions)
+    assert looked[0] == []
+    assert all(versions[0][n] > 0 for n in  # what the first run wrote, unlooked at
+               ("instances", "files", "series", "studies", "ingest_runs"))
+    written = {n for n, v in versions[1].items() if v != versions[0][n]} - {"ingest_runs"}
+    assert {"instances", "files", "series", "studies"} <= written
+    assert sorted(looked[1]) == sorted(written | {"ingest_runs"})
+
+
 def test_compact_files_zero_and_the_cli(nightly, tmp_path, capsys):
     lake = tmp_path / "lake"
     assert main(["init", "--lake", str(lake), "--profile", "identified"]) == 0
