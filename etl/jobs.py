@@ -731,6 +731,8 @@ class _Job:
         died before summarizing)."""
         kept, self._run_rows = self._run_rows, None
         built, self._built = self._built, None
+        if built is not None and built[0] != self.w.versions["instances"]:
+            built[1].exception()  # not used, but its thread is done with the table first
         rows = pa.concat_tables(kept) if kept else None
         current, code = self.w.versions["instances"], self._summaries_code
         since, whole = self.w.extra.get("summaries_from"), self._rebuilds_summaries()

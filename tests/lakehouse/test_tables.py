@@ -112,6 +112,61 @@ def test_tables_are_checkpointed_every_ten_commits_and_keep_every_version(tmp_pa
     assert lake.count("quarantine") == 23
 
 
+def test_a_writer_opens_each_table_once_and_reads_it_on_after_each_commit(tmp_path,
+                                                                         monkeypatch):
+    """After each of its commits (appends, an overwrite, a replace, a compaction, the
+    tenth commit's checkpoint) a writer's table is the object it committed with, read on
+    to the new version, not opened again; its files are those of the version opened
+    afresh. If reading on fails, the table is opened afresh when next used."""
+    from lakehouse.optimize import compact
+
+    lake = Lake.create(tmp_path / "lk", profile="identified")
+    opened: list[str] = []
+    open_delta = Lake.open_delta
+
+    def counting(self, name, version=None):
+        opened.append(name)
+        return open_delta(self, name, version)
+
+    monkeypatch.setattr(Lake, "open_delta", counting)
+    day = dt.date(2024, 5, 1)
+
+    def studies(uids, modality):
+        return pa.table({"StudyInstanceUID": uids, "Modality": [modality] * len(uids),
+                         "study_year": [2024] * len(uids), "StudyDate": [day] * len(uids)})
+
+    def same_as_opened_afresh(w, name):
+        fresh = DeltaTable(str(table_path(lake.root, name)), version=w.versions[name])
+        mine = w.current(name)
+        assert mine.version() == w.versions[name] == fresh.version()
+        assert sorted(mine.file_uris()) == sorted(fresh.file_uris())
+        return mine
+
+    with lake.writer("r1") as w:
+        opened.clear()
+        table = None
+        for i in range(12):  # the tenth commit is checkpointed
+            w.append("studies", studies([f"{i}.1", f"{i}.2"], ["CT", "MR"][i % 2]))
+            now = same_as_opened_afresh(w, "studies")
+            assert table is None or now is table
+            table = now
+        w.replace("studies", "StudyInstanceUID", pa.array(["0.1"]), studies(["0.1"], "US"))
+        assert same_as_opened_afresh(w, "studies") is table
+        assert compact(w, "studies").rewritten == 12  # six small files in each of CT, MR
+        assert same_as_opened_afresh(w, "studies") is table
+        w.overwrite("quarantine", pa.table({"reason": ["a", "b"]}))
+        quarantine = same_as_opened_afresh(w, "quarantine")
+        assert opened == ["studies", "quarantine"]
+        # reading on fails: the next use opens the table again, at the commit's version
+        monkeypatch.setattr(DeltaTable, "load_as_version", lambda *a, **k: 1 / 0)
+        w.append("quarantine", pa.table({"reason": ["c"]}))
+        assert same_as_opened_afresh(w, "quarantine") is not quarantine
+        assert opened == ["studies", "quarantine", "quarantine"]
+        w.publish()
+    assert sorted(lake.read("quarantine").column("reason").to_pylist()) == ["a", "b", "c"]
+    assert lake.count("studies") == 24
+
+
 def test_partial_files_of_a_writer_that_died_are_removed_by_the_next(tmp_path):
     """A writer that dies (no clean release) may leave partial ``.staging-*`` files in
     table folders; the next writer removes them. After a clean release the next writer
