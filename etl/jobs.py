@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -40,18 +40,9 @@ from etl.listings import Listings, listings_path
 from lakehouse.optimize import MiB, compact
 from lakehouse.provenance import code_version, config_hash, new_run_id
 from lakehouse.schemas import SCHEMA_VERSION, TABLES
-from lakehouse.tables import (
-    ConcurrentWriteError,
-    Lake,
-    LakeWriter,
-    Staged,
-    group_order,
-    partition_codes,
-)
+from lakehouse.tables import ConcurrentWriteError, Lake, LakeWriter, group_order, partition_codes
 
 if TYPE_CHECKING:  # pydicom, through the policy: a no-op rerun never loads it
-    from deltalake import DeltaTable
-
     from lakehouse.deid import Policy
 
 log = logging.getLogger(__name__)
@@ -264,7 +255,6 @@ class _Job:
         try:
             self._run(source)
         finally:
-            self._drop_built_summaries()  # a run that failed after its last commit began
             self._hasher.close()
 
     def _run(self, source: Path) -> None:
@@ -720,52 +710,19 @@ class _Job:
 
     def _build_summaries_meanwhile(self) -> None:
         """At the run's last commit of instances, when the summaries are to be built whole
-        from the run's kept rows: build them, and write their files, in a thread while the
-        commit goes on (the vault's pairs, the ``files`` rows, the snapshot), for
-        :meth:`_summarize_if_stale` to commit. DuckDB builds them and Arrow encodes them
-        outside the GIL, beside that commit's Python work: the run's tail is shorter by
-        most of the build (0.12 s of a 20,000-file first run's 0.6 s) and of the writes. If
-        the commit fails, the files are removed (:meth:`_drop_built_summaries`)."""
+        from the run's kept rows: build them in a thread while the commit goes on (the
+        vault's pairs, the ``files`` rows, the snapshot), for :meth:`_summarize_if_stale`
+        to write. DuckDB builds them outside the GIL, beside that commit's Python work:
+        the run's tail is shorter by most of the build (0.12 s of a 20,000-file first
+        run's 0.6 s). The build only reads: if the commit fails, its result is dropped."""
         if not self._run_rows or not self._rebuilds_summaries():
             return
         rows = pa.concat_tables(self._run_rows)
         self._run_rows = None
-        built: Future[dict[str, Staged]] = Future()
+        built: Future[dict[str, pa.Table]] = Future()
         self._built = (self.w.versions["instances"], built)
         threading.Thread(target=_settle, name="lake-summaries", args=(built, functools.partial(
-            self._build_and_stage, self.w.current("instances"), rows))).start()
-
-    def _build_and_stage(self, instances: DeltaTable, rows: pa.Table) -> dict[str, Staged]:
-        """The summaries of ``instances`` (a version of which ``rows`` are every row), each
-        written as the files of an overwrite of its table, not committed: the files are
-        encoded and written here too, beside the last commit (0.2 s of a 20,000-file CT
-        run's tail), and :meth:`_summarize_if_stale` only commits them. If a table cannot be
-        written, the files already written for the others are removed."""
-        staged: dict[str, Staged] = {}
-        try:
-            for name, table in summarize.build(self.lake, instances, rows).items():
-                staged[name] = self.w.stage_overwrite(name, table)
-        except BaseException:
-            self._discard(staged.values())
-            raise
-        return staged
-
-    def _drop_built_summaries(self) -> None:
-        """Remove the files of summaries built and written during the last commit and not
-        committed (the run failed, or they are not of the current version), once their
-        thread is done."""
-        built, self._built = self._built, None
-        if built is not None and built[1].exception() is None:
-            self._discard(built[1].result().values())
-
-    def _discard(self, staged: Iterable[Staged]) -> None:
-        """Remove summary files written and not committed (their build not used)."""
-        for files in staged:
-            try:
-                self.w.discard_staged(files)
-            except OSError as exc:  # left for `lake vacuum`: no version references them
-                log.warning("%s: summary files written and not used not removed: %s",
-                            files.name, exc)
+            summarize.build, self.lake, self.w.current("instances"), rows))).start()
 
     def _summarize_if_stale(self) -> None:
         """Bring series/studies/patients/dose_events up to this instances version: updated
@@ -773,9 +730,9 @@ class _Job:
         run or when the summary code changed (also repairs the summaries after a run that
         died before summarizing)."""
         kept, self._run_rows = self._run_rows, None
-        if self._built is not None and self._built[0] != self.w.versions["instances"]:
-            self._drop_built_summaries()  # not of the current version: not used
         built, self._built = self._built, None
+        if built is not None and built[0] != self.w.versions["instances"]:
+            built[1].exception()  # not used, but its thread is done with the table first
         rows = pa.concat_tables(kept) if kept else None
         current, code = self.w.versions["instances"], self._summaries_code
         since, whole = self.w.extra.get("summaries_from"), self._rebuilds_summaries()
@@ -795,13 +752,10 @@ class _Job:
         if updates is None:
             # the run's rows are all of the version's: the lake had none before it (build
             # checks the count: ingest only ever appends instances)
-            if built is not None:  # built and written meanwhile: committed now
-                for staged in built[1].result().values():
-                    self.w.commit_staged(staged)
-            else:
-                tables = summarize.build(self.lake, self.w.current("instances"), rows)
-                for name, table in tables.items():
-                    self.w.overwrite(name, table)
+            tables = built[1].result() if built is not None and built[0] == current else \
+                summarize.build(self.lake, self.w.current("instances"), rows)
+            for name, table in tables.items():
+                self.w.overwrite(name, table)
             self.summary.summaries = "rebuilt"
         else:
             for name, u in updates.items():

@@ -439,17 +439,6 @@ class Lake:
         return LakeWriter(self, run_id, lease_seconds)
 
 
-@dataclass(frozen=True)
-class Staged:
-    """Files written for a table and not committed yet (:meth:`LakeWriter.stage_overwrite`)."""
-
-    name: str
-    adds: list[AddAction]
-    schema: pa.Schema
-    param_hash: str
-    checksums: dict[str, str]
-
-
 class LakeWriter:
     """The single writer of a lake. Use as a context manager.
 
@@ -711,46 +700,21 @@ class LakeWriter:
 
     def _write(self, name: str, data: pa.Table, mode: str, param_hash: str,
                removes: list[RemoveAction] | None = None) -> int:
-        table = conform(TABLES[name], data, self.lake.profile)
+        spec = TABLES[name]
+        table = conform(spec, data, self.lake.profile)
         if table.num_rows == 0 and mode == "append" and not removes:
             return self.versions[name]
         data_change = not removes or any(r.data_change for r in removes)
-        staged = self._stage_table(name, table, param_hash, data_change)
-        return self._commit(name, [*staged.adds, *(removes or [])], mode, staged.schema,
-                            param_hash, staged.checksums)
-
-    def stage_overwrite(self, name: str, data: pa.Table, param_hash: str = "") -> Staged:
-        """Write the files of :meth:`overwrite` of ``name`` by ``data`` without committing
-        them: :meth:`commit_staged` commits them later, :meth:`discard_staged` removes them.
-        Safe to call from another thread than the one committing (it reads nothing of the
-        writer's state that a commit changes): the files are written while other commits
-        go on."""
-        table = conform(TABLES[name], data, self.lake.profile)
-        return self._stage_table(name, table, param_hash, True)
-
-    def commit_staged(self, staged: Staged) -> int:
-        """Commit the files of :meth:`stage_overwrite` as an overwrite; returns the
-        version."""
-        return self._commit(staged.name, list(staged.adds), "overwrite", staged.schema,
-                            staged.param_hash, staged.checksums)
-
-    def discard_staged(self, staged: Staged) -> None:
-        """Remove the files of :meth:`stage_overwrite` (never committed)."""
-        root = as_rel(layout.table_path(_REL, staged.name))
-        for add in staged.adds:
-            self.storage.remove(f"{root}/{add.path}")
-
-    def _stage_table(self, name: str, table: pa.Table, param_hash: str,
-                     data_change: bool) -> Staged:
-        """Each partition of ``table`` (conformed) written as a new file of ``name``."""
         stage, checksums = self._stager(name, param_hash, data_change)
-        parts = list(_partitions(table, TABLES[name]))
+        parts = list(_partitions(table, spec))
+        actions: list[AddAction | RemoveAction]
         if len(parts) > 1:
             with ThreadPoolExecutor(STAGE_THREADS, thread_name_prefix="stage") as pool:
-                adds = list(pool.map(stage, parts))
+                actions = list(pool.map(stage, parts))
         else:
-            adds = [stage(item) for item in parts]
-        return Staged(name, adds, table.schema, param_hash, checksums)
+            actions = [stage(item) for item in parts]
+        actions += removes or []
+        return self._commit(name, actions, mode, table.schema, param_hash, checksums)
 
     def _stager(self, name: str, param_hash: str, data_change: bool) -> tuple[
             Callable[[tuple[dict[str, str | None], pa.Table]], AddAction], dict[str, str]]:
