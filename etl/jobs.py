@@ -732,7 +732,9 @@ class _Job:
         kept, self._run_rows = self._run_rows, None
         built, self._built = self._built, None
         if built is not None and built[0] != self.w.versions["instances"]:
-            built[1].exception()  # not used, but its thread is done with the table first
+            # not used; waited for all the same: its thread reads the writer's instances
+            # table, which the next commit to it reads on in place (LakeWriter._advance)
+            built[1].exception()
         rows = pa.concat_tables(kept) if kept else None
         current, code = self.w.versions["instances"], self._summaries_code
         since, whole = self.w.extra.get("summaries_from"), self._rebuilds_summaries()

@@ -772,13 +772,11 @@ class LakeWriter:
         caller takes a table from :meth:`current` for one operation, never across a commit
         to that table, so no one holds the object as it moves. If the read fails, the table
         is opened afresh when next used."""
-        if self._opened.get(name) is not dt:
-            return
         try:
             dt.load_as_version(version)
         except Exception as exc:
             log.debug("%s reopened at version %d (not read on: %s)", name, version, exc)
-            del self._opened[name]
+            self._opened.pop(name, None)
 
     def _checkpoint(self, name: str, version: int) -> None:
         """A checkpoint of table ``name`` at ``version`` (this writer's version of it)
