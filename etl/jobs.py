@@ -720,9 +720,15 @@ class _Job:
         rows = pa.concat_tables(self._run_rows)
         self._run_rows = None
         built: Future[dict[str, pa.Table]] = Future()
-        self._built = (self.w.versions["instances"], built)
-        threading.Thread(target=_settle, name="lake-summaries", args=(built, functools.partial(
-            summarize.build, self.lake, self.w.current("instances"), rows))).start()
+        version = self.w.versions["instances"]
+        self._built = (version, built)
+
+        def build() -> dict[str, pa.Table]:
+            # the version opened for the build alone: the writer's own table object is
+            # read on in place by its next commit to instances (LakeWriter._advance)
+            return summarize.build(self.lake, self.lake.open_delta("instances", version), rows)
+
+        threading.Thread(target=_settle, name="lake-summaries", args=(built, build)).start()
 
     def _summarize_if_stale(self) -> None:
         """Bring series/studies/patients/dose_events up to this instances version: updated
@@ -731,10 +737,6 @@ class _Job:
         died before summarizing)."""
         kept, self._run_rows = self._run_rows, None
         built, self._built = self._built, None
-        if built is not None and built[0] != self.w.versions["instances"]:
-            # not used; waited for all the same: its thread reads the writer's instances
-            # table, which the next commit to it reads on in place (LakeWriter._advance)
-            built[1].exception()
         rows = pa.concat_tables(kept) if kept else None
         current, code = self.w.versions["instances"], self._summaries_code
         since, whole = self.w.extra.get("summaries_from"), self._rebuilds_summaries()

@@ -92,3 +92,16 @@ def fast_config(**kw) -> IngestConfig:
     """In-process Dask scheduler for tests that run many small ingests."""
     kw.setdefault("scheduler", "synchronous")
     return IngestConfig(**kw)
+
+
+def fixed_key_file(path: Path) -> Path:
+    """A key file at ``path`` (owner-only) holding the same key in every session, for a
+    research lake whose outputs are scanned for planted identifiers: dates move by a
+    number of weeks drawn from the key, and with a random key one patient's shifted
+    StudyDate sometimes equalled another patient's original birth date, which the scans
+    then reported (seen twice: a 67-year-old's study on a child's birth date, and
+    ``20140929``). ``lake init`` and ``Lake.create`` keep a key file that exists."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(bytes(range(7, 39)).hex() + "\n")
+    return path

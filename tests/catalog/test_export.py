@@ -21,7 +21,7 @@ from lakehouse import Lake
 from lakehouse.privacy import KeyError_
 from synth import generate_archive
 from synth.phi import MARKER_PREFIX, plant_phi
-from tests.conftest import fast_config
+from tests.conftest import fast_config, fixed_key_file
 
 CT_MR = "SELECT SeriesInstanceUID FROM series WHERE Modality IN ('CT', 'MR')"
 
@@ -165,20 +165,12 @@ def test_nifti_geometry_matches_the_series(cohort_lake, tmp_path):
 @pytest.fixture(scope="module")
 def research_lake(tmp_path_factory):
     """A research lake of a generated archive full of planted PHI, with a saved cohort of
-    every series.
-
-    Its key is fixed, as in ``tests/privacy/test_research_lake.py``: dates move by a
-    number of weeks drawn from the key, and with a new random key per session one
-    patient's shifted StudyDate sometimes equalled another patient's original birth date,
-    a planted identifier, which the byte scans below then reported (seen once, as
-    ``20140929``)."""
+    every series. Its key is fixed (:func:`tests.conftest.fixed_key_file`): the byte
+    scans below look for planted birth dates."""
     root = tmp_path_factory.mktemp("research-export")
     truth = generate_archive(root / "archive", seed=7, preset="test")
     phi = plant_phi(root / "archive", truth)
-    key = root / "lake.key"
-    fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(bytes(range(7, 39)).hex() + "\n")
+    key = fixed_key_file(root / "lake.key")
     lake = Lake.create(root / "lake", profile="research", key_file=key)
     ingest(lake, root / "archive", fast_config(), key_file=key)
     cohorts.save(lake, "everything", sql="SELECT SeriesInstanceUID FROM series")

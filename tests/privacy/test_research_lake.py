@@ -20,6 +20,7 @@ from lakehouse import Lake
 from lakehouse.privacy import KeyError_, Pseudonymizer, read_key_file
 from synth import generate_archive
 from synth.phi import MARKER_PREFIX, plant_phi
+from tests.conftest import fixed_key_file
 
 
 @pytest.fixture(scope="module")
@@ -33,17 +34,11 @@ def planted(tmp_path_factory):
 @pytest.fixture(scope="module")
 def research(planted, tmp_path_factory):
     """The planted archive ingested through the CLI into a research lake, output captured.
-
-    The lake's key is fixed (``lake init`` keeps a key file that exists): with a new
-    random key per run, a patient's shifted StudyDate sometimes fell on another patient's
-    original birth date, a planted identifier, and the string scans below reported it
-    (seen once: a 67-year-old's study shifted onto a child's birth date)."""
+    The lake's key is fixed (:func:`tests.conftest.fixed_key_file`): the string scans
+    below look for planted birth dates."""
     root, _truth, _phi = planted
     lake = tmp_path_factory.mktemp("rl") / "lake"
-    key = lake.parent / "lake.key"
-    fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(bytes(range(7, 39)).hex() + "\n")
+    key = fixed_key_file(lake.parent / "lake.key")
     logger = logging.getLogger()
     records: list[str] = []
 
