@@ -180,8 +180,10 @@ def _start_workers(scheduler: str) -> None:
 def cmd_ingest(args) -> int:
     scheduler = args.scheduler or ("local-cluster" if args.workers else "processes")
     _start_workers(scheduler)
-    from etl.leaveout import INGEST_LEFT_OUT, leave_out
+    from etl.leaveout import INGEST_LEFT_OUT, leave_out, one_blas_thread
 
+    if args.own_process:  # numpy's BLAS threads: nothing for them to do in this process
+        one_blas_thread()
     # in a process of its own only (a program that called main() goes on after it), and
     # for a folder (a PACS or object store source brings its client libraries)
     alone = args.own_process and "://" not in args.source

@@ -221,8 +221,9 @@ def child_main(argv: list[str]) -> None:
     from etl.workerserver import start
 
     start(scheduler)
-    from etl.leaveout import INGEST_LEFT_OUT, leave_out
+    from etl.leaveout import INGEST_LEFT_OUT, leave_out, one_blas_thread
 
+    one_blas_thread()  # as `lake ingest` does, before this process loads numpy
     leave_out(INGEST_LEFT_OUT)  # as `lake ingest` of a folder does, for its whole process
     import logging
 

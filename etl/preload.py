@@ -23,6 +23,9 @@ than a third of the server's start, and the workers wait for it.
   can run (0.02-0.03 s; ingest reads headers only, and never decodes pixels), and
   jinja2, which Dask imports for its notebook displays (0.017 s).
 
+numpy's BLAS starts no threads in the server (:func:`etl.leaveout.one_blas_thread`:
+they spun for 0.1 s of CPU while the server loaded, and the workers do no linear algebra).
+
 They stay importable in the workers afterwards; only what those libraries found missing
 at import stays so there (numba's BLAS functions, pydicom's downloads through requests
 and its Pillow and pylibjpeg decoders; pyarrow's own pandas conversions still import
@@ -34,7 +37,7 @@ import gc
 import signal
 import sys
 
-from etl.leaveout import leave_out
+from etl.leaveout import leave_out, one_blas_thread
 
 
 def _continue_when_orphaned() -> None:
@@ -59,6 +62,7 @@ LEFT_OUT = ("scipy", "pandas", "requests", "tqdm", "cffi", "PIL", "pylibjpeg", "
 
 # the server must start whatever happens here: each worker then loads the code at its
 # first batch, and a batch path that cannot run reads its batches file by file
+one_blas_thread()
 restore = leave_out(LEFT_OUT)
 try:
     with contextlib.suppress(Exception):

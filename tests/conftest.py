@@ -94,6 +94,24 @@ def fast_config(**kw) -> IngestConfig:
     return IngestConfig(**kw)
 
 
+def unnamed_threads(pid: int) -> int | None:
+    """The threads of process ``pid`` named as its main thread: a library's threads that
+    do not name themselves, as OpenBLAS's (Arrow's jemalloc names its own). None without
+    /proc. Imports nothing but ``os`` (its source runs in fresh interpreters too)."""
+    tasks = f"/proc/{pid}/task"
+    if not os.path.isdir(tasks):
+        return None
+    names = []
+    for t in os.listdir(tasks):
+        try:
+            with open(f"{tasks}/{t}/comm", encoding="utf-8") as fh:
+                names.append((int(t) == pid, fh.read().strip()))
+        except OSError:  # the thread ended meanwhile
+            pass
+    main = next(name for is_main, name in names if is_main)
+    return sum(name == main for _, name in names)
+
+
 def fixed_key_file(path: Path) -> Path:
     """A key file at ``path`` (owner-only) holding the same key in every session, for a
     research lake whose outputs are scanned for planted identifiers: dates move by a

@@ -21,6 +21,7 @@ from etl.extract import BATCH_SCHEMA, WORKER_GC_THRESHOLD, extract_batch
 from etl.runners import LocalRunner, extract_ipc, from_ipc
 from lakehouse.deid import Policy
 from lakehouse.privacy import Pseudonymizer
+from tests.conftest import unnamed_threads
 from tests.etl import corpus as bad_inputs
 
 POLICY = Policy(Pseudonymizer(bytes(range(32))))
@@ -300,8 +301,11 @@ def _imports_after_a_batch(files: list) -> dict:
     blas = getattr(sys.modules.get("numba.np.arraymath"), "_HAVE_BLAS", False)
     # still there when asked for: pyarrow's pandas conversion imports pandas
     frame = table.select(["status"]).to_pandas()
+    # numpy's BLAS started no threads in the server (the worker's parent), nor will here
+    threads = unnamed_threads(os.getppid())
     return {"ok": table.column("status").to_pylist().count("ok"), "loaded": loaded,
-            "blas": blas, "frame": len(frame)}
+            "blas": blas, "frame": len(frame), "server_threads": threads,
+            "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS")}
 
 
 def _imports_of_a_child() -> list:
@@ -317,7 +321,8 @@ def test_the_fork_server_leaves_pandas_and_scipy_out_of_the_workers(archive):
     """The workers read their batches without ever importing pandas (pyarrow's check for
     pandas objects), scipy (numba's look for a BLAS) or the other libraries of
     ``etl.preload.LEFT_OUT``, which the server would import for 0.7 s before any worker
-    can start; pandas is still there when asked for. Code forked by ``multiprocessing``'s
+    can start; pandas is still there when asked for. numpy's BLAS started no threads in
+    the server (they spun 0.1 s of CPU while it loaded). Code forked by ``multiprocessing``'s
     own fork server in the same process is untouched: it imports neither the worker code
     nor anything less."""
     import multiprocessing
@@ -330,7 +335,9 @@ def test_the_fork_server_leaves_pandas_and_scipy_out_of_the_workers(archive):
         got = runner._pool.submit(_imports_after_a_batch, files).result()
     finally:
         runner.close()
-    assert got == {"ok": 40, "loaded": [], "blas": False, "frame": 40}
+    assert got == {"ok": 40, "loaded": [], "blas": False, "frame": 40,
+                   "server_threads": 1 if os.path.isdir("/proc/self/task") else None,
+                   "blas_threads": "1"}
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("forkserver")) as ex:
         assert ex.submit(_imports_of_a_child).result() == ["pandas"]
 
