@@ -68,12 +68,12 @@ def one_blas_thread() -> None:
     """Have numpy's BLAS, when this process loads it, run on the calling thread only.
 
     OpenBLAS starts a thread for each further core as numpy loads, and each thread spins
-    for about 0.1 s of CPU before it sleeps: ``import numpy`` cost 0.21-0.23 s of CPU
-    against 0.12-0.14 s with one thread (2 cores). ``lake ingest``'s own process and the
-    workers' fork server load numpy while the other one loads too, and neither does any
-    linear algebra; the workers forked from the server, one per core, would only
-    oversubscribe the cores with threads of their own. Nothing when numpy is loaded
-    already, or when the variable is set (the user's choice stands); processes started
-    from this one inherit it."""
+    before it sleeps: ``import numpy`` cost 0.21-0.23 s of CPU against 0.12-0.14 s with one
+    thread (2 cores), the server's load of the worker code 0.66-0.95 s against 0.54-0.72.
+    ``lake ingest``'s own process and the workers' fork server load numpy while the other
+    one loads too, and neither does any linear algebra; the workers forked from the
+    server, one per core, would only oversubscribe the cores with threads of their own.
+    Nothing when numpy is loaded already, or when the variable is set (the user's choice
+    stands); processes started from this one inherit it."""
     if "numpy" not in sys.modules:
         os.environ.setdefault(BLAS_THREADS_VARIABLE, "1")

@@ -23,8 +23,8 @@ than a third of the server's start, and the workers wait for it.
   can run (0.02-0.03 s; ingest reads headers only, and never decodes pixels), and
   jinja2, which Dask imports for its notebook displays (0.017 s).
 
-numpy's BLAS starts no threads in the server (:func:`etl.leaveout.one_blas_thread`:
-they spun for 0.1 s of CPU while the server loaded, and the workers do no linear algebra).
+numpy's BLAS starts no threads in the server (:func:`etl.leaveout.one_blas_thread`: they
+spun up to 0.1 s of CPU while the server loaded, and the workers do no linear algebra).
 
 They stay importable in the workers afterwards; only what those libraries found missing
 at import stays so there (numba's BLAS functions, pydicom's downloads through requests
