@@ -160,14 +160,14 @@ def test_ingest_of_a_folder_in_its_own_process_leaves_pandas_out(tmp_path):
         shutil.copy(get_testdata_file(name), src / name)
     assert main(["init", str(lake), "--key-file", str(key)]) == 0
     argv = ["lake", "ingest", str(src), "--lake", str(lake), "--no-progress", "--json"]
-    code = ("import sys, lake_cli\n"
+    code = ("import os, sys, lake_cli\n"
             f"sys.argv = {argv!r}\n"
             "rc = lake_cli.main()\n"
             "left = [f for f in sys.meta_path if type(f).__module__ == 'etl.leaveout']\n"
             "print(rc, 'pandas' in sys.modules, 'jinja2' in sys.modules, len(left),\n"
             "      any(m in sys.modules for m in ('numba', 'etl.extract', 'etl.batchread',\n"
             "                                 'pydicom')),\n"
-            "      __import__('os').environ.get('OPENBLAS_NUM_THREADS'))\n")
+            "      os.environ.get('OPENBLAS_NUM_THREADS'))\n")
     env = {**{k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"},
            "LAKE_KEY_FILE": str(key)}
     finders = len(sys.meta_path)

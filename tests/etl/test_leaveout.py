@@ -57,8 +57,8 @@ def _blas_in_a_fresh_process(env_value: str | None, numpy_first: bool) -> list[s
                     reason="counts threads in /proc on a machine of two cores or more")
 def test_numpy_loads_without_blas_threads_unless_the_user_asked_for_them():
     """numpy's OpenBLAS starts a thread per further core, each spinning up to 0.1 s of CPU
-    as numpy loads: after ``one_blas_thread()`` the process has its main thread only. A value the
-    user set stands, and a process that loaded numpy already is left as it is."""
+    as numpy loads: after ``one_blas_thread()`` the process has its main thread only. A
+    value the user set stands, and a process that loaded numpy already is left as it is."""
     assert _blas_in_a_fresh_process(None, numpy_first=False) == ["1", "1"]
     assert _blas_in_a_fresh_process("2", numpy_first=False) == ["2", "2"]
     assert _blas_in_a_fresh_process(None, numpy_first=True)[0] == "None"
