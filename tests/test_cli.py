@@ -151,8 +151,8 @@ def test_ingest_of_a_folder_in_its_own_process_leaves_pandas_out(tmp_path):
     or jinja2 (Dask would, for its notebook displays),
     nor the worker code (the batch path's numba code: the worker processes run it), nor
     pydicom (0.2 s: the research lake's policy is made only to be handed to the workers),
-    on a first run and on a rerun that reads nothing; numpy's BLAS starts no threads (they
-    spin up to 0.1 s of CPU as numpy loads); main() called by a program leaves the
+    on a first run and on a rerun that reads nothing; numpy's BLAS starts no threads
+    (:func:`etl.leaveout.one_blas_thread`); main() called by a program leaves the
     program's imports as they were."""
     lake, src, key = tmp_path / "lk", tmp_path / "src", tmp_path / "lake.key"
     src.mkdir()

@@ -56,9 +56,10 @@ def _blas_in_a_fresh_process(env_value: str | None, numpy_first: bool) -> list[s
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task") or (os.cpu_count() or 1) < 2,
                     reason="counts threads in /proc on a machine of two cores or more")
 def test_numpy_loads_without_blas_threads_unless_the_user_asked_for_them():
-    """numpy's OpenBLAS starts a thread per further core, each spinning up to 0.1 s of CPU
-    as numpy loads: after ``one_blas_thread()`` the process has its main thread only. A
-    value the user set stands, and a process that loaded numpy already is left as it is."""
+    """numpy's OpenBLAS starts a thread per further core as numpy loads (why that costs:
+    :func:`etl.leaveout.one_blas_thread`): after ``one_blas_thread()`` the process has its
+    main thread only. A value the user set stands, and a process that loaded numpy already
+    is left as it is."""
     assert _blas_in_a_fresh_process(None, numpy_first=False) == ["1", "1"]
     assert _blas_in_a_fresh_process("2", numpy_first=False) == ["2", "2"]
     assert _blas_in_a_fresh_process(None, numpy_first=True)[0] == "None"

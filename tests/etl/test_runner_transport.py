@@ -322,9 +322,9 @@ def test_the_fork_server_leaves_pandas_and_scipy_out_of_the_workers(archive):
     pandas objects), scipy (numba's look for a BLAS) or the other libraries of
     ``etl.preload.LEFT_OUT``, which the server would import for 0.7 s before any worker
     can start; pandas is still there when asked for. numpy's BLAS started no threads in
-    the server (they spun up to 0.1 s of CPU while it loaded). Code forked by
-    ``multiprocessing``'s own fork server in the same process is untouched: it imports
-    neither the worker code nor anything less."""
+    the server (:func:`etl.leaveout.one_blas_thread`). Code forked by ``multiprocessing``'s
+    own fork server in the same process is untouched: it imports neither the worker code
+    nor anything less."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
