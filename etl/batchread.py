@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -83,7 +84,7 @@ class _Unit:
     gets in its JSON text and in its column."""
 
     __slots__ = ("col", "elem", "first", "fragment", "good", "key", "kind", "mkey", "ok",
-                 "plain", "tokens", "typed")
+                 "plain", "tokens", "typed", "uid")
 
     def __init__(self, key: str, elem: dict | None, fragment: bytes | None):
         self.key = key
@@ -108,6 +109,8 @@ class _Unit:
         self.good = False
         #: the words of its text values (cleaned free text: :func:`_patient_part`)
         self.tokens: frozenset[str] | None = None
+        #: its one value, when it is a UI element of one plain UID (:func:`_uid_unit`)
+        self.uid: str | None = None
 
 
 class _Memos(threading.local):
@@ -465,6 +468,10 @@ def _decode(key: bytes, cls: tuple, tag: int, vr_code: int, header: int) -> _Uni
         return _Unit(json_key, {}, None)
     if vr == "SQ":
         return _sequence(key, json_key, explicit, codec, bulk, max_depth)
+    if vr == "UI":
+        plain = _PLAIN_UID.fullmatch(key, 1 + header)
+        if plain is not None:
+            return _uid_unit(json_key, plain[1].decode())
     raw = key[1 + header:]
     dec = rawjson._Reader(b"", explicit, bulk)
     # ISO 2022 code extensions: pydicom's list of encodings, and its decoder
@@ -510,6 +517,28 @@ def _remember(unit: _Unit, key: bytes) -> None:
     unit.good = unit.col in _UID_COL_SET and unit.first is not None and valid_uid(unit.first)
 
 
+#: the bytes of most UI elements: one value of digits and dots, padded (its text is
+#: then the digits and dots, in any character set: :mod:`etl.rawjson` decodes UIDs as
+#: latin-1 and strips the padding)
+_PLAIN_UID = re.compile(rb"([0-9.]+)[\x00 ]*")
+
+
+def _uid_unit(key: str, uid: str) -> _Unit:
+    """The unit of a UI element whose one value ``uid`` is digits and dots: what
+    :func:`_typed_unit` and :func:`_resolve` make of its decoded element, without the
+    JSON writer and the column's conversion (the column's value is the text itself,
+    valid when it is a valid UID: :func:`etl.quality.valid_string`)."""
+    unit = _Unit(key, {"vr": "UI", "Value": [uid]},
+                 b'"%s":{"vr":"UI","Value":["%s"]}' % (key.encode(), uid.encode()))
+    unit.uid = uid
+    col = _COLUMN_OF.get(key)
+    if col is not None:
+        unit.col, unit.typed, unit.ok = col, uid, valid_uid(uid)
+    if key in _UID_KEYS:
+        unit.first = uid
+    return unit
+
+
 def _typed_unit(key: str, elem: dict, fragment: bytes | None) -> _Unit:
     """A unit with its column (its value converted when needed) and, for the required
     UIDs, its first value."""
@@ -529,6 +558,9 @@ def _filter_one(unit: _Unit, ctx, issuer: int, units: list[_Unit],
     cannot write it; the id pairs it used)."""
     mapping: list[tuple[str, str, str]] = []
     key = unit.key
+    if unit.uid is not None and key in deid.remapped_uid_tags():
+        # the filter's own rule for the one value (Policy._filter's UI branch)
+        return _uid_unit(key, policy.research_uid(unit.uid, mapping)), tuple(mapping)
     try:
         out = policy._filter({key: unit.elem}, ctx, mapping, 0)
         if key == deid._PID_TAG:  # Policy.apply: the PatientID with its issuer

@@ -31,6 +31,7 @@ import functools
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from lakehouse.privacy import Pseudonymizer, fingerprint
 from lakehouse.schemas import header_allowlist
@@ -167,6 +168,14 @@ def well_known_uids() -> frozenset[str]:
     return frozenset(UID_dictionary)
 
 
+@functools.cache
+def remapped_uid_tags() -> frozenset[str]:
+    """The allowed public tags whose UI values the filter remaps, each value by
+    :meth:`Policy.research_uid` (all but the identifiers and the class UIDs)."""
+    return frozenset(tag for tag, action in tag_actions().items()
+                     if action not in (_PSEUDONYM, _CLASS) and tag[3] not in _ODD_HEX)
+
+
 #: VRs an element of a ``_KEEP`` tag is kept with as it is (when it has values; else
 #: as ``{"vr": VR}``): all but PN, SQ, UI, DA and DT, which the filter changes
 _PLAIN_VRS = frozenset({"AE", "AS", "AT", "CS", "DS", "FD", "FL", "IS", "LO", "LT", "OB",
@@ -252,6 +261,17 @@ class Policy:
                 self._ids.clear()
             self._ids[key] = ps
         return ps
+
+    def research_uid(self, value: Any, mapping: list) -> Any:
+        """One value of a UI element whose tag :func:`remapped_uid_tags` names, as the
+        filter writes it: a keyed ``2.25.`` UID (its pair added to ``mapping``), or the
+        value as it is when it is empty or a UID DICOM itself defines."""
+        s = str(value) if value is not None else ""
+        if not s or s in well_known_uids():
+            return value
+        u = self._uid(s)
+        mapping.append(("UID", s, u))
+        return u
 
     def _uid(self, uid: str) -> str:
         if len(uid) > MEMO_VALUE_CHARS:
@@ -378,16 +398,7 @@ class Policy:
                 if action == _CLASS:
                     out[tag] = elem
                     continue
-                new = []
-                for v in values:
-                    s = str(v) if v is not None else ""
-                    if not s or s in well_known_uids():
-                        new.append(v)
-                    else:
-                        u = self._uid(s)
-                        mapping.append(("UID", s, u))
-                        new.append(u)
-                out[tag] = {"vr": vr, "Value": new}
+                out[tag] = {"vr": vr, "Value": [self.research_uid(v, mapping) for v in values]}
             elif vr == "DA":
                 offset = ctx.offset_days
                 out[tag] = {"vr": vr, "Value": [self._shift_da(v, offset) for v in values]}

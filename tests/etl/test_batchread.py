@@ -806,6 +806,18 @@ def _edge_files(root: Path) -> list[Path]:
     ds = base(uid)
     ds.StudyInstanceUID = "1.2.840.10008.5.1.4.1.1.2"  # a dictionary UID as a study's
     put("study_uid_in_dictionary.dcm", ds)
+    # UIDs the batch path takes whole (one value of digits and dots: etl.batchread's
+    # _uid_unit), valid or not, and UIDs it decodes as any other element
+    for n, value in enumerate(["1.02.3", "1." + "9" * 68, "1.2.3.", ".", "1.2.840.10008.1.2",
+                               "1.2.3\\1.2.4", "1.2.x3", " 1.2.3", "1.2.345"]):
+        ds = base(uid)
+        ds.add_new(0x00200052, "UI", value)  # FrameOfReferenceUID: a column, remapped
+        put(f"frame_uid_{n}.dcm", ds)
+    # padded with a space, not a NUL; a required UID with a leading zero
+    files["frame_uid_space.dcm"] = files["frame_uid_8.dcm"].replace(b"1.2.345\x00", b"1.2.345 ")
+    ds = base(uid)
+    ds.SOPInstanceUID = "1.2.826.0.1.3680043.10.1234.01"
+    put("sop_instance_uid_leading_zero.dcm", ds)
     root.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
         (root / name).write_bytes(data)
@@ -818,7 +830,7 @@ def edge_files(tmp_path_factory) -> list[Path]:
 
 
 def test_edge_files_are_clean(edge_files):
-    assert len(edge_files) == 52
+    assert len(edge_files) == 63
     assert statuses(edge_files) == [batchwalk.CLEAN] * len(edge_files)
 
 
@@ -832,20 +844,22 @@ def test_edge_values_give_the_rows_of_the_per_file_path(edge_files, policy_name,
     status = Counter(zip(got.column("status").to_pylist(), got.column("reason").to_pylist(),
                          strict=True))
     # dicomdir, DicomDir, dicomdir_media.dcm and sop_class_dicomdir.dcm are skipped
-    assert status == {("ok", None): 48, ("skipped", "dicomdir"): 4}
+    assert status == {("ok", None): 58, ("skipped", "dicomdir"): 4,
+                      ("quarantined", "invalid_uid:SOPInstanceUID"): 1}
 
 
 @pytest.mark.parametrize(("policy_name", "expected"), [
-    ("identified", 11), ("research", 16), ("research-private", 18)])
+    ("identified", 12), ("research", 17), ("research-private", 19)])
 def test_edge_files_on_each_path(edge_files, policy_name, expected):
     _, sent = _per_file_paths(found(edge_files), make_policy(policy_name), checksum="header")
     names = sorted(Path(p).name for p in sent)
     # DICOMDIRs by name, media class or SOP class; values whose JSON holds a null (NaN
     # and infinite DS and FD, the word "null"); character sets the batch path leaves to
-    # pydicom (two single-byte sets, an unknown one, one in lower case)
+    # pydicom (two single-byte sets, an unknown one, one in lower case); a required UID
+    # that is not valid
     common = ["DicomDir", "binary_numbers.dcm", "charset_07.dcm", "charset_08.dcm",
               "charset_10.dcm", "dicomdir", "dicomdir_media.dcm", "ds_inf.dcm", "ds_nan.dcm",
-              "sop_class_dicomdir.dcm", "texts.dcm"]
+              "sop_class_dicomdir.dcm", "sop_instance_uid_leading_zero.dcm", "texts.dcm"]
     if policy_name != "identified":
         # dates the filter cannot shift (an impossible birth date, a range, "2023",
         # year 1 shifted to before year 1)
