@@ -167,6 +167,7 @@ def clear_memos() -> None:
     except ImportError:  # code before the batch path
         pass
     onewalk._ELEMENTS.clear()
+    getattr(onewalk, "_ITEMS", {}).clear()  # (code before 2026-12-02 has none)
     rawjson._MEMO.clear()
     record._MEMO.clear()
     # (code before 2026-11-28 kept a policy's memos in the policy: each copy starts cold)

@@ -246,13 +246,11 @@ def _fast_rows(files, index, bufs, whole_digests, sizes, config, run_id, policy,
     ok[file_of[w.tag == _DIRECTORY_RECORDS]] = False
     bulk = (config.bulk_data_threshold // 4) * 3
     # --- each element's class: its encoding and character set, then its memo key
-    cls_of_file = np.zeros(nb, dtype=np.uint8)
     charset_at = np.full(nb, np.iinfo(np.int64).max, dtype=np.int64)
     depth = config.max_depth
     default = {True: memos.cls(True, "latin_1", bulk, depth) or 0,
                False: memos.cls(False, "latin_1", bulk, depth) or 0}
-    for j in range(nb):
-        cls_of_file[j] = default[bool(w.explicit[j])]
+    cls_of_file = np.where(w.explicit, default[True], default[False]).astype(np.uint8)
     for e in np.flatnonzero(w.tag == _CHARSET_TAG).tolist():
         j = int(file_of[e])
         raw = w.data[w.start[e]:w.stop[e]].tobytes()

@@ -77,6 +77,14 @@ _ELEMENTS: dict[tuple[bool, str], dict[bytes, tuple[str, dict]]] = {}
 MEMO_TABLES = 4
 
 
+#: ``{(item bytes, explicit VR, codec, bulk threshold, depth, max depth): (its JSON, its
+#: elements)}``: the defined-length sequence items that walkers handing out shared JSON
+#: read whole (:meth:`_Walk._item`), each of at most ``ITEM_MEMO_BYTES``. An item is kept
+#: only when its walk ended exactly at its end (nothing outside its bytes was read).
+_ITEMS: dict[tuple, tuple[dict, int]] = {}
+ITEM_MEMO_BYTES = 4096
+
+
 def _table(explicit: bool, codec: str) -> dict[bytes, tuple[str, dict]]:
     """The memo of whole elements for this encoding and codec."""
     table = _ELEMENTS.get((explicit, codec))
@@ -346,6 +354,29 @@ class _Walk:
         self.count += count
         return out, pos, False
 
+    def _item(self, start: int, stop: int, depth: int) -> dict:
+        """The JSON of the defined-length item from ``start`` to ``stop``. A walker that
+        shares what it hands out remembers the items it read whole: the items of
+        structured reports repeat across files (concept names, units, templates)."""
+        if not self.shared or stop - start > ITEM_MEMO_BYTES or stop > self.avail \
+                or not isinstance(self.dec.encoding, str):
+            return self.dataset(start, stop, depth)[0]
+        # everything the item's JSON and checks depend on: its bytes, the encoding, the
+        # character set's codec, the bulk data threshold and the depth left
+        key = (self.buf[start:stop], self.explicit, self.dec.encoding, self.bulk, depth,
+               self.max_depth)
+        hit = _ITEMS.get(key)
+        if hit is not None:
+            self.count += hit[1]
+            return hit[0]
+        before = self.count
+        item, end, closed = self.dataset(start, stop, depth)
+        if end == stop and not closed:  # read exactly its own bytes
+            if len(_ITEMS) >= rawjson.MEMO_ENTRIES:
+                _ITEMS.clear()
+            _ITEMS[key] = (item, self.count - before)
+        return item
+
     def items(self, pos: int, depth: int) -> tuple[list[dict], int]:
         """Items of an undefined-length sequence (``safety._Walker.walk_items``)."""
         if depth > self.max_depth:
@@ -373,7 +404,7 @@ class _Walk:
             if start + length > size:
                 raise FileRejected("truncated", f"item at offset {pos} declares {length} bytes, "
                                    f"{size - start} remain")
-            items.append(self.dataset(start, start + length, depth)[0] if length else {})
+            items.append(self._item(start, start + length, depth) if length else {})
             pos = start + length
 
     def items_defined(self, pos: int, end: int, depth: int) -> list[dict]:
@@ -399,6 +430,6 @@ class _Walk:
                 continue
             if start + length > end:
                 raise FileRejected("truncated", f"item at offset {pos} overruns its sequence")
-            items.append(self.dataset(start, start + length, depth)[0] if length else {})
+            items.append(self._item(start, start + length, depth) if length else {})
             pos = start + length
         return items

@@ -26,6 +26,7 @@ KEY = bytes(range(32))
 def _clear_module_memos() -> None:
     rawjson._MEMO.clear()
     onewalk._ELEMENTS.clear()
+    onewalk._ITEMS.clear()
     record._MEMO.clear()
     deid.clear_memos()
 
@@ -52,6 +53,7 @@ def test_warm_cold_and_cleared_memos_give_the_same_rows(files, research, monkeyp
     # warm: one policy and the module memos shared by every file, in walk order
     _clear_module_memos()
     warm = _parse_all(files, Policy(Pseudonymizer(KEY)) if research else None)
+    assert onewalk._ITEMS  # the structured reports' items, remembered whole
     # cold: every memo empty before each file (a fresh policy per file, memos cleared)
     cold = {}
     for path in files:
@@ -62,7 +64,7 @@ def test_warm_cold_and_cleared_memos_give_the_same_rows(files, research, monkeyp
         monkeypatch.setattr(module, "MEMO_ENTRIES", 2)
     policy = Policy(Pseudonymizer(KEY)) if research else None
     cleared = _parse_all(files, policy)
-    assert len(rawjson._MEMO) <= 2 and len(record._MEMO) <= 2
+    assert len(rawjson._MEMO) <= 2 and len(record._MEMO) <= 2 and len(onewalk._ITEMS) <= 2
     assert onewalk._ELEMENTS and all(len(t) <= 2 for t in onewalk._ELEMENTS.values())
     if policy is not None:
         assert max(len(policy._uids), len(policy._ids), len(policy._dates),

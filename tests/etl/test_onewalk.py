@@ -49,13 +49,20 @@ def one_walk(buf: bytes, max_depth: int, file_size: int | None, bulk: int):
                         bulk_data_threshold=bulk)
 
 
+def shared_walk(buf: bytes, max_depth: int, file_size: int | None, bulk: int):
+    """The ingest's walk: it hands out what it remembers (elements, and whole items)."""
+    return onewalk.walk(buf, max_depth=max_depth, file_size=file_size,
+                        bulk_data_threshold=bulk, shared=True)
+
+
 class Tally:
     """Counts which walk decided each case: the one walk itself, or the two walks it
     handed the file to."""
 
-    def __init__(self, monkeypatch):
+    def __init__(self, monkeypatch, shared: bool = False):
         self.counts: Counter[str] = Counter()
         self.handed = False
+        self.walk = shared_walk if shared else one_walk
         real = onewalk._two_walks
 
         def counting(*args):
@@ -67,7 +74,7 @@ class Tally:
     def compare(self, buf: bytes, **kw) -> tuple | None:
         """None when both agree, else the two outcomes."""
         self.handed = False
-        got = outcome(one_walk, buf, **kw)
+        got = outcome(self.walk, buf, **kw)
         want = outcome(two_walks, buf, **kw)
         if not self.handed:
             self.counts[f"one walk: {got[0]}"] += 1
@@ -184,14 +191,27 @@ def _raw_implicit(ds: Dataset) -> bytes:
 @pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, None],
                          ids=["explicit", "implicit", "no-meta-implicit"])
 @pytest.mark.parametrize("lengths", list(LENGTHS))
-def test_every_cut_of_a_nested_file_gives_what_the_two_walks_give(ts, lengths, monkeypatch):
+@pytest.mark.parametrize("shared", [False, True], ids=["copies", "shared"])
+def test_every_cut_of_a_nested_file_gives_what_the_two_walks_give(ts, lengths, shared,
+                                                                  monkeypatch):
     """Sequences of both length kinds cut at every byte of the header, as a truncated
-    file and as a partial buffer, and the whole file under nesting limits 0 to 4."""
+    file and as a partial buffer, and the whole file under nesting limits 0 to 4. A
+    shared walk first reads the whole file, so that the cuts meet its items again
+    (``onewalk._ITEMS``)."""
     ds = _nested_dataset(lengths)
     buf = _raw_implicit(ds) if ts is None else _file(ds, ts)
     header_end = safety.check(buf).header_end
-    tally = Tally(monkeypatch)
+    tally = Tally(monkeypatch, shared)
     differ = []
+    onewalk._ITEMS.clear()
+    if shared:
+        assert tally.compare(buf) is None
+        # items of defined length, read by the one walk: not in an implicit VR data
+        # set's defined-length sequences (the raw JSON walk's alone), nor without file
+        # meta (the two walks')
+        seq_defined, items_defined = LENGTHS[lengths]
+        walked = ts == ExplicitVRLittleEndian or (ts is not None and not seq_defined)
+        assert bool(onewalk._ITEMS) == (items_defined and walked)
     for cut in range(1, min(len(buf), header_end + 16)):
         for file_size in (None, len(buf)):
             d = tally.compare(buf[:cut], file_size=file_size)
@@ -257,15 +277,21 @@ PATTERNS = [b"\xfe\xff\x00\xe0", b"\xfe\xff\x0d\xe0", b"\xfe\xff\xdd\xe0",
 @pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian],
                          ids=["explicit", "implicit"])
 @pytest.mark.parametrize("lengths", list(LENGTHS))
-def test_corrupted_headers_give_what_the_two_walks_give(ts, lengths, stride, monkeypatch):
+@pytest.mark.parametrize("shared", [False, True], ids=["copies", "shared"])
+def test_corrupted_headers_give_what_the_two_walks_give(ts, lengths, stride, shared,
+                                                        monkeypatch):
     """Every 4-byte pattern above written at every offset (every 7th offset, a different
     phase per case, outside the slow suite) of the data set's header, and the file with
     trailing zero padding instead of its pixel data: the one walk rejects, hands over or
-    decodes exactly as the two walks do."""
+    decodes exactly as the two walks do. A shared walk has read the intact file first,
+    and remembers the items of each corrupted one (``onewalk._ITEMS``)."""
     buf = _file(_nested_dataset(lengths), ts)
     layout = safety.check(buf)
-    tally = Tally(monkeypatch)
+    tally = Tally(monkeypatch, shared)
     differ = []
+    onewalk._ITEMS.clear()
+    if shared:
+        assert tally.compare(buf) is None
     phase = (len(lengths) + len(ts)) % stride
     for pos in range(layout.dataset_offset + phase, layout.header_end + 8, stride):
         for pattern in PATTERNS:
@@ -359,3 +385,38 @@ def test_shared_elements_are_the_memos_own_and_copies_are_not(files):
         elem["vr"] = "XX"
     assert repr(onewalk.walk(ok, shared=True)[1]) == repr(first)
     assert repr(onewalk.walk(ok)[1]) == repr(first)
+
+
+def _overrunning_item(meaning: str) -> bytes:
+    """A defined-length sequence of two items whose first item's element declares more
+    bytes than the item holds: its value runs on over the second item, as both walks
+    read it."""
+    ds = bad_inputs.base(bad_inputs._Uids())
+    first, second = Dataset(), Dataset()
+    first.CodeValue = "AB"
+    second.CodeMeaning = meaning
+    ds.ConceptNameCodeSequence = Sequence([first, second])
+    elem = ds["ConceptNameCodeSequence"]
+    elem.is_undefined_length = False
+    for item in elem.value:
+        item.is_undefined_length_sequence_item = False
+    buf = _file(ds, ExplicitVRLittleEndian)
+    at = buf.index(b"\x08\x00\x00\x01SH\x02\x00AB")
+    # over the second item's header (8 bytes), its element's header (8) and value (2)
+    return buf[:at + 6] + (2 + 8 + 8 + 2).to_bytes(2, "little") + buf[at + 8:]
+
+
+def test_an_item_read_past_its_end_is_not_remembered():
+    """Two files whose first items are the same bytes, but whose element runs on into
+    what follows the item (different in each): the second file's JSON is its own, not
+    the first file's remembered item."""
+    first, second = _overrunning_item("XY"), _overrunning_item("ZW")
+    onewalk._ITEMS.clear()
+    assert outcome(shared_walk, first) == outcome(two_walks, first)
+    assert outcome(shared_walk, first)[0] == "ok"
+    # only the second item, which ends where it says, is remembered
+    assert [item for item, _ in onewalk._ITEMS.values()] == [{"00080104": {
+        "vr": "LO", "Value": ["XY"]}}]
+    got = outcome(shared_walk, second)
+    assert got == outcome(two_walks, second)
+    assert got != outcome(shared_walk, first)
