@@ -77,12 +77,27 @@ _ELEMENTS: dict[tuple[bool, str], dict[bytes, tuple[str, dict]]] = {}
 MEMO_TABLES = 4
 
 
-#: ``{(item bytes, explicit VR, codec, bulk threshold, depth, max depth): (its JSON, its
-#: elements)}``: the defined-length sequence items that walkers handing out shared JSON
-#: read whole (:meth:`_Walk._item`), each of at most ``ITEM_MEMO_BYTES``. An item is kept
-#: only when its walk ended exactly at its end (nothing outside its bytes was read).
-_ITEMS: dict[tuple, tuple[dict, int]] = {}
+class _ItemMemo(dict[tuple, tuple[dict, int]]):
+    """``{(item bytes, explicit VR, codec, bulk threshold, depth, max depth): (its JSON,
+    its elements)}``, with the bytes of the items it holds (``held``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held = 0
+
+    def clear(self) -> None:
+        super().clear()
+        self.held = 0
+
+
+#: The defined-length sequence items that walkers handing out shared JSON read whole
+#: (:meth:`_Walk._item`), each of at most ``ITEM_MEMO_BYTES``; the memo starts over
+#: before it holds ``rawjson.MEMO_ENTRIES`` items or ``ITEM_MEMO_TOTAL`` bytes of them
+#: (their JSON takes a few times that). An item is kept only when its walk ended exactly
+#: at its end (nothing outside its bytes was read).
+_ITEMS = _ItemMemo()
 ITEM_MEMO_BYTES = 4096
+ITEM_MEMO_TOTAL = 4 << 20
 
 
 def _table(explicit: bool, codec: str) -> dict[bytes, tuple[str, dict]]:
@@ -372,9 +387,11 @@ class _Walk:
         before = self.count
         item, end, closed = self.dataset(start, stop, depth)
         if end == stop and not closed:  # read exactly its own bytes
-            if len(_ITEMS) >= rawjson.MEMO_ENTRIES:
+            if len(_ITEMS) >= rawjson.MEMO_ENTRIES \
+                    or _ITEMS.held + stop - start > ITEM_MEMO_TOTAL:
                 _ITEMS.clear()
             _ITEMS[key] = (item, self.count - before)
+            _ITEMS.held += stop - start
         return item
 
     def items(self, pos: int, depth: int) -> tuple[list[dict], int]:

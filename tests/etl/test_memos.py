@@ -65,6 +65,7 @@ def test_warm_cold_and_cleared_memos_give_the_same_rows(files, research, monkeyp
     policy = Policy(Pseudonymizer(KEY)) if research else None
     cleared = _parse_all(files, policy)
     assert len(rawjson._MEMO) <= 2 and len(record._MEMO) <= 2 and len(onewalk._ITEMS) <= 2
+    assert onewalk._ITEMS.held == sum(len(key[0]) for key in onewalk._ITEMS)
     assert onewalk._ELEMENTS and all(len(t) <= 2 for t in onewalk._ELEMENTS.values())
     if policy is not None:
         assert max(len(policy._uids), len(policy._ids), len(policy._dates),
@@ -226,3 +227,16 @@ def test_numbers_are_memoized_by_class_and_never_at_zero():
     assert ("00201041", "DS", float, -12.5) in keys and ("00280010", "US", int, 512) in keys
     assert ("00200032", "DS", float, -12.5, -12.5, -12.5) in keys
     assert not any(0.0 in k[3:] for k in keys if k[2] in (int, float))
+
+
+def test_the_walks_item_memo_is_bounded_in_bytes(files, monkeypatch):
+    """The remembered sequence items start over before they hold ITEM_MEMO_TOTAL bytes,
+    and the rows are the same."""
+    _clear_module_memos()
+    want = _parse_all(files, None)
+    held = onewalk._ITEMS.held
+    assert held == sum(len(key[0]) for key in onewalk._ITEMS) > 0
+    monkeypatch.setattr(onewalk, "ITEM_MEMO_TOTAL", 1000)
+    _clear_module_memos()
+    assert _parse_all(files, None) == want
+    assert 0 < onewalk._ITEMS.held <= 1000 < held
