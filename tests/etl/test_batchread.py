@@ -1202,3 +1202,30 @@ def test_patient_dependent_elements_filtered_once_per_what_they_depend_on(
     assert calls[deid._tag("SeriesDate")] == n_offsets
     assert calls[deid._tag("AcquisitionDateTime")] == n_offsets
     assert calls[deid._PID_TAG] == 3  # P1, P2, P1 of HOSPITAL B
+
+
+def test_uid_edge_values(edge_files):
+    """The FrameOfReferenceUID of the UID edge files, as the batch path gives it: the
+    text of a valid UID, else null and named invalid (a leading zero, more than 64
+    characters, an empty component, a letter); two values joined; in research lakes a
+    keyed 2.25 UID for any value but a dictionary UID, the same for the same value."""
+    files = found(sorted(p for p in edge_files if p.name.startswith("frame_uid")))
+    names = [Path(f.path).name for f in files]
+    rows = run(files, None, columnar=True).to_pylist()
+    got = {n: (r["FrameOfReferenceUID"], r["invalid_attributes"])
+           for n, r in zip(names, rows, strict=True)}
+    bad = (None, ["FrameOfReferenceUID"])
+    assert got == {"frame_uid_0.dcm": bad, "frame_uid_1.dcm": bad, "frame_uid_2.dcm": bad,
+                   "frame_uid_3.dcm": bad, "frame_uid_4.dcm": ("1.2.840.10008.1.2", None),
+                   "frame_uid_5.dcm": ("1.2.3\\1.2.4", None), "frame_uid_6.dcm": bad,
+                   "frame_uid_7.dcm": ("1.2.3", None), "frame_uid_8.dcm": ("1.2.345", None),
+                   "frame_uid_space.dcm": ("1.2.345", None)}
+    research = run(files, make_policy("research"), columnar=True).to_pylist()
+    frame = {n: r["FrameOfReferenceUID"] for n, r in zip(names, research, strict=True)}
+    assert frame.pop("frame_uid_4.dcm") == "1.2.840.10008.1.2"
+    assert frame["frame_uid_8.dcm"] == frame["frame_uid_space.dcm"]
+    assert len({frame[n] for n in frame if n != "frame_uid_space.dcm"}) == 8
+    assert all(v.startswith("2.25.") for n, v in frame.items() if n != "frame_uid_5.dcm")
+    pairs = {(p["original"], p["pseudonym"]) for r in research for p in r["id_map"]}
+    assert ("1.2.345", frame["frame_uid_8.dcm"]) in pairs
+    assert ("1.02.3", frame["frame_uid_0.dcm"]) in pairs
