@@ -522,18 +522,15 @@ _PLAIN_UID = re.compile(rb"([0-9.]+)[\x00 ]*")
 
 
 def _uid_unit(key: str, uid: str) -> _Unit:
-    """The unit of a UI element whose one value ``uid`` is digits and dots: what
-    :func:`_typed_unit` and :func:`_resolve` make of its decoded element, without the
+    """The unit of a UI element whose one value ``uid`` is digits and dots, as
+    :func:`_typed_unit` and :func:`_resolve` make it from its decoded element, without the
     JSON writer and the column's conversion (the column's value is the text itself,
     valid when it is a valid UID: :func:`etl.quality.valid_string`)."""
-    unit = _Unit(key, {"vr": "UI", "Value": [uid]},
-                 b'"%s":{"vr":"UI","Value":["%s"]}' % (key.encode(), uid.encode()))
+    unit = _typed_unit(key, {"vr": "UI", "Value": [uid]},
+                       b'"%s":{"vr":"UI","Value":["%s"]}' % (key.encode(), uid.encode()))
     unit.uid = uid
-    col = _COLUMN_OF.get(key)
-    if col is not None:
-        unit.col, unit.typed, unit.ok = col, uid, valid_uid(uid)
-    if key in _UID_KEYS:
-        unit.first = uid
+    if unit.typed is _PENDING:
+        unit.typed, unit.ok = uid, valid_uid(uid)
     return unit
 
 
