@@ -237,8 +237,9 @@ def _fast_rows(files, index, bufs, whole_digests, sizes, config, run_id, policy,
     nb = len(bufs)
     ok = w.status == batchwalk.CLEAN
     for j in np.flatnonzero(ok).tolist():
-        name = os.path.basename(files[index[j]].path)
-        if name.upper() == "DICOMDIR" or w.media[j] == DICOMDIR_SOP_CLASS:
+        path = files[index[j]].path
+        if (path[-8:].upper() == "DICOMDIR" and os.path.basename(path).upper() == "DICOMDIR") \
+                or w.media[j] == DICOMDIR_SOP_CLASS:
             ok[j] = False
     counts = np.diff(w.first)
     file_of = np.repeat(np.arange(nb), counts)
@@ -285,7 +286,8 @@ def _fast_rows(files, index, bufs, whole_digests, sizes, config, run_id, policy,
             unit = _decode(key, memos.by_byte[key[0]], int(w.tag[e]), int(w.vr[e]),
                            int(w.start[e] - w.at[e]))
             _remember(unit, key)
-            memos.units[key] = unit
+            if w.tag[e] != _SOP_INSTANCE_TAG:  # one file's own: never met again
+                memos.units[key] = unit
         units.append(unit)
     # per unit: plain, its column, a valid required UID
     nu = len(units)
@@ -302,16 +304,15 @@ def _fast_rows(files, index, bufs, whole_digests, sizes, config, run_id, policy,
         has[file_of[(el_cols == c) & el_good]] = True
         ok &= has
     # --- research lakes: each distinct element de-identified once per patient context
-    id_maps: list | None = None
+    id_pairs: _IdPairs | None = None
     uid_units = units
     if policy is not None:
         cand = ok[file_of]
-        found = _deidentify(units, w.tag, codes, file_of, cand, nb, policy)
-        ok &= ~found[0]
-        final, units, maps = found[1], found[2], found[3]
+        bad, final, units, id_pairs = _deidentify(units, w.tag, codes, file_of, cand, nb,
+                                                  policy)
+        ok &= ~bad
         keep_el = ok[file_of] & (final >= 0)
         f_codes = final[keep_el]
-        id_maps = [maps[j] for j in np.flatnonzero(ok).tolist()]
     else:
         keep_el = ok[file_of]
         f_codes = codes[keep_el]
@@ -358,8 +359,8 @@ def _fast_rows(files, index, bufs, whole_digests, sizes, config, run_id, policy,
     columns["TransferSyntaxUID"] = pa.array([w.transfer_syntax[j] for j in fast.tolist()],
                                             pa.string())
     id_type = schema.field("id_map").type
-    columns["id_map"] = pa.nulls(nf, id_type) if id_maps is None else \
-        pa.array(id_maps, id_type)
+    columns["id_map"] = pa.nulls(nf, id_type) if id_pairs is None else \
+        id_pairs.column(ok, id_type)
     # --- the file's own columns
     positions = [index[j] for j in fast.tolist()]
     header_end = w.header_end[fast].tolist()
@@ -512,7 +513,12 @@ def _remember(unit: _Unit, key: bytes) -> None:
     """Set what the batches that meet ``unit`` again read of it: its memo key, and
     whether it is a required UID with a valid first value."""
     unit.mkey = key
-    unit.good = unit.col in _UID_COL_SET and unit.first is not None and valid_uid(unit.first)
+    if unit.col not in _UID_COL_SET or unit.first is None:
+        unit.good = False
+    elif unit.uid is not None:  # a plain UID's unit: its one value, already checked
+        unit.good = unit.ok
+    else:
+        unit.good = valid_uid(unit.first)
 
 
 #: the bytes of most UI elements: one value of digits and dots, padded (its text is
@@ -619,6 +625,10 @@ def _resolve(units: list[_Unit], used: np.ndarray) -> None:
 
 
 _SOP_CLASS_TAG = int(UID_TAGS["SOPClassUID"], 16)
+#: SOPInstanceUID, whose element is each file's own: its units and filtered units are not
+#: remembered (a memo of them would only fill up, and start over sooner)
+_SOP_INSTANCE_KEY = UID_TAGS["SOPInstanceUID"]
+_SOP_INSTANCE_TAG = int(_SOP_INSTANCE_KEY, 16)
 
 
 def _by_tag(tags: np.ndarray, codes: np.ndarray, file_of: np.ndarray, ok: np.ndarray,
@@ -697,25 +707,21 @@ def _deidentify(units: list[_Unit], tags: np.ndarray, codes: np.ndarray,
     for k, tag in enumerate(_CONTEXT_TAGS):
         sel = (tags == tag) & cand
         rows[file_of[sel], k] = codes[sel]
-    numbers: dict[tuple, int] = {}
     contexts: list[tuple[deid.PatientContext, int]] = []
-    ctx_of = np.empty(nb, dtype=np.int64)
+    distinct_rows, ctx_of = np.unique(rows, axis=0, return_inverse=True)
+    ctx_of = ctx_of.reshape(-1)
     fp = fingerprint(policy.p.key)
     known = _MEMOS.contexts  # the contexts of earlier batches, by their elements
     if len(known) > MEMO_ENTRIES:
         known.clear()
-    for j, row in enumerate(map(tuple, rows.tolist())):
-        c = numbers.get(row)
-        if c is None:
-            c = numbers[row] = len(contexts)
-            key = (fp, *[units[u].mkey if u >= 0 else b"" for u in row])
-            ctx = known.get(key)
-            if ctx is None:
-                mini = {deid._CONTEXT_TAGS[k]: units[u].elem for k, u in enumerate(row)
-                        if u >= 0 and units[u].elem is not None}
-                ctx = known[key] = policy.context(mini)
-            contexts.append((ctx, row[_ISSUER_AT]))
-        ctx_of[j] = c
+    for row in distinct_rows.tolist():
+        key = (fp, *[units[u].mkey if u >= 0 else b"" for u in row])
+        ctx = known.get(key)
+        if ctx is None:
+            mini = {deid._CONTEXT_TAGS[k]: units[u].elem for k, u in enumerate(row)
+                    if u >= 0 and units[u].elem is not None}
+            ctx = known[key] = policy.context(mini)
+        contexts.append((ctx, row[_ISSUER_AT]))
     # each distinct (element, context) the filter must see, once
     call = ((kinds == _CALL) | (kinds == _CALL_CTX)) & cand
     where = np.flatnonzero(call)
@@ -739,7 +745,7 @@ def _deidentify(units: list[_Unit], tags: np.ndarray, codes: np.ndarray,
         got = filtered_memo.get(memo_key) if memo_key else None
         if got is None:
             got = _filter_one(unit, ctx, issuer, units, policy)
-            if memo_key:
+            if memo_key and unit.key != _SOP_INSTANCE_KEY:  # (one file's own)
                 filtered_memo[memo_key] = got
         filtered, mapping = got
         if filtered is None:
@@ -754,17 +760,66 @@ def _deidentify(units: list[_Unit], tags: np.ndarray, codes: np.ndarray,
     broken = where[final[where] == -2]
     bad[file_of[broken]] = True
     final[broken] = -1
-    # each file's id pairs, in the order of its elements, each pair once
-    maps: list[list] = [[] for _ in range(nb)]
-    mapped = [i for i, r in enumerate(results) if r[1]]
-    if mapped:
-        has = np.zeros(len(results), dtype=np.bool_)
-        has[mapped] = True
-        inv = inverse.reshape(-1)
-        for e, r in zip(where[has[inv]].tolist(), inv[has[inv]].tolist(), strict=True):
-            maps[int(file_of[e])].extend(results[r][1])
-    out = [list(dict.fromkeys(m)) if m else [] for m in maps]
-    return bad, final, units, out
+    return bad, final, units, _IdPairs.of(results, inverse.reshape(-1), file_of[where])
+
+
+class _IdPairs:
+    """The original <-> pseudonym pairs of a batch's files (research lakes): each file's
+    pairs in the order of its elements, each pair once, as :meth:`Policy.apply` lists them
+    (``etl.headers``), kept as numbers of the batch's distinct pairs."""
+
+    def __init__(self, pairs: list[tuple[str, str, str]], file: np.ndarray,
+                 number: np.ndarray):
+        #: the distinct (kind, original, pseudonym) pairs
+        self.pairs = pairs
+        #: each file's pairs: its index in the batch, the pair's number (file by file)
+        self.file, self.number = file, number
+
+    @classmethod
+    def of(cls, results: list[tuple[int, tuple]], result_of: np.ndarray,
+           file_of: np.ndarray) -> _IdPairs:
+        """From the filter's ``results`` (filtered unit, pairs) and, for each filtered
+        element in file order, its result and its file."""
+        numbers: dict[tuple, int] = {}
+        pairs: list[tuple[str, str, str]] = []
+        flat: list[int] = []  # the pairs of each result, as numbers, one after the other
+        lengths = np.zeros(len(results), dtype=np.int64)
+        for r, (_, mapping) in enumerate(results):
+            for pair in mapping:
+                n = numbers.get(pair)
+                if n is None:
+                    n = numbers[pair] = len(pairs)
+                    pairs.append(pair)
+                flat.append(n)
+            lengths[r] = len(mapping)
+        if not pairs:
+            return cls(pairs, np.zeros(0, np.int64), np.zeros(0, np.int64))
+        # each element's pairs, in order: its result's run of ``flat``
+        counts = lengths[result_of]
+        starts = (np.cumsum(lengths) - lengths)[result_of]
+        total = int(counts.sum())
+        within = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+        number = np.asarray(flat, dtype=np.int64)[np.repeat(starts, counts) + within]
+        file = np.repeat(file_of, counts)
+        # each pair once per file: its first place
+        _, first = np.unique(file * len(pairs) + number, return_index=True)
+        first.sort()
+        return cls(pairs, file[first], number[first])
+
+    def column(self, ok: np.ndarray, typ: pa.DataType) -> pa.Array:
+        """The ``id_map`` column of the files with ``ok`` (in their order)."""
+        rows = int(ok.sum())
+        keep = ok[self.file]
+        file, number = self.file[keep], self.number[keep]
+        offsets = np.zeros(rows + 1, dtype=np.int32)
+        np.cumsum(np.bincount((np.cumsum(ok) - 1)[file], minlength=rows), out=offsets[1:])
+        kinds, originals, pseudonyms = (zip(*self.pairs, strict=True) if self.pairs
+                                        else ((), (), ()))
+        values = pa.StructArray.from_arrays(
+            [pa.array(kinds, pa.string()), pa.array(originals, pa.string()),
+             pa.array(pseudonyms, pa.string())],
+            fields=list(typ.value_type)).take(pa.array(number))
+        return pa.ListArray.from_arrays(pa.array(offsets), values, type=typ)
 
 
 #: the class bytes, as the first byte of a memo key

@@ -26,6 +26,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 from pydicom.dataset import Dataset
@@ -1229,3 +1230,28 @@ def test_uid_edge_values(edge_files):
     pairs = {(p["original"], p["pseudonym"]) for r in research for p in r["id_map"]}
     assert ("1.2.345", frame["frame_uid_8.dcm"]) in pairs
     assert ("1.02.3", frame["frame_uid_0.dcm"]) in pairs
+
+
+def test_id_pairs_per_file_in_element_order_each_once():
+    """Each file's id pairs: those of its filtered elements in element order, a pair met
+    again (in the file, or in an element shared by files) listed once, files left to the
+    per-file path left out."""
+    a, b, c = ("UID", "1.1", "2.25.1"), ("UID", "1.2", "2.25.2"), ("PatientID", "P", "Q")
+    # the filter's results (filtered unit, pairs): result 2 has none
+    results = [(0, (a,)), (1, (b, a)), (2, ()), (3, (c,))]
+    # the filtered elements, file by file: file 0 has results 1, 0, 3, 0; file 1 has 2;
+    # file 2 has 3, 1; file 3 has 0
+    result_of = np.array([1, 0, 3, 0, 2, 3, 1, 0])
+    file_of = np.array([0, 0, 0, 0, 1, 2, 2, 3])
+    pairs = batchread._IdPairs.of(results, result_of, file_of)
+    typ = extract.ID_MAP
+    names = [f.name for f in typ.value_type]
+
+    def listed(ok):
+        return [[tuple(p[n] for n in names) for p in row]
+                for row in pairs.column(np.array(ok), typ).to_pylist()]
+
+    assert listed([True, True, True, True]) == [[b, a, c], [], [c, b, a], [a]]
+    assert listed([False, True, True, False]) == [[], [c, b, a]]
+    none = batchread._IdPairs.of([(0, ())], np.array([0, 0]), np.array([0, 1]))
+    assert none.column(np.array([True, True]), typ).to_pylist() == [[], []]
