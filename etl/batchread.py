@@ -467,10 +467,15 @@ def _decode(key: bytes, cls: tuple, tag: int, vr_code: int, header: int) -> _Uni
         return _Unit(json_key, {}, None)
     if vr == "SQ":
         return _sequence(key, json_key, explicit, codec, bulk, max_depth)
-    if vr == "UI":
+    if vr in _PLAIN_VRS:
         plain = _PLAIN_UID.fullmatch(key, 1 + header)
         if plain is not None:
-            return _uid_unit(json_key, plain[1].decode())
+            if vr == "UI":
+                return _uid_unit(json_key, plain[1].decode())
+            text = plain[1].decode()
+            return _typed_unit(json_key, {"vr": vr, "Value": [text]},
+                               b'"%s":{"vr":"%s","Value":["%s"]}'
+                               % (json_key.encode(), vr.encode(), plain[1]))
     raw = key[1 + header:]
     dec = rawjson._Reader(b"", explicit, bulk)
     # ISO 2022 code extensions: pydicom's list of encodings, and its decoder
@@ -521,10 +526,12 @@ def _remember(unit: _Unit, key: bytes) -> None:
         unit.good = valid_uid(unit.first)
 
 
-#: the bytes of most UI elements: one value of digits and dots, padded (its text is
-#: then the digits and dots, in any character set: :mod:`etl.rawjson` decodes UIDs as
-#: latin-1 and strips the padding)
+#: the bytes of most UI, DA and TM elements: one value of digits and dots, padded (its
+#: text is then the digits and dots, in any character set: :mod:`etl.rawjson` decodes
+#: these VRs as latin-1, strips the padding and splits the values at backslashes), so
+#: their DICOM JSON is written at once
 _PLAIN_UID = re.compile(rb"([0-9.]+)[\x00 ]*")
+_PLAIN_VRS = frozenset({"UI", "DA", "TM"})
 
 
 def _uid_unit(key: str, uid: str) -> _Unit:

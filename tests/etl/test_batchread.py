@@ -819,6 +819,16 @@ def _edge_files(root: Path) -> list[Path]:
     ds = base(uid)
     ds.SOPInstanceUID = "1.2.826.0.1.3680043.10.1234.01"
     put("sop_instance_uid_leading_zero.dcm", ds)
+    # dates and times the batch path writes at once too (one value of digits and dots),
+    # valid or not, beside those it decodes as any other element
+    for n, (date, time) in enumerate([("20200101", "101010.123456"), ("2020.01.01", "1010"),
+                                      ("1", "."), ("20200101\\20200102", "10:10:10")]):
+        ds = base(uid)
+        ds.add_new(0x00080020, "DA", date)  # StudyDate and StudyTime: columns
+        ds.add_new(0x00080030, "TM", time)
+        ds.add_new(0x00080033, "TM", time)  # ContentTime: not a column
+        put(f"date_time_{n}.dcm", ds)
+    files["date_time_nul.dcm"] = files["date_time_0.dcm"].replace(b"20200101", b"2020010\x00")
     root.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
         (root / name).write_bytes(data)
@@ -831,7 +841,7 @@ def edge_files(tmp_path_factory) -> list[Path]:
 
 
 def test_edge_files_are_clean(edge_files):
-    assert len(edge_files) == 63
+    assert len(edge_files) == 68
     assert statuses(edge_files) == [batchwalk.CLEAN] * len(edge_files)
 
 
@@ -845,12 +855,12 @@ def test_edge_values_give_the_rows_of_the_per_file_path(edge_files, policy_name,
     status = Counter(zip(got.column("status").to_pylist(), got.column("reason").to_pylist(),
                          strict=True))
     # dicomdir, DicomDir, dicomdir_media.dcm and sop_class_dicomdir.dcm are skipped
-    assert status == {("ok", None): 58, ("skipped", "dicomdir"): 4,
+    assert status == {("ok", None): 63, ("skipped", "dicomdir"): 4,
                       ("quarantined", "invalid_uid:SOPInstanceUID"): 1}
 
 
 @pytest.mark.parametrize(("policy_name", "expected"), [
-    ("identified", 12), ("research", 17), ("research-private", 19)])
+    ("identified", 12), ("research", 19), ("research-private", 21)])
 def test_edge_files_on_each_path(edge_files, policy_name, expected):
     _, sent = _per_file_paths(found(edge_files), make_policy(policy_name), checksum="header")
     names = sorted(Path(p).name for p in sent)
@@ -863,13 +873,14 @@ def test_edge_files_on_each_path(edge_files, policy_name, expected):
               "sop_class_dicomdir.dcm", "sop_instance_uid_leading_zero.dcm", "texts.dcm"]
     if policy_name != "identified":
         # dates the filter cannot shift (an impossible birth date, a range, "2023",
-        # year 1 shifted to before year 1)
-        common += ["age_2.dcm", "age_5.dcm", "dates.dcm", "old_dates.dcm", "year_1.dcm"]
+        # year 1 shifted to before year 1, "1", "2020010")
+        common += ["age_2.dcm", "age_5.dcm", "date_time_2.dcm", "date_time_nul.dcm",
+                   "dates.dcm", "old_dates.dcm", "year_1.dcm"]
     if policy_name == "research-private":
         # the private allow-list needs the file's private creators
         common += ["low_odd_groups.dcm", "private.dcm"]
-    assert len(sent) == expected
     assert names == sorted(common)
+    assert len(sent) == expected
 
 
 def test_directory_record_sequence_without_dicomdir_name_or_class(tmp_path):

@@ -384,17 +384,18 @@ def test_a_wave_starts_once_the_wave_before_has_handed_its_last_task_to_the_pool
     """Two waves compute side by side: the second hands its first task to the pool as soon
     as the first has handed its last one, before that task is done (the worker goes on to
     it instead of waiting for the first wave's end). Each wave gets its own tables, in
-    order. One worker; the first wave's last batch is large (the archive's files three
-    times over: with 200 files it once ended 3.5 ms before the second wave's first task
-    was handed over, on a machine running two test suites), so that it is still running
-    when the second wave starts."""
+    order. One worker; the first wave's last batch is large (the archive's files ten
+    times over, 0.2-0.3 s of work: with 200 files it once ended 3.5 ms before the second
+    wave's first task was handed over, and with three times 280 files 0.1 ms before, on a
+    machine running two test suites), so that it is still running when the second wave
+    starts."""
     import threading
     import time
 
     from etl import runners
 
     found = sorted(walk(archive[0]), key=lambda f: f.path)
-    first = [found[:5], found[5:10], found[10:290] * 3]
+    first = [found[:5], found[5:10], found[10:290] * 10]
     second = [found[290:295], found[295:300]]
     events: list[tuple[str, int, float]] = []
     waves: dict[int, int] = {}
