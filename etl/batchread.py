@@ -468,14 +468,13 @@ def _decode(key: bytes, cls: tuple, tag: int, vr_code: int, header: int) -> _Uni
     if vr == "SQ":
         return _sequence(key, json_key, explicit, codec, bulk, max_depth)
     if vr in _PLAIN_VRS:
-        plain = _PLAIN_UID.fullmatch(key, 1 + header)
+        plain = _PLAIN_VALUE.fullmatch(key, 1 + header)
         if plain is not None:
-            if vr == "UI":
-                return _uid_unit(json_key, plain[1].decode())
             text = plain[1].decode()
+            if vr == "UI":
+                return _uid_unit(json_key, text)
             return _typed_unit(json_key, {"vr": vr, "Value": [text]},
-                               b'"%s":{"vr":"%s","Value":["%s"]}'
-                               % (json_key.encode(), vr.encode(), plain[1]))
+                               _plain_fragment(json_key, vr, text))
     raw = key[1 + header:]
     dec = rawjson._Reader(b"", explicit, bulk)
     # ISO 2022 code extensions: pydicom's list of encodings, and its decoder
@@ -530,8 +529,13 @@ def _remember(unit: _Unit, key: bytes) -> None:
 #: text is then the digits and dots, in any character set: :mod:`etl.rawjson` decodes
 #: these VRs as latin-1, strips the padding and splits the values at backslashes), so
 #: their DICOM JSON is written at once
-_PLAIN_UID = re.compile(rb"([0-9.]+)[\x00 ]*")
+_PLAIN_VALUE = re.compile(rb"([0-9.]+)[\x00 ]*")
 _PLAIN_VRS = frozenset({"UI", "DA", "TM"})
+
+
+def _plain_fragment(key: str, vr: str, text: str) -> bytes:
+    """The JSON text of an element of one value of digits and dots (nothing to escape)."""
+    return b'"%s":{"vr":"%s","Value":["%s"]}' % (key.encode(), vr.encode(), text.encode())
 
 
 def _uid_unit(key: str, uid: str) -> _Unit:
@@ -539,8 +543,7 @@ def _uid_unit(key: str, uid: str) -> _Unit:
     :func:`_typed_unit` and :func:`_resolve` make it from its decoded element, without the
     JSON writer and the column's conversion (the column's value is the text itself,
     valid when it is a valid UID: :func:`etl.quality.valid_string`)."""
-    unit = _typed_unit(key, {"vr": "UI", "Value": [uid]},
-                       b'"%s":{"vr":"UI","Value":["%s"]}' % (key.encode(), uid.encode()))
+    unit = _typed_unit(key, {"vr": "UI", "Value": [uid]}, _plain_fragment(key, "UI", uid))
     unit.uid = uid
     if unit.typed is _PENDING:
         unit.typed, unit.ok = uid, valid_uid(uid)
