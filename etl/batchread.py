@@ -283,10 +283,13 @@ def _fast_rows(files, index, bufs, whole_digests, sizes, config, run_id, policy,
         unit = memos.units.get(key)
         if unit is None:
             e = int(rep[u])
-            unit = _decode(key, memos.by_byte[key[0]], int(w.tag[e]), int(w.vr[e]),
+            tag = int(w.tag[e])
+            unit = _decode(key, memos.by_byte[key[0]], tag, int(w.vr[e]),
                            int(w.start[e] - w.at[e]))
-            _remember(unit, key)
-            if w.tag[e] != _SOP_INSTANCE_TAG:  # one file's own: never met again
+            # a SOPInstanceUID is one file's own: never met again, not remembered
+            remembered = tag != _SOP_INSTANCE_TAG
+            _remember(unit, key if remembered else b"")
+            if remembered:
                 memos.units[key] = unit
         units.append(unit)
     # per unit: plain, its column, a valid required UID
@@ -514,8 +517,9 @@ def _sequence(key: bytes, json_key: str, explicit: bool, codec: str | tuple[str,
 
 
 def _remember(unit: _Unit, key: bytes) -> None:
-    """Set what the batches that meet ``unit`` again read of it: its memo key, and
-    whether it is a required UID with a valid first value."""
+    """Set what the batches that meet ``unit`` again read of it: its memo key (empty: the
+    unit is not remembered, nor what the filter makes of it), and whether it is a required
+    UID with a valid first value."""
     unit.mkey = key
     if unit.col not in _UID_COL_SET or unit.first is None:
         unit.good = False
@@ -637,8 +641,7 @@ def _resolve(units: list[_Unit], used: np.ndarray) -> None:
 _SOP_CLASS_TAG = int(UID_TAGS["SOPClassUID"], 16)
 #: SOPInstanceUID, whose element is each file's own: its units and filtered units are not
 #: remembered (a memo of them would only fill up, and start over sooner)
-_SOP_INSTANCE_KEY = UID_TAGS["SOPInstanceUID"]
-_SOP_INSTANCE_TAG = int(_SOP_INSTANCE_KEY, 16)
+_SOP_INSTANCE_TAG = int(UID_TAGS["SOPInstanceUID"], 16)
 
 
 def _by_tag(tags: np.ndarray, codes: np.ndarray, file_of: np.ndarray, ok: np.ndarray,
@@ -752,10 +755,12 @@ def _deidentify(units: list[_Unit], tags: np.ndarray, codes: np.ndarray,
             ctx, issuer = contexts[c - 1]
             part = _patient_part(unit, ctx, issuer, units)
             memo_key = None if part is None else (fp, unit.mkey, part)
+        if not unit.mkey:  # a unit not remembered (one file's own)
+            memo_key = None
         got = filtered_memo.get(memo_key) if memo_key else None
         if got is None:
             got = _filter_one(unit, ctx, issuer, units, policy)
-            if memo_key and unit.key != _SOP_INSTANCE_KEY:  # (one file's own)
+            if memo_key:
                 filtered_memo[memo_key] = got
         filtered, mapping = got
         if filtered is None:
